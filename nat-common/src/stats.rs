@@ -1,0 +1,94 @@
+//! Reasons every verdict is counted under, in the per-CPU array
+//! [`crate::MAP_STATS`] (index = reason, value = u64 packet count).
+
+macro_rules! reasons {
+    ($( $(#[$m:meta])* $name:ident = $idx:expr, $label:expr; )*) => {
+        $( $(#[$m])* pub const $name: u32 = $idx; )*
+        /// Number of reasons: the size of the stats array.
+        pub const COUNT: u32 = [$($idx),*].len() as u32;
+        /// `(index, label)` of every reason, in index order.
+        pub const LABELS: &[(u32, &str)] = &[$(($idx, $label)),*];
+    };
+}
+
+reasons! {
+    /// Outbound packet translated and redirected to `--ext` by XDP.
+    XDP_OUT_FWD = 0, "xdp_out_forwarded";
+    /// Reply translated and redirected to `--int` by XDP.
+    XDP_IN_FWD = 1, "xdp_in_forwarded";
+    /// Outbound packet translated and redirected by TC.
+    TC_OUT_FWD = 2, "tc_out_forwarded";
+    /// Reply translated and redirected by TC.
+    TC_IN_FWD = 3, "tc_in_forwarded";
+    /// XDP handed the packet to TC: its L4 checksum may be partial.
+    XDP_TO_TC_PARTIAL_CSUM = 4, "xdp_to_tc_partial_csum";
+    /// XDP handed the packet to TC: the next hop's MAC is not resolved.
+    XDP_TO_TC_NO_NEIGH = 5, "xdp_to_tc_no_neigh";
+    /// XDP handed the packet to TC: the route needs the kernel (MTU, …).
+    XDP_TO_TC_FIB = 6, "xdp_to_tc_fib";
+    /// Not IPv4 (ARP, IPv6, …): the kernel's business.
+    PASS_NOT_IPV4 = 7, "pass_not_ipv4";
+    /// Addressed to the gateway itself (probes, SSH, …).
+    PASS_LOCAL = 8, "pass_local";
+    /// TTL would expire: the kernel sends ICMP Time Exceeded.
+    PASS_TTL_EXPIRED = 9, "pass_ttl_expired";
+    /// From `--int` but routed elsewhere than `--ext`: routed, not NATed.
+    PASS_NOT_TO_EXT = 10, "pass_not_to_ext";
+    /// Too big for the egress MTU with DF set: the kernel sends ICMP
+    /// Fragmentation Needed.
+    PASS_FRAG_NEEDED = 11, "pass_frag_needed";
+    /// ICMP other than echo arriving on `--ext`: for the gateway itself.
+    PASS_ICMP_OTHER = 12, "pass_icmp_other";
+    /// Truncated or malformed header.
+    DROP_MALFORMED = 13, "drop_malformed";
+    /// IP fragment: not translated by this version.
+    DROP_FRAGMENT = 14, "drop_fragment";
+    /// Protocol the gateway does not translate (forwarding it would leak the
+    /// inside address).
+    DROP_UNSUPPORTED = 15, "drop_unsupported_proto";
+    /// Inbound on `--ext` with no conntrack entry, not for the gateway.
+    DROP_UNSOLICITED = 16, "drop_unsolicited";
+    /// Every external port candidate was taken.
+    DROP_NO_PORT = 17, "drop_no_free_port";
+    /// The conntrack table is full.
+    DROP_TABLE_FULL = 18, "drop_table_full";
+    /// No route (unreachable, blackhole, prohibited).
+    DROP_NO_ROUTE = 19, "drop_no_route";
+    /// Too big for the egress MTU without DF (would need fragmenting).
+    DROP_TOO_BIG = 20, "drop_too_big";
+    /// A translated reply would leave by another NIC than `--int`.
+    DROP_WRONG_EGRESS = 21, "drop_wrong_egress";
+    /// A helper failed (packet store, redirect).
+    DROP_INTERNAL = 22, "drop_internal_error";
+    /// Event, not a verdict: a new flow was created.
+    EV_NEW_FLOW = 23, "event_new_flow";
+    /// Event: a new flow lost an insert race to another CPU and used its entry.
+    EV_INSERT_RACE = 24, "event_insert_race";
+    /// A reply that arrived with TTL <= 1 (it cannot be forwarded).
+    DROP_TTL_EXPIRED = 25, "drop_ttl_expired";
+}
+
+/// Label of a reason index.
+pub fn label(idx: u32) -> &'static str {
+    LABELS
+        .iter()
+        .find(|(i, _)| *i == idx)
+        .map(|(_, l)| *l)
+        .unwrap_or("unknown")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_are_dense_and_labels_unique() {
+        for (pos, (idx, _)) in LABELS.iter().enumerate() {
+            assert_eq!(*idx as usize, pos);
+        }
+        let mut labels: Vec<_> = LABELS.iter().map(|(_, l)| *l).collect();
+        labels.sort();
+        labels.dedup();
+        assert_eq!(labels.len(), COUNT as usize);
+    }
+}

@@ -1,0 +1,22 @@
+//! The gateway's dataplane: XDP on both NICs is the fast path; a TC ingress
+//! program on each NIC finishes what XDP cannot do well (see
+//! docs/packet-flow.md for what each program does to a packet, and why).
+#![no_std]
+#![no_main]
+
+mod conntrack;
+mod fib;
+mod maps;
+mod nat;
+mod parse;
+mod stats;
+mod tc;
+mod xdp;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any path that could reach this; it only exists
+    // because no_std requires it.
+    loop {}
+}

@@ -1,0 +1,38 @@
+//! Maps and the load-time configuration. Names, key and value types come from
+//! nat-common; the sizes here are placeholders the loader overrides.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, PerCpuArray},
+};
+use nat_common::{CtKey, CtValue, DEFAULT_MAX_FLOWS, NatConfig};
+
+/// Forward entries, keyed by the inside tuple as it arrives on `--int`.
+#[map(name = "CT_FWD")]
+pub static CT_FWD: HashMap<CtKey, CtValue> = HashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
+
+/// Reverse entries, keyed by the reply tuple as it arrives on `--ext`.
+#[map(name = "CT_REV")]
+pub static CT_REV: HashMap<CtKey, CtValue> = HashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
+
+/// Packet counters: index `hook * stats::COUNT + reason`.
+#[map(name = "STATS")]
+pub static STATS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(nat_common::stats::COUNT * crate::stats::HOOKS, 0);
+
+/// Written by the loader at load time (`EbpfLoader::set_global`).
+#[unsafe(no_mangle)]
+static CONFIG: NatConfig = NatConfig {
+    int_ifindex: 0,
+    ext_ifindex: 0,
+    snat_addr: 0,
+    port_min: 0,
+    port_max: 0,
+};
+
+#[inline(always)]
+pub fn config() -> NatConfig {
+    // Volatile: the value is patched into the object after compilation, so
+    // the compiler must not fold the zeros above into the code.
+    unsafe { core::ptr::read_volatile(&CONFIG) }
+}

@@ -1,0 +1,319 @@
+//! The translation decision, shared by the XDP and TC programs: parse → look
+//! up (or create) the flow → decide the rewrite and the route. Applying the
+//! rewrite and forwarding differ per hook and live in xdp.rs and tc.rs.
+
+use aya_ebpf::{cty::c_void, helpers::bpf_ktime_get_ns};
+use nat_common::{
+    CtKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, NatConfig, csum, stats,
+    tcp::{self, DIR_IN, DIR_OUT},
+};
+
+use crate::{
+    conntrack,
+    fib::{self, Route},
+    maps::{CT_FWD, CT_REV},
+    parse::{self, Frame, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, IP_DADDR, IP_SADDR, Ipv4, L4, Stop},
+};
+
+/// Which hook is deciding: XDP sees frames without the skb's checksum
+/// state, so it hands packets whose L4 checksum may be partial to TC.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    Xdp,
+    Tc,
+}
+
+/// A rewrite of one address and one port (or ICMP identifier).
+#[derive(Clone, Copy)]
+pub struct Rewrite {
+    pub proto: u8,
+    pub addr_off: usize,
+    pub old_addr: u32,
+    pub new_addr: u32,
+    /// Direction: which port is the inside end's (source outbound,
+    /// destination inbound; the identifier for ICMP either way).
+    pub dir: u8,
+    pub l4_off: usize,
+    pub old_port: u16,
+    pub new_port: u16,
+    pub l4_check: u16,
+    pub ttl: u8,
+    pub df: bool,
+}
+
+pub enum Decision {
+    /// Leave the packet to the kernel, untouched.
+    Pass(u32),
+    /// Drop it.
+    Drop(u32),
+    /// XDP only: hand the untouched packet to the TC program.
+    ToTc(u32),
+    /// Translate it and forward along `route`.
+    Translate(Rewrite, Route),
+}
+
+/// Everything about a packet both directions need.
+struct Parsed {
+    ip: Ipv4,
+    l4: L4,
+}
+
+/// Common parse; `Err` is the final decision for a packet that is not ours
+/// to translate. `wanted_icmp` is the ICMP type this direction translates.
+#[inline(always)]
+fn parse(
+    ctx: *mut c_void,
+    f: Frame,
+    pkt_len: usize,
+    iif: u32,
+    wanted_icmp: u8,
+    not_ours: u32,
+) -> Result<Parsed, Decision> {
+    let ip = match parse::ipv4(f, pkt_len) {
+        Ok(ip) => ip,
+        Err(Stop::NotIpv4) => return Err(Decision::Pass(stats::PASS_NOT_IPV4)),
+        Err(Stop::Malformed) => return Err(Decision::Drop(stats::DROP_MALFORMED)),
+    };
+    // Traffic for the gateway itself is never translated; deciding that
+    // costs a FIB lookup, so it is asked only of packets we would not
+    // translate anyway.
+    let local_or = |reason: u32, local_reason: u32| {
+        if fib::is_local(ctx, iif, ip.saddr, ip.daddr) {
+            Decision::Pass(local_reason)
+        } else {
+            Decision::Drop(reason)
+        }
+    };
+    if ip.fragment {
+        return Err(local_or(stats::DROP_FRAGMENT, stats::PASS_LOCAL));
+    }
+    let l4 = match parse::l4(f, &ip) {
+        Ok(Some(l4)) => l4,
+        Ok(None) => return Err(local_or(not_ours, stats::PASS_LOCAL)),
+        Err(reason) => return Err(Decision::Drop(reason)),
+    };
+    if ip.proto == IPPROTO_ICMP && l4.icmp_type != wanted_icmp {
+        return Err(local_or(not_ours, stats::PASS_ICMP_OTHER));
+    }
+    Ok(Parsed { ip, l4 })
+}
+
+/// Whether XDP must leave this packet to TC because its L4 checksum may be
+/// partial (see nat_common::csum::maybe_partial).
+#[inline(always)]
+fn maybe_partial(p: &Parsed) -> bool {
+    let l4_len = p.ip.tot_len - (p.ip.l4_off - parse::ETH_HLEN) as u16;
+    match p.ip.proto {
+        IPPROTO_TCP => csum::maybe_partial(p.l4.check, p.ip.saddr, p.ip.daddr, IPPROTO_TCP, l4_len),
+        // UDP checksum 0 means "none": nothing to get wrong.
+        IPPROTO_UDP => {
+            p.l4.check != 0
+                && csum::maybe_partial(p.l4.check, p.ip.saddr, p.ip.daddr, IPPROTO_UDP, l4_len)
+        }
+        _ => false,
+    }
+}
+
+impl Rewrite {
+    /// Offsets, within the L4 header, of the rewritten port (or ICMP
+    /// identifier) and of the checksum, and the header length they need.
+    #[inline(always)]
+    pub fn l4_fields(&self) -> (usize, usize) {
+        match (self.proto, self.dir) {
+            (IPPROTO_TCP, DIR_OUT) => (0, parse::TCP_CHECK),
+            (IPPROTO_TCP, _) => (2, parse::TCP_CHECK),
+            (IPPROTO_UDP, DIR_OUT) => (0, parse::UDP_CHECK),
+            (IPPROTO_UDP, _) => (2, parse::UDP_CHECK),
+            _ => (parse::ICMP_ID, parse::ICMP_CHECK),
+        }
+    }
+}
+
+/// Packets from `--int`: source NAT.
+#[inline(always)]
+pub fn outbound(
+    ctx: *mut c_void,
+    f: Frame,
+    pkt_len: usize,
+    cfg: &NatConfig,
+    hook: Hook,
+    stat_hook: u32,
+) -> Decision {
+    let p = match parse(ctx, f, pkt_len, cfg.int_ifindex, ICMP_ECHO_REQUEST, stats::DROP_UNSUPPORTED) {
+        Ok(p) => p,
+        Err(d) => return d,
+    };
+    if hook == Hook::Xdp && maybe_partial(&p) {
+        return Decision::ToTc(stats::XDP_TO_TC_PARTIAL_CSUM);
+    }
+    let (sport, dport) = if p.ip.proto == IPPROTO_ICMP {
+        (p.l4.id, 0)
+    } else {
+        (p.l4.sport, p.l4.dport)
+    };
+    let key = CtKey::new(p.ip.proto, p.ip.saddr, sport, p.ip.daddr, dport);
+    let now = unsafe { bpf_ktime_get_ns() };
+    let fwd = match CT_FWD.get_ptr_mut(&key) {
+        Some(v) => {
+            if p.ip.proto == IPPROTO_TCP && tcp::is_control(p.l4.tcp_flags) {
+                conntrack::tcp_update(v, DIR_OUT, p.l4.tcp_flags);
+            }
+            v
+        }
+        None => {
+            // Only traffic the kernel would send out of --ext is NATed;
+            // classify by the original source so policy routing applies.
+            match fib::lookup(ctx, cfg.int_ifindex, p.ip.proto, p.ip.saddr, sport, p.ip.daddr, dport, 0) {
+                Route::Local => return Decision::Pass(stats::PASS_LOCAL),
+                Route::NoRoute => return Decision::Drop(stats::DROP_NO_ROUTE),
+                Route::Resolved { ifindex, .. }
+                | Route::NoNeigh { ifindex, .. }
+                | Route::FragNeeded { ifindex } => {
+                    if ifindex != cfg.ext_ifindex {
+                        return Decision::Pass(stats::PASS_NOT_TO_EXT);
+                    }
+                }
+                Route::Other => return Decision::Pass(stats::PASS_NOT_TO_EXT),
+            }
+            // No state for a packet that will not be forwarded.
+            if p.ip.ttl <= 1 {
+                return Decision::Pass(stats::PASS_TTL_EXPIRED);
+            }
+            match conntrack::create(&key, cfg, now, p.l4.tcp_flags) {
+                Ok((v, event)) => {
+                    crate::stats::count(stat_hook, event);
+                    v
+                }
+                Err(reason) => return Decision::Drop(reason),
+            }
+        }
+    };
+    if p.ip.ttl <= 1 {
+        return Decision::Pass(stats::PASS_TTL_EXPIRED);
+    }
+    conntrack::touch(fwd, now);
+    let (snat_addr, snat_port) = unsafe { (*fwd).snat_addr_port() };
+    let rw = Rewrite {
+        proto: p.ip.proto,
+        addr_off: parse::ETH_HLEN + IP_SADDR,
+        old_addr: p.ip.saddr,
+        new_addr: snat_addr,
+        dir: DIR_OUT,
+        l4_off: p.ip.l4_off,
+        old_port: sport,
+        new_port: snat_port,
+        l4_check: p.l4.check,
+        ttl: p.ip.ttl,
+        df: p.ip.df,
+    };
+    let (fsport, fdport) = if p.ip.proto == IPPROTO_ICMP { (0, 0) } else { (snat_port, dport) };
+    let tot_len = if hook == Hook::Xdp { p.ip.tot_len } else { 0 };
+    let route = fib::lookup(ctx, cfg.int_ifindex, p.ip.proto, snat_addr, fsport, p.ip.daddr, fdport, tot_len);
+    Decision::Translate(rw, route)
+}
+
+/// Packets from `--ext`: replies of tracked flows go back in; nothing else
+/// reaches the inside.
+#[inline(always)]
+pub fn inbound(ctx: *mut c_void, f: Frame, pkt_len: usize, cfg: &NatConfig, hook: Hook) -> Decision {
+    let p = match parse(ctx, f, pkt_len, cfg.ext_ifindex, ICMP_ECHO_REPLY, stats::DROP_UNSOLICITED) {
+        Ok(p) => p,
+        Err(d) => return d,
+    };
+    if hook == Hook::Xdp && maybe_partial(&p) {
+        return Decision::ToTc(stats::XDP_TO_TC_PARTIAL_CSUM);
+    }
+    let (sport, dport) = if p.ip.proto == IPPROTO_ICMP {
+        (0, p.l4.id)
+    } else {
+        (p.l4.sport, p.l4.dport)
+    };
+    let key = CtKey::new(p.ip.proto, p.ip.saddr, sport, p.ip.daddr, dport);
+    let Some(rev) = CT_REV.get_ptr_mut(&key) else {
+        return if fib::is_local(ctx, cfg.ext_ifindex, p.ip.saddr, p.ip.daddr) {
+            Decision::Pass(stats::PASS_LOCAL)
+        } else {
+            Decision::Drop(stats::DROP_UNSOLICITED)
+        };
+    };
+    if p.ip.ttl <= 1 {
+        // Addressed to our SNAT address, so the kernel would deliver it
+        // locally rather than answer Time Exceeded: nothing useful to pass.
+        return Decision::Drop(stats::DROP_TTL_EXPIRED);
+    }
+    let now = unsafe { bpf_ktime_get_ns() };
+    conntrack::touch(rev, now);
+    if p.ip.proto == IPPROTO_TCP && tcp::is_control(p.l4.tcp_flags) {
+        if let Some(fwd) = conntrack::forward_of(rev) {
+            conntrack::tcp_update(fwd, DIR_IN, p.l4.tcp_flags);
+        }
+    }
+    let (inside_addr, inside_port) = unsafe { (*rev).inside_addr_port() };
+    let rw = Rewrite {
+        proto: p.ip.proto,
+        addr_off: parse::ETH_HLEN + IP_DADDR,
+        old_addr: p.ip.daddr,
+        new_addr: inside_addr,
+        dir: DIR_IN,
+        l4_off: p.ip.l4_off,
+        old_port: dport,
+        new_port: inside_port,
+        l4_check: p.l4.check,
+        ttl: p.ip.ttl,
+        df: p.ip.df,
+    };
+    let (fsport, fdport) = if p.ip.proto == IPPROTO_ICMP { (0, 0) } else { (sport, inside_port) };
+    let tot_len = if hook == Hook::Xdp { p.ip.tot_len } else { 0 };
+    let route = fib::lookup(ctx, cfg.ext_ifindex, p.ip.proto, p.ip.saddr, fsport, inside_addr, fdport, tot_len);
+    Decision::Translate(rw, route)
+}
+
+/// How a translated packet leaves, given its route and the NIC it must
+/// leave by.
+pub enum Egress {
+    /// MACs resolved: rewrite and redirect.
+    Redirect { ifindex: u32, smac: [u8; 6], dmac: [u8; 6] },
+    /// Route fine, neighbour unresolved (TC resolves it; XDP hands to TC).
+    Neigh { ifindex: u32, nexthop: u32 },
+    /// Too big for the egress MTU (DF or not is the caller's business).
+    TooBig,
+    /// A final verdict without translation.
+    Pass(u32),
+    Drop(u32),
+}
+
+#[inline(always)]
+pub fn egress(route: Route, expected_ifindex: u32) -> Egress {
+    match route {
+        Route::Resolved { ifindex, smac, dmac } if ifindex == expected_ifindex => {
+            Egress::Redirect { ifindex, smac, dmac }
+        }
+        Route::NoNeigh { ifindex, nexthop } if ifindex == expected_ifindex => {
+            Egress::Neigh { ifindex, nexthop }
+        }
+        Route::FragNeeded { ifindex } if ifindex == expected_ifindex => Egress::TooBig,
+        Route::Local => Egress::Pass(stats::PASS_LOCAL),
+        Route::NoRoute => Egress::Drop(stats::DROP_NO_ROUTE),
+        Route::Other => Egress::Drop(stats::DROP_NO_ROUTE),
+        _ => Egress::Drop(stats::DROP_WRONG_EGRESS),
+    }
+}
+
+/// The new IP checksum after the address rewrite and the TTL decrement,
+/// and the new L4 checksum, for a packet whose L4 checksum is complete.
+#[inline(always)]
+pub fn full_checksums(rw: &Rewrite, ip_check: u16, ttl_word_old: u16, ttl_word_new: u16) -> (u16, u16) {
+    let ip = csum::replace2(csum::replace4(ip_check, rw.old_addr, rw.new_addr), ttl_word_old, ttl_word_new);
+    let l4 = match rw.proto {
+        IPPROTO_TCP => csum::replace2(csum::replace4(rw.l4_check, rw.old_addr, rw.new_addr), rw.old_port, rw.new_port),
+        IPPROTO_UDP if rw.l4_check == 0 => 0,
+        IPPROTO_UDP => {
+            let c = csum::replace2(csum::replace4(rw.l4_check, rw.old_addr, rw.new_addr), rw.old_port, rw.new_port);
+            // 0 means "no checksum" in UDP; a computed 0 is sent as 0xffff.
+            if c == 0 { 0xffff } else { c }
+        }
+        // ICMP has no pseudo-header: only the identifier changes.
+        _ => csum::replace2(rw.l4_check, rw.old_port, rw.new_port),
+    };
+    (ip, l4)
+}

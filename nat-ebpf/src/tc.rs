@@ -1,0 +1,134 @@
+//! TC ingress programs: the path for what XDP hands over. With the skb at
+//! hand, the checksum helpers know whether the L4 checksum is partial or
+//! complete, `bpf_redirect_neigh` resolves a missing neighbour, and the MTU
+//! check understands GSO packets.
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{
+        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT, bpf_redir_neigh,
+    },
+    helpers::{bpf_redirect, bpf_redirect_neigh},
+    macros::classifier,
+    programs::TcContext,
+};
+use nat_common::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, stats};
+
+use crate::{
+    maps::config,
+    nat::{self, Decision, Egress, Hook, Rewrite},
+    parse::{ETH_HLEN, Frame, IP_CHECK, IP_TTL},
+    stats::{HOOK_TC_EXT, HOOK_TC_INT, count},
+};
+
+const AF_INET: u32 = 2;
+/// Ethernet + the longest IPv4 header + a TCP header without options: all
+/// the parser reads.
+const HEADERS_MAX: u32 = 14 + 60 + 20;
+
+/// On `--int`: source NAT of what XDP handed over.
+#[classifier]
+pub fn nat_tc_int(ctx: TcContext) -> i32 {
+    let cfg = config();
+    let f = pull(&ctx);
+    let d = nat::outbound(ctx.as_ptr(), f, ctx.len() as usize, &cfg, Hook::Tc, HOOK_TC_INT);
+    finish(&ctx, d, cfg.ext_ifindex, HOOK_TC_INT, stats::TC_OUT_FWD)
+}
+
+/// On `--ext`: reverse translation of what XDP handed over.
+#[classifier]
+pub fn nat_tc_ext(ctx: TcContext) -> i32 {
+    let cfg = config();
+    let f = pull(&ctx);
+    let d = nat::inbound(ctx.as_ptr(), f, ctx.len() as usize, &cfg, Hook::Tc);
+    finish(&ctx, d, cfg.int_ifindex, HOOK_TC_EXT, stats::TC_IN_FWD)
+}
+
+/// Makes the headers directly readable (they may sit in a fragment of a
+/// non-linear skb).
+#[inline(always)]
+fn pull(ctx: &TcContext) -> Frame {
+    let want = if ctx.len() < HEADERS_MAX { ctx.len() } else { HEADERS_MAX };
+    // On failure the parser's bounds checks see the short linear area and
+    // count the packet as malformed.
+    let _ = ctx.pull_data(want);
+    Frame {
+        data: ctx.data(),
+        data_end: ctx.data_end(),
+    }
+}
+
+#[inline(always)]
+fn finish(ctx: &TcContext, d: Decision, egress_if: u32, hook: u32, fwd_reason: u32) -> i32 {
+    let (action, reason) = match d {
+        Decision::Pass(r) => (TC_ACT_OK as i32, r),
+        Decision::Drop(r) => (TC_ACT_SHOT as i32, r),
+        // Never produced for TC.
+        Decision::ToTc(_) => (TC_ACT_OK as i32, stats::DROP_INTERNAL),
+        Decision::Translate(rw, route) => match nat::egress(route, egress_if) {
+            Egress::Redirect { ifindex, smac, dmac } => {
+                match rewrite(ctx, &rw).and_then(|()| macs(ctx, smac, dmac)) {
+                    Ok(()) => (unsafe { bpf_redirect(ifindex, 0) } as i32, fwd_reason),
+                    Err(_) => (TC_ACT_SHOT as i32, stats::DROP_INTERNAL),
+                }
+            }
+            Egress::Neigh { ifindex, nexthop } => match rewrite(ctx, &rw) {
+                Ok(()) => {
+                    let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
+                    nh.nh_family = AF_INET;
+                    nh.__bindgen_anon_1.ipv4_nh = nexthop;
+                    let size = core::mem::size_of::<bpf_redir_neigh>() as i32;
+                    let rc = unsafe { bpf_redirect_neigh(ifindex, &mut nh, size, 0) };
+                    (rc as i32, fwd_reason)
+                }
+                Err(_) => (TC_ACT_SHOT as i32, stats::DROP_INTERNAL),
+            },
+            // Untranslated, the kernel answers with ICMP Fragmentation
+            // Needed from its own inside address: path MTU discovery works.
+            Egress::TooBig if rw.df => (TC_ACT_OK as i32, stats::PASS_FRAG_NEEDED),
+            Egress::TooBig => (TC_ACT_SHOT as i32, stats::DROP_TOO_BIG),
+            Egress::Pass(r) => (TC_ACT_OK as i32, r),
+            Egress::Drop(r) => (TC_ACT_SHOT as i32, r),
+        },
+    };
+    count(hook, reason);
+    action
+}
+
+/// Rewrites address, port and TTL through the skb helpers, which keep
+/// partial (CHECKSUM_PARTIAL) and complete checksums right alike.
+#[inline(always)]
+fn rewrite(ctx: &TcContext, rw: &Rewrite) -> Result<(), i64> {
+    let l3 = ETH_HLEN;
+    let check = l3 + IP_CHECK;
+    ctx.store(rw.addr_off, &rw.new_addr, 0)?;
+    ctx.l3_csum_replace(check, rw.old_addr as u64, rw.new_addr as u64, 4)?;
+    let ttl_word_old: u16 = ctx.load(l3 + IP_TTL)?;
+    ctx.store(l3 + IP_TTL, &(rw.ttl - 1), 0)?;
+    let ttl_word_new: u16 = ctx.load(l3 + IP_TTL)?;
+    ctx.l3_csum_replace(check, ttl_word_old as u64, ttl_word_new as u64, 2)?;
+    let (port_at, check_at) = rw.l4_fields();
+    let l4 = rw.l4_off + check_at;
+    let (old_p, new_p) = (rw.old_port as u64, rw.new_port as u64);
+    match rw.proto {
+        IPPROTO_TCP => {
+            let pseudo = (BPF_F_PSEUDO_HDR | 4) as u64;
+            ctx.l4_csum_replace(l4, rw.old_addr as u64, rw.new_addr as u64, pseudo)?;
+            ctx.l4_csum_replace(l4, old_p, new_p, 2)?;
+        }
+        IPPROTO_UDP => {
+            let pseudo = (BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0 | 4) as u64;
+            ctx.l4_csum_replace(l4, rw.old_addr as u64, rw.new_addr as u64, pseudo)?;
+            ctx.l4_csum_replace(l4, old_p, new_p, (BPF_F_MARK_MANGLED_0 | 2) as u64)?;
+        }
+        IPPROTO_ICMP => ctx.l4_csum_replace(l4, old_p, new_p, 2)?,
+        _ => return Err(-1),
+    }
+    ctx.store(rw.l4_off + port_at, &rw.new_port, 0)
+}
+
+#[inline(always)]
+fn macs(ctx: &TcContext, smac: [u8; 6], dmac: [u8; 6]) -> Result<(), i64> {
+    ctx.store(0, &dmac, 0)?;
+    ctx.store(6, &smac, 0)
+}

@@ -1,0 +1,61 @@
+//! Reading the per-CPU verdict counters.
+
+use anyhow::{Context, Result};
+use aya::maps::{MapData, PerCpuArray};
+use nat_common::stats::{COUNT, LABELS};
+
+/// The programs, in the order of their counter blocks in the stats map
+/// (must match nat-ebpf's `stats::HOOK_*`).
+pub const HOOKS: [&str; 4] = ["xdp_int", "xdp_ext", "tc_int", "tc_ext"];
+
+/// Counters summed over CPUs: `totals[hook][reason]`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub totals: Vec<Vec<u64>>,
+}
+
+impl Stats {
+    pub fn read<T: std::borrow::Borrow<MapData>>(map: &PerCpuArray<T, u64>) -> Result<Stats> {
+        let mut totals = vec![vec![0u64; COUNT as usize]; HOOKS.len()];
+        for (h, row) in totals.iter_mut().enumerate() {
+            for (r, slot) in row.iter_mut().enumerate() {
+                let idx = h as u32 * COUNT + r as u32;
+                let per_cpu = map
+                    .get(&idx, 0)
+                    .with_context(|| format!("reading stats slot {idx}"))?;
+                *slot = per_cpu.iter().sum();
+            }
+        }
+        Ok(Stats { totals })
+    }
+
+    /// The count of `reason` at hook `hook` (an index of [`HOOKS`]).
+    pub fn get(&self, hook: usize, reason: u32) -> u64 {
+        self.totals
+            .get(hook)
+            .and_then(|r| r.get(reason as usize))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// The count of `reason` summed over all hooks.
+    pub fn total(&self, reason: u32) -> u64 {
+        (0..HOOKS.len()).map(|h| self.get(h, reason)).sum()
+    }
+
+    /// One line per hook with its non-zero counters.
+    pub fn lines(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (h, name) in HOOKS.iter().enumerate() {
+            let parts: Vec<String> = LABELS
+                .iter()
+                .filter(|(r, _)| self.get(h, *r) > 0)
+                .map(|(r, label)| format!("{label}={}", self.get(h, *r)))
+                .collect();
+            if !parts.is_empty() {
+                out.push(format!("{name}: {}", parts.join(" ")));
+            }
+        }
+        out
+    }
+}

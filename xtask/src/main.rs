@@ -1,0 +1,178 @@
+//! Project tasks: `cargo xtask build-ebpf | build | test | demo`.
+//!
+//! Every task first runs scripts/bootstrap.sh, which installs (idempotently)
+//! the toolchain the eBPF build needs, so each command works on a fresh
+//! machine.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Build, test and demo tasks of the NAT gateway")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the toolchain (Debian's BPF-capable rustc, bpf-linker, lab tools).
+    Bootstrap,
+    /// Build the eBPF object (target/bpfel-unknown-none/release/nat-ebpf).
+    BuildEbpf,
+    /// Build the eBPF object and the self-contained release loader.
+    Build,
+    /// Build everything and run every test: unit, BPF_PROG_TEST_RUN fixtures,
+    /// network-namespace end-to-end tests, formatting and clippy. Needs root.
+    Test,
+    /// Build everything and show the gateway translating real traffic in a
+    /// network-namespace lab. Needs root.
+    Demo,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    match cli.task {
+        Task::Bootstrap => bootstrap(&root),
+        Task::BuildEbpf => {
+            bootstrap(&root)?;
+            build_ebpf(&root)
+        }
+        Task::Build => {
+            bootstrap(&root)?;
+            build(&root)
+        }
+        Task::Test => {
+            bootstrap(&root)?;
+            test(&root)
+        }
+        Task::Demo => {
+            bootstrap(&root)?;
+            build(&root)?;
+            demo(&root)
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the workspace root")
+        .to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("xtask: running {cmd:?}");
+    let status = cmd
+        .status()
+        .with_context(|| format!("failed to start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn bootstrap(root: &Path) -> Result<()> {
+    run(Command::new("bash").arg(root.join("scripts/bootstrap.sh")))
+}
+
+/// The eBPF crate is built with Debian's rustc 1.96, which ships a prebuilt
+/// `core` for bpfel-unknown-none (rustup's toolchains here have no rust-src
+/// to build one). The variables the outer cargo set must not leak into the
+/// inner build, or it silently picks rustup's compiler.
+fn build_ebpf(root: &Path) -> Result<()> {
+    let cargo_bin = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .context("neither CARGO_HOME nor HOME is set")?
+        .join("bin");
+    let path = format!(
+        "{}:{}",
+        cargo_bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut cmd = Command::new("/usr/bin/cargo");
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy().into_owned();
+        if k.starts_with("CARGO_") && k != "CARGO_HOME" || k.starts_with("RUSTUP") || k == "RUSTC"
+            || k == "RUSTC_WRAPPER" || k == "RUSTFLAGS" || k == "RUSTDOC"
+        {
+            cmd.env_remove(&k);
+        }
+    }
+    cmd.current_dir(root)
+        .env("PATH", path)
+        .env("RUSTC", "/usr/bin/rustc")
+        .env("RUSTC_BOOTSTRAP", "1")
+        .args([
+            "build",
+            "--package",
+            "nat-ebpf",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+        ]);
+    run(&mut cmd)?;
+    let obj = ebpf_object(root);
+    if !obj.exists() {
+        bail!("the eBPF build finished but {} is missing", obj.display());
+    }
+    eprintln!("xtask: eBPF object at {}", obj.display());
+    Ok(())
+}
+
+fn ebpf_object(root: &Path) -> PathBuf {
+    root.join("target/bpfel-unknown-none/release/nat-ebpf")
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+fn build(root: &Path) -> Result<()> {
+    build_ebpf(root)?;
+    run(cargo()
+        .current_dir(root)
+        .args(["build", "--release", "--package", "nat-loader"]))
+}
+
+fn require_root(task: &str) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc_geteuid() } != 0 {
+        bail!("`cargo xtask {task}` creates network namespaces and loads eBPF programs: run it as root");
+    }
+    Ok(())
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+fn test(root: &Path) -> Result<()> {
+    require_root("test")?;
+    build(root)?;
+    run(cargo().current_dir(root).args(["fmt", "--all", "--check"]))?;
+    run(cargo()
+        .current_dir(root)
+        .args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    // One test binary at a time, two threads each: the namespace tests are
+    // light, but the machine has only two cores.
+    run(cargo()
+        .current_dir(root)
+        .args(["test", "--workspace", "--release", "--", "--test-threads=2"]))?;
+    Ok(())
+}
+
+fn demo(root: &Path) -> Result<()> {
+    require_root("demo")?;
+    run(cargo()
+        .current_dir(root)
+        .args(["run", "--release", "--package", "nat-tests", "--bin", "nat-demo"]))
+}
