@@ -24,7 +24,13 @@ pub struct CtKey {
 }
 
 impl CtKey {
-    pub const fn new(proto: u8, src_addr: u32, src_port: u16, dst_addr: u32, dst_port: u16) -> Self {
+    pub const fn new(
+        proto: u8,
+        src_addr: u32,
+        src_port: u16,
+        dst_addr: u32,
+        dst_port: u16,
+    ) -> Self {
         CtKey {
             src_addr,
             dst_addr,

@@ -25,7 +25,10 @@ pub const fn candidate(min: u16, max: u16, preferred: u16, rnd: u32, attempt: u3
     let stride = (rnd >> 16) | 1;
     // checked_rem: a plain `%` carries a divide-by-zero panic path, which
     // the BPF verifier rejects (span is never 0 for a valid range).
-    let offset = match rnd.wrapping_add(attempt.wrapping_mul(stride)).checked_rem(span) {
+    let offset = match rnd
+        .wrapping_add(attempt.wrapping_mul(stride))
+        .checked_rem(span)
+    {
         Some(o) => o,
         None => 0,
     };

@@ -32,7 +32,13 @@ pub fn create(
     while attempt < ports::MAX_PORT_ATTEMPTS {
         let port = ports::candidate(cfg.port_min, cfg.port_max, preferred, rnd, attempt);
         attempt += 1;
-        let rev_key = CtKey::new(key.proto, key.dst_addr, key.dst_port, cfg.snat_addr, port.to_be());
+        let rev_key = CtKey::new(
+            key.proto,
+            key.dst_addr,
+            key.dst_port,
+            cfg.snat_addr,
+            port.to_be(),
+        );
         let rev = CtValue {
             peer: *key,
             last_seen_ns: now,
@@ -40,7 +46,7 @@ pub fn create(
             flags: CT_F_REVERSE,
             _pad: [0; 6],
         };
-        match CT_REV.insert(&rev_key, &rev, BPF_NOEXIST as u64) {
+        match CT_REV.insert(rev_key, rev, BPF_NOEXIST as u64) {
             Ok(()) => {}
             Err(e) if e == -EEXIST => continue,
             Err(_) => return Err(stats::DROP_TABLE_FULL),
@@ -56,10 +62,10 @@ pub fn create(
             flags: 0,
             _pad: [0; 6],
         };
-        let event = match CT_FWD.insert(key, &fwd, BPF_NOEXIST as u64) {
+        let event = match CT_FWD.insert(key, fwd, BPF_NOEXIST as u64) {
             Ok(()) => stats::EV_NEW_FLOW,
             Err(e) => {
-                let _ = CT_REV.remove(&rev_key);
+                let _ = CT_REV.remove(rev_key);
                 if e != -EEXIST {
                     return Err(stats::DROP_TABLE_FULL);
                 }
@@ -101,5 +107,5 @@ pub fn tcp_update(fwd: *mut CtValue, dir: u8, tcp_flags: u8) {
 #[inline(always)]
 pub fn forward_of(rev: *const CtValue) -> Option<*mut CtValue> {
     let peer = unsafe { (*rev).peer };
-    CT_FWD.get_ptr_mut(&peer)
+    CT_FWD.get_ptr_mut(peer)
 }

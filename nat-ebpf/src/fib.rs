@@ -29,7 +29,7 @@ pub enum Route {
     /// Delivered locally (addressed to the gateway itself).
     Local,
     /// Unreachable, blackhole or prohibited.
-    NoRoute,
+    Unreachable,
     /// Anything else (forwarding disabled, unsupported encapsulation …):
     /// the kernel decides.
     Other,
@@ -59,14 +59,7 @@ pub fn lookup(
     p.ifindex = iif;
     p.__bindgen_anon_3.ipv4_src = saddr;
     p.__bindgen_anon_4.ipv4_dst = daddr;
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx,
-            &mut p,
-            core::mem::size_of::<FibParams>() as i32,
-            0,
-        )
-    };
+    let rc = unsafe { bpf_fib_lookup(ctx, &mut p, core::mem::size_of::<FibParams>() as i32, 0) };
     if rc < 0 {
         return Route::Other;
     }
@@ -85,7 +78,7 @@ pub fn lookup(
         BPF_FIB_LKUP_RET_FRAG_NEEDED => Route::FragNeeded { ifindex: p.ifindex },
         BPF_FIB_LKUP_RET_NOT_FWDED => Route::Local,
         BPF_FIB_LKUP_RET_BLACKHOLE | BPF_FIB_LKUP_RET_UNREACHABLE | BPF_FIB_LKUP_RET_PROHIBIT => {
-            Route::NoRoute
+            Route::Unreachable
         }
         _ => Route::Other,
     }

@@ -139,7 +139,14 @@ pub fn outbound(
     hook: Hook,
     stat_hook: u32,
 ) -> Decision {
-    let p = match parse(ctx, f, pkt_len, cfg.int_ifindex, ICMP_ECHO_REQUEST, stats::DROP_UNSUPPORTED) {
+    let p = match parse(
+        ctx,
+        f,
+        pkt_len,
+        cfg.int_ifindex,
+        ICMP_ECHO_REQUEST,
+        stats::DROP_UNSUPPORTED,
+    ) {
         Ok(p) => p,
         Err(d) => return d,
     };
@@ -153,7 +160,7 @@ pub fn outbound(
     };
     let key = CtKey::new(p.ip.proto, p.ip.saddr, sport, p.ip.daddr, dport);
     let now = unsafe { bpf_ktime_get_ns() };
-    let fwd = match CT_FWD.get_ptr_mut(&key) {
+    let fwd = match CT_FWD.get_ptr_mut(key) {
         Some(v) => {
             if p.ip.proto == IPPROTO_TCP && tcp::is_control(p.l4.tcp_flags) {
                 conntrack::tcp_update(v, DIR_OUT, p.l4.tcp_flags);
@@ -163,9 +170,18 @@ pub fn outbound(
         None => {
             // Only traffic the kernel would send out of --ext is NATed;
             // classify by the original source so policy routing applies.
-            match fib::lookup(ctx, cfg.int_ifindex, p.ip.proto, p.ip.saddr, sport, p.ip.daddr, dport, 0) {
+            match fib::lookup(
+                ctx,
+                cfg.int_ifindex,
+                p.ip.proto,
+                p.ip.saddr,
+                sport,
+                p.ip.daddr,
+                dport,
+                0,
+            ) {
                 Route::Local => return Decision::Pass(stats::PASS_LOCAL),
-                Route::NoRoute => return Decision::Drop(stats::DROP_NO_ROUTE),
+                Route::Unreachable => return Decision::Drop(stats::DROP_NO_ROUTE),
                 Route::Resolved { ifindex, .. }
                 | Route::NoNeigh { ifindex, .. }
                 | Route::FragNeeded { ifindex } => {
@@ -206,17 +222,43 @@ pub fn outbound(
         ttl: p.ip.ttl,
         df: p.ip.df,
     };
-    let (fsport, fdport) = if p.ip.proto == IPPROTO_ICMP { (0, 0) } else { (snat_port, dport) };
+    let (fsport, fdport) = if p.ip.proto == IPPROTO_ICMP {
+        (0, 0)
+    } else {
+        (snat_port, dport)
+    };
     let tot_len = if hook == Hook::Xdp { p.ip.tot_len } else { 0 };
-    let route = fib::lookup(ctx, cfg.int_ifindex, p.ip.proto, snat_addr, fsport, p.ip.daddr, fdport, tot_len);
+    let route = fib::lookup(
+        ctx,
+        cfg.int_ifindex,
+        p.ip.proto,
+        snat_addr,
+        fsport,
+        p.ip.daddr,
+        fdport,
+        tot_len,
+    );
     Decision::Translate(rw, route)
 }
 
 /// Packets from `--ext`: replies of tracked flows go back in; nothing else
 /// reaches the inside.
 #[inline(always)]
-pub fn inbound(ctx: *mut c_void, f: Frame, pkt_len: usize, cfg: &NatConfig, hook: Hook) -> Decision {
-    let p = match parse(ctx, f, pkt_len, cfg.ext_ifindex, ICMP_ECHO_REPLY, stats::DROP_UNSOLICITED) {
+pub fn inbound(
+    ctx: *mut c_void,
+    f: Frame,
+    pkt_len: usize,
+    cfg: &NatConfig,
+    hook: Hook,
+) -> Decision {
+    let p = match parse(
+        ctx,
+        f,
+        pkt_len,
+        cfg.ext_ifindex,
+        ICMP_ECHO_REPLY,
+        stats::DROP_UNSOLICITED,
+    ) {
         Ok(p) => p,
         Err(d) => return d,
     };
@@ -229,7 +271,7 @@ pub fn inbound(ctx: *mut c_void, f: Frame, pkt_len: usize, cfg: &NatConfig, hook
         (p.l4.sport, p.l4.dport)
     };
     let key = CtKey::new(p.ip.proto, p.ip.saddr, sport, p.ip.daddr, dport);
-    let Some(rev) = CT_REV.get_ptr_mut(&key) else {
+    let Some(rev) = CT_REV.get_ptr_mut(key) else {
         return if fib::is_local(ctx, cfg.ext_ifindex, p.ip.saddr, p.ip.daddr) {
             Decision::Pass(stats::PASS_LOCAL)
         } else {
@@ -262,9 +304,22 @@ pub fn inbound(ctx: *mut c_void, f: Frame, pkt_len: usize, cfg: &NatConfig, hook
         ttl: p.ip.ttl,
         df: p.ip.df,
     };
-    let (fsport, fdport) = if p.ip.proto == IPPROTO_ICMP { (0, 0) } else { (sport, inside_port) };
+    let (fsport, fdport) = if p.ip.proto == IPPROTO_ICMP {
+        (0, 0)
+    } else {
+        (sport, inside_port)
+    };
     let tot_len = if hook == Hook::Xdp { p.ip.tot_len } else { 0 };
-    let route = fib::lookup(ctx, cfg.ext_ifindex, p.ip.proto, p.ip.saddr, fsport, inside_addr, fdport, tot_len);
+    let route = fib::lookup(
+        ctx,
+        cfg.ext_ifindex,
+        p.ip.proto,
+        p.ip.saddr,
+        fsport,
+        inside_addr,
+        fdport,
+        tot_len,
+    );
     Decision::Translate(rw, route)
 }
 
@@ -272,9 +327,16 @@ pub fn inbound(ctx: *mut c_void, f: Frame, pkt_len: usize, cfg: &NatConfig, hook
 /// leave by.
 pub enum Egress {
     /// MACs resolved: rewrite and redirect.
-    Redirect { ifindex: u32, smac: [u8; 6], dmac: [u8; 6] },
+    Redirect {
+        ifindex: u32,
+        smac: [u8; 6],
+        dmac: [u8; 6],
+    },
     /// Route fine, neighbour unresolved (TC resolves it; XDP hands to TC).
-    Neigh { ifindex: u32, nexthop: u32 },
+    Neigh {
+        ifindex: u32,
+        nexthop: u32,
+    },
     /// Too big for the egress MTU (DF or not is the caller's business).
     TooBig,
     /// A final verdict without translation.
@@ -285,15 +347,21 @@ pub enum Egress {
 #[inline(always)]
 pub fn egress(route: Route, expected_ifindex: u32) -> Egress {
     match route {
-        Route::Resolved { ifindex, smac, dmac } if ifindex == expected_ifindex => {
-            Egress::Redirect { ifindex, smac, dmac }
-        }
+        Route::Resolved {
+            ifindex,
+            smac,
+            dmac,
+        } if ifindex == expected_ifindex => Egress::Redirect {
+            ifindex,
+            smac,
+            dmac,
+        },
         Route::NoNeigh { ifindex, nexthop } if ifindex == expected_ifindex => {
             Egress::Neigh { ifindex, nexthop }
         }
         Route::FragNeeded { ifindex } if ifindex == expected_ifindex => Egress::TooBig,
         Route::Local => Egress::Pass(stats::PASS_LOCAL),
-        Route::NoRoute => Egress::Drop(stats::DROP_NO_ROUTE),
+        Route::Unreachable => Egress::Drop(stats::DROP_NO_ROUTE),
         Route::Other => Egress::Drop(stats::DROP_NO_ROUTE),
         _ => Egress::Drop(stats::DROP_WRONG_EGRESS),
     }
@@ -302,13 +370,30 @@ pub fn egress(route: Route, expected_ifindex: u32) -> Egress {
 /// The new IP checksum after the address rewrite and the TTL decrement,
 /// and the new L4 checksum, for a packet whose L4 checksum is complete.
 #[inline(always)]
-pub fn full_checksums(rw: &Rewrite, ip_check: u16, ttl_word_old: u16, ttl_word_new: u16) -> (u16, u16) {
-    let ip = csum::replace2(csum::replace4(ip_check, rw.old_addr, rw.new_addr), ttl_word_old, ttl_word_new);
+pub fn full_checksums(
+    rw: &Rewrite,
+    ip_check: u16,
+    ttl_word_old: u16,
+    ttl_word_new: u16,
+) -> (u16, u16) {
+    let ip = csum::replace2(
+        csum::replace4(ip_check, rw.old_addr, rw.new_addr),
+        ttl_word_old,
+        ttl_word_new,
+    );
     let l4 = match rw.proto {
-        IPPROTO_TCP => csum::replace2(csum::replace4(rw.l4_check, rw.old_addr, rw.new_addr), rw.old_port, rw.new_port),
+        IPPROTO_TCP => csum::replace2(
+            csum::replace4(rw.l4_check, rw.old_addr, rw.new_addr),
+            rw.old_port,
+            rw.new_port,
+        ),
         IPPROTO_UDP if rw.l4_check == 0 => 0,
         IPPROTO_UDP => {
-            let c = csum::replace2(csum::replace4(rw.l4_check, rw.old_addr, rw.new_addr), rw.old_port, rw.new_port);
+            let c = csum::replace2(
+                csum::replace4(rw.l4_check, rw.old_addr, rw.new_addr),
+                rw.old_port,
+                rw.new_port,
+            );
             // 0 means "no checksum" in UDP; a computed 0 is sent as 0xffff.
             if c == 0 { 0xffff } else { c }
         }

@@ -5,9 +5,7 @@
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{
-        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT, bpf_redir_neigh,
-    },
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT, bpf_redir_neigh},
     helpers::{bpf_redirect, bpf_redirect_neigh},
     macros::classifier,
     programs::TcContext,
@@ -31,7 +29,14 @@ const HEADERS_MAX: u32 = 14 + 60 + 20;
 pub fn nat_tc_int(ctx: TcContext) -> i32 {
     let cfg = config();
     let f = pull(&ctx);
-    let d = nat::outbound(ctx.as_ptr(), f, ctx.len() as usize, &cfg, Hook::Tc, HOOK_TC_INT);
+    let d = nat::outbound(
+        ctx.as_ptr(),
+        f,
+        ctx.len() as usize,
+        &cfg,
+        Hook::Tc,
+        HOOK_TC_INT,
+    );
     finish(&ctx, d, cfg.ext_ifindex, HOOK_TC_INT, stats::TC_OUT_FWD)
 }
 
@@ -48,7 +53,11 @@ pub fn nat_tc_ext(ctx: TcContext) -> i32 {
 /// non-linear skb).
 #[inline(always)]
 fn pull(ctx: &TcContext) -> Frame {
-    let want = if ctx.len() < HEADERS_MAX { ctx.len() } else { HEADERS_MAX };
+    let want = if ctx.len() < HEADERS_MAX {
+        ctx.len()
+    } else {
+        HEADERS_MAX
+    };
     // On failure the parser's bounds checks see the short linear area and
     // count the packet as malformed.
     let _ = ctx.pull_data(want);
@@ -61,17 +70,19 @@ fn pull(ctx: &TcContext) -> Frame {
 #[inline(always)]
 fn finish(ctx: &TcContext, d: Decision, egress_if: u32, hook: u32, fwd_reason: u32) -> i32 {
     let (action, reason) = match d {
-        Decision::Pass(r) => (TC_ACT_OK as i32, r),
-        Decision::Drop(r) => (TC_ACT_SHOT as i32, r),
+        Decision::Pass(r) => (TC_ACT_OK, r),
+        Decision::Drop(r) => (TC_ACT_SHOT, r),
         // Never produced for TC.
-        Decision::ToTc(_) => (TC_ACT_OK as i32, stats::DROP_INTERNAL),
+        Decision::ToTc(_) => (TC_ACT_OK, stats::DROP_INTERNAL),
         Decision::Translate(rw, route) => match nat::egress(route, egress_if) {
-            Egress::Redirect { ifindex, smac, dmac } => {
-                match rewrite(ctx, &rw).and_then(|()| macs(ctx, smac, dmac)) {
-                    Ok(()) => (unsafe { bpf_redirect(ifindex, 0) } as i32, fwd_reason),
-                    Err(_) => (TC_ACT_SHOT as i32, stats::DROP_INTERNAL),
-                }
-            }
+            Egress::Redirect {
+                ifindex,
+                smac,
+                dmac,
+            } => match rewrite(ctx, &rw).and_then(|()| macs(ctx, smac, dmac)) {
+                Ok(()) => (unsafe { bpf_redirect(ifindex, 0) } as i32, fwd_reason),
+                Err(_) => (TC_ACT_SHOT, stats::DROP_INTERNAL),
+            },
             Egress::Neigh { ifindex, nexthop } => match rewrite(ctx, &rw) {
                 Ok(()) => {
                     let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
@@ -81,14 +92,14 @@ fn finish(ctx: &TcContext, d: Decision, egress_if: u32, hook: u32, fwd_reason: u
                     let rc = unsafe { bpf_redirect_neigh(ifindex, &mut nh, size, 0) };
                     (rc as i32, fwd_reason)
                 }
-                Err(_) => (TC_ACT_SHOT as i32, stats::DROP_INTERNAL),
+                Err(_) => (TC_ACT_SHOT, stats::DROP_INTERNAL),
             },
             // Untranslated, the kernel answers with ICMP Fragmentation
             // Needed from its own inside address: path MTU discovery works.
-            Egress::TooBig if rw.df => (TC_ACT_OK as i32, stats::PASS_FRAG_NEEDED),
-            Egress::TooBig => (TC_ACT_SHOT as i32, stats::DROP_TOO_BIG),
-            Egress::Pass(r) => (TC_ACT_OK as i32, r),
-            Egress::Drop(r) => (TC_ACT_SHOT as i32, r),
+            Egress::TooBig if rw.df => (TC_ACT_OK, stats::PASS_FRAG_NEEDED),
+            Egress::TooBig => (TC_ACT_SHOT, stats::DROP_TOO_BIG),
+            Egress::Pass(r) => (TC_ACT_OK, r),
+            Egress::Drop(r) => (TC_ACT_SHOT, r),
         },
     };
     count(hook, reason);

@@ -24,7 +24,14 @@ use crate::{
 pub fn nat_xdp_int(ctx: XdpContext) -> u32 {
     let cfg = config();
     let f = frame(&ctx);
-    let d = nat::outbound(ctx.as_ptr(), f, f.data_end - f.data, &cfg, Hook::Xdp, HOOK_XDP_INT);
+    let d = nat::outbound(
+        ctx.as_ptr(),
+        f,
+        f.data_end - f.data,
+        &cfg,
+        Hook::Xdp,
+        HOOK_XDP_INT,
+    );
     finish(f, d, cfg.ext_ifindex, HOOK_XDP_INT, stats::XDP_OUT_FWD)
 }
 
@@ -51,7 +58,11 @@ fn finish(f: Frame, d: Decision, egress_if: u32, hook: u32, fwd_reason: u32) -> 
         Decision::Pass(r) | Decision::ToTc(r) => (XDP_PASS, r),
         Decision::Drop(r) => (XDP_DROP, r),
         Decision::Translate(rw, route) => match nat::egress(route, egress_if) {
-            Egress::Redirect { ifindex, smac, dmac } => match rewrite(f, &rw, smac, dmac) {
+            Egress::Redirect {
+                ifindex,
+                smac,
+                dmac,
+            } => match rewrite(f, &rw, smac, dmac) {
                 Some(()) => (unsafe { bpf_redirect(ifindex, 0) } as u32, fwd_reason),
                 None => (XDP_DROP, stats::DROP_INTERNAL),
             },

@@ -1,0 +1,122 @@
+//! Running the real `nat-loader` in the lab's `nat` namespace.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::Stdio,
+    sync::{Arc, Mutex, mpsc},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::{EXT_IF, Host, INT_IF, Lab, LabChild};
+
+/// The loader binary: `NAT_LOADER` if set, else the workspace's release
+/// build (`cargo xtask build` makes it).
+pub fn loader_path() -> Result<PathBuf> {
+    let p = std::env::var_os("NAT_LOADER").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/nat-loader")
+    });
+    if !p.exists() {
+        bail!("{} does not exist: run `cargo xtask build` first", p.display());
+    }
+    Ok(p)
+}
+
+/// A running loader; stopped (SIGINT, then SIGKILL after a grace period) on
+/// drop.
+pub struct Gateway {
+    child: Option<LabChild>,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+/// The log line the loader prints once everything is attached.
+pub const READY: &str = "nat-loader ready";
+
+impl Gateway {
+    /// Starts `nat-loader --int int --ext ext <extra>` in `nat` and waits
+    /// until it reports ready (or fails, or 30 s pass).
+    pub fn start(lab: &Lab, extra: &[&str]) -> Result<Gateway> {
+        let bin = loader_path()?;
+        let mut cmd = lab.command(Host::Nat, &[]);
+        cmd.arg(&bin)
+            .args(["--int", INT_IF, "--ext", EXT_IF])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = lab.spawn_command(&mut cmd).context("starting nat-loader")?;
+        let stderr = child
+            .stderr
+            .take()
+            .context("nat-loader's stderr was not captured")?;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let sink = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains(READY) {
+                    let _ = ready_tx.send(());
+                }
+                if let Ok(mut l) = sink.lock() {
+                    l.push(line);
+                }
+            }
+        });
+        let mut gw = Gateway {
+            child: Some(child),
+            log,
+        };
+        match ready_rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(()) => Ok(gw),
+            Err(_) => {
+                let status = gw.stop().ok();
+                bail!(
+                    "nat-loader did not become ready (exit: {status:?}); its log:\n{}",
+                    gw.log().join("\n")
+                )
+            }
+        }
+    }
+
+    /// Everything the loader logged so far.
+    pub fn log(&self) -> Vec<String> {
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// Stops the loader with SIGINT and waits for it to clean up.
+    pub fn stop(&mut self) -> Result<std::process::ExitStatus> {
+        let mut child = self.child.take().context("the loader was already stopped")?;
+        let status = child.terminate(Duration::from_secs(10))?;
+        // Let the reader thread drain the last lines.
+        std::thread::sleep(Duration::from_millis(50));
+        Ok(status)
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let _ = self.stop();
+        }
+    }
+}
+
+impl Gateway {
+    /// A counter from the last stats line the loader logged for `hook`
+    /// (it logs them at exit): e.g. `counter("xdp_int", "xdp_out_forwarded")`.
+    pub fn counter(&self, hook: &str, label: &str) -> u64 {
+        let prefix = format!("stats {hook}: ");
+        let key = format!("{label}=");
+        self.log()
+            .iter()
+            .rev()
+            .find_map(|line| line.split_once(&prefix).map(|(_, rest)| rest.to_string()))
+            .and_then(|rest| {
+                rest.split_whitespace()
+                    .find_map(|kv| kv.strip_prefix(&key).and_then(|n| n.parse().ok()))
+            })
+            .unwrap_or(0)
+    }
+}

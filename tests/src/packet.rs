@@ -1,0 +1,236 @@
+//! Crafting frames for BPF_PROG_TEST_RUN fixtures. The checksum code here is
+//! written independently of nat-common's, so a fixture compares the
+//! dataplane's incremental updates against a from-scratch computation.
+
+use std::net::Ipv4Addr;
+
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_ACK: u8 = 0x10;
+
+/// How the L4 checksum field is filled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Csum {
+    /// Complete, as a host with checksum offload off sends it.
+    Full,
+    /// Only the pseudo-header sum, as Linux leaves it for offload
+    /// (CHECKSUM_PARTIAL).
+    Partial,
+    /// UDP "no checksum".
+    Zero,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum L4 {
+    Tcp { sport: u16, dport: u16, flags: u8 },
+    Udp { sport: u16, dport: u16 },
+    /// ICMP echo request (type 8) or reply (type 0).
+    Echo { kind: u8, id: u16, seq: u16 },
+    /// Any other IP protocol, payload only.
+    Raw { proto: u8 },
+}
+
+#[derive(Clone, Debug)]
+pub struct Packet {
+    pub dst_mac: [u8; 6],
+    pub src_mac: [u8; 6],
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub ttl: u8,
+    /// Bytes of IP options (a multiple of 4, at most 40).
+    pub options: Vec<u8>,
+    pub l4: L4,
+    pub payload: Vec<u8>,
+    pub csum: Csum,
+}
+
+fn sum16(data: &[u8], mut acc: u32) -> u32 {
+    for pair in data.chunks(2) {
+        let hi = pair[0] as u32;
+        let lo = pair.get(1).copied().unwrap_or(0) as u32;
+        acc += (hi << 8) | lo;
+    }
+    acc
+}
+
+fn fold(mut acc: u32) -> u16 {
+    while acc > 0xffff {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    acc as u16
+}
+
+/// The Internet checksum of `data` (RFC 1071), as a big-endian value.
+pub fn internet_checksum(data: &[u8]) -> u16 {
+    !fold(sum16(data, 0))
+}
+
+fn pseudo(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, len: usize) -> u32 {
+    let mut p = Vec::with_capacity(12);
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.octets());
+    p.extend_from_slice(&[0, proto]);
+    p.extend_from_slice(&(len as u16).to_be_bytes());
+    sum16(&p, 0)
+}
+
+impl Packet {
+    pub fn proto(&self) -> u8 {
+        match self.l4 {
+            L4::Tcp { .. } => IPPROTO_TCP,
+            L4::Udp { .. } => IPPROTO_UDP,
+            L4::Echo { .. } => IPPROTO_ICMP,
+            L4::Raw { proto } => proto,
+        }
+    }
+
+    /// The L4 segment with its checksum filled as `self.csum` says.
+    fn segment(&self) -> Vec<u8> {
+        let mut s = Vec::new();
+        let check_at = match self.l4 {
+            L4::Tcp { sport, dport, flags } => {
+                s.extend_from_slice(&sport.to_be_bytes());
+                s.extend_from_slice(&dport.to_be_bytes());
+                s.extend_from_slice(&0x0102_0304u32.to_be_bytes()); // seq
+                s.extend_from_slice(&0u32.to_be_bytes()); // ack
+                s.extend_from_slice(&[0x50, flags]); // 20-byte header
+                s.extend_from_slice(&64240u16.to_be_bytes()); // window
+                s.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent
+                Some(16)
+            }
+            L4::Udp { sport, dport } => {
+                s.extend_from_slice(&sport.to_be_bytes());
+                s.extend_from_slice(&dport.to_be_bytes());
+                s.extend_from_slice(&((8 + self.payload.len()) as u16).to_be_bytes());
+                s.extend_from_slice(&[0, 0]);
+                Some(6)
+            }
+            L4::Echo { kind, id, seq } => {
+                s.extend_from_slice(&[kind, 0, 0, 0]);
+                s.extend_from_slice(&id.to_be_bytes());
+                s.extend_from_slice(&seq.to_be_bytes());
+                None
+            }
+            L4::Raw { .. } => None,
+        };
+        s.extend_from_slice(&self.payload);
+        match (check_at, &self.l4) {
+            (Some(at), _) => {
+                let c = match self.csum {
+                    Csum::Zero => 0,
+                    Csum::Partial => fold(pseudo(self.src, self.dst, self.proto(), s.len())),
+                    Csum::Full => {
+                        let c = !fold(sum16(&s, pseudo(self.src, self.dst, self.proto(), s.len())));
+                        if c == 0 && self.proto() == IPPROTO_UDP { 0xffff } else { c }
+                    }
+                };
+                s[at..at + 2].copy_from_slice(&c.to_be_bytes());
+            }
+            (None, L4::Echo { .. }) => {
+                let c = internet_checksum(&s);
+                s[2..4].copy_from_slice(&c.to_be_bytes());
+            }
+            _ => {}
+        }
+        s
+    }
+
+    /// The whole Ethernet frame.
+    pub fn build(&self) -> Vec<u8> {
+        assert!(self.options.len() % 4 == 0 && self.options.len() <= 40);
+        let seg = self.segment();
+        let ihl = 20 + self.options.len();
+        let mut ip = Vec::with_capacity(ihl + seg.len());
+        ip.push(0x40 | (ihl / 4) as u8);
+        ip.push(0);
+        ip.extend_from_slice(&((ihl + seg.len()) as u16).to_be_bytes());
+        ip.extend_from_slice(&0x1c46u16.to_be_bytes()); // identification
+        ip.extend_from_slice(&0x4000u16.to_be_bytes()); // DF
+        ip.push(self.ttl);
+        ip.push(self.proto());
+        ip.extend_from_slice(&[0, 0]);
+        ip.extend_from_slice(&self.src.octets());
+        ip.extend_from_slice(&self.dst.octets());
+        ip.extend_from_slice(&self.options);
+        let c = internet_checksum(&ip);
+        ip[10..12].copy_from_slice(&c.to_be_bytes());
+        ip.extend_from_slice(&seg);
+        let mut frame = Vec::with_capacity(14 + ip.len());
+        frame.extend_from_slice(&self.dst_mac);
+        frame.extend_from_slice(&self.src_mac);
+        frame.extend_from_slice(&0x0800u16.to_be_bytes());
+        frame.extend_from_slice(&ip);
+        frame
+    }
+}
+
+/// Whether the IP header checksum and the L4 checksum of an Ethernet frame
+/// are both valid (a partial L4 checksum is not).
+pub fn checksums_valid(frame: &[u8]) -> bool {
+    let ip = &frame[14..];
+    let ihl = ((ip[0] & 0x0f) as usize) * 4;
+    let tot = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+    if internet_checksum(&ip[..ihl]) != 0 {
+        return false;
+    }
+    let seg = &ip[ihl..tot];
+    let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
+    let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
+    match ip[9] {
+        IPPROTO_TCP => fold(sum16(seg, pseudo(src, dst, IPPROTO_TCP, seg.len()))) == 0xffff,
+        IPPROTO_UDP if seg[6] == 0 && seg[7] == 0 => true,
+        IPPROTO_UDP => fold(sum16(seg, pseudo(src, dst, IPPROTO_UDP, seg.len()))) == 0xffff,
+        IPPROTO_ICMP => internet_checksum(seg) == 0,
+        _ => true,
+    }
+}
+
+/// Parses "aa:bb:cc:dd:ee:ff".
+pub fn parse_mac(s: &str) -> anyhow::Result<[u8; 6]> {
+    let parts: Vec<&str> = s.trim().split(':').collect();
+    anyhow::ensure!(parts.len() == 6, "not a MAC address: {s:?}");
+    let mut mac = [0u8; 6];
+    for (m, p) in mac.iter_mut().zip(parts) {
+        *m = u8::from_str_radix(p, 16).map_err(|_| anyhow::anyhow!("not a MAC address: {s:?}"))?;
+    }
+    Ok(mac)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(l4: L4, csum: Csum) -> Packet {
+        Packet {
+            dst_mac: [2, 0, 0, 0, 0, 1],
+            src_mac: [2, 0, 0, 0, 0, 2],
+            src: Ipv4Addr::new(10, 1, 0, 11),
+            dst: Ipv4Addr::new(198, 51, 100, 10),
+            ttl: 64,
+            options: vec![],
+            l4,
+            payload: b"abc".to_vec(),
+            csum,
+        }
+    }
+
+    #[test]
+    fn built_frames_have_valid_checksums() {
+        for l4 in [
+            L4::Tcp { sport: 1, dport: 2, flags: TCP_SYN },
+            L4::Udp { sport: 1, dport: 2 },
+            L4::Echo { kind: 8, id: 7, seq: 1 },
+        ] {
+            assert!(checksums_valid(&sample(l4, Csum::Full).build()));
+        }
+    }
+
+    #[test]
+    fn partial_checksum_is_not_valid() {
+        let f = sample(L4::Tcp { sport: 1, dport: 2, flags: TCP_SYN }, Csum::Partial).build();
+        assert!(!checksums_valid(&f));
+    }
+}
