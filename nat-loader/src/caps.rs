@@ -9,7 +9,8 @@ const CAP_BPF: u32 = 39;
 
 /// Effective capability bits of this process.
 fn effective() -> Result<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let status =
+        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
     let hex = status
         .lines()
         .find_map(|l| l.strip_prefix("CapEff:"))

@@ -8,10 +8,7 @@ use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray},
-    programs::{
-        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
-        tc::TcAttachOptions,
-    },
+    programs::{LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode, tc::TcAttachOptions},
 };
 use nat_common::{
     CtKey, CtValue, GLOBAL_CONFIG, MAP_CT_FWD, MAP_CT_REV, MAP_STATS, NatConfig, PROG_TC_EXT,
@@ -72,11 +69,13 @@ pub fn load(cfg: &NatConfig, max_flows: u32) -> Result<Ebpf> {
         .context("loading the eBPF object (maps and BTF)")?;
     for name in [PROG_XDP_INT, PROG_XDP_EXT] {
         let prog: &mut Xdp = program(&mut ebpf, name)?;
-        prog.load().with_context(|| format!("verifying program {name}"))?;
+        prog.load()
+            .with_context(|| format!("verifying program {name}"))?;
     }
     for name in [PROG_TC_INT, PROG_TC_EXT] {
         let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
-        prog.load().with_context(|| format!("verifying program {name}"))?;
+        prog.load()
+            .with_context(|| format!("verifying program {name}"))?;
     }
     Ok(ebpf)
 }
@@ -177,7 +176,9 @@ fn attach_tc(ebpf: &mut Ebpf, name: &str, ifname: &str) -> Result<()> {
         TcAttachType::Ingress,
         TcAttachOptions::TcxOrder(LinkOrder::default()),
     )
-    .with_context(|| format!("attaching TC program {name} to {ifname} ingress (TCX needs kernel >= 6.6)"))?;
+    .with_context(|| {
+        format!("attaching TC program {name} to {ifname} ingress (TCX needs kernel >= 6.6)")
+    })?;
     info!(program = name, interface = ifname, "attached TCX ingress");
     Ok(())
 }

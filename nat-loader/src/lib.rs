@@ -9,7 +9,8 @@ pub mod stats;
 pub mod sysctl;
 
 /// The eBPF object, embedded at build time.
-pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nat-ebpf.o"));
+pub static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nat-ebpf.o"));
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns()`, which
 /// stamps conntrack entries.

@@ -7,7 +7,9 @@ use std::{net::Ipv4Addr, process::ExitCode, time::Duration};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use nat_common::{DEFAULT_MAX_FLOWS, DEFAULT_PORT_MAX, DEFAULT_PORT_MIN, timeouts::Timeouts};
+use nat_common::{
+    DEFAULT_MAX_FLOWS, DEFAULT_PORT_MAX, DEFAULT_PORT_MIN, DEFAULT_PROBE_PORT, timeouts::Timeouts,
+};
 use nat_loader::{
     caps, conntrack,
     dataplane::{Dataplane, Settings, XdpAttach},
@@ -15,8 +17,8 @@ use nat_loader::{
     stats::Stats,
     sysctl::{self, SysctlGuard},
 };
-use tokio::signal::unix::{SignalKind, signal};
 use std::io::IsTerminal;
+use tokio::signal::unix::{SignalKind, signal};
 
 use tracing::{info, warn};
 
@@ -54,6 +56,11 @@ struct Args {
     /// Idle timeout of ICMP echo mappings, seconds.
     #[arg(long, value_name = "SECS", default_value_t = Timeouts::DEFAULT.icmp_ns / 1_000_000_000)]
     icmp_timeout: u64,
+    /// TCP port of the load balancer's health probe (0: none). It accepts
+    /// only while the programs are attached: it opens after attaching and
+    /// closes first on shutdown.
+    #[arg(long, value_name = "PORT", default_value_t = DEFAULT_PROBE_PORT)]
+    probe_port: u16,
     /// How often expired flows are swept, seconds.
     #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     sweep_interval: u64,
@@ -73,8 +80,14 @@ fn port_range(s: &str) -> Result<(u16, u16), String> {
     let (a, b) = s
         .split_once('-')
         .ok_or_else(|| format!("{s:?} is not MIN-MAX (e.g. 1024-65535)"))?;
-    let min: u16 = a.trim().parse().map_err(|_| format!("{a:?} is not a port number"))?;
-    let max: u16 = b.trim().parse().map_err(|_| format!("{b:?} is not a port number"))?;
+    let min: u16 = a
+        .trim()
+        .parse()
+        .map_err(|_| format!("{a:?} is not a port number"))?;
+    let max: u16 = b
+        .trim()
+        .parse()
+        .map_err(|_| format!("{b:?} is not a port number"))?;
     if min == 0 || min > max {
         return Err(format!("{s:?}: need 1 <= MIN <= MAX <= 65535"));
     }
@@ -86,7 +99,10 @@ const SEC: u64 = 1_000_000_000;
 impl Args {
     fn timeouts(&self) -> Result<Timeouts> {
         if self.udp_timeout < 120 {
-            warn!(secs = self.udp_timeout, "UDP timeout below the 120 s RFC 4787 REQ-5 asks for");
+            warn!(
+                secs = self.udp_timeout,
+                "UDP timeout below the 120 s RFC 4787 REQ-5 asks for"
+            );
         }
         for (name, v) in [
             ("--udp-timeout", self.udp_timeout),
@@ -117,7 +133,10 @@ fn main() -> ExitCode {
         )
         .init();
     let args = Args::parse();
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("nat-loader: cannot start the runtime: {e}");
@@ -138,7 +157,10 @@ async fn run(args: Args) -> Result<()> {
     // Everything that can be checked without changing the host comes first,
     // so a bad invocation leaves the host exactly as it was.
     if args.ext == args.int {
-        bail!("--ext and --int are the same interface ({}): the gateway needs two NICs", args.ext);
+        bail!(
+            "--ext and --int are the same interface ({}): the gateway needs two NICs",
+            args.ext
+        );
     }
     let (port_min, port_max) = port_range(&args.port_range).map_err(anyhow::Error::msg)?;
     let timeouts = args.timeouts()?;
@@ -188,6 +210,16 @@ async fn run(args: Args) -> Result<()> {
     let mut sysctls = SysctlGuard::default();
     sysctl::enable_forwarding(&mut sysctls, &ext.name, &int.name)?;
     let mut dp = Dataplane::start(&settings)?;
+    let probe = match args.probe_port {
+        0 => None,
+        port => Some(
+            tokio::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))
+                .await
+                .with_context(|| {
+                    format!("listening for health probes on TCP port {port} (--probe-port)")
+                })?,
+        ),
+    };
     info!(
         ext = %ext.name, int = %int.name, snat = %snat_addr,
         ports = %format!("{port_min}-{port_max}"), max_flows = args.max_flows,
@@ -211,13 +243,28 @@ async fn run(args: Args) -> Result<()> {
                 }
             }
             _ = stats_tick.tick(), if args.stats_interval > 0 => log_stats(&dp, args.show_flows),
+            conn = accept(&probe), if probe.is_some() => {
+                // Accepting is the answer; nothing is read or written.
+                if let Err(e) = conn {
+                    warn!(error = %e, "accepting a health probe");
+                }
+            }
         }
     };
+    // Probes fail before the programs go.
+    drop(probe);
     log_stats(&dp, args.show_flows);
     dp.stop();
     drop(sysctls);
     info!("nat-loader stopped; everything it added is removed");
     result
+}
+
+async fn accept(l: &Option<tokio::net::TcpListener>) -> std::io::Result<()> {
+    match l {
+        Some(l) => l.accept().await.map(drop),
+        None => std::future::pending().await,
+    }
 }
 
 fn log_stats(dp: &Dataplane, show_flows: usize) {

@@ -31,9 +31,7 @@ pub async fn lookup(handle: &Handle, name: &str) -> Result<NetIf> {
     let link = match links.try_next().await {
         Ok(Some(link)) => link,
         Ok(None) => bail!("interface {name} not found"),
-        Err(rtnetlink::Error::NetlinkError(e))
-            if e.code.map(|c| c.get()) == Some(-ENODEV) =>
-        {
+        Err(rtnetlink::Error::NetlinkError(e)) if e.code.map(|c| c.get()) == Some(-ENODEV) => {
             bail!("interface {name} not found")
         }
         Err(e) => return Err(e).with_context(|| format!("looking up interface {name}")),
