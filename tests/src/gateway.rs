@@ -15,11 +15,16 @@ use crate::{EXT_IF, Host, INT_IF, Lab, LabChild};
 /// The loader binary: `NAT_LOADER` if set, else the workspace's release
 /// build (`cargo xtask build` makes it).
 pub fn loader_path() -> Result<PathBuf> {
-    let p = std::env::var_os("NAT_LOADER").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/nat-loader")
-    });
+    let p = std::env::var_os("NAT_LOADER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/nat-loader")
+        });
     if !p.exists() {
-        bail!("{} does not exist: run `cargo xtask build` first", p.display());
+        bail!(
+            "{} does not exist: run `cargo xtask build` first",
+            p.display()
+        );
     }
     Ok(p)
 }
@@ -87,7 +92,10 @@ impl Gateway {
 
     /// Stops the loader with SIGINT and waits for it to clean up.
     pub fn stop(&mut self) -> Result<std::process::ExitStatus> {
-        let mut child = self.child.take().context("the loader was already stopped")?;
+        let mut child = self
+            .child
+            .take()
+            .context("the loader was already stopped")?;
         let status = child.terminate(Duration::from_secs(10))?;
         // Let the reader thread drain the last lines.
         std::thread::sleep(Duration::from_millis(50));

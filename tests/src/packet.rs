@@ -25,12 +25,25 @@ pub enum Csum {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum L4 {
-    Tcp { sport: u16, dport: u16, flags: u8 },
-    Udp { sport: u16, dport: u16 },
+    Tcp {
+        sport: u16,
+        dport: u16,
+        flags: u8,
+    },
+    Udp {
+        sport: u16,
+        dport: u16,
+    },
     /// ICMP echo request (type 8) or reply (type 0).
-    Echo { kind: u8, id: u16, seq: u16 },
+    Echo {
+        kind: u8,
+        id: u16,
+        seq: u16,
+    },
     /// Any other IP protocol, payload only.
-    Raw { proto: u8 },
+    Raw {
+        proto: u8,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -91,7 +104,11 @@ impl Packet {
     fn segment(&self) -> Vec<u8> {
         let mut s = Vec::new();
         let check_at = match self.l4 {
-            L4::Tcp { sport, dport, flags } => {
+            L4::Tcp {
+                sport,
+                dport,
+                flags,
+            } => {
                 s.extend_from_slice(&sport.to_be_bytes());
                 s.extend_from_slice(&dport.to_be_bytes());
                 s.extend_from_slice(&0x0102_0304u32.to_be_bytes()); // seq
@@ -124,7 +141,11 @@ impl Packet {
                     Csum::Partial => fold(pseudo(self.src, self.dst, self.proto(), s.len())),
                     Csum::Full => {
                         let c = !fold(sum16(&s, pseudo(self.src, self.dst, self.proto(), s.len())));
-                        if c == 0 && self.proto() == IPPROTO_UDP { 0xffff } else { c }
+                        if c == 0 && self.proto() == IPPROTO_UDP {
+                            0xffff
+                        } else {
+                            c
+                        }
                     }
                 };
                 s[at..at + 2].copy_from_slice(&c.to_be_bytes());
@@ -140,7 +161,7 @@ impl Packet {
 
     /// The whole Ethernet frame.
     pub fn build(&self) -> Vec<u8> {
-        assert!(self.options.len() % 4 == 0 && self.options.len() <= 40);
+        assert!(self.options.len().is_multiple_of(4) && self.options.len() <= 40);
         let seg = self.segment();
         let ihl = 20 + self.options.len();
         let mut ip = Vec::with_capacity(ihl + seg.len());
@@ -220,9 +241,17 @@ mod tests {
     #[test]
     fn built_frames_have_valid_checksums() {
         for l4 in [
-            L4::Tcp { sport: 1, dport: 2, flags: TCP_SYN },
+            L4::Tcp {
+                sport: 1,
+                dport: 2,
+                flags: TCP_SYN,
+            },
             L4::Udp { sport: 1, dport: 2 },
-            L4::Echo { kind: 8, id: 7, seq: 1 },
+            L4::Echo {
+                kind: 8,
+                id: 7,
+                seq: 1,
+            },
         ] {
             assert!(checksums_valid(&sample(l4, Csum::Full).build()));
         }
@@ -230,7 +259,15 @@ mod tests {
 
     #[test]
     fn partial_checksum_is_not_valid() {
-        let f = sample(L4::Tcp { sport: 1, dport: 2, flags: TCP_SYN }, Csum::Partial).build();
+        let f = sample(
+            L4::Tcp {
+                sport: 1,
+                dport: 2,
+                flags: TCP_SYN,
+            },
+            Csum::Partial,
+        )
+        .build();
         assert!(!checksums_valid(&f));
     }
 }

@@ -36,7 +36,9 @@ fn ethtool(lab: &Lab, h: Host, dev: &str, args: &[&str]) {
 
 /// Whether anything of ours is still attached to `ifname` in `nat`.
 fn programs_attached(lab: &Lab, ifname: &str) -> (bool, usize) {
-    let out = lab.exec(Host::Nat, &["ip", "-d", "link", "show", ifname]).expect("ip link");
+    let out = lab
+        .exec(Host::Nat, &["ip", "-d", "link", "show", ifname])
+        .expect("ip link");
     let xdp = String::from_utf8_lossy(&out.stdout).contains("prog/xdp");
     let name = ifname.to_string();
     let tcx = lab
@@ -53,16 +55,28 @@ fn programs_attached(lab: &Lab, ifname: &str) -> (bool, usize) {
 fn tcp_carries_megabytes_through_the_gateway_and_the_server_sees_the_snat_address() {
     let lab = lab();
     let mut gw = start(&lab);
-    let report = tcp_transfer(&lab, &Flow::new(Host::Client1, Host::Server, server(8080)), 4 * MB)
-        .expect("4 MB each way through the gateway, SHA-256 verified");
+    let report = tcp_transfer(
+        &lab,
+        &Flow::new(Host::Client1, Host::Server, server(8080)),
+        4 * MB,
+    )
+    .expect("4 MB each way through the gateway, SHA-256 verified");
     assert_eq!(report.server_saw.ip(), IpAddr::V4(NAT_EXT_IP));
     assert_eq!(report.bytes_to_server, 4 * MB);
     assert_eq!(report.bytes_to_client, 4 * MB);
     gw.stop().expect("stopping the loader");
     // Sockets send with checksum offload (partial checksums): XDP hands
     // those to TC, which translates them.
-    assert!(gw.counter("tc_int", "tc_out_forwarded") > 0, "{:#?}", gw.log());
-    assert!(gw.counter("tc_ext", "tc_in_forwarded") > 0, "{:#?}", gw.log());
+    assert!(
+        gw.counter("tc_int", "tc_out_forwarded") > 0,
+        "{:#?}",
+        gw.log()
+    );
+    assert!(
+        gw.counter("tc_ext", "tc_in_forwarded") > 0,
+        "{:#?}",
+        gw.log()
+    );
 }
 
 #[test]
@@ -75,25 +89,45 @@ fn with_checksum_offload_off_the_xdp_fast_path_translates_and_checksums_stay_val
     ethtool(&lab, Host::Sw, nat_lab::SW_CLIENT1_PORT, &["gro", "off"]);
     ethtool(&lab, Host::Router, nat_lab::ROUTER_SRV_IF, &["gro", "off"]);
     let mut gw = start(&lab);
-    let report = tcp_transfer(&lab, &Flow::new(Host::Client1, Host::Server, server(8081)), 2 * MB)
-        .expect("2 MB each way, SHA-256 verified; the receivers verify every checksum");
+    let report = tcp_transfer(
+        &lab,
+        &Flow::new(Host::Client1, Host::Server, server(8081)),
+        2 * MB,
+    )
+    .expect("2 MB each way, SHA-256 verified; the receivers verify every checksum");
     assert_eq!(report.server_saw.ip(), IpAddr::V4(NAT_EXT_IP));
-    let udp = udp_exchange(&lab, &Flow::new(Host::Client1, Host::Server, server(5300)), 20)
-        .expect("UDP exchange");
+    let udp = udp_exchange(
+        &lab,
+        &Flow::new(Host::Client1, Host::Server, server(5300)),
+        20,
+    )
+    .expect("UDP exchange");
     assert_eq!(udp.answered, 20);
     gw.stop().expect("stopping the loader");
     let out = gw.counter("xdp_int", "xdp_out_forwarded");
     let back = gw.counter("xdp_ext", "xdp_in_forwarded");
-    assert!(out > 1000, "outbound packets on the XDP fast path: {out}\n{:#?}", gw.log());
-    assert!(back > 1000, "inbound packets on the XDP fast path: {back}\n{:#?}", gw.log());
+    assert!(
+        out > 1000,
+        "outbound packets on the XDP fast path: {out}\n{:#?}",
+        gw.log()
+    );
+    assert!(
+        back > 1000,
+        "inbound packets on the XDP fast path: {back}\n{:#?}",
+        gw.log()
+    );
 }
 
 #[test]
 fn udp_exchange_through_the_gateway_uses_the_snat_address() {
     let lab = lab();
     let _gw = start(&lab);
-    let report = udp_exchange(&lab, &Flow::new(Host::Client1, Host::Server, server(5301)), 50)
-        .expect("UDP exchange through the gateway");
+    let report = udp_exchange(
+        &lab,
+        &Flow::new(Host::Client1, Host::Server, server(5301)),
+        50,
+    )
+    .expect("UDP exchange through the gateway");
     assert_eq!(report.answered, 50);
     assert_eq!(
         report.single_source().map(|a| a.ip()),
@@ -130,14 +164,21 @@ fn two_clients_with_the_same_source_port_both_work() {
         });
         (a.join().expect("thread"), b.join().expect("thread"))
     });
-    let (a, b) = (a.expect("client1's transfer"), b.expect("client2's transfer"));
+    let (a, b) = (
+        a.expect("client1's transfer"),
+        b.expect("client2's transfer"),
+    );
     assert_eq!(a.server_saw.ip(), IpAddr::V4(NAT_EXT_IP));
     assert_eq!(b.server_saw.ip(), IpAddr::V4(NAT_EXT_IP));
 
     // UDP: both to the same server port at once, so their external ports
     // must differ for the replies to find their way back.
-    let ua = Flow::new(Host::Client1, Host::Server, server(5302)).src_ip(CLIENT1_IP).src_port(45001);
-    let ub = Flow::new(Host::Client2, Host::Server, server(5303)).src_ip(CLIENT2_IP).src_port(45001);
+    let ua = Flow::new(Host::Client1, Host::Server, server(5302))
+        .src_ip(CLIENT1_IP)
+        .src_port(45001);
+    let ub = Flow::new(Host::Client2, Host::Server, server(5303))
+        .src_ip(CLIENT2_IP)
+        .src_port(45001);
     let ra = udp_exchange(&lab, &ua, 10).expect("client1 UDP");
     let rb = udp_exchange(&lab, &ub, 10).expect("client2 UDP");
     assert_eq!((ra.answered, rb.answered), (10, 10));
@@ -149,17 +190,33 @@ fn unsolicited_inbound_from_the_internet_reaches_nothing_inside() {
     // Give the "Internet" a route to the private subnet, as an attacker on
     // the ext link would have: only the gateway stands in the way.
     let net = format!("{PRIVATE_NET}/24");
-    lab.exec(Host::Router, &["ip", "route", "add", &net, "via", &NAT_EXT_IP.to_string()])
-        .expect("route to the private subnet");
+    lab.exec(
+        Host::Router,
+        &["ip", "route", "add", &net, "via", &NAT_EXT_IP.to_string()],
+    )
+    .expect("route to the private subnet");
     let probe = |lab: &Lab| -> (usize, bool) {
         let sock = lab
-            .udp_socket(Host::Client1, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 6000))
+            .udp_socket(
+                Host::Client1,
+                SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 6000),
+            )
             .expect("client UDP socket");
         let listener = lab
-            .tcp_listener(Host::Client1, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 6001))
+            .tcp_listener(
+                Host::Client1,
+                SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 6001),
+            )
             .expect("client TCP listener");
-        udp_send(lab, Host::Server, None, SocketAddrV4::new(CLIENT1_IP, 6000), b"unsolicited", 5)
-            .expect("sending");
+        udp_send(
+            lab,
+            Host::Server,
+            None,
+            SocketAddrV4::new(CLIENT1_IP, 6000),
+            b"unsolicited",
+            5,
+        )
+        .expect("sending");
         // Long enough for a SYN retransmission (1 s), in case the first SYN
         // waited on neighbour resolution.
         let _ = lab.tcp_connect(
@@ -174,13 +231,17 @@ fn unsolicited_inbound_from_the_internet_reaches_nothing_inside() {
     };
     // Control: without the gateway's programs the kernel forwards it in.
     let (udp, tcp) = probe(&lab);
-    assert!(udp > 0 && tcp, "the lab must let it through without the programs: udp {udp} tcp {tcp}");
+    assert!(
+        udp > 0 && tcp,
+        "the lab must let it through without the programs: udp {udp} tcp {tcp}"
+    );
     let mut gw = start(&lab);
     let (udp, tcp) = probe(&lab);
     gw.stop().expect("stopping the loader");
     assert_eq!(udp, 0, "no unsolicited datagram reaches the client");
     assert!(!tcp, "no unsolicited connection reaches the client");
-    let dropped = gw.counter("xdp_ext", "drop_unsolicited") + gw.counter("tc_ext", "drop_unsolicited");
+    let dropped =
+        gw.counter("xdp_ext", "drop_unsolicited") + gw.counter("tc_ext", "drop_unsolicited");
     assert!(dropped > 0, "counted as unsolicited drops: {:#?}", gw.log());
 }
 
@@ -191,7 +252,10 @@ fn without_the_loader_traffic_fails_and_after_it_stops_nothing_of_it_remains() {
     let udp = Flow::new(Host::Client1, Host::Server, server(5304)).timeout(Duration::from_secs(2));
     // The kernel forwards (ip_forward is on) but translates nothing, and
     // the Internet has no route back to a private address.
-    assert!(tcp_transfer(&lab, &flow, 64 * 1024).is_err(), "TCP must fail without the gateway");
+    assert!(
+        tcp_transfer(&lab, &flow, 64 * 1024).is_err(),
+        "TCP must fail without the gateway"
+    );
     assert!(udp_exchange(&lab, &udp, 3).map(|r| r.answered).unwrap_or(0) == 0);
     let r = ping(&lab, Host::Client1, SERVER_IP, 2, Duration::from_secs(2)).expect("ping runs");
     assert_eq!(r.received, 0, "{}", r.output);
@@ -199,33 +263,61 @@ fn without_the_loader_traffic_fails_and_after_it_stops_nothing_of_it_remains() {
     let mut gw = start(&lab);
     assert_eq!(programs_attached(&lab, INT_IF), (true, 1));
     assert_eq!(programs_attached(&lab, EXT_IF), (true, 1));
-    tcp_transfer(&lab, &Flow::new(Host::Client1, Host::Server, server(8085)), 64 * 1024)
-        .expect("TCP works with the gateway");
+    tcp_transfer(
+        &lab,
+        &Flow::new(Host::Client1, Host::Server, server(8085)),
+        64 * 1024,
+    )
+    .expect("TCP works with the gateway");
+    let probe = SocketAddrV4::new(nat_lab::NAT_INT_IP, nat_common::DEFAULT_PROBE_PORT);
+    lab.tcp_connect(Host::Client1, None, probe, Duration::from_secs(2))
+        .expect("the health probe port answers while the gateway runs");
     let status = gw.stop().expect("stopping the loader");
     assert!(status.success(), "clean exit: {status:?}\n{:#?}", gw.log());
+    assert!(
+        lab.tcp_connect(Host::Client1, None, probe, Duration::from_secs(2))
+            .is_err(),
+        "the health probe port is closed once the loader stopped"
+    );
 
-    assert_eq!(programs_attached(&lab, INT_IF), (false, 0), "nothing left on int");
-    assert_eq!(programs_attached(&lab, EXT_IF), (false, 0), "nothing left on ext");
+    assert_eq!(
+        programs_attached(&lab, INT_IF),
+        (false, 0),
+        "nothing left on int"
+    );
+    assert_eq!(
+        programs_attached(&lab, EXT_IF),
+        (false, 0),
+        "nothing left on ext"
+    );
     let flow = Flow::new(Host::Client1, Host::Server, server(8086)).timeout(Duration::from_secs(3));
-    assert!(tcp_transfer(&lab, &flow, 64 * 1024).is_err(), "TCP fails again once it stopped");
+    assert!(
+        tcp_transfer(&lab, &flow, 64 * 1024).is_err(),
+        "TCP fails again once it stopped"
+    );
 }
 
 #[test]
 fn loader_enables_ip_forwarding_and_restores_it_on_exit() {
     let lab = Lab::new_with(LabOptions {
         nat_ip_forward: false,
-        ..Default::default()
     })
     .expect("lab");
     let forwarding = |lab: &Lab| {
-        let out = lab.exec(Host::Nat, &["cat", "/proc/sys/net/ipv4/ip_forward"]).expect("cat");
+        let out = lab
+            .exec(Host::Nat, &["cat", "/proc/sys/net/ipv4/ip_forward"])
+            .expect("cat");
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     };
     assert_eq!(forwarding(&lab), "0");
     let mut gw = start(&lab);
     assert_eq!(forwarding(&lab), "1");
-    tcp_transfer(&lab, &Flow::new(Host::Client1, Host::Server, server(8087)), 64 * 1024)
-        .expect("TCP through the gateway");
+    tcp_transfer(
+        &lab,
+        &Flow::new(Host::Client1, Host::Server, server(8087)),
+        64 * 1024,
+    )
+    .expect("TCP through the gateway");
     gw.stop().expect("stop");
     assert_eq!(forwarding(&lab), "0", "restored on exit");
 }
@@ -240,28 +332,65 @@ fn run_loader(lab: &Lab, prefix: &[&str], args: &[&str]) -> (bool, String) {
     let out = lab
         .exec_timeout(Host::Nat, &argv, Duration::from_secs(20))
         .expect("running the loader");
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
 fn bad_invocations_fail_with_one_clear_line_and_leave_the_host_as_it_was() {
     let lab = Lab::new_with(LabOptions {
         nat_ip_forward: false,
-        ..Default::default()
     })
     .expect("lab");
-    lab.exec(Host::Nat, &["ip", "link", "add", "noaddr", "type", "veth", "peer", "name", "noaddr-p"])
-        .expect("an interface without an address");
+    lab.exec(
+        Host::Nat,
+        &[
+            "ip", "link", "add", "noaddr", "type", "veth", "peer", "name", "noaddr-p",
+        ],
+    )
+    .expect("an interface without an address");
     let cases: &[(&[&str], &[&str], &str)] = &[
-        (&[], &["--ext", "eth9", "--int", "int"], "interface eth9 not found"),
-        (&[], &["--ext", "ext", "--int", "nope0"], "interface nope0 not found"),
-        (&[], &["--ext", "ext", "--int", "ext"], "are the same interface"),
-        (&[], &["--ext", "noaddr", "--int", "int"], "has no IPv4 address"),
-        (&[], &["--ext", "ext", "--int", "int", "--port-range", "2000-1000"], "MIN <= MAX"),
-        (&[], &["--ext", "ext", "--int", "int", "--max-flows", "0"], "at least one flow"),
+        (
+            &[],
+            &["--ext", "eth9", "--int", "int"],
+            "interface eth9 not found",
+        ),
+        (
+            &[],
+            &["--ext", "ext", "--int", "nope0"],
+            "interface nope0 not found",
+        ),
+        (
+            &[],
+            &["--ext", "ext", "--int", "ext"],
+            "are the same interface",
+        ),
+        (
+            &[],
+            &["--ext", "noaddr", "--int", "int"],
+            "has no IPv4 address",
+        ),
+        (
+            &[],
+            &["--ext", "ext", "--int", "int", "--port-range", "2000-1000"],
+            "MIN <= MAX",
+        ),
+        (
+            &[],
+            &["--ext", "ext", "--int", "int", "--max-flows", "0"],
+            "at least one flow",
+        ),
         (&[], &["--int", "int"], "--ext"),
         (
-            &["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"],
+            &[
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "--inh-caps=-all",
+            ],
             &["--ext", "ext", "--int", "int"],
             "needs root",
         ),
@@ -269,13 +398,33 @@ fn bad_invocations_fail_with_one_clear_line_and_leave_the_host_as_it_was() {
     for (prefix, args, expected) in cases {
         let (ok, stderr) = run_loader(&lab, prefix, args);
         assert!(!ok, "{args:?} must fail");
-        assert!(stderr.contains(expected), "{args:?}: expected {expected:?} in:\n{stderr}");
+        assert!(
+            stderr.contains(expected),
+            "{args:?}: expected {expected:?} in:\n{stderr}"
+        );
         assert!(!stderr.contains("panicked"), "{args:?} panicked:\n{stderr}");
         let error_lines = stderr.lines().filter(|l| l.contains("error")).count();
-        assert!(error_lines <= 1, "{args:?}: one error line expected:\n{stderr}");
-        assert_eq!(programs_attached(&lab, INT_IF), (false, 0), "{args:?} left programs on int");
-        assert_eq!(programs_attached(&lab, EXT_IF), (false, 0), "{args:?} left programs on ext");
-        let out = lab.exec(Host::Nat, &["cat", "/proc/sys/net/ipv4/ip_forward"]).expect("cat");
-        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0", "{args:?} changed forwarding");
+        assert!(
+            error_lines <= 1,
+            "{args:?}: one error line expected:\n{stderr}"
+        );
+        assert_eq!(
+            programs_attached(&lab, INT_IF),
+            (false, 0),
+            "{args:?} left programs on int"
+        );
+        assert_eq!(
+            programs_attached(&lab, EXT_IF),
+            (false, 0),
+            "{args:?} left programs on ext"
+        );
+        let out = lab
+            .exec(Host::Nat, &["cat", "/proc/sys/net/ipv4/ip_forward"])
+            .expect("cat");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "0",
+            "{args:?} changed forwarding"
+        );
     }
 }

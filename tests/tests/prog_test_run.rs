@@ -53,8 +53,12 @@ impl Fixture {
         let lab = Lab::new().expect("building the lab (needs root)");
         let mac = |h, ifname| parse_mac(&read_sys(&lab, h, ifname, "address")).expect("MAC");
         let f = Fixture {
-            int_index: read_sys(&lab, Host::Nat, INT_IF, "ifindex").parse().expect("ifindex"),
-            ext_index: read_sys(&lab, Host::Nat, EXT_IF, "ifindex").parse().expect("ifindex"),
+            int_index: read_sys(&lab, Host::Nat, INT_IF, "ifindex")
+                .parse()
+                .expect("ifindex"),
+            ext_index: read_sys(&lab, Host::Nat, EXT_IF, "ifindex")
+                .parse()
+                .expect("ifindex"),
             int_mac: mac(Host::Nat, INT_IF),
             ext_mac: mac(Host::Nat, EXT_IF),
             router_mac: mac(Host::Router, ROUTER_NAT_IF),
@@ -71,7 +75,18 @@ impl Fixture {
             f.lab
                 .exec(
                     Host::Nat,
-                    &["ip", "neigh", "replace", &ip.to_string(), "lladdr", &mac, "dev", dev, "nud", "permanent"],
+                    &[
+                        "ip",
+                        "neigh",
+                        "replace",
+                        &ip.to_string(),
+                        "lladdr",
+                        &mac,
+                        "dev",
+                        dev,
+                        "nud",
+                        "permanent",
+                    ],
                 )
                 .expect("pinning a neighbour");
         }
@@ -89,13 +104,31 @@ impl Fixture {
     }
 
     /// Loads the object (not attached anywhere) and runs `f` in `nat`.
-    fn run<R: Send>(&self, cfg: NatConfig, max_flows: u32, f: impl FnOnce(&mut Ebpf) -> R + Send) -> R {
+    fn run<R: Send>(
+        &self,
+        cfg: NatConfig,
+        max_flows: u32,
+        f: impl FnOnce(&mut Ebpf) -> R + Send,
+    ) -> R {
         self.lab
             .in_ns(Host::Nat, move || {
                 let mut ebpf = dataplane::load(&cfg, max_flows).expect("loading the eBPF object");
                 f(&mut ebpf)
             })
             .expect("running in the nat namespace")
+    }
+
+    /// What `p` (outbound, as it arrives on `int`) must look like when it
+    /// leaves `ext`: SNAT source, TTL − 1, MACs of ext and the router. The
+    /// port is unchanged: fixtures use free ports, which are preserved.
+    fn snat_of(&self, p: &Packet) -> Packet {
+        Packet {
+            dst_mac: self.router_mac,
+            src_mac: self.ext_mac,
+            src: NAT_EXT_IP,
+            ttl: p.ttl - 1,
+            ..p.clone()
+        }
     }
 
     /// A client → server TCP packet as it arrives on `int`.
@@ -107,7 +140,11 @@ impl Fixture {
             dst: SERVER_IP,
             ttl: 64,
             options: vec![],
-            l4: L4::Tcp { sport, dport: 80, flags },
+            l4: L4::Tcp {
+                sport,
+                dport: 80,
+                flags,
+            },
             payload: vec![],
             csum,
         }
@@ -163,28 +200,39 @@ fn raw(ip: Ipv4Addr) -> u32 {
 fn tcp_syn_out_is_translated_to_the_snat_address_and_redirected_to_ext() {
     let fx = Fixture::new();
     let syn = fx.outbound_tcp(40000, TCP_SYN, Csum::Full);
-    let expected = Packet {
-        dst_mac: fx.router_mac,
-        src_mac: fx.ext_mac,
-        src: NAT_EXT_IP,
-        ttl: 63,
-        ..syn.clone()
-    }
-    .build();
+    let expected = fx.snat_of(&syn).build();
     let (verdict, out, fwd, rev, st) = fx.run(fx.config(1024, 65535), 1024, |ebpf| {
         let (v, out) = run_xdp(ebpf, PROG_XDP_INT, &syn.build());
-        (v, out, ct(ebpf, MAP_CT_FWD), ct(ebpf, MAP_CT_REV), stats_of(ebpf))
+        (
+            v,
+            out,
+            ct(ebpf, MAP_CT_FWD),
+            ct(ebpf, MAP_CT_REV),
+            stats_of(ebpf),
+        )
     });
     assert_eq!(verdict, XDP_REDIRECT);
     // The port is preserved (free and in range), so every byte is known.
-    assert_eq!(out, expected, "translated SYN differs from the expected frame");
+    assert_eq!(
+        out, expected,
+        "translated SYN differs from the expected frame"
+    );
     assert!(checksums_valid(&out));
     assert_eq!(st.get(HOOK_XDP_INT, stats::XDP_OUT_FWD), 1);
     assert_eq!(st.get(HOOK_XDP_INT, stats::EV_NEW_FLOW), 1);
     assert_eq!(fwd.len(), 1);
     assert_eq!(rev.len(), 1);
     let (k, v) = fwd[0];
-    assert_eq!(k, CtKey::new(6, raw(CLIENT1_IP), 40000u16.to_be(), raw(SERVER_IP), 80u16.to_be()));
+    assert_eq!(
+        k,
+        CtKey::new(
+            6,
+            raw(CLIENT1_IP),
+            40000u16.to_be(),
+            raw(SERVER_IP),
+            80u16.to_be()
+        )
+    );
     assert_eq!(v.peer, rev[0].0, "forward entry names its reverse twin");
     assert_eq!(rev[0].1.peer, k, "reverse entry names its forward twin");
 }
@@ -200,7 +248,11 @@ fn reply_is_translated_back_to_the_inside_host_and_redirected_to_int() {
         dst: NAT_EXT_IP,
         ttl: 60,
         options: vec![],
-        l4: L4::Tcp { sport: 80, dport: 40000, flags: TCP_SYN | TCP_ACK },
+        l4: L4::Tcp {
+            sport: 80,
+            dport: 40000,
+            flags: TCP_SYN | TCP_ACK,
+        },
         payload: b"reply".to_vec(),
         csum: Csum::Full,
     };
@@ -218,7 +270,10 @@ fn reply_is_translated_back_to_the_inside_host_and_redirected_to_int() {
         (v, out, stats_of(ebpf), ct(ebpf, MAP_CT_FWD))
     });
     assert_eq!(verdict, XDP_REDIRECT);
-    assert_eq!(out, expected, "translated reply differs from the expected frame");
+    assert_eq!(
+        out, expected,
+        "translated reply differs from the expected frame"
+    );
     assert_eq!(st.get(HOOK_XDP_EXT, stats::XDP_IN_FWD), 1);
     assert_eq!(
         nat_common::tcp::phase(fwd[0].1.tcp_state),
@@ -238,12 +293,19 @@ fn unsolicited_inbound_toward_the_inside_is_dropped_and_counted() {
         dst: CLIENT1_IP,
         ttl: 60,
         options: vec![],
-        l4: L4::Tcp { sport: 80, dport: 40000, flags: TCP_SYN },
+        l4: L4::Tcp {
+            sport: 80,
+            dport: 40000,
+            flags: TCP_SYN,
+        },
         payload: vec![],
         csum: Csum::Full,
     };
     // At the SNAT address, on a port with no mapping.
-    let to_nat = Packet { dst: NAT_EXT_IP, ..probe.clone() };
+    let to_nat = Packet {
+        dst: NAT_EXT_IP,
+        ..probe.clone()
+    };
     let (v_inside, v_nat, st) = fx.run(fx.config(1024, 65535), 1024, |ebpf| {
         let a = run_xdp(ebpf, PROG_XDP_EXT, &probe.build()).0;
         let b = run_xdp(ebpf, PROG_XDP_EXT, &to_nat.build()).0;
@@ -308,15 +370,10 @@ fn ip_options_are_translated_with_offsets_from_the_header_length() {
     let fx = Fixture::new();
     let mut pkt = fx.outbound_tcp(40001, TCP_SYN, Csum::Full);
     pkt.options = vec![1, 1, 1, 0]; // NOP NOP NOP EOL
-    let expected = Packet {
-        dst_mac: fx.router_mac,
-        src_mac: fx.ext_mac,
-        src: NAT_EXT_IP,
-        ttl: 63,
-        ..pkt.clone()
-    }
-    .build();
-    let (v, out) = fx.run(fx.config(1024, 65535), 1024, |ebpf| run_xdp(ebpf, PROG_XDP_INT, &pkt.build()));
+    let expected = fx.snat_of(&pkt).build();
+    let (v, out) = fx.run(fx.config(1024, 65535), 1024, |ebpf| {
+        run_xdp(ebpf, PROG_XDP_INT, &pkt.build())
+    });
     assert_eq!(v, XDP_REDIRECT);
     assert_eq!(out, expected);
 }
@@ -338,14 +395,7 @@ fn partial_checksum_packets_are_left_to_tc_which_translates_them() {
     // The test-run skb carries no checksum offload state, so the helpers
     // treat the field as a complete checksum: the expected value is the
     // input's field updated by the same address and port change.
-    let mut expected = Packet {
-        dst_mac: fx.router_mac,
-        src_mac: fx.ext_mac,
-        src: NAT_EXT_IP,
-        ttl: 63,
-        ..pkt.clone()
-    }
-    .build();
+    let mut expected = fx.snat_of(&pkt).build();
     let tcp_check = 14 + 20 + 16;
     expected[tcp_check..tcp_check + 2].copy_from_slice(&tout[tcp_check..tcp_check + 2]);
     assert_eq!(tout, expected);
@@ -355,15 +405,10 @@ fn partial_checksum_packets_are_left_to_tc_which_translates_them() {
 fn tc_translation_of_a_complete_checksum_is_valid() {
     let fx = Fixture::new();
     let pkt = fx.outbound_tcp(40003, TCP_SYN, Csum::Full);
-    let expected = Packet {
-        dst_mac: fx.router_mac,
-        src_mac: fx.ext_mac,
-        src: NAT_EXT_IP,
-        ttl: 63,
-        ..pkt.clone()
-    }
-    .build();
-    let (v, out) = fx.run(fx.config(1024, 65535), 1024, |ebpf| run_tc(ebpf, PROG_TC_INT, &pkt.build()));
+    let expected = fx.snat_of(&pkt).build();
+    let (v, out) = fx.run(fx.config(1024, 65535), 1024, |ebpf| {
+        run_tc(ebpf, PROG_TC_INT, &pkt.build())
+    });
     assert_eq!(v, TC_ACT_REDIRECT);
     assert_eq!(out, expected);
 }
@@ -372,22 +417,22 @@ fn tc_translation_of_a_complete_checksum_is_valid() {
 fn udp_without_checksum_keeps_zero_and_icmp_echo_id_is_translated() {
     let fx = Fixture::new();
     let udp = Packet {
-        l4: L4::Udp { sport: 5353, dport: 53 },
+        l4: L4::Udp {
+            sport: 5353,
+            dport: 53,
+        },
         payload: b"query".to_vec(),
         csum: Csum::Zero,
         ..fx.outbound_tcp(0, 0, Csum::Full)
     };
     let echo = Packet {
-        l4: L4::Echo { kind: 8, id: 4242, seq: 1 },
+        l4: L4::Echo {
+            kind: 8,
+            id: 4242,
+            seq: 1,
+        },
         payload: b"ping".to_vec(),
         ..fx.outbound_tcp(0, 0, Csum::Full)
-    };
-    let translated = |p: &Packet| Packet {
-        dst_mac: fx.router_mac,
-        src_mac: fx.ext_mac,
-        src: NAT_EXT_IP,
-        ttl: 63,
-        ..p.clone()
     };
     let (uv, uout, ev, eout) = fx.run(fx.config(1024, 65535), 1024, |ebpf| {
         let (uv, uout) = run_xdp(ebpf, PROG_XDP_INT, &udp.build());
@@ -395,16 +440,19 @@ fn udp_without_checksum_keeps_zero_and_icmp_echo_id_is_translated() {
         (uv, uout, ev, eout)
     });
     assert_eq!(uv, XDP_REDIRECT);
-    assert_eq!(uout, translated(&udp).build());
+    assert_eq!(uout, fx.snat_of(&udp).build());
     assert_eq!(ev, XDP_REDIRECT);
-    assert_eq!(eout, translated(&echo).build());
+    assert_eq!(eout, fx.snat_of(&echo).build());
     assert!(checksums_valid(&eout));
 }
 
 #[test]
 fn ttl_expiring_packets_go_to_the_kernel_without_creating_state() {
     let fx = Fixture::new();
-    let pkt = Packet { ttl: 1, ..fx.outbound_tcp(40004, TCP_SYN, Csum::Full) };
+    let pkt = Packet {
+        ttl: 1,
+        ..fx.outbound_tcp(40004, TCP_SYN, Csum::Full)
+    };
     let (v, out, st, fwd) = fx.run(fx.config(1024, 65535), 1024, |ebpf| {
         let (v, out) = run_xdp(ebpf, PROG_XDP_INT, &pkt.build());
         (v, out, stats_of(ebpf), ct(ebpf, MAP_CT_FWD))
@@ -419,7 +467,10 @@ fn ttl_expiring_packets_go_to_the_kernel_without_creating_state() {
 fn colliding_source_ports_get_distinct_external_ports() {
     let fx = Fixture::new();
     let a = fx.outbound_tcp(40005, TCP_SYN, Csum::Full);
-    let b = Packet { src: nat_lab::CLIENT2_IP, ..a.clone() };
+    let b = Packet {
+        src: nat_lab::CLIENT2_IP,
+        ..a.clone()
+    };
     let (va, oa, vb, ob) = fx.run(fx.config(1024, 65535), 1024, |ebpf| {
         let (va, oa) = run_xdp(ebpf, PROG_XDP_INT, &a.build());
         let (vb, ob) = run_xdp(ebpf, PROG_XDP_INT, &b.build());
@@ -428,7 +479,11 @@ fn colliding_source_ports_get_distinct_external_ports() {
     assert_eq!((va, vb), (XDP_REDIRECT, XDP_REDIRECT));
     let sport = |f: &[u8]| u16::from_be_bytes([f[34], f[35]]);
     assert_eq!(sport(&oa), 40005, "the first flow keeps its port");
-    assert_ne!(sport(&ob), 40005, "the second flow to the same server gets another port");
+    assert_ne!(
+        sport(&ob),
+        40005,
+        "the second flow to the same server gets another port"
+    );
     assert!(checksums_valid(&ob));
 }
 
@@ -451,7 +506,13 @@ fn exhausted_port_range_and_full_table_are_counted_drops() {
     let (v1, v2, st, fwd, rev) = fx.run(fx.config(1024, 65535), 1, |ebpf| {
         let v1 = run_xdp(ebpf, PROG_XDP_INT, &first.build()).0;
         let v2 = run_xdp(ebpf, PROG_XDP_INT, &second.build()).0;
-        (v1, v2, stats_of(ebpf), ct(ebpf, MAP_CT_FWD), ct(ebpf, MAP_CT_REV))
+        (
+            v1,
+            v2,
+            stats_of(ebpf),
+            ct(ebpf, MAP_CT_FWD),
+            ct(ebpf, MAP_CT_REV),
+        )
     });
     assert_eq!((v1, v2), (XDP_REDIRECT, XDP_DROP));
     assert_eq!(st.get(HOOK_XDP_INT, stats::DROP_TABLE_FULL), 1);
