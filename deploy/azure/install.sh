@@ -1,0 +1,287 @@
+#!/usr/bin/env bash
+# Installs the nat-loader package on a NAT instance, configures it and starts
+# its service. Idempotent: a second run with the same package and settings
+# changes nothing and restarts nothing. Everything it does goes to the log
+# (/var/log/nat-loader-install.log by default) as well as to stderr.
+#
+# The Azure template (azuredeploy.json) embeds this script and runs it through
+# the custom-script extension as
+#   install.sh --package-url URL --ext auto --int auto --int-policy-routing \
+#              --loader-args "--probe-port 9999"
+#
+# Usage: install.sh (--deb FILE | --package-url URL) [options]
+#   --deb FILE              install this .deb (as built by `cargo deb -p nat-loader`)
+#   --package-url URL       download the .deb from URL (e.g. a release asset)
+#   --ext IF|auto           external interface (default eth0)
+#   --int IF|auto           internal interface (default eth1)
+#                           auto: the VM's first/second NIC per the Azure
+#                           instance metadata service, resolved by MAC to the
+#                           synthetic (hv_netvsc) interface, never to the
+#                           accelerated-networking VF enslaved under it
+#   --loader-args "ARGS"    further nat-loader flags (NAT_LOADER_ARGS)
+#   --int-policy-routing    route replies from the internal NIC's own address
+#                           (load balancer probes) back out of the internal NIC
+#                           (netplan drop-in; needs the metadata service)
+#   --skip-interface-check  do not require the interfaces to exist now
+#   --log FILE              log file (default /var/log/nat-loader-install.log)
+# Environment: SYSTEMCTL      the systemctl command (default systemctl); the CI
+#                             test points it at a recorder, so that no real
+#                             service starts on the CI machine
+#              NAT_IMDS_URL  base URL of the instance metadata service (default
+#                             http://169.254.169.254; the CI test's is a stub)
+set -euo pipefail
+shopt -s inherit_errexit # a failing $(...) fails the script too
+
+readonly PACKAGE=nat-loader
+readonly UNIT=nat-loader.service
+readonly ENV_FILE=/etc/nat-loader/nat-loader.env
+readonly STATE_DIR=/var/lib/nat-loader-install
+readonly CACHE_DIR=/var/cache/nat-loader-install
+readonly NETPLAN_FILE=/etc/netplan/60-nat-loader-int.yaml
+readonly IMDS=${NAT_IMDS_URL:-http://169.254.169.254}/metadata/instance/network/interface
+readonly IMDS_API=api-version=2021-02-01
+
+deb=""
+package_url=""
+ext_if=eth0
+int_if=eth1
+loader_args=""
+policy_routing=0
+check_interfaces=1
+log_file=/var/log/nat-loader-install.log
+read -r -a systemctl_cmd <<<"${SYSTEMCTL:-systemctl}"
+
+log() { printf '%s install.sh: %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$*" >&2; }
+die() {
+    log "ERROR: $*"
+    exit 1
+}
+usage() {
+    sed -n '/^# Usage:/,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//' >&2
+    exit 2
+}
+need_arg() { [ "$#" -ge 2 ] || die "$1 needs a value"; }
+
+while [ "$#" -gt 0 ]; do
+    case "$1" in
+        --deb) need_arg "$@"; deb=$2; shift 2 ;;
+        --package-url) need_arg "$@"; package_url=$2; shift 2 ;;
+        --ext) need_arg "$@"; ext_if=$2; shift 2 ;;
+        --int) need_arg "$@"; int_if=$2; shift 2 ;;
+        --loader-args) need_arg "$@"; loader_args=$2; shift 2 ;;
+        --int-policy-routing) policy_routing=1; shift ;;
+        --skip-interface-check) check_interfaces=0; shift ;;
+        --log) need_arg "$@"; log_file=$2; shift 2 ;;
+        -h | --help) usage ;;
+        *) log "unknown argument: $1"; usage ;;
+    esac
+done
+
+[ "$(id -u)" -eq 0 ] || die "must run as root"
+if { [ -n "$deb" ] && [ -n "$package_url" ]; } || { [ -z "$deb" ] && [ -z "$package_url" ]; }; then
+    die "give exactly one of --deb FILE and --package-url URL"
+fi
+
+mkdir -p "$(dirname "$log_file")"
+exec 2> >(tee -a "$log_file" >&2)
+log "start: pid $$, args: deb=${deb:-} url=${package_url:-} ext=$ext_if int=$int_if loader-args='$loader_args' policy-routing=$policy_routing"
+
+systemctl_run() {
+    log "run: ${systemctl_cmd[*]} $*"
+    "${systemctl_cmd[@]}" "$@"
+}
+
+apt_install() {
+    # apt-get resolves the package's dependencies; a stale package list gets
+    # one refresh and a retry.
+    local opts=(-y -q -o Dpkg::Options::=--force-confold --allow-downgrades)
+    if ! DEBIAN_FRONTEND=noninteractive apt-get install "${opts[@]}" "$@" >&2; then
+        log "apt-get install failed; refreshing package lists and retrying"
+        apt-get update -q >&2
+        DEBIAN_FRONTEND=noninteractive apt-get install "${opts[@]}" "$@" >&2
+    fi
+}
+
+# --- 1. the package file ----------------------------------------------------
+if [ -n "$package_url" ]; then
+    if ! command -v curl >/dev/null 2>&1; then
+        log "installing curl to download the package"
+        apt_install curl
+    fi
+    mkdir -p "$CACHE_DIR"
+    deb="$CACHE_DIR/${PACKAGE}.deb"
+    log "downloading $package_url"
+    curl -fsSL --retry 10 --retry-delay 3 --retry-connrefused -o "$deb.part" "$package_url" \
+        || die "download of $package_url failed"
+    mv -f "$deb.part" "$deb"
+fi
+[ -f "$deb" ] || die "no such package file: $deb"
+deb=$(readlink -f "$deb")
+deb_name=$(dpkg-deb --field "$deb" Package) || die "$deb is not a Debian package"
+[ "$deb_name" = "$PACKAGE" ] || die "$deb holds package '$deb_name', expected '$PACKAGE'"
+deb_version=$(dpkg-deb --field "$deb" Version)
+deb_sha=$(sha256sum "$deb" | cut -d' ' -f1)
+log "package file $deb: $PACKAGE $deb_version (sha256 $deb_sha)"
+
+# --- 2. install it unless this very file is installed already -----------------
+changed=0
+installed_version=$(dpkg-query -W -f='${db:Status-Status} ${Version}' "$PACKAGE" 2>/dev/null || true)
+installed_sha=$(cat "$STATE_DIR/package.sha256" 2>/dev/null || true)
+if [ "$installed_version" = "installed $deb_version" ] && [ "$installed_sha" = "$deb_sha" ]; then
+    log "$PACKAGE $deb_version from this file is already installed: not reinstalling"
+else
+    log "installing $PACKAGE $deb_version (was: ${installed_version:-not installed})"
+    apt_install "$deb"
+    mkdir -p "$STATE_DIR"
+    printf '%s\n' "$deb_sha" >"$STATE_DIR/package.sha256"
+    changed=1
+    log "installed $PACKAGE $(dpkg-query -W -f='${Version}' "$PACKAGE")"
+fi
+
+# --- 3. interfaces ------------------------------------------------------------
+imds_json=""
+if [ "$ext_if" = auto ] || [ "$int_if" = auto ] || [ "$policy_routing" -eq 1 ]; then
+    log "asking the instance metadata service for the NICs"
+    imds_json=$(curl -fsS --noproxy '*' --retry 5 --retry-delay 2 -H Metadata:true "$IMDS?$IMDS_API") \
+        || die "the instance metadata service did not answer (needed by 'auto' and --int-policy-routing)"
+fi
+
+# Field of NIC number $1 (0 = primary) from the metadata service.
+imds_nic_field() {
+    printf '%s' "$imds_json" | python3 -c '
+import json, sys
+nic = json.load(sys.stdin)[int(sys.argv[1])]
+v4 = nic["ipv4"]
+print({"mac": nic["macAddress"],
+       "ip": v4["ipAddress"][0]["privateIpAddress"],
+       "subnet": v4["subnet"][0]["address"],
+       "prefix": v4["subnet"][0]["prefix"]}[sys.argv[2]])' "$1" "$2"
+}
+
+# The interface that owns MAC $1 and is not enslaved to another one: with
+# accelerated networking the Mellanox VF carries the same MAC as the synthetic
+# hv_netvsc interface and has it as its master; the loader must use the latter.
+iface_by_mac() {
+    local want dev name
+    want=$(printf '%s' "$1" | tr -d ':-' | tr '[:upper:]' '[:lower:]' | sed 's/../&:/g; s/:$//')
+    for dev in /sys/class/net/*; do
+        name=${dev##*/}
+        [ "$(cat "$dev/address" 2>/dev/null)" = "$want" ] || continue
+        [ -e "$dev/master" ] && continue
+        printf '%s\n' "$name"
+        return 0
+    done
+    die "no interface with MAC $want"
+}
+
+resolve_iface() { # role nic-index name
+    if [ "$3" = auto ]; then
+        local mac name
+        mac=$(imds_nic_field "$2" mac)
+        name=$(iface_by_mac "$mac")
+        log "$1 interface: NIC $2 of the metadata service is $name"
+        printf '%s\n' "$name"
+    else
+        printf '%s\n' "$3"
+    fi
+}
+
+check_iface() { # role name
+    local dev=/sys/class/net/$2
+    if [ ! -e "$dev" ]; then
+        [ "$check_interfaces" -eq 1 ] || { log "$1 interface $2 not present (check skipped)"; return 0; }
+        die "$1 interface $2 does not exist"
+    fi
+    if [ -e "$dev/master" ]; then
+        die "$1 interface $2 is enslaved to $(basename "$(readlink -f "$dev/master")"): it is an accelerated-networking VF; use its master"
+    fi
+    log "$1 interface $2: driver $(basename "$(readlink -f "$dev/device/driver" 2>/dev/null || echo none)")"
+}
+
+ext_if=$(resolve_iface external 0 "$ext_if")
+int_if=$(resolve_iface internal 1 "$int_if")
+[ "$ext_if" != "$int_if" ] || die "external and internal interface are both $ext_if"
+check_iface external "$ext_if"
+check_iface internal "$int_if"
+for v in "$ext_if" "$int_if" "$loader_args"; do
+    case "$v" in *[\"\'\\\$\`]*) die "quotes, backslashes and \$ are not allowed in settings: $v" ;; esac
+done
+
+# --- 4. settings (a conffile: apt keeps it on upgrades) ------------------------
+new_env=$(mktemp)
+trap 'rm -f "$new_env"' EXIT
+cat >"$new_env" <<EOF
+# Written by deploy/azure/install.sh; a re-run rewrites it.
+# The settings are described in deploy/README.md.
+NAT_EXT_IF=$ext_if
+NAT_INT_IF=$int_if
+NAT_LOADER_ARGS="$loader_args"
+EOF
+if cmp -s "$new_env" "$ENV_FILE"; then
+    log "$ENV_FILE already up to date"
+else
+    install -D -m 0644 "$new_env" "$ENV_FILE"
+    changed=1
+    log "wrote $ENV_FILE: ext=$ext_if int=$int_if args='$loader_args'"
+fi
+
+# --- 5. replies from the internal NIC leave through it -------------------------
+if [ "$policy_routing" -eq 1 ]; then
+    int_ip=$(imds_nic_field 1 ip)
+    int_gw=$(python3 -c 'import ipaddress, sys; print(ipaddress.ip_network(sys.argv[1], strict=False)[1])' \
+        "$(imds_nic_field 1 subnet)/$(imds_nic_field 1 prefix)")
+    new_plan=$(mktemp)
+    cat >"$new_plan" <<EOF
+# Written by nat-loader's install.sh: traffic from the internal NIC's own
+# address (replies to the internal load balancer's health probes) leaves
+# through the internal NIC, not the primary one.
+network:
+  version: 2
+  ethernets:
+    $int_if:
+      routes:
+        - to: 0.0.0.0/0
+          via: $int_gw
+          table: 200
+      routing-policy:
+        - from: $int_ip/32
+          table: 200
+EOF
+    if cmp -s "$new_plan" "$NETPLAN_FILE"; then
+        log "$NETPLAN_FILE already up to date"
+        rm -f "$new_plan"
+    else
+        install -D -m 0600 "$new_plan" "$NETPLAN_FILE"
+        rm -f "$new_plan"
+        log "wrote $NETPLAN_FILE (from $int_ip via $int_gw, table 200); applying"
+        netplan apply
+    fi
+fi
+
+# --- 6. the service -------------------------------------------------------------
+if [ "$changed" -eq 1 ]; then
+    systemctl_run daemon-reload
+fi
+if systemctl_run is-enabled --quiet "$UNIT"; then
+    log "$UNIT already enabled"
+else
+    systemctl_run enable "$UNIT"
+fi
+if [ "$changed" -eq 1 ]; then
+    log "package or settings changed: (re)starting $UNIT"
+    systemctl_run restart "$UNIT"
+elif systemctl_run is-active --quiet "$UNIT"; then
+    log "$UNIT already running with these settings: left alone"
+else
+    systemctl_run start "$UNIT"
+fi
+
+for _ in 1 2 3 4 5; do
+    sleep 1
+    "${systemctl_cmd[@]}" is-active --quiet "$UNIT" || break
+done
+if ! "${systemctl_cmd[@]}" is-active --quiet "$UNIT"; then
+    "${systemctl_cmd[@]}" status --no-pager "$UNIT" >&2 || true
+    die "$UNIT is not running"
+fi
+log "done: $UNIT is running ($PACKAGE $deb_version, ext=$ext_if int=$int_if)"
