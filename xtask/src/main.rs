@@ -27,8 +27,9 @@ enum Task {
     BuildEbpf,
     /// Build the eBPF object and the self-contained release loader.
     Build,
-    /// Build everything and run every test: unit, BPF_PROG_TEST_RUN fixtures,
-    /// network-namespace end-to-end tests, formatting and clippy. Needs root.
+    /// Build everything and run every check: formatting, clippy, the
+    /// deployment checks, unit tests, BPF_PROG_TEST_RUN fixtures and the
+    /// network-namespace end-to-end tests. Needs root.
     Test,
     /// Build everything and show the gateway translating real traffic in a
     /// network-namespace lab. Needs root.
@@ -100,8 +101,12 @@ fn build_ebpf(root: &Path) -> Result<()> {
     let mut cmd = Command::new("/usr/bin/cargo");
     for (k, _) in std::env::vars_os() {
         let k = k.to_string_lossy().into_owned();
-        if k.starts_with("CARGO_") && k != "CARGO_HOME" || k.starts_with("RUSTUP") || k == "RUSTC"
-            || k == "RUSTC_WRAPPER" || k == "RUSTFLAGS" || k == "RUSTDOC"
+        if k.starts_with("CARGO_") && k != "CARGO_HOME"
+            || k.starts_with("RUSTUP")
+            || k == "RUSTC"
+            || k == "RUSTC_WRAPPER"
+            || k == "RUSTFLAGS"
+            || k == "RUSTDOC"
         {
             cmd.env_remove(&k);
         }
@@ -145,7 +150,9 @@ fn build(root: &Path) -> Result<()> {
 fn require_root(task: &str) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc_geteuid() } != 0 {
-        bail!("`cargo xtask {task}` creates network namespaces and loads eBPF programs: run it as root");
+        bail!(
+            "`cargo xtask {task}` creates network namespaces and loads eBPF programs: run it as root"
+        );
     }
     Ok(())
 }
@@ -159,20 +166,37 @@ fn test(root: &Path) -> Result<()> {
     require_root("test")?;
     build(root)?;
     run(cargo().current_dir(root).args(["fmt", "--all", "--check"]))?;
-    run(cargo()
-        .current_dir(root)
-        .args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    run(cargo().current_dir(root).args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    // Deployment artefacts: the Azure template's wiring, checkov, shellcheck,
+    // the systemd unit and the .deb built from the release loader.
+    run(Command::new("bash").arg(root.join("deploy/check.sh")))?;
     // One test binary at a time, two threads each: the namespace tests are
     // light, but the machine has only two cores.
-    run(cargo()
-        .current_dir(root)
-        .args(["test", "--workspace", "--release", "--", "--test-threads=2"]))?;
+    run(cargo().current_dir(root).args([
+        "test",
+        "--workspace",
+        "--release",
+        "--",
+        "--test-threads=2",
+    ]))?;
     Ok(())
 }
 
 fn demo(root: &Path) -> Result<()> {
     require_root("demo")?;
-    run(cargo()
-        .current_dir(root)
-        .args(["run", "--release", "--package", "nat-tests", "--bin", "nat-demo"]))
+    run(cargo().current_dir(root).args([
+        "run",
+        "--release",
+        "--package",
+        "nat-tests",
+        "--bin",
+        "nat-demo",
+    ]))
 }
