@@ -149,21 +149,30 @@ fn attach_xdp(ebpf: &mut Ebpf, name: &str, ifname: &str, mode: XdpAttach) -> Res
              `ip link show {ifname}` shows it)"
         )
     };
-    match mode {
+    let used = match mode {
         XdpAttach::Native => {
             prog.attach(ifname, XdpMode::Driver).with_context(hint)?;
+            "native"
         }
         XdpAttach::Generic => {
             prog.attach(ifname, XdpMode::Skb).with_context(hint)?;
+            "generic"
         }
-        XdpAttach::Auto => {
-            if let Err(e) = prog.attach(ifname, XdpMode::Driver) {
+        XdpAttach::Auto => match prog.attach(ifname, XdpMode::Driver) {
+            Ok(_) => "native",
+            Err(e) => {
                 warn!(interface = ifname, error = %e, "native XDP unavailable, using generic mode");
                 prog.attach(ifname, XdpMode::Skb).with_context(hint)?;
+                "generic"
             }
-        }
-    }
-    info!(program = name, interface = ifname, mode = ?mode, "attached XDP");
+        },
+    };
+    info!(
+        program = name,
+        interface = ifname,
+        mode = used,
+        "attached XDP"
+    );
     Ok(())
 }
 

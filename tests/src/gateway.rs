@@ -29,8 +29,8 @@ pub fn loader_path() -> Result<PathBuf> {
     Ok(p)
 }
 
-/// A running loader; stopped (SIGINT, then SIGKILL after a grace period) on
-/// drop.
+/// A running loader; stopped (SIGTERM, then SIGKILL after a grace period)
+/// on drop.
 pub struct Gateway {
     child: Option<LabChild>,
     log: Arc<Mutex<Vec<String>>>,
@@ -85,12 +85,31 @@ impl Gateway {
         }
     }
 
+    /// Waits up to `timeout` for a log line containing every one of
+    /// `needles`; returns it.
+    pub fn wait_for_log(&self, needles: &[&str], timeout: Duration) -> Option<String> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(l) = self
+                .log()
+                .into_iter()
+                .find(|l| needles.iter().all(|n| l.contains(n)))
+            {
+                return Some(l);
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Everything the loader logged so far.
     pub fn log(&self) -> Vec<String> {
         self.log.lock().map(|l| l.clone()).unwrap_or_default()
     }
 
-    /// Stops the loader with SIGINT and waits for it to clean up.
+    /// Stops the loader with SIGTERM and waits for it to clean up.
     pub fn stop(&mut self) -> Result<std::process::ExitStatus> {
         let mut child = self
             .child

@@ -298,6 +298,38 @@ fn without_the_loader_traffic_fails_and_after_it_stops_nothing_of_it_remains() {
 }
 
 #[test]
+fn idle_flows_are_swept_after_their_timeout() {
+    let lab = lab();
+    let gw = Gateway::start(
+        &lab,
+        &[
+            "--udp-timeout",
+            "1",
+            "--icmp-timeout",
+            "1",
+            "--sweep-interval",
+            "1",
+        ],
+    )
+    .expect("starting nat-loader");
+    udp_exchange(
+        &lab,
+        &Flow::new(Host::Client1, Host::Server, server(5305)),
+        3,
+    )
+    .expect("UDP");
+    let r = ping(&lab, Host::Client1, SERVER_IP, 1, Duration::from_secs(3)).expect("ping runs");
+    assert!(r.all_replied(), "{}", r.output);
+    let line = gw
+        .wait_for_log(
+            &["swept conntrack", "expired=2", "remaining=0"],
+            Duration::from_secs(10),
+        )
+        .unwrap_or_else(|| panic!("the UDP and ICMP flows were not swept: {:#?}", gw.log()));
+    assert!(line.contains("orphans=0"), "{line}");
+}
+
+#[test]
 fn loader_enables_ip_forwarding_and_restores_it_on_exit() {
     let lab = Lab::new_with(LabOptions {
         nat_ip_forward: false,
