@@ -38,11 +38,6 @@ impl Stats {
             .unwrap_or(0)
     }
 
-    /// The count of `reason` summed over all hooks.
-    pub fn total(&self, reason: u32) -> u64 {
-        (0..HOOKS.len()).map(|h| self.get(h, reason)).sum()
-    }
-
     /// One line per hook with its non-zero counters.
     pub fn lines(&self) -> Vec<String> {
         let mut out = Vec::new();

@@ -9,7 +9,9 @@ use std::net::Ipv4Addr;
 use aya::{
     Ebpf,
     maps::{HashMap, MapData, PerCpuArray},
-    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
+    programs::{
+        Program, ProgramError, SchedClassifier, TestRun, TestRunOptions, TestRunResult, Xdp,
+    },
 };
 use nat_common::{
     CtKey, CtValue, MAP_CT_FWD, MAP_CT_REV, MAP_STATS, NatConfig, PROG_TC_INT, PROG_XDP_EXT,
@@ -151,9 +153,14 @@ impl Fixture {
     }
 }
 
-/// Runs `prog` on `frame`; returns the verdict and the output frame.
-fn run_xdp(ebpf: &mut Ebpf, prog: &str, frame: &[u8]) -> (u32, Vec<u8>) {
-    let p: &mut Xdp = dataplane::program(ebpf, prog).expect("program");
+/// Runs program `prog` (of type `P`: XDP or TC) on `frame`; returns the
+/// verdict and the output frame.
+fn run_prog<P>(ebpf: &mut Ebpf, prog: &str, frame: &[u8]) -> (u32, Vec<u8>)
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
+    for<'a> &'a mut P: TryFrom<&'a mut Program, Error = ProgramError>,
+{
+    let p: &mut P = dataplane::program(ebpf, prog).expect("program");
     let mut out = vec![0u8; frame.len() + 256];
     let r = p
         .test_run(TestRunOptions {
@@ -166,18 +173,12 @@ fn run_xdp(ebpf: &mut Ebpf, prog: &str, frame: &[u8]) -> (u32, Vec<u8>) {
     (r.return_value, out)
 }
 
+fn run_xdp(ebpf: &mut Ebpf, prog: &str, frame: &[u8]) -> (u32, Vec<u8>) {
+    run_prog::<Xdp>(ebpf, prog, frame)
+}
+
 fn run_tc(ebpf: &mut Ebpf, prog: &str, frame: &[u8]) -> (u32, Vec<u8>) {
-    let p: &mut SchedClassifier = dataplane::program(ebpf, prog).expect("program");
-    let mut out = vec![0u8; frame.len() + 256];
-    let r = p
-        .test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ..Default::default()
-        })
-        .expect("BPF_PROG_TEST_RUN");
-    out.truncate(r.data_size_out as usize);
-    (r.return_value, out)
+    run_prog::<SchedClassifier>(ebpf, prog, frame)
 }
 
 fn stats_of(ebpf: &Ebpf) -> Stats {
