@@ -6,12 +6,11 @@ use bytemuck::{Pod, Zeroable};
 
 /// One direction of a flow, as the packet carries it on the wire.
 ///
-/// Forward entries ([`crate::MAP_CT_FWD`]) are keyed by the inside tuple as it
-/// arrives on `--int`; reverse entries ([`crate::MAP_CT_REV`]) by the reply
-/// tuple as it arrives on `--ext` (source = remote, destination = SNAT
-/// address and port). For ICMP echo the identifier stands in the port of the
-/// inside end and the remote "port" is 0. Addresses and ports are in network
-/// byte order.
+/// Sessions ([`crate::MAP_CT_FWD`]) are keyed by the inside tuple as it
+/// arrives on `--int`; a session's `peer` is the reply tuple expected on
+/// `--ext` (source = remote, destination = SNAT address and port). For ICMP
+/// echo the identifier stands in the port of the inside end and the remote
+/// "port" is 0. Addresses and ports are in network byte order.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct CtKey {
@@ -42,13 +41,13 @@ impl CtKey {
     }
 }
 
-/// `CtValue::flags`: set on entries of the reverse map.
-pub const CT_F_REVERSE: u8 = 1;
+/// `CtValue::flags`: the session was opened from outside (endpoint- or
+/// address-dependent filtering let an inbound packet in).
+pub const CT_F_INBOUND: u8 = 1;
 
-/// A conntrack entry. Each entry names its twin (`peer`): a forward entry's
-/// peer is the reply tuple expected on `--ext`, so it says which address and
-/// port to write as the new source (`peer.dst_*`); a reverse entry's peer is
-/// the inside tuple, so it says the original destination (`peer.src_*`).
+/// A session (one inside endpoint talking to one remote endpoint). `peer` is
+/// the reply tuple expected on `--ext`, so it says which address and port to
+/// write as the new source (`peer.dst_*`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct CtValue {
@@ -56,7 +55,7 @@ pub struct CtValue {
     /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the last packet this
     /// direction translated.
     pub last_seen_ns: u64,
-    /// TCP state bits ([`crate::tcp`]); kept on the forward entry only.
+    /// TCP state bits ([`crate::tcp`]).
     pub tcp_state: u8,
     pub flags: u8,
     pub _pad: [u8; 6],
@@ -67,12 +66,64 @@ impl CtValue {
     pub const fn snat_addr_port(&self) -> (u32, u16) {
         (self.peer.dst_addr, self.peer.dst_port)
     }
+}
 
-    /// Destination address and port a reply is rewritten back to.
-    pub const fn inside_addr_port(&self) -> (u32, u16) {
-        (self.peer.src_addr, self.peer.src_port)
+/// An endpoint: the key of both binding maps. In [`crate::MAP_BIND`] it is
+/// the inside endpoint (address, port or ICMP identifier); in
+/// [`crate::MAP_BIND_REV`] the external one (SNAT address, external port).
+/// Network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct BindKey {
+    pub addr: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+impl BindKey {
+    pub const fn new(proto: u8, addr: u32, port: u16) -> Self {
+        BindKey {
+            addr,
+            port,
+            proto,
+            _pad: 0,
+        }
     }
 }
+
+/// `BindValue::flags`: no session uses this binding any more; it is held
+/// (RFC 6888: a freed external port is not reused by another endpoint for
+/// 2 minutes) and lets nothing in. An outbound packet of the same inside
+/// endpoint takes it back.
+pub const BIND_F_RELEASED: u8 = 1;
+
+/// The other end of a binding: the external endpoint in [`crate::MAP_BIND`],
+/// the inside one in [`crate::MAP_BIND_REV`].
+///
+/// A binding (RFC 4787's "mapping") is endpoint-independent: one inside
+/// endpoint has one external port whatever the remote, so every session of
+/// that endpoint shares it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct BindValue {
+    pub addr: u32,
+    pub port: u16,
+    pub flags: u8,
+    pub _pad: u8,
+    /// CLOCK_MONOTONIC ns when the sweeper released it (flag set), else 0.
+    pub released_ns: u64,
+}
+
+/// How inbound packets that match a binding but no session are treated
+/// (RFC 4787 section 5, `--filtering`).
+pub const FILTER_ADDRESS_AND_PORT: u8 = 0;
+pub const FILTER_ADDRESS: u8 = 1;
+pub const FILTER_ENDPOINT_INDEPENDENT: u8 = 2;
+
+/// `NatConfig::flags`: inbound UDP packets refresh the session's timer too
+/// (RFC 4787 REQ-6 allows it; outbound refresh is always on).
+pub const CFG_F_UDP_INBOUND_REFRESH: u8 = 1;
 
 /// Load-time configuration, written by the loader into the read-only global
 /// [`crate::GLOBAL_CONFIG`] of the eBPF object.
@@ -83,9 +134,20 @@ pub struct NatConfig {
     pub ext_ifindex: u32,
     /// SNAT address, network byte order.
     pub snat_addr: u32,
-    /// External port range, inclusive, host byte order.
+    /// External port range for inside ports >= 1024, inclusive, host byte
+    /// order.
     pub port_min: u16,
     pub port_max: u16,
+    /// External port range for inside ports < 1024 (RFC 4787 REQ-3a).
+    pub low_port_min: u16,
+    pub low_port_max: u16,
+    /// One of the `FILTER_*` constants.
+    pub filtering: u8,
+    /// `CFG_F_*` bits.
+    pub flags: u8,
+    /// The health-probe port (network order, 0 = none): never handed out
+    /// as an external port, so probes always reach the gateway itself.
+    pub probe_port: u16,
 }
 
 #[cfg(feature = "user")]
@@ -95,6 +157,8 @@ mod user {
     unsafe impl aya::Pod for super::CtKey {}
     unsafe impl aya::Pod for super::CtValue {}
     unsafe impl aya::Pod for super::NatConfig {}
+    unsafe impl aya::Pod for super::BindKey {}
+    unsafe impl aya::Pod for super::BindValue {}
 }
 
 #[cfg(test)]
@@ -126,11 +190,23 @@ mod tests {
     }
 
     #[test]
-    fn nat_config_layout_is_16_bytes() {
-        assert_eq!(size_of::<NatConfig>(), 16);
+    fn nat_config_layout_is_24_bytes() {
+        assert_eq!(size_of::<NatConfig>(), 24);
         assert_eq!(offset_of!(NatConfig, snat_addr), 8);
         assert_eq!(offset_of!(NatConfig, port_min), 12);
         assert_eq!(offset_of!(NatConfig, port_max), 14);
+        assert_eq!(offset_of!(NatConfig, low_port_min), 16);
+        assert_eq!(offset_of!(NatConfig, filtering), 20);
+        assert_eq!(offset_of!(NatConfig, probe_port), 22);
+    }
+
+    #[test]
+    fn binding_layouts_are_8_and_16_bytes() {
+        assert_eq!(size_of::<BindKey>(), 8);
+        assert_eq!(offset_of!(BindKey, proto), 6);
+        assert_eq!(size_of::<BindValue>(), 16);
+        assert_eq!(offset_of!(BindValue, released_ns), 8);
+        assert_eq!(bytemuck::bytes_of(&BindKey::new(17, 1, 2))[7], 0);
     }
 
     #[test]
@@ -146,6 +222,5 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(fwd.snat_addr_port(), (0xc0, 40000));
-        assert_eq!(fwd.inside_addr_port(), (0x0a, 53));
     }
 }

@@ -25,9 +25,19 @@ pub const DEFAULT_PROBE_PORT: u16 = 9999;
 /// Default external port range for SNAT (inclusive).
 pub const DEFAULT_PORT_MIN: u16 = 1024;
 pub const DEFAULT_PORT_MAX: u16 = 65535;
-/// Default number of flows the conntrack table holds (each flow takes one
-/// entry in [`MAP_CT_FWD`] and one in [`MAP_CT_REV`]).
+/// Default external range for inside ports below 1024 (RFC 4787 REQ-3a).
+/// It starts above the well-known services a gateway runs itself (22, 53,
+/// 123, 500, 514…), whose ports must stay the host's.
+pub const DEFAULT_LOW_PORT_MIN: u16 = 600;
+pub const DEFAULT_LOW_PORT_MAX: u16 = 1023;
+/// Default number of sessions the conntrack table holds (one entry each in
+/// [`MAP_CT_FWD`]).
 pub const DEFAULT_MAX_FLOWS: u32 = 262_144;
+/// Most bindings there can be: one per external port and protocol.
+pub const MAX_BINDINGS: u32 = 3 * 65_536;
+/// How long a released external port stays reserved for its old inside
+/// endpoint (RFC 6888 REQ-8: 120 s).
+pub const PORT_HOLD_NS: u64 = 120 * 1_000_000_000;
 
 /// Program names as they appear in the eBPF object (the Rust function names).
 pub const PROG_XDP_INT: &str = "nat_xdp_int";
@@ -38,9 +48,13 @@ pub const PROGRAMS: [&str; 4] = [PROG_XDP_INT, PROG_XDP_EXT, PROG_TC_INT, PROG_T
 
 /// Map names as they appear in the eBPF object.
 pub const MAP_CT_FWD: &str = "CT_FWD";
-pub const MAP_CT_REV: &str = "CT_REV";
+pub const MAP_BIND: &str = "NAT_BIND";
+pub const MAP_BIND_REV: &str = "NAT_BIND_REV";
+/// Remotes each external port has sent to, for address-dependent filtering:
+/// key = reply tuple with the remote port zeroed, value = unused.
+pub const MAP_ADF: &str = "CT_ADF";
 pub const MAP_STATS: &str = "STATS";
-pub const MAPS: [&str; 3] = [MAP_CT_FWD, MAP_CT_REV, MAP_STATS];
+pub const MAPS: [&str; 5] = [MAP_CT_FWD, MAP_BIND, MAP_BIND_REV, MAP_ADF, MAP_STATS];
 /// Name of the read-only global holding [`NatConfig`].
 pub const GLOBAL_CONFIG: &str = "CONFIG";
 

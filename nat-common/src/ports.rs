@@ -4,6 +4,10 @@
 //! preservation keeps applications that care about their port working and
 //! makes translations easy to read); the rest are spread pseudo-randomly
 //! over the range (RFC 6056) so that external ports are hard to predict.
+//! Inside ports below 1024 get external ports below 1024 and the others
+//! ports above (RFC 4787 REQ-3a, [`range_for`]); the first half of the
+//! retries keep the inside port's parity (REQ-4), the second half do not,
+//! so a small range is still fully used.
 
 /// How many candidates the fast path tries before giving up on a new flow.
 /// Bounded so the verifier can see the loop end and a busy table costs a
@@ -14,6 +18,13 @@ pub const MAX_PORT_ATTEMPTS: u32 = 16;
 /// `preferred` (host order), given a random value `rnd` drawn once per flow.
 /// Returns a host-order port within `[min, max]`; `min <= max` is the
 /// caller's invariant (the loader validates `--port-range`).
+/// The external range `(min, max)` for inside port `preferred` (host order):
+/// the low range for ports below 1024, the main one for the rest.
+#[inline(always)]
+pub const fn range_for(preferred: u16, main: (u16, u16), low: (u16, u16)) -> (u16, u16) {
+    if preferred < 1024 { low } else { main }
+}
+
 #[inline(always)]
 pub const fn candidate(min: u16, max: u16, preferred: u16, rnd: u32, attempt: u32) -> u16 {
     let span = (max as u32).wrapping_sub(min as u32).wrapping_add(1);
@@ -32,7 +43,21 @@ pub const fn candidate(min: u16, max: u16, preferred: u16, rnd: u32, attempt: u3
         Some(o) => o,
         None => 0,
     };
-    (min as u32 + offset) as u16
+    let port = min as u32 + offset;
+    if attempt >= MAX_PORT_ATTEMPTS / 2 || span < 2 {
+        return port as u16;
+    }
+    // Same parity as the inside port, staying in range: span >= 2 leaves
+    // room on one side or the other.
+    let p = (port & !1) | (preferred as u32 & 1);
+    let p = if p < min as u32 {
+        p + 2
+    } else if p > max as u32 {
+        p - 2
+    } else {
+        p
+    };
+    p as u16
 }
 
 #[cfg(test)]
@@ -69,6 +94,40 @@ mod tests {
             seen.insert(candidate(1024, 65535, 40000, 0x1234_5678, attempt));
         }
         assert_eq!(seen.len(), MAX_PORT_ATTEMPTS as usize);
+    }
+
+    #[test]
+    fn rfc4787_req4_first_retries_keep_parity() {
+        for preferred in [40000u16, 40001] {
+            for rnd in [0u32, 7, 0xdead_beef, u32::MAX] {
+                for attempt in 1..MAX_PORT_ATTEMPTS / 2 {
+                    let p = candidate(1024, 65535, preferred, rnd, attempt);
+                    assert_eq!(p & 1, preferred & 1, "attempt {attempt} rnd {rnd:#x}");
+                    assert!(p >= 1024);
+                }
+            }
+        }
+        // At the edges of the range too.
+        for rnd in 0..64 {
+            let p = candidate(1024, 1025, 1, rnd, 1);
+            assert_eq!(p, 1025);
+            let p = candidate(1024, 1025, 2, rnd, 1);
+            assert_eq!(p, 1024);
+        }
+    }
+
+    #[test]
+    fn rfc4787_req3a_low_ports_map_below_1024() {
+        let main = (1024, 65535);
+        let low = (600, 1023);
+        assert_eq!(range_for(53, main, low), low);
+        assert_eq!(range_for(1023, main, low), low);
+        assert_eq!(range_for(1024, main, low), main);
+        for attempt in 0..MAX_PORT_ATTEMPTS {
+            let (min, max) = range_for(123, main, low);
+            let p = candidate(min, max, 123, 0xabcd_ef01, attempt);
+            assert!((600..=1023).contains(&p), "{p}");
+        }
     }
 
     #[test]

@@ -66,6 +66,13 @@ reasons! {
     EV_INSERT_RACE = 24, "event_insert_race";
     /// A reply that arrived with TTL <= 1 (it cannot be forwarded).
     DROP_TTL_EXPIRED = 25, "drop_ttl_expired";
+    /// Event: an inside endpoint got a new external port (binding).
+    EV_NEW_BINDING = 26, "event_new_binding";
+    /// Event: the filtering policy let a packet from a new remote open a
+    /// session on an existing binding.
+    EV_INBOUND_SESSION = 27, "event_inbound_session";
+    /// Inbound to a bound external port, refused by the filtering policy.
+    DROP_FILTERED = 28, "drop_filtered";
 }
 
 /// Label of a reason index.

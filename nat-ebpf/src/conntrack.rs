@@ -1,89 +1,218 @@
-//! Connection tracking: finding a flow's entries and creating a new pair.
+//! Connection tracking: bindings (one external port per inside endpoint,
+//! whatever the remote: endpoint-independent mapping) and sessions (one per
+//! inside endpoint and remote, holding the TCP state and the idle timer).
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_get_prandom_u32};
 use nat_common::{
-    CT_F_REVERSE, CtKey, CtValue, NatConfig, ports, stats,
-    tcp::{self, DIR_OUT},
+    BIND_F_RELEASED, BindKey, BindValue, CFG_F_UDP_INBOUND_REFRESH, CT_F_INBOUND, CtKey, CtValue,
+    FILTER_ADDRESS, FILTER_ENDPOINT_INDEPENDENT, IPPROTO_TCP, IPPROTO_UDP, NatConfig, ports, stats,
+    tcp::{self, DIR_IN, DIR_OUT, TCP_SYN},
 };
 
-use crate::maps::{CT_FWD, CT_REV};
+use crate::maps::{CT_ADF, CT_FWD, NAT_BIND, NAT_BIND_REV};
 
 const EEXIST: i32 = 17;
 /// Refresh `last_seen` at most this often: writing it on every packet would
 /// bounce the entry's cache line between CPUs.
 const REFRESH_NS: u64 = 1_000_000_000;
 
-/// Creates the forward/reverse pair for a new outbound flow and returns the
-/// forward entry with the event to count (a new flow, or an insert race lost
-/// to another CPU that created the same flow). The reverse entry is inserted first, with no-overwrite, so
-/// two flows can never claim the same external tuple; if the forward insert
-/// then fails the reverse one is rolled back.
+/// The external port (network order) of inside endpoint `(addr, port)`,
+/// creating the binding if there is none. The second value is the event to
+/// count when one was created.
+#[inline(always)]
+fn bind(proto: u8, addr: u32, port: u16, cfg: &NatConfig) -> Result<(u16, Option<u32>), u32> {
+    let ik = BindKey::new(proto, addr, port);
+    if let Some(b) = unsafe { NAT_BIND.get(&ik) } {
+        let ext_port = b.port;
+        let ek = BindKey::new(proto, cfg.snat_addr, ext_port);
+        if let Some(r) = NAT_BIND_REV.get_ptr_mut(&ek) {
+            unsafe {
+                if (*r).addr == addr && (*r).port == port {
+                    if (*r).flags & BIND_F_RELEASED != 0 {
+                        // Taken back within its hold time.
+                        (*r).flags = 0;
+                        (*r).released_ns = 0;
+                    }
+                    return Ok((ext_port, None));
+                }
+            }
+        }
+        // The reverse half was swept (or the SNAT address changed across a
+        // restart): start over.
+        let _ = NAT_BIND.remove(&ik);
+    }
+    let rnd = unsafe { bpf_get_prandom_u32() };
+    let preferred = u16::from_be(port);
+    let (min, max) = ports::range_for(
+        preferred,
+        (cfg.port_min, cfg.port_max),
+        (cfg.low_port_min, cfg.low_port_max),
+    );
+    let inside = BindValue {
+        addr,
+        port,
+        flags: 0,
+        _pad: 0,
+        released_ns: 0,
+    };
+    let mut attempt = 0;
+    while attempt < ports::MAX_PORT_ATTEMPTS {
+        let ext_port = ports::candidate(min, max, preferred, rnd, attempt).to_be();
+        attempt += 1;
+        if ext_port == cfg.probe_port {
+            continue;
+        }
+        let ek = BindKey::new(proto, cfg.snat_addr, ext_port);
+        // The reverse half first, with no-overwrite: two endpoints can never
+        // claim the same external port, held ports included.
+        match NAT_BIND_REV.insert(&ek, &inside, BPF_NOEXIST as u64) {
+            Ok(()) => {}
+            Err(e) if e == -EEXIST => continue,
+            Err(_) => return Err(stats::DROP_TABLE_FULL),
+        }
+        let external = BindValue {
+            addr: cfg.snat_addr,
+            port: ext_port,
+            flags: 0,
+            _pad: 0,
+            released_ns: 0,
+        };
+        return match NAT_BIND.insert(&ik, &external, BPF_NOEXIST as u64) {
+            Ok(()) => Ok((ext_port, Some(stats::EV_NEW_BINDING))),
+            Err(e) => {
+                let _ = NAT_BIND_REV.remove(&ek);
+                if e != -EEXIST {
+                    return Err(stats::DROP_TABLE_FULL);
+                }
+                // Another CPU bound this endpoint meanwhile: use its port.
+                match unsafe { NAT_BIND.get(&ik) } {
+                    Some(b) => Ok((b.port, Some(stats::EV_INSERT_RACE))),
+                    None => Err(stats::DROP_INTERNAL),
+                }
+            }
+        };
+    }
+    Err(stats::DROP_NO_PORT)
+}
+
+/// Creates the session of a new outbound flow (and its binding if the inside
+/// endpoint has none) and returns it with the events to count.
 #[inline(always)]
 pub fn create(
     key: &CtKey,
     cfg: &NatConfig,
     now: u64,
     tcp_flags: u8,
-) -> Result<(*mut CtValue, u32), u32> {
-    let rnd = unsafe { bpf_get_prandom_u32() };
-    // ICMP echo carries its identifier in src_port; ports are host order here.
-    let preferred = u16::from_be(key.src_port);
-    let mut attempt = 0;
-    while attempt < ports::MAX_PORT_ATTEMPTS {
-        let port = ports::candidate(cfg.port_min, cfg.port_max, preferred, rnd, attempt);
-        attempt += 1;
-        let rev_key = CtKey::new(
-            key.proto,
-            key.dst_addr,
-            key.dst_port,
-            cfg.snat_addr,
-            port.to_be(),
-        );
-        let rev = CtValue {
-            peer: *key,
-            last_seen_ns: now,
-            tcp_state: 0,
-            flags: CT_F_REVERSE,
-            _pad: [0; 6],
-        };
-        match CT_REV.insert(rev_key, rev, BPF_NOEXIST as u64) {
-            Ok(()) => {}
-            Err(e) if e == -EEXIST => continue,
-            Err(_) => return Err(stats::DROP_TABLE_FULL),
-        }
-        let fwd = CtValue {
-            peer: rev_key,
-            last_seen_ns: now,
-            tcp_state: if key.proto == nat_common::IPPROTO_TCP {
-                tcp::update(0, DIR_OUT, tcp_flags)
-            } else {
-                0
-            },
-            flags: 0,
-            _pad: [0; 6],
-        };
-        let event = match CT_FWD.insert(key, fwd, BPF_NOEXIST as u64) {
-            Ok(()) => stats::EV_NEW_FLOW,
-            Err(e) => {
-                let _ = CT_REV.remove(rev_key);
-                if e != -EEXIST {
-                    return Err(stats::DROP_TABLE_FULL);
-                }
-                // Another CPU created this flow meanwhile: use its entry.
-                stats::EV_INSERT_RACE
-            }
-        };
-        return CT_FWD
-            .get_ptr_mut(key)
-            .map(|v| (v, event))
-            .ok_or(stats::DROP_INTERNAL);
+) -> Result<(*mut CtValue, Option<u32>, u32), u32> {
+    let (ext_port, bind_event) = bind(key.proto, key.src_addr, key.src_port, cfg)?;
+    let reply = CtKey::new(
+        key.proto,
+        key.dst_addr,
+        key.dst_port,
+        cfg.snat_addr,
+        ext_port,
+    );
+    let session = CtValue {
+        peer: reply,
+        last_seen_ns: now,
+        tcp_state: if key.proto == IPPROTO_TCP {
+            tcp::update(0, DIR_OUT, tcp_flags)
+        } else {
+            0
+        },
+        flags: 0,
+        _pad: [0; 6],
+    };
+    let event = insert_session(key, &session)?;
+    if cfg.filtering == FILTER_ADDRESS {
+        // Remember the remote address for address-dependent filtering;
+        // a full table only narrows what may come in.
+        let adf = CtKey::new(key.proto, key.dst_addr, 0, cfg.snat_addr, ext_port);
+        let _ = CT_ADF.insert(&adf, &0, 0);
     }
-    Err(stats::DROP_NO_PORT)
+    CT_FWD
+        .get_ptr_mut(key)
+        .map(|v| (v, bind_event, event))
+        .ok_or(stats::DROP_INTERNAL)
 }
 
-/// Marks an entry as seen now.
 #[inline(always)]
-pub fn touch(v: *mut CtValue, now: u64) {
+fn insert_session(key: &CtKey, v: &CtValue) -> Result<u32, u32> {
+    match CT_FWD.insert(key, v, BPF_NOEXIST as u64) {
+        Ok(()) => Ok(stats::EV_NEW_FLOW),
+        // Another CPU created this session meanwhile: use its entry.
+        Err(e) if e == -EEXIST => Ok(stats::EV_INSERT_RACE),
+        // The binding stays; the sweeper releases it if no session uses it.
+        Err(_) => Err(stats::DROP_TABLE_FULL),
+    }
+}
+
+/// An inbound packet's session: the binding of its destination port gives
+/// the inside endpoint, and the session of that endpoint with the packet's
+/// source decides. Without one the filtering policy may open a session.
+/// Returns the session, the inside endpoint and the event to count, or the
+/// reason to refuse (`None`: no binding at all).
+#[inline(always)]
+pub fn inbound(
+    reply: &CtKey,
+    cfg: &NatConfig,
+    now: u64,
+    tcp_flags: u8,
+) -> Result<(*mut CtValue, u32, u16, Option<u32>), Option<u32>> {
+    let ek = BindKey::new(reply.proto, reply.dst_addr, reply.dst_port);
+    let Some(b) = (unsafe { NAT_BIND_REV.get(&ek) }) else {
+        return Err(None);
+    };
+    let (addr, port, released) = (b.addr, b.port, b.flags & BIND_F_RELEASED != 0);
+    let key = CtKey::new(reply.proto, addr, port, reply.src_addr, reply.src_port);
+    if let Some(s) = CT_FWD.get_ptr_mut(&key) {
+        return Ok((s, addr, port, None));
+    }
+    let allowed = !released
+        && match cfg.filtering {
+            FILTER_ENDPOINT_INDEPENDENT => true,
+            FILTER_ADDRESS => {
+                let adf = CtKey::new(reply.proto, reply.src_addr, 0, reply.dst_addr, reply.dst_port);
+                unsafe { CT_ADF.get(&adf) }.is_some()
+            }
+            _ => false,
+        }
+        // Only TCP and UDP open sessions from outside: a stray TCP segment
+        // without SYN or an unasked-for echo reply is not a new session.
+        && match reply.proto {
+            IPPROTO_TCP => tcp_flags & TCP_SYN != 0,
+            IPPROTO_UDP => true,
+            _ => false,
+        };
+    if !allowed {
+        return Err(Some(stats::DROP_FILTERED));
+    }
+    let session = CtValue {
+        peer: *reply,
+        last_seen_ns: now,
+        tcp_state: if reply.proto == IPPROTO_TCP {
+            tcp::update(0, DIR_IN, tcp_flags)
+        } else {
+            0
+        },
+        flags: CT_F_INBOUND,
+        _pad: [0; 6],
+    };
+    insert_session(&key, &session).map_err(Some)?;
+    CT_FWD
+        .get_ptr_mut(&key)
+        .map(|s| (s, addr, port, Some(stats::EV_INBOUND_SESSION)))
+        .ok_or(Some(stats::DROP_INTERNAL))
+}
+
+/// Marks a session as seen now by a packet in direction `dir`. Outbound
+/// packets always refresh it; inbound UDP only if configured (RFC 4787
+/// REQ-6: outbound refresh is what keeps a mapping alive).
+#[inline(always)]
+pub fn touch(v: *mut CtValue, now: u64, proto: u8, dir: u8, cfg: &NatConfig) {
+    if dir == DIR_IN && proto == IPPROTO_UDP && cfg.flags & CFG_F_UDP_INBOUND_REFRESH == 0 {
+        return;
+    }
     unsafe {
         if now.wrapping_sub((*v).last_seen_ns) > REFRESH_NS {
             (*v).last_seen_ns = now;
@@ -91,21 +220,14 @@ pub fn touch(v: *mut CtValue, now: u64) {
     }
 }
 
-/// Applies a TCP control packet seen in direction `dir` to the forward entry.
+/// Applies a TCP control packet seen in direction `dir` to the session.
 #[inline(always)]
-pub fn tcp_update(fwd: *mut CtValue, dir: u8, tcp_flags: u8) {
+pub fn tcp_update(s: *mut CtValue, dir: u8, tcp_flags: u8) {
     unsafe {
-        let s = (*fwd).tcp_state;
-        let n = tcp::update(s, dir, tcp_flags);
-        if n != s {
-            (*fwd).tcp_state = n;
+        let old = (*s).tcp_state;
+        let new = tcp::update(old, dir, tcp_flags);
+        if new != old {
+            (*s).tcp_state = new;
         }
     }
-}
-
-/// The forward entry of a reverse entry (for TCP state changes seen inbound).
-#[inline(always)]
-pub fn forward_of(rev: *const CtValue) -> Option<*mut CtValue> {
-    let peer = unsafe { (*rev).peer };
-    CT_FWD.get_ptr_mut(peer)
 }

@@ -5,15 +5,24 @@ use aya_ebpf::{
     macros::map,
     maps::{HashMap, PerCpuArray},
 };
-use nat_common::{CtKey, CtValue, DEFAULT_MAX_FLOWS, NatConfig};
+use nat_common::{BindKey, BindValue, CtKey, CtValue, DEFAULT_MAX_FLOWS, MAX_BINDINGS, NatConfig};
 
-/// Forward entries, keyed by the inside tuple as it arrives on `--int`.
+/// Sessions, keyed by the inside tuple as it arrives on `--int`.
 #[map(name = "CT_FWD")]
 pub static CT_FWD: HashMap<CtKey, CtValue> = HashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
 
-/// Reverse entries, keyed by the reply tuple as it arrives on `--ext`.
-#[map(name = "CT_REV")]
-pub static CT_REV: HashMap<CtKey, CtValue> = HashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
+/// Bindings by inside endpoint: which external port it has.
+#[map(name = "NAT_BIND")]
+pub static NAT_BIND: HashMap<BindKey, BindValue> = HashMap::with_max_entries(MAX_BINDINGS, 0);
+
+/// Bindings by external endpoint: which inside endpoint owns the port.
+#[map(name = "NAT_BIND_REV")]
+pub static NAT_BIND_REV: HashMap<BindKey, BindValue> = HashMap::with_max_entries(MAX_BINDINGS, 0);
+
+/// Address-dependent filtering: remotes each external port has sent to.
+/// Sized to 1 by the loader unless `--filtering address-dependent`.
+#[map(name = "CT_ADF")]
+pub static CT_ADF: HashMap<CtKey, u8> = HashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
 
 /// Packet counters: index `hook * stats::COUNT + reason`.
 #[map(name = "STATS")]
@@ -28,6 +37,11 @@ static CONFIG: NatConfig = NatConfig {
     snat_addr: 0,
     port_min: 0,
     port_max: 0,
+    low_port_min: 0,
+    low_port_max: 0,
+    filtering: 0,
+    flags: 0,
+    probe_port: 0,
 };
 
 #[inline(always)]

@@ -11,7 +11,7 @@ use nat_common::{
 use crate::{
     conntrack,
     fib::{self, Route},
-    maps::{CT_FWD, CT_REV},
+    maps::CT_FWD,
     parse::{self, Frame, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, IP_DADDR, IP_SADDR, Ipv4, L4, Stop},
 };
 
@@ -196,7 +196,10 @@ pub fn outbound(
                 return Decision::Pass(stats::PASS_TTL_EXPIRED);
             }
             match conntrack::create(&key, cfg, now, p.l4.tcp_flags) {
-                Ok((v, event)) => {
+                Ok((v, bind_event, event)) => {
+                    if let Some(e) = bind_event {
+                        crate::stats::count(stat_hook, e);
+                    }
                     crate::stats::count(stat_hook, event);
                     v
                 }
@@ -207,7 +210,7 @@ pub fn outbound(
     if p.ip.ttl <= 1 {
         return Decision::Pass(stats::PASS_TTL_EXPIRED);
     }
-    conntrack::touch(fwd, now);
+    conntrack::touch(fwd, now, p.ip.proto, DIR_OUT, cfg);
     let (snat_addr, snat_port) = unsafe { (*fwd).snat_addr_port() };
     let rw = Rewrite {
         proto: p.ip.proto,
@@ -250,6 +253,7 @@ pub fn inbound(
     pkt_len: usize,
     cfg: &NatConfig,
     hook: Hook,
+    stat_hook: u32,
 ) -> Decision {
     let p = match parse(
         ctx,
@@ -270,27 +274,31 @@ pub fn inbound(
     } else {
         (p.l4.sport, p.l4.dport)
     };
-    let key = CtKey::new(p.ip.proto, p.ip.saddr, sport, p.ip.daddr, dport);
-    let Some(rev) = CT_REV.get_ptr_mut(key) else {
-        return if fib::is_local(ctx, cfg.ext_ifindex, p.ip.saddr, p.ip.daddr) {
-            Decision::Pass(stats::PASS_LOCAL)
-        } else {
-            Decision::Drop(stats::DROP_UNSOLICITED)
+    let reply = CtKey::new(p.ip.proto, p.ip.saddr, sport, p.ip.daddr, dport);
+    let now = unsafe { bpf_ktime_get_ns() };
+    let (session, inside_addr, inside_port) =
+        match conntrack::inbound(&reply, cfg, now, p.l4.tcp_flags) {
+            Ok((s, addr, port, event)) => {
+                if let Some(e) = event {
+                    crate::stats::count(stat_hook, e);
+                }
+                (s, addr, port)
+            }
+            // No binding: the gateway's own traffic, or nothing of ours.
+            Err(None) => return unsolicited(ctx, cfg, &p),
+            // A bound port belongs to the NAT: refused silently, never
+            // answered by the kernel (RFC 5382 REQ-4).
+            Err(Some(reason)) => return Decision::Drop(reason),
         };
-    };
     if p.ip.ttl <= 1 {
         // Addressed to our SNAT address, so the kernel would deliver it
         // locally rather than answer Time Exceeded: nothing useful to pass.
         return Decision::Drop(stats::DROP_TTL_EXPIRED);
     }
-    let now = unsafe { bpf_ktime_get_ns() };
-    conntrack::touch(rev, now);
+    conntrack::touch(session, now, p.ip.proto, DIR_IN, cfg);
     if p.ip.proto == IPPROTO_TCP && tcp::is_control(p.l4.tcp_flags) {
-        if let Some(fwd) = conntrack::forward_of(rev) {
-            conntrack::tcp_update(fwd, DIR_IN, p.l4.tcp_flags);
-        }
+        conntrack::tcp_update(session, DIR_IN, p.l4.tcp_flags);
     }
-    let (inside_addr, inside_port) = unsafe { (*rev).inside_addr_port() };
     let rw = Rewrite {
         proto: p.ip.proto,
         addr_off: parse::ETH_HLEN + IP_DADDR,
@@ -321,6 +329,17 @@ pub fn inbound(
         tot_len,
     );
     Decision::Translate(rw, route)
+}
+
+/// An inbound packet no session takes: the gateway's own traffic goes to
+/// the kernel, the rest is dropped.
+#[inline(always)]
+fn unsolicited(ctx: *mut c_void, cfg: &NatConfig, p: &Parsed) -> Decision {
+    if fib::is_local(ctx, cfg.ext_ifindex, p.ip.saddr, p.ip.daddr) {
+        Decision::Pass(stats::PASS_LOCAL)
+    } else {
+        Decision::Drop(stats::DROP_UNSOLICITED)
+    }
 }
 
 /// How a translated packet leaves, given its route and the NIC it must

@@ -45,7 +45,14 @@ pub fn nat_tc_int(ctx: TcContext) -> i32 {
 pub fn nat_tc_ext(ctx: TcContext) -> i32 {
     let cfg = config();
     let f = pull(&ctx);
-    let d = nat::inbound(ctx.as_ptr(), f, ctx.len() as usize, &cfg, Hook::Tc);
+    let d = nat::inbound(
+        ctx.as_ptr(),
+        f,
+        ctx.len() as usize,
+        &cfg,
+        Hook::Tc,
+        HOOK_TC_EXT,
+    );
     finish(&ctx, d, cfg.int_ifindex, HOOK_TC_EXT, stats::TC_IN_FWD)
 }
 

@@ -40,7 +40,14 @@ pub fn nat_xdp_int(ctx: XdpContext) -> u32 {
 pub fn nat_xdp_ext(ctx: XdpContext) -> u32 {
     let cfg = config();
     let f = frame(&ctx);
-    let d = nat::inbound(ctx.as_ptr(), f, f.data_end - f.data, &cfg, Hook::Xdp);
+    let d = nat::inbound(
+        ctx.as_ptr(),
+        f,
+        f.data_end - f.data,
+        &cfg,
+        Hook::Xdp,
+        HOOK_XDP_EXT,
+    );
     finish(f, d, cfg.int_ifindex, HOOK_XDP_EXT, stats::XDP_IN_FWD)
 }
 

@@ -2,6 +2,7 @@
 //! sweeping expired ones.
 
 use std::{
+    collections::HashSet,
     fmt,
     net::{Ipv4Addr, SocketAddrV4},
     time::Duration,
@@ -9,7 +10,12 @@ use std::{
 
 use anyhow::Result;
 use aya::maps::{HashMap, MapData};
-use nat_common::{CtKey, CtValue, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, tcp, timeouts::Timeouts};
+use nat_common::{
+    BIND_F_RELEASED, BindKey, BindValue, CT_F_INBOUND, CtKey, CtValue, IPPROTO_ICMP, IPPROTO_TCP,
+    IPPROTO_UDP, tcp, timeouts::Timeouts,
+};
+
+use crate::dataplane::CtMaps;
 
 type CtMap = HashMap<MapData, CtKey, CtValue>;
 
@@ -21,6 +27,9 @@ pub struct Flow {
     pub external: SocketAddrV4,
     pub remote: SocketAddrV4,
     pub tcp_state: u8,
+    /// Opened by an inbound packet (a filtering mode other than the
+    /// default let it in).
+    pub inbound: bool,
     pub idle: Duration,
 }
 
@@ -41,6 +50,7 @@ impl Flow {
             external: sock(ext_addr, ext_port),
             remote: sock(key.dst_addr, key.dst_port),
             tcp_state: v.tcp_state,
+            inbound: v.flags & CT_F_INBOUND != 0,
             idle: Duration::from_nanos(now_ns.saturating_sub(v.last_seen_ns)),
         }
     }
@@ -54,9 +64,10 @@ impl fmt::Display for Flow {
             IPPROTO_ICMP => ("icmp", ""),
             _ => ("?", ""),
         };
+        let opened = if self.inbound { " opened-inbound" } else { "" };
         write!(
             f,
-            "{proto:<4} {} -> {} => {} -> {} {state} idle {}s",
+            "{proto:<4} {} -> {} => {} -> {} {state}{opened} idle {}s",
             self.inside,
             self.remote,
             self.external,
@@ -77,34 +88,90 @@ pub fn flows(fwd: &CtMap, now_ns: u64) -> Vec<Flow> {
 /// What a sweep did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Sweep {
+    /// Sessions removed for being idle longer than their timeout.
     pub expired: usize,
-    pub orphans: usize,
+    /// Sessions left.
     pub remaining: usize,
+    /// Bindings no session uses any more, now held.
+    pub released: usize,
+    /// Bindings whose hold ended: their external port is free again.
+    pub freed: usize,
+    /// Half-bindings or filter entries with nothing behind them.
+    pub orphans: usize,
 }
 
-/// Removes the pairs idle longer than their timeout, and reverse entries
-/// whose forward twin is gone. Keys are collected first: deleting while
-/// walking a BPF hash map restarts the walk.
-pub fn sweep(fwd: &mut CtMap, rev: &mut CtMap, t: &Timeouts, now_ns: u64) -> Result<Sweep> {
+/// Removes idle sessions; releases the bindings no session uses (they stay
+/// reserved for their inside endpoint for `hold_ns`, RFC 6888) and frees
+/// those held longer; drops address-filter entries of remotes no session
+/// talks to any more. Keys are collected first: deleting while walking a
+/// BPF hash map restarts the walk.
+pub fn sweep(m: &mut CtMaps, t: &Timeouts, hold_ns: u64, now_ns: u64) -> Result<Sweep> {
     let mut out = Sweep::default();
-    let entries: Vec<(CtKey, CtValue)> = fwd.iter().filter_map(|r| r.ok()).collect();
-    for (k, v) in &entries {
-        let rev_seen = rev.get(&v.peer, 0).map(|r| r.last_seen_ns).unwrap_or(0);
-        let last = v.last_seen_ns.max(rev_seen);
-        if t.expired(k.proto, v.tcp_state, last, now_ns) {
-            // Forward first: a new packet of the flow then builds a fresh
-            // pair instead of reusing a half-removed one.
-            let _ = fwd.remove(k);
-            let _ = rev.remove(&v.peer);
+    let mut live_ports: HashSet<BindKey> = HashSet::new();
+    let mut live_remotes: HashSet<CtKey> = HashSet::new();
+    let sessions: Vec<(CtKey, CtValue)> = m.sessions.iter().filter_map(|r| r.ok()).collect();
+    for (k, v) in &sessions {
+        if t.expired(k.proto, v.tcp_state, v.last_seen_ns, now_ns) {
+            let _ = m.sessions.remove(k);
             out.expired += 1;
         } else {
             out.remaining += 1;
+            let p = &v.peer;
+            live_ports.insert(BindKey::new(p.proto, p.dst_addr, p.dst_port));
+            live_remotes.insert(CtKey::new(p.proto, p.src_addr, 0, p.dst_addr, p.dst_port));
         }
     }
-    let rev_entries: Vec<(CtKey, CtValue)> = rev.iter().filter_map(|r| r.ok()).collect();
-    for (k, v) in &rev_entries {
-        if fwd.get(&v.peer, 0).is_err() && t.expired(k.proto, 0, v.last_seen_ns, now_ns) {
-            let _ = rev.remove(k);
+    let bindings: Vec<(BindKey, BindValue)> = m.bind_rev.iter().filter_map(|r| r.ok()).collect();
+    for (ek, v) in &bindings {
+        let released = v.flags & BIND_F_RELEASED != 0;
+        if live_ports.contains(ek) {
+            if released {
+                // Taken back by an inbound-opened session.
+                let _ = m.bind_rev.insert(
+                    ek,
+                    BindValue {
+                        flags: 0,
+                        released_ns: 0,
+                        ..*v
+                    },
+                    0,
+                );
+            }
+        } else if !released {
+            let held = BindValue {
+                flags: BIND_F_RELEASED,
+                released_ns: now_ns,
+                ..*v
+            };
+            let _ = m.bind_rev.insert(ek, held, 0);
+            out.released += 1;
+        } else if now_ns.saturating_sub(v.released_ns) > hold_ns {
+            let ik = BindKey::new(ek.proto, v.addr, v.port);
+            if m.bind.get(&ik, 0).is_ok_and(|b| b.port == ek.port) {
+                let _ = m.bind.remove(&ik);
+            }
+            let _ = m.bind_rev.remove(ek);
+            out.freed += 1;
+        }
+    }
+    // Inside halves whose external half is gone (an insert race lost, or
+    // freed above).
+    let inside: Vec<(BindKey, BindValue)> = m.bind.iter().filter_map(|r| r.ok()).collect();
+    for (ik, v) in &inside {
+        let ek = BindKey::new(ik.proto, v.addr, v.port);
+        let owned = m
+            .bind_rev
+            .get(&ek, 0)
+            .is_ok_and(|r| r.addr == ik.addr && r.port == ik.port);
+        if !owned {
+            let _ = m.bind.remove(ik);
+            out.orphans += 1;
+        }
+    }
+    let remotes: Vec<CtKey> = m.adf.keys().filter_map(|r| r.ok()).collect();
+    for k in &remotes {
+        if !live_remotes.contains(k) {
+            let _ = m.adf.remove(k);
             out.orphans += 1;
         }
     }

@@ -11,8 +11,9 @@ use aya::{
     programs::{LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode, tc::TcAttachOptions},
 };
 use nat_common::{
-    CtKey, CtValue, GLOBAL_CONFIG, MAP_CT_FWD, MAP_CT_REV, MAP_STATS, NatConfig, PROG_TC_EXT,
-    PROG_TC_INT, PROG_XDP_EXT, PROG_XDP_INT,
+    BindKey, BindValue, CtKey, CtValue, FILTER_ADDRESS, GLOBAL_CONFIG, MAP_ADF, MAP_BIND,
+    MAP_BIND_REV, MAP_CT_FWD, MAP_STATS, MAX_BINDINGS, NatConfig, PROG_TC_EXT, PROG_TC_INT,
+    PROG_XDP_EXT, PROG_XDP_INT,
 };
 use tracing::{info, warn};
 
@@ -38,6 +39,13 @@ pub struct Settings {
     pub snat_addr: Ipv4Addr,
     pub port_min: u16,
     pub port_max: u16,
+    pub low_port_min: u16,
+    pub low_port_max: u16,
+    /// One of nat_common's `FILTER_*`.
+    pub filtering: u8,
+    /// nat_common's `CFG_F_*` bits.
+    pub flags: u8,
+    pub probe_port: u16,
     pub max_flows: u32,
     pub xdp: XdpAttach,
 }
@@ -50,21 +58,38 @@ impl Settings {
             snat_addr: u32::from_ne_bytes(self.snat_addr.octets()),
             port_min: self.port_min,
             port_max: self.port_max,
+            low_port_min: self.low_port_min,
+            low_port_max: self.low_port_max,
+            filtering: self.filtering,
+            flags: self.flags,
+            probe_port: self.probe_port.to_be(),
         }
     }
 }
 
 /// Loads the object with `cfg` patched into its config global and the
-/// conntrack maps sized for `max_flows`, and runs every program through
-/// the verifier. Attaches nothing.
+/// conntrack maps sized for `max_flows` sessions, and runs every program
+/// through the verifier. Attaches nothing.
 pub fn load(cfg: &NatConfig, max_flows: u32) -> Result<Ebpf> {
     if max_flows == 0 {
         bail!("the conntrack table needs room for at least one flow");
     }
+    // A binding needs at least one session, and there are at most as many
+    // as there are external ports per protocol.
+    let bindings = max_flows.min(MAX_BINDINGS);
+    // Address-dependent filtering remembers one remote per session; the
+    // other modes never touch the map.
+    let adf = if cfg.filtering == FILTER_ADDRESS {
+        max_flows
+    } else {
+        1
+    };
     let mut ebpf = EbpfLoader::new()
         .override_global(GLOBAL_CONFIG, cfg, true)
         .map_max_entries(MAP_CT_FWD, max_flows)
-        .map_max_entries(MAP_CT_REV, max_flows)
+        .map_max_entries(MAP_BIND, bindings)
+        .map_max_entries(MAP_BIND_REV, bindings)
+        .map_max_entries(MAP_ADF, adf)
         .load(EBPF_OBJECT)
         .context("loading the eBPF object (maps and BTF)")?;
     for name in [PROG_XDP_INT, PROG_XDP_EXT] {
@@ -95,9 +120,28 @@ where
 pub struct Dataplane {
     // Dropping `ebpf` detaches every program attached through it.
     ebpf: Ebpf,
-    pub ct_fwd: HashMap<MapData, CtKey, CtValue>,
-    pub ct_rev: HashMap<MapData, CtKey, CtValue>,
+    pub maps: CtMaps,
     pub stats: PerCpuArray<MapData, u64>,
+}
+
+/// The conntrack maps, as the control plane owns them.
+pub struct CtMaps {
+    pub sessions: HashMap<MapData, CtKey, CtValue>,
+    pub bind: HashMap<MapData, BindKey, BindValue>,
+    pub bind_rev: HashMap<MapData, BindKey, BindValue>,
+    pub adf: HashMap<MapData, CtKey, u8>,
+}
+
+impl CtMaps {
+    /// Takes the conntrack maps out of a loaded object.
+    pub fn take(ebpf: &mut Ebpf) -> Result<CtMaps> {
+        Ok(CtMaps {
+            sessions: take_map(ebpf, MAP_CT_FWD)?,
+            bind: take_map(ebpf, MAP_BIND)?,
+            bind_rev: take_map(ebpf, MAP_BIND_REV)?,
+            adf: take_map(ebpf, MAP_ADF)?,
+        })
+    }
 }
 
 impl Dataplane {
@@ -111,15 +155,9 @@ impl Dataplane {
         attach_tc(&mut ebpf, PROG_TC_INT, &s.int)?;
         attach_xdp(&mut ebpf, PROG_XDP_EXT, &s.ext, s.xdp)?;
         attach_tc(&mut ebpf, PROG_TC_EXT, &s.ext)?;
-        let ct_fwd = take_map(&mut ebpf, MAP_CT_FWD)?;
-        let ct_rev = take_map(&mut ebpf, MAP_CT_REV)?;
+        let maps = CtMaps::take(&mut ebpf)?;
         let stats = take_map(&mut ebpf, MAP_STATS)?;
-        Ok(Dataplane {
-            ebpf,
-            ct_fwd,
-            ct_rev,
-            stats,
-        })
+        Ok(Dataplane { ebpf, maps, stats })
     }
 
     /// Detaches every program (also done on drop; this logs it).

@@ -8,7 +8,9 @@ use std::{net::Ipv4Addr, process::ExitCode, time::Duration};
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use nat_common::{
-    DEFAULT_MAX_FLOWS, DEFAULT_PORT_MAX, DEFAULT_PORT_MIN, DEFAULT_PROBE_PORT, timeouts::Timeouts,
+    CFG_F_UDP_INBOUND_REFRESH, DEFAULT_LOW_PORT_MAX, DEFAULT_LOW_PORT_MIN, DEFAULT_MAX_FLOWS,
+    DEFAULT_PORT_MAX, DEFAULT_PORT_MIN, DEFAULT_PROBE_PORT, FILTER_ADDRESS,
+    FILTER_ADDRESS_AND_PORT, FILTER_ENDPOINT_INDEPENDENT, PORT_HOLD_NS, timeouts::Timeouts,
 };
 use nat_loader::{
     caps, conntrack,
@@ -35,9 +37,26 @@ struct Args {
     /// Source address of translated traffic [default: the primary IPv4 address of --ext].
     #[arg(long, value_name = "IPV4")]
     snat_ip: Option<Ipv4Addr>,
-    /// External ports (and ICMP identifiers) to translate to, inclusive.
+    /// External ports (and ICMP identifiers) to translate inside ports >= 1024 to, inclusive.
     #[arg(long, value_name = "MIN-MAX", default_value_t = format!("{DEFAULT_PORT_MIN}-{DEFAULT_PORT_MAX}"), value_parser = parse_port_range)]
     port_range: String,
+    /// External ports for inside ports below 1024 (RFC 4787 REQ-3a), inclusive.
+    #[arg(long, value_name = "MIN-MAX", default_value_t = format!("{DEFAULT_LOW_PORT_MIN}-{DEFAULT_LOW_PORT_MAX}"), value_parser = parse_port_range)]
+    low_port_range: String,
+    /// Which inbound packets a binding lets in besides replies of its
+    /// sessions (RFC 4787 section 5): only replies (address-and-port-dependent),
+    /// anything from a remote address it has sent to (address-dependent), or
+    /// anything (endpoint-independent, for peer-to-peer applications).
+    #[arg(long, value_enum, default_value_t = Filtering::AddressAndPortDependent)]
+    filtering: Filtering,
+    /// Let inbound UDP packets refresh a session's idle timer too (by
+    /// default only outbound ones do, RFC 4787 REQ-6).
+    #[arg(long)]
+    udp_inbound_refresh: bool,
+    /// How long a released external port stays reserved for its inside
+    /// endpoint before another may get it, seconds (RFC 6888: 120).
+    #[arg(long, value_name = "SECS", default_value_t = PORT_HOLD_NS / 1_000_000_000)]
+    port_hold: u64,
     /// Conntrack table size, in flows.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_FLOWS)]
     max_flows: u32,
@@ -70,6 +89,23 @@ struct Args {
     /// With each stats line, also log up to this many translated flows.
     #[arg(long, value_name = "N", default_value_t = 0)]
     show_flows: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Filtering {
+    EndpointIndependent,
+    AddressDependent,
+    AddressAndPortDependent,
+}
+
+impl Filtering {
+    fn code(self) -> u8 {
+        match self {
+            Filtering::EndpointIndependent => FILTER_ENDPOINT_INDEPENDENT,
+            Filtering::AddressDependent => FILTER_ADDRESS,
+            Filtering::AddressAndPortDependent => FILTER_ADDRESS_AND_PORT,
+        }
+    }
 }
 
 fn parse_port_range(s: &str) -> Result<String, String> {
@@ -163,6 +199,14 @@ async fn run(args: Args) -> Result<()> {
         );
     }
     let (port_min, port_max) = port_range(&args.port_range).map_err(anyhow::Error::msg)?;
+    let (low_port_min, low_port_max) =
+        port_range(&args.low_port_range).map_err(anyhow::Error::msg)?;
+    if low_port_max >= 1024 || port_min < 1024 {
+        bail!(
+            "--low-port-range must lie below 1024 and --port-range at or above it \
+             (RFC 4787 REQ-3a keeps the two apart)"
+        );
+    }
     let timeouts = args.timeouts()?;
     caps::require()?;
     let handle = netif::connect()?;
@@ -202,6 +246,15 @@ async fn run(args: Args) -> Result<()> {
         snat_addr,
         port_min,
         port_max,
+        low_port_min,
+        low_port_max,
+        filtering: args.filtering.code(),
+        flags: if args.udp_inbound_refresh {
+            CFG_F_UDP_INBOUND_REFRESH
+        } else {
+            0
+        },
+        probe_port: args.probe_port,
         max_flows: args.max_flows,
         xdp: args.xdp_mode,
     };
@@ -222,7 +275,8 @@ async fn run(args: Args) -> Result<()> {
     };
     info!(
         ext = %ext.name, int = %int.name, snat = %snat_addr,
-        ports = %format!("{port_min}-{port_max}"), max_flows = args.max_flows,
+        ports = %format!("{port_min}-{port_max}"), low_ports = %format!("{low_port_min}-{low_port_max}"),
+        filtering = ?args.filtering, max_flows = args.max_flows,
         "nat-loader ready"
     );
 
@@ -236,8 +290,11 @@ async fn run(args: Args) -> Result<()> {
             _ = sigint.recv() => { info!("SIGINT: shutting down"); break Ok(()); }
             _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break Ok(()); }
             _ = sweep_tick.tick() => {
-                match conntrack::sweep(&mut dp.ct_fwd, &mut dp.ct_rev, &timeouts, monotonic_ns()) {
-                    Ok(s) if s.expired + s.orphans > 0 => info!(expired = s.expired, orphans = s.orphans, remaining = s.remaining, "swept conntrack"),
+                match conntrack::sweep(&mut dp.maps, &timeouts, args.port_hold * SEC, monotonic_ns()) {
+                    Ok(s) if s.expired + s.released + s.freed + s.orphans > 0 => info!(
+                        expired = s.expired, remaining = s.remaining, released = s.released,
+                        freed = s.freed, orphans = s.orphans, "swept conntrack"
+                    ),
                     Ok(_) => {}
                     Err(e) => break Err(e.context("sweeping conntrack")),
                 }
@@ -277,7 +334,7 @@ fn log_stats(dp: &Dataplane, show_flows: usize) {
         Err(e) => warn!(error = %format!("{e:#}"), "reading stats"),
     }
     if show_flows > 0 {
-        let flows = conntrack::flows(&dp.ct_fwd, monotonic_ns());
+        let flows = conntrack::flows(&dp.maps.sessions, monotonic_ns());
         info!(count = flows.len(), "flows");
         for f in flows.iter().take(show_flows) {
             info!("flow {f}");

@@ -14,8 +14,8 @@ use aya::{
     },
 };
 use nat_common::{
-    CtKey, CtValue, MAP_CT_FWD, MAP_CT_REV, MAP_STATS, NatConfig, PROG_TC_INT, PROG_XDP_EXT,
-    PROG_XDP_INT, stats,
+    BindKey, BindValue, CtKey, CtValue, MAP_BIND, MAP_BIND_REV, MAP_CT_FWD, MAP_STATS, NatConfig,
+    PROG_TC_INT, PROG_XDP_EXT, PROG_XDP_INT, stats,
 };
 use nat_lab::{
     CLIENT1_IP, EXT_IF, Host, INT_IF, Lab, NAT_EXT_IP, ROUTER_NAT_IF, ROUTER_NAT_IP, SERVER_IP,
@@ -102,6 +102,11 @@ impl Fixture {
             snat_addr: u32::from_ne_bytes(NAT_EXT_IP.octets()),
             port_min,
             port_max,
+            low_port_min: 600,
+            low_port_max: 1023,
+            filtering: nat_common::FILTER_ADDRESS_AND_PORT,
+            flags: 0,
+            probe_port: 0,
         }
     }
 
@@ -187,6 +192,12 @@ fn stats_of(ebpf: &Ebpf) -> Stats {
     Stats::read(&map).expect("reading stats")
 }
 
+fn binds(ebpf: &Ebpf, name: &str) -> Vec<(BindKey, BindValue)> {
+    let map = HashMap::<&MapData, BindKey, BindValue>::try_from(ebpf.map(name).expect("bind map"))
+        .expect("bind map type");
+    map.iter().map(|r| r.expect("bind entry")).collect()
+}
+
 fn ct(ebpf: &Ebpf, name: &str) -> Vec<(CtKey, CtValue)> {
     let map = HashMap::<&MapData, CtKey, CtValue>::try_from(ebpf.map(name).expect("ct map"))
         .expect("ct map type");
@@ -202,13 +213,14 @@ fn tcp_syn_out_is_translated_to_the_snat_address_and_redirected_to_ext() {
     let fx = Fixture::new();
     let syn = fx.outbound_tcp(40000, TCP_SYN, Csum::Full);
     let expected = fx.snat_of(&syn).build();
-    let (verdict, out, fwd, rev, st) = fx.run(fx.config(1024, 65535), 1024, |ebpf| {
+    let (verdict, out, fwd, bind, bind_rev, st) = fx.run(fx.config(1024, 65535), 1024, |ebpf| {
         let (v, out) = run_xdp(ebpf, PROG_XDP_INT, &syn.build());
         (
             v,
             out,
             ct(ebpf, MAP_CT_FWD),
-            ct(ebpf, MAP_CT_REV),
+            binds(ebpf, MAP_BIND),
+            binds(ebpf, MAP_BIND_REV),
             stats_of(ebpf),
         )
     });
@@ -221,8 +233,8 @@ fn tcp_syn_out_is_translated_to_the_snat_address_and_redirected_to_ext() {
     assert!(checksums_valid(&out));
     assert_eq!(st.get(HOOK_XDP_INT, stats::XDP_OUT_FWD), 1);
     assert_eq!(st.get(HOOK_XDP_INT, stats::EV_NEW_FLOW), 1);
-    assert_eq!(fwd.len(), 1);
-    assert_eq!(rev.len(), 1);
+    assert_eq!(st.get(HOOK_XDP_INT, stats::EV_NEW_BINDING), 1);
+    assert_eq!((fwd.len(), bind.len(), bind_rev.len()), (1, 1, 1));
     let (k, v) = fwd[0];
     assert_eq!(
         k,
@@ -234,8 +246,20 @@ fn tcp_syn_out_is_translated_to_the_snat_address_and_redirected_to_ext() {
             80u16.to_be()
         )
     );
-    assert_eq!(v.peer, rev[0].0, "forward entry names its reverse twin");
-    assert_eq!(rev[0].1.peer, k, "reverse entry names its forward twin");
+    let ext = BindKey::new(6, raw(NAT_EXT_IP), 40000u16.to_be());
+    assert_eq!(
+        v.peer,
+        CtKey::new(6, raw(SERVER_IP), 80u16.to_be(), ext.addr, ext.port),
+        "the session names the reply tuple"
+    );
+    assert_eq!(bind[0].0, BindKey::new(6, k.src_addr, k.src_port));
+    assert_eq!((bind[0].1.addr, bind[0].1.port), (ext.addr, ext.port));
+    assert_eq!(bind_rev[0].0, ext, "the external port is bound");
+    assert_eq!(
+        (bind_rev[0].1.addr, bind_rev[0].1.port),
+        (k.src_addr, k.src_port),
+        "the binding names the inside endpoint"
+    );
 }
 
 #[test]
@@ -502,9 +526,9 @@ fn exhausted_port_range_and_full_table_are_counted_drops() {
     assert_eq!((v1, v2), (XDP_REDIRECT, XDP_DROP));
     assert_eq!(st.get(HOOK_XDP_INT, stats::DROP_NO_PORT), 1);
 
-    // A table of one flow: the second flow does not fit, and no reverse
-    // entry is left behind by the failed attempt.
-    let (v1, v2, st, fwd, rev) = fx.run(fx.config(1024, 65535), 1, |ebpf| {
+    // A table of one flow: the second flow does not fit, and no half
+    // binding is left behind by the failed attempt.
+    let (v1, v2, st, fwd, bind, bind_rev) = fx.run(fx.config(1024, 65535), 1, |ebpf| {
         let v1 = run_xdp(ebpf, PROG_XDP_INT, &first.build()).0;
         let v2 = run_xdp(ebpf, PROG_XDP_INT, &second.build()).0;
         (
@@ -512,10 +536,11 @@ fn exhausted_port_range_and_full_table_are_counted_drops() {
             v2,
             stats_of(ebpf),
             ct(ebpf, MAP_CT_FWD),
-            ct(ebpf, MAP_CT_REV),
+            binds(ebpf, MAP_BIND),
+            binds(ebpf, MAP_BIND_REV),
         )
     });
     assert_eq!((v1, v2), (XDP_REDIRECT, XDP_DROP));
     assert_eq!(st.get(HOOK_XDP_INT, stats::DROP_TABLE_FULL), 1);
-    assert_eq!((fwd.len(), rev.len()), (1, 1));
+    assert_eq!((fwd.len(), bind.len(), bind_rev.len()), (1, 1, 1));
 }
