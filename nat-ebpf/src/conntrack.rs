@@ -22,10 +22,10 @@ const REFRESH_NS: u64 = 1_000_000_000;
 #[inline(always)]
 fn bind(proto: u8, addr: u32, port: u16, cfg: &NatConfig) -> Result<(u16, Option<u32>), u32> {
     let ik = BindKey::new(proto, addr, port);
-    if let Some(b) = unsafe { NAT_BIND.get(&ik) } {
+    if let Some(b) = unsafe { NAT_BIND.get(ik) } {
         let ext_port = b.port;
         let ek = BindKey::new(proto, cfg.snat_addr, ext_port);
-        if let Some(r) = NAT_BIND_REV.get_ptr_mut(&ek) {
+        if let Some(r) = NAT_BIND_REV.get_ptr_mut(ek) {
             unsafe {
                 if (*r).addr == addr && (*r).port == port {
                     if (*r).flags & BIND_F_RELEASED != 0 {
@@ -39,7 +39,7 @@ fn bind(proto: u8, addr: u32, port: u16, cfg: &NatConfig) -> Result<(u16, Option
         }
         // The reverse half was swept (or the SNAT address changed across a
         // restart): start over.
-        let _ = NAT_BIND.remove(&ik);
+        let _ = NAT_BIND.remove(ik);
     }
     let rnd = unsafe { bpf_get_prandom_u32() };
     let preferred = u16::from_be(port);
@@ -65,7 +65,7 @@ fn bind(proto: u8, addr: u32, port: u16, cfg: &NatConfig) -> Result<(u16, Option
         let ek = BindKey::new(proto, cfg.snat_addr, ext_port);
         // The reverse half first, with no-overwrite: two endpoints can never
         // claim the same external port, held ports included.
-        match NAT_BIND_REV.insert(&ek, &inside, BPF_NOEXIST as u64) {
+        match NAT_BIND_REV.insert(ek, inside, BPF_NOEXIST as u64) {
             Ok(()) => {}
             Err(e) if e == -EEXIST => continue,
             Err(_) => return Err(stats::DROP_TABLE_FULL),
@@ -77,15 +77,15 @@ fn bind(proto: u8, addr: u32, port: u16, cfg: &NatConfig) -> Result<(u16, Option
             _pad: 0,
             released_ns: 0,
         };
-        return match NAT_BIND.insert(&ik, &external, BPF_NOEXIST as u64) {
+        return match NAT_BIND.insert(ik, external, BPF_NOEXIST as u64) {
             Ok(()) => Ok((ext_port, Some(stats::EV_NEW_BINDING))),
             Err(e) => {
-                let _ = NAT_BIND_REV.remove(&ek);
+                let _ = NAT_BIND_REV.remove(ek);
                 if e != -EEXIST {
                     return Err(stats::DROP_TABLE_FULL);
                 }
                 // Another CPU bound this endpoint meanwhile: use its port.
-                match unsafe { NAT_BIND.get(&ik) } {
+                match unsafe { NAT_BIND.get(ik) } {
                     Some(b) => Ok((b.port, Some(stats::EV_INSERT_RACE))),
                     None => Err(stats::DROP_INTERNAL),
                 }
@@ -128,7 +128,7 @@ pub fn create(
         // Remember the remote address for address-dependent filtering;
         // a full table only narrows what may come in.
         let adf = CtKey::new(key.proto, key.dst_addr, 0, cfg.snat_addr, ext_port);
-        let _ = CT_ADF.insert(&adf, &0, 0);
+        let _ = CT_ADF.insert(adf, 0, 0);
     }
     CT_FWD
         .get_ptr_mut(key)
@@ -160,12 +160,12 @@ pub fn inbound(
     tcp_flags: u8,
 ) -> Result<(*mut CtValue, u32, u16, Option<u32>), Option<u32>> {
     let ek = BindKey::new(reply.proto, reply.dst_addr, reply.dst_port);
-    let Some(b) = (unsafe { NAT_BIND_REV.get(&ek) }) else {
+    let Some(b) = (unsafe { NAT_BIND_REV.get(ek) }) else {
         return Err(None);
     };
     let (addr, port, released) = (b.addr, b.port, b.flags & BIND_F_RELEASED != 0);
     let key = CtKey::new(reply.proto, addr, port, reply.src_addr, reply.src_port);
-    if let Some(s) = CT_FWD.get_ptr_mut(&key) {
+    if let Some(s) = CT_FWD.get_ptr_mut(key) {
         return Ok((s, addr, port, None));
     }
     let allowed = !released
@@ -173,7 +173,7 @@ pub fn inbound(
             FILTER_ENDPOINT_INDEPENDENT => true,
             FILTER_ADDRESS => {
                 let adf = CtKey::new(reply.proto, reply.src_addr, 0, reply.dst_addr, reply.dst_port);
-                unsafe { CT_ADF.get(&adf) }.is_some()
+                unsafe { CT_ADF.get(adf) }.is_some()
             }
             _ => false,
         }
@@ -200,7 +200,7 @@ pub fn inbound(
     };
     insert_session(&key, &session).map_err(Some)?;
     CT_FWD
-        .get_ptr_mut(&key)
+        .get_ptr_mut(key)
         .map(|s| (s, addr, port, Some(stats::EV_INBOUND_SESSION)))
         .ok_or(Some(stats::DROP_INTERNAL))
 }
