@@ -15,6 +15,8 @@ fi
 APT_PACKAGES=(
     rustc-web cargo-web libstd-rust-web-dev-bpf llvm-22-dev
     iproute2 ethtool iputils-ping socat iperf3 tcpdump python3 kmod
+    # RFC conformance tests: traceroute through the gateway.
+    traceroute
 )
 
 missing=()

@@ -73,6 +73,16 @@ reasons! {
     EV_INBOUND_SESSION = 27, "event_inbound_session";
     /// Inbound to a bound external port, refused by the filtering policy.
     DROP_FILTERED = 28, "drop_filtered";
+    /// XDP handed an ICMP error to TC, which translates errors.
+    XDP_TO_TC_ICMP_ERROR = 29, "xdp_to_tc_icmp_error";
+    /// ICMP error about a translated flow, translated back to the inside
+    /// host and redirected by TC.
+    TC_IN_ICMP_ERROR_FWD = 30, "tc_in_icmp_error_forwarded";
+    /// ICMP error quoting a packet of no session (or not quoting TCP, UDP
+    /// or echo), or too long to verify.
+    DROP_ICMP_ERROR_UNTRACKED = 31, "drop_icmp_error_untracked";
+    /// ICMP error whose ICMP or quoted IP checksum is wrong (RFC 5508 REQ-3).
+    DROP_BAD_CHECKSUM = 32, "drop_bad_checksum";
 }
 
 /// Label of a reason index.

@@ -6,6 +6,7 @@
 
 mod conntrack;
 mod fib;
+mod icmp_err;
 mod maps;
 mod nat;
 mod parse;

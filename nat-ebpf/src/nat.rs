@@ -11,6 +11,7 @@ use nat_common::{
 use crate::{
     conntrack,
     fib::{self, Route},
+    icmp_err,
     maps::CT_FWD,
     parse::{self, Frame, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, IP_DADDR, IP_SADDR, Ipv4, L4, Stop},
 };
@@ -50,6 +51,9 @@ pub enum Decision {
     ToTc(u32),
     /// Translate it and forward along `route`.
     Translate(Rewrite, Route),
+    /// TC only: an ICMP error addressed to the SNAT address, for
+    /// icmp_err to translate back.
+    IcmpErrorIn,
 }
 
 /// Everything about a packet both directions need.
@@ -68,6 +72,7 @@ fn parse(
     iif: u32,
     wanted_icmp: u8,
     not_ours: u32,
+    icmp_errors_for: u32,
 ) -> Result<Parsed, Decision> {
     let ip = match parse::ipv4(f, pkt_len) {
         Ok(ip) => ip,
@@ -93,6 +98,9 @@ fn parse(
         Err(reason) => return Err(Decision::Drop(reason)),
     };
     if ip.proto == IPPROTO_ICMP && l4.icmp_type != wanted_icmp {
+        if icmp_errors_for != 0 && icmp_err::is_error(l4.icmp_type) && ip.daddr == icmp_errors_for {
+            return Err(Decision::IcmpErrorIn);
+        }
         return Err(local_or(not_ours, stats::PASS_ICMP_OTHER));
     }
     Ok(Parsed { ip, l4 })
@@ -146,6 +154,7 @@ pub fn outbound(
         cfg.int_ifindex,
         ICMP_ECHO_REQUEST,
         stats::DROP_UNSUPPORTED,
+        0,
     ) {
         Ok(p) => p,
         Err(d) => return d,
@@ -262,6 +271,7 @@ pub fn inbound(
         cfg.ext_ifindex,
         ICMP_ECHO_REPLY,
         stats::DROP_UNSOLICITED,
+        cfg.snat_addr,
     ) {
         Ok(p) => p,
         Err(d) => return d,

@@ -13,9 +13,10 @@ use aya_ebpf::{
 use nat_common::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, stats};
 
 use crate::{
+    icmp_err,
     maps::config,
     nat::{self, Decision, Egress, Hook, Rewrite},
-    parse::{ETH_HLEN, Frame, IP_CHECK, IP_TTL},
+    parse::{self, ETH_HLEN, Frame, IP_CHECK, IP_TTL},
     stats::{HOOK_TC_EXT, HOOK_TC_INT, count},
 };
 
@@ -53,6 +54,17 @@ pub fn nat_tc_ext(ctx: TcContext) -> i32 {
         Hook::Tc,
         HOOK_TC_EXT,
     );
+    if let Decision::IcmpErrorIn = d {
+        // Parsed again rather than carried in the decision: a bigger
+        // Decision makes the compiler copy undefined enum fields, which
+        // the verifier rejects.
+        let (action, reason) = match parse::ipv4(f, ctx.len() as usize) {
+            Ok(ip) => icmp_err::inbound(&ctx, &ip, &cfg),
+            Err(_) => (TC_ACT_SHOT, stats::DROP_MALFORMED),
+        };
+        count(HOOK_TC_EXT, reason);
+        return action;
+    }
     finish(&ctx, d, cfg.int_ifindex, HOOK_TC_EXT, stats::TC_IN_FWD)
 }
 
@@ -81,6 +93,8 @@ fn finish(ctx: &TcContext, d: Decision, egress_if: u32, hook: u32, fwd_reason: u
         Decision::Drop(r) => (TC_ACT_SHOT, r),
         // Never produced for TC.
         Decision::ToTc(_) => (TC_ACT_OK, stats::DROP_INTERNAL),
+        // Handled by nat_tc_ext before finishing.
+        Decision::IcmpErrorIn => (TC_ACT_SHOT, stats::DROP_INTERNAL),
         Decision::Translate(rw, route) => match nat::egress(route, egress_if) {
             Egress::Redirect {
                 ifindex,
@@ -91,14 +105,7 @@ fn finish(ctx: &TcContext, d: Decision, egress_if: u32, hook: u32, fwd_reason: u
                 Err(_) => (TC_ACT_SHOT, stats::DROP_INTERNAL),
             },
             Egress::Neigh { ifindex, nexthop } => match rewrite(ctx, &rw) {
-                Ok(()) => {
-                    let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
-                    nh.nh_family = AF_INET;
-                    nh.__bindgen_anon_1.ipv4_nh = nexthop;
-                    let size = core::mem::size_of::<bpf_redir_neigh>() as i32;
-                    let rc = unsafe { bpf_redirect_neigh(ifindex, &mut nh, size, 0) };
-                    (rc as i32, fwd_reason)
-                }
+                Ok(()) => (redirect_neigh(ifindex, nexthop), fwd_reason),
                 Err(_) => (TC_ACT_SHOT, stats::DROP_INTERNAL),
             },
             // Untranslated, the kernel answers with ICMP Fragmentation
@@ -145,8 +152,18 @@ fn rewrite(ctx: &TcContext, rw: &Rewrite) -> Result<(), i64> {
     ctx.store(rw.l4_off + port_at, &rw.new_port, 0)
 }
 
+/// Redirects to `ifindex`, letting the kernel resolve `nexthop`'s MAC.
 #[inline(always)]
-fn macs(ctx: &TcContext, smac: [u8; 6], dmac: [u8; 6]) -> Result<(), i64> {
+pub fn redirect_neigh(ifindex: u32, nexthop: u32) -> i32 {
+    let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
+    nh.nh_family = AF_INET;
+    nh.__bindgen_anon_1.ipv4_nh = nexthop;
+    let size = core::mem::size_of::<bpf_redir_neigh>() as i32;
+    (unsafe { bpf_redirect_neigh(ifindex, &mut nh, size, 0) }) as i32
+}
+
+#[inline(always)]
+pub fn macs(ctx: &TcContext, smac: [u8; 6], dmac: [u8; 6]) -> Result<(), i64> {
     ctx.store(0, &dmac, 0)?;
     ctx.store(6, &smac, 0)
 }

@@ -486,3 +486,424 @@ fn rfc6888_released_port_is_held_for_its_endpoint_then_freed() {
         .expect("socket");
     assert_eq!(udp_mapping(&c2, sa(SERVER_IP, 3478)).port(), 40700);
 }
+
+// ---- ICMP errors (RFC 5508 REQ-3..6, RFC 5382 REQ-9, RFC 4787 REQ-12) ----
+
+fn raw_icmp(lab: &Lab, h: Host) -> UdpSocket {
+    let s = lab
+        .in_ns(h, || {
+            Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))
+        })
+        .expect("ns")
+        .expect("raw ICMP socket");
+    s.into()
+}
+
+/// The first ICMP error (type 3/11/12) `socket` receives within `within`,
+/// as the whole IP packet.
+fn next_icmp_error(socket: &UdpSocket, within: Duration) -> Option<Vec<u8>> {
+    let deadline = Instant::now() + within;
+    let mut buf = [0u8; 2048];
+    while Instant::now() < deadline {
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("timeout");
+        if let Ok(n) = socket.recv(&mut buf) {
+            let ihl = usize::from(buf[0] & 0x0f) * 4;
+            if n > ihl && matches!(buf[ihl], 3 | 11 | 12) {
+                return Some(buf[..n].to_vec());
+            }
+        }
+    }
+    None
+}
+
+fn ip_at(b: &[u8], off: usize) -> Ipv4Addr {
+    Ipv4Addr::new(b[off], b[off + 1], b[off + 2], b[off + 3])
+}
+
+fn be16(b: &[u8], off: usize) -> u16 {
+    u16::from_be_bytes([b[off], b[off + 1]])
+}
+
+/// Checks an ICMP error packet as an inside host receives it: addressed to
+/// `inside`, quoting `inside:port -> remote`, every checksum right (the
+/// quoted L4 one too, when the whole datagram is quoted).
+fn assert_error_restored(pkt: &[u8], inside: Ipv4Addr, port: u16, remote: Ipv4Addr, proto: u8) {
+    use nat_lab::packet::internet_checksum;
+    let ihl = usize::from(pkt[0] & 0x0f) * 4;
+    assert_eq!(ip_at(pkt, 16), inside, "outer destination");
+    assert_eq!(internet_checksum(&pkt[..ihl]), 0, "outer IP checksum");
+    let icmp = &pkt[ihl..];
+    assert_eq!(internet_checksum(icmp), 0, "ICMP checksum");
+    let q = &icmp[8..];
+    let qihl = usize::from(q[0] & 0x0f) * 4;
+    assert_eq!(ip_at(q, 12), inside, "quoted source restored");
+    assert_eq!(ip_at(q, 16), remote, "quoted destination kept");
+    assert_eq!(internet_checksum(&q[..qihl]), 0, "quoted IP checksum");
+    assert_eq!(q[9], proto);
+    let l4 = &q[qihl..];
+    let quoted_port = if proto == 1 { be16(l4, 4) } else { be16(l4, 0) };
+    assert_eq!(quoted_port, port, "quoted port restored");
+    let tot = usize::from(be16(q, 2));
+    let udp_without_checksum = proto == 17 && be16(l4, 6) == 0;
+    if q.len() >= tot && proto != 1 && !udp_without_checksum {
+        // The whole datagram is quoted: its L4 checksum must verify.
+        let seg = &q[qihl..tot];
+        let mut pseudo = Vec::new();
+        pseudo.extend_from_slice(&q[12..20]);
+        pseudo.extend_from_slice(&[0, proto]);
+        pseudo.extend_from_slice(&(seg.len() as u16).to_be_bytes());
+        pseudo.extend_from_slice(seg);
+        assert_eq!(internet_checksum(&pseudo), 0, "quoted L4 checksum");
+    } else if proto == 1 {
+        assert_eq!(
+            internet_checksum(&q[qihl..tot.min(q.len())]),
+            0,
+            "quoted echo checksum"
+        );
+    }
+}
+
+fn set_ttl(socket: &Socket, ttl: u32) {
+    socket.set_ttl_v4(ttl).expect("IP_TTL");
+}
+
+#[test]
+fn rfc5508_req3_time_exceeded_quote_is_restored_for_udp_tcp_and_echo() {
+    let lab = lab();
+    // Checksums complete on the wire (as from a real NIC), so the quote
+    // carries a full L4 checksum to verify rather than a partial one.
+    lab.exec(Host::Client1, &["ethtool", "-K", "eth0", "tx", "off"])
+        .expect("ethtool");
+    let mut gw = gateway(&lab, &[]);
+    let errors = raw_icmp(&lab, Host::Client1);
+    // UDP, TTL 2: expires at the router, one hop past the gateway.
+    let udp = lab
+        .in_ns(Host::Client1, || {
+            let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+            s.bind(&SockAddr::from(sa(CLIENT1_IP, 40800)))?;
+            Ok::<_, std::io::Error>(s)
+        })
+        .expect("ns")
+        .expect("udp socket");
+    set_ttl(&udp, 2);
+    udp.send_to(&[7u8; 100], &SockAddr::from(sa(SERVER_IP, 5555)))
+        .expect("send");
+    let e = next_icmp_error(&errors, Duration::from_secs(3)).expect("Time Exceeded for UDP");
+    assert_eq!(e[20], 11, "Time Exceeded");
+    assert_eq!(
+        ip_at(&e, 12),
+        Ipv4Addr::new(192, 0, 2, 1),
+        "from the router"
+    );
+    assert_error_restored(&e, CLIENT1_IP, 40800, SERVER_IP, 17);
+
+    // TCP SYN, TTL 2.
+    let tcp = lab
+        .in_ns(Host::Client1, || {
+            let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+            s.bind(&SockAddr::from(sa(CLIENT1_IP, 40801)))?;
+            s.set_nonblocking(true)?;
+            Ok::<_, std::io::Error>(s)
+        })
+        .expect("ns")
+        .expect("tcp socket");
+    set_ttl(&tcp, 2);
+    let _ = tcp.connect(&SockAddr::from(sa(SERVER_IP, 5556)));
+    let e = next_icmp_error(&errors, Duration::from_secs(3)).expect("Time Exceeded for TCP");
+    assert_error_restored(&e, CLIENT1_IP, 40801, SERVER_IP, 6);
+
+    // ICMP echo, TTL 2.
+    let echo = lab
+        .in_ns(Host::Client1, || {
+            Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))
+        })
+        .expect("ns")
+        .expect("raw socket");
+    set_ttl(&echo, 2);
+    let mut msg = vec![8u8, 0, 0, 0, 0x51, 0x51, 0, 1];
+    msg.extend_from_slice(b"ttl two");
+    let c = nat_lab::packet::internet_checksum(&msg);
+    msg[2..4].copy_from_slice(&c.to_be_bytes());
+    echo.send_to(&msg, &SockAddr::from(sa(SERVER_IP, 0)))
+        .expect("send echo");
+    let e = loop {
+        let e = next_icmp_error(&errors, Duration::from_secs(3)).expect("Time Exceeded for echo");
+        // Skip a late duplicate about the TCP SYN's retransmission.
+        if e[20 + 8 + 9] == 1 {
+            break e;
+        }
+    };
+    assert_error_restored(&e, CLIENT1_IP, 0x5151, SERVER_IP, 1);
+    gw.stop().expect("stop");
+    assert!(gw.counter("tc_ext", "tc_in_icmp_error_forwarded") >= 3);
+}
+
+#[test]
+fn rfc5508_traceroute_through_the_gateway_shows_every_hop() {
+    let lab = lab();
+    let _gw = gateway(&lab, &[]);
+    let out = lab
+        .exec_timeout(
+            Host::Client1,
+            &[
+                "traceroute",
+                "-n",
+                "-q",
+                "1",
+                "-w",
+                "2",
+                "-m",
+                "5",
+                "198.51.100.10",
+            ],
+            Duration::from_secs(30),
+        )
+        .expect("traceroute");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let hops: Vec<String> = text
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().nth(1).map(str::to_string))
+        .collect();
+    assert_eq!(
+        hops,
+        ["10.1.0.1", "192.0.2.1", "198.51.100.10"],
+        "traceroute said:\n{text}"
+    );
+}
+
+/// Router's link toward the server gets a 1400-byte MTU.
+fn narrow_link(lab: &Lab) {
+    lab.exec(Host::Router, &["ip", "link", "set", "r-srv", "mtu", "1400"])
+        .expect("mtu");
+}
+
+#[test]
+fn rfc5508_req3_fragmentation_needed_reaches_the_inside_host_so_pmtud_works() {
+    let lab = lab();
+    narrow_link(&lab);
+    let mut gw = gateway(&lab, &[]);
+    // A 1500-byte DF ping: the router answers Fragmentation Needed (MTU
+    // 1400) to the SNAT address; translated, the client learns the MTU.
+    let big = lab
+        .exec_unchecked(
+            Host::Client1,
+            &[
+                "ping",
+                "-n",
+                "-c",
+                "2",
+                "-i",
+                "0.5",
+                "-W",
+                "1",
+                "-M",
+                "do",
+                "-s",
+                "1472",
+                "198.51.100.10",
+            ],
+        )
+        .expect("ping");
+    let text =
+        String::from_utf8_lossy(&big.stdout).into_owned() + &String::from_utf8_lossy(&big.stderr);
+    assert!(
+        text.contains("mtu = 1400") || text.contains("mtu=1400"),
+        "no Fragmentation Needed came back: {text}"
+    );
+    let route = lab
+        .exec(Host::Client1, &["ip", "route", "get", "198.51.100.10"])
+        .expect("ip route get");
+    let route = String::from_utf8_lossy(&route.stdout).into_owned();
+    assert!(route.contains("mtu 1400"), "path MTU not learned: {route}");
+    // And a packet that fits the path goes through.
+    let fits = lab
+        .exec_unchecked(
+            Host::Client1,
+            &[
+                "ping",
+                "-n",
+                "-c",
+                "1",
+                "-W",
+                "2",
+                "-M",
+                "do",
+                "-s",
+                "1372",
+                "198.51.100.10",
+            ],
+        )
+        .expect("ping");
+    assert!(
+        fits.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fits.stdout)
+    );
+    gw.stop().expect("stop");
+    assert!(gw.counter("tc_ext", "tc_in_icmp_error_forwarded") >= 1);
+}
+
+#[test]
+fn rfc5382_req9_tcp_upload_recovers_through_pmtud_over_a_1400_byte_link() {
+    let lab = lab();
+    narrow_link(&lab);
+    let _gw = gateway(&lab, &[]);
+    let listener = lab
+        .tcp_listener(Host::Server, sa(SERVER_IP, 5601))
+        .expect("listener");
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().expect("accept");
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        let mut total = 0usize;
+        let mut buf = [0u8; 65536];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => total += n,
+                Err(e) => panic!("upload stalled after {total} bytes: {e}"),
+            }
+        }
+        let _ = s.write_all(total.to_string().as_bytes());
+        total
+    });
+    let mut c = lab
+        .tcp_connect(
+            Host::Client1,
+            None,
+            sa(SERVER_IP, 5601),
+            Duration::from_secs(3),
+        )
+        .expect("connect");
+    let data = vec![0x5au8; 2 << 20];
+    c.write_all(&data).expect("upload");
+    c.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    let mut answer = String::new();
+    c.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    c.read_to_string(&mut answer).expect("answer");
+    assert_eq!(server.join().expect("server"), data.len());
+    assert_eq!(answer, data.len().to_string());
+}
+
+/// A Time Exceeded "from the router" about client1's UDP session, built by
+/// hand: the quote as the router would send it, then `mangle` applied.
+fn forged_error(mapping: SocketAddrV4, dport: u16, mangle: impl Fn(&mut Vec<u8>)) -> Vec<u8> {
+    use nat_lab::packet::internet_checksum;
+    let mut quoted = vec![
+        0x45, 0, 0, 36, 0, 1, 0x40, 0, 1, 17, 0, 0, 192, 0, 2, 2, 198, 51, 100, 10,
+    ];
+    quoted[12..16].copy_from_slice(&mapping.ip().octets());
+    let c = internet_checksum(&quoted);
+    quoted[10..12].copy_from_slice(&c.to_be_bytes());
+    quoted.extend_from_slice(&mapping.port().to_be_bytes());
+    quoted.extend_from_slice(&dport.to_be_bytes());
+    quoted.extend_from_slice(&[0, 16, 0, 0]);
+    quoted.extend_from_slice(b"payload!");
+    let mut msg = vec![11u8, 0, 0, 0, 0, 0, 0, 0];
+    msg.extend_from_slice(&quoted);
+    let c = internet_checksum(&msg);
+    msg[2..4].copy_from_slice(&c.to_be_bytes());
+    mangle(&mut msg);
+    msg
+}
+
+#[test]
+fn rfc5508_req3_errors_with_bad_checksums_or_no_session_are_dropped() {
+    let lab = lab();
+    let mut gw = gateway(&lab, &[]);
+    let server = lab
+        .udp_socket(Host::Server, sa(SERVER_IP, 5700))
+        .expect("server");
+    let c = lab
+        .udp_socket(Host::Client1, sa(CLIENT1_IP, 40900))
+        .expect("client");
+    c.send_to(b"hi", sa(SERVER_IP, 5700)).expect("send");
+    server
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    let mut buf = [0u8; 64];
+    let (_, from) = server.recv_from(&mut buf).expect("arrives");
+    let SocketAddr::V4(mapping) = from else {
+        panic!("v4")
+    };
+    let router = lab
+        .in_ns(Host::Router, || {
+            Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))
+        })
+        .expect("ns")
+        .expect("raw");
+    let errors = raw_icmp(&lab, Host::Client1);
+    let send = |msg: &[u8]| {
+        router
+            .send_to(msg, &SockAddr::from(sa(*mapping.ip(), 0)))
+            .expect("send error");
+    };
+    // Bad ICMP checksum.
+    send(&forged_error(mapping, 5700, |m| m[2] ^= 0x40));
+    // Bad quoted IP checksum (ICMP checksum fixed up to match).
+    send(&forged_error(mapping, 5700, |m| {
+        m[8 + 10] ^= 0x01;
+        m[2] = 0;
+        m[3] = 0;
+        let c = nat_lab::packet::internet_checksum(m);
+        m[2..4].copy_from_slice(&c.to_be_bytes());
+    }));
+    // No session toward that remote port.
+    send(&forged_error(mapping, 5799, |_| {}));
+    assert!(
+        next_icmp_error(&errors, Duration::from_secs(1)).is_none(),
+        "a bad or untracked error reached the inside host"
+    );
+    // The control: the same error, intact, is translated.
+    send(&forged_error(mapping, 5700, |_| {}));
+    let e = next_icmp_error(&errors, Duration::from_secs(2)).expect("intact error translated");
+    assert_error_restored(&e, CLIENT1_IP, 40900, SERVER_IP, 17);
+    gw.stop().expect("stop");
+    assert_eq!(gw.counter("tc_ext", "drop_bad_checksum"), 2);
+    assert_eq!(gw.counter("tc_ext", "drop_icmp_error_untracked"), 1);
+}
+
+#[test]
+fn rfc5508_icmp_errors_never_refresh_a_mapping() {
+    let lab = lab();
+    let _gw = gateway(&lab, &["--udp-timeout", "2", "--sweep-interval", "1"]);
+    let server = lab
+        .udp_socket(Host::Server, sa(SERVER_IP, 5710))
+        .expect("server");
+    let c = lab
+        .udp_socket(Host::Client1, sa(CLIENT1_IP, 40910))
+        .expect("client");
+    c.send_to(b"hi", sa(SERVER_IP, 5710)).expect("send");
+    server
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    let mut buf = [0u8; 64];
+    let (_, from) = server.recv_from(&mut buf).expect("arrives");
+    let SocketAddr::V4(mapping) = from else {
+        panic!("v4")
+    };
+    let router = lab
+        .in_ns(Host::Router, || {
+            Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))
+        })
+        .expect("ns")
+        .expect("raw");
+    // Errors every 300 ms for 4 s: were they refreshing the session, the
+    // server's datagram at the end would still get in.
+    for _ in 0..13 {
+        router
+            .send_to(
+                &forged_error(mapping, 5710, |_| {}),
+                &SockAddr::from(sa(*mapping.ip(), 0)),
+            )
+            .expect("send");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    server.send_to(b"late", mapping).expect("send");
+    let got = recv_all_within(&c, Duration::from_millis(800)).expect("recv");
+    assert!(got.is_empty(), "the mapping outlived its timeout: {got:?}");
+}

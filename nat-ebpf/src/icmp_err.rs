@@ -1,0 +1,256 @@
+//! ICMP error translation (RFC 5508 REQ-3..6, RFC 5382 REQ-9, RFC 4787
+//! REQ-12): a Destination Unreachable (Fragmentation Needed included), Time
+//! Exceeded or Parameter Problem about a translated packet goes back to the
+//! inside host with the quoted packet restored to what that host sent, so
+//! traceroute and path MTU discovery work through the gateway.
+//!
+//! Errors are rare, so they take the TC path only (XDP hands them over):
+//! the skb helpers load and store at variable offsets and fix checksums
+//! without hand-written bounds proofs. Both checksums the RFC asks about
+//! are verified first; no error ever creates, refreshes or ends a session.
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    helpers::bpf_redirect,
+    programs::TcContext,
+};
+use nat_common::{BindKey, CtKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, NatConfig, csum, stats};
+
+use crate::{
+    fib,
+    maps::{CT_FWD, NAT_BIND_REV},
+    nat::{self, Egress},
+    parse::{ETH_HLEN, ICMP_ECHO_REQUEST, IP_CHECK, IP_DADDR, IP_SADDR, IP_TTL, Ipv4},
+    tc,
+};
+
+pub const ICMP_DEST_UNREACH: u8 = 3;
+pub const ICMP_TIME_EXCEEDED: u8 = 11;
+pub const ICMP_PARAMETER_PROBLEM: u8 = 12;
+
+/// Whether an ICMP type is an error that quotes the packet it is about.
+#[inline(always)]
+pub fn is_error(icmp_type: u8) -> bool {
+    matches!(
+        icmp_type,
+        ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM
+    )
+}
+
+/// Longest ICMP message whose checksum is verified (and so translated):
+/// RFC 1812 routers quote at most 576 bytes in all; this leaves room for
+/// RFC 4884 extensions.
+const MAX_ICMP_LEN: usize = 1480;
+
+/// The quoted packet of an inbound error: our translated outbound packet,
+/// `snat:ext_port -> remote:rport`.
+struct Quoted {
+    ip: usize,
+    ihl: usize,
+    l4: usize,
+    proto: u8,
+    remote: u32,
+    ext_port: u16,
+    rport: u16,
+    /// Offset of the port (or echo identifier) in the quoted L4 header.
+    port_at: usize,
+}
+
+/// An ICMP error that arrived on `--ext` addressed to the SNAT address.
+/// Returns the TC verdict and the reason to count.
+#[inline(always)]
+pub fn inbound(ctx: &TcContext, ip: &Ipv4, cfg: &NatConfig) -> (i32, u32) {
+    match try_inbound(ctx, ip, cfg) {
+        Ok(r) => r,
+        Err(reason) => (TC_ACT_SHOT, reason),
+    }
+}
+
+#[inline(always)]
+fn load<T>(ctx: &TcContext, off: usize) -> Result<T, u32> {
+    ctx.load(off).map_err(|_| stats::DROP_MALFORMED)
+}
+
+#[inline(always)]
+fn quoted(ctx: &TcContext, ip: &Ipv4) -> Result<Quoted, u32> {
+    let end = ETH_HLEN + ip.tot_len as usize;
+    let q = ip.l4_off + 8;
+    let vihl: u8 = load(ctx, q)?;
+    let ihl = ((vihl & 0x0f) as usize) * 4;
+    if vihl >> 4 != 4 || ihl < 20 {
+        return Err(stats::DROP_MALFORMED);
+    }
+    let l4 = q + ihl;
+    // RFC 792: the quote holds at least 8 bytes of the L4 header.
+    if l4 + 8 > end {
+        return Err(stats::DROP_MALFORMED);
+    }
+    let proto: u8 = load(ctx, q + 9)?;
+    let (ext_port, rport, port_at) = match proto {
+        IPPROTO_TCP | IPPROTO_UDP => (load(ctx, l4)?, load(ctx, l4 + 2)?, 0),
+        IPPROTO_ICMP => {
+            let t: u8 = load(ctx, l4)?;
+            if t != ICMP_ECHO_REQUEST {
+                return Err(stats::DROP_ICMP_ERROR_UNTRACKED);
+            }
+            (load(ctx, l4 + 4)?, 0, 4)
+        }
+        _ => return Err(stats::DROP_ICMP_ERROR_UNTRACKED),
+    };
+    Ok(Quoted {
+        ip: q,
+        ihl,
+        l4,
+        proto,
+        remote: load(ctx, q + IP_DADDR)?,
+        ext_port,
+        rport,
+        port_at,
+    })
+}
+
+/// One's complement sum of `len` bytes from `off` (a bounded loop, for the
+/// verifier; the caller bounds `len` by MAX_ICMP_LEN).
+#[inline(always)]
+fn sum(ctx: &TcContext, off: usize, len: usize) -> Result<u32, u32> {
+    let mut acc: u32 = 0;
+    let mut i = 0;
+    while i < MAX_ICMP_LEN / 2 {
+        let at = i * 2;
+        if at + 2 > len {
+            break;
+        }
+        let w: u16 = load(ctx, off + at)?;
+        acc += w as u32;
+        i += 1;
+    }
+    if len & 1 == 1 {
+        // The odd last byte is the high byte of a zero-padded word; words
+        // are summed as loaded (network order in a little-endian register),
+        // so it is the low byte here.
+        let b: u8 = load(ctx, off + len - 1)?;
+        acc += b as u32;
+    }
+    Ok(acc)
+}
+
+#[inline(always)]
+fn fold(mut acc: u32) -> u16 {
+    acc = (acc & 0xffff) + (acc >> 16);
+    acc = (acc & 0xffff) + (acc >> 16);
+    acc as u16
+}
+
+#[inline(always)]
+fn try_inbound(ctx: &TcContext, ip: &Ipv4, cfg: &NatConfig) -> Result<(i32, u32), u32> {
+    let q = quoted(ctx, ip)?;
+    let snat: u32 = load(ctx, q.ip + IP_SADDR)?;
+    // About the gateway's own traffic (or another address): the kernel's.
+    if snat != cfg.snat_addr {
+        return Ok((TC_ACT_OK, stats::PASS_LOCAL));
+    }
+    let Some(b) = (unsafe { NAT_BIND_REV.get(BindKey::new(q.proto, snat, q.ext_port)) }) else {
+        return Ok((TC_ACT_OK, stats::PASS_LOCAL));
+    };
+    let (inside, iport) = (b.addr, b.port);
+    let session = CtKey::new(q.proto, inside, iport, q.remote, q.rport);
+    if unsafe { CT_FWD.get(session) }.is_none() {
+        return Err(stats::DROP_ICMP_ERROR_UNTRACKED);
+    }
+    let icmp_len = ip.tot_len as usize - (ip.l4_off - ETH_HLEN);
+    if icmp_len > MAX_ICMP_LEN {
+        return Err(stats::DROP_ICMP_ERROR_UNTRACKED);
+    }
+    if fold(sum(ctx, ip.l4_off, icmp_len)?) != 0xffff
+        || fold(sum(ctx, q.ip, q.ihl.min(60))?) != 0xffff
+    {
+        return Err(stats::DROP_BAD_CHECKSUM);
+    }
+    if ip.ttl <= 1 {
+        return Err(stats::DROP_TTL_EXPIRED);
+    }
+    let route = fib::lookup(
+        ctx.as_ptr(),
+        cfg.ext_ifindex,
+        IPPROTO_ICMP,
+        ip.saddr,
+        0,
+        inside,
+        0,
+        0,
+    );
+    let egress = nat::egress(route, cfg.int_ifindex);
+    let fwd = stats::TC_IN_ICMP_ERROR_FWD;
+    match egress {
+        Egress::Redirect {
+            ifindex,
+            smac,
+            dmac,
+        } => {
+            rewrite_in(ctx, ip, &q, inside, iport).map_err(|_| stats::DROP_INTERNAL)?;
+            tc::macs(ctx, smac, dmac).map_err(|_| stats::DROP_INTERNAL)?;
+            Ok((unsafe { bpf_redirect(ifindex, 0) } as i32, fwd))
+        }
+        Egress::Neigh { ifindex, nexthop } => {
+            rewrite_in(ctx, ip, &q, inside, iport).map_err(|_| stats::DROP_INTERNAL)?;
+            Ok((tc::redirect_neigh(ifindex, nexthop), fwd))
+        }
+        Egress::TooBig => Err(stats::DROP_TOO_BIG),
+        Egress::Pass(r) => Ok((TC_ACT_OK, r)),
+        Egress::Drop(r) => Err(r),
+    }
+}
+
+/// Outer destination → inside host; quoted source address and port →
+/// what the inside host sent; every checksum (outer IP, quoted IP, quoted
+/// L4 when quoted, ICMP) kept right.
+#[inline(always)]
+fn rewrite_in(ctx: &TcContext, ip: &Ipv4, q: &Quoted, inside: u32, iport: u16) -> Result<(), i64> {
+    let snat = ip.daddr;
+    let icmp_check = ip.l4_off + 2;
+    // Outer header.
+    let check = ETH_HLEN + IP_CHECK;
+    ctx.store(ETH_HLEN + IP_DADDR, &inside, 0)?;
+    ctx.l3_csum_replace(check, snat as u64, inside as u64, 4)?;
+    let ttl_old: u16 = ctx.load(ETH_HLEN + IP_TTL)?;
+    ctx.store(ETH_HLEN + IP_TTL, &(ip.ttl - 1), 0)?;
+    let ttl_new: u16 = ctx.load(ETH_HLEN + IP_TTL)?;
+    ctx.l3_csum_replace(check, ttl_old as u64, ttl_new as u64, 2)?;
+    // Quoted IP header: its source, and its checksum; the ICMP checksum
+    // covers both.
+    let q_check = q.ip + IP_CHECK;
+    let q_check_old: u16 = ctx.load(q_check)?;
+    ctx.store(q.ip + IP_SADDR, &inside, 0)?;
+    ctx.l3_csum_replace(q_check, snat as u64, inside as u64, 4)?;
+    let q_check_new: u16 = ctx.load(q_check)?;
+    ctx.l3_csum_replace(icmp_check, snat as u64, inside as u64, 4)?;
+    ctx.l3_csum_replace(icmp_check, q_check_old as u64, q_check_new as u64, 2)?;
+    // Quoted port (or echo identifier).
+    ctx.store(q.l4 + q.port_at, &iport, 0)?;
+    ctx.l3_csum_replace(icmp_check, q.ext_port as u64, iport as u64, 2)?;
+    // Quoted L4 checksum, when the quote reaches it.
+    let end = ETH_HLEN + ip.tot_len as usize;
+    let at = match q.proto {
+        IPPROTO_TCP => q.l4 + 16,
+        IPPROTO_UDP => q.l4 + 6,
+        _ => q.l4 + 2,
+    };
+    if at + 2 <= end {
+        let old: u16 = ctx.load(at)?;
+        let new = match q.proto {
+            IPPROTO_UDP if old == 0 => 0,
+            IPPROTO_UDP => {
+                let c = csum::replace2(csum::replace4(old, snat, inside), q.ext_port, iport);
+                if c == 0 { 0xffff } else { c }
+            }
+            IPPROTO_TCP => csum::replace2(csum::replace4(old, snat, inside), q.ext_port, iport),
+            _ => csum::replace2(old, q.ext_port, iport),
+        };
+        if new != old {
+            ctx.store(at, &new, 0)?;
+            ctx.l3_csum_replace(icmp_check, old as u64, new as u64, 2)?;
+        }
+    }
+    Ok(())
+}
