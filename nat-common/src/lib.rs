@@ -44,7 +44,20 @@ pub const PROG_XDP_INT: &str = "nat_xdp_int";
 pub const PROG_XDP_EXT: &str = "nat_xdp_ext";
 pub const PROG_TC_INT: &str = "nat_tc_int";
 pub const PROG_TC_EXT: &str = "nat_tc_ext";
-pub const PROGRAMS: [&str; 4] = [PROG_XDP_INT, PROG_XDP_EXT, PROG_TC_INT, PROG_TC_EXT];
+/// Not attached: reached by tail call from [`PROG_TC_INT`] through
+/// [`MAP_TAILS`].
+pub const PROG_TC_HAIRPIN: &str = "nat_tc_hairpin";
+pub const PROGRAMS: [&str; 5] = [
+    PROG_XDP_INT,
+    PROG_XDP_EXT,
+    PROG_TC_INT,
+    PROG_TC_EXT,
+    PROG_TC_HAIRPIN,
+];
+/// The tail-call table and its slots.
+pub const MAP_TAILS: &str = "TAILS";
+pub const TAIL_HAIRPIN: u32 = 0;
+pub const TAIL_COUNT: u32 = 1;
 
 /// Map names as they appear in the eBPF object.
 pub const MAP_CT_FWD: &str = "CT_FWD";

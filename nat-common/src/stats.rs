@@ -83,6 +83,11 @@ reasons! {
     DROP_ICMP_ERROR_UNTRACKED = 31, "drop_icmp_error_untracked";
     /// ICMP error whose ICMP or quoted IP checksum is wrong (RFC 5508 REQ-3).
     DROP_BAD_CHECKSUM = 32, "drop_bad_checksum";
+    /// XDP handed a packet for the SNAT address from inside to TC.
+    XDP_TO_TC_HAIRPIN = 33, "xdp_to_tc_hairpin";
+    /// Inside host to another inside host's external mapping, translated
+    /// both ways (source and destination) and sent back inside by TC.
+    TC_HAIRPIN_FWD = 34, "tc_hairpin_forwarded";
 }
 
 /// Label of a reason index.

@@ -104,6 +104,24 @@ pub fn create(
     now: u64,
     tcp_flags: u8,
 ) -> Result<(*mut CtValue, Option<u32>, u32), u32> {
+    let (bind_event, event) = create_entries(key, cfg, now, tcp_flags)?;
+    CT_FWD
+        .get_ptr_mut(key)
+        .map(|v| (v, bind_event, event))
+        .ok_or(stats::DROP_INTERNAL)
+}
+
+/// The map work of [`create`]. A BPF-to-BPF call rather than inlined:
+/// outbound and hairpin both use it, and a copy inlined into each
+/// overflows the 512-byte stack. It returns only scalars: a map value
+/// pointer handed back through memory loses its type for the verifier.
+#[inline(never)]
+fn create_entries(
+    key: &CtKey,
+    cfg: &NatConfig,
+    now: u64,
+    tcp_flags: u8,
+) -> Result<(Option<u32>, u32), u32> {
     let (ext_port, bind_event) = bind(key.proto, key.src_addr, key.src_port, cfg)?;
     let reply = CtKey::new(
         key.proto,
@@ -130,10 +148,7 @@ pub fn create(
         let adf = CtKey::new(key.proto, key.dst_addr, 0, cfg.snat_addr, ext_port);
         let _ = CT_ADF.insert(adf, 0, 0);
     }
-    CT_FWD
-        .get_ptr_mut(key)
-        .map(|v| (v, bind_event, event))
-        .ok_or(stats::DROP_INTERNAL)
+    Ok((bind_event, event))
 }
 
 #[inline(always)]
@@ -203,6 +218,12 @@ pub fn inbound(
         .get_ptr_mut(key)
         .map(|s| (s, addr, port, Some(stats::EV_INBOUND_SESSION)))
         .ok_or(Some(stats::DROP_INTERNAL))
+}
+
+/// Whether an external port is bound (to an inside endpoint).
+#[inline(always)]
+pub fn is_bound(proto: u8, addr: u32, port: u16) -> bool {
+    unsafe { NAT_BIND_REV.get(BindKey::new(proto, addr, port)) }.is_some()
 }
 
 /// Marks a session as seen now by a packet in direction `dir`. Outbound

@@ -197,6 +197,7 @@ fn try_inbound(ctx: &TcContext, ip: &Ipv4, cfg: &NatConfig) -> Result<(i32, u32)
             Ok((tc::redirect_neigh(ifindex, nexthop), fwd))
         }
         Egress::TooBig => Err(stats::DROP_TOO_BIG),
+        Egress::Hairpin => Err(stats::DROP_INTERNAL),
         Egress::Pass(r) => Ok((TC_ACT_OK, r)),
         Egress::Drop(r) => Err(r),
     }

@@ -6,6 +6,7 @@
 
 mod conntrack;
 mod fib;
+mod hairpin;
 mod icmp_err;
 mod maps;
 mod nat;

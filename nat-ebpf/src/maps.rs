@@ -3,7 +3,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, PerCpuArray},
+    maps::{HashMap, PerCpuArray, ProgramArray},
 };
 use nat_common::{BindKey, BindValue, CtKey, CtValue, DEFAULT_MAX_FLOWS, MAX_BINDINGS, NatConfig};
 
@@ -23,6 +23,11 @@ pub static NAT_BIND_REV: HashMap<BindKey, BindValue> = HashMap::with_max_entries
 /// Sized to 1 by the loader unless `--filtering address-dependent`.
 #[map(name = "CT_ADF")]
 pub static CT_ADF: HashMap<CtKey, u8> = HashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
+
+/// Programs the TC path tail-calls into (each gets a stack of its own):
+/// index [`nat_common::TAIL_HAIRPIN`]. Filled by the loader.
+#[map(name = "TAILS")]
+pub static TAILS: ProgramArray = ProgramArray::with_max_entries(nat_common::TAIL_COUNT, 0);
 
 /// Packet counters: index `hook * stats::COUNT + reason`.
 #[map(name = "STATS")]

@@ -57,15 +57,15 @@ pub enum Decision {
 }
 
 /// Everything about a packet both directions need.
-struct Parsed {
-    ip: Ipv4,
-    l4: L4,
+pub struct Parsed {
+    pub ip: Ipv4,
+    pub l4: L4,
 }
 
 /// Common parse; `Err` is the final decision for a packet that is not ours
 /// to translate. `wanted_icmp` is the ICMP type this direction translates.
 #[inline(always)]
-fn parse(
+pub fn parse(
     ctx: *mut c_void,
     f: Frame,
     pkt_len: usize,
@@ -159,6 +159,15 @@ pub fn outbound(
         Ok(p) => p,
         Err(d) => return d,
     };
+    // To another inside host's mapping (hairpinning): ICMP to the SNAT
+    // address is for the gateway itself (an echo has no destination port to
+    // find a binding by), and so is a port nobody inside is bound to.
+    let hairpin = p.ip.daddr == cfg.snat_addr
+        && p.ip.proto != IPPROTO_ICMP
+        && conntrack::is_bound(p.ip.proto, cfg.snat_addr, p.l4.dport);
+    if hairpin && hook == Hook::Xdp {
+        return Decision::ToTc(stats::XDP_TO_TC_HAIRPIN);
+    }
     if hook == Hook::Xdp && maybe_partial(&p) {
         return Decision::ToTc(stats::XDP_TO_TC_PARTIAL_CSUM);
     }
@@ -179,26 +188,31 @@ pub fn outbound(
         None => {
             // Only traffic the kernel would send out of --ext is NATed;
             // classify by the original source so policy routing applies.
-            match fib::lookup(
-                ctx,
-                cfg.int_ifindex,
-                p.ip.proto,
-                p.ip.saddr,
-                sport,
-                p.ip.daddr,
-                dport,
-                0,
-            ) {
-                Route::Local => return Decision::Pass(stats::PASS_LOCAL),
-                Route::Unreachable => return Decision::Drop(stats::DROP_NO_ROUTE),
-                Route::Resolved { ifindex, .. }
-                | Route::NoNeigh { ifindex, .. }
-                | Route::FragNeeded { ifindex } => {
-                    if ifindex != cfg.ext_ifindex {
-                        return Decision::Pass(stats::PASS_NOT_TO_EXT);
+            if hairpin {
+                // Goes back inside, whatever the route to the SNAT address.
+            } else {
+                match fib::lookup(
+                    ctx,
+                    cfg.int_ifindex,
+                    p.ip.proto,
+                    p.ip.saddr,
+                    sport,
+                    p.ip.daddr,
+                    dport,
+                    0,
+                ) {
+                    Route::Local => return Decision::Pass(stats::PASS_LOCAL),
+                    Route::Unreachable => return Decision::Drop(stats::DROP_NO_ROUTE),
+                    Route::Resolved { ifindex, .. }
+                    | Route::NoNeigh { ifindex, .. }
+                    | Route::FragNeeded { ifindex } => {
+                        if ifindex != cfg.ext_ifindex {
+                            return Decision::Pass(stats::PASS_NOT_TO_EXT);
+                        }
                     }
+                    Route::Other => return Decision::Pass(stats::PASS_NOT_TO_EXT),
+                    Route::Hairpin => {}
                 }
-                Route::Other => return Decision::Pass(stats::PASS_NOT_TO_EXT),
             }
             // No state for a packet that will not be forwarded.
             if p.ip.ttl <= 1 {
@@ -239,6 +253,9 @@ pub fn outbound(
     } else {
         (snat_port, dport)
     };
+    if hairpin {
+        return Decision::Translate(rw, Route::Hairpin);
+    }
     let tot_len = if hook == Hook::Xdp { p.ip.tot_len } else { 0 };
     let route = fib::lookup(
         ctx,
@@ -368,6 +385,8 @@ pub enum Egress {
     },
     /// Too big for the egress MTU (DF or not is the caller's business).
     TooBig,
+    /// Source-translated, to be translated again as inbound (TC only).
+    Hairpin,
     /// A final verdict without translation.
     Pass(u32),
     Drop(u32),
@@ -389,6 +408,7 @@ pub fn egress(route: Route, expected_ifindex: u32) -> Egress {
             Egress::Neigh { ifindex, nexthop }
         }
         Route::FragNeeded { ifindex } if ifindex == expected_ifindex => Egress::TooBig,
+        Route::Hairpin => Egress::Hairpin,
         Route::Local => Egress::Pass(stats::PASS_LOCAL),
         Route::Unreachable => Egress::Drop(stats::DROP_NO_ROUTE),
         Route::Other => Egress::Drop(stats::DROP_NO_ROUTE),

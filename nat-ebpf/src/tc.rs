@@ -13,8 +13,8 @@ use aya_ebpf::{
 use nat_common::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, stats};
 
 use crate::{
-    icmp_err,
-    maps::config,
+    hairpin, icmp_err,
+    maps::{TAILS, config},
     nat::{self, Decision, Egress, Hook, Rewrite},
     parse::{self, ETH_HLEN, Frame, IP_CHECK, IP_TTL},
     stats::{HOOK_TC_EXT, HOOK_TC_INT, count},
@@ -39,6 +39,17 @@ pub fn nat_tc_int(ctx: TcContext) -> i32 {
         HOOK_TC_INT,
     );
     finish(&ctx, d, cfg.ext_ifindex, HOOK_TC_INT, stats::TC_OUT_FWD)
+}
+
+/// Tail-called by `nat_tc_int` with a hairpinned packet whose source is
+/// already translated: the receiver's half.
+#[classifier]
+pub fn nat_tc_hairpin(ctx: TcContext) -> i32 {
+    let cfg = config();
+    let f = pull(&ctx);
+    let (action, reason) = hairpin::translate(&ctx, f, &cfg);
+    count(HOOK_TC_INT, reason);
+    action
 }
 
 /// On `--ext`: reverse translation of what XDP handed over.
@@ -112,6 +123,17 @@ fn finish(ctx: &TcContext, d: Decision, egress_if: u32, hook: u32, fwd_reason: u
             // Needed from its own inside address: path MTU discovery works.
             Egress::TooBig if rw.df => (TC_ACT_OK, stats::PASS_FRAG_NEEDED),
             Egress::TooBig => (TC_ACT_SHOT, stats::DROP_TOO_BIG),
+            Egress::Hairpin => match rewrite(ctx, &rw) {
+                Ok(()) => {
+                    // The receiver's half runs as its own program, with a
+                    // stack of its own: both halves in one would not fit
+                    // in 512 bytes.
+                    unsafe { TAILS.tail_call(ctx, nat_common::TAIL_HAIRPIN) };
+                    // Only reached if the slot is empty (a loader bug).
+                    (TC_ACT_SHOT, stats::DROP_INTERNAL)
+                }
+                Err(_) => (TC_ACT_SHOT, stats::DROP_INTERNAL),
+            },
             Egress::Pass(r) => (TC_ACT_OK, r),
             Egress::Drop(r) => (TC_ACT_SHOT, r),
         },
@@ -124,14 +146,26 @@ fn finish(ctx: &TcContext, d: Decision, egress_if: u32, hook: u32, fwd_reason: u
 /// partial (CHECKSUM_PARTIAL) and complete checksums right alike.
 #[inline(always)]
 fn rewrite(ctx: &TcContext, rw: &Rewrite) -> Result<(), i64> {
+    rewrite_addr_port(ctx, rw)?;
+    decrement_ttl(ctx, rw.ttl)
+}
+
+#[inline(always)]
+pub fn decrement_ttl(ctx: &TcContext, ttl: u8) -> Result<(), i64> {
     let l3 = ETH_HLEN;
-    let check = l3 + IP_CHECK;
+    let ttl_word_old: u16 = ctx.load(l3 + IP_TTL)?;
+    ctx.store(l3 + IP_TTL, &(ttl - 1), 0)?;
+    let ttl_word_new: u16 = ctx.load(l3 + IP_TTL)?;
+    ctx.l3_csum_replace(l3 + IP_CHECK, ttl_word_old as u64, ttl_word_new as u64, 2)
+}
+
+/// One address and its port (or ICMP identifier), with the IP and L4
+/// checksums.
+#[inline(always)]
+pub fn rewrite_addr_port(ctx: &TcContext, rw: &Rewrite) -> Result<(), i64> {
+    let check = ETH_HLEN + IP_CHECK;
     ctx.store(rw.addr_off, &rw.new_addr, 0)?;
     ctx.l3_csum_replace(check, rw.old_addr as u64, rw.new_addr as u64, 4)?;
-    let ttl_word_old: u16 = ctx.load(l3 + IP_TTL)?;
-    ctx.store(l3 + IP_TTL, &(rw.ttl - 1), 0)?;
-    let ttl_word_new: u16 = ctx.load(l3 + IP_TTL)?;
-    ctx.l3_csum_replace(check, ttl_word_old as u64, ttl_word_new as u64, 2)?;
     let (port_at, check_at) = rw.l4_fields();
     let l4 = rw.l4_off + check_at;
     let (old_p, new_p) = (rw.old_port as u64, rw.new_port as u64);

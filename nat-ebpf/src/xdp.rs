@@ -77,6 +77,8 @@ fn finish(f: Frame, d: Decision, egress_if: u32, hook: u32, fwd_reason: u32) -> 
             },
             Egress::Neigh { .. } => (XDP_PASS, stats::XDP_TO_TC_NO_NEIGH),
             Egress::TooBig => (XDP_PASS, stats::XDP_TO_TC_FIB),
+            // Never produced for XDP (hairpin packets are handed to TC).
+            Egress::Hairpin => (XDP_PASS, stats::XDP_TO_TC_HAIRPIN),
             Egress::Pass(r) => (XDP_PASS, r),
             Egress::Drop(r) => (XDP_DROP, r),
         },

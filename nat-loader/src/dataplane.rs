@@ -7,13 +7,13 @@ use std::net::Ipv4Addr;
 use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray},
+    maps::{HashMap, MapData, PerCpuArray, ProgramArray},
     programs::{LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode, tc::TcAttachOptions},
 };
 use nat_common::{
     BindKey, BindValue, CtKey, CtValue, FILTER_ADDRESS, GLOBAL_CONFIG, MAP_ADF, MAP_BIND,
-    MAP_BIND_REV, MAP_CT_FWD, MAP_STATS, MAX_BINDINGS, NatConfig, PROG_TC_EXT, PROG_TC_INT,
-    PROG_XDP_EXT, PROG_XDP_INT,
+    MAP_BIND_REV, MAP_CT_FWD, MAP_STATS, MAP_TAILS, MAX_BINDINGS, NatConfig, PROG_TC_EXT,
+    PROG_TC_HAIRPIN, PROG_TC_INT, PROG_XDP_EXT, PROG_XDP_INT, TAIL_HAIRPIN,
 };
 use tracing::{info, warn};
 
@@ -97,11 +97,24 @@ pub fn load(cfg: &NatConfig, max_flows: u32) -> Result<Ebpf> {
         prog.load()
             .with_context(|| format!("verifying program {name}"))?;
     }
-    for name in [PROG_TC_INT, PROG_TC_EXT] {
+    for name in [PROG_TC_INT, PROG_TC_EXT, PROG_TC_HAIRPIN] {
         let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
         prog.load()
             .with_context(|| format!("verifying program {name}"))?;
     }
+    let hairpin = program::<SchedClassifier>(&mut ebpf, PROG_TC_HAIRPIN)?
+        .fd()
+        .context("hairpin program fd")?
+        .try_clone()
+        .context("duplicating the hairpin program fd")?;
+    let mut tails: ProgramArray<_> = ProgramArray::try_from(
+        ebpf.map_mut(MAP_TAILS)
+            .with_context(|| format!("map {MAP_TAILS} missing from the eBPF object"))?,
+    )
+    .with_context(|| format!("map {MAP_TAILS} has an unexpected type"))?;
+    tails
+        .set(TAIL_HAIRPIN, &hairpin, 0)
+        .context("filling the tail-call table")?;
     Ok(ebpf)
 }
 

@@ -907,3 +907,112 @@ fn rfc5508_icmp_errors_never_refresh_a_mapping() {
     let got = recv_all_within(&c, Duration::from_millis(800)).expect("recv");
     assert!(got.is_empty(), "the mapping outlived its timeout: {got:?}");
 }
+
+// ---- Hairpinning (RFC 4787 REQ-9, RFC 5382 REQ-8) ----
+
+#[test]
+fn rfc4787_req9_udp_hairpinning_shows_the_external_source() {
+    let lab = lab();
+    let mut gw = gateway(&lab, &[]);
+    let _m = UdpMirror::start(&lab, sa(SERVER_IP, 3478));
+    let c1 = lab
+        .udp_socket(Host::Client1, sa(CLIENT1_IP, 41100))
+        .expect("socket");
+    let c2 = lab
+        .udp_socket(Host::Client2, sa(CLIENT2_IP, 41101))
+        .expect("socket");
+    let m1 = udp_mapping(&c1, sa(SERVER_IP, 3478));
+    let m2 = udp_mapping(&c2, sa(SERVER_IP, 3478));
+    // Hole punching with the default (strictest) filtering: client2's
+    // packet toward client1's mapping is refused by client1's binding, but
+    // opens client2's side; client1's then gets through, and the answer.
+    c2.send_to(b"punch", m1).expect("send");
+    assert!(
+        recv_all_within(&c1, Duration::from_millis(300))
+            .expect("recv")
+            .is_empty(),
+        "filtered"
+    );
+    c1.send_to(b"hello via the mapping", m2).expect("send");
+    let got = recv_all_within(&c2, Duration::from_millis(800)).expect("recv");
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(
+        got[0].0,
+        SocketAddr::V4(m1),
+        "the receiver sees the sender's external endpoint"
+    );
+    assert_eq!(got[0].1, b"hello via the mapping");
+    c2.send_to(b"answer", m1).expect("send");
+    let back = recv_all_within(&c1, Duration::from_millis(800)).expect("recv");
+    assert_eq!(back.len(), 1, "{back:?}");
+    assert_eq!(back[0].0, SocketAddr::V4(m2));
+    gw.stop().expect("stop");
+    assert!(gw.counter("tc_int", "tc_hairpin_forwarded") >= 2);
+}
+
+#[test]
+fn rfc5382_req8_tcp_hairpinning_shows_the_external_source() {
+    let lab = lab();
+    let _gw = gateway(&lab, &["--filtering", "endpoint-independent"]);
+    // Client2's endpoint 41200 gets a mapping by talking out, then listens
+    // on the same port.
+    let t = tcp_mirror(&lab, sa(SERVER_IP, 7010));
+    let m2 = tcp_mapping_from(
+        &lab,
+        Host::Client2,
+        sa(CLIENT2_IP, 41200),
+        sa(SERVER_IP, 7010),
+    );
+    t.join().expect("mirror");
+    let listener = lab
+        .tcp_listener(Host::Client2, sa(CLIENT2_IP, 41200))
+        .expect("listener");
+    let t = tcp_mirror(&lab, sa(SERVER_IP, 7011));
+    let m1 = tcp_mapping_from(
+        &lab,
+        Host::Client1,
+        sa(CLIENT1_IP, 41201),
+        sa(SERVER_IP, 7011),
+    );
+    t.join().expect("mirror");
+    let accepted = std::thread::spawn(move || {
+        let (mut s, peer) = listener.accept().expect("accept");
+        let mut buf = [0u8; 5];
+        s.read_exact(&mut buf).expect("read");
+        s.write_all(b"pong!").expect("write");
+        (peer, buf)
+    });
+    let mut c = lab
+        .tcp_connect(
+            Host::Client1,
+            Some(sa(CLIENT1_IP, 41201)),
+            m2,
+            Duration::from_secs(3),
+        )
+        .expect("connect to the mapping");
+    c.write_all(b"ping!").expect("write");
+    let mut buf = [0u8; 5];
+    c.set_read_timeout(Some(Duration::from_secs(3)))
+        .expect("timeout");
+    c.read_exact(&mut buf).expect("read");
+    assert_eq!(&buf, b"pong!");
+    let (peer, got) = accepted.join().expect("accept thread");
+    assert_eq!(&got, b"ping!");
+    assert_eq!(
+        peer,
+        SocketAddr::V4(m1),
+        "the receiver sees the external endpoint"
+    );
+}
+
+fn tcp_mapping_from(lab: &Lab, h: Host, src: SocketAddrV4, server: SocketAddrV4) -> SocketAddrV4 {
+    let mut s = lab
+        .tcp_connect(h, Some(src), server, Duration::from_secs(3))
+        .expect("connect through the gateway");
+    s.set_read_timeout(Some(Duration::from_secs(3)))
+        .expect("timeout");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("read mapping");
+    text.parse()
+        .unwrap_or_else(|_| panic!("mirror said {text:?}"))
+}

@@ -1,0 +1,107 @@
+//! Hairpinning (RFC 4787 REQ-9, RFC 5382 REQ-8): an inside host sending to
+//! another inside host's external endpoint (SNAT address, its port) reaches
+//! it, and the receiver sees the sender's *external* endpoint, exactly as an
+//! outside peer would.
+//!
+//! The packet is translated twice. `nat_tc_int` does the sender's half like
+//! any outbound packet (session, binding, source rewrite, TTL); then it
+//! tail-calls `nat_tc_hairpin`, which does the receiver's half here like
+//! any inbound packet (binding, filtering, destination rewrite) and sends
+//! it back out of `--int`. Rare next to Internet traffic, it takes the TC
+//! path only (XDP hands it over).
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    helpers::{bpf_ktime_get_ns, bpf_redirect},
+    programs::TcContext,
+};
+use nat_common::{
+    CtKey, IPPROTO_TCP, NatConfig, stats,
+    tcp::{self, DIR_IN},
+};
+
+use crate::{
+    conntrack, fib,
+    nat::{self, Egress, Rewrite},
+    parse::{self, ETH_HLEN, Frame, IP_DADDR},
+    stats::{HOOK_TC_INT, count},
+    tc,
+};
+
+/// The receiver's half of a hairpinned packet: source already the sender's
+/// external endpoint, destination still the receiver's.
+#[inline(always)]
+pub fn translate(ctx: &TcContext, f: Frame, cfg: &NatConfig) -> (i32, u32) {
+    match try_translate(ctx, f, cfg) {
+        Ok(r) => r,
+        Err(reason) => (TC_ACT_SHOT, reason),
+    }
+}
+
+#[inline(always)]
+fn try_translate(ctx: &TcContext, f: Frame, cfg: &NatConfig) -> Result<(i32, u32), u32> {
+    let ip = parse::ipv4(f, ctx.len() as usize).map_err(|_| stats::DROP_MALFORMED)?;
+    let l4 = parse::l4(f, &ip)?.ok_or(stats::DROP_UNSUPPORTED)?;
+    let reply = CtKey::new(ip.proto, ip.saddr, l4.sport, ip.daddr, l4.dport);
+    let now = unsafe { bpf_ktime_get_ns() };
+    let (receiver, inside, inside_port) = match conntrack::inbound(&reply, cfg, now, l4.tcp_flags) {
+        Ok((s, addr, port, event)) => {
+            if let Some(e) = event {
+                count(HOOK_TC_INT, e);
+            }
+            (s, addr, port)
+        }
+        // The binding went away between the two halves.
+        Err(None) => return Err(stats::DROP_UNSOLICITED),
+        Err(Some(reason)) => return Err(reason),
+    };
+    conntrack::touch(receiver, now, ip.proto, DIR_IN, cfg);
+    if ip.proto == IPPROTO_TCP && tcp::is_control(l4.tcp_flags) {
+        conntrack::tcp_update(receiver, DIR_IN, l4.tcp_flags);
+    }
+    let route = fib::lookup(
+        ctx.as_ptr(),
+        cfg.int_ifindex,
+        ip.proto,
+        ip.saddr,
+        l4.sport,
+        inside,
+        inside_port,
+        0,
+    );
+    let rw = Rewrite {
+        proto: ip.proto,
+        addr_off: ETH_HLEN + IP_DADDR,
+        old_addr: ip.daddr,
+        new_addr: inside,
+        dir: DIR_IN,
+        l4_off: ip.l4_off,
+        old_port: l4.dport,
+        new_port: inside_port,
+        l4_check: l4.check,
+        ttl: ip.ttl,
+        df: ip.df,
+    };
+    let fwd = stats::TC_HAIRPIN_FWD;
+    match nat::egress(route, cfg.int_ifindex) {
+        Egress::Redirect {
+            ifindex,
+            smac,
+            dmac,
+        } => {
+            tc::rewrite_addr_port(ctx, &rw).map_err(|_| stats::DROP_INTERNAL)?;
+            tc::macs(ctx, smac, dmac).map_err(|_| stats::DROP_INTERNAL)?;
+            Ok((unsafe { bpf_redirect(ifindex, 0) } as i32, fwd))
+        }
+        Egress::Neigh { ifindex, nexthop } => {
+            tc::rewrite_addr_port(ctx, &rw).map_err(|_| stats::DROP_INTERNAL)?;
+            Ok((tc::redirect_neigh(ifindex, nexthop), fwd))
+        }
+        // Same link both ways: nothing that came in is too big to go out.
+        Egress::TooBig => Err(stats::DROP_TOO_BIG),
+        Egress::Hairpin => Err(stats::DROP_INTERNAL),
+        Egress::Pass(r) => Ok((TC_ACT_OK, r)),
+        Egress::Drop(r) => Err(r),
+    }
+}
