@@ -1,6 +1,11 @@
-//! Loading the eBPF object and attaching its programs. Everything attached is
-//! owned by [`Dataplane`]: dropping it detaches every program (XDP and TCX
-//! links), also when attaching fails half-way.
+//! Loading the eBPF object and attaching its programs, through the pin
+//! directory ([`crate::pins`]): the maps and the program links are pinned,
+//! so the dataplane outlives this process. A start either adopts what is
+//! pinned (same maps, this build's programs swapped into the links
+//! atomically) or starts fresh. [`Dataplane::stop`] with
+//! [`Exit::Teardown`] removes everything; [`Exit::KeepForwarding`] (and a
+//! crash) leave the pinned dataplane forwarding for the next loader. A
+//! fresh start that fails half-way removes what it created.
 
 use std::net::Ipv4Addr;
 
@@ -8,7 +13,12 @@ use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray},
-    programs::{LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode, tc::TcAttachOptions},
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::FdLink,
+        tc::{SchedClassifierLink, TcAttachOptions},
+        xdp::XdpLink,
+    },
 };
 use nat_common::{
     CtKey, CtValue, GLOBAL_CONFIG, MAP_CT_FWD, MAP_CT_REV, MAP_STATS, NatConfig, PROG_TC_EXT,
@@ -16,7 +26,10 @@ use nat_common::{
 };
 use tracing::{info, warn};
 
-use crate::EBPF_OBJECT;
+use crate::{
+    EBPF_OBJECT,
+    pins::{LINK_TCX_EXT, LINK_TCX_INT, LINK_XDP_EXT, LINK_XDP_INT, PinDir},
+};
 
 /// How XDP is attached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -58,13 +71,27 @@ impl Settings {
 /// conntrack maps sized for `max_flows`, and runs every program through
 /// the verifier. Attaches nothing.
 pub fn load(cfg: &NatConfig, max_flows: u32) -> Result<Ebpf> {
+    load_with_pins(cfg, max_flows, None)
+}
+
+/// [`load`], with the maps taken from (or created and pinned in) `pins`:
+/// the new programs are relocated against the pinned maps, so they share
+/// the conntrack table with the programs they replace.
+pub fn load_with_pins(cfg: &NatConfig, max_flows: u32, pins: Option<&PinDir>) -> Result<Ebpf> {
     if max_flows == 0 {
         bail!("the conntrack table needs room for at least one flow");
     }
-    let mut ebpf = EbpfLoader::new()
+    let mut loader = EbpfLoader::new();
+    loader
         .override_global(GLOBAL_CONFIG, cfg, true)
         .map_max_entries(MAP_CT_FWD, max_flows)
-        .map_max_entries(MAP_CT_REV, max_flows)
+        .map_max_entries(MAP_CT_REV, max_flows);
+    if let Some(pins) = pins {
+        for name in [MAP_CT_FWD, MAP_CT_REV, MAP_STATS] {
+            loader.map_pin_path(name, pins.pin(name));
+        }
+    }
+    let mut ebpf = loader
         .load(EBPF_OBJECT)
         .context("loading the eBPF object (maps and BTF)")?;
     for name in [PROG_XDP_INT, PROG_XDP_EXT] {
@@ -91,43 +118,141 @@ where
         .with_context(|| format!("program {name} has an unexpected type"))
 }
 
+/// How the loader leaves the dataplane when it exits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// Detach every program and remove every pin (SIGTERM, SIGINT).
+    Teardown,
+    /// Leave the pinned programs attached and the maps pinned, for the next
+    /// loader to adopt (SIGUSR2 handover, runtime errors).
+    KeepForwarding,
+}
+
 /// The attached dataplane and its maps.
 pub struct Dataplane {
-    // Dropping `ebpf` detaches every program attached through it.
+    // Holds the programs; the pinned links keep them attached whether or
+    // not this process holds them.
     ebpf: Ebpf,
+    links: Vec<FdLink>,
+    pins: PinDir,
+    /// Whether the maps were pinned by an earlier loader.
+    pub adopted: bool,
     pub ct_fwd: HashMap<MapData, CtKey, CtValue>,
     pub ct_rev: HashMap<MapData, CtKey, CtValue>,
     pub stats: PerCpuArray<MapData, u64>,
 }
 
 impl Dataplane {
-    /// Loads and attaches: XDP and TCX ingress on both NICs. On any error
-    /// everything attached so far is detached before it returns.
-    pub fn start(s: &Settings) -> Result<Dataplane> {
-        let mut ebpf = load(&s.config(), s.max_flows)?;
+    /// Loads and attaches: XDP and TCX ingress on both NICs, adopting the
+    /// dataplane pinned in `pins` if there is one (its maps must fit, see
+    /// [`PinDir::check_maps`]). On an error in a fresh start everything
+    /// created so far is removed; when adopting, the pinned dataplane is
+    /// left forwarding.
+    pub fn start(s: &Settings, pins: &PinDir) -> Result<Dataplane> {
+        let adopted = pins.check_maps(s.max_flows)?;
+        let result = Self::start_inner(s, pins, adopted);
+        if result.is_err() && !adopted {
+            // Nothing of an earlier dataplane existed: undo it all.
+            if let Err(e) = pins.remove_all() {
+                warn!(error = %format!("{e:#}"), "removing the half-built pin directory");
+            }
+        }
+        result
+    }
+
+    fn start_inner(s: &Settings, pins: &PinDir, adopted: bool) -> Result<Dataplane> {
+        let mut ebpf = load_with_pins(&s.config(), s.max_flows, Some(pins))?;
+        let mut links = Vec::new();
         // Outbound first: until the ext side is attached, translated flows'
         // replies would be dropped anyway, so order only matters for errors.
-        attach_xdp(&mut ebpf, PROG_XDP_INT, &s.int, s.xdp)?;
-        attach_tc(&mut ebpf, PROG_TC_INT, &s.int)?;
-        attach_xdp(&mut ebpf, PROG_XDP_EXT, &s.ext, s.xdp)?;
-        attach_tc(&mut ebpf, PROG_TC_EXT, &s.ext)?;
+        for (prog, link, ifname, ifindex, xdp) in [
+            (PROG_XDP_INT, LINK_XDP_INT, &s.int, s.int_index, true),
+            (PROG_TC_INT, LINK_TCX_INT, &s.int, s.int_index, false),
+            (PROG_XDP_EXT, LINK_XDP_EXT, &s.ext, s.ext_index, true),
+            (PROG_TC_EXT, LINK_TCX_EXT, &s.ext, s.ext_index, false),
+        ] {
+            let pinned = pins.adopt_link(link, ifindex)?;
+            let fd_link = match (pinned, xdp) {
+                (Some(l), true) => replace_xdp(&mut ebpf, prog, ifname, l)?,
+                (Some(l), false) => replace_tc(&mut ebpf, prog, ifname, l)?,
+                (None, true) => {
+                    let l = attach_xdp(&mut ebpf, prog, ifname, s.xdp)?;
+                    pin_link(l, pins, link)?
+                }
+                (None, false) => {
+                    let l = attach_tc(&mut ebpf, prog, ifname)?;
+                    pin_link(l, pins, link)?
+                }
+            };
+            links.push(fd_link);
+        }
         let ct_fwd = take_map(&mut ebpf, MAP_CT_FWD)?;
         let ct_rev = take_map(&mut ebpf, MAP_CT_REV)?;
         let stats = take_map(&mut ebpf, MAP_STATS)?;
         Ok(Dataplane {
             ebpf,
+            links,
+            pins: pins.clone(),
+            adopted,
             ct_fwd,
             ct_rev,
             stats,
         })
     }
 
-    /// Detaches every program (also done on drop; this logs it).
-    pub fn stop(self) {
+    /// Exits as `how` says. With [`Exit::Teardown`] the link pins go first
+    /// (closing the last reference detaches each program), then the maps
+    /// and the directory.
+    pub fn stop(self, how: Exit) -> Result<()> {
         let names: Vec<String> = self.ebpf.programs().map(|(n, _)| n.to_string()).collect();
+        let pins = self.pins.clone();
+        debug_assert_eq!(self.links.len(), 4);
         drop(self);
-        info!(programs = ?names, "detached all programs");
+        match how {
+            Exit::KeepForwarding => {
+                info!(programs = ?names, pins = %pins.path().display(),
+                    "left the pinned dataplane attached and forwarding");
+                Ok(())
+            }
+            Exit::Teardown => {
+                pins.remove_all()?;
+                info!(programs = ?names, pins = %pins.path().display(),
+                    "detached all programs and removed the pins");
+                Ok(())
+            }
+        }
     }
+}
+
+fn pin_link(link: FdLink, pins: &PinDir, name: &str) -> Result<FdLink> {
+    let path = pins.pin(name);
+    let pinned = link
+        .pin(&path)
+        .with_context(|| format!("pinning the link at {}", path.display()))?;
+    Ok(pinned.into())
+}
+
+fn replace_xdp(ebpf: &mut Ebpf, name: &str, ifname: &str, link: FdLink) -> Result<FdLink> {
+    let prog: &mut Xdp = program(ebpf, name)?;
+    let link = XdpLink::try_from(link).context("the pinned XDP link is not an XDP link")?;
+    let id = prog
+        .attach_to_link(link)
+        .with_context(|| format!("replacing the program of the pinned XDP link on {ifname}"))?;
+    let link = prog.take_link(id)?;
+    info!(program = name, interface = ifname, "replaced the program of the pinned XDP link");
+    FdLink::try_from(link).context("the XDP link is not an fd link")
+}
+
+fn replace_tc(ebpf: &mut Ebpf, name: &str, ifname: &str, link: FdLink) -> Result<FdLink> {
+    let prog: &mut SchedClassifier = program(ebpf, name)?;
+    let link =
+        SchedClassifierLink::try_from(link).context("the pinned TCX link is not a TCX link")?;
+    let id = prog
+        .attach_to_link(link)
+        .with_context(|| format!("replacing the program of the pinned TCX link on {ifname}"))?;
+    let link = prog.take_link(id)?;
+    info!(program = name, interface = ifname, "replaced the program of the pinned TCX link");
+    FdLink::try_from(link).context("the TCX link is not an fd link")
 }
 
 /// Takes a map out of the object so the control plane can own it.
@@ -141,7 +266,7 @@ where
     T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
 }
 
-fn attach_xdp(ebpf: &mut Ebpf, name: &str, ifname: &str, mode: XdpAttach) -> Result<()> {
+fn attach_xdp(ebpf: &mut Ebpf, name: &str, ifname: &str, mode: XdpAttach) -> Result<FdLink> {
     let prog: &mut Xdp = program(ebpf, name)?;
     let hint = || {
         format!(
@@ -149,38 +274,42 @@ fn attach_xdp(ebpf: &mut Ebpf, name: &str, ifname: &str, mode: XdpAttach) -> Res
              `ip link show {ifname}` shows it)"
         )
     };
-    let used = match mode {
-        XdpAttach::Native => {
-            prog.attach(ifname, XdpMode::Driver).with_context(hint)?;
-            "native"
-        }
-        XdpAttach::Generic => {
-            prog.attach(ifname, XdpMode::Skb).with_context(hint)?;
-            "generic"
-        }
+    let (id, used) = match mode {
+        XdpAttach::Native => (
+            prog.attach(ifname, XdpMode::Driver).with_context(hint)?,
+            "native",
+        ),
+        XdpAttach::Generic => (
+            prog.attach(ifname, XdpMode::Skb).with_context(hint)?,
+            "generic",
+        ),
         XdpAttach::Auto => match prog.attach(ifname, XdpMode::Driver) {
-            Ok(_) => "native",
+            Ok(id) => (id, "native"),
             Err(e) => {
                 warn!(interface = ifname, error = %e, "native XDP unavailable, using generic mode");
-                prog.attach(ifname, XdpMode::Skb).with_context(hint)?;
-                "generic"
+                (
+                    prog.attach(ifname, XdpMode::Skb).with_context(hint)?,
+                    "generic",
+                )
             }
         },
     };
+    let link = prog.take_link(id)?;
     info!(
         program = name,
         interface = ifname,
         mode = used,
         "attached XDP"
     );
-    Ok(())
+    // Pinnable only as a bpf_link (kernel >= 5.9), which aya uses there.
+    FdLink::try_from(link).context("XDP was attached through netlink, not as a BPF link (kernel >= 5.9 needed)")
 }
 
-fn attach_tc(ebpf: &mut Ebpf, name: &str, ifname: &str) -> Result<()> {
+fn attach_tc(ebpf: &mut Ebpf, name: &str, ifname: &str) -> Result<FdLink> {
     let prog: &mut SchedClassifier = program(ebpf, name)?;
     // TCX links (kernel >= 6.6) need no qdisc, so there is nothing to
     // create or remove besides the link itself.
-    prog.attach_with_options(
+    let id = prog.attach_with_options(
         ifname,
         TcAttachType::Ingress,
         TcAttachOptions::TcxOrder(LinkOrder::default()),
@@ -188,6 +317,7 @@ fn attach_tc(ebpf: &mut Ebpf, name: &str, ifname: &str) -> Result<()> {
     .with_context(|| {
         format!("attaching TC program {name} to {ifname} ingress (TCX needs kernel >= 6.6)")
     })?;
+    let link = prog.take_link(id)?;
     info!(program = name, interface = ifname, "attached TCX ingress");
-    Ok(())
+    FdLink::try_from(link).context("the TCX link is not an fd link")
 }

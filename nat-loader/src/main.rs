@@ -1,19 +1,26 @@
 //! `nat-loader`: attaches the NAT gateway's eBPF programs to the `--int` and
 //! `--ext` NICs and runs its control plane in the foreground until SIGINT or
-//! SIGTERM. On exit, and on any failure half-way, it removes everything it
-//! added.
+//! SIGTERM. On that exit, and on any failure half-way through a fresh
+//! start, it removes everything it added.
+//!
+//! The maps and program links are pinned (`--bpffs-dir`), so the dataplane
+//! survives the process: after a crash, a SIGKILL or a SIGUSR2 handover the
+//! programs keep forwarding, and the next loader adopts them and swaps in
+//! its own programs atomically. `nat-loader teardown` removes a dataplane
+//! whose loader is gone.
 
-use std::{net::Ipv4Addr, process::ExitCode, time::Duration};
+use std::{net::Ipv4Addr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Context, Result, bail};
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use nat_common::{
     DEFAULT_MAX_FLOWS, DEFAULT_PORT_MAX, DEFAULT_PORT_MIN, DEFAULT_PROBE_PORT, timeouts::Timeouts,
 };
 use nat_loader::{
     caps, conntrack,
-    dataplane::{Dataplane, Settings, XdpAttach},
+    dataplane::{Dataplane, Exit, Settings, XdpAttach},
     monotonic_ns, netif,
+    pins::{self, PinDir},
     stats::Stats,
     sysctl::{self, SysctlGuard},
 };
@@ -22,16 +29,42 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use tracing::{info, warn};
 
+/// Exit status of a SIGUSR2 handover: the dataplane is left pinned and
+/// forwarding. systemd restarts the service on it (RestartForceExitStatus).
+const EXIT_HANDOVER: u8 = 75;
+
+/// Build identifier, set at build time with `NAT_LOADER_BUILD_ID`; logged
+/// at start so an upgrade shows which build adopted the dataplane.
+const BUILD_ID: &str = match option_env!("NAT_LOADER_BUILD_ID") {
+    Some(id) => id,
+    None => "dev",
+};
+
 /// XDP/eBPF NAT gateway: source NAT from the --int NIC out of the --ext NIC.
+///
+/// Without a subcommand it runs the gateway (`nat-loader --ext eth0 --int
+/// eth1`). SIGTERM/SIGINT: detach and remove everything. SIGUSR2: exit with
+/// status 75, leaving the pinned dataplane forwarding for the next loader.
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(
+    version,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Internet-side NIC: translated traffic leaves here.
-    #[arg(long, value_name = "IFNAME")]
-    ext: String,
+    #[arg(long, value_name = "IFNAME", required = true)]
+    ext: Option<String>,
     /// Private-side NIC: traffic to translate arrives here.
-    #[arg(long, value_name = "IFNAME")]
-    int: String,
+    #[arg(long, value_name = "IFNAME", required = true)]
+    int: Option<String>,
+    /// Directory on a BPF file system where the maps and program links are
+    /// pinned; a loader adopts the dataplane it finds there. Mounts bpffs at
+    /// /sys/fs/bpf if needed. One directory per gateway.
+    #[arg(long, value_name = "DIR", default_value = pins::DEFAULT_DIR)]
+    bpffs_dir: PathBuf,
     /// Source address of translated traffic [default: the primary IPv4 address of --ext].
     #[arg(long, value_name = "IPV4")]
     snat_ip: Option<Ipv4Addr>,
@@ -70,6 +103,26 @@ struct Args {
     /// With each stats line, also log up to this many translated flows.
     #[arg(long, value_name = "N", default_value_t = 0)]
     show_flows: usize,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Remove a pinned dataplane for good: detach its programs, unpin its
+    /// maps, restore the sysctls recorded by the first loader, remove the
+    /// pin directory. For a dataplane whose loader is gone (crashed,
+    /// killed, handed over); stop a running loader with SIGTERM instead.
+    /// Idempotent.
+    Teardown {
+        /// Internet-side NIC of the gateway.
+        #[arg(long, value_name = "IFNAME")]
+        ext: String,
+        /// Private-side NIC of the gateway.
+        #[arg(long, value_name = "IFNAME")]
+        int: String,
+        /// The gateway's pin directory.
+        #[arg(long, value_name = "DIR", default_value = pins::DEFAULT_DIR)]
+        bpffs_dir: PathBuf,
+    },
 }
 
 fn parse_port_range(s: &str) -> Result<String, String> {
@@ -143,8 +196,18 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(args)) {
-        Ok(()) => ExitCode::SUCCESS,
+    let fut = async {
+        match args.command {
+            Some(Command::Teardown {
+                ref ext,
+                ref int,
+                ref bpffs_dir,
+            }) => teardown(ext, int, bpffs_dir).await.map(|()| ExitCode::SUCCESS),
+            None => run(args).await,
+        }
+    };
+    match rt.block_on(fut) {
+        Ok(code) => code,
         Err(e) => {
             // One line: the chain of contexts, outermost first.
             eprintln!("nat-loader: error: {e:#}");
@@ -153,21 +216,49 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(args: Args) -> Result<()> {
+/// `nat-loader teardown`: removes a pinned dataplane left by a loader that
+/// is gone.
+async fn teardown(ext: &str, int: &str, dir: &std::path::Path) -> Result<()> {
+    caps::require()?;
+    let pins = PinDir::new(dir);
+    if !pins.exists() {
+        info!(pins = %dir.display(), "no pinned dataplane: nothing to remove");
+    } else {
+        let record = pins.sysctl_record()?;
+        let removed = pins.remove_all()?;
+        info!(pins = %dir.display(), removed = ?removed, "detached the pinned programs and removed the pins");
+        sysctl::restore_record(&record);
+    }
+    purge_policy_routing(ext, int).await?;
+    info!(ext, int, "teardown complete: nothing of the gateway is left");
+    Ok(())
+}
+
+/// Where the policy-routing purge is wired in (the lead: call
+/// `routing::purge_ours` here once the routing module lands). Teardown must
+/// also remove the rules and routes a crashed loader left.
+async fn purge_policy_routing(_ext: &str, _int: &str) -> Result<()> {
+    Ok(())
+}
+
+async fn run(args: Args) -> Result<ExitCode> {
     // Everything that can be checked without changing the host comes first,
     // so a bad invocation leaves the host exactly as it was.
-    if args.ext == args.int {
+    let (Some(ext_name), Some(int_name)) = (args.ext.clone(), args.int.clone()) else {
+        bail!("--ext and --int are required");
+    };
+    if ext_name == int_name {
         bail!(
             "--ext and --int are the same interface ({}): the gateway needs two NICs",
-            args.ext
+            ext_name
         );
     }
     let (port_min, port_max) = port_range(&args.port_range).map_err(anyhow::Error::msg)?;
     let timeouts = args.timeouts()?;
     caps::require()?;
     let handle = netif::connect()?;
-    let ext = netif::lookup(&handle, &args.ext).await.context("--ext")?;
-    let int = netif::lookup(&handle, &args.int).await.context("--int")?;
+    let ext = netif::lookup(&handle, &ext_name).await.context("--ext")?;
+    let int = netif::lookup(&handle, &int_name).await.context("--int")?;
     for nic in [&ext, &int] {
         if !nic.up {
             warn!(interface = %nic.name, "interface is down; traffic flows once it is up");
@@ -206,40 +297,111 @@ async fn run(args: Args) -> Result<()> {
         xdp: args.xdp_mode,
     };
 
+    info!(build = BUILD_ID, version = env!("CARGO_PKG_VERSION"), pins = %args.bpffs_dir.display(), "nat-loader starting");
+
     // From here on every change is owned by a guard that undoes it on drop.
+    let pins = PinDir::new(&args.bpffs_dir);
+    pins.prepare()?;
+    let adopting = pins.has_maps();
+    if adopting {
+        // Refuse an incompatible dataplane before touching anything.
+        pins.check_maps(args.max_flows)?;
+    } else {
+        // The pin directory may be ours alone: remove it again on failure.
+        if let Err(e) = prepare_fresh(&pins, &ext.name, &int.name) {
+            let _ = pins.remove_all();
+            return Err(e);
+        }
+    }
     let mut sysctls = SysctlGuard::default();
-    sysctl::enable_forwarding(&mut sysctls, &ext.name, &int.name)?;
-    let mut dp = Dataplane::start(&settings)?;
-    let probe = match args.probe_port {
-        0 => None,
-        port => Some(
-            tokio::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))
-                .await
-                .with_context(|| {
-                    format!("listening for health probes on TCP port {port} (--probe-port)")
-                })?,
-        ),
+    let started = (|| -> Result<Dataplane> {
+        // Record the originals before changing anything, keeping an earlier
+        // loader's record (its "before" is the true one).
+        let keys = sysctl::forwarding_keys(&ext.name, &int.name);
+        let record = sysctl::complete_record(pins.sysctl_record()?, &keys)?;
+        pins.write_sysctl_record(&record)?;
+        sysctl::enable_forwarding(&mut sysctls, &ext.name, &int.name)?;
+        sysctls.restore_to(&record);
+        Dataplane::start(&settings, &pins)
+    })();
+    let mut dp = match started {
+        Ok(dp) => dp,
+        Err(e) => {
+            if adopting {
+                // The earlier dataplane keeps forwarding; leave it and the
+                // sysctls it needs for the next attempt or `teardown`.
+                sysctls.keep();
+            } else {
+                let _ = pins.remove_all();
+            }
+            return Err(e);
+        }
+    };
+    if dp.adopted {
+        let flows = conntrack::flows(&dp.ct_fwd, monotonic_ns());
+        let foreign = flows
+            .iter()
+            .filter(|f| {
+                *f.external.ip() != snat_addr
+                    || !(port_min..=port_max).contains(&f.external.port())
+            })
+            .count();
+        info!(flows = flows.len(), "adopted the pinned dataplane and its flows");
+        if foreign > 0 {
+            warn!(
+                flows = foreign,
+                snat = %snat_addr, ports = %format!("{port_min}-{port_max}"),
+                "adopted flows use another SNAT address or port range than these flags; \
+                 they keep their mapping until they expire"
+            );
+        }
+    }
+    let probe = match bind_probe(args.probe_port).await {
+        Ok(p) => p,
+        Err(e) => {
+            // Before "ready": a bad invocation. A fresh start leaves the host
+            // as it was; an adopted dataplane keeps forwarding.
+            let how = if dp.adopted {
+                sysctls.keep();
+                Exit::KeepForwarding
+            } else {
+                Exit::Teardown
+            };
+            if let Err(e2) = dp.stop(how) {
+                warn!(error = %format!("{e2:#}"), "cleaning up");
+            }
+            return Err(e);
+        }
     };
     info!(
         ext = %ext.name, int = %int.name, snat = %snat_addr,
         ports = %format!("{port_min}-{port_max}"), max_flows = args.max_flows,
+        adopted = dp.adopted, build = BUILD_ID,
         "nat-loader ready"
     );
 
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut sigusr2 =
+        signal(SignalKind::user_defined2()).context("installing the SIGUSR2 handler")?;
     let mut sweep_tick = tokio::time::interval(Duration::from_secs(args.sweep_interval));
     let stats_every = Duration::from_secs(args.stats_interval.max(1));
     let mut stats_tick = tokio::time::interval(stats_every);
-    let result = loop {
+    let (how, result) = loop {
         tokio::select! {
-            _ = sigint.recv() => { info!("SIGINT: shutting down"); break Ok(()); }
-            _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break Ok(()); }
+            _ = sigint.recv() => { info!("SIGINT: shutting down"); break (Exit::Teardown, Ok(())); }
+            _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break (Exit::Teardown, Ok(())); }
+            _ = sigusr2.recv() => {
+                info!("SIGUSR2: handing over; the pinned dataplane keeps forwarding");
+                break (Exit::KeepForwarding, Ok(()));
+            }
             _ = sweep_tick.tick() => {
                 match conntrack::sweep(&mut dp.ct_fwd, &mut dp.ct_rev, &timeouts, monotonic_ns()) {
                     Ok(s) if s.expired + s.orphans > 0 => info!(expired = s.expired, orphans = s.orphans, remaining = s.remaining, "swept conntrack"),
                     Ok(_) => {}
-                    Err(e) => break Err(e.context("sweeping conntrack")),
+                    // A failing control plane is not a failing dataplane:
+                    // leave it forwarding for the restarted loader.
+                    Err(e) => break (Exit::KeepForwarding, Err(e.context("sweeping conntrack"))),
                 }
             }
             _ = stats_tick.tick(), if args.stats_interval > 0 => log_stats(&dp, args.show_flows),
@@ -254,10 +416,60 @@ async fn run(args: Args) -> Result<()> {
     // Probes fail before the programs go.
     drop(probe);
     log_stats(&dp, args.show_flows);
-    dp.stop();
-    drop(sysctls);
-    info!("nat-loader stopped; everything it added is removed");
-    result
+    match how {
+        Exit::Teardown => {
+            dp.stop(Exit::Teardown)?;
+            drop(sysctls);
+            purge_policy_routing(&ext.name, &int.name).await?;
+            info!("nat-loader stopped; everything it added is removed");
+        }
+        Exit::KeepForwarding => {
+            dp.stop(Exit::KeepForwarding)?;
+            sysctls.keep();
+            info!(
+                pins = %args.bpffs_dir.display(),
+                "nat-loader exited; the dataplane keeps forwarding until a loader adopts it \
+                 (or `nat-loader teardown` removes it)"
+            );
+        }
+    }
+    result?;
+    Ok(match how {
+        Exit::Teardown => ExitCode::SUCCESS,
+        Exit::KeepForwarding => ExitCode::from(EXIT_HANDOVER),
+    })
+}
+
+/// A fresh start must not trip over leftovers that are not a dataplane:
+/// links pinned without maps are stale and removed.
+fn prepare_fresh(pins: &PinDir, ext: &str, int: &str) -> Result<()> {
+    let stale: Vec<_> = pins::LINKS
+        .iter()
+        .filter(|l| pins.pin(l).exists())
+        .collect();
+    if !stale.is_empty() {
+        warn!(links = ?stale, ext, int, "pinned links without maps; removing them");
+        for l in stale {
+            let path = pins.pin(l);
+            if let Ok(link) = aya::programs::links::PinnedLink::from_pin(&path) {
+                drop(link.unpin().with_context(|| format!("unpinning {}", path.display()))?);
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn bind_probe(port: u16) -> Result<Option<tokio::net::TcpListener>> {
+    match port {
+        0 => Ok(None),
+        port => Ok(Some(
+            tokio::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))
+                .await
+                .with_context(|| {
+                    format!("listening for health probes on TCP port {port} (--probe-port)")
+                })?,
+        )),
+    }
 }
 
 async fn accept(l: &Option<tokio::net::TcpListener>) -> std::io::Result<()> {
