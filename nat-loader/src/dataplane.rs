@@ -239,7 +239,11 @@ fn replace_xdp(ebpf: &mut Ebpf, name: &str, ifname: &str, link: FdLink) -> Resul
         .attach_to_link(link)
         .with_context(|| format!("replacing the program of the pinned XDP link on {ifname}"))?;
     let link = prog.take_link(id)?;
-    info!(program = name, interface = ifname, "replaced the program of the pinned XDP link");
+    info!(
+        program = name,
+        interface = ifname,
+        "replaced the program of the pinned XDP link"
+    );
     FdLink::try_from(link).context("the XDP link is not an fd link")
 }
 
@@ -251,7 +255,11 @@ fn replace_tc(ebpf: &mut Ebpf, name: &str, ifname: &str, link: FdLink) -> Result
         .attach_to_link(link)
         .with_context(|| format!("replacing the program of the pinned TCX link on {ifname}"))?;
     let link = prog.take_link(id)?;
-    info!(program = name, interface = ifname, "replaced the program of the pinned TCX link");
+    info!(
+        program = name,
+        interface = ifname,
+        "replaced the program of the pinned TCX link"
+    );
     FdLink::try_from(link).context("the TCX link is not an fd link")
 }
 
@@ -302,21 +310,23 @@ fn attach_xdp(ebpf: &mut Ebpf, name: &str, ifname: &str, mode: XdpAttach) -> Res
         "attached XDP"
     );
     // Pinnable only as a bpf_link (kernel >= 5.9), which aya uses there.
-    FdLink::try_from(link).context("XDP was attached through netlink, not as a BPF link (kernel >= 5.9 needed)")
+    FdLink::try_from(link)
+        .context("XDP was attached through netlink, not as a BPF link (kernel >= 5.9 needed)")
 }
 
 fn attach_tc(ebpf: &mut Ebpf, name: &str, ifname: &str) -> Result<FdLink> {
     let prog: &mut SchedClassifier = program(ebpf, name)?;
     // TCX links (kernel >= 6.6) need no qdisc, so there is nothing to
     // create or remove besides the link itself.
-    let id = prog.attach_with_options(
-        ifname,
-        TcAttachType::Ingress,
-        TcAttachOptions::TcxOrder(LinkOrder::default()),
-    )
-    .with_context(|| {
-        format!("attaching TC program {name} to {ifname} ingress (TCX needs kernel >= 6.6)")
-    })?;
+    let id = prog
+        .attach_with_options(
+            ifname,
+            TcAttachType::Ingress,
+            TcAttachOptions::TcxOrder(LinkOrder::default()),
+        )
+        .with_context(|| {
+            format!("attaching TC program {name} to {ifname} ingress (TCX needs kernel >= 6.6)")
+        })?;
     let link = prog.take_link(id)?;
     info!(program = name, interface = ifname, "attached TCX ingress");
     FdLink::try_from(link).context("the TCX link is not an fd link")

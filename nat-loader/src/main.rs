@@ -33,12 +33,49 @@ use tracing::{info, warn};
 /// forwarding. systemd restarts the service on it (RestartForceExitStatus).
 const EXIT_HANDOVER: u8 = 75;
 
-/// Build identifier, set at build time with `NAT_LOADER_BUILD_ID`; logged
-/// at start so an upgrade shows which build adopted the dataplane.
-const BUILD_ID: &str = match option_env!("NAT_LOADER_BUILD_ID") {
-    Some(id) => id,
-    None => "dev",
-};
+/// Build identifier, logged at start so an upgrade shows which build
+/// adopted the dataplane. Set at build time with `NAT_LOADER_BUILD_ID`, or
+/// stamped into a built binary afterwards: the bytes after
+/// [`BUILD_ID_TAG`] in the file are a NUL-padded slot (the upgrade test
+/// stamps a copy of the binary this way to get a second, different build).
+#[used]
+static BUILD_ID_SLOT: [u8; BUILD_ID_SLOT_LEN] =
+    build_id_slot(match option_env!("NAT_LOADER_BUILD_ID") {
+        Some(id) => id,
+        None => "dev",
+    });
+const BUILD_ID_TAG: &str = "NAT_LOADER_BUILD_ID=";
+const BUILD_ID_SLOT_LEN: usize = 64;
+
+const fn build_id_slot(id: &str) -> [u8; BUILD_ID_SLOT_LEN] {
+    let mut slot = [0u8; BUILD_ID_SLOT_LEN];
+    let tag = BUILD_ID_TAG.as_bytes();
+    let id = id.as_bytes();
+    assert!(
+        tag.len() + id.len() < BUILD_ID_SLOT_LEN,
+        "NAT_LOADER_BUILD_ID is too long"
+    );
+    let mut i = 0;
+    while i < tag.len() {
+        slot[i] = tag[i];
+        i += 1;
+    }
+    let mut j = 0;
+    while j < id.len() {
+        slot[i + j] = id[j];
+        j += 1;
+    }
+    slot
+}
+
+fn build_id() -> String {
+    // Volatile: the slot may be rewritten in the file after compilation,
+    // so its contents must be read at run time, not folded in.
+    let slot: [u8; BUILD_ID_SLOT_LEN] = unsafe { std::ptr::read_volatile(&BUILD_ID_SLOT) };
+    let id = &slot[BUILD_ID_TAG.len()..];
+    let end = id.iter().position(|&b| b == 0).unwrap_or(id.len());
+    String::from_utf8_lossy(&id[..end]).into_owned()
+}
 
 /// XDP/eBPF NAT gateway: source NAT from the --int NIC out of the --ext NIC.
 ///
@@ -202,7 +239,9 @@ fn main() -> ExitCode {
                 ref ext,
                 ref int,
                 ref bpffs_dir,
-            }) => teardown(ext, int, bpffs_dir).await.map(|()| ExitCode::SUCCESS),
+            }) => teardown(ext, int, bpffs_dir)
+                .await
+                .map(|()| ExitCode::SUCCESS),
             None => run(args).await,
         }
     };
@@ -230,7 +269,10 @@ async fn teardown(ext: &str, int: &str, dir: &std::path::Path) -> Result<()> {
         sysctl::restore_record(&record);
     }
     purge_policy_routing(ext, int).await?;
-    info!(ext, int, "teardown complete: nothing of the gateway is left");
+    info!(
+        ext,
+        int, "teardown complete: nothing of the gateway is left"
+    );
     Ok(())
 }
 
@@ -297,7 +339,8 @@ async fn run(args: Args) -> Result<ExitCode> {
         xdp: args.xdp_mode,
     };
 
-    info!(build = BUILD_ID, version = env!("CARGO_PKG_VERSION"), pins = %args.bpffs_dir.display(), "nat-loader starting");
+    let build = build_id();
+    info!(build = %build, version = env!("CARGO_PKG_VERSION"), pins = %args.bpffs_dir.display(), "nat-loader starting");
 
     // From here on every change is owned by a guard that undoes it on drop.
     let pins = PinDir::new(&args.bpffs_dir);
@@ -342,11 +385,13 @@ async fn run(args: Args) -> Result<ExitCode> {
         let foreign = flows
             .iter()
             .filter(|f| {
-                *f.external.ip() != snat_addr
-                    || !(port_min..=port_max).contains(&f.external.port())
+                *f.external.ip() != snat_addr || !(port_min..=port_max).contains(&f.external.port())
             })
             .count();
-        info!(flows = flows.len(), "adopted the pinned dataplane and its flows");
+        info!(
+            flows = flows.len(),
+            "adopted the pinned dataplane and its flows"
+        );
         if foreign > 0 {
             warn!(
                 flows = foreign,
@@ -376,7 +421,7 @@ async fn run(args: Args) -> Result<ExitCode> {
     info!(
         ext = %ext.name, int = %int.name, snat = %snat_addr,
         ports = %format!("{port_min}-{port_max}"), max_flows = args.max_flows,
-        adopted = dp.adopted, build = BUILD_ID,
+        adopted = dp.adopted, build = %build,
         "nat-loader ready"
     );
 
@@ -452,7 +497,10 @@ fn prepare_fresh(pins: &PinDir, ext: &str, int: &str) -> Result<()> {
         for l in stale {
             let path = pins.pin(l);
             if let Ok(link) = aya::programs::links::PinnedLink::from_pin(&path) {
-                drop(link.unpin().with_context(|| format!("unpinning {}", path.display()))?);
+                drop(
+                    link.unpin()
+                        .with_context(|| format!("unpinning {}", path.display()))?,
+                );
             }
         }
     }

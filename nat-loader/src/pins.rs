@@ -37,8 +37,9 @@ pub const DEFAULT_DIR: &str = "/sys/fs/bpf/nat-gateway";
 pub const BPFFS_ROOT: &str = "/sys/fs/bpf";
 /// statfs magic of a BPF file system.
 pub const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-/// Name of the symlink holding the original sysctl values.
-pub const SYSCTL_RECORD: &str = "sysctl-originals";
+/// Name of the symlink holding the original sysctl values (bpffs refuses
+/// names with a dot).
+pub const SYSCTL_RECORD: &str = "sysctl_originals";
 
 /// The pinned links, one per program: (pin name, program).
 pub const LINK_XDP_INT: &str = "link_xdp_int";
@@ -255,7 +256,7 @@ impl PinDir {
     /// Replaces the record of original sysctl values.
     pub fn write_sysctl_record(&self, record: &[(String, String)]) -> Result<()> {
         let path = self.pin(SYSCTL_RECORD);
-        let tmp = self.pin(&format!("{SYSCTL_RECORD}.new"));
+        let tmp = self.pin(&format!("{SYSCTL_RECORD}_new"));
         let _ = fs::remove_file(&tmp);
         std::os::unix::fs::symlink(format_record(record), &tmp)
             .with_context(|| format!("writing {}", tmp.display()))?;
@@ -279,7 +280,10 @@ impl PinDir {
             // Unpinning drops the last reference unless a running loader
             // still holds the link; closing our fd then detaches it.
             match PinnedLink::from_pin(&path) {
-                Ok(link) => drop(link.unpin().with_context(|| format!("unpinning {}", path.display()))?),
+                Ok(link) => drop(
+                    link.unpin()
+                        .with_context(|| format!("unpinning {}", path.display()))?,
+                ),
                 Err(e) => {
                     warn!(path = %path.display(), error = %e, "not a link; removing the pin");
                     fs::remove_file(&path)
@@ -288,8 +292,8 @@ impl PinDir {
             }
             removed.push(name.to_string());
         }
-        let entries = fs::read_dir(&self.path)
-            .with_context(|| format!("listing {}", self.path.display()))?;
+        let entries =
+            fs::read_dir(&self.path).with_context(|| format!("listing {}", self.path.display()))?;
         for entry in entries {
             let entry = entry.with_context(|| format!("listing {}", self.path.display()))?;
             let path = entry.path();
@@ -336,7 +340,8 @@ pub fn is_bpffs(path: &Path) -> Result<bool> {
     // SAFETY: zeroed statfs is a valid out-parameter; c is NUL-terminated.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(io::Error::last_os_error()).with_context(|| format!("statfs {}", path.display()));
+        return Err(io::Error::last_os_error())
+            .with_context(|| format!("statfs {}", path.display()));
     }
     #[allow(clippy::unnecessary_cast)]
     Ok(st.f_type as i64 == BPF_FS_MAGIC)
@@ -481,7 +486,10 @@ mod tests {
     fn sysctl_record_round_trips_and_splits_on_the_last_equals_sign() {
         let rec = vec![
             ("net/ipv4/ip_forward".to_string(), "0".to_string()),
-            ("net/ipv4/conf/we=ird/forwarding".to_string(), "1".to_string()),
+            (
+                "net/ipv4/conf/we=ird/forwarding".to_string(),
+                "1".to_string(),
+            ),
         ];
         assert_eq!(parse_record(&format_record(&rec)), rec);
         assert!(parse_record("").is_empty());

@@ -37,7 +37,10 @@ pub fn read(key: &str) -> Result<String> {
 
 /// `record` plus the current value of every key in `keys` it lacks: the
 /// originals to restore at the final teardown.
-pub fn complete_record(mut record: Vec<(String, String)>, keys: &[String]) -> Result<Vec<(String, String)>> {
+pub fn complete_record(
+    mut record: Vec<(String, String)>,
+    keys: &[String],
+) -> Result<Vec<(String, String)>> {
     for k in keys {
         if !record.iter().any(|(r, _)| r == k) {
             record.push((k.clone(), read(k)?));
