@@ -296,6 +296,9 @@ async fn run(args: Args) -> Result<ExitCode> {
         );
     }
     let (port_min, port_max) = port_range(&args.port_range).map_err(anyhow::Error::msg)?;
+    if args.max_flows == 0 {
+        bail!("--max-flows: the conntrack table needs room for at least one flow");
+    }
     let timeouts = args.timeouts()?;
     caps::require()?;
     let handle = netif::connect()?;
@@ -553,6 +556,68 @@ mod tests {
     fn port_range_accepts_min_max() {
         assert_eq!(port_range("1024-65535"), Ok((1024, 65535)));
         assert_eq!(port_range("5000-5000"), Ok((5000, 5000)));
+    }
+
+    #[test]
+    fn flags_alone_still_run_the_gateway() {
+        let a = Args::try_parse_from(["nat-loader", "--ext", "eth0", "--int", "eth1"])
+            .expect("today's invocation");
+        assert!(a.command.is_none());
+        assert_eq!(
+            (a.ext.as_deref(), a.int.as_deref()),
+            (Some("eth0"), Some("eth1"))
+        );
+        assert_eq!(a.bpffs_dir, PathBuf::from(pins::DEFAULT_DIR));
+        assert!(Args::try_parse_from(["nat-loader", "--int", "eth1"]).is_err());
+    }
+
+    #[test]
+    fn teardown_is_a_subcommand_with_its_own_flags() {
+        let a = Args::try_parse_from([
+            "nat-loader",
+            "teardown",
+            "--ext",
+            "eth0",
+            "--int",
+            "eth1",
+            "--bpffs-dir",
+            "/x",
+        ])
+        .expect("teardown");
+        match a.command {
+            Some(Command::Teardown {
+                ext,
+                int,
+                bpffs_dir,
+            }) => {
+                assert_eq!((ext.as_str(), int.as_str()), ("eth0", "eth1"));
+                assert_eq!(bpffs_dir, PathBuf::from("/x"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(Args::try_parse_from(["nat-loader", "teardown", "--ext", "eth0"]).is_err());
+        assert!(
+            Args::try_parse_from([
+                "nat-loader",
+                "--max-flows",
+                "5",
+                "teardown",
+                "--ext",
+                "a",
+                "--int",
+                "b"
+            ])
+            .is_err(),
+            "gateway flags do not mix with a subcommand"
+        );
+    }
+
+    #[test]
+    fn the_build_id_slot_holds_the_id_after_its_tag() {
+        let slot = build_id_slot("abc");
+        assert!(slot.starts_with(BUILD_ID_TAG.as_bytes()));
+        assert_eq!(&slot[BUILD_ID_TAG.len()..BUILD_ID_TAG.len() + 4], b"abc\0");
+        assert!(!build_id().is_empty());
     }
 
     #[test]

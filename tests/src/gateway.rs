@@ -49,7 +49,7 @@ impl Gateway {
     /// [`Gateway::start`] with another loader binary (an upgrade).
     pub fn start_with(lab: &Lab, bin: &std::path::Path, extra: &[&str]) -> Result<Gateway> {
         let mut cmd = lab.command(Host::Nat, &[]);
-        cmd.arg(&bin)
+        cmd.arg(bin)
             .args(["--int", INT_IF, "--ext", EXT_IF])
             .args(extra)
             .env("RUST_LOG", "info")
