@@ -263,6 +263,7 @@ async fn teardown(ext: &str, int: &str, dir: &std::path::Path) -> Result<()> {
     if !pins.exists() {
         info!(pins = %dir.display(), "no pinned dataplane: nothing to remove");
     } else {
+        let _lock = pins.lock()?;
         let record = pins.sysctl_record()?;
         let removed = pins.remove_all()?;
         info!(pins = %dir.display(), removed = ?removed, "detached the pinned programs and removed the pins");
@@ -347,7 +348,17 @@ async fn run(args: Args) -> Result<ExitCode> {
 
     // From here on every change is owned by a guard that undoes it on drop.
     let pins = PinDir::new(&args.bpffs_dir);
+    let created = !pins.exists();
     pins.prepare()?;
+    let _lock = match pins.lock() {
+        Ok(l) => l,
+        Err(e) => {
+            if created {
+                let _ = std::fs::remove_dir(pins.path());
+            }
+            return Err(e);
+        }
+    };
     let adopting = pins.has_maps();
     if adopting {
         // Refuse an incompatible dataplane before touching anything.

@@ -54,6 +54,11 @@ pub struct PinDir {
     path: PathBuf,
 }
 
+/// The pin directory's lock; released on drop or exit.
+pub struct DirLock {
+    _dir: fs::File,
+}
+
 /// What a map must look like to be adopted.
 struct MapShape {
     name: &'static str,
@@ -123,6 +128,34 @@ impl PinDir {
         fs::create_dir_all(&self.path)
             .with_context(|| format!("creating the pin directory {}", self.path.display()))?;
         Ok(())
+    }
+
+    /// Takes the directory's lock (`flock`), held until the returned guard
+    /// is dropped or the process ends, however it ends. Two loaders must
+    /// never drive one dataplane (the second's SIGTERM would remove the
+    /// first's), and teardown must not pull pins from under a live loader.
+    pub fn lock(&self) -> Result<DirLock> {
+        let dir = fs::File::open(&self.path)
+            .with_context(|| format!("opening the pin directory {}", self.path.display()))?;
+        // SAFETY: flock on an fd we own.
+        let rc = unsafe {
+            libc::flock(
+                std::os::fd::AsRawFd::as_raw_fd(&dir),
+                libc::LOCK_EX | libc::LOCK_NB,
+            )
+        };
+        if rc != 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::WouldBlock {
+                bail!(
+                    "another nat-loader is running with --bpffs-dir {} (stop it with SIGTERM, \
+                     or hand over with SIGUSR2, first)",
+                    self.path.display()
+                );
+            }
+            return Err(e).with_context(|| format!("locking {}", self.path.display()));
+        }
+        Ok(DirLock { _dir: dir })
     }
 
     /// Checks that pinned maps, if any, fit this build and these flags.

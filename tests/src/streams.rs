@@ -29,8 +29,11 @@ const STALL: Duration = Duration::from_secs(30);
 pub struct StreamReport {
     pub id: usize,
     pub round_trips: u64,
-    /// The longest time between two successful round trips.
+    /// The longest time between two successful round trips (includes the
+    /// 10 ms pause the stream makes between round trips).
     pub max_gap: Duration,
+    /// The longest single round trip (write to echo fully read back).
+    pub max_rtt: Duration,
     /// Why the stream stopped early, if it did.
     pub error: Option<String>,
 }
@@ -126,6 +129,7 @@ impl EchoStreams {
                     id,
                     round_trips: 0,
                     max_gap: Duration::ZERO,
+                    max_rtt: Duration::ZERO,
                     error: Some("client thread panicked".into()),
                 })
             })
@@ -168,6 +172,7 @@ fn client(
         id,
         round_trips: 0,
         max_gap: Duration::ZERO,
+        max_rtt: Duration::ZERO,
         error: None,
     };
     let mut out = [0u8; MSG];
@@ -176,6 +181,7 @@ fn client(
     let mut seq = 0u64;
     while !stop.load(Ordering::Relaxed) {
         pattern(id, seq, &mut out);
+        let sent = Instant::now();
         let result = sock
             .write_all(&out)
             .and_then(|()| sock.read_exact(&mut back));
@@ -188,6 +194,7 @@ fn client(
             break;
         }
         let now = Instant::now();
+        report.max_rtt = report.max_rtt.max(now - sent);
         report.max_gap = report.max_gap.max(now - last_ok);
         last_ok = now;
         seq += 1;

@@ -145,10 +145,12 @@ fn report(what: &str, reports: &[StreamReport]) -> Duration {
         .iter()
         .max_by_key(|r| r.max_gap)
         .expect("some streams");
+    let worst_rtt = reports.iter().map(|r| r.max_rtt).max().unwrap_or_default();
     let total: u64 = reports.iter().map(|r| r.round_trips).sum();
     eprintln!(
-        "{what}: {} streams, {total} verified round trips, all intact; longest pause {:?} \
-         (stream {}); per stream: {:?}",
+        "{what}: {} streams, {total} verified round trips, all intact; longest pause between \
+         round trips {:?} (stream {}, includes the 10 ms pacing); longest single round trip \
+         {worst_rtt:?}; longest pause per stream (ms): {:?}",
         reports.len(),
         worst.max_gap,
         worst.id,
@@ -160,6 +162,19 @@ fn report(what: &str, reports: &[StreamReport]) -> Duration {
     worst.max_gap
 }
 
+/// The build id a loader logged in its ready line.
+fn build_of(gw: &Gateway) -> String {
+    let ready = gw
+        .wait_for_log(&["nat-loader ready"], Duration::from_secs(1))
+        .expect("ready line");
+    ready
+        .split("build=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no build id in {ready:?}"))
+        .to_string()
+}
+
 /// The part both restart tests share: 20 streams through a gateway whose
 /// loader is stopped by `signal` (without cleanup) and replaced by `next`.
 fn streams_survive_loader_replacement(
@@ -167,6 +182,7 @@ fn streams_survive_loader_replacement(
     signal: i32,
     expect_code: Option<i32>,
     next: &Path,
+    next_build: Option<&str>,
 ) {
     let bpffs = Bpffs::new().expect("mounting a bpffs for the pins");
     let pins = bpffs.pin_dir();
@@ -216,6 +232,15 @@ fn streams_survive_loader_replacement(
         .wait_for_log(&["nat-loader ready"], Duration::from_secs(1))
         .expect("ready line");
     assert!(ready.contains("adopted=true"), "{ready}\n{:#?}", gw2.log());
+    // The same build again, or the upgrade's own.
+    let first_build = build_of(&gw);
+    let want = next_build
+        .map(str::to_string)
+        .unwrap_or(first_build.clone());
+    assert_eq!(build_of(&gw2), want, "{ready}");
+    if next_build.is_some() {
+        assert_ne!(want, first_build, "the upgrade must be another build");
+    }
     let after = program_ids(&lab);
     for (b, a) in before.iter().zip(&after) {
         assert_ne!(
@@ -246,7 +271,7 @@ fn streams_survive_loader_replacement(
 #[test]
 fn restart_after_sigkill_keeps_20_tcp_streams() {
     let bin = loader_path().expect("loader binary");
-    streams_survive_loader_replacement("restart after SIGKILL", libc::SIGKILL, None, &bin);
+    streams_survive_loader_replacement("restart after SIGKILL", libc::SIGKILL, None, &bin, None);
 }
 
 /// A copy of the loader binary with another build id stamped into its
@@ -302,34 +327,8 @@ fn upgrade_to_rebuilt_binary_keeps_20_tcp_streams() {
         libc::SIGUSR2,
         Some(75),
         &copy.path,
+        Some("upgrade-test-build"),
     );
-}
-
-#[test]
-fn the_upgraded_binary_logs_its_own_build_id() {
-    let copy = StampedCopy::new("upgrade-test-build");
-    let bpffs = Bpffs::new().expect("bpffs");
-    let lab = lab();
-    let mut gw = start(&lab, &bpffs.pin_dir(), &[]);
-    assert!(
-        gw.wait_for_log(&["build=dev"], Duration::from_secs(1))
-            .is_some(),
-        "{:#?}",
-        gw.log()
-    );
-    gw.signal_and_wait(libc::SIGUSR2).expect("handover");
-    let mut gw2 = start_with(&lab, &copy.path, &bpffs.pin_dir(), &[]);
-    assert!(
-        gw2.wait_for_log(
-            &["build=upgrade-test-build", "adopted=true"],
-            Duration::from_secs(1)
-        )
-        .is_some(),
-        "{:#?}",
-        gw2.log()
-    );
-    gw2.stop().expect("stop");
-    assert_nothing_attached(&lab);
 }
 
 #[test]
@@ -473,4 +472,51 @@ fn adopting_incompatible_pins_fails_clearly_and_changes_nothing() {
     let (ok, log) = teardown(&lab, &pins);
     assert!(ok, "{log}");
     assert_nothing_attached(&lab);
+}
+
+#[test]
+fn a_second_loader_or_teardown_is_refused_while_a_loader_runs() {
+    let bpffs = Bpffs::new().expect("bpffs");
+    let pins = bpffs.pin_dir();
+    let lab = lab();
+    let mut gw = start(&lab, &pins, &[]);
+    let before = program_ids(&lab);
+
+    let bin = loader_path().expect("loader binary");
+    let mut argv: Vec<String> = vec![
+        bin.display().to_string(),
+        "--int".into(),
+        INT_IF.into(),
+        "--ext".into(),
+        EXT_IF.into(),
+        "--probe-port".into(),
+        "0".into(),
+    ];
+    argv.extend(args(&pins));
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let out = lab
+        .exec_timeout(Host::Nat, &argv, Duration::from_secs(20))
+        .expect("running a second loader");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a second loader started: {stderr}");
+    assert!(
+        stderr.contains("another nat-loader is running"),
+        "unclear error: {stderr}"
+    );
+
+    let (ok, log) = teardown(&lab, &pins);
+    assert!(!ok, "teardown ran under a live loader: {log}");
+    assert!(log.contains("another nat-loader is running"), "{log}");
+
+    assert_eq!(program_ids(&lab), before, "programs changed");
+    assert_pinned_dataplane(&pins);
+    tcp_transfer(
+        &lab,
+        &Flow::new(Host::Client1, Host::Server, server(8093)),
+        64 * 1024,
+    )
+    .expect("the running gateway still translates");
+    assert!(gw.stop().expect("SIGTERM").success());
+    assert_nothing_attached(&lab);
+    assert!(!pins.exists());
 }
