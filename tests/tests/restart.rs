@@ -520,3 +520,87 @@ fn a_second_loader_or_teardown_is_refused_while_a_loader_runs() {
     assert_nothing_attached(&lab);
     assert!(!pins.exists());
 }
+
+/// Deletes the gateway's `int` veth and creates it again, wired and
+/// addressed as the lab built it: same name, new ifindex.
+fn recreate_int(lab: &Lab) {
+    lab.exec(Host::Nat, &["ip", "link", "del", INT_IF])
+        .expect("deleting int");
+    let (nat, sw) = (lab.ns(Host::Nat), lab.ns(Host::Sw));
+    let out = std::process::Command::new("ip")
+        .args([
+            "link",
+            "add",
+            INT_IF,
+            "netns",
+            nat,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            nat_lab::SW_NAT_PORT,
+            "netns",
+            sw,
+        ])
+        .output()
+        .expect("ip link add");
+    assert!(out.status.success(), "{out:?}");
+    let port = nat_lab::SW_NAT_PORT;
+    let addr = format!("{}/{}", nat_lab::NAT_INT_IP, nat_lab::PREFIX_LEN);
+    for (h, argv) in [
+        (
+            Host::Sw,
+            vec!["ip", "link", "set", port, "master", nat_lab::SW_BRIDGE],
+        ),
+        (Host::Sw, vec!["ethtool", "-K", port, "gro", "on"]),
+        (Host::Nat, vec!["ethtool", "-K", INT_IF, "gro", "on"]),
+        (Host::Nat, vec!["ip", "addr", "add", &addr, "dev", INT_IF]),
+        (Host::Nat, vec!["ip", "link", "set", INT_IF, "up"]),
+        (Host::Sw, vec!["ip", "link", "set", port, "up"]),
+        // The clients would keep the old int's MAC for a while.
+        (Host::Client1, vec!["ip", "neigh", "flush", "all"]),
+        (Host::Client2, vec!["ip", "neigh", "flush", "all"]),
+    ] {
+        lab.exec(h, &argv)
+            .unwrap_or_else(|e| panic!("{argv:?}: {e:#}"));
+    }
+}
+
+#[test]
+fn a_pinned_link_whose_interface_was_recreated_is_replaced_by_a_fresh_one() {
+    let bpffs = Bpffs::new().expect("bpffs");
+    let pins = bpffs.pin_dir();
+    let lab = lab();
+    let mut gw = start(&lab, &pins, &[]);
+    gw.signal_and_wait(libc::SIGKILL).expect("SIGKILL");
+    recreate_int(&lab);
+    // The old int's links died with it; ext's are still attached.
+    assert_eq!(attached(&lab, INT_IF), (None, vec![]));
+    let ext_before = attached(&lab, EXT_IF);
+
+    let gw2 = start(&lab, &pins, &[]);
+    for link in ["link_xdp_int", "link_tcx_int"] {
+        assert!(
+            gw2.wait_for_log(&["replacing it", link], Duration::from_secs(1))
+                .is_some(),
+            "{link} not replaced: {:#?}",
+            gw2.log()
+        );
+    }
+    let ids = program_ids(&lab);
+    assert_ne!(
+        (Some(ids[2]), vec![ids[3]]),
+        ext_before,
+        "ext's links took the new programs"
+    );
+    let report = tcp_transfer(
+        &lab,
+        &Flow::new(Host::Client1, Host::Server, server(8094)).timeout(Duration::from_secs(15)),
+        256 * 1024,
+    )
+    .expect("TCP through the recreated int");
+    assert_eq!(report.server_saw.ip(), nat_lab::NAT_EXT_IP);
+    drop(gw2);
+    assert_nothing_attached(&lab);
+    assert!(!pins.exists(), "pins left: {:?}", pins_in(&pins));
+}
