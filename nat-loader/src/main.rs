@@ -365,7 +365,7 @@ async fn run(args: Args) -> Result<ExitCode> {
         pins.check_maps(args.max_flows)?;
     } else {
         // The pin directory may be ours alone: remove it again on failure.
-        if let Err(e) = prepare_fresh(&pins, &ext.name, &int.name) {
+        if let Err(e) = prepare_fresh(&pins) {
             let _ = pins.remove_all();
             return Err(e);
         }
@@ -500,22 +500,19 @@ async fn run(args: Args) -> Result<ExitCode> {
 }
 
 /// A fresh start must not trip over leftovers that are not a dataplane:
-/// links pinned without maps are stale and removed.
-fn prepare_fresh(pins: &PinDir, ext: &str, int: &str) -> Result<()> {
-    let stale: Vec<_> = pins::LINKS
+/// links or counters pinned without conntrack maps are stale and removed
+/// (the loader would otherwise reuse a counters map whatever its layout).
+fn prepare_fresh(pins: &PinDir) -> Result<()> {
+    let stale: Vec<&str> = pins::LINKS
         .iter()
-        .filter(|l| pins.pin(l).exists())
+        .copied()
+        .chain([nat_common::MAP_STATS])
+        .filter(|p| pins.pin(p).exists())
         .collect();
     if !stale.is_empty() {
-        warn!(links = ?stale, ext, int, "pinned links without maps; removing them");
-        for l in stale {
-            let path = pins.pin(l);
-            if let Ok(link) = aya::programs::links::PinnedLink::from_pin(&path) {
-                drop(
-                    link.unpin()
-                        .with_context(|| format!("unpinning {}", path.display()))?,
-                );
-            }
+        warn!(pins = ?stale, "pins without conntrack maps; removing them");
+        for p in stale {
+            pins.remove_pin(p)?;
         }
     }
     Ok(())

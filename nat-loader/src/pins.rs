@@ -86,9 +86,10 @@ impl PinDir {
         self.path.is_dir()
     }
 
-    /// Whether any map is pinned (the sign of a dataplane to adopt).
+    /// Whether a conntrack map is pinned (the sign of a dataplane to
+    /// adopt).
     pub fn has_maps(&self) -> bool {
-        [MAP_CT_FWD, MAP_CT_REV, MAP_STATS]
+        [MAP_CT_FWD, MAP_CT_REV]
             .iter()
             .any(|m| self.pin(m).exists())
     }
@@ -158,10 +159,14 @@ impl PinDir {
         Ok(DirLock { _dir: dir })
     }
 
-    /// Checks that pinned maps, if any, fit this build and these flags.
-    /// `Ok(true)`: all three are pinned and fit (adopt them); `Ok(false)`:
-    /// none is pinned (start fresh). Anything else is an error that names
-    /// the difference and the way out.
+    /// Checks that the pinned conntrack maps, if any, fit this build and
+    /// these flags. `Ok(true)`: both are pinned and fit (adopt them);
+    /// `Ok(false)`: none is pinned (start fresh). Anything else is an error
+    /// that names the difference and the way out, and changes nothing.
+    ///
+    /// The counters are not worth refusing an upgrade for (a new build may
+    /// well count one more reason): a pinned `STATS` of another shape is
+    /// unpinned, with a warning, and the new programs get a fresh one.
     pub fn check_maps(&self, max_flows: u32) -> Result<bool> {
         let ct = |name| MapShape {
             name,
@@ -170,17 +175,7 @@ impl PinDir {
             value_size: size_of::<CtValue>() as u32,
             max_entries: max_flows,
         };
-        let shapes = [
-            ct(MAP_CT_FWD),
-            ct(MAP_CT_REV),
-            MapShape {
-                name: MAP_STATS,
-                map_type: MapType::PerCpuArray,
-                key_size: 4,
-                value_size: 8,
-                max_entries: nat_common::stats::COUNT * crate::stats::HOOKS.len() as u32,
-            },
-        ];
+        let shapes = [ct(MAP_CT_FWD), ct(MAP_CT_REV)];
         let pinned: Vec<bool> = shapes.iter().map(|s| self.pin(s.name).exists()).collect();
         if pinned.iter().all(|p| !p) {
             return Ok(false);
@@ -191,7 +186,6 @@ impl PinDir {
             self.path.display()
         );
         for (shape, pinned) in shapes.iter().zip(pinned) {
-            let path = self.pin(shape.name);
             if !pinned {
                 bail!(
                     "the pinned dataplane in {} is incomplete: map {} is missing; {fix}",
@@ -199,50 +193,85 @@ impl PinDir {
                     shape.name
                 );
             }
-            let info = MapInfo::from_pin(&path)
-                .with_context(|| format!("opening the pinned map {}", path.display()))?;
-            let map_type = info
-                .map_type()
-                .with_context(|| format!("type of the pinned map {}", path.display()))?;
-            let mut diffs = Vec::new();
-            if map_type != shape.map_type {
-                diffs.push(format!("type {map_type:?}, expected {:?}", shape.map_type));
-            }
-            if info.key_size() != shape.key_size {
-                diffs.push(format!(
-                    "key size {}, expected {}",
-                    info.key_size(),
-                    shape.key_size
-                ));
-            }
-            if info.value_size() != shape.value_size {
-                diffs.push(format!(
-                    "value size {}, expected {}",
-                    info.value_size(),
-                    shape.value_size
-                ));
-            }
-            if info.max_entries() != shape.max_entries {
-                let hint = if shape.name == MAP_STATS {
-                    String::new()
-                } else {
-                    " (--max-flows)".to_string()
-                };
-                diffs.push(format!(
-                    "{} entries{hint}, expected {}",
-                    info.max_entries(),
-                    shape.max_entries
-                ));
-            }
+            let diffs = self.shape_differences(shape)?;
             if !diffs.is_empty() {
                 bail!(
                     "cannot adopt the pinned map {}: {}; {fix}",
-                    path.display(),
+                    self.pin(shape.name).display(),
                     diffs.join(", ")
                 );
             }
         }
+        let stats = MapShape {
+            name: MAP_STATS,
+            map_type: MapType::PerCpuArray,
+            key_size: 4,
+            value_size: 8,
+            max_entries: nat_common::stats::COUNT * crate::stats::HOOKS.len() as u32,
+        };
+        if self.pin(MAP_STATS).exists() {
+            let diffs = self.shape_differences(&stats)?;
+            if !diffs.is_empty() {
+                warn!(
+                    differences = %diffs.join(", "),
+                    "the pinned counters have another layout; they start again from zero"
+                );
+                self.remove_pin(MAP_STATS)?;
+            }
+        }
         Ok(true)
+    }
+
+    /// How the pinned map `shape.name` differs from `shape` (empty: not).
+    fn shape_differences(&self, shape: &MapShape) -> Result<Vec<String>> {
+        let path = self.pin(shape.name);
+        let info = MapInfo::from_pin(&path)
+            .with_context(|| format!("opening the pinned map {}", path.display()))?;
+        let map_type = info
+            .map_type()
+            .with_context(|| format!("type of the pinned map {}", path.display()))?;
+        let mut diffs = Vec::new();
+        if map_type != shape.map_type {
+            diffs.push(format!("type {map_type:?}, expected {:?}", shape.map_type));
+        }
+        if info.key_size() != shape.key_size {
+            diffs.push(format!(
+                "key size {}, expected {}",
+                info.key_size(),
+                shape.key_size
+            ));
+        }
+        if info.value_size() != shape.value_size {
+            diffs.push(format!(
+                "value size {}, expected {}",
+                info.value_size(),
+                shape.value_size
+            ));
+        }
+        if info.max_entries() != shape.max_entries {
+            let hint = if shape.name == MAP_STATS {
+                ""
+            } else {
+                " (--max-flows)"
+            };
+            diffs.push(format!(
+                "{} entries{hint}, expected {}",
+                info.max_entries(),
+                shape.max_entries
+            ));
+        }
+        Ok(diffs)
+    }
+
+    /// Removes the pin `name` if it exists (a link pin detaches its link
+    /// once no process holds it).
+    pub fn remove_pin(&self, name: &str) -> Result<()> {
+        let path = self.pin(name);
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("removing {}", path.display())),
+        }
     }
 
     /// Opens the pinned link `name` if it is still attached to `ifindex`.

@@ -604,3 +604,118 @@ fn a_pinned_link_whose_interface_was_recreated_is_replaced_by_a_fresh_one() {
     assert_nothing_attached(&lab);
     assert!(!pins.exists(), "pins left: {:?}", pins_in(&pins));
 }
+
+/// Pins, at `path`, a new per-CPU array of `entries` u64 counters: what
+/// an older or newer build with another number of reasons would have left.
+fn pin_percpu_array(path: &Path, entries: u32) {
+    use std::os::unix::ffi::OsStrExt;
+    #[repr(C)]
+    #[derive(Default)]
+    struct MapCreate {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        map_flags: u32,
+    }
+    #[repr(C)]
+    #[derive(Default)]
+    struct ObjPin {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
+    let mut create = MapCreate {
+        map_type: BPF_MAP_TYPE_PERCPU_ARRAY,
+        key_size: 4,
+        value_size: 8,
+        max_entries: entries,
+        map_flags: 0,
+    };
+    // SAFETY: a correctly laid out bpf_attr prefix of the given size.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_CREATE,
+            &mut create as *mut MapCreate,
+            size_of::<MapCreate>(),
+        )
+    };
+    assert!(
+        fd >= 0,
+        "BPF_MAP_CREATE: {}",
+        std::io::Error::last_os_error()
+    );
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).expect("path");
+    let mut pin = ObjPin {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: fd as u32,
+        file_flags: 0,
+    };
+    // SAFETY: as above.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_PIN,
+            &mut pin as *mut ObjPin,
+            size_of::<ObjPin>(),
+        )
+    };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: our fd; the pin keeps the map.
+    unsafe { libc::close(fd as i32) };
+    assert_eq!(rc, 0, "BPF_OBJ_PIN {}: {err}", path.display());
+}
+
+#[test]
+fn counters_of_another_layout_are_replaced_and_the_flows_still_adopted() {
+    let bpffs = Bpffs::new().expect("bpffs");
+    let pins = bpffs.pin_dir();
+    let lab = lab();
+    let mut gw = start(&lab, &pins, &[]);
+    let streams =
+        EchoStreams::start(&lab, Host::Client1, Host::Server, server(7002), 2).expect("streams");
+    let want_entries = aya::maps::MapInfo::from_pin(pins.join("STATS"))
+        .expect("pinned STATS")
+        .max_entries();
+    gw.signal_and_wait(libc::SIGKILL).expect("SIGKILL");
+    std::fs::remove_file(pins.join("STATS")).expect("unpinning STATS");
+    pin_percpu_array(&pins.join("STATS"), 3);
+
+    let mut gw2 = start(&lab, &pins, &[]);
+    let ready = gw2
+        .wait_for_log(&["nat-loader ready"], Duration::from_secs(1))
+        .expect("ready");
+    assert!(ready.contains("adopted=true"), "{ready}");
+    assert!(
+        gw2.wait_for_log(
+            &["start again from zero", "3 entries"],
+            Duration::from_secs(1)
+        )
+        .is_some(),
+        "{:#?}",
+        gw2.log()
+    );
+    assert_eq!(
+        aya::maps::MapInfo::from_pin(pins.join("STATS"))
+            .expect("pinned STATS")
+            .max_entries(),
+        want_entries,
+        "STATS re-created with this build's layout"
+    );
+    streams
+        .wait_for_round_trips(20, Duration::from_secs(10))
+        .expect("flows go on");
+    let reports = streams.finish();
+    assert!(reports.iter().all(|r| r.error.is_none()), "{reports:#?}");
+    gw2.stop().expect("SIGTERM");
+    assert!(
+        gw2.counter("tc_int", "tc_out_forwarded") > 0,
+        "the new counters count: {:#?}",
+        gw2.log()
+    );
+    assert_nothing_attached(&lab);
+}
