@@ -133,7 +133,9 @@ pub struct Dataplane {
     // Holds the programs; the pinned links keep them attached whether or
     // not this process holds them.
     ebpf: Ebpf,
-    links: Vec<FdLink>,
+    // Our own references to the four links: they stay attached while this
+    // process runs even if their pins went.
+    _links: Vec<FdLink>,
     pins: PinDir,
     /// Whether the maps were pinned by an earlier loader.
     pub adopted: bool,
@@ -191,7 +193,7 @@ impl Dataplane {
         let stats = take_map(&mut ebpf, MAP_STATS)?;
         Ok(Dataplane {
             ebpf,
-            links,
+            _links: links,
             pins: pins.clone(),
             adopted,
             ct_fwd,
@@ -206,7 +208,6 @@ impl Dataplane {
     pub fn stop(self, how: Exit) -> Result<()> {
         let names: Vec<String> = self.ebpf.programs().map(|(n, _)| n.to_string()).collect();
         let pins = self.pins.clone();
-        debug_assert_eq!(self.links.len(), 4);
         drop(self);
         match how {
             Exit::KeepForwarding => {
