@@ -177,7 +177,9 @@ fn client(
     };
     let mut out = [0u8; MSG];
     let mut back = [0u8; MSG];
-    let mut last_ok = Instant::now();
+    // Timing starts after the first round trip: 20 threads starting at
+    // once would otherwise measure their own start-up.
+    let mut last_ok: Option<Instant> = None;
     let mut seq = 0u64;
     while !stop.load(Ordering::Relaxed) {
         pattern(id, seq, &mut out);
@@ -194,9 +196,11 @@ fn client(
             break;
         }
         let now = Instant::now();
-        report.max_rtt = report.max_rtt.max(now - sent);
-        report.max_gap = report.max_gap.max(now - last_ok);
-        last_ok = now;
+        if let Some(last) = last_ok {
+            report.max_rtt = report.max_rtt.max(now - sent);
+            report.max_gap = report.max_gap.max(now - last);
+        }
+        last_ok = Some(now);
         seq += 1;
         report.round_trips = seq;
         count.store(seq, Ordering::Relaxed);
