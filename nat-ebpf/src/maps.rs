@@ -2,6 +2,7 @@
 //! nat-common; the sizes here are placeholders the loader overrides.
 
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     macros::map,
     maps::{HashMap, PerCpuArray, ProgramArray},
 };
@@ -20,9 +21,11 @@ pub static NAT_BIND: HashMap<BindKey, BindValue> = HashMap::with_max_entries(MAX
 pub static NAT_BIND_REV: HashMap<BindKey, BindValue> = HashMap::with_max_entries(MAX_BINDINGS, 0);
 
 /// Address-dependent filtering: remotes each external port has sent to.
-/// Sized to 1 by the loader unless `--filtering address-dependent`.
+/// Not preallocated: only `--filtering address-dependent` fills it, so in
+/// the other modes it costs no memory.
 #[map(name = "CT_ADF")]
-pub static CT_ADF: HashMap<CtKey, u8> = HashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
+pub static CT_ADF: HashMap<CtKey, u8> =
+    HashMap::with_max_entries(DEFAULT_MAX_FLOWS, BPF_F_NO_PREALLOC);
 
 /// Programs the TC path tail-calls into (each gets a stack of its own):
 /// index [`nat_common::TAIL_HAIRPIN`]. Filled by the loader.

@@ -1,6 +1,11 @@
-//! Loading the eBPF object and attaching its programs. Everything attached is
-//! owned by [`Dataplane`]: dropping it detaches every program (XDP and TCX
-//! links), also when attaching fails half-way.
+//! Loading the eBPF object and attaching its programs, through the pin
+//! directory ([`crate::pins`]): the maps and the program links are pinned,
+//! so the dataplane outlives this process. A start either adopts what is
+//! pinned (same maps, this build's programs swapped into the links
+//! atomically) or starts fresh. [`Dataplane::stop`] with
+//! [`Exit::Teardown`] removes everything; [`Exit::KeepForwarding`] (and a
+//! crash) leave the pinned dataplane forwarding for the next loader. A
+//! fresh start that fails half-way removes what it created.
 
 use std::net::Ipv4Addr;
 
@@ -8,16 +13,24 @@ use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray, ProgramArray},
-    programs::{LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode, tc::TcAttachOptions},
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::FdLink,
+        tc::{SchedClassifierLink, TcAttachOptions},
+        xdp::XdpLink,
+    },
 };
 use nat_common::{
-    BindKey, BindValue, CtKey, CtValue, FILTER_ADDRESS, GLOBAL_CONFIG, MAP_ADF, MAP_BIND,
-    MAP_BIND_REV, MAP_CT_FWD, MAP_STATS, MAP_TAILS, MAX_BINDINGS, NatConfig, PROG_TC_EXT,
-    PROG_TC_HAIRPIN, PROG_TC_INT, PROG_XDP_EXT, PROG_XDP_INT, TAIL_HAIRPIN,
+    BindKey, BindValue, CtKey, CtValue, GLOBAL_CONFIG, MAP_ADF, MAP_BIND, MAP_BIND_REV, MAP_CT_FWD,
+    MAP_STATS, MAP_TAILS, MAX_BINDINGS, NatConfig, PROG_TC_EXT, PROG_TC_HAIRPIN, PROG_TC_INT,
+    PROG_XDP_EXT, PROG_XDP_INT, TAIL_HAIRPIN,
 };
 use tracing::{info, warn};
 
-use crate::EBPF_OBJECT;
+use crate::{
+    EBPF_OBJECT,
+    pins::{LINK_TCX_EXT, LINK_TCX_INT, LINK_XDP_EXT, LINK_XDP_INT, PinDir},
+};
 
 /// How XDP is attached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -71,25 +84,27 @@ impl Settings {
 /// conntrack maps sized for `max_flows` sessions, and runs every program
 /// through the verifier. Attaches nothing.
 pub fn load(cfg: &NatConfig, max_flows: u32) -> Result<Ebpf> {
+    load_with_pins(cfg, max_flows, None)
+}
+
+/// [`load`], with the maps taken from (or created and pinned in) `pins`:
+/// the new programs are relocated against the pinned maps, so they share
+/// the conntrack table with the programs they replace.
+pub fn load_with_pins(cfg: &NatConfig, max_flows: u32, pins: Option<&PinDir>) -> Result<Ebpf> {
     if max_flows == 0 {
         bail!("the conntrack table needs room for at least one flow");
     }
-    // A binding needs at least one session, and there are at most as many
-    // as there are external ports per protocol.
-    let bindings = max_flows.min(MAX_BINDINGS);
-    // Address-dependent filtering remembers one remote per session; the
-    // other modes never touch the map.
-    let adf = if cfg.filtering == FILTER_ADDRESS {
-        max_flows
-    } else {
-        1
-    };
-    let mut ebpf = EbpfLoader::new()
-        .override_global(GLOBAL_CONFIG, cfg, true)
-        .map_max_entries(MAP_CT_FWD, max_flows)
-        .map_max_entries(MAP_BIND, bindings)
-        .map_max_entries(MAP_BIND_REV, bindings)
-        .map_max_entries(MAP_ADF, adf)
+    let mut loader = EbpfLoader::new();
+    loader.override_global(GLOBAL_CONFIG, cfg, true);
+    for (name, entries) in map_sizes(max_flows) {
+        loader.map_max_entries(name, entries);
+    }
+    if let Some(pins) = pins {
+        for name in PINNED_MAPS {
+            loader.map_pin_path(name, pins.pin(name));
+        }
+    }
+    let mut ebpf = loader
         .load(EBPF_OBJECT)
         .context("loading the eBPF object (maps and BTF)")?;
     for name in [PROG_XDP_INT, PROG_XDP_EXT] {
@@ -118,6 +133,25 @@ pub fn load(cfg: &NatConfig, max_flows: u32) -> Result<Ebpf> {
     Ok(ebpf)
 }
 
+/// The maps a pin directory keeps (the tail-call table is not one: each
+/// loader fills its own with its own programs).
+pub const PINNED_MAPS: [&str; 5] = [MAP_CT_FWD, MAP_BIND, MAP_BIND_REV, MAP_ADF, MAP_STATS];
+
+/// The size of each conntrack map for a table of `max_flows` sessions.
+pub fn map_sizes(max_flows: u32) -> [(&'static str, u32); 4] {
+    // A binding needs at least one session, and there are at most as many
+    // as there are external ports per protocol.
+    let bindings = max_flows.min(MAX_BINDINGS);
+    [
+        (MAP_CT_FWD, max_flows),
+        (MAP_BIND, bindings),
+        (MAP_BIND_REV, bindings),
+        // One remote per session at most; allocated on demand, so it costs
+        // nothing unless --filtering address-dependent fills it.
+        (MAP_ADF, max_flows),
+    ]
+}
+
 /// A program of the object by name and type.
 pub fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T>
 where
@@ -129,10 +163,27 @@ where
         .with_context(|| format!("program {name} has an unexpected type"))
 }
 
+/// How the loader leaves the dataplane when it exits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// Detach every program and remove every pin (SIGTERM, SIGINT).
+    Teardown,
+    /// Leave the pinned programs attached and the maps pinned, for the next
+    /// loader to adopt (SIGUSR2 handover, runtime errors).
+    KeepForwarding,
+}
+
 /// The attached dataplane and its maps.
 pub struct Dataplane {
-    // Dropping `ebpf` detaches every program attached through it.
+    // Holds the programs; the pinned links keep them attached whether or
+    // not this process holds them.
     ebpf: Ebpf,
+    // Our own references to the four links: they stay attached while this
+    // process runs even if their pins went.
+    _links: Vec<FdLink>,
+    pins: PinDir,
+    /// Whether the maps were pinned by an earlier loader.
+    pub adopted: bool,
     pub maps: CtMaps,
     pub stats: PerCpuArray<MapData, u64>,
 }
@@ -158,27 +209,121 @@ impl CtMaps {
 }
 
 impl Dataplane {
-    /// Loads and attaches: XDP and TCX ingress on both NICs. On any error
-    /// everything attached so far is detached before it returns.
-    pub fn start(s: &Settings) -> Result<Dataplane> {
-        let mut ebpf = load(&s.config(), s.max_flows)?;
-        // Outbound first: until the ext side is attached, translated flows'
-        // replies would be dropped anyway, so order only matters for errors.
-        attach_xdp(&mut ebpf, PROG_XDP_INT, &s.int, s.xdp)?;
-        attach_tc(&mut ebpf, PROG_TC_INT, &s.int)?;
-        attach_xdp(&mut ebpf, PROG_XDP_EXT, &s.ext, s.xdp)?;
-        attach_tc(&mut ebpf, PROG_TC_EXT, &s.ext)?;
-        let maps = CtMaps::take(&mut ebpf)?;
-        let stats = take_map(&mut ebpf, MAP_STATS)?;
-        Ok(Dataplane { ebpf, maps, stats })
+    /// Loads and attaches: XDP and TCX ingress on both NICs, adopting the
+    /// dataplane pinned in `pins` if there is one (its maps must fit, see
+    /// [`PinDir::check_maps`]). On an error in a fresh start everything
+    /// created so far is removed; when adopting, the pinned dataplane is
+    /// left forwarding.
+    pub fn start(s: &Settings, pins: &PinDir) -> Result<Dataplane> {
+        let adopted = pins.check_maps(s.max_flows)?;
+        let result = Self::start_inner(s, pins, adopted);
+        if result.is_err() && !adopted {
+            // Nothing of an earlier dataplane existed: undo it all.
+            if let Err(e) = pins.remove_all() {
+                warn!(error = %format!("{e:#}"), "removing the half-built pin directory");
+            }
+        }
+        result
     }
 
-    /// Detaches every program (also done on drop; this logs it).
-    pub fn stop(self) {
-        let names: Vec<String> = self.ebpf.programs().map(|(n, _)| n.to_string()).collect();
-        drop(self);
-        info!(programs = ?names, "detached all programs");
+    fn start_inner(s: &Settings, pins: &PinDir, adopted: bool) -> Result<Dataplane> {
+        let mut ebpf = load_with_pins(&s.config(), s.max_flows, Some(pins))?;
+        let mut links = Vec::new();
+        // Outbound first: until the ext side is attached, translated flows'
+        // replies would be dropped anyway, so order only matters for errors.
+        for (prog, link, ifname, ifindex, xdp) in [
+            (PROG_XDP_INT, LINK_XDP_INT, &s.int, s.int_index, true),
+            (PROG_TC_INT, LINK_TCX_INT, &s.int, s.int_index, false),
+            (PROG_XDP_EXT, LINK_XDP_EXT, &s.ext, s.ext_index, true),
+            (PROG_TC_EXT, LINK_TCX_EXT, &s.ext, s.ext_index, false),
+        ] {
+            let pinned = pins.adopt_link(link, ifindex)?;
+            let fd_link = match (pinned, xdp) {
+                (Some(l), true) => replace_xdp(&mut ebpf, prog, ifname, l)?,
+                (Some(l), false) => replace_tc(&mut ebpf, prog, ifname, l)?,
+                (None, true) => {
+                    let l = attach_xdp(&mut ebpf, prog, ifname, s.xdp)?;
+                    pin_link(l, pins, link)?
+                }
+                (None, false) => {
+                    let l = attach_tc(&mut ebpf, prog, ifname)?;
+                    pin_link(l, pins, link)?
+                }
+            };
+            links.push(fd_link);
+        }
+        let maps = CtMaps::take(&mut ebpf)?;
+        let stats = take_map(&mut ebpf, MAP_STATS)?;
+        Ok(Dataplane {
+            ebpf,
+            _links: links,
+            pins: pins.clone(),
+            adopted,
+            maps,
+            stats,
+        })
     }
+
+    /// Exits as `how` says. With [`Exit::Teardown`] the link pins go first
+    /// (closing the last reference detaches each program), then the maps
+    /// and the directory.
+    pub fn stop(self, how: Exit) -> Result<()> {
+        let names: Vec<String> = self.ebpf.programs().map(|(n, _)| n.to_string()).collect();
+        let pins = self.pins.clone();
+        drop(self);
+        match how {
+            Exit::KeepForwarding => {
+                info!(programs = ?names, pins = %pins.path().display(),
+                    "left the pinned dataplane attached and forwarding");
+                Ok(())
+            }
+            Exit::Teardown => {
+                pins.remove_all()?;
+                info!(programs = ?names, pins = %pins.path().display(),
+                    "detached all programs and removed the pins");
+                Ok(())
+            }
+        }
+    }
+}
+
+fn pin_link(link: FdLink, pins: &PinDir, name: &str) -> Result<FdLink> {
+    let path = pins.pin(name);
+    let pinned = link
+        .pin(&path)
+        .with_context(|| format!("pinning the link at {}", path.display()))?;
+    Ok(pinned.into())
+}
+
+fn replace_xdp(ebpf: &mut Ebpf, name: &str, ifname: &str, link: FdLink) -> Result<FdLink> {
+    let prog: &mut Xdp = program(ebpf, name)?;
+    let link = XdpLink::try_from(link).context("the pinned XDP link is not an XDP link")?;
+    let id = prog
+        .attach_to_link(link)
+        .with_context(|| format!("replacing the program of the pinned XDP link on {ifname}"))?;
+    let link = prog.take_link(id)?;
+    info!(
+        program = name,
+        interface = ifname,
+        "replaced the program of the pinned XDP link"
+    );
+    FdLink::try_from(link).context("the XDP link is not an fd link")
+}
+
+fn replace_tc(ebpf: &mut Ebpf, name: &str, ifname: &str, link: FdLink) -> Result<FdLink> {
+    let prog: &mut SchedClassifier = program(ebpf, name)?;
+    let link =
+        SchedClassifierLink::try_from(link).context("the pinned TCX link is not a TCX link")?;
+    let id = prog
+        .attach_to_link(link)
+        .with_context(|| format!("replacing the program of the pinned TCX link on {ifname}"))?;
+    let link = prog.take_link(id)?;
+    info!(
+        program = name,
+        interface = ifname,
+        "replaced the program of the pinned TCX link"
+    );
+    FdLink::try_from(link).context("the TCX link is not an fd link")
 }
 
 /// Takes a map out of the object so the control plane can own it.
@@ -192,7 +337,7 @@ where
     T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
 }
 
-fn attach_xdp(ebpf: &mut Ebpf, name: &str, ifname: &str, mode: XdpAttach) -> Result<()> {
+fn attach_xdp(ebpf: &mut Ebpf, name: &str, ifname: &str, mode: XdpAttach) -> Result<FdLink> {
     let prog: &mut Xdp = program(ebpf, name)?;
     let hint = || {
         format!(
@@ -200,45 +345,52 @@ fn attach_xdp(ebpf: &mut Ebpf, name: &str, ifname: &str, mode: XdpAttach) -> Res
              `ip link show {ifname}` shows it)"
         )
     };
-    let used = match mode {
-        XdpAttach::Native => {
-            prog.attach(ifname, XdpMode::Driver).with_context(hint)?;
-            "native"
-        }
-        XdpAttach::Generic => {
-            prog.attach(ifname, XdpMode::Skb).with_context(hint)?;
-            "generic"
-        }
+    let (id, used) = match mode {
+        XdpAttach::Native => (
+            prog.attach(ifname, XdpMode::Driver).with_context(hint)?,
+            "native",
+        ),
+        XdpAttach::Generic => (
+            prog.attach(ifname, XdpMode::Skb).with_context(hint)?,
+            "generic",
+        ),
         XdpAttach::Auto => match prog.attach(ifname, XdpMode::Driver) {
-            Ok(_) => "native",
+            Ok(id) => (id, "native"),
             Err(e) => {
                 warn!(interface = ifname, error = %e, "native XDP unavailable, using generic mode");
-                prog.attach(ifname, XdpMode::Skb).with_context(hint)?;
-                "generic"
+                (
+                    prog.attach(ifname, XdpMode::Skb).with_context(hint)?,
+                    "generic",
+                )
             }
         },
     };
+    let link = prog.take_link(id)?;
     info!(
         program = name,
         interface = ifname,
         mode = used,
         "attached XDP"
     );
-    Ok(())
+    // Pinnable only as a bpf_link (kernel >= 5.9), which aya uses there.
+    FdLink::try_from(link)
+        .context("XDP was attached through netlink, not as a BPF link (kernel >= 5.9 needed)")
 }
 
-fn attach_tc(ebpf: &mut Ebpf, name: &str, ifname: &str) -> Result<()> {
+fn attach_tc(ebpf: &mut Ebpf, name: &str, ifname: &str) -> Result<FdLink> {
     let prog: &mut SchedClassifier = program(ebpf, name)?;
     // TCX links (kernel >= 6.6) need no qdisc, so there is nothing to
     // create or remove besides the link itself.
-    prog.attach_with_options(
-        ifname,
-        TcAttachType::Ingress,
-        TcAttachOptions::TcxOrder(LinkOrder::default()),
-    )
-    .with_context(|| {
-        format!("attaching TC program {name} to {ifname} ingress (TCX needs kernel >= 6.6)")
-    })?;
+    let id = prog
+        .attach_with_options(
+            ifname,
+            TcAttachType::Ingress,
+            TcAttachOptions::TcxOrder(LinkOrder::default()),
+        )
+        .with_context(|| {
+            format!("attaching TC program {name} to {ifname} ingress (TCX needs kernel >= 6.6)")
+        })?;
+    let link = prog.take_link(id)?;
     info!(program = name, interface = ifname, "attached TCX ingress");
-    Ok(())
+    FdLink::try_from(link).context("the TCX link is not an fd link")
 }

@@ -5,6 +5,7 @@ pub mod caps;
 pub mod conntrack;
 pub mod dataplane;
 pub mod netif;
+pub mod pins;
 pub mod stats;
 pub mod sysctl;
 

@@ -1,12 +1,18 @@
 //! `nat-loader`: attaches the NAT gateway's eBPF programs to the `--int` and
 //! `--ext` NICs and runs its control plane in the foreground until SIGINT or
-//! SIGTERM. On exit, and on any failure half-way, it removes everything it
-//! added.
+//! SIGTERM. On that exit, and on any failure half-way through a fresh
+//! start, it removes everything it added.
+//!
+//! The maps and program links are pinned (`--bpffs-dir`), so the dataplane
+//! survives the process: after a crash, a SIGKILL or a SIGUSR2 handover the
+//! programs keep forwarding, and the next loader adopts them and swaps in
+//! its own programs atomically. `nat-loader teardown` removes a dataplane
+//! whose loader is gone.
 
-use std::{net::Ipv4Addr, process::ExitCode, time::Duration};
+use std::{net::Ipv4Addr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Context, Result, bail};
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use nat_common::{
     CFG_F_UDP_INBOUND_REFRESH, DEFAULT_LOW_PORT_MAX, DEFAULT_LOW_PORT_MIN, DEFAULT_MAX_FLOWS,
     DEFAULT_PORT_MAX, DEFAULT_PORT_MIN, DEFAULT_PROBE_PORT, FILTER_ADDRESS,
@@ -14,8 +20,9 @@ use nat_common::{
 };
 use nat_loader::{
     caps, conntrack,
-    dataplane::{Dataplane, Settings, XdpAttach},
+    dataplane::{Dataplane, Exit, Settings, XdpAttach},
     monotonic_ns, netif,
+    pins::{self, PinDir},
     stats::Stats,
     sysctl::{self, SysctlGuard},
 };
@@ -24,16 +31,79 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use tracing::{info, warn};
 
+/// Exit status of a SIGUSR2 handover: the dataplane is left pinned and
+/// forwarding. systemd restarts the service on it (RestartForceExitStatus).
+const EXIT_HANDOVER: u8 = 75;
+
+/// Build identifier, logged at start so an upgrade shows which build
+/// adopted the dataplane. Set at build time with `NAT_LOADER_BUILD_ID`, or
+/// stamped into a built binary afterwards: the bytes after
+/// [`BUILD_ID_TAG`] in the file are a NUL-padded slot (the upgrade test
+/// stamps a copy of the binary this way to get a second, different build).
+#[used]
+static BUILD_ID_SLOT: [u8; BUILD_ID_SLOT_LEN] =
+    build_id_slot(match option_env!("NAT_LOADER_BUILD_ID") {
+        Some(id) => id,
+        None => "dev",
+    });
+const BUILD_ID_TAG: &str = "NAT_LOADER_BUILD_ID=";
+const BUILD_ID_SLOT_LEN: usize = 64;
+
+const fn build_id_slot(id: &str) -> [u8; BUILD_ID_SLOT_LEN] {
+    let mut slot = [0u8; BUILD_ID_SLOT_LEN];
+    let tag = BUILD_ID_TAG.as_bytes();
+    let id = id.as_bytes();
+    assert!(
+        tag.len() + id.len() < BUILD_ID_SLOT_LEN,
+        "NAT_LOADER_BUILD_ID is too long"
+    );
+    let mut i = 0;
+    while i < tag.len() {
+        slot[i] = tag[i];
+        i += 1;
+    }
+    let mut j = 0;
+    while j < id.len() {
+        slot[i + j] = id[j];
+        j += 1;
+    }
+    slot
+}
+
+fn build_id() -> String {
+    // Volatile: the slot may be rewritten in the file after compilation,
+    // so its contents must be read at run time, not folded in.
+    let slot: [u8; BUILD_ID_SLOT_LEN] = unsafe { std::ptr::read_volatile(&BUILD_ID_SLOT) };
+    let id = &slot[BUILD_ID_TAG.len()..];
+    let end = id.iter().position(|&b| b == 0).unwrap_or(id.len());
+    String::from_utf8_lossy(&id[..end]).into_owned()
+}
+
 /// XDP/eBPF NAT gateway: source NAT from the --int NIC out of the --ext NIC.
+///
+/// Without a subcommand it runs the gateway (`nat-loader --ext eth0 --int
+/// eth1`). SIGTERM/SIGINT: detach and remove everything. SIGUSR2: exit with
+/// status 75, leaving the pinned dataplane forwarding for the next loader.
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(
+    version,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Internet-side NIC: translated traffic leaves here.
-    #[arg(long, value_name = "IFNAME")]
-    ext: String,
+    #[arg(long, value_name = "IFNAME", required = true)]
+    ext: Option<String>,
     /// Private-side NIC: traffic to translate arrives here.
-    #[arg(long, value_name = "IFNAME")]
-    int: String,
+    #[arg(long, value_name = "IFNAME", required = true)]
+    int: Option<String>,
+    /// Directory on a BPF file system where the maps and program links are
+    /// pinned; a loader adopts the dataplane it finds there. Mounts bpffs at
+    /// /sys/fs/bpf if needed. One directory per gateway.
+    #[arg(long, value_name = "DIR", default_value = pins::DEFAULT_DIR)]
+    bpffs_dir: PathBuf,
     /// Source address of translated traffic [default: the primary IPv4 address of --ext].
     #[arg(long, value_name = "IPV4")]
     snat_ip: Option<Ipv4Addr>,
@@ -108,6 +178,26 @@ impl Filtering {
     }
 }
 
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Remove a pinned dataplane for good: detach its programs, unpin its
+    /// maps, restore the sysctls recorded by the first loader, remove the
+    /// pin directory. For a dataplane whose loader is gone (crashed,
+    /// killed, handed over); stop a running loader with SIGTERM instead.
+    /// Idempotent.
+    Teardown {
+        /// Internet-side NIC of the gateway.
+        #[arg(long, value_name = "IFNAME")]
+        ext: String,
+        /// Private-side NIC of the gateway.
+        #[arg(long, value_name = "IFNAME")]
+        int: String,
+        /// The gateway's pin directory.
+        #[arg(long, value_name = "DIR", default_value = pins::DEFAULT_DIR)]
+        bpffs_dir: PathBuf,
+    },
+}
+
 fn parse_port_range(s: &str) -> Result<String, String> {
     port_range(s).map(|_| s.to_string())
 }
@@ -179,8 +269,20 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(args)) {
-        Ok(()) => ExitCode::SUCCESS,
+    let fut = async {
+        match args.command {
+            Some(Command::Teardown {
+                ref ext,
+                ref int,
+                ref bpffs_dir,
+            }) => teardown(ext, int, bpffs_dir)
+                .await
+                .map(|()| ExitCode::SUCCESS),
+            None => run(args).await,
+        }
+    };
+    match rt.block_on(fut) {
+        Ok(code) => code,
         Err(e) => {
             // One line: the chain of contexts, outermost first.
             eprintln!("nat-loader: error: {e:#}");
@@ -189,13 +291,45 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(args: Args) -> Result<()> {
+/// `nat-loader teardown`: removes a pinned dataplane left by a loader that
+/// is gone.
+async fn teardown(ext: &str, int: &str, dir: &std::path::Path) -> Result<()> {
+    caps::require()?;
+    let pins = PinDir::new(dir);
+    if !pins.exists() {
+        info!(pins = %dir.display(), "no pinned dataplane: nothing to remove");
+    } else {
+        let _lock = pins.lock()?;
+        let record = pins.sysctl_record()?;
+        let removed = pins.remove_all()?;
+        info!(pins = %dir.display(), removed = ?removed, "detached the pinned programs and removed the pins");
+        sysctl::restore_record(&record);
+    }
+    purge_policy_routing(ext, int).await?;
+    info!(
+        ext,
+        int, "teardown complete: nothing of the gateway is left"
+    );
+    Ok(())
+}
+
+/// Where the policy-routing purge is wired in (the lead: call
+/// `routing::purge_ours` here once the routing module lands). Teardown must
+/// also remove the rules and routes a crashed loader left.
+async fn purge_policy_routing(_ext: &str, _int: &str) -> Result<()> {
+    Ok(())
+}
+
+async fn run(args: Args) -> Result<ExitCode> {
     // Everything that can be checked without changing the host comes first,
     // so a bad invocation leaves the host exactly as it was.
-    if args.ext == args.int {
+    let (Some(ext_name), Some(int_name)) = (args.ext.clone(), args.int.clone()) else {
+        bail!("--ext and --int are required");
+    };
+    if ext_name == int_name {
         bail!(
             "--ext and --int are the same interface ({}): the gateway needs two NICs",
-            args.ext
+            ext_name
         );
     }
     let (port_min, port_max) = port_range(&args.port_range).map_err(anyhow::Error::msg)?;
@@ -207,11 +341,14 @@ async fn run(args: Args) -> Result<()> {
              (RFC 4787 REQ-3a keeps the two apart)"
         );
     }
+    if args.max_flows == 0 {
+        bail!("--max-flows: the conntrack table needs room for at least one flow");
+    }
     let timeouts = args.timeouts()?;
     caps::require()?;
     let handle = netif::connect()?;
-    let ext = netif::lookup(&handle, &args.ext).await.context("--ext")?;
-    let int = netif::lookup(&handle, &args.int).await.context("--int")?;
+    let ext = netif::lookup(&handle, &ext_name).await.context("--ext")?;
+    let int = netif::lookup(&handle, &int_name).await.context("--int")?;
     for nic in [&ext, &int] {
         if !nic.up {
             warn!(interface = %nic.name, "interface is down; traffic flows once it is up");
@@ -259,36 +396,121 @@ async fn run(args: Args) -> Result<()> {
         xdp: args.xdp_mode,
     };
 
+    let build = build_id();
+    info!(build = %build, version = env!("CARGO_PKG_VERSION"), pins = %args.bpffs_dir.display(), "nat-loader starting");
+
     // From here on every change is owned by a guard that undoes it on drop.
+    let pins = PinDir::new(&args.bpffs_dir);
+    let created = !pins.exists();
+    pins.prepare()?;
+    let _lock = match pins.lock() {
+        Ok(l) => l,
+        Err(e) => {
+            if created {
+                let _ = std::fs::remove_dir(pins.path());
+            }
+            return Err(e);
+        }
+    };
+    let adopting = pins.has_maps();
+    if adopting {
+        // Refuse an incompatible dataplane before touching anything.
+        pins.check_maps(args.max_flows)?;
+    } else {
+        // The pin directory may be ours alone: remove it again on failure.
+        if let Err(e) = prepare_fresh(&pins) {
+            let _ = pins.remove_all();
+            return Err(e);
+        }
+    }
     let mut sysctls = SysctlGuard::default();
-    sysctl::enable_forwarding(&mut sysctls, &ext.name, &int.name)?;
-    let mut dp = Dataplane::start(&settings)?;
-    let probe = match args.probe_port {
-        0 => None,
-        port => Some(
-            tokio::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))
-                .await
-                .with_context(|| {
-                    format!("listening for health probes on TCP port {port} (--probe-port)")
-                })?,
-        ),
+    let started = (|| -> Result<Dataplane> {
+        // Record the originals before changing anything, keeping an earlier
+        // loader's record (its "before" is the true one).
+        let keys = sysctl::forwarding_keys(&ext.name, &int.name);
+        let record = sysctl::complete_record(pins.sysctl_record()?, &keys)?;
+        pins.write_sysctl_record(&record)?;
+        sysctl::enable_forwarding(&mut sysctls, &ext.name, &int.name)?;
+        sysctls.restore_to(&record);
+        Dataplane::start(&settings, &pins)
+    })();
+    let mut dp = match started {
+        Ok(dp) => dp,
+        Err(e) => {
+            if adopting {
+                // The earlier dataplane keeps forwarding; leave it and the
+                // sysctls it needs for the next attempt or `teardown`.
+                sysctls.keep();
+            } else {
+                let _ = pins.remove_all();
+            }
+            return Err(e);
+        }
+    };
+    if dp.adopted {
+        let flows = conntrack::flows(&dp.maps.sessions, monotonic_ns());
+        let foreign = flows
+            .iter()
+            .filter(|f| {
+                let p = f.external.port();
+                *f.external.ip() != snat_addr
+                    || !((port_min..=port_max).contains(&p)
+                        || (low_port_min..=low_port_max).contains(&p))
+            })
+            .count();
+        info!(
+            flows = flows.len(),
+            "adopted the pinned dataplane and its flows"
+        );
+        if foreign > 0 {
+            warn!(
+                flows = foreign,
+                snat = %snat_addr, ports = %format!("{port_min}-{port_max}"),
+                "adopted flows use another SNAT address or port range than these flags; \
+                 they keep their mapping until they expire"
+            );
+        }
+    }
+    let probe = match bind_probe(args.probe_port).await {
+        Ok(p) => p,
+        Err(e) => {
+            // Before "ready": a bad invocation. A fresh start leaves the host
+            // as it was; an adopted dataplane keeps forwarding.
+            let how = if dp.adopted {
+                sysctls.keep();
+                Exit::KeepForwarding
+            } else {
+                Exit::Teardown
+            };
+            if let Err(e2) = dp.stop(how) {
+                warn!(error = %format!("{e2:#}"), "cleaning up");
+            }
+            return Err(e);
+        }
     };
     info!(
         ext = %ext.name, int = %int.name, snat = %snat_addr,
         ports = %format!("{port_min}-{port_max}"), low_ports = %format!("{low_port_min}-{low_port_max}"),
         filtering = ?args.filtering, max_flows = args.max_flows,
+        adopted = dp.adopted, build = %build,
         "nat-loader ready"
     );
 
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut sigusr2 =
+        signal(SignalKind::user_defined2()).context("installing the SIGUSR2 handler")?;
     let mut sweep_tick = tokio::time::interval(Duration::from_secs(args.sweep_interval));
     let stats_every = Duration::from_secs(args.stats_interval.max(1));
     let mut stats_tick = tokio::time::interval(stats_every);
-    let result = loop {
+    let (how, result) = loop {
         tokio::select! {
-            _ = sigint.recv() => { info!("SIGINT: shutting down"); break Ok(()); }
-            _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break Ok(()); }
+            _ = sigint.recv() => { info!("SIGINT: shutting down"); break (Exit::Teardown, Ok(())); }
+            _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break (Exit::Teardown, Ok(())); }
+            _ = sigusr2.recv() => {
+                info!("SIGUSR2: handing over; the pinned dataplane keeps forwarding");
+                break (Exit::KeepForwarding, Ok(()));
+            }
             _ = sweep_tick.tick() => {
                 match conntrack::sweep(&mut dp.maps, &timeouts, args.port_hold * SEC, monotonic_ns()) {
                     Ok(s) if s.expired + s.released + s.freed + s.orphans > 0 => info!(
@@ -296,7 +518,9 @@ async fn run(args: Args) -> Result<()> {
                         freed = s.freed, orphans = s.orphans, "swept conntrack"
                     ),
                     Ok(_) => {}
-                    Err(e) => break Err(e.context("sweeping conntrack")),
+                    // A failing control plane is not a failing dataplane:
+                    // leave it forwarding for the restarted loader.
+                    Err(e) => break (Exit::KeepForwarding, Err(e.context("sweeping conntrack"))),
                 }
             }
             _ = stats_tick.tick(), if args.stats_interval > 0 => log_stats(&dp, args.show_flows),
@@ -311,10 +535,60 @@ async fn run(args: Args) -> Result<()> {
     // Probes fail before the programs go.
     drop(probe);
     log_stats(&dp, args.show_flows);
-    dp.stop();
-    drop(sysctls);
-    info!("nat-loader stopped; everything it added is removed");
-    result
+    match how {
+        Exit::Teardown => {
+            dp.stop(Exit::Teardown)?;
+            drop(sysctls);
+            purge_policy_routing(&ext.name, &int.name).await?;
+            info!("nat-loader stopped; everything it added is removed");
+        }
+        Exit::KeepForwarding => {
+            dp.stop(Exit::KeepForwarding)?;
+            sysctls.keep();
+            info!(
+                pins = %args.bpffs_dir.display(),
+                "nat-loader exited; the dataplane keeps forwarding until a loader adopts it \
+                 (or `nat-loader teardown` removes it)"
+            );
+        }
+    }
+    result?;
+    Ok(match how {
+        Exit::Teardown => ExitCode::SUCCESS,
+        Exit::KeepForwarding => ExitCode::from(EXIT_HANDOVER),
+    })
+}
+
+/// A fresh start must not trip over leftovers that are not a dataplane:
+/// links or counters pinned without conntrack maps are stale and removed
+/// (the loader would otherwise reuse a counters map whatever its layout).
+fn prepare_fresh(pins: &PinDir) -> Result<()> {
+    let stale: Vec<&str> = pins::LINKS
+        .iter()
+        .copied()
+        .chain([nat_common::MAP_STATS])
+        .filter(|p| pins.pin(p).exists())
+        .collect();
+    if !stale.is_empty() {
+        warn!(pins = ?stale, "pins without conntrack maps; removing them");
+        for p in stale {
+            pins.remove_pin(p)?;
+        }
+    }
+    Ok(())
+}
+
+async fn bind_probe(port: u16) -> Result<Option<tokio::net::TcpListener>> {
+    match port {
+        0 => Ok(None),
+        port => Ok(Some(
+            tokio::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))
+                .await
+                .with_context(|| {
+                    format!("listening for health probes on TCP port {port} (--probe-port)")
+                })?,
+        )),
+    }
 }
 
 async fn accept(l: &Option<tokio::net::TcpListener>) -> std::io::Result<()> {
@@ -350,6 +624,68 @@ mod tests {
     fn port_range_accepts_min_max() {
         assert_eq!(port_range("1024-65535"), Ok((1024, 65535)));
         assert_eq!(port_range("5000-5000"), Ok((5000, 5000)));
+    }
+
+    #[test]
+    fn flags_alone_still_run_the_gateway() {
+        let a = Args::try_parse_from(["nat-loader", "--ext", "eth0", "--int", "eth1"])
+            .expect("today's invocation");
+        assert!(a.command.is_none());
+        assert_eq!(
+            (a.ext.as_deref(), a.int.as_deref()),
+            (Some("eth0"), Some("eth1"))
+        );
+        assert_eq!(a.bpffs_dir, PathBuf::from(pins::DEFAULT_DIR));
+        assert!(Args::try_parse_from(["nat-loader", "--int", "eth1"]).is_err());
+    }
+
+    #[test]
+    fn teardown_is_a_subcommand_with_its_own_flags() {
+        let a = Args::try_parse_from([
+            "nat-loader",
+            "teardown",
+            "--ext",
+            "eth0",
+            "--int",
+            "eth1",
+            "--bpffs-dir",
+            "/x",
+        ])
+        .expect("teardown");
+        match a.command {
+            Some(Command::Teardown {
+                ext,
+                int,
+                bpffs_dir,
+            }) => {
+                assert_eq!((ext.as_str(), int.as_str()), ("eth0", "eth1"));
+                assert_eq!(bpffs_dir, PathBuf::from("/x"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(Args::try_parse_from(["nat-loader", "teardown", "--ext", "eth0"]).is_err());
+        assert!(
+            Args::try_parse_from([
+                "nat-loader",
+                "--max-flows",
+                "5",
+                "teardown",
+                "--ext",
+                "a",
+                "--int",
+                "b"
+            ])
+            .is_err(),
+            "gateway flags do not mix with a subcommand"
+        );
+    }
+
+    #[test]
+    fn the_build_id_slot_holds_the_id_after_its_tag() {
+        let slot = build_id_slot("abc");
+        assert!(slot.starts_with(BUILD_ID_TAG.as_bytes()));
+        assert_eq!(&slot[BUILD_ID_TAG.len()..BUILD_ID_TAG.len() + 4], b"abc\0");
+        assert!(!build_id().is_empty());
     }
 
     #[test]

@@ -43,9 +43,13 @@ impl Gateway {
     /// Starts `nat-loader --int int --ext ext <extra>` in `nat` and waits
     /// until it reports ready (or fails, or 30 s pass).
     pub fn start(lab: &Lab, extra: &[&str]) -> Result<Gateway> {
-        let bin = loader_path()?;
+        Gateway::start_with(lab, &loader_path()?, extra)
+    }
+
+    /// [`Gateway::start`] with another loader binary (an upgrade).
+    pub fn start_with(lab: &Lab, bin: &std::path::Path, extra: &[&str]) -> Result<Gateway> {
         let mut cmd = lab.command(Host::Nat, &[]);
-        cmd.arg(&bin)
+        cmd.arg(bin)
             .args(["--int", INT_IF, "--ext", EXT_IF])
             .args(extra)
             .env("RUST_LOG", "info")
@@ -119,6 +123,30 @@ impl Gateway {
         // Let the reader thread drain the last lines.
         std::thread::sleep(Duration::from_millis(50));
         Ok(status)
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGKILL`, `libc::SIGUSR2`) and waits up
+    /// to 10 s for the loader to exit; SIGKILLs it if it does not.
+    pub fn signal_and_wait(&mut self, signal: i32) -> Result<std::process::ExitStatus> {
+        let mut child = self
+            .child
+            .take()
+            .context("the loader was already stopped")?;
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        // The child is ours and not yet reaped, so its pid is not reused.
+        unsafe { libc::kill(child.id() as libc::pid_t, signal) };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            if let Some(status) = child.try_wait()? {
+                std::thread::sleep(Duration::from_millis(50));
+                return Ok(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child.kill()?;
+        bail!("the loader did not exit within 10 s of signal {signal}")
     }
 }
 

@@ -33,10 +33,15 @@
 //! loader.kill().expect("stop loader");
 //! ```
 
+mod bpffs;
 mod gateway;
 mod lab;
 pub mod packet;
+mod streams;
 mod traffic;
+
+pub use bpffs::Bpffs;
+pub use streams::{EchoStreams, StreamReport};
 
 pub use gateway::{Gateway, READY, loader_path};
 

@@ -8,8 +8,8 @@ use std::{net::SocketAddrV4, thread::sleep, time::Duration};
 
 use anyhow::{Context, Result, ensure};
 use nat_lab::{
-    CLIENT1_IP, CLIENT2_IP, Flow, Gateway, Host, Lab, NAT_EXT_IP, SERVER_IP, ping, tcp_transfer,
-    udp_exchange,
+    Bpffs, CLIENT1_IP, CLIENT2_IP, Flow, Gateway, Host, Lab, NAT_EXT_IP, SERVER_IP, ping,
+    tcp_transfer, udp_exchange,
 };
 
 fn main() {
@@ -39,6 +39,10 @@ fn show_log(gw: &Gateway, seen: &mut usize) {
 
 fn run() -> Result<()> {
     step("building the lab: client1, client2 -> [int | nat | ext] -> router -> server");
+    // The loader's pins (maps, links) live on a bpffs of this host, as on
+    // a VM; declared before the lab so it is unmounted after the lab goes.
+    let bpffs = Bpffs::new().context("mounting a BPF file system for the pins")?;
+    let pin_dir = bpffs.pin_dir().display().to_string();
     let lab = Lab::new().context("building the lab (run as root)")?;
     println!("  private subnet 10.1.0.0/24, gateway ext {NAT_EXT_IP}, server {SERVER_IP}");
     println!("  the router has no route back to 10.1.0.0/24, as on the Internet");
@@ -56,7 +60,17 @@ fn run() -> Result<()> {
     }
 
     step("starting nat-loader --int int --ext ext");
-    let mut gw = Gateway::start(&lab, &["--stats-interval", "1", "--show-flows", "10"])?;
+    let mut gw = Gateway::start(
+        &lab,
+        &[
+            "--stats-interval",
+            "1",
+            "--show-flows",
+            "10",
+            "--bpffs-dir",
+            &pin_dir,
+        ],
+    )?;
     let mut seen = 0;
     show_log(&gw, &mut seen);
 

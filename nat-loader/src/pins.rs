@@ -1,0 +1,574 @@
+//! The pin directory: what lets the dataplane outlive the loader process.
+//!
+//! The conntrack and stats maps and the four program links are pinned in
+//! one directory of a BPF file system (`--bpffs-dir`, default
+//! [`DEFAULT_DIR`]). While the pins exist the kernel keeps the programs
+//! attached and the maps alive, whether or not a loader runs: a crash or a
+//! SIGKILL of the loader does not stop forwarding, and the next loader
+//! adopts the maps and swaps its own programs into the pinned links
+//! (`BPF_LINK_UPDATE`, atomic: there is no moment without a program).
+//!
+//! Besides the pins the directory holds one symlink, [`SYSCTL_RECORD`],
+//! whose target text records the sysctl values from before the first
+//! loader changed them (bpffs holds no regular files, but it does hold
+//! symlinks, and a symlink's target is any text). A later loader keeps that
+//! record, so the final teardown restores the true originals rather than
+//! the "1" an earlier loader left behind.
+
+use std::{
+    ffi::CString,
+    fs, io,
+    os::unix::ffi::OsStrExt,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result, bail};
+use aya::{
+    maps::{MapInfo, MapType},
+    programs::links::{FdLink, PinnedLink},
+};
+use nat_common::{
+    BindKey, BindValue, CtKey, CtValue, MAP_ADF, MAP_BIND, MAP_BIND_REV, MAP_CT_FWD, MAP_STATS,
+};
+use tracing::{info, warn};
+
+/// Default `--bpffs-dir`.
+pub const DEFAULT_DIR: &str = "/sys/fs/bpf/nat-gateway";
+/// Where bpffs is conventionally mounted; the loader mounts it there if
+/// nothing is, when the pin directory is below it.
+pub const BPFFS_ROOT: &str = "/sys/fs/bpf";
+/// statfs magic of a BPF file system.
+pub const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+/// Name of the symlink holding the original sysctl values (bpffs refuses
+/// names with a dot).
+pub const SYSCTL_RECORD: &str = "sysctl_originals";
+
+/// The pinned links, one per program: (pin name, program).
+pub const LINK_XDP_INT: &str = "link_xdp_int";
+pub const LINK_XDP_EXT: &str = "link_xdp_ext";
+pub const LINK_TCX_INT: &str = "link_tcx_int";
+pub const LINK_TCX_EXT: &str = "link_tcx_ext";
+pub const LINKS: [&str; 4] = [LINK_XDP_INT, LINK_TCX_INT, LINK_XDP_EXT, LINK_TCX_EXT];
+
+/// A pin directory on a BPF file system.
+#[derive(Clone, Debug)]
+pub struct PinDir {
+    path: PathBuf,
+}
+
+/// The pin directory's lock; released on drop or exit.
+pub struct DirLock {
+    _dir: fs::File,
+}
+
+/// What a map must look like to be adopted.
+struct MapShape {
+    name: &'static str,
+    map_type: MapType,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+}
+
+impl PinDir {
+    pub fn new(path: impl Into<PathBuf>) -> PinDir {
+        PinDir { path: path.into() }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The pin path of a map or link named `name`.
+    pub fn pin(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+
+    pub fn exists(&self) -> bool {
+        self.path.is_dir()
+    }
+
+    /// Whether a conntrack map is pinned (the sign of a dataplane to
+    /// adopt).
+    pub fn has_maps(&self) -> bool {
+        [MAP_CT_FWD, MAP_BIND, MAP_BIND_REV]
+            .iter()
+            .any(|m| self.pin(m).exists())
+    }
+
+    /// Makes sure the directory exists on a BPF file system: mounts bpffs
+    /// at /sys/fs/bpf when the directory is below it and nothing is mounted
+    /// there, then creates the directory.
+    pub fn prepare(&self) -> Result<()> {
+        if !self.path.is_absolute() {
+            bail!(
+                "--bpffs-dir {} must be an absolute path",
+                self.path.display()
+            );
+        }
+        let root = Path::new(BPFFS_ROOT);
+        if self.path.starts_with(root) && root.is_dir() && !is_bpffs(root)? {
+            mount_bpffs(root)?;
+            info!(path = BPFFS_ROOT, "mounted a BPF file system");
+            if private_mount_namespace() {
+                warn!(
+                    path = BPFFS_ROOT,
+                    "this process has its own mount namespace (ip netns exec?): the pins vanish \
+                     with it, so a crash or handover loses the dataplane; pass a --bpffs-dir on a \
+                     BPF file system of the host"
+                );
+            }
+        }
+        let parent = self.path.parent().unwrap_or(root);
+        let anchor = existing_ancestor(parent);
+        if !is_bpffs(&anchor)? {
+            bail!(
+                "--bpffs-dir {}: {} is not on a BPF file system (mount one: mount -t bpf bpf DIR)",
+                self.path.display(),
+                anchor.display()
+            );
+        }
+        fs::create_dir_all(&self.path)
+            .with_context(|| format!("creating the pin directory {}", self.path.display()))?;
+        Ok(())
+    }
+
+    /// Takes the directory's lock (`flock`), held until the returned guard
+    /// is dropped or the process ends, however it ends. Two loaders must
+    /// never drive one dataplane (the second's SIGTERM would remove the
+    /// first's), and teardown must not pull pins from under a live loader.
+    pub fn lock(&self) -> Result<DirLock> {
+        let dir = fs::File::open(&self.path)
+            .with_context(|| format!("opening the pin directory {}", self.path.display()))?;
+        // SAFETY: flock on an fd we own.
+        let rc = unsafe {
+            libc::flock(
+                std::os::fd::AsRawFd::as_raw_fd(&dir),
+                libc::LOCK_EX | libc::LOCK_NB,
+            )
+        };
+        if rc != 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::WouldBlock {
+                bail!(
+                    "another nat-loader is running with --bpffs-dir {} (stop it with SIGTERM, \
+                     or hand over with SIGUSR2, first)",
+                    self.path.display()
+                );
+            }
+            return Err(e).with_context(|| format!("locking {}", self.path.display()));
+        }
+        Ok(DirLock { _dir: dir })
+    }
+
+    /// Checks that the pinned conntrack maps, if any, fit this build and
+    /// these flags. `Ok(true)`: both are pinned and fit (adopt them);
+    /// `Ok(false)`: none is pinned (start fresh). Anything else is an error
+    /// that names the difference and the way out, and changes nothing.
+    ///
+    /// The counters are not worth refusing an upgrade for (a new build may
+    /// well count one more reason): a pinned `STATS` of another shape is
+    /// unpinned, with a warning, and the new programs get a fresh one.
+    pub fn check_maps(&self, max_flows: u32) -> Result<bool> {
+        let sizes = crate::dataplane::map_sizes(max_flows);
+        let entries = |name: &str| {
+            sizes
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, e)| *e)
+                .unwrap_or(max_flows)
+        };
+        let shape = |name: &'static str, key_size: usize, value_size: usize| MapShape {
+            name,
+            map_type: MapType::Hash,
+            key_size: key_size as u32,
+            value_size: value_size as u32,
+            max_entries: entries(name),
+        };
+        let shapes = [
+            shape(MAP_CT_FWD, size_of::<CtKey>(), size_of::<CtValue>()),
+            shape(MAP_BIND, size_of::<BindKey>(), size_of::<BindValue>()),
+            shape(MAP_BIND_REV, size_of::<BindKey>(), size_of::<BindValue>()),
+            shape(MAP_ADF, size_of::<CtKey>(), size_of::<u8>()),
+        ];
+        let pinned: Vec<bool> = shapes.iter().map(|s| self.pin(s.name).exists()).collect();
+        if pinned.iter().all(|p| !p) {
+            return Ok(false);
+        }
+        let fix = format!(
+            "run `nat-loader teardown --ext .. --int .. --bpffs-dir {}` to remove the old dataplane \
+             (its flows are lost), or start with flags that match it",
+            self.path.display()
+        );
+        for (shape, pinned) in shapes.iter().zip(pinned) {
+            if !pinned {
+                bail!(
+                    "the pinned dataplane in {} is incomplete: map {} is missing; {fix}",
+                    self.path.display(),
+                    shape.name
+                );
+            }
+            let diffs = self.shape_differences(shape)?;
+            if !diffs.is_empty() {
+                bail!(
+                    "cannot adopt the pinned map {}: {}; {fix}",
+                    self.pin(shape.name).display(),
+                    diffs.join(", ")
+                );
+            }
+        }
+        let stats = MapShape {
+            name: MAP_STATS,
+            map_type: MapType::PerCpuArray,
+            key_size: 4,
+            value_size: 8,
+            max_entries: nat_common::stats::COUNT * crate::stats::HOOKS.len() as u32,
+        };
+        if self.pin(MAP_STATS).exists() {
+            let diffs = self.shape_differences(&stats)?;
+            if !diffs.is_empty() {
+                warn!(
+                    differences = %diffs.join(", "),
+                    "the pinned counters have another layout; they start again from zero"
+                );
+                self.remove_pin(MAP_STATS)?;
+            }
+        }
+        Ok(true)
+    }
+
+    /// How the pinned map `shape.name` differs from `shape` (empty: not).
+    fn shape_differences(&self, shape: &MapShape) -> Result<Vec<String>> {
+        let path = self.pin(shape.name);
+        let info = MapInfo::from_pin(&path)
+            .with_context(|| format!("opening the pinned map {}", path.display()))?;
+        let map_type = info
+            .map_type()
+            .with_context(|| format!("type of the pinned map {}", path.display()))?;
+        let mut diffs = Vec::new();
+        if map_type != shape.map_type {
+            diffs.push(format!("type {map_type:?}, expected {:?}", shape.map_type));
+        }
+        if info.key_size() != shape.key_size {
+            diffs.push(format!(
+                "key size {}, expected {}",
+                info.key_size(),
+                shape.key_size
+            ));
+        }
+        if info.value_size() != shape.value_size {
+            diffs.push(format!(
+                "value size {}, expected {}",
+                info.value_size(),
+                shape.value_size
+            ));
+        }
+        if info.max_entries() != shape.max_entries {
+            let hint = if shape.name == MAP_STATS {
+                ""
+            } else {
+                " (--max-flows)"
+            };
+            diffs.push(format!(
+                "{} entries{hint}, expected {}",
+                info.max_entries(),
+                shape.max_entries
+            ));
+        }
+        Ok(diffs)
+    }
+
+    /// Removes the pin `name` if it exists (a link pin detaches its link
+    /// once no process holds it).
+    pub fn remove_pin(&self, name: &str) -> Result<()> {
+        let path = self.pin(name);
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("removing {}", path.display())),
+        }
+    }
+
+    /// Opens the pinned link `name` if it is still attached to `ifindex`.
+    /// A link that is attached elsewhere, or to nothing (its interface was
+    /// deleted), is unpinned, which detaches it: the caller attaches afresh.
+    pub fn adopt_link(&self, name: &str, ifindex: u32) -> Result<Option<FdLink>> {
+        let path = self.pin(name);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let on = link_ifindex(&path)
+            .with_context(|| format!("reading the pinned link {}", path.display()))?;
+        let link = PinnedLink::from_pin(&path)
+            .with_context(|| format!("opening the pinned link {}", path.display()))?;
+        if on != ifindex {
+            warn!(
+                link = name,
+                pinned_ifindex = on,
+                ifindex,
+                "pinned link is not attached to this interface (recreated or renamed?); replacing it"
+            );
+            drop(
+                link.unpin()
+                    .with_context(|| format!("unpinning {}", path.display()))?,
+            );
+            return Ok(None);
+        }
+        Ok(Some(link.into()))
+    }
+
+    /// Reads the recorded original sysctl values (path below /proc/sys,
+    /// value); empty if nothing is recorded.
+    pub fn sysctl_record(&self) -> Result<Vec<(String, String)>> {
+        let path = self.pin(SYSCTL_RECORD);
+        let target = match fs::read_link(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        let text = String::from_utf8_lossy(target.as_os_str().as_bytes()).into_owned();
+        Ok(parse_record(&text))
+    }
+
+    /// Replaces the record of original sysctl values.
+    pub fn write_sysctl_record(&self, record: &[(String, String)]) -> Result<()> {
+        let path = self.pin(SYSCTL_RECORD);
+        let tmp = self.pin(&format!("{SYSCTL_RECORD}_new"));
+        let _ = fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(format_record(record), &tmp)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+        Ok(())
+    }
+
+    /// Removes every pin and the record, then the directory. Links first,
+    /// so the programs are detached before their maps go. Missing entries
+    /// are fine (idempotent). Returns what it removed.
+    pub fn remove_all(&self) -> Result<Vec<String>> {
+        let mut removed = Vec::new();
+        if !self.exists() {
+            return Ok(removed);
+        }
+        for name in LINKS {
+            let path = self.pin(name);
+            if !path.exists() {
+                continue;
+            }
+            // Unpinning drops the last reference unless a running loader
+            // still holds the link; closing our fd then detaches it.
+            match PinnedLink::from_pin(&path) {
+                Ok(link) => drop(
+                    link.unpin()
+                        .with_context(|| format!("unpinning {}", path.display()))?,
+                ),
+                Err(e) => {
+                    warn!(path = %path.display(), error = %e, "not a link; removing the pin");
+                    fs::remove_file(&path)
+                        .with_context(|| format!("removing {}", path.display()))?;
+                }
+            }
+            removed.push(name.to_string());
+        }
+        let entries =
+            fs::read_dir(&self.path).with_context(|| format!("listing {}", self.path.display()))?;
+        for entry in entries {
+            let entry = entry.with_context(|| format!("listing {}", self.path.display()))?;
+            let path = entry.path();
+            fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+            removed.push(entry.file_name().to_string_lossy().into_owned());
+        }
+        fs::remove_dir(&self.path)
+            .with_context(|| format!("removing the pin directory {}", self.path.display()))?;
+        Ok(removed)
+    }
+}
+
+fn parse_record(text: &str) -> Vec<(String, String)> {
+    // One `path=value` per line; interface names cannot hold whitespace,
+    // and the value is the part after the last '='.
+    text.lines()
+        .filter_map(|l| l.rsplit_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn format_record(record: &[(String, String)]) -> String {
+    record
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn existing_ancestor(p: &Path) -> PathBuf {
+    let mut p = p.to_path_buf();
+    while !p.exists() {
+        match p.parent() {
+            Some(up) => p = up.to_path_buf(),
+            None => break,
+        }
+    }
+    p
+}
+
+/// Whether `path` is on a BPF file system.
+pub fn is_bpffs(path: &Path) -> Result<bool> {
+    let c = CString::new(path.as_os_str().as_bytes()).context("path with a NUL byte")?;
+    // SAFETY: zeroed statfs is a valid out-parameter; c is NUL-terminated.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error())
+            .with_context(|| format!("statfs {}", path.display()));
+    }
+    #[allow(clippy::unnecessary_cast)]
+    Ok(st.f_type as i64 == BPF_FS_MAGIC)
+}
+
+fn private_mount_namespace() -> bool {
+    match (
+        fs::read_link("/proc/self/ns/mnt"),
+        fs::read_link("/proc/1/ns/mnt"),
+    ) {
+        (Ok(a), Ok(b)) => a != b,
+        _ => false,
+    }
+}
+
+fn mount_bpffs(at: &Path) -> Result<()> {
+    let target = CString::new(at.as_os_str().as_bytes()).context("path with a NUL byte")?;
+    let fstype = c"bpf";
+    // SAFETY: NUL-terminated strings; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error())
+            .with_context(|| format!("mounting a BPF file system at {}", at.display()));
+    }
+    Ok(())
+}
+
+// The link's interface is in `bpf_link_info`'s union, which aya 0.14 does
+// not expose; two plain bpf(2) calls read it.
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_LINK_TYPE_XDP: u32 = 6;
+const BPF_LINK_TYPE_TCX: u32 = 11;
+
+#[repr(C)]
+#[derive(Default)]
+struct ObjGetAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct InfoByFdAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// `bpf_link_info`: type, id, prog_id, then (8-aligned) the per-type
+/// union, whose first field is the ifindex for both XDP and TCX links.
+#[repr(C, align(8))]
+struct LinkInfoRaw {
+    link_type: u32,
+    id: u32,
+    prog_id: u32,
+    _pad: u32,
+    union_: [u8; 64],
+}
+
+fn bpf(cmd: libc::c_long, attr: *mut u8, size: usize) -> io::Result<libc::c_long> {
+    // SAFETY: attr points at a live, correctly laid out bpf_attr prefix of
+    // `size` bytes.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr, size) };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// The interface a pinned XDP or TCX link is attached to (0: none any
+/// more, its interface is gone).
+pub fn link_ifindex(pin: &Path) -> Result<u32> {
+    Ok(link_info(pin)?.1)
+}
+
+/// (program id, ifindex) of a pinned XDP or TCX link.
+pub fn link_info(pin: &Path) -> Result<(u32, u32)> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let c = CString::new(pin.as_os_str().as_bytes()).context("path with a NUL byte")?;
+    let mut get = ObjGetAttr {
+        pathname: c.as_ptr() as u64,
+        ..Default::default()
+    };
+    let fd = bpf(
+        BPF_OBJ_GET,
+        (&mut get as *mut ObjGetAttr).cast(),
+        size_of::<ObjGetAttr>(),
+    )
+    .with_context(|| format!("BPF_OBJ_GET {}", pin.display()))?;
+    // SAFETY: a fresh fd the kernel just returned; we own it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let mut info = LinkInfoRaw {
+        link_type: 0,
+        id: 0,
+        prog_id: 0,
+        _pad: 0,
+        union_: [0; 64],
+    };
+    let mut attr = InfoByFdAttr {
+        bpf_fd: std::os::fd::AsRawFd::as_raw_fd(&fd) as u32,
+        info_len: size_of::<LinkInfoRaw>() as u32,
+        info: (&mut info as *mut LinkInfoRaw) as u64,
+    };
+    bpf(
+        BPF_OBJ_GET_INFO_BY_FD,
+        (&mut attr as *mut InfoByFdAttr).cast(),
+        size_of::<InfoByFdAttr>(),
+    )
+    .with_context(|| format!("BPF_OBJ_GET_INFO_BY_FD {}", pin.display()))?;
+    if info.link_type != BPF_LINK_TYPE_XDP && info.link_type != BPF_LINK_TYPE_TCX {
+        bail!(
+            "{} is a BPF link of type {}, not XDP or TCX",
+            pin.display(),
+            info.link_type
+        );
+    }
+    let ifindex = u32::from_ne_bytes([
+        info.union_[0],
+        info.union_[1],
+        info.union_[2],
+        info.union_[3],
+    ]);
+    Ok((info.prog_id, ifindex))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sysctl_record_round_trips_and_splits_on_the_last_equals_sign() {
+        let rec = vec![
+            ("net/ipv4/ip_forward".to_string(), "0".to_string()),
+            (
+                "net/ipv4/conf/we=ird/forwarding".to_string(),
+                "1".to_string(),
+            ),
+        ];
+        assert_eq!(parse_record(&format_record(&rec)), rec);
+        assert!(parse_record("").is_empty());
+    }
+}
