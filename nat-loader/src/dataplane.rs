@@ -122,6 +122,19 @@ impl Dataplane {
         })
     }
 
+    /// The kernel's id of program `name`: the health check looks for it
+    /// among the programs the NICs report attached.
+    pub fn program_id(&self, name: &str) -> Result<u32> {
+        let prog = self
+            .ebpf
+            .program(name)
+            .with_context(|| format!("program {name} missing from the eBPF object"))?;
+        Ok(prog
+            .info()
+            .with_context(|| format!("program info of {name}"))?
+            .id())
+    }
+
     /// Detaches every program (also done on drop; this logs it).
     pub fn stop(self) {
         let names: Vec<String> = self.ebpf.programs().map(|(n, _)| n.to_string()).collect();

@@ -4,7 +4,9 @@
 pub mod caps;
 pub mod conntrack;
 pub mod dataplane;
+pub mod health;
 pub mod netif;
+pub mod routing;
 pub mod stats;
 pub mod sysctl;
 

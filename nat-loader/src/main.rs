@@ -10,10 +10,13 @@ use clap::Parser;
 use nat_common::{
     DEFAULT_MAX_FLOWS, DEFAULT_PORT_MAX, DEFAULT_PORT_MIN, DEFAULT_PROBE_PORT, timeouts::Timeouts,
 };
+use nat_common::{PROG_TC_EXT, PROG_TC_INT, PROG_XDP_EXT, PROG_XDP_INT};
 use nat_loader::{
     caps, conntrack,
     dataplane::{Dataplane, Settings, XdpAttach},
+    health::{self, Probe, Status},
     monotonic_ns, netif,
+    routing::{self, Cidr, NicPolicy, Plan, PolicyRoutes},
     stats::Stats,
     sysctl::{self, SysctlGuard},
 };
@@ -57,10 +60,41 @@ struct Args {
     #[arg(long, value_name = "SECS", default_value_t = Timeouts::DEFAULT.icmp_ns / 1_000_000_000)]
     icmp_timeout: u64,
     /// TCP port of the load balancer's health probe (0: none). It accepts
-    /// only while the programs are attached: it opens after attaching and
-    /// closes first on shutdown.
+    /// only while the dataplane is healthy (programs attached on both NICs,
+    /// maps reachable, both links up, forwarding on), checked every 250 ms;
+    /// otherwise connections are refused. It closes first on shutdown.
     #[arg(long, value_name = "PORT", default_value_t = DEFAULT_PROBE_PORT)]
     probe_port: u16,
+    /// TCP port of an HTTP health endpoint: `GET /healthz` answers 200
+    /// `{"healthy":true}` or 503 with the reason [default: none].
+    #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    health_port: Option<u16>,
+    /// On SIGTERM/SIGINT: fail the probes at once, keep forwarding this many
+    /// seconds so the load balancer moves new flows away while established
+    /// ones finish, then detach. A second signal stops at once.
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    drain_seconds: u64,
+    /// Do not add policy rules and routes (replies to probes then follow
+    /// the main table, which on a two-NIC VM sends them out of --ext).
+    #[arg(long)]
+    no_policy_routing: bool,
+    /// Routing table for traffic from --int's addresses.
+    #[arg(long, value_name = "ID", default_value_t = routing::DEFAULT_INT_TABLE, value_parser = parse_table)]
+    int_table: u32,
+    /// Routing table for traffic from --ext's addresses.
+    #[arg(long, value_name = "ID", default_value_t = routing::DEFAULT_EXT_TABLE, value_parser = parse_table)]
+    ext_table: u32,
+    /// Gateway of --int's subnet [default: from the default route through --int;
+    /// in Azure the subnet's first address, e.g. 10.0.1.1].
+    #[arg(long, value_name = "IPV4")]
+    int_gateway: Option<Ipv4Addr>,
+    /// Gateway of --ext's subnet [default: from the default route through --ext].
+    #[arg(long, value_name = "IPV4")]
+    ext_gateway: Option<Ipv4Addr>,
+    /// An inside prefix beyond --int's own subnet (e.g. peered networks),
+    /// routed via --int's gateway so replies find the way back. Repeatable.
+    #[arg(long, value_name = "CIDR")]
+    internal_cidr: Vec<Cidr>,
     /// How often expired flows are swept, seconds.
     #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     sweep_interval: u64,
@@ -70,6 +104,17 @@ struct Args {
     /// With each stats line, also log up to this many translated flows.
     #[arg(long, value_name = "N", default_value_t = 0)]
     show_flows: usize,
+}
+
+fn parse_table(s: &str) -> Result<u32, String> {
+    let t: u32 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a table number"))?;
+    // 0 is "unspecified", 253-255 are the kernel's default, main and local.
+    if t == 0 || (253..=255).contains(&t) {
+        return Err(format!("table {t} is reserved; pick 1-252 or above 255"));
+    }
+    Ok(t)
 }
 
 fn parse_port_range(s: &str) -> Result<String, String> {
@@ -194,6 +239,57 @@ async fn run(args: Args) -> Result<()> {
             )
         })?,
     };
+    if !args.no_policy_routing && args.int_table == args.ext_table {
+        bail!(
+            "--int-table and --ext-table are both {}: each NIC needs its own table",
+            args.int_table
+        );
+    }
+    if args.no_policy_routing && !args.internal_cidr.is_empty() {
+        bail!("--internal-cidr needs policy routing; drop --no-policy-routing");
+    }
+    if args.health_port.is_some() && args.health_port == Some(args.probe_port) {
+        bail!(
+            "--health-port and --probe-port are both {}",
+            args.probe_port
+        );
+    }
+    let plan = if args.no_policy_routing {
+        None
+    } else {
+        let int_gw = match args.int_gateway {
+            Some(g) => Some(g),
+            None => routing::discover_gateway(&handle, int.index).await?,
+        };
+        let ext_gw = match args.ext_gateway {
+            Some(g) => Some(g),
+            None => routing::discover_gateway(&handle, ext.index).await?,
+        };
+        Some(Plan {
+            int: NicPolicy {
+                name: int.name.clone(),
+                index: int.index,
+                table: args.int_table,
+                gateway: int_gw,
+            },
+            ext: NicPolicy {
+                name: ext.name.clone(),
+                index: ext.index,
+                table: args.ext_table,
+                gateway: ext_gw,
+            },
+            internal_cidrs: args.internal_cidr.clone(),
+        })
+    };
+    if let Some(p) = &plan
+        && !p.internal_cidrs.is_empty()
+        && p.int.gateway.is_none()
+    {
+        bail!(
+            "--internal-cidr: no gateway of --int {} found (no default route through it): give --int-gateway",
+            int.name
+        );
+    }
     let settings = Settings {
         ext: ext.name.clone(),
         ext_index: ext.index,
@@ -209,16 +305,46 @@ async fn run(args: Args) -> Result<()> {
     // From here on every change is owned by a guard that undoes it on drop.
     let mut sysctls = SysctlGuard::default();
     sysctl::enable_forwarding(&mut sysctls, &ext.name, &int.name)?;
+    let mut routes = match &plan {
+        Some(p) => PolicyRoutes::install(&handle, p)
+            .await
+            .context("installing policy routing (--no-policy-routing to do without)")?,
+        None => PolicyRoutes::default(),
+    };
     let mut dp = Dataplane::start(&settings)?;
-    let probe = match args.probe_port {
+    let watched = [
+        health::Nic {
+            name: int.name.clone(),
+            index: int.index,
+            xdp_prog_id: dp.program_id(PROG_XDP_INT)?,
+            tc_prog_id: dp.program_id(PROG_TC_INT)?,
+        },
+        health::Nic {
+            name: ext.name.clone(),
+            index: ext.index,
+            xdp_prog_id: dp.program_id(PROG_XDP_EXT)?,
+            tc_prog_id: dp.program_id(PROG_TC_EXT)?,
+        },
+    ];
+    let mut probe = match args.probe_port {
         0 => None,
-        port => Some(
-            tokio::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))
-                .await
-                .with_context(|| {
-                    format!("listening for health probes on TCP port {port} (--probe-port)")
-                })?,
-        ),
+        port => Some(Probe::new(port)?),
+    };
+    let mut status = health::check(&handle, &watched, &dp.stats).await;
+    if let Status::Unhealthy(reason) = &status {
+        warn!(%reason, "not healthy yet: the probe stays closed until it is");
+    }
+    if let Some(p) = &mut probe {
+        p.set_open(status.is_healthy());
+    }
+    let (status_tx, status_rx) = tokio::sync::watch::channel(status.clone());
+    let http = match args.health_port {
+        Some(port) => {
+            let l = health::http_listener(port).await?;
+            info!(port, "serving GET /healthz");
+            Some(tokio::spawn(health::serve_http(l, status_rx)))
+        }
+        None => None,
     };
     info!(
         ext = %ext.name, int = %int.name, snat = %snat_addr,
@@ -231,38 +357,113 @@ async fn run(args: Args) -> Result<()> {
     let mut sweep_tick = tokio::time::interval(Duration::from_secs(args.sweep_interval));
     let stats_every = Duration::from_secs(args.stats_interval.max(1));
     let mut stats_tick = tokio::time::interval(stats_every);
+    let mut health_tick = tokio::time::interval(health::CHECK_INTERVAL);
+    health_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut drain_until: Option<tokio::time::Instant> = None;
     let result = loop {
-        tokio::select! {
-            _ = sigint.recv() => { info!("SIGINT: shutting down"); break Ok(()); }
-            _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break Ok(()); }
+        let signal = tokio::select! {
+            _ = sigint.recv() => "SIGINT",
+            _ = sigterm.recv() => "SIGTERM",
+            _ = sleep_until(drain_until), if drain_until.is_some() => {
+                info!("drain over: shutting down");
+                break Ok(());
+            }
+            _ = health_tick.tick() => {
+                let now = if drain_until.is_some() {
+                    Status::Draining
+                } else {
+                    // A check that hangs (netlink) is a failed check.
+                    tokio::time::timeout(health::CHECK_INTERVAL * 3, health::check(&handle, &watched, &dp.stats))
+                        .await
+                        .unwrap_or_else(|_| Status::Unhealthy("health check timed out".into()))
+                };
+                if now != status {
+                    match &now {
+                        Status::Healthy => {
+                            // Routes through a NIC die with it when it goes
+                            // down; put ours back before saying healthy.
+                            match routes.restore(&handle).await {
+                                Ok(0) => {}
+                                Ok(n) => info!(count = n, "restored policy routes"),
+                                Err(e) => warn!(error = %format!("{e:#}"), "restoring policy routes"),
+                            }
+                            info!("healthy");
+                        }
+                        Status::Unhealthy(reason) => warn!(%reason, "unhealthy: probe closed"),
+                        Status::Draining => {}
+                    }
+                    if let Some(p) = &mut probe {
+                        p.set_open(now.is_healthy());
+                    }
+                    status = now;
+                    status_tx.send_replace(status.clone());
+                }
+                continue;
+            }
             _ = sweep_tick.tick() => {
                 match conntrack::sweep(&mut dp.ct_fwd, &mut dp.ct_rev, &timeouts, monotonic_ns()) {
                     Ok(s) if s.expired + s.orphans > 0 => info!(expired = s.expired, orphans = s.orphans, remaining = s.remaining, "swept conntrack"),
                     Ok(_) => {}
                     Err(e) => break Err(e.context("sweeping conntrack")),
                 }
+                continue;
             }
-            _ = stats_tick.tick(), if args.stats_interval > 0 => log_stats(&dp, args.show_flows),
-            conn = accept(&probe), if probe.is_some() => {
+            _ = stats_tick.tick(), if args.stats_interval > 0 => {
+                log_stats(&dp, args.show_flows);
+                continue;
+            }
+            conn = accept(&probe), if probe.as_ref().is_some_and(Probe::is_open) => {
                 // Accepting is the answer; nothing is read or written.
                 if let Err(e) = conn {
                     warn!(error = %e, "accepting a health probe");
                 }
+                continue;
             }
+        };
+        // A signal.
+        if drain_until.is_some() || args.drain_seconds == 0 {
+            info!("{signal}: shutting down now");
+            break Ok(());
         }
+        // Probes fail at once; forwarding goes on while the load balancer
+        // moves new flows elsewhere and established ones finish.
+        if let Some(p) = &mut probe {
+            p.set_open(false);
+        }
+        status = Status::Draining;
+        status_tx.send_replace(Status::Draining);
+        drain_until = Some(tokio::time::Instant::now() + Duration::from_secs(args.drain_seconds));
+        info!(
+            seconds = args.drain_seconds,
+            "{signal}: draining: probe closed, forwarding goes on (signal again to stop now)"
+        );
     };
     // Probes fail before the programs go.
     drop(probe);
+    if let Some(h) = http {
+        h.abort();
+    }
     log_stats(&dp, args.show_flows);
     dp.stop();
+    if let Err(e) = routes.remove(&handle).await {
+        warn!(error = %format!("{e:#}"), "policy routing cleanup");
+    }
+    drop(routes);
     drop(sysctls);
     info!("nat-loader stopped; everything it added is removed");
     result
 }
 
-async fn accept(l: &Option<tokio::net::TcpListener>) -> std::io::Result<()> {
-    match l {
-        Some(l) => l.accept().await.map(drop),
+async fn accept(p: &Option<Probe>) -> std::io::Result<()> {
+    match p {
+        Some(p) => p.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(t: Option<tokio::time::Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
         None => std::future::pending().await,
     }
 }
