@@ -15,6 +15,7 @@ fi
 APT_PACKAGES=(
     rustc-web cargo-web libstd-rust-web-dev-bpf llvm-22-dev
     iproute2 ethtool iputils-ping socat iperf3 tcpdump python3 kmod
+    nftables bpftool
 )
 
 missing=()

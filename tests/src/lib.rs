@@ -33,9 +33,12 @@
 //! loader.kill().expect("stop loader");
 //! ```
 
+pub mod failover;
 mod gateway;
 mod lab;
+pub mod netns;
 pub mod packet;
+pub mod probers;
 mod traffic;
 
 pub use gateway::{Gateway, READY, loader_path};
