@@ -124,6 +124,24 @@ impl FailoverLab {
             ns.veth(&nat, "ext", "sw", &px)?;
             ns.ip("sw", &["link", "set", &pi, "master", "br-int"])?;
             ns.ip("sw", &["link", "set", &px, "master", "br-ext"])?;
+            // A cloud network delivers a frame only to the VM it is for.
+            // A learning bridge floods a frame for a MAC it has forgotten
+            // (a port that went down) to every port, and XDP sees frames
+            // whatever their destination MAC, so without this the other
+            // instances would translate the dead one's traffic.
+            // And it knows where each VM is: static entries, which the
+            // bridge keeps when a port goes down, so a frame for a stopped
+            // instance is dropped and one for a restarted instance
+            // arrives without waiting for the bridge to learn its MAC.
+            for (p, dev) in [(&pi, "int"), (&px, "ext")] {
+                ns.exec("sw", &["bridge", "link", "set", "dev", p, "flood", "off"])?;
+                let mac = ns.exec(&nat, &["cat", &format!("/sys/class/net/{dev}/address")])?;
+                let mac = String::from_utf8_lossy(&mac.stdout).trim().to_string();
+                ns.exec(
+                    "sw",
+                    &["bridge", "fdb", "replace", &mac, "dev", p, "master", "static"],
+                )?;
+            }
             ns.ip(
                 &nat,
                 &["addr", "add", &format!("{}/24", int_ip(i)), "dev", "int"],
@@ -805,8 +823,10 @@ pub struct DrillReport {
     /// Long-lived flows through the surviving instances, and those that broke.
     pub survivors: usize,
     pub survivors_broken: Vec<String>,
-    /// Long-lived flows through the victim (lost with it, as with a VM).
+    /// Long-lived flows through the victim, and how many broke (lost with
+    /// it, as with a VM).
     pub victims: usize,
+    pub victims_broken: usize,
     /// From the links coming back until the prober added it again.
     pub rejoined_after: Duration,
     /// New connections per instance after the rejoin.
@@ -853,9 +873,13 @@ pub fn drill(lab: &FailoverLab, victim: usize, flows: usize) -> Result<DrillRepo
     let mut survivors = 0;
     let mut survivors_broken = Vec::new();
     let mut victims = 0;
+    let mut victims_broken = 0;
     for (k, (inst, r)) in results.iter().enumerate() {
         match inst {
-            Some(i) if *i == victim => victims += 1,
+            Some(i) if *i == victim => {
+                victims += 1;
+                victims_broken += usize::from(r.error.is_some());
+            }
             Some(i) => {
                 survivors += 1;
                 if let Some((at, e)) = &r.error {
@@ -878,6 +902,7 @@ pub fn drill(lab: &FailoverLab, victim: usize, flows: usize) -> Result<DrillRepo
         survivors,
         survivors_broken,
         victims,
+        victims_broken,
         rejoined_after: rejoined - t1,
         spread_after,
         events: lab.prober().events_text(),
