@@ -139,7 +139,9 @@ impl FailoverLab {
                 let mac = String::from_utf8_lossy(&mac.stdout).trim().to_string();
                 ns.exec(
                     "sw",
-                    &["bridge", "fdb", "replace", &mac, "dev", p, "master", "static"],
+                    &[
+                        "bridge", "fdb", "replace", &mac, "dev", p, "master", "static",
+                    ],
                 )?;
             }
             ns.ip(
@@ -357,15 +359,18 @@ impl FailoverLab {
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
         let mut ids = Vec::new();
+        let mut counters = Vec::new();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         for _ in 0..count {
             let id = echo.next_id();
             ids.push(id);
             let stop = Arc::clone(&stop);
             let ready = ready_tx.clone();
+            let count = Arc::new(AtomicU64::new(0));
+            counters.push(Arc::clone(&count));
             threads.push(
                 self.ns
-                    .spawn_thread("client", move || long_flow(id, &stop, ready)),
+                    .spawn_thread("client", move || long_flow(id, &stop, &count, ready)),
             );
         }
         for _ in 0..count {
@@ -382,6 +387,7 @@ impl FailoverLab {
         Ok(LongFlows {
             stop,
             threads,
+            counters,
             instance,
             started: Instant::now(),
         })
@@ -548,6 +554,7 @@ fn one_exchange(
 fn long_flow(
     id: u64,
     stop: &AtomicBool,
+    count: &AtomicU64,
     ready: std::sync::mpsc::Sender<Result<()>>,
 ) -> Result<FlowResult> {
     let start = |id: u64| -> Result<std::net::TcpStream> {
@@ -580,7 +587,10 @@ fn long_flow(
             s.read_exact(&mut back).map(|_| back)
         });
         match r {
-            Ok(back) if back == payload => exchanges += 1,
+            Ok(back) if back == payload => {
+                exchanges += 1;
+                count.store(exchanges, Ordering::Relaxed);
+            }
             Ok(_) => {
                 return Ok(FlowResult {
                     exchanges,
@@ -619,12 +629,21 @@ pub struct FlowResult {
 pub struct LongFlows {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<Result<FlowResult>>>,
+    counters: Vec<Arc<AtomicU64>>,
     /// The instance that carries each flow.
     pub instance: Vec<Option<usize>>,
     pub started: Instant,
 }
 
 impl LongFlows {
+    /// Messages each flow has exchanged so far.
+    pub fn exchanges(&self) -> Vec<u64> {
+        self.counters
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect()
+    }
+
     /// Stops the flows; each flow's instance and result.
     pub fn finish(self) -> Vec<(Option<usize>, FlowResult)> {
         self.stop.store(true, Ordering::Relaxed);

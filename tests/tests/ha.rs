@@ -373,8 +373,8 @@ fn failover_new_connections_succeed_within_3s_surviving_flows_continue_and_the_i
 
 #[test]
 fn sigterm_drain_fails_the_probe_first_keeps_established_flows_and_then_leaves_nothing_behind() {
-    let drain = Duration::from_secs(5);
-    let mut lab = failover_lab(Some("5"));
+    let drain = Duration::from_secs(6);
+    let mut lab = failover_lab(Some("6"));
     let mut gw0 = lab.take_gateway(0).expect("nat0's loader");
     let flows = lab.long_flows(24).expect("long-lived flows");
     let on0 = flows.instance.iter().filter(|i| **i == Some(0)).count();
@@ -423,6 +423,21 @@ fn sigterm_drain_fails_the_probe_first_keeps_established_flows_and_then_leaves_n
         gw0.wait(Duration::ZERO).expect("waiting").is_none(),
         "nat0 still running"
     );
+    // Established flows through nat0 keep exchanging well into the window.
+    let before = flows.exchanges();
+    std::thread::sleep(Duration::from_millis(1500));
+    let after = flows.exchanges();
+    assert!(t0.elapsed() < drain, "still draining: {:?}", t0.elapsed());
+    for (k, inst) in flows.instance.iter().enumerate() {
+        if *inst == Some(0) {
+            assert!(
+                after[k] >= before[k] + 5,
+                "flow {k} through nat0 stalled during the drain: {} -> {} exchanges",
+                before[k],
+                after[k]
+            );
+        }
+    }
 
     let status = gw0
         .wait(drain + Duration::from_secs(5))
@@ -456,5 +471,37 @@ fn sigterm_drain_fails_the_probe_first_keeps_established_flows_and_then_leaves_n
     assert_eq!(attached(&run0, &tcx0, "int"), (false, 0, false));
     assert_eq!(attached(&run0, &tcx0, "ext"), (false, 0, false));
     let left = policy_left(&run0);
+    assert!(left.is_empty(), "rules or routes of ours left:\n{left}");
+}
+
+#[test]
+fn a_second_sigterm_during_the_drain_stops_at_once_and_cleans_up() {
+    let lab = lab();
+    let mut gw = Gateway::start(&lab, &["--drain-seconds", "30", "--stats-interval", "0"])
+        .expect("starting");
+    time_until_accepted(|| probe_ok(&lab), Duration::from_secs(3)).expect("probe answers");
+    gw.signal_term().expect("first SIGTERM");
+    time_until_refused(|| probe_ok(&lab), Duration::from_secs(1))
+        .expect("the probe fails at once on SIGTERM");
+    assert!(
+        gw.wait(Duration::from_secs(1)).expect("waiting").is_none(),
+        "still draining (forwarding) after the first SIGTERM"
+    );
+    let t = Instant::now();
+    gw.signal_term().expect("second SIGTERM");
+    let status = gw
+        .wait(Duration::from_secs(3))
+        .expect("waiting")
+        .expect("a second SIGTERM stops at once");
+    eprintln!("exited {:.2?} after the second SIGTERM", t.elapsed());
+    assert!(status.success(), "{:#?}", gw.log());
+    let run = |argv: &[&str]| stdout(lab.exec(Host::Nat, argv).expect("in nat"));
+    let tcx = |ifname: String| {
+        lab.in_ns(Host::Nat, move || tcx_count(&ifname))
+            .expect("in nat")
+    };
+    assert_eq!(attached(&run, &tcx, INT_IF), (false, 0, false));
+    assert_eq!(attached(&run, &tcx, EXT_IF), (false, 0, false));
+    let left = policy_left(&run);
     assert!(left.is_empty(), "rules or routes of ours left:\n{left}");
 }
