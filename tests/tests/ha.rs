@@ -505,3 +505,50 @@ fn a_second_sigterm_during_the_drain_stops_at_once_and_cleans_up() {
     let left = policy_left(&run);
     assert!(left.is_empty(), "rules or routes of ours left:\n{left}");
 }
+
+#[test]
+fn purge_ours_removes_the_rules_and_routes_a_killed_loader_left_and_nothing_else() {
+    let lab = lab();
+    let gw_arg = PROBE_INT_GW.to_string();
+    let mut gw = Gateway::start(&lab, &["--int-gateway", &gw_arg, "--stats-interval", "0"])
+        .expect("starting");
+    let run = |argv: &[&str]| stdout(lab.exec(Host::Nat, argv).expect("in nat"));
+    let main_before = run(&["ip", "route", "show", "table", "main"]);
+    // SIGKILL: no cleanup runs, the rules and routes stay.
+    let pid = gw.pid().expect("running");
+    // SAFETY: kill(2) on our unreaped child.
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    gw.wait(Duration::from_secs(5))
+        .expect("waiting")
+        .expect("killed");
+    let left = policy_left(&run);
+    assert!(
+        left.contains("lookup 190") && left.contains("lookup 191"),
+        "the killed loader left its rules:\n{left}"
+    );
+    let purge = || {
+        lab.in_ns(Host::Nat, || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                let handle = nat_loader::netif::connect().expect("netlink");
+                nat_loader::routing::purge_ours(&handle).await
+            })
+        })
+        .expect("in nat")
+        .expect("purge_ours")
+    };
+    let (rules, routes) = purge();
+    assert_eq!(rules, 2, "one rule per NIC address");
+    assert!(routes >= 4, "subnet and default route per table: {routes}");
+    let left = policy_left(&run);
+    assert!(left.is_empty(), "left after purge_ours:\n{left}");
+    assert_eq!(
+        run(&["ip", "route", "show", "table", "main"]),
+        main_before,
+        "the main table is untouched"
+    );
+    assert_eq!(purge(), (0, 0), "a second purge finds nothing");
+}
