@@ -17,6 +17,8 @@ APT_PACKAGES=(
     iproute2 ethtool iputils-ping socat iperf3 tcpdump python3 kmod
     # RFC conformance tests: traceroute through the gateway.
     traceroute
+    # HA tests: the failover lab's load balancer, detaching programs.
+    nftables bpftool
 )
 
 missing=()

@@ -60,11 +60,13 @@ fn try_translate(ctx: &TcContext, f: Frame, cfg: &NatConfig) -> Result<(i32, u32
     if ip.proto == IPPROTO_TCP && tcp::is_control(l4.tcp_flags) {
         conntrack::tcp_update(receiver, DIR_IN, l4.tcp_flags);
     }
+    // No source address: the packet's is now the SNAT address, whose
+    // policy rule would send the lookup to --ext's table.
     let route = fib::lookup(
         ctx.as_ptr(),
         cfg.int_ifindex,
         ip.proto,
-        ip.saddr,
+        0,
         l4.sport,
         inside,
         inside_port,

@@ -264,6 +264,20 @@ impl Dataplane {
         })
     }
 
+    /// The kernel's id of program `name`: the health check looks for it
+    /// among the programs the NICs report attached (after an adoption,
+    /// this loader's programs are the ones in the links).
+    pub fn program_id(&self, name: &str) -> Result<u32> {
+        let prog = self
+            .ebpf
+            .program(name)
+            .with_context(|| format!("program {name} missing from the eBPF object"))?;
+        Ok(prog
+            .info()
+            .with_context(|| format!("program info of {name}"))?
+            .id())
+    }
+
     /// Exits as `how` says. With [`Exit::Teardown`] the link pins go first
     /// (closing the last reference detaches each program), then the maps
     /// and the directory.

@@ -4,8 +4,10 @@
 pub mod caps;
 pub mod conntrack;
 pub mod dataplane;
+pub mod health;
 pub mod netif;
 pub mod pins;
+pub mod routing;
 pub mod stats;
 pub mod sysctl;
 

@@ -18,11 +18,14 @@ use nat_common::{
     DEFAULT_PORT_MAX, DEFAULT_PORT_MIN, DEFAULT_PROBE_PORT, FILTER_ADDRESS,
     FILTER_ADDRESS_AND_PORT, FILTER_ENDPOINT_INDEPENDENT, PORT_HOLD_NS, timeouts::Timeouts,
 };
+use nat_common::{PROG_TC_EXT, PROG_TC_INT, PROG_XDP_EXT, PROG_XDP_INT};
 use nat_loader::{
     caps, conntrack,
     dataplane::{Dataplane, Exit, Settings, XdpAttach},
+    health::{self, Probe, Status},
     monotonic_ns, netif,
     pins::{self, PinDir},
+    routing::{self, Cidr, NicPolicy, Plan, PolicyRoutes},
     stats::Stats,
     sysctl::{self, SysctlGuard},
 };
@@ -146,10 +149,41 @@ struct Args {
     #[arg(long, value_name = "SECS", default_value_t = Timeouts::DEFAULT.icmp_ns / 1_000_000_000)]
     icmp_timeout: u64,
     /// TCP port of the load balancer's health probe (0: none). It accepts
-    /// only while the programs are attached: it opens after attaching and
-    /// closes first on shutdown.
+    /// only while the dataplane is healthy (programs attached on both NICs,
+    /// maps reachable, both links up, forwarding on), checked every 250 ms;
+    /// otherwise connections are refused. It closes first on shutdown.
     #[arg(long, value_name = "PORT", default_value_t = DEFAULT_PROBE_PORT)]
     probe_port: u16,
+    /// TCP port of an HTTP health endpoint: `GET /healthz` answers 200
+    /// `{"healthy":true}` or 503 with the reason [default: none].
+    #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    health_port: Option<u16>,
+    /// On SIGTERM/SIGINT: fail the probes at once, keep forwarding this many
+    /// seconds so the load balancer moves new flows away while established
+    /// ones finish, then detach. A second signal stops at once.
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    drain_seconds: u64,
+    /// Do not add policy rules and routes (replies to probes then follow
+    /// the main table, which on a two-NIC VM sends them out of --ext).
+    #[arg(long)]
+    no_policy_routing: bool,
+    /// Routing table for traffic from --int's addresses.
+    #[arg(long, value_name = "ID", default_value_t = routing::DEFAULT_INT_TABLE, value_parser = parse_table)]
+    int_table: u32,
+    /// Routing table for traffic from --ext's addresses.
+    #[arg(long, value_name = "ID", default_value_t = routing::DEFAULT_EXT_TABLE, value_parser = parse_table)]
+    ext_table: u32,
+    /// Gateway of --int's subnet [default: from the default route through --int;
+    /// in Azure the subnet's first address, e.g. 10.0.1.1].
+    #[arg(long, value_name = "IPV4")]
+    int_gateway: Option<Ipv4Addr>,
+    /// Gateway of --ext's subnet [default: from the default route through --ext].
+    #[arg(long, value_name = "IPV4")]
+    ext_gateway: Option<Ipv4Addr>,
+    /// An inside prefix beyond --int's own subnet (e.g. peered networks),
+    /// routed via --int's gateway so replies find the way back. Repeatable.
+    #[arg(long, value_name = "CIDR")]
+    internal_cidr: Vec<Cidr>,
     /// How often expired flows are swept, seconds.
     #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     sweep_interval: u64,
@@ -196,6 +230,17 @@ enum Command {
         #[arg(long, value_name = "DIR", default_value = pins::DEFAULT_DIR)]
         bpffs_dir: PathBuf,
     },
+}
+
+fn parse_table(s: &str) -> Result<u32, String> {
+    let t: u32 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a table number"))?;
+    // 0 is "unspecified", 253-255 are the kernel's default, main and local.
+    if t == 0 || (253..=255).contains(&t) {
+        return Err(format!("table {t} is reserved; pick 1-252 or above 255"));
+    }
+    Ok(t)
 }
 
 fn parse_port_range(s: &str) -> Result<String, String> {
@@ -305,7 +350,7 @@ async fn teardown(ext: &str, int: &str, dir: &std::path::Path) -> Result<()> {
         info!(pins = %dir.display(), removed = ?removed, "detached the pinned programs and removed the pins");
         sysctl::restore_record(&record);
     }
-    purge_policy_routing(ext, int).await?;
+    purge_policy_routing().await?;
     info!(
         ext,
         int, "teardown complete: nothing of the gateway is left"
@@ -313,10 +358,17 @@ async fn teardown(ext: &str, int: &str, dir: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-/// Where the policy-routing purge is wired in (the lead: call
-/// `routing::purge_ours` here once the routing module lands). Teardown must
-/// also remove the rules and routes a crashed loader left.
-async fn purge_policy_routing(_ext: &str, _int: &str) -> Result<()> {
+/// Removes the policy rules and routes a loader that is gone left (every
+/// one carries our route protocol number).
+async fn purge_policy_routing() -> Result<()> {
+    let handle = netif::connect()?;
+    let (rules, routes) = routing::purge_ours(&handle).await?;
+    if rules + routes > 0 {
+        info!(
+            rules,
+            routes, "removed the policy rules and routes left behind"
+        );
+    }
     Ok(())
 }
 
@@ -375,6 +427,57 @@ async fn run(args: Args) -> Result<ExitCode> {
             )
         })?,
     };
+    if !args.no_policy_routing && args.int_table == args.ext_table {
+        bail!(
+            "--int-table and --ext-table are both {}: each NIC needs its own table",
+            args.int_table
+        );
+    }
+    if args.no_policy_routing && !args.internal_cidr.is_empty() {
+        bail!("--internal-cidr needs policy routing; drop --no-policy-routing");
+    }
+    if args.health_port.is_some() && args.health_port == Some(args.probe_port) {
+        bail!(
+            "--health-port and --probe-port are both {}",
+            args.probe_port
+        );
+    }
+    let plan = if args.no_policy_routing {
+        None
+    } else {
+        let int_gw = match args.int_gateway {
+            Some(g) => Some(g),
+            None => routing::discover_gateway(&handle, int.index).await?,
+        };
+        let ext_gw = match args.ext_gateway {
+            Some(g) => Some(g),
+            None => routing::discover_gateway(&handle, ext.index).await?,
+        };
+        Some(Plan {
+            int: NicPolicy {
+                name: int.name.clone(),
+                index: int.index,
+                table: args.int_table,
+                gateway: int_gw,
+            },
+            ext: NicPolicy {
+                name: ext.name.clone(),
+                index: ext.index,
+                table: args.ext_table,
+                gateway: ext_gw,
+            },
+            internal_cidrs: args.internal_cidr.clone(),
+        })
+    };
+    if let Some(p) = &plan
+        && !p.internal_cidrs.is_empty()
+        && p.int.gateway.is_none()
+    {
+        bail!(
+            "--internal-cidr: no gateway of --int {} found (no default route through it): give --int-gateway",
+            int.name
+        );
+    }
     let settings = Settings {
         ext: ext.name.clone(),
         ext_index: ext.index,
@@ -471,11 +574,44 @@ async fn run(args: Args) -> Result<ExitCode> {
             );
         }
     }
-    let probe = match bind_probe(args.probe_port).await {
-        Ok(p) => p,
+    // Policy routing, health watch, probe listeners: a failure here is a
+    // bad invocation (a port in use, a route refused). A fresh start then
+    // leaves the host as it was; an adopted dataplane keeps forwarding.
+    let ready = async {
+        let routes = match &plan {
+            Some(p) => PolicyRoutes::install(&handle, p)
+                .await
+                .context("installing policy routing (--no-policy-routing to do without)")?,
+            None => PolicyRoutes::default(),
+        };
+        let watched = [
+            health::Nic {
+                name: int.name.clone(),
+                index: int.index,
+                xdp_prog_id: dp.program_id(PROG_XDP_INT)?,
+                tc_prog_id: dp.program_id(PROG_TC_INT)?,
+            },
+            health::Nic {
+                name: ext.name.clone(),
+                index: ext.index,
+                xdp_prog_id: dp.program_id(PROG_XDP_EXT)?,
+                tc_prog_id: dp.program_id(PROG_TC_EXT)?,
+            },
+        ];
+        let probe = match args.probe_port {
+            0 => None,
+            port => Some(Probe::new(port)?),
+        };
+        let http = match args.health_port {
+            Some(port) => Some(health::http_listener(port).await?),
+            None => None,
+        };
+        anyhow::Ok((routes, watched, probe, http))
+    }
+    .await;
+    let (mut routes, watched, mut probe, http) = match ready {
+        Ok(r) => r,
         Err(e) => {
-            // Before "ready": a bad invocation. A fresh start leaves the host
-            // as it was; an adopted dataplane keeps forwarding.
             let how = if dp.adopted {
                 sysctls.keep();
                 Exit::KeepForwarding
@@ -488,6 +624,18 @@ async fn run(args: Args) -> Result<ExitCode> {
             return Err(e);
         }
     };
+    let mut status = health::check(&handle, &watched, &dp.stats).await;
+    if let Status::Unhealthy(reason) = &status {
+        warn!(%reason, "not healthy yet: the probe stays closed until it is");
+    }
+    if let Some(p) = &mut probe {
+        p.set_open(status.is_healthy());
+    }
+    let (status_tx, status_rx) = tokio::sync::watch::channel(status.clone());
+    let http = http.map(|l| {
+        info!(port = args.health_port, "serving GET /healthz");
+        tokio::spawn(health::serve_http(l, status_rx))
+    });
     info!(
         ext = %ext.name, int = %int.name, snat = %snat_addr,
         ports = %format!("{port_min}-{port_max}"), low_ports = %format!("{low_port_min}-{low_port_max}"),
@@ -503,13 +651,52 @@ async fn run(args: Args) -> Result<ExitCode> {
     let mut sweep_tick = tokio::time::interval(Duration::from_secs(args.sweep_interval));
     let stats_every = Duration::from_secs(args.stats_interval.max(1));
     let mut stats_tick = tokio::time::interval(stats_every);
+    let mut health_tick = tokio::time::interval(health::CHECK_INTERVAL);
+    health_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut drain_until: Option<tokio::time::Instant> = None;
     let (how, result) = loop {
-        tokio::select! {
-            _ = sigint.recv() => { info!("SIGINT: shutting down"); break (Exit::Teardown, Ok(())); }
-            _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break (Exit::Teardown, Ok(())); }
+        let signal = tokio::select! {
+            _ = sigint.recv() => "SIGINT",
+            _ = sigterm.recv() => "SIGTERM",
             _ = sigusr2.recv() => {
                 info!("SIGUSR2: handing over; the pinned dataplane keeps forwarding");
                 break (Exit::KeepForwarding, Ok(()));
+            }
+            _ = sleep_until(drain_until), if drain_until.is_some() => {
+                info!("drain over: shutting down");
+                break (Exit::Teardown, Ok(()));
+            }
+            _ = health_tick.tick() => {
+                let now = if drain_until.is_some() {
+                    Status::Draining
+                } else {
+                    // A check that hangs (netlink) is a failed check.
+                    tokio::time::timeout(health::CHECK_INTERVAL * 3, health::check(&handle, &watched, &dp.stats))
+                        .await
+                        .unwrap_or_else(|_| Status::Unhealthy("health check timed out".into()))
+                };
+                if now != status {
+                    match &now {
+                        Status::Healthy => {
+                            // Routes through a NIC die with it when it goes
+                            // down; put ours back before saying healthy.
+                            match routes.restore(&handle).await {
+                                Ok(0) => {}
+                                Ok(n) => info!(count = n, "restored policy routes"),
+                                Err(e) => warn!(error = %format!("{e:#}"), "restoring policy routes"),
+                            }
+                            info!("healthy");
+                        }
+                        Status::Unhealthy(reason) => warn!(%reason, "unhealthy: probe closed"),
+                        Status::Draining => {}
+                    }
+                    if let Some(p) = &mut probe {
+                        p.set_open(now.is_healthy());
+                    }
+                    status = now;
+                    status_tx.send_replace(status.clone());
+                }
+                continue;
             }
             _ = sweep_tick.tick() => {
                 match conntrack::sweep(&mut dp.maps, &timeouts, args.port_hold * SEC, monotonic_ns()) {
@@ -522,28 +709,58 @@ async fn run(args: Args) -> Result<ExitCode> {
                     // leave it forwarding for the restarted loader.
                     Err(e) => break (Exit::KeepForwarding, Err(e.context("sweeping conntrack"))),
                 }
+                continue;
             }
-            _ = stats_tick.tick(), if args.stats_interval > 0 => log_stats(&dp, args.show_flows),
-            conn = accept(&probe), if probe.is_some() => {
+            _ = stats_tick.tick(), if args.stats_interval > 0 => {
+                log_stats(&dp, args.show_flows);
+                continue;
+            }
+            conn = accept(&probe), if probe.as_ref().is_some_and(Probe::is_open) => {
                 // Accepting is the answer; nothing is read or written.
                 if let Err(e) = conn {
                     warn!(error = %e, "accepting a health probe");
                 }
+                continue;
             }
+        };
+        // SIGTERM or SIGINT.
+        if drain_until.is_some() || args.drain_seconds == 0 {
+            info!("{signal}: shutting down now");
+            break (Exit::Teardown, Ok(()));
         }
+        // Probes fail at once; forwarding goes on while the load balancer
+        // moves new flows elsewhere and established ones finish.
+        if let Some(p) = &mut probe {
+            p.set_open(false);
+        }
+        status = Status::Draining;
+        status_tx.send_replace(Status::Draining);
+        drain_until = Some(tokio::time::Instant::now() + Duration::from_secs(args.drain_seconds));
+        info!(
+            seconds = args.drain_seconds,
+            "{signal}: draining: probe closed, forwarding goes on (signal again to stop now)"
+        );
     };
     // Probes fail before the programs go.
     drop(probe);
+    if let Some(h) = http {
+        h.abort();
+    }
     log_stats(&dp, args.show_flows);
     match how {
         Exit::Teardown => {
             dp.stop(Exit::Teardown)?;
+            if let Err(e) = routes.remove(&handle).await {
+                warn!(error = %format!("{e:#}"), "policy routing cleanup");
+            }
             drop(sysctls);
-            purge_policy_routing(&ext.name, &int.name).await?;
             info!("nat-loader stopped; everything it added is removed");
         }
         Exit::KeepForwarding => {
             dp.stop(Exit::KeepForwarding)?;
+            // The next loader adds the same rules ("exists" is fine) and
+            // owns them from then on.
+            routes.keep();
             sysctls.keep();
             info!(
                 pins = %args.bpffs_dir.display(),
@@ -578,22 +795,16 @@ fn prepare_fresh(pins: &PinDir) -> Result<()> {
     Ok(())
 }
 
-async fn bind_probe(port: u16) -> Result<Option<tokio::net::TcpListener>> {
-    match port {
-        0 => Ok(None),
-        port => Ok(Some(
-            tokio::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))
-                .await
-                .with_context(|| {
-                    format!("listening for health probes on TCP port {port} (--probe-port)")
-                })?,
-        )),
+async fn accept(p: &Option<Probe>) -> std::io::Result<()> {
+    match p {
+        Some(p) => p.accept().await,
+        None => std::future::pending().await,
     }
 }
 
-async fn accept(l: &Option<tokio::net::TcpListener>) -> std::io::Result<()> {
-    match l {
-        Some(l) => l.accept().await.map(drop),
+async fn sleep_until(t: Option<tokio::time::Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
         None => std::future::pending().await,
     }
 }

@@ -42,20 +42,38 @@ pub const READY: &str = "nat-loader ready";
 impl Gateway {
     /// Starts `nat-loader --int int --ext ext <extra>` in `nat` and waits
     /// until it reports ready (or fails, or 30 s pass).
+    ///
+    /// Unless `extra` says otherwise, `--drain-seconds 0`: `stop()` (SIGTERM)
+    /// then detaches at once instead of draining for 30 s.
     pub fn start(lab: &Lab, extra: &[&str]) -> Result<Gateway> {
-        Gateway::start_with(lab, &loader_path()?, extra)
+        Gateway::start_bin(lab, &loader_path()?, extra)
     }
 
     /// [`Gateway::start`] with another loader binary (an upgrade).
-    pub fn start_with(lab: &Lab, bin: &std::path::Path, extra: &[&str]) -> Result<Gateway> {
-        let mut cmd = lab.command(Host::Nat, &[]);
-        cmd.arg(bin)
-            .args(["--int", INT_IF, "--ext", EXT_IF])
-            .args(extra)
+    pub fn start_bin(lab: &Lab, bin: &std::path::Path, extra: &[&str]) -> Result<Gateway> {
+        Gateway::start_with(lab.command(Host::Nat, &[]), bin, extra, |cmd| {
+            lab.spawn_command(cmd)
+        })
+    }
+
+    /// Starts `<ns_cmd> <bin> --int int --ext ext <extra>` where `ns_cmd`
+    /// enters a namespace (`ip netns exec NS`) and `spawn` starts it (so the
+    /// namespace's owner tracks the process); waits until ready.
+    pub fn start_with(
+        mut cmd: std::process::Command,
+        bin: &std::path::Path,
+        extra: &[&str],
+        spawn: impl FnOnce(&mut std::process::Command) -> Result<LabChild>,
+    ) -> Result<Gateway> {
+        cmd.arg(bin).args(["--int", INT_IF, "--ext", EXT_IF]);
+        if !extra.contains(&"--drain-seconds") {
+            cmd.args(["--drain-seconds", "0"]);
+        }
+        cmd.args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        let mut child = lab.spawn_command(&mut cmd).context("starting nat-loader")?;
+        let mut child = spawn(&mut cmd).context("starting nat-loader")?;
         let stderr = child
             .stderr
             .take()
@@ -105,6 +123,42 @@ impl Gateway {
                 return None;
             }
             std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The loader's process id (`ip netns exec` execs it), while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Sends SIGTERM without waiting: with `--drain-seconds` the loader
+    /// drains first. [`Gateway::wait`] or [`Gateway::stop`] finish it.
+    pub fn signal_term(&self) -> Result<()> {
+        let pid = self.pid().context("the loader was already stopped")?;
+        // SAFETY: kill(2); the child is unreaped, so the pid is still ours.
+        if unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("SIGTERM to the loader");
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for the loader to exit by itself.
+    pub fn wait(&mut self, timeout: Duration) -> Result<Option<std::process::ExitStatus>> {
+        let child = self
+            .child
+            .as_mut()
+            .context("the loader was already stopped")?;
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                self.child = None;
+                std::thread::sleep(Duration::from_millis(50));
+                return Ok(Some(status));
+            }
+            if std::time::Instant::now() >= deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 

@@ -15,6 +15,11 @@
 //! Dropping the [`Lab`] (also while unwinding from a panic) kills every
 //! process left in its namespaces and deletes them.
 //!
+//! For high availability: [`probers`] adds two namespaces holding Azure's
+//! probe address 168.63.129.16 to a lab; [`failover`] builds several
+//! instances behind an emulated internal load balancer with its prober;
+//! [`netns`] is the namespace set both are made of.
+//!
 //! Traffic helpers ([`tcp_transfer`], [`udp_exchange`], [`ping`],
 //! [`udp_listen_for`], [`tcp_accepts_within`], ...) are bounded by timeouts
 //! and return an error instead of hanging.
@@ -34,9 +39,12 @@
 //! ```
 
 mod bpffs;
+pub mod failover;
 mod gateway;
 mod lab;
+pub mod netns;
 pub mod packet;
+pub mod probers;
 mod streams;
 mod traffic;
 

@@ -47,7 +47,7 @@ fn start_with(lab: &Lab, bin: &Path, pins: &Path, extra: &[&str]) -> Gateway {
     let mut a = args(pins);
     a.extend(extra.iter().map(|s| s.to_string()));
     let a: Vec<&str> = a.iter().map(String::as_str).collect();
-    Gateway::start_with(lab, bin, &a).expect("starting nat-loader")
+    Gateway::start_bin(lab, bin, &a).expect("starting nat-loader")
 }
 
 /// What is attached to `ifname` in `nat`: the XDP program id (if any) and

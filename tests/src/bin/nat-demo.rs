@@ -1,12 +1,15 @@
 //! `cargo xtask demo`: builds the namespace lab, shows that without the
 //! gateway the private subnet cannot reach the server, starts the real
 //! `nat-loader`, sends real traffic through it and prints the translated
-//! flows and counters the loader reports. The lab is removed at the end
-//! (also on failure).
+//! flows and counters the loader reports. Then it runs three instances
+//! behind an emulated internal load balancer, stops one as a VM would stop,
+//! and prints how long until new connections succeed again. The labs are
+//! removed at the end (also on failure).
 
 use std::{net::SocketAddrV4, thread::sleep, time::Duration};
 
 use anyhow::{Context, Result, ensure};
+use nat_lab::failover::{self, FailoverLab, PROBE_INTERVAL, PROBE_THRESHOLD};
 use nat_lab::{
     Bpffs, CLIENT1_IP, CLIENT2_IP, Flow, Gateway, Host, Lab, NAT_EXT_IP, SERVER_IP, ping,
     tcp_transfer, udp_exchange,
@@ -157,6 +160,63 @@ fn run() -> Result<()> {
     let xdp_left = String::from_utf8_lossy(&out.stdout).contains("prog/xdp");
     println!("  XDP program left on int: {xdp_left}");
     step("removing the lab");
+    drop(lab);
+    println!("  done");
+    failover_demo()
+}
+
+fn failover_demo() -> Result<()> {
+    step("high availability: 3 NAT instances behind an emulated internal load balancer");
+    println!("  client 10.9.0.2 -> lb (ECMP, L4 hash) -> nat0..nat2 -> router -> server");
+    println!(
+        "  the lb probes each instance's port 9999 from 168.63.129.16 every {PROBE_INTERVAL:?}; \
+         {PROBE_THRESHOLD} failures take it out, {PROBE_THRESHOLD} successes put it back"
+    );
+    let mut lab = FailoverLab::new(3).context("building the failover lab")?;
+    for i in 0..3 {
+        lab.start_instance(i, &[])?;
+    }
+    lab.start_services()?;
+    lab.wait_in_rotation(&[0, 1, 2], Duration::from_secs(10))?;
+    println!("  all three instances answer their probes (replies leave by int: policy routing)");
+
+    step("failover drill: 24 long-lived flows, then nat1 stops (its links go down)");
+    let r = failover::drill(&lab, 1, 24)?;
+    println!(
+        "  new connections per instance before: {:?}",
+        r.spread_before
+    );
+    println!("  load balancer events:\n{}", r.events);
+    println!(
+        "  nat1 taken out {:.2?} after it stopped; {} of {} new connections (one every 50 ms) failed meanwhile",
+        r.removed_after, r.failed_attempts, r.attempts
+    );
+    println!(
+        "  ==> failover time: new connections succeed again {:.2?} after the instance died",
+        r.failover
+    );
+    println!(
+        "  long-lived flows: {} through the survivors, {} broken; {} through nat1, lost with it ({} broke)",
+        r.survivors,
+        r.survivors_broken.len(),
+        r.victims,
+        r.victims_broken
+    );
+    println!(
+        "  nat1 back: in rotation again {:.2?} after its links came up; new connections per instance: {:?}",
+        r.rejoined_after, r.spread_after
+    );
+    ensure!(
+        r.survivors_broken.is_empty(),
+        "flows through surviving instances broke:\n{}",
+        r.survivors_broken.join("\n")
+    );
+    ensure!(
+        r.failover <= Duration::from_secs(3),
+        "failover took {:?}",
+        r.failover
+    );
+    step("removing the failover lab");
     drop(lab);
     println!("  done");
     Ok(())

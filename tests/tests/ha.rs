@@ -1,0 +1,554 @@
+//! High availability, end to end with the real loader: health probes from
+//! Azure's probe address on both NICs (and why policy routing is needed),
+//! the probe failing fast when the dataplane breaks, failover behind an
+//! emulated internal load balancer, and the SIGTERM drain.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::time::{Duration, Instant};
+
+use aya::programs::{SchedClassifier, TcAttachType};
+use nat_lab::failover::{self, FailoverLab, PROBE_PORT, int_ip};
+use nat_lab::netns::{Namespaces, connect};
+use nat_lab::probers::{AZURE_PROBE_IP, PROBE_INT_GW, Probers};
+use nat_lab::{EXT_IF, Gateway, Host, INT_IF, Lab, NAT_EXT_IP, NAT_INT_IP};
+
+fn lab() -> Lab {
+    Lab::new().expect("building the lab (needs root)")
+}
+
+fn stdout(o: std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Our rules and routes (protocol 190) left in a namespace, as text.
+fn policy_left(run: &dyn Fn(&[&str]) -> String) -> String {
+    let rules = run(&["ip", "-d", "rule", "show"]);
+    let routes = run(&["ip", "route", "show", "table", "all", "proto", "190"]);
+    let mut left: Vec<String> = rules
+        .lines()
+        .filter(|l| l.contains("proto 190") || l.contains("lookup 190") || l.contains("lookup 191"))
+        .map(str::to_string)
+        .collect();
+    left.extend(routes.lines().map(str::to_string));
+    left.join("\n")
+}
+
+/// (XDP attached, TCX programs, clsact/ingress qdisc) on `ifname`.
+fn attached(
+    ns: &dyn Fn(&[&str]) -> String,
+    in_ns: &dyn Fn(String) -> usize,
+    ifname: &str,
+) -> (bool, usize, bool) {
+    let xdp = ns(&["ip", "-d", "link", "show", ifname]).contains("prog/xdp");
+    let qdisc = ns(&["tc", "qdisc", "show", "dev", ifname]);
+    let tcx = in_ns(ifname.to_string());
+    (
+        xdp,
+        tcx,
+        qdisc.contains("clsact") || qdisc.contains("ingress"),
+    )
+}
+
+fn tcx_count(ifname: &str) -> usize {
+    SchedClassifier::query_tcx(ifname, TcAttachType::Ingress)
+        .map(|(_, p)| p.len())
+        .expect("querying TCX")
+}
+
+/// Polls `probe` every 20 ms until it fails; how long that took.
+fn time_until_refused(probe: impl Fn() -> bool, limit: Duration) -> Option<Duration> {
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        if !probe() {
+            return Some(t.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+fn time_until_accepted(probe: impl Fn() -> bool, limit: Duration) -> Option<Duration> {
+    time_until_refused(|| !probe(), limit)
+}
+
+/// GET /healthz: (status code, body).
+fn healthz(lab: &Lab, port: u16) -> (u16, String) {
+    let mut s = lab
+        .tcp_connect(
+            Host::Client1,
+            None,
+            SocketAddrV4::new(NAT_INT_IP, port),
+            Duration::from_secs(2),
+        )
+        .expect("connecting to /healthz");
+    s.set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    s.write_all(b"GET /healthz HTTP/1.0\r\nHost: nat\r\n\r\n")
+        .expect("sending the request");
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).expect("reading the response");
+    let code = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {resp:?}"));
+    let body = resp
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    (code, body)
+}
+
+#[test]
+fn azure_probes_on_both_nics_are_answered_through_the_nic_they_came_in_on_and_the_int_side_needs_our_rules()
+ {
+    let lab = lab();
+    let probers = Probers::attach(&lab).expect("adding the prober namespaces");
+    let int_probe = SocketAddrV4::new(NAT_INT_IP, PROBE_PORT);
+    let ext_probe = SocketAddrV4::new(NAT_EXT_IP, PROBE_PORT);
+    let t = Duration::from_secs(2);
+    let route_from = |src: Ipv4Addr| {
+        stdout(
+            lab.exec(
+                Host::Nat,
+                &[
+                    "ip",
+                    "route",
+                    "get",
+                    &AZURE_PROBE_IP.to_string(),
+                    "from",
+                    &src.to_string(),
+                ],
+            )
+            .expect("ip route get"),
+        )
+    };
+
+    // Control: the same loader without our rules. The ext probe works; the
+    // int probe's answer follows the default route out of ext and never
+    // reaches the prober that asked.
+    let mut gw = Gateway::start(&lab, &["--no-policy-routing", "--stats-interval", "0"])
+        .expect("starting the loader");
+    probers
+        .probe_ext(ext_probe, t)
+        .expect("the ext-side probe is answered without policy routing");
+    assert!(
+        probers.probe_int(int_probe, t).is_err(),
+        "without our rules the int-side probe must fail"
+    );
+    assert!(
+        route_from(NAT_INT_IP).contains("dev ext"),
+        "{}",
+        route_from(NAT_INT_IP)
+    );
+    gw.stop().expect("stopping");
+
+    let gw_arg = PROBE_INT_GW.to_string();
+    let mut gw = Gateway::start(&lab, &["--int-gateway", &gw_arg, "--stats-interval", "0"])
+        .expect("starting the loader");
+    for _ in 0..3 {
+        probers
+            .probe_int(int_probe, t)
+            .expect("the int-side probe from 168.63.129.16 is answered");
+        probers
+            .probe_ext(ext_probe, t)
+            .expect("the ext-side probe from 168.63.129.16 is answered");
+    }
+    // Through the NIC they came in on.
+    let via_int = route_from(NAT_INT_IP);
+    let via_ext = route_from(NAT_EXT_IP);
+    assert!(
+        via_int.contains("dev int") && via_int.contains("table 190"),
+        "{via_int}"
+    );
+    assert!(
+        via_ext.contains("dev ext") && via_ext.contains("table 191"),
+        "{via_ext}"
+    );
+    // The ext gateway was discovered from the default route.
+    assert!(
+        gw.log()
+            .iter()
+            .any(|l| l.contains("policy routing") && l.contains("ext") && l.contains("192.0.2.1")),
+        "{:#?}",
+        gw.log()
+    );
+    let ours = policy_left(&|argv| stdout(lab.exec(Host::Nat, argv).expect("ip")));
+    assert!(
+        ours.contains("from 10.1.0.1 lookup 190") && ours.contains("from 192.0.2.2 lookup 191"),
+        "our rules, as the cleanup check sees them:\n{ours}"
+    );
+    let status = gw.stop().expect("stopping");
+    assert!(status.success(), "{:#?}", gw.log());
+    let left = policy_left(&|argv| stdout(lab.exec(Host::Nat, argv).expect("ip")));
+    assert!(left.is_empty(), "rules or routes of ours left:\n{left}");
+    drop(probers);
+}
+
+/// The loader's bpf_link ids of `link_type` ("xdp" or "tcx") on `ifindex`,
+/// from its fdinfo.
+fn loader_links(pid: u32, link_type: &str, ifindex: u32) -> Vec<u32> {
+    let mut ids = Vec::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).expect("fdinfo") {
+        let Ok(text) = std::fs::read_to_string(e.expect("entry").path()) else {
+            continue;
+        };
+        let field = |k: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(k))
+                .map(|v| v.trim().to_string())
+        };
+        if field("link_type:").as_deref() == Some(link_type)
+            && field("ifindex:").and_then(|v| v.parse::<u32>().ok()) == Some(ifindex)
+            && let Some(id) = field("link_id:").and_then(|v| v.parse().ok())
+        {
+            ids.push(id);
+        }
+    }
+    ids
+}
+
+fn ifindex(lab: &Lab, ifname: &str) -> u32 {
+    stdout(
+        lab.exec(
+            Host::Nat,
+            &["cat", &format!("/sys/class/net/{ifname}/ifindex")],
+        )
+        .expect("ifindex"),
+    )
+    .trim()
+    .parse()
+    .expect("ifindex number")
+}
+
+fn probe_ok(lab: &Lab) -> bool {
+    lab.tcp_connect(
+        Host::Client1,
+        None,
+        SocketAddrV4::new(NAT_INT_IP, PROBE_PORT),
+        Duration::from_millis(300),
+    )
+    .is_ok()
+}
+
+#[test]
+fn probe_is_refused_within_a_second_when_a_program_is_detached_from_outside() {
+    let lab = lab();
+    for (link_type, ifname) in [("xdp", EXT_IF), ("tcx", INT_IF)] {
+        let mut gw = Gateway::start(&lab, &["--stats-interval", "0"]).expect("starting");
+        time_until_accepted(|| probe_ok(&lab), Duration::from_secs(3))
+            .expect("the probe answers while healthy");
+        let pid = gw.pid().expect("running");
+        let ids = loader_links(pid, link_type, ifindex(&lab, ifname));
+        assert_eq!(ids.len(), 1, "one {link_type} link on {ifname}: {ids:?}");
+        let t = Instant::now();
+        let out = std::process::Command::new("bpftool")
+            .args(["link", "detach", "id", &ids[0].to_string()])
+            .output()
+            .expect("running bpftool");
+        assert!(
+            out.status.success(),
+            "bpftool: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let took = time_until_refused(|| probe_ok(&lab), Duration::from_secs(3))
+            .map(|_| t.elapsed())
+            .unwrap_or_else(|| {
+                panic!("probe still accepted 3 s after detaching {link_type} from {ifname}")
+            });
+        eprintln!("probe refused {took:.2?} after detaching the {link_type} program from {ifname}");
+        assert!(took < Duration::from_secs(1), "took {took:?}");
+        let what = if link_type == "xdp" { "XDP" } else { "TC" };
+        assert!(
+            gw.wait_for_log(&["unhealthy", what, ifname], Duration::from_secs(1))
+                .is_some(),
+            "{:#?}",
+            gw.log()
+        );
+        let status = gw.stop().expect("stopping");
+        assert!(
+            status.success(),
+            "a clean exit after the outside detach: {:#?}",
+            gw.log()
+        );
+    }
+}
+
+#[test]
+fn probe_is_refused_within_a_second_when_a_link_goes_down_and_answers_again_when_it_is_up() {
+    let lab = lab();
+    let mut gw = Gateway::start(&lab, &["--health-port", "8080", "--stats-interval", "0"])
+        .expect("starting");
+    // The first connection in a fresh lab waits for ARP.
+    time_until_accepted(|| probe_ok(&lab), Duration::from_secs(3))
+        .unwrap_or_else(|| panic!("the probe answers while healthy: {:#?}", gw.log()));
+    assert_eq!(
+        healthz(&lab, 8080),
+        (200, r#"{"healthy":true}"#.to_string())
+    );
+
+    let t = Instant::now();
+    lab.exec(Host::Nat, &["ip", "link", "set", EXT_IF, "down"])
+        .expect("ext down");
+    let took = time_until_refused(|| probe_ok(&lab), Duration::from_secs(3))
+        .map(|_| t.elapsed())
+        .expect("probe still accepted 3 s after ext went down");
+    eprintln!("probe refused {took:.2?} after ext went down");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    let (code, body) = healthz(&lab, 8080);
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.contains(r#""healthy":false"#) && body.contains("ext is down"),
+        "{body}"
+    );
+
+    let t = Instant::now();
+    lab.exec(Host::Nat, &["ip", "link", "set", EXT_IF, "up"])
+        .expect("ext up");
+    let back = time_until_accepted(|| probe_ok(&lab), Duration::from_secs(3))
+        .map(|_| t.elapsed())
+        .expect("probe not accepted again 3 s after ext came back");
+    eprintln!("probe accepted again {back:.2?} after ext came back");
+    assert_eq!(healthz(&lab, 8080).0, 200);
+    // Its routes died with the link; the loader put them back.
+    let routes = stdout(
+        lab.exec(Host::Nat, &["ip", "route", "show", "table", "191"])
+            .expect("ip route"),
+    );
+    assert!(routes.contains("default via 192.0.2.1"), "{routes}");
+    let status = gw.stop().expect("stopping");
+    assert!(status.success(), "{:#?}", gw.log());
+}
+
+fn failover_lab(drain_first: Option<&str>) -> FailoverLab {
+    let mut lab = FailoverLab::new(3).expect("building the failover lab (needs root, nft)");
+    for i in 0..3 {
+        let extra: Vec<&str> = match (i, drain_first) {
+            (0, Some(secs)) => vec!["--drain-seconds", secs],
+            _ => vec![],
+        };
+        lab.start_instance(i, &extra).expect("starting an instance");
+    }
+    lab.start_services().expect("echo server and prober");
+    lab.wait_in_rotation(&[0, 1, 2], Duration::from_secs(10))
+        .expect("all instances in rotation");
+    lab
+}
+
+#[test]
+fn failover_new_connections_succeed_within_3s_surviving_flows_continue_and_the_instance_rejoins() {
+    let lab = failover_lab(None);
+    let r = failover::drill(&lab, 1, 24).expect("the failover drill");
+    eprintln!("{r:#?}");
+    assert!(
+        r.spread_before.iter().all(|&c| c > 0),
+        "new flows spread over every instance: {:?}",
+        r.spread_before
+    );
+    assert!(
+        r.failed_attempts > 0,
+        "some attempts hit the dead instance: {r:#?}"
+    );
+    assert!(
+        r.failover <= Duration::from_secs(3),
+        "new connections succeed again within 3 s: {:?}\n{}",
+        r.failover,
+        r.events
+    );
+    assert!(r.survivors > 0, "{r:#?}");
+    assert!(
+        r.survivors_broken.is_empty(),
+        "no flow through a surviving instance breaks:\n{}",
+        r.survivors_broken.join("\n")
+    );
+    assert!(
+        r.spread_after[1] > 0,
+        "the instance brought back gets new flows again: {:?}",
+        r.spread_after
+    );
+}
+
+#[test]
+fn sigterm_drain_fails_the_probe_first_keeps_established_flows_and_then_leaves_nothing_behind() {
+    let drain = Duration::from_secs(6);
+    let mut lab = failover_lab(Some("6"));
+    let mut gw0 = lab.take_gateway(0).expect("nat0's loader");
+    let flows = lab.long_flows(24).expect("long-lived flows");
+    let on0 = flows.instance.iter().filter(|i| **i == Some(0)).count();
+    assert!(on0 > 0, "some flows through nat0: {:?}", flows.instance);
+    let ns: &Namespaces = lab.namespaces();
+    let run0 = |argv: &[&str]| stdout(ns.exec("nat0", argv).expect("in nat0"));
+    let tcx0 = |ifname: String| {
+        ns.in_ns("nat0", move || tcx_count(&ifname))
+            .expect("in nat0")
+    };
+    let probe0 = || {
+        ns.in_ns("lb", || {
+            connect(
+                Some(SocketAddrV4::new(AZURE_PROBE_IP, 0)),
+                SocketAddrV4::new(int_ip(0), PROBE_PORT),
+                Duration::from_millis(300),
+            )
+            .is_ok()
+        })
+        .expect("in lb")
+    };
+    assert!(probe0());
+
+    let t0 = Instant::now();
+    gw0.signal_term().expect("SIGTERM");
+    let refused = time_until_refused(probe0, Duration::from_secs(2))
+        .map(|_| t0.elapsed())
+        .expect("nat0's probe still accepted 2 s after SIGTERM");
+    eprintln!("probe refused {refused:.2?} after SIGTERM");
+    assert!(refused < Duration::from_secs(1), "{refused:?}");
+    // The probe fails first: the programs are still there.
+    assert_eq!(attached(&run0, &tcx0, "int"), (true, 1, false));
+    assert_eq!(attached(&run0, &tcx0, "ext"), (true, 1, false));
+
+    // The load balancer takes it out; new flows land elsewhere while it drains.
+    lab.wait_in_rotation(&[1, 2], Duration::from_secs(4))
+        .expect("nat0 out of rotation");
+    assert!(t0.elapsed() < drain, "taken out within the drain window");
+    let spread = lab.spread(20).expect("new connections");
+    assert!(t0.elapsed() < drain, "still draining");
+    assert_eq!(
+        spread[0], 0,
+        "new flows avoid the draining instance: {spread:?}"
+    );
+    assert!(
+        gw0.wait(Duration::ZERO).expect("waiting").is_none(),
+        "nat0 still running"
+    );
+    // Established flows through nat0 keep exchanging well into the window.
+    let before = flows.exchanges();
+    std::thread::sleep(Duration::from_millis(1500));
+    let after = flows.exchanges();
+    assert!(t0.elapsed() < drain, "still draining: {:?}", t0.elapsed());
+    for (k, inst) in flows.instance.iter().enumerate() {
+        if *inst == Some(0) {
+            assert!(
+                after[k] >= before[k] + 5,
+                "flow {k} through nat0 stalled during the drain: {} -> {} exchanges",
+                before[k],
+                after[k]
+            );
+        }
+    }
+
+    let status = gw0
+        .wait(drain + Duration::from_secs(5))
+        .expect("waiting")
+        .expect("nat0 exits once the drain is over");
+    let exited = Instant::now();
+    assert!(status.success(), "{:#?}", gw0.log());
+    let took = exited - t0;
+    assert!(
+        took >= drain,
+        "forwarded for the whole drain window: exited after {took:?}"
+    );
+    let log = gw0.log();
+    assert!(log.iter().any(|l| l.contains("draining")), "{log:#?}");
+
+    let results = flows.finish();
+    for (k, (inst, r)) in results.iter().enumerate() {
+        match (inst, r.broke_at) {
+            (Some(0), Some(at)) => assert!(
+                at >= exited - Duration::from_millis(100),
+                "flow {k} through nat0 broke {:?} after SIGTERM, during the drain: {:?}",
+                at - t0,
+                r.error
+            ),
+            (Some(0), None) => {}
+            (_, None) => {}
+            (i, Some(_)) => panic!("flow {k} through {i:?} broke: {:?}", r.error),
+        }
+    }
+    // Nothing of ours left on nat0.
+    assert_eq!(attached(&run0, &tcx0, "int"), (false, 0, false));
+    assert_eq!(attached(&run0, &tcx0, "ext"), (false, 0, false));
+    let left = policy_left(&run0);
+    assert!(left.is_empty(), "rules or routes of ours left:\n{left}");
+}
+
+#[test]
+fn a_second_sigterm_during_the_drain_stops_at_once_and_cleans_up() {
+    let lab = lab();
+    let mut gw = Gateway::start(&lab, &["--drain-seconds", "30", "--stats-interval", "0"])
+        .expect("starting");
+    time_until_accepted(|| probe_ok(&lab), Duration::from_secs(3)).expect("probe answers");
+    gw.signal_term().expect("first SIGTERM");
+    time_until_refused(|| probe_ok(&lab), Duration::from_secs(1))
+        .expect("the probe fails at once on SIGTERM");
+    assert!(
+        gw.wait(Duration::from_secs(1)).expect("waiting").is_none(),
+        "still draining (forwarding) after the first SIGTERM"
+    );
+    let t = Instant::now();
+    gw.signal_term().expect("second SIGTERM");
+    let status = gw
+        .wait(Duration::from_secs(3))
+        .expect("waiting")
+        .expect("a second SIGTERM stops at once");
+    eprintln!("exited {:.2?} after the second SIGTERM", t.elapsed());
+    assert!(status.success(), "{:#?}", gw.log());
+    let run = |argv: &[&str]| stdout(lab.exec(Host::Nat, argv).expect("in nat"));
+    let tcx = |ifname: String| {
+        lab.in_ns(Host::Nat, move || tcx_count(&ifname))
+            .expect("in nat")
+    };
+    assert_eq!(attached(&run, &tcx, INT_IF), (false, 0, false));
+    assert_eq!(attached(&run, &tcx, EXT_IF), (false, 0, false));
+    let left = policy_left(&run);
+    assert!(left.is_empty(), "rules or routes of ours left:\n{left}");
+}
+
+#[test]
+fn purge_ours_removes_the_rules_and_routes_a_killed_loader_left_and_nothing_else() {
+    let lab = lab();
+    let gw_arg = PROBE_INT_GW.to_string();
+    let mut gw = Gateway::start(&lab, &["--int-gateway", &gw_arg, "--stats-interval", "0"])
+        .expect("starting");
+    let run = |argv: &[&str]| stdout(lab.exec(Host::Nat, argv).expect("in nat"));
+    let main_before = run(&["ip", "route", "show", "table", "main"]);
+    // SIGKILL: no cleanup runs, the rules and routes stay.
+    let pid = gw.pid().expect("running");
+    // SAFETY: kill(2) on our unreaped child.
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    gw.wait(Duration::from_secs(5))
+        .expect("waiting")
+        .expect("killed");
+    let left = policy_left(&run);
+    assert!(
+        left.contains("lookup 190") && left.contains("lookup 191"),
+        "the killed loader left its rules:\n{left}"
+    );
+    let purge = || {
+        lab.in_ns(Host::Nat, || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                let handle = nat_loader::netif::connect().expect("netlink");
+                nat_loader::routing::purge_ours(&handle).await
+            })
+        })
+        .expect("in nat")
+        .expect("purge_ours")
+    };
+    let (rules, routes) = purge();
+    assert_eq!(rules, 2, "one rule per NIC address");
+    assert!(routes >= 4, "subnet and default route per table: {routes}");
+    let left = policy_left(&run);
+    assert!(left.is_empty(), "left after purge_ours:\n{left}");
+    assert_eq!(
+        run(&["ip", "route", "show", "table", "main"]),
+        main_before,
+        "the main table is untouched"
+    );
+    assert_eq!(purge(), (0, 0), "a second purge finds nothing");
+}
