@@ -54,7 +54,8 @@ reasons! {
     DROP_TABLE_FULL = 18, "drop_table_full";
     /// No route (unreachable, blackhole, prohibited).
     DROP_NO_ROUTE = 19, "drop_no_route";
-    /// Too big for the egress MTU without DF (would need fragmenting).
+    /// Too big to forward where the kernel cannot fragment it (ICMP errors
+    /// and hairpinned packets, which leave by the link they came in on).
     DROP_TOO_BIG = 20, "drop_too_big";
     /// A translated reply would leave by another NIC than `--int`.
     DROP_WRONG_EGRESS = 21, "drop_wrong_egress";
@@ -88,6 +89,9 @@ reasons! {
     /// Inside host to another inside host's external mapping, translated
     /// both ways (source and destination) and sent back inside by TC.
     TC_HAIRPIN_FWD = 34, "tc_hairpin_forwarded";
+    /// Too big for the egress MTU without DF: translated by TC, then
+    /// routed and fragmented by the kernel (RFC 4787 REQ-13a).
+    TC_TO_KERNEL_FRAGMENT = 35, "tc_translated_for_kernel_fragmentation";
 }
 
 /// Label of a reason index.

@@ -24,7 +24,8 @@ pub enum Route {
     },
     /// Route found, neighbour not resolved yet (`nexthop` raw IPv4).
     NoNeigh { ifindex: u32, nexthop: u32 },
-    /// Larger than the egress MTU.
+    /// Larger than the egress MTU. `ifindex` is the input one: the kernel
+    /// returns before it fills in the egress.
     FragNeeded { ifindex: u32 },
     /// Delivered locally (addressed to the gateway itself).
     Local,

@@ -407,7 +407,9 @@ pub fn egress(route: Route, expected_ifindex: u32) -> Egress {
         Route::NoNeigh { ifindex, nexthop } if ifindex == expected_ifindex => {
             Egress::Neigh { ifindex, nexthop }
         }
-        Route::FragNeeded { ifindex } if ifindex == expected_ifindex => Egress::TooBig,
+        // The kernel stops before filling in the egress ifindex when the MTU
+        // check fails, so it cannot be compared here; TC looks again.
+        Route::FragNeeded { .. } => Egress::TooBig,
         Route::Hairpin => Egress::Hairpin,
         Route::Local => Egress::Pass(stats::PASS_LOCAL),
         Route::Unreachable => Egress::Drop(stats::DROP_NO_ROUTE),

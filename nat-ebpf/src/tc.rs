@@ -6,7 +6,7 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT, bpf_redir_neigh},
-    helpers::{bpf_redirect, bpf_redirect_neigh},
+    helpers::{bpf_check_mtu, bpf_redirect, bpf_redirect_neigh},
     macros::classifier,
     programs::TcContext,
 };
@@ -106,7 +106,7 @@ fn finish(ctx: &TcContext, d: Decision, egress_if: u32, hook: u32, fwd_reason: u
         Decision::ToTc(_) => (TC_ACT_OK, stats::DROP_INTERNAL),
         // Handled by nat_tc_ext before finishing.
         Decision::IcmpErrorIn => (TC_ACT_SHOT, stats::DROP_INTERNAL),
-        Decision::Translate(rw, route) => match nat::egress(route, egress_if) {
+        Decision::Translate(rw, route) => match neigh_mtu(ctx, nat::egress(route, egress_if)) {
             Egress::Redirect {
                 ifindex,
                 smac,
@@ -122,7 +122,13 @@ fn finish(ctx: &TcContext, d: Decision, egress_if: u32, hook: u32, fwd_reason: u
             // Untranslated, the kernel answers with ICMP Fragmentation
             // Needed from its own inside address: path MTU discovery works.
             Egress::TooBig if rw.df => (TC_ACT_OK, stats::PASS_FRAG_NEEDED),
-            Egress::TooBig => (TC_ACT_SHOT, stats::DROP_TOO_BIG),
+            // Without DF it must be fragmented (RFC 4787 REQ-13a): translated
+            // here, then routed and fragmented by the kernel, which also
+            // decrements the TTL (so this rewrite does not).
+            Egress::TooBig => match rewrite_addr_port(ctx, &rw) {
+                Ok(()) => (TC_ACT_OK, stats::TC_TO_KERNEL_FRAGMENT),
+                Err(_) => (TC_ACT_SHOT, stats::DROP_INTERNAL),
+            },
             Egress::Hairpin => match rewrite(ctx, &rw) {
                 Ok(()) => {
                     // The receiver's half runs as its own program, with a
@@ -184,6 +190,21 @@ pub fn rewrite_addr_port(ctx: &TcContext, rw: &Rewrite) -> Result<(), i64> {
         _ => return Err(-1),
     }
     ctx.store(rw.l4_off + port_at, &rw.new_port, 0)
+}
+
+/// With the neighbour unresolved the kernel's route lookup returns before
+/// its MTU check, so check here (GSO-aware): a packet that does not fit
+/// is too big, whatever the neighbour.
+#[inline(always)]
+fn neigh_mtu(ctx: &TcContext, e: Egress) -> Egress {
+    match e {
+        Egress::Neigh { ifindex, .. } => {
+            let mut mtu_len: u32 = 0;
+            let rc = unsafe { bpf_check_mtu(ctx.as_ptr(), ifindex, &mut mtu_len, 0, 0) };
+            if rc > 0 { Egress::TooBig } else { e }
+        }
+        e => e,
+    }
 }
 
 /// Redirects to `ifindex`, letting the kernel resolve `nexthop`'s MAC.

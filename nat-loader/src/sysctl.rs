@@ -25,6 +25,11 @@ pub fn forwarding_keys(ext: &str, int: &str) -> Vec<String> {
     for ifname in [ext, int] {
         keys.push(format!("net/ipv4/conf/{ifname}/forwarding"));
     }
+    // An outbound packet too big for --ext without DF is translated by TC
+    // and then fragmented by the kernel (RFC 4787 REQ-13a); it arrives on
+    // --int with the SNAT address as its source, which the kernel drops as
+    // a martian unless the interface accepts local source addresses.
+    keys.push(format!("net/ipv4/conf/{int}/accept_local"));
     keys
 }
 
@@ -100,7 +105,8 @@ impl Drop for SysctlGuard {
     }
 }
 
-/// Enables IPv4 forwarding globally and on the two NICs.
+/// Enables IPv4 forwarding globally and on the two NICs (and
+/// `accept_local` on --int, see [`forwarding_keys`]).
 pub fn enable_forwarding(guard: &mut SysctlGuard, ext: &str, int: &str) -> Result<()> {
     for key in forwarding_keys(ext, int) {
         guard.set(&key, "1")?;

@@ -1028,3 +1028,99 @@ fn tcp_mapping_from(lab: &Lab, h: Host, src: SocketAddrV4, server: SocketAddrV4)
     text.parse()
         .unwrap_or_else(|_| panic!("mirror said {text:?}"))
 }
+
+// ---- Fragmentation by the gateway (RFC 4787 REQ-13) ----
+
+/// The gateway's ext link (and the router's side of it) get a 1400-byte MTU,
+/// smaller than the inside's 1500.
+fn narrow_ext(lab: &Lab) {
+    lab.exec(Host::Nat, &["ip", "link", "set", "ext", "mtu", "1400"])
+        .expect("mtu");
+    lab.exec(Host::Router, &["ip", "link", "set", "r-nat", "mtu", "1400"])
+        .expect("mtu");
+}
+
+#[test]
+fn rfc4787_req13_df_packet_too_big_for_the_ext_link_gets_fragmentation_needed() {
+    let lab = lab();
+    narrow_ext(&lab);
+    let _gw = gateway(&lab, &[]);
+    let out = lab
+        .exec_unchecked(
+            Host::Client1,
+            &[
+                "ping",
+                "-n",
+                "-c",
+                "1",
+                "-W",
+                "2",
+                "-M",
+                "do",
+                "-s",
+                "1472",
+                "198.51.100.10",
+            ],
+        )
+        .expect("ping");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("mtu = 1400") || text.contains("mtu=1400"),
+        "no Fragmentation Needed from the gateway: {text}"
+    );
+    let route = lab
+        .exec(Host::Client1, &["ip", "route", "get", "198.51.100.10"])
+        .expect("ip route get");
+    assert!(String::from_utf8_lossy(&route.stdout).contains("mtu 1400"));
+}
+
+#[test]
+fn rfc4787_req13a_packet_without_df_is_translated_and_fragmented() {
+    let lab = lab();
+    narrow_ext(&lab);
+    let mut gw = gateway(&lab, &[]);
+    let server = lab
+        .udp_socket(Host::Server, sa(SERVER_IP, 5800))
+        .expect("server");
+    let client = lab
+        .in_ns(Host::Client1, || {
+            let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+            s.bind(&SockAddr::from(sa(CLIENT1_IP, 41300)))?;
+            // IP_MTU_DISCOVER = IP_PMTUDISC_DONT: DF clear.
+            let dont: libc::c_int = 0;
+            let rc = unsafe {
+                libc::setsockopt(
+                    std::os::fd::AsRawFd::as_raw_fd(&s),
+                    libc::IPPROTO_IP,
+                    libc::IP_MTU_DISCOVER,
+                    &dont as *const _ as *const libc::c_void,
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(rc, 0, "IP_MTU_DISCOVER");
+            Ok::<_, std::io::Error>(s)
+        })
+        .expect("ns")
+        .expect("socket");
+    // One 1472-byte datagram: a 1500-byte packet that fits inside but not
+    // on the 1400-byte ext link.
+    let payload: Vec<u8> = (0..1472u32).map(|i| (i * 7 % 251) as u8).collect();
+    client
+        .send_to(&payload, &SockAddr::from(sa(SERVER_IP, 5800)))
+        .expect("send");
+    server
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .expect("timeout");
+    let mut buf = [0u8; 4096];
+    let (n, from) = server
+        .recv_from(&mut buf)
+        .expect("the datagram arrives whole");
+    assert_eq!(&buf[..n], &payload[..], "reassembled byte for byte");
+    assert_eq!(from.ip(), std::net::IpAddr::V4(NAT_EXT_IP));
+    gw.stop().expect("stop");
+    assert_eq!(
+        gw.counter("tc_int", "tc_translated_for_kernel_fragmentation"),
+        1
+    );
+}
