@@ -1124,3 +1124,90 @@ fn rfc4787_req13a_packet_without_df_is_translated_and_fragmented() {
         1
     );
 }
+
+// ---- TCP session timers (RFC 5382 REQ-5, RFC 7857 section 2.2) ----
+
+/// The next "flows" report the loader logs after this call (it logs one
+/// per `--stats-interval`): (count, the flow lines).
+fn next_flow_report(gw: &Gateway) -> (usize, Vec<String>) {
+    let seen = gw.log().len();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let log = gw.log();
+        let fresh = &log[seen.min(log.len())..];
+        if let Some(i) = fresh
+            .iter()
+            .position(|l| l.contains(" flows") && l.contains("count="))
+        {
+            // The flow lines follow their count line; wait for the next
+            // report to start so they are all in.
+            if fresh[i + 1..].iter().any(|l| l.contains("stats ")) {
+                let count = fresh[i]
+                    .split_whitespace()
+                    .find_map(|kv| kv.strip_prefix("count=").and_then(|n| n.parse().ok()))
+                    .expect("count");
+                let flows = fresh[i + 1..]
+                    .iter()
+                    .take_while(|l| l.contains("flow "))
+                    .cloned()
+                    .collect();
+                return (count, flows);
+            }
+        }
+        assert!(Instant::now() < deadline, "no flow report: {log:#?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn rfc7857_a_rst_leaves_the_session_for_the_transitory_timeout_not_zero() {
+    let lab = lab();
+    let args = [
+        "--tcp-transitory-timeout",
+        "4",
+        "--sweep-interval",
+        "1",
+        "--stats-interval",
+        "1",
+        "--show-flows",
+        "10",
+    ];
+    let gw = Gateway::start(&lab, &args).expect("starting nat-loader");
+    let listener = lab
+        .tcp_listener(Host::Server, sa(SERVER_IP, 5900))
+        .expect("listener");
+    let c = lab
+        .tcp_connect(
+            Host::Client1,
+            None,
+            sa(SERVER_IP, 5900),
+            Duration::from_secs(3),
+        )
+        .expect("connect");
+    let (_accepted, _) = listener.accept().expect("accept");
+    // SO_LINGER 0: closing sends a RST.
+    Socket::from(c)
+        .set_linger(Some(Duration::ZERO))
+        .expect("linger");
+    let reset_at = Instant::now();
+    // Just after the RST the session is still there, closing.
+    let (count, flows) = next_flow_report(&gw);
+    assert_eq!(count, 1, "{flows:#?}");
+    assert!(flows[0].contains("closing"), "{flows:#?}");
+    // Gone only once the transitory timeout has passed.
+    loop {
+        let (count, flows) = next_flow_report(&gw);
+        if count == 0 {
+            break;
+        }
+        assert!(
+            reset_at.elapsed() < Duration::from_secs(8),
+            "still there: {flows:#?}"
+        );
+    }
+    assert!(
+        reset_at.elapsed() >= Duration::from_secs(4),
+        "removed after {:?}, before the 4 s transitory timeout",
+        reset_at.elapsed()
+    );
+}
