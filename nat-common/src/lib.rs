@@ -47,17 +47,25 @@ pub const PROG_TC_EXT: &str = "nat_tc_ext";
 /// Not attached: reached by tail call from [`PROG_TC_INT`] through
 /// [`MAP_TAILS`].
 pub const PROG_TC_HAIRPIN: &str = "nat_tc_hairpin";
-pub const PROGRAMS: [&str; 5] = [
+pub const PROG_TC_ICMP_OUT: &str = "nat_tc_icmp_out";
+pub const PROGRAMS: [&str; 6] = [
     PROG_XDP_INT,
     PROG_XDP_EXT,
     PROG_TC_INT,
     PROG_TC_EXT,
     PROG_TC_HAIRPIN,
+    PROG_TC_ICMP_OUT,
 ];
 /// The tail-call table and its slots.
 pub const MAP_TAILS: &str = "TAILS";
 pub const TAIL_HAIRPIN: u32 = 0;
-pub const TAIL_COUNT: u32 = 1;
+pub const TAIL_ICMP_ERROR_OUT: u32 = 1;
+pub const TAIL_COUNT: u32 = 2;
+/// (slot, program) of every tail call.
+pub const TAIL_PROGRAMS: [(u32, &str); 2] = [
+    (TAIL_HAIRPIN, PROG_TC_HAIRPIN),
+    (TAIL_ICMP_ERROR_OUT, PROG_TC_ICMP_OUT),
+];
 
 /// Map names as they appear in the eBPF object.
 pub const MAP_CT_FWD: &str = "CT_FWD";

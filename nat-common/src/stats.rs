@@ -92,6 +92,9 @@ reasons! {
     /// Too big for the egress MTU without DF: translated by TC, then
     /// routed and fragmented by the kernel (RFC 4787 REQ-13a).
     TC_TO_KERNEL_FRAGMENT = 35, "tc_translated_for_kernel_fragmentation";
+    /// ICMP error from inside about a translated flow, translated out (or
+    /// back inside when hairpinned) by TC.
+    TC_OUT_ICMP_ERROR_FWD = 36, "tc_out_icmp_error_forwarded";
 }
 
 /// Label of a reason index.

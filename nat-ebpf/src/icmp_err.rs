@@ -255,3 +255,192 @@ fn rewrite_in(ctx: &TcContext, ip: &Ipv4, q: &Quoted, inside: u32, iport: u16) -
     }
     Ok(())
 }
+
+/// An ICMP error from inside (an inside host or router) about a packet
+/// that came in through the gateway: RFC 5508 REQ-5. The quoted packet is
+/// `remote:rport -> inside:iport` as the inside host got it; it goes out
+/// restored to `remote:rport -> snat:ext_port`, from the SNAT address. When
+/// the "remote" is itself the SNAT address (a hairpinned packet, REQ-7),
+/// the error goes back inside to the sender, both ends restored.
+#[inline(always)]
+pub fn outbound(ctx: &TcContext, ip: &Ipv4, cfg: &NatConfig) -> (i32, u32) {
+    match try_outbound(ctx, ip, cfg) {
+        Ok(r) => r,
+        Err(reason) => (TC_ACT_SHOT, reason),
+    }
+}
+
+#[inline(always)]
+fn try_outbound(ctx: &TcContext, ip: &Ipv4, cfg: &NatConfig) -> Result<(i32, u32), u32> {
+    let q = quoted(ctx, ip)?;
+    if q.proto == IPPROTO_ICMP {
+        // Inside hosts never get echo requests through the gateway.
+        return Err(stats::DROP_ICMP_ERROR_UNTRACKED);
+    }
+    // Named for an inbound quote by quoted(); here the quote's source is
+    // the remote and its destination the inside endpoint.
+    let (rport, inside, iport) = (q.ext_port, q.remote, q.rport);
+    let remote: u32 = load(ctx, q.ip + IP_SADDR)?;
+    let session = CtKey::new(q.proto, inside, iport, remote, rport);
+    let Some(s) = (unsafe { CT_FWD.get(session) }) else {
+        return Err(stats::DROP_ICMP_ERROR_UNTRACKED);
+    };
+    let (snat, ext_port) = s.snat_addr_port();
+    // Hairpinned: the "remote" is another inside host's external endpoint.
+    let hairpin = remote == cfg.snat_addr;
+    let (sender, sender_port) = if hairpin {
+        match unsafe { NAT_BIND_REV.get(BindKey::new(q.proto, remote, rport)) } {
+            Some(b) => (b.addr, b.port),
+            None => return Err(stats::DROP_ICMP_ERROR_UNTRACKED),
+        }
+    } else {
+        (remote, rport)
+    };
+    let icmp_len = ip.tot_len as usize - (ip.l4_off - ETH_HLEN);
+    if icmp_len > MAX_ICMP_LEN {
+        return Err(stats::DROP_ICMP_ERROR_UNTRACKED);
+    }
+    if fold(sum(ctx, ip.l4_off, icmp_len)?) != 0xffff
+        || fold(sum(ctx, q.ip, q.ihl.min(60))?) != 0xffff
+    {
+        return Err(stats::DROP_BAD_CHECKSUM);
+    }
+    if ip.ttl <= 1 {
+        return Err(stats::DROP_TTL_EXPIRED);
+    }
+    let (dst, egress_if, from) = if hairpin {
+        // No source for the lookup: the SNAT address's policy rule would
+        // pick --ext's table.
+        (sender, cfg.int_ifindex, 0)
+    } else {
+        (ip.daddr, cfg.ext_ifindex, snat)
+    };
+    let route = fib::lookup(
+        ctx.as_ptr(),
+        cfg.int_ifindex,
+        IPPROTO_ICMP,
+        from,
+        0,
+        dst,
+        0,
+        0,
+    );
+    let rw = OutRewrite {
+        snat,
+        ext_port,
+        inside,
+        iport,
+        hairpin,
+        sender,
+        sender_port,
+        rport,
+    };
+    let fwd = stats::TC_OUT_ICMP_ERROR_FWD;
+    match nat::egress(route, egress_if) {
+        Egress::Redirect {
+            ifindex,
+            smac,
+            dmac,
+        } => {
+            rewrite_out(ctx, ip, &q, &rw).map_err(|_| stats::DROP_INTERNAL)?;
+            tc::macs(ctx, smac, dmac).map_err(|_| stats::DROP_INTERNAL)?;
+            Ok((unsafe { bpf_redirect(ifindex, 0) } as i32, fwd))
+        }
+        Egress::Neigh { ifindex, nexthop } => {
+            rewrite_out(ctx, ip, &q, &rw).map_err(|_| stats::DROP_INTERNAL)?;
+            Ok((tc::redirect_neigh(ifindex, nexthop), fwd))
+        }
+        Egress::TooBig => Err(stats::DROP_TOO_BIG),
+        Egress::Hairpin => Err(stats::DROP_INTERNAL),
+        Egress::Pass(r) => Ok((TC_ACT_OK, r)),
+        Egress::Drop(r) => Err(r),
+    }
+}
+
+struct OutRewrite {
+    snat: u32,
+    ext_port: u16,
+    inside: u32,
+    iport: u16,
+    hairpin: bool,
+    sender: u32,
+    sender_port: u16,
+    rport: u16,
+}
+
+/// Replaces a 4-byte address at `at` inside the quote, keeping the quoted
+/// IP checksum and the ICMP checksum right.
+#[inline(always)]
+fn quoted_addr(
+    ctx: &TcContext,
+    q: &Quoted,
+    icmp_check: usize,
+    at: usize,
+    old: u32,
+    new: u32,
+) -> Result<(), i64> {
+    let q_check = q.ip + IP_CHECK;
+    let q_check_old: u16 = ctx.load(q_check)?;
+    ctx.store(at, &new, 0)?;
+    ctx.l3_csum_replace(q_check, old as u64, new as u64, 4)?;
+    let q_check_new: u16 = ctx.load(q_check)?;
+    ctx.l3_csum_replace(icmp_check, old as u64, new as u64, 4)?;
+    ctx.l3_csum_replace(icmp_check, q_check_old as u64, q_check_new as u64, 2)
+}
+
+#[inline(always)]
+fn rewrite_out(ctx: &TcContext, ip: &Ipv4, q: &Quoted, rw: &OutRewrite) -> Result<(), i64> {
+    let icmp_check = ip.l4_off + 2;
+    let check = ETH_HLEN + IP_CHECK;
+    // Outer header: from the SNAT address (to the sender, when hairpinned).
+    ctx.store(ETH_HLEN + IP_SADDR, &rw.snat, 0)?;
+    ctx.l3_csum_replace(check, ip.saddr as u64, rw.snat as u64, 4)?;
+    if rw.hairpin {
+        ctx.store(ETH_HLEN + IP_DADDR, &rw.sender, 0)?;
+        ctx.l3_csum_replace(check, ip.daddr as u64, rw.sender as u64, 4)?;
+    }
+    let ttl_old: u16 = ctx.load(ETH_HLEN + IP_TTL)?;
+    ctx.store(ETH_HLEN + IP_TTL, &(ip.ttl - 1), 0)?;
+    let ttl_new: u16 = ctx.load(ETH_HLEN + IP_TTL)?;
+    ctx.l3_csum_replace(check, ttl_old as u64, ttl_new as u64, 2)?;
+    // The quote: its destination back to the external endpoint...
+    quoted_addr(ctx, q, icmp_check, q.ip + IP_DADDR, rw.inside, rw.snat)?;
+    ctx.store(q.l4 + 2, &rw.ext_port, 0)?;
+    ctx.l3_csum_replace(icmp_check, rw.iport as u64, rw.ext_port as u64, 2)?;
+    // ...and, hairpinned, its source back to the sender's own endpoint.
+    if rw.hairpin {
+        quoted_addr(ctx, q, icmp_check, q.ip + IP_SADDR, rw.snat, rw.sender)?;
+        ctx.store(q.l4, &rw.sender_port, 0)?;
+        ctx.l3_csum_replace(icmp_check, rw.rport as u64, rw.sender_port as u64, 2)?;
+    }
+    // The quoted L4 checksum, when the quote reaches it.
+    let end = ETH_HLEN + ip.tot_len as usize;
+    let at = if q.proto == IPPROTO_TCP {
+        q.l4 + 16
+    } else {
+        q.l4 + 6
+    };
+    if at + 2 <= end {
+        let old: u16 = ctx.load(at)?;
+        if !(q.proto == IPPROTO_UDP && old == 0) {
+            let mut new = csum::replace2(
+                csum::replace4(old, rw.inside, rw.snat),
+                rw.iport,
+                rw.ext_port,
+            );
+            if rw.hairpin {
+                new = csum::replace2(
+                    csum::replace4(new, rw.snat, rw.sender),
+                    rw.rport,
+                    rw.sender_port,
+                );
+            }
+            if q.proto == IPPROTO_UDP && new == 0 {
+                new = 0xffff;
+            }
+            ctx.store(at, &new, 0)?;
+            ctx.l3_csum_replace(icmp_check, old as u64, new as u64, 2)?;
+        }
+    }
+    Ok(())
+}

@@ -54,6 +54,9 @@ pub enum Decision {
     /// TC only: an ICMP error addressed to the SNAT address, for
     /// icmp_err to translate back.
     IcmpErrorIn,
+    /// TC only: an ICMP error from an inside host about a packet it got
+    /// through the gateway, for icmp_err to translate out.
+    IcmpErrorOut,
 }
 
 /// Everything about a packet both directions need.
@@ -73,6 +76,7 @@ pub fn parse(
     wanted_icmp: u8,
     not_ours: u32,
     icmp_errors_for: u32,
+    icmp_errors_out_snat: u32,
 ) -> Result<Parsed, Decision> {
     let ip = match parse::ipv4(f, pkt_len) {
         Ok(ip) => ip,
@@ -98,8 +102,18 @@ pub fn parse(
         Err(reason) => return Err(Decision::Drop(reason)),
     };
     if ip.proto == IPPROTO_ICMP && l4.icmp_type != wanted_icmp {
-        if icmp_errors_for != 0 && icmp_err::is_error(l4.icmp_type) && ip.daddr == icmp_errors_for {
-            return Err(Decision::IcmpErrorIn);
+        if icmp_err::is_error(l4.icmp_type) {
+            if icmp_errors_for != 0 && ip.daddr == icmp_errors_for {
+                return Err(Decision::IcmpErrorIn);
+            }
+            // From inside: to a remote, or hairpinned to the SNAT address;
+            // an error for the gateway itself is the kernel's.
+            if icmp_errors_out_snat != 0
+                && (ip.daddr == icmp_errors_out_snat
+                    || !fib::is_local(ctx, iif, ip.saddr, ip.daddr))
+            {
+                return Err(Decision::IcmpErrorOut);
+            }
         }
         return Err(local_or(not_ours, stats::PASS_ICMP_OTHER));
     }
@@ -155,6 +169,7 @@ pub fn outbound(
         ICMP_ECHO_REQUEST,
         stats::DROP_UNSUPPORTED,
         0,
+        cfg.snat_addr,
     ) {
         Ok(p) => p,
         Err(d) => return d,
@@ -289,6 +304,7 @@ pub fn inbound(
         ICMP_ECHO_REPLY,
         stats::DROP_UNSOLICITED,
         cfg.snat_addr,
+        0,
     ) {
         Ok(p) => p,
         Err(d) => return d,

@@ -41,6 +41,19 @@ pub fn nat_tc_int(ctx: TcContext) -> i32 {
     finish(&ctx, d, cfg.ext_ifindex, HOOK_TC_INT, stats::TC_OUT_FWD)
 }
 
+/// Tail-called by `nat_tc_int` with an ICMP error from inside.
+#[classifier]
+pub fn nat_tc_icmp_out(ctx: TcContext) -> i32 {
+    let cfg = config();
+    let f = pull(&ctx);
+    let (action, reason) = match parse::ipv4(f, ctx.len() as usize) {
+        Ok(ip) => icmp_err::outbound(&ctx, &ip, &cfg),
+        Err(_) => (TC_ACT_SHOT, stats::DROP_MALFORMED),
+    };
+    count(HOOK_TC_INT, reason);
+    action
+}
+
 /// Tail-called by `nat_tc_int` with a hairpinned packet whose source is
 /// already translated: the receiver's half.
 #[classifier]
@@ -106,6 +119,11 @@ fn finish(ctx: &TcContext, d: Decision, egress_if: u32, hook: u32, fwd_reason: u
         Decision::ToTc(_) => (TC_ACT_OK, stats::DROP_INTERNAL),
         // Handled by nat_tc_ext before finishing.
         Decision::IcmpErrorIn => (TC_ACT_SHOT, stats::DROP_INTERNAL),
+        Decision::IcmpErrorOut => {
+            // Its own program, for its own stack.
+            unsafe { TAILS.tail_call(ctx, nat_common::TAIL_ICMP_ERROR_OUT) };
+            (TC_ACT_SHOT, stats::DROP_INTERNAL)
+        }
         Decision::Translate(rw, route) => match neigh_mtu(ctx, nat::egress(route, egress_if)) {
             Egress::Redirect {
                 ifindex,

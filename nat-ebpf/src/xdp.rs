@@ -64,7 +64,7 @@ fn finish(f: Frame, d: Decision, egress_if: u32, hook: u32, fwd_reason: u32) -> 
     let (action, reason) = match d {
         Decision::Pass(r) | Decision::ToTc(r) => (XDP_PASS, r),
         // Never produced for XDP (errors are handed to TC).
-        Decision::IcmpErrorIn => (XDP_PASS, stats::XDP_TO_TC_ICMP_ERROR),
+        Decision::IcmpErrorIn | Decision::IcmpErrorOut => (XDP_PASS, stats::XDP_TO_TC_ICMP_ERROR),
         Decision::Drop(r) => (XDP_DROP, r),
         Decision::Translate(rw, route) => match nat::egress(route, egress_if) {
             Egress::Redirect {

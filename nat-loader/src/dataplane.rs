@@ -22,8 +22,8 @@ use aya::{
 };
 use nat_common::{
     BindKey, BindValue, CtKey, CtValue, GLOBAL_CONFIG, MAP_ADF, MAP_BIND, MAP_BIND_REV, MAP_CT_FWD,
-    MAP_STATS, MAP_TAILS, MAX_BINDINGS, NatConfig, PROG_TC_EXT, PROG_TC_HAIRPIN, PROG_TC_INT,
-    PROG_XDP_EXT, PROG_XDP_INT, TAIL_HAIRPIN,
+    MAP_STATS, MAP_TAILS, MAX_BINDINGS, NatConfig, PROG_TC_EXT, PROG_TC_INT, PROG_XDP_EXT,
+    PROG_XDP_INT, TAIL_PROGRAMS,
 };
 use tracing::{info, warn};
 
@@ -112,25 +112,37 @@ pub fn load_with_pins(cfg: &NatConfig, max_flows: u32, pins: Option<&PinDir>) ->
         prog.load()
             .with_context(|| format!("verifying program {name}"))?;
     }
-    for name in [PROG_TC_INT, PROG_TC_EXT, PROG_TC_HAIRPIN] {
+    for name in [PROG_TC_INT, PROG_TC_EXT] {
         let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
         prog.load()
             .with_context(|| format!("verifying program {name}"))?;
     }
-    let hairpin = program::<SchedClassifier>(&mut ebpf, PROG_TC_HAIRPIN)?
-        .fd()
-        .context("hairpin program fd")?
-        .try_clone()
-        .context("duplicating the hairpin program fd")?;
-    let mut tails: ProgramArray<_> = ProgramArray::try_from(
-        ebpf.map_mut(MAP_TAILS)
-            .with_context(|| format!("map {MAP_TAILS} missing from the eBPF object"))?,
-    )
-    .with_context(|| format!("map {MAP_TAILS} has an unexpected type"))?;
-    tails
-        .set(TAIL_HAIRPIN, &hairpin, 0)
-        .context("filling the tail-call table")?;
+    fill_tails(&mut ebpf)?;
     Ok(ebpf)
+}
+
+/// Loads the tail-called programs and puts each in its slot of the
+/// tail-call table.
+fn fill_tails(ebpf: &mut Ebpf) -> Result<()> {
+    for (slot, name) in TAIL_PROGRAMS {
+        let prog: &mut SchedClassifier = program(ebpf, name)?;
+        prog.load()
+            .with_context(|| format!("verifying program {name}"))?;
+        let fd = prog
+            .fd()
+            .with_context(|| format!("fd of program {name}"))?
+            .try_clone()
+            .with_context(|| format!("duplicating the fd of program {name}"))?;
+        let mut tails: ProgramArray<_> = ProgramArray::try_from(
+            ebpf.map_mut(MAP_TAILS)
+                .with_context(|| format!("map {MAP_TAILS} missing from the eBPF object"))?,
+        )
+        .with_context(|| format!("map {MAP_TAILS} has an unexpected type"))?;
+        tails
+            .set(slot, &fd, 0)
+            .with_context(|| format!("putting {name} in the tail-call table"))?;
+    }
+    Ok(())
 }
 
 /// The maps a pin directory keeps (the tail-call table is not one: each

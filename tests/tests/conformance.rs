@@ -868,7 +868,7 @@ fn rfc5508_req3_errors_with_bad_checksums_or_no_session_are_dropped() {
 }
 
 #[test]
-fn rfc5508_icmp_errors_never_refresh_a_mapping() {
+fn rfc5508_req6_icmp_errors_never_end_or_refresh_a_mapping() {
     let lab = lab();
     let _gw = gateway(&lab, &["--udp-timeout", "2", "--sweep-interval", "1"]);
     let server = lab
@@ -892,6 +892,18 @@ fn rfc5508_icmp_errors_never_refresh_a_mapping() {
         })
         .expect("ns")
         .expect("raw");
+    // Errors do not end it: after three, the server still gets through.
+    for _ in 0..3 {
+        router
+            .send_to(
+                &forged_error(mapping, 5710, |_| {}),
+                &SockAddr::from(sa(*mapping.ip(), 0)),
+            )
+            .expect("send");
+    }
+    server.send_to(b"still", mapping).expect("send");
+    let got = recv_all_within(&c, Duration::from_millis(500)).expect("recv");
+    assert_eq!(got.len(), 1, "the mapping ended: {got:?}");
     // Errors every 300 ms for 4 s: were they refreshing the session, the
     // server's datagram at the end would still get in.
     for _ in 0..13 {
@@ -1210,4 +1222,93 @@ fn rfc7857_a_rst_leaves_the_session_for_the_transitory_timeout_not_zero() {
         "removed after {:?}, before the 4 s transitory timeout",
         reset_at.elapsed()
     );
+}
+
+// ---- ICMP errors from inside (RFC 5508 REQ-5, REQ-7) ----
+
+/// Receives on a connected UDP socket until `within`; whether the kernel
+/// reported the peer unreachable (an ICMP error matched the socket).
+fn refused_within(socket: &UdpSocket, within: Duration) -> bool {
+    socket.set_read_timeout(Some(within)).expect("timeout");
+    let mut buf = [0u8; 64];
+    matches!(
+        socket.recv(&mut buf),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
+    )
+}
+
+#[test]
+fn rfc5508_req5_icmp_error_from_an_inside_host_is_translated_out() {
+    let lab = lab();
+    let mut gw = gateway(&lab, &[]);
+    let server = lab
+        .udp_socket(Host::Server, sa(SERVER_IP, 5720))
+        .expect("server");
+    let client = lab
+        .udp_socket(Host::Client1, sa(CLIENT1_IP, 41400))
+        .expect("client");
+    client.send_to(b"hi", sa(SERVER_IP, 5720)).expect("send");
+    server
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    let mut buf = [0u8; 64];
+    let (_, from) = server.recv_from(&mut buf).expect("arrives");
+    let SocketAddr::V4(mapping) = from else {
+        panic!("v4")
+    };
+    // The client goes away: its kernel answers the next datagram with Port
+    // Unreachable, quoting server -> 10.1.0.11:41400.
+    drop(client);
+    let errors = raw_icmp(&lab, Host::Server);
+    server.connect(mapping).expect("connect");
+    server.send(b"anyone?").expect("send");
+    let e = next_icmp_error(&errors, Duration::from_secs(3)).expect("Port Unreachable arrives");
+    let ihl = usize::from(e[0] & 0x0f) * 4;
+    assert_eq!((e[ihl], e[ihl + 1]), (3, 3), "Port Unreachable");
+    assert_eq!(ip_at(&e, 12), NAT_EXT_IP, "from the SNAT address");
+    let q = &e[ihl + 8..];
+    assert_eq!(ip_at(q, 16), NAT_EXT_IP, "quoted destination = the mapping");
+    assert_eq!(be16(q, 22), mapping.port(), "quoted port = the mapping's");
+    assert_eq!(
+        nat_lab::packet::internet_checksum(&e[ihl..]),
+        0,
+        "ICMP checksum"
+    );
+    assert_eq!(
+        nat_lab::packet::internet_checksum(&q[..20]),
+        0,
+        "quoted IP checksum"
+    );
+    // And the server's own stack matched it to its socket: the error is
+    // pending there, reported by the next call.
+    let told = match server.send(b"anyone?") {
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionRefused,
+        Ok(_) => refused_within(&server, Duration::from_secs(2)),
+    };
+    assert!(told, "the server's socket was not told");
+    gw.stop().expect("stop");
+    assert!(gw.counter("tc_int", "tc_out_icmp_error_forwarded") >= 1);
+}
+
+#[test]
+fn rfc5508_req7_hairpinned_icmp_error_goes_back_to_the_inside_sender() {
+    let lab = lab();
+    let mut gw = gateway(&lab, &["--filtering", "endpoint-independent"]);
+    let _m = UdpMirror::start(&lab, sa(SERVER_IP, 3478));
+    let b = lab
+        .udp_socket(Host::Client2, sa(CLIENT2_IP, 41501))
+        .expect("socket");
+    let m2 = udp_mapping(&b, sa(SERVER_IP, 3478));
+    drop(b);
+    let a = lab
+        .udp_socket(Host::Client1, sa(CLIENT1_IP, 41500))
+        .expect("socket");
+    a.connect(m2).expect("connect");
+    a.send(b"are you there?").expect("send");
+    assert!(
+        refused_within(&a, Duration::from_secs(2)),
+        "client2's Port Unreachable did not come back through the hairpin"
+    );
+    gw.stop().expect("stop");
+    assert!(gw.counter("tc_int", "tc_out_icmp_error_forwarded") >= 1);
 }
