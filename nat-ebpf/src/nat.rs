@@ -60,24 +60,36 @@ pub enum Decision {
 }
 
 /// Everything about a packet both directions need.
-pub struct Parsed {
-    pub ip: Ipv4,
-    pub l4: L4,
+struct Parsed {
+    ip: Ipv4,
+    l4: L4,
+}
+
+/// What the common parse needs to know about the direction it parses.
+#[derive(Clone, Copy)]
+struct Side {
+    iif: u32,
+    /// The ICMP query type this direction translates.
+    wanted_icmp: u8,
+    /// The drop reason for a packet of no protocol we translate.
+    not_ours: u32,
+    /// Inbound: ICMP errors addressed here are ours to translate (else 0).
+    icmp_errors_for: u32,
+    /// Outbound: the SNAT address, for ICMP errors from inside (else 0).
+    icmp_errors_out_snat: u32,
 }
 
 /// Common parse; `Err` is the final decision for a packet that is not ours
-/// to translate. `wanted_icmp` is the ICMP type this direction translates.
+/// to translate.
 #[inline(always)]
-pub fn parse(
-    ctx: *mut c_void,
-    f: Frame,
-    pkt_len: usize,
-    iif: u32,
-    wanted_icmp: u8,
-    not_ours: u32,
-    icmp_errors_for: u32,
-    icmp_errors_out_snat: u32,
-) -> Result<Parsed, Decision> {
+fn parse(ctx: *mut c_void, f: Frame, pkt_len: usize, side: &Side) -> Result<Parsed, Decision> {
+    let Side {
+        iif,
+        wanted_icmp,
+        not_ours,
+        icmp_errors_for,
+        icmp_errors_out_snat,
+    } = *side;
     let ip = match parse::ipv4(f, pkt_len) {
         Ok(ip) => ip,
         Err(Stop::NotIpv4) => return Err(Decision::Pass(stats::PASS_NOT_IPV4)),
@@ -161,16 +173,14 @@ pub fn outbound(
     hook: Hook,
     stat_hook: u32,
 ) -> Decision {
-    let p = match parse(
-        ctx,
-        f,
-        pkt_len,
-        cfg.int_ifindex,
-        ICMP_ECHO_REQUEST,
-        stats::DROP_UNSUPPORTED,
-        0,
-        cfg.snat_addr,
-    ) {
+    let side = Side {
+        iif: cfg.int_ifindex,
+        wanted_icmp: ICMP_ECHO_REQUEST,
+        not_ours: stats::DROP_UNSUPPORTED,
+        icmp_errors_for: 0,
+        icmp_errors_out_snat: cfg.snat_addr,
+    };
+    let p = match parse(ctx, f, pkt_len, &side) {
         Ok(p) => p,
         Err(d) => return d,
     };
@@ -296,16 +306,14 @@ pub fn inbound(
     hook: Hook,
     stat_hook: u32,
 ) -> Decision {
-    let p = match parse(
-        ctx,
-        f,
-        pkt_len,
-        cfg.ext_ifindex,
-        ICMP_ECHO_REPLY,
-        stats::DROP_UNSOLICITED,
-        cfg.snat_addr,
-        0,
-    ) {
+    let side = Side {
+        iif: cfg.ext_ifindex,
+        wanted_icmp: ICMP_ECHO_REPLY,
+        not_ours: stats::DROP_UNSOLICITED,
+        icmp_errors_for: cfg.snat_addr,
+        icmp_errors_out_snat: 0,
+    };
+    let p = match parse(ctx, f, pkt_len, &side) {
         Ok(p) => p,
         Err(d) => return d,
     };
