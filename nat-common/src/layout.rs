@@ -148,6 +148,11 @@ pub struct NatConfig {
     /// The health-probe port (network order, 0 = none): never handed out
     /// as an external port, so probes always reach the gateway itself.
     pub probe_port: u16,
+    /// The NICs' MAC addresses: XDP leaves frames addressed to another
+    /// machine to the kernel (which drops them), as a NIC outside
+    /// promiscuous mode would never have delivered them. All zero: no check.
+    pub int_mac: [u8; 6],
+    pub ext_mac: [u8; 6],
 }
 
 #[cfg(feature = "user")]
@@ -190,8 +195,10 @@ mod tests {
     }
 
     #[test]
-    fn nat_config_layout_is_24_bytes() {
-        assert_eq!(size_of::<NatConfig>(), 24);
+    fn nat_config_layout_is_36_bytes() {
+        assert_eq!(size_of::<NatConfig>(), 36);
+        assert_eq!(offset_of!(NatConfig, int_mac), 24);
+        assert_eq!(offset_of!(NatConfig, ext_mac), 30);
         assert_eq!(offset_of!(NatConfig, snat_addr), 8);
         assert_eq!(offset_of!(NatConfig, port_min), 12);
         assert_eq!(offset_of!(NatConfig, port_max), 14);

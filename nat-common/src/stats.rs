@@ -95,6 +95,9 @@ reasons! {
     /// ICMP error from inside about a translated flow, translated out (or
     /// back inside when hairpinned) by TC.
     TC_OUT_ICMP_ERROR_FWD = 36, "tc_out_icmp_error_forwarded";
+    /// A frame addressed to another machine's MAC (a flooding switch):
+    /// the kernel's, which drops it.
+    PASS_OTHER_HOST = 37, "pass_other_host";
 }
 
 /// Label of a reason index.

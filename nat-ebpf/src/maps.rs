@@ -50,6 +50,8 @@ static CONFIG: NatConfig = NatConfig {
     filtering: 0,
     flags: 0,
     probe_port: 0,
+    int_mac: [0; 6],
+    ext_mac: [0; 6],
 };
 
 #[inline(always)]

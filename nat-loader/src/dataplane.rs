@@ -59,6 +59,8 @@ pub struct Settings {
     /// nat_common's `CFG_F_*` bits.
     pub flags: u8,
     pub probe_port: u16,
+    pub int_mac: [u8; 6],
+    pub ext_mac: [u8; 6],
     pub max_flows: u32,
     pub xdp: XdpAttach,
 }
@@ -76,6 +78,8 @@ impl Settings {
             filtering: self.filtering,
             flags: self.flags,
             probe_port: self.probe_port.to_be(),
+            int_mac: self.int_mac,
+            ext_mac: self.ext_mac,
         }
     }
 }

@@ -495,6 +495,8 @@ async fn run(args: Args) -> Result<ExitCode> {
             0
         },
         probe_port: args.probe_port,
+        int_mac: int.mac.unwrap_or_default(),
+        ext_mac: ext.mac.unwrap_or_default(),
         max_flows: args.max_flows,
         xdp: args.xdp_mode,
     };

@@ -21,6 +21,8 @@ pub struct NetIf {
     /// Index of the device this one is enslaved to (a bond, a bridge, or on
     /// Azure the synthetic NIC a VF hangs under).
     pub controller: Option<u32>,
+    /// The Ethernet address, if it has one.
+    pub mac: Option<[u8; 6]>,
 }
 
 const ENODEV: i32 = 19;
@@ -40,6 +42,10 @@ pub async fn lookup(handle: &Handle, name: &str) -> Result<NetIf> {
     let up = link.header.flags.contains(LinkFlags::Up);
     let controller = link.attributes.iter().find_map(|a| match a {
         LinkAttribute::Controller(c) => Some(*c),
+        _ => None,
+    });
+    let mac = link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Address(m) => <[u8; 6]>::try_from(m.as_slice()).ok(),
         _ => None,
     });
     let mut ipv4 = Vec::new();
@@ -75,6 +81,7 @@ pub async fn lookup(handle: &Handle, name: &str) -> Result<NetIf> {
         up,
         ipv4,
         controller,
+        mac,
     })
 }
 

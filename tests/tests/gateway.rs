@@ -488,3 +488,71 @@ fn bad_invocations_fail_with_one_clear_line_and_leave_the_host_as_it_was() {
         );
     }
 }
+
+#[test]
+fn frames_addressed_to_another_machines_mac_are_not_translated() {
+    let lab = lab();
+    let mut gw = start(&lab);
+    let server = lab
+        .udp_socket(Host::Server, SocketAddrV4::new(SERVER_IP, 6100))
+        .expect("server socket");
+    // Client1 believes the gateway has another MAC: its frames reach the
+    // gateway's NIC only because the bridge floods unknown destinations,
+    // as a switch would to a NIC in promiscuous mode.
+    lab.exec(
+        Host::Client1,
+        &[
+            "ip",
+            "neigh",
+            "replace",
+            "10.1.0.1",
+            "lladdr",
+            "02:00:00:00:00:99",
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ],
+    )
+    .expect("static neighbour");
+    udp_send(
+        &lab,
+        Host::Client1,
+        None,
+        SocketAddrV4::new(SERVER_IP, 6100),
+        b"not for you",
+        5,
+    )
+    .expect("sending");
+    let got = recv_all_within(&server, Duration::from_millis(800)).expect("receiving");
+    gw.stop().expect("stop");
+    assert!(
+        got.is_empty(),
+        "a frame for another MAC was translated: {got:?}"
+    );
+    assert!(
+        gw.counter("xdp_int", "pass_other_host") >= 5,
+        "{:#?}",
+        gw.log()
+    );
+    // The control: with the right MAC the same datagrams get through.
+    let lab = Lab::new().expect("lab");
+    let _gw = start(&lab);
+    let server = lab
+        .udp_socket(Host::Server, SocketAddrV4::new(SERVER_IP, 6100))
+        .expect("server socket");
+    udp_send(
+        &lab,
+        Host::Client1,
+        None,
+        SocketAddrV4::new(SERVER_IP, 6100),
+        b"for you",
+        5,
+    )
+    .expect("sending");
+    assert!(
+        !recv_all_within(&server, Duration::from_millis(800))
+            .expect("receiving")
+            .is_empty()
+    );
+}

@@ -107,6 +107,8 @@ impl Fixture {
             filtering: nat_common::FILTER_ADDRESS_AND_PORT,
             flags: 0,
             probe_port: 0,
+            int_mac: self.int_mac,
+            ext_mac: self.ext_mac,
         }
     }
 
