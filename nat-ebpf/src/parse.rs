@@ -40,6 +40,20 @@ pub fn write<T>(f: Frame, off: usize, v: T) -> Option<()> {
     ptr_at::<T>(f, off).map(|p| unsafe { core::ptr::write_unaligned(p, v) })
 }
 
+/// Whether the frame is for this NIC: its MAC, or a group address (the
+/// kernel's business anyway). A zero `mac` means unknown: no check. A frame
+/// for another machine reaches the NIC only from a switch that floods; a
+/// NIC outside promiscuous mode would never have delivered it, and the
+/// kernel drops it.
+#[inline(always)]
+pub fn for_us(f: Frame, mac: &[u8; 6]) -> bool {
+    let Some(dst) = read::<[u8; 6]>(f, 0) else {
+        // Too short to be Ethernet: the parser counts it.
+        return true;
+    };
+    dst[0] & 1 == 1 || *mac == [0; 6] || dst == *mac
+}
+
 /// What the translation needs from the IPv4 header.
 #[derive(Clone, Copy)]
 pub struct Ipv4 {

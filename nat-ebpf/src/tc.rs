@@ -29,11 +29,11 @@ const HEADERS_MAX: u32 = 14 + 60 + 20;
 #[classifier]
 pub fn nat_tc_int(ctx: TcContext) -> i32 {
     let cfg = config();
-    if other_host(&ctx) {
+    let f = pull(&ctx);
+    if !parse::for_us(f, &cfg.int_mac) {
         count(HOOK_TC_INT, stats::PASS_OTHER_HOST);
         return TC_ACT_OK;
     }
-    let f = pull(&ctx);
     let d = nat::outbound(
         ctx.as_ptr(),
         f,
@@ -73,11 +73,11 @@ pub fn nat_tc_hairpin(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn nat_tc_ext(ctx: TcContext) -> i32 {
     let cfg = config();
-    if other_host(&ctx) {
+    let f = pull(&ctx);
+    if !parse::for_us(f, &cfg.ext_mac) {
         count(HOOK_TC_EXT, stats::PASS_OTHER_HOST);
         return TC_ACT_OK;
     }
-    let f = pull(&ctx);
     let d = nat::inbound(
         ctx.as_ptr(),
         f,
@@ -98,14 +98,6 @@ pub fn nat_tc_ext(ctx: TcContext) -> i32 {
         return action;
     }
     finish(&ctx, d, cfg.int_ifindex, HOOK_TC_EXT, stats::TC_IN_FWD)
-}
-
-/// The kernel classified the frame as addressed to another machine
-/// (PACKET_OTHERHOST); it drops it after TC, and so must we not translate.
-#[inline(always)]
-fn other_host(ctx: &TcContext) -> bool {
-    const PACKET_OTHERHOST: u32 = 3;
-    unsafe { (*ctx.skb.skb).pkt_type == PACKET_OTHERHOST }
 }
 
 /// Makes the headers directly readable (they may sit in a fragment of a

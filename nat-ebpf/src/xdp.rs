@@ -15,7 +15,7 @@ use nat_common::{IPPROTO_TCP, stats};
 use crate::{
     maps::config,
     nat::{self, Decision, Egress, Hook, Rewrite},
-    parse::{ETH_HLEN, Frame, IP_CHECK, IP_TTL, TCP_HLEN, UDP_HLEN, ptr_at, read, write},
+    parse::{self, ETH_HLEN, Frame, IP_CHECK, IP_TTL, TCP_HLEN, UDP_HLEN, ptr_at, read, write},
     stats::{HOOK_XDP_EXT, HOOK_XDP_INT, count},
 };
 
@@ -24,7 +24,7 @@ use crate::{
 pub fn nat_xdp_int(ctx: XdpContext) -> u32 {
     let cfg = config();
     let f = frame(&ctx);
-    if !for_us(f, &cfg.int_mac) {
+    if !parse::for_us(f, &cfg.int_mac) {
         count(HOOK_XDP_INT, stats::PASS_OTHER_HOST);
         return XDP_PASS;
     }
@@ -44,7 +44,7 @@ pub fn nat_xdp_int(ctx: XdpContext) -> u32 {
 pub fn nat_xdp_ext(ctx: XdpContext) -> u32 {
     let cfg = config();
     let f = frame(&ctx);
-    if !for_us(f, &cfg.ext_mac) {
+    if !parse::for_us(f, &cfg.ext_mac) {
         count(HOOK_XDP_EXT, stats::PASS_OTHER_HOST);
         return XDP_PASS;
     }
@@ -57,17 +57,6 @@ pub fn nat_xdp_ext(ctx: XdpContext) -> u32 {
         HOOK_XDP_EXT,
     );
     finish(f, d, cfg.int_ifindex, HOOK_XDP_EXT, stats::XDP_IN_FWD)
-}
-
-/// Whether the frame is for this NIC: its MAC, or a group address (the
-/// kernel's business anyway). A zero `mac` means unknown: no check.
-#[inline(always)]
-fn for_us(f: Frame, mac: &[u8; 6]) -> bool {
-    let Some(dst) = read::<[u8; 6]>(f, 0) else {
-        // Too short to be Ethernet: the parser counts it.
-        return true;
-    };
-    dst[0] & 1 == 1 || *mac == [0; 6] || dst == *mac
 }
 
 #[inline(always)]
