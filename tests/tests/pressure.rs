@@ -18,6 +18,7 @@ use aya::maps::{HashMap, Map, MapData};
 use nat_common::{CT_F_REPLIED, CtKey, CtValue, IPPROTO_TCP, MAP_CT_FWD, tcp};
 use nat_lab::{
     Bpffs, CLIENT1_IP, CLIENT2_IP, EchoStreams, Gateway, Host, Lab, SERVER_IP, flood::syn_flood,
+    recv_all_within,
 };
 
 /// Small enough that the flood overflows it many times over.
@@ -230,5 +231,68 @@ fn syn_flood_of_100k_new_tuples_does_not_break_established_connections() {
     assert!(
         new_flows >= MAX_FLOWS as u64,
         "the flood filled the table at least once ({new_flows} new flows)"
+    );
+}
+
+/// The source port the server sees for datagrams from `socket` (sent
+/// again until one arrives: the first may wait on neighbour resolution).
+fn seen_port(server: &std::net::UdpSocket, socket: &std::net::UdpSocket) -> u16 {
+    for _ in 0..5 {
+        socket
+            .send_to(b"one way", SocketAddrV4::new(SERVER_IP, 3478))
+            .expect("sending");
+        let got = recv_all_within(server, Duration::from_millis(500)).expect("receiving");
+        if let Some((from, _)) = got.first() {
+            return from.port();
+        }
+    }
+    panic!("nothing reached the server");
+}
+
+/// RFC 6888's hold keeps a released port from going to another host while
+/// somebody outside may still talk to it. A binding nobody ever answered
+/// has nobody to protect, so it is freed at the next sweep instead (that
+/// is what lets a flood's bindings go at once). The answered case keeps
+/// the hold: conformance.rs `rfc6888_released_port_is_held_...`.
+#[test]
+fn unanswered_binding_is_freed_without_the_port_hold() {
+    let lab = Lab::new().expect("building the lab (needs root)");
+    let gw = Gateway::start(
+        &lab,
+        &[
+            "--udp-timeout",
+            "1",
+            "--sweep-interval",
+            "1",
+            "--port-hold",
+            "120",
+            "--stats-interval",
+            "0",
+        ],
+    )
+    .expect("starting nat-loader");
+    // Receives and never answers.
+    let server = lab
+        .udp_socket(Host::Server, SocketAddrV4::new(SERVER_IP, 3478))
+        .expect("server socket");
+    let c1 = lab
+        .udp_socket(Host::Client1, SocketAddrV4::new(CLIENT1_IP, 40800))
+        .expect("client1 socket");
+    assert_eq!(seen_port(&server, &c1), 40800, "port preserved for client1");
+    // Expired (1 s idle), released without hold, then freed by the next pass.
+    gw.wait_for_log(
+        &["swept conntrack", "released_unanswered=1"],
+        Duration::from_secs(10),
+    )
+    .unwrap_or_else(|| panic!("the unanswered binding was not released: {:#?}", gw.log()));
+    gw.wait_for_log(&["swept conntrack", "freed=1"], Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("the unanswered binding was not freed: {:#?}", gw.log()));
+    let c2 = lab
+        .udp_socket(Host::Client2, SocketAddrV4::new(CLIENT2_IP, 40800))
+        .expect("client2 socket");
+    assert_eq!(
+        seen_port(&server, &c2),
+        40800,
+        "the port went to another host without waiting out the 120 s hold"
     );
 }
