@@ -304,6 +304,7 @@ impl Sweeper {
         counters: &PerCpuArray<MapData, u64>,
         now_ns: u64,
     ) -> Result<Sweep> {
+        let started = std::time::Instant::now();
         let total = Stats::sum(counters, &REFUSALS)?;
         // The first pass has nothing to compare with (an adopted table's
         // counters are from before).
@@ -357,6 +358,7 @@ impl Sweeper {
                 released_unanswered = s.released_unanswered,
                 freed = s.freed,
                 orphans = s.orphans,
+                ms = started.elapsed().as_millis() as u64,
                 "swept conntrack"
             );
         }

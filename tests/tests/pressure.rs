@@ -24,14 +24,14 @@ use nat_lab::{
 /// Small enough that the flood overflows it many times over.
 const MAX_FLOWS: u32 = 32768;
 const STREAMS: usize = 100;
-const FLOOD: u32 = 120_000;
+const FLOOD: u32 = 300_000;
 /// SYNs per second: what the lab's veths carry without dropping.
 const FLOOD_RATE: u32 = 100_000;
 const ECHO_PORT: u16 = 5400;
 /// Flood targets on the server: the first two are silently dropped there
 /// (their sessions stay half-open), the others are closed ports (the
 /// server answers RST).
-const FLOOD_PORTS: [u16; 4] = [7001, 7002, 7003, 7004];
+const FLOOD_PORTS: [u16; 6] = [7001, 7002, 7003, 7004, 7005, 7006];
 /// New connections must work again this soon after the flood ends.
 const RECOVERY_LIMIT: Duration = Duration::from_secs(10);
 
@@ -90,7 +90,7 @@ fn syn_flood_of_100k_new_tuples_does_not_break_established_connections() {
             "nft",
             "add chain ip flood input { type filter hook input priority 0 ; }",
         ],
-        &["nft", "add rule ip flood input tcp dport 7001-7002 drop"],
+        &["nft", "add rule ip flood input tcp dport 7001-7003 drop"],
     ] {
         lab.exec(Host::Server, argv)
             .expect("dropping part of the flood at the server");
