@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use nat_common::{
     CT_F_INBOUND, CT_F_REPLIED, CtKey, CtValue, IPPROTO_TCP,
-    tcp::{FIN_IN, FIN_OUT, RST, SYN_IN, SYN_OUT},
+    tcp::{RST, SYN_IN, SYN_OUT},
 };
 
 /// Above this share of `--max-flows` sessions, the sweeper is under pressure.
@@ -48,7 +48,9 @@ pub enum Standing {
     Kept,
 }
 
-/// The standing of a session of protocol `proto`.
+/// The standing of a session of protocol `proto`. TCP stands by its state
+/// bits first: SYNs both ways mean the remote answered, whatever the flag
+/// (sessions created by a dataplane older than the flag have none).
 pub fn standing(proto: u8, v: &CtValue) -> Standing {
     if proto == IPPROTO_TCP {
         let s = v.tcp_state;
@@ -60,8 +62,11 @@ pub fn standing(proto: u8, v: &CtValue) -> Standing {
         } else {
             SYN_OUT
         };
-        if s & (SYN_OUT | SYN_IN) == opener && s & (FIN_OUT | FIN_IN) == 0 {
-            return Standing::Unanswered;
+        match s & (SYN_OUT | SYN_IN) {
+            syns if syns == SYN_OUT | SYN_IN => return Standing::Kept,
+            syns if syns == opener => return Standing::Unanswered,
+            // No SYN seen (picked up mid-stream): the flag decides.
+            _ => {}
         }
     }
     if v.flags & CT_F_REPLIED == 0 {
@@ -171,6 +176,27 @@ mod tests {
         );
         assert_eq!(
             standing(IPPROTO_TCP, &entry(IPPROTO_TCP, 1, est, CT_F_REPLIED, 0).1),
+            Standing::Kept
+        );
+    }
+
+    #[test]
+    fn established_tcp_without_the_flag_is_kept() {
+        // Adopted from a dataplane that did not set the flag yet.
+        let est = update(update(0, DIR_OUT, TCP_SYN), DIR_IN, TCP_SYN | ACK);
+        let v = entry(IPPROTO_TCP, 1, est, 0, 0).1;
+        assert_eq!(standing(IPPROTO_TCP, &v), Standing::Kept);
+    }
+
+    #[test]
+    fn tcp_picked_up_mid_stream_stands_by_the_flag() {
+        let mid = update(0, DIR_OUT, ACK);
+        assert_eq!(
+            standing(IPPROTO_TCP, &entry(IPPROTO_TCP, 1, mid, 0, 0).1),
+            Standing::Unanswered
+        );
+        assert_eq!(
+            standing(IPPROTO_TCP, &entry(IPPROTO_TCP, 1, mid, CT_F_REPLIED, 0).1),
             Standing::Kept
         );
     }
