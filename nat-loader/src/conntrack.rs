@@ -1,5 +1,6 @@
-//! The control plane's view of the conntrack maps: listing flows and
-//! sweeping expired ones.
+//! The control plane's view of the conntrack maps: listing flows,
+//! sweeping expired ones and, under table pressure, evicting unanswered
+//! ones ([`crate::pressure`] decides which).
 
 use std::{
     collections::HashSet,
