@@ -44,6 +44,12 @@ impl CtKey {
 /// `CtValue::flags`: the session was opened from outside (endpoint- or
 /// address-dependent filtering let an inbound packet in).
 pub const CT_F_INBOUND: u8 = 1;
+/// `CtValue::flags`: the session was answered: a packet went the other way
+/// than the one that opened it (for an outbound session, a reply came in).
+/// Set once by the dataplane. Sessions without it are the first the
+/// sweeper evicts under table pressure, and the bindings they alone used
+/// are freed without the RFC 6888 hold (nobody outside ever talked to them).
+pub const CT_F_REPLIED: u8 = 2;
 
 /// A session (one inside endpoint talking to one remote endpoint). `peer` is
 /// the reply tuple expected on `--ext`, so it says which address and port to
@@ -97,6 +103,12 @@ impl BindKey {
 /// 2 minutes) and lets nothing in. An outbound packet of the same inside
 /// endpoint takes it back.
 pub const BIND_F_RELEASED: u8 = 1;
+/// `BindValue::flags`, with [`BIND_F_RELEASED`]: the binding's sessions were
+/// all unanswered (or evicted under pressure after a reset), so nobody
+/// outside can still be talking to the port: the sweeper frees it at its
+/// next pass instead of holding it. Cleared with `BIND_F_RELEASED` when the
+/// endpoint takes the binding back.
+pub const BIND_F_NO_HOLD: u8 = 2;
 
 /// The other end of a binding: the external endpoint in [`crate::MAP_BIND`],
 /// the inside one in [`crate::MAP_BIND_REV`].

@@ -4,8 +4,9 @@
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_get_prandom_u32};
 use nat_common::{
-    BIND_F_RELEASED, BindKey, BindValue, CFG_F_UDP_INBOUND_REFRESH, CT_F_INBOUND, CtKey, CtValue,
-    FILTER_ADDRESS, FILTER_ENDPOINT_INDEPENDENT, IPPROTO_TCP, IPPROTO_UDP, NatConfig, ports, stats,
+    BIND_F_RELEASED, BindKey, BindValue, CFG_F_UDP_INBOUND_REFRESH, CT_F_INBOUND, CT_F_REPLIED,
+    CtKey, CtValue, FILTER_ADDRESS, FILTER_ENDPOINT_INDEPENDENT, IPPROTO_TCP, IPPROTO_UDP,
+    NatConfig, ports, stats,
     tcp::{self, DIR_IN, DIR_OUT, TCP_SYN},
 };
 
@@ -229,8 +230,20 @@ pub fn is_bound(proto: u8, addr: u32, port: u16) -> bool {
 /// Marks a session as seen now by a packet in direction `dir`. Outbound
 /// packets always refresh it; inbound UDP only if configured (RFC 4787
 /// REQ-6: outbound refresh is what keeps a mapping alive).
+///
+/// The first packet against the direction that opened the session marks
+/// it answered ([`CT_F_REPLIED`]): under table pressure the sweeper evicts
+/// unanswered sessions first. Written once per session, so the cache line
+/// is not dirtied per packet.
 #[inline(always)]
 pub fn touch(v: *mut CtValue, now: u64, proto: u8, dir: u8, cfg: &NatConfig) {
+    unsafe {
+        let flags = (*v).flags;
+        let opened_inbound = flags & CT_F_INBOUND != 0;
+        if flags & CT_F_REPLIED == 0 && (dir == DIR_IN) != opened_inbound {
+            (*v).flags = flags | CT_F_REPLIED;
+        }
+    }
     if dir == DIR_IN && proto == IPPROTO_UDP && cfg.flags & CFG_F_UDP_INBOUND_REFRESH == 0 {
         return;
     }

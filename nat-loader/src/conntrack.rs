@@ -1,5 +1,6 @@
-//! The control plane's view of the conntrack maps: listing flows and
-//! sweeping expired ones.
+//! The control plane's view of the conntrack maps: listing flows,
+//! sweeping expired ones and, under table pressure, evicting unanswered
+//! ones ([`crate::pressure`] decides which).
 
 use std::{
     collections::HashSet,
@@ -9,13 +10,18 @@ use std::{
 };
 
 use anyhow::Result;
-use aya::maps::{HashMap, MapData};
+use aya::maps::{HashMap, MapData, PerCpuArray};
 use nat_common::{
-    BIND_F_RELEASED, BindKey, BindValue, CT_F_INBOUND, CtKey, CtValue, IPPROTO_ICMP, IPPROTO_TCP,
-    IPPROTO_UDP, tcp, timeouts::Timeouts,
+    BIND_F_NO_HOLD, BIND_F_RELEASED, BindKey, BindValue, CT_F_INBOUND, CtKey, CtValue,
+    IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, stats, tcp, timeouts::Timeouts,
 };
+use tracing::{info, warn};
 
-use crate::dataplane::CtMaps;
+use crate::{
+    dataplane::CtMaps,
+    pressure::{self, Limits, Standing},
+    stats::Stats,
+};
 
 type CtMap = HashMap<MapData, CtKey, CtValue>;
 
@@ -90,43 +96,93 @@ pub fn flows(fwd: &CtMap, now_ns: u64) -> Vec<Flow> {
 pub struct Sweep {
     /// Sessions removed for being idle longer than their timeout.
     pub expired: usize,
+    /// Sessions evicted under table pressure (unanswered or reset).
+    pub evicted: usize,
     /// Sessions left.
     pub remaining: usize,
+    /// Of those, how many are unanswered or reset (evictable once quiet).
+    pub unanswered: usize,
+    /// Whether this pass was under pressure (see [`crate::pressure`]).
+    pub pressed: bool,
     /// Bindings no session uses any more, now held.
     pub released: usize,
+    /// Of those, how many only unanswered (or pressure-evicted reset)
+    /// sessions used: freed at the next pass, without the hold.
+    pub released_unanswered: usize,
     /// Bindings whose hold ended: their external port is free again.
     pub freed: usize,
     /// Half-bindings or filter entries with nothing behind them.
     pub orphans: usize,
 }
 
-/// Removes idle sessions; releases the bindings no session uses (they stay
-/// reserved for their inside endpoint for `hold_ns`, RFC 6888) and frees
-/// those held longer; drops address-filter entries of remotes no session
-/// talks to any more. Keys are collected first: deleting while walking a
-/// BPF hash map restarts the walk.
-pub fn sweep(m: &mut CtMaps, t: &Timeouts, hold_ns: u64, now_ns: u64) -> Result<Sweep> {
+/// Removes idle sessions and, under pressure (`refused`: new flows were
+/// dropped for a full table since the last pass, or the table is above
+/// `limits.high`), evicts unanswered and reset ones down to `limits.low`
+/// ([`crate::pressure::victims`]). Releases the bindings no session uses:
+/// they stay reserved for their inside endpoint for `hold_ns` (RFC 6888),
+/// except those only unanswered sessions used, which are freed at the next
+/// pass: the hold keeps a port someone outside may still be talking to
+/// from going to another host, and nobody outside ever talked to these.
+/// Drops address-filter entries of remotes no session talks to any more.
+/// Keys are collected first: deleting while walking a BPF hash map
+/// restarts the walk.
+pub fn sweep(
+    m: &mut CtMaps,
+    t: &Timeouts,
+    hold_ns: u64,
+    limits: &Limits,
+    refused: bool,
+    now_ns: u64,
+) -> Result<Sweep> {
     let mut out = Sweep::default();
     let mut live_ports: HashSet<BindKey> = HashSet::new();
     let mut live_remotes: HashSet<CtKey> = HashSet::new();
+    // Bindings that lost a session somebody outside answered: those keep
+    // the hold.
+    let mut answered_ports: HashSet<BindKey> = HashSet::new();
+    let port_of = |v: &CtValue| BindKey::new(v.peer.proto, v.peer.dst_addr, v.peer.dst_port);
     let sessions: Vec<(CtKey, CtValue)> = m.sessions.iter().filter_map(|r| r.ok()).collect();
-    for (k, v) in &sessions {
+    let mut alive = Vec::with_capacity(sessions.len());
+    for (k, v) in sessions {
         if t.expired(k.proto, v.tcp_state, v.last_seen_ns, now_ns) {
-            let _ = m.sessions.remove(k);
+            let _ = m.sessions.remove(&k);
             out.expired += 1;
+            if pressure::standing(k.proto, &v) != Standing::Unanswered {
+                answered_ports.insert(port_of(&v));
+            }
         } else {
-            out.remaining += 1;
-            let p = &v.peer;
-            live_ports.insert(BindKey::new(p.proto, p.dst_addr, p.dst_port));
-            live_remotes.insert(CtKey::new(p.proto, p.src_addr, 0, p.dst_addr, p.dst_port));
+            alive.push((k, v));
         }
+    }
+    out.pressed = limits.pressed(alive.len(), refused);
+    let victims = pressure::victims(&alive, limits, now_ns, out.pressed);
+    let mut evicted = vec![false; alive.len()];
+    for &i in &victims {
+        let (k, _) = &alive[i];
+        // Gone already (another sweeper of an adopted table) is fine.
+        let _ = m.sessions.remove(k);
+        evicted[i] = true;
+    }
+    out.evicted = victims.len();
+    for ((k, v), gone) in alive.iter().zip(evicted) {
+        if gone {
+            continue;
+        }
+        out.remaining += 1;
+        if pressure::standing(k.proto, v) != Standing::Kept {
+            out.unanswered += 1;
+        }
+        let p = &v.peer;
+        live_ports.insert(port_of(v));
+        live_remotes.insert(CtKey::new(p.proto, p.src_addr, 0, p.dst_addr, p.dst_port));
     }
     let bindings: Vec<(BindKey, BindValue)> = m.bind_rev.iter().filter_map(|r| r.ok()).collect();
     for (ek, v) in &bindings {
         let released = v.flags & BIND_F_RELEASED != 0;
         if live_ports.contains(ek) {
             if released {
-                // Taken back by an inbound-opened session.
+                // Taken back by a session (an inbound-opened one, or one
+                // created just as the last pass released the binding).
                 let _ = m.bind_rev.insert(
                     ek,
                     BindValue {
@@ -138,14 +194,27 @@ pub fn sweep(m: &mut CtMaps, t: &Timeouts, hold_ns: u64, now_ns: u64) -> Result<
                 );
             }
         } else if !released {
+            // A binding with no session removed in this pass never had
+            // one (its session did not fit in a full table): unanswered.
+            let no_hold = !answered_ports.contains(ek);
             let held = BindValue {
-                flags: BIND_F_RELEASED,
+                flags: BIND_F_RELEASED | if no_hold { BIND_F_NO_HOLD } else { 0 },
                 released_ns: now_ns,
                 ..*v
             };
             let _ = m.bind_rev.insert(ek, held, 0);
             out.released += 1;
-        } else if now_ns.saturating_sub(v.released_ns) > hold_ns {
+            out.released_unanswered += no_hold as usize;
+        } else if v.flags & BIND_F_NO_HOLD != 0 || now_ns.saturating_sub(v.released_ns) > hold_ns {
+            // Read again: an outbound packet of the endpoint may have taken
+            // it back since the walk (the dataplane clears the flags).
+            let still_released = m
+                .bind_rev
+                .get(ek, 0)
+                .is_ok_and(|r| r.flags & BIND_F_RELEASED != 0);
+            if !still_released {
+                continue;
+            }
             let ik = BindKey::new(ek.proto, v.addr, v.port);
             if m.bind.get(&ik, 0).is_ok_and(|b| b.port == ek.port) {
                 let _ = m.bind.remove(&ik);
@@ -176,4 +245,124 @@ pub fn sweep(m: &mut CtMaps, t: &Timeouts, hold_ns: u64, now_ns: u64) -> Result<
         }
     }
     Ok(out)
+}
+
+/// Drops that evicting unanswered sessions can cure: a full session or
+/// binding table, or no free external port.
+const REFUSALS: [u32; 2] = [stats::DROP_TABLE_FULL, stats::DROP_NO_PORT];
+
+/// The sweeper between passes: whether it is under pressure, and what it
+/// needs to tell (refusals since the last pass, an episode's totals).
+pub struct Sweeper {
+    pub timeouts: Timeouts,
+    pub hold_ns: u64,
+    pub limits: Limits,
+    /// How long between passes when not under pressure.
+    pub interval: Duration,
+    refusals: Option<u64>,
+    episode: Option<Episode>,
+}
+
+/// One stretch of passes under pressure.
+struct Episode {
+    started: std::time::Instant,
+    refusals_at_start: u64,
+    evicted: usize,
+}
+
+impl Sweeper {
+    pub fn new(timeouts: Timeouts, hold_ns: u64, max_flows: u32, interval: Duration) -> Sweeper {
+        Sweeper {
+            timeouts,
+            hold_ns,
+            limits: Limits::for_table(max_flows),
+            interval,
+            refusals: None,
+            episode: None,
+        }
+    }
+
+    /// Whether the last pass was under pressure.
+    pub fn pressed(&self) -> bool {
+        self.episode.is_some()
+    }
+
+    /// How long until the next pass: [`pressure::PRESSURE_SWEEP`] under
+    /// pressure (new flows are refused until a pass makes room), else the
+    /// configured interval.
+    pub fn next_in(&self) -> Duration {
+        if self.pressed() {
+            pressure::PRESSURE_SWEEP.min(self.interval)
+        } else {
+            self.interval
+        }
+    }
+
+    /// One pass; logs what it did and when pressure starts or ends.
+    pub fn run(
+        &mut self,
+        m: &mut CtMaps,
+        counters: &PerCpuArray<MapData, u64>,
+        now_ns: u64,
+    ) -> Result<Sweep> {
+        let started = std::time::Instant::now();
+        let total = Stats::sum(counters, &REFUSALS)?;
+        // The first pass has nothing to compare with (an adopted table's
+        // counters are from before).
+        let refused = self.refusals.is_some_and(|before| total > before);
+        self.refusals = Some(total);
+        let s = sweep(
+            m,
+            &self.timeouts,
+            self.hold_ns,
+            &self.limits,
+            refused,
+            now_ns,
+        )?;
+        match (&mut self.episode, s.pressed) {
+            (None, true) => {
+                warn!(
+                    sessions = s.remaining + s.evicted,
+                    high_watermark = self.limits.high,
+                    refused_since_last_sweep = refused,
+                    evicted = s.evicted,
+                    unanswered_left = s.unanswered,
+                    "conntrack table under pressure: evicting unanswered and reset sessions, \
+                     sweeping every second"
+                );
+                self.episode = Some(Episode {
+                    started: std::time::Instant::now(),
+                    refusals_at_start: total,
+                    evicted: s.evicted,
+                });
+            }
+            (Some(e), true) => e.evicted += s.evicted,
+            (Some(e), false) => {
+                info!(
+                    sessions = s.remaining,
+                    evicted = e.evicted,
+                    refused = total - e.refusals_at_start,
+                    seconds = e.started.elapsed().as_secs_f64(),
+                    "conntrack table pressure over"
+                );
+                self.episode = None;
+            }
+            (None, false) => {}
+        }
+        if s.expired + s.evicted + s.released + s.freed + s.orphans > 0 {
+            info!(
+                expired = s.expired,
+                evicted = s.evicted,
+                remaining = s.remaining,
+                unanswered = s.unanswered,
+                released = s.released,
+                released_unanswered = s.released_unanswered,
+                freed = s.freed,
+                orphans = s.orphans,
+                ms = started.elapsed().as_millis() as u64,
+                "swept conntrack"
+            );
+        }
+        Ok(s)
+    }
 }

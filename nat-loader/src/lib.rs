@@ -7,6 +7,7 @@ pub mod dataplane;
 pub mod health;
 pub mod netif;
 pub mod pins;
+pub mod pressure;
 pub mod routing;
 pub mod stats;
 pub mod sysctl;

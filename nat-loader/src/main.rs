@@ -650,7 +650,14 @@ async fn run(args: Args) -> Result<ExitCode> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigusr2 =
         signal(SignalKind::user_defined2()).context("installing the SIGUSR2 handler")?;
-    let mut sweep_tick = tokio::time::interval(Duration::from_secs(args.sweep_interval));
+    let mut sweeper = conntrack::Sweeper::new(
+        timeouts,
+        args.port_hold * SEC,
+        args.max_flows,
+        Duration::from_secs(args.sweep_interval),
+    );
+    // Re-armed after each pass: sooner under table pressure.
+    let mut next_sweep = tokio::time::Instant::now();
     let stats_every = Duration::from_secs(args.stats_interval.max(1));
     let mut stats_tick = tokio::time::interval(stats_every);
     let mut health_tick = tokio::time::interval(health::CHECK_INTERVAL);
@@ -700,17 +707,13 @@ async fn run(args: Args) -> Result<ExitCode> {
                 }
                 continue;
             }
-            _ = sweep_tick.tick() => {
-                match conntrack::sweep(&mut dp.maps, &timeouts, args.port_hold * SEC, monotonic_ns()) {
-                    Ok(s) if s.expired + s.released + s.freed + s.orphans > 0 => info!(
-                        expired = s.expired, remaining = s.remaining, released = s.released,
-                        freed = s.freed, orphans = s.orphans, "swept conntrack"
-                    ),
-                    Ok(_) => {}
+            _ = tokio::time::sleep_until(next_sweep) => {
+                if let Err(e) = sweeper.run(&mut dp.maps, &dp.stats, monotonic_ns()) {
                     // A failing control plane is not a failing dataplane:
                     // leave it forwarding for the restarted loader.
-                    Err(e) => break (Exit::KeepForwarding, Err(e.context("sweeping conntrack"))),
+                    break (Exit::KeepForwarding, Err(e.context("sweeping conntrack")));
                 }
+                next_sweep = tokio::time::Instant::now() + sweeper.next_in();
                 continue;
             }
             _ = stats_tick.tick(), if args.stats_interval > 0 => {

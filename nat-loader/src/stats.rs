@@ -29,6 +29,25 @@ impl Stats {
         Ok(Stats { totals })
     }
 
+    /// The sum, over every hook and CPU, of the counters of `reasons`
+    /// (reads only those slots: cheap enough for every sweep).
+    pub fn sum<T: std::borrow::Borrow<MapData>>(
+        map: &PerCpuArray<T, u64>,
+        reasons: &[u32],
+    ) -> Result<u64> {
+        let mut total = 0u64;
+        for h in 0..HOOKS.len() as u32 {
+            for &r in reasons {
+                let idx = h * COUNT + r;
+                let per_cpu = map
+                    .get(&idx, 0)
+                    .with_context(|| format!("reading stats slot {idx}"))?;
+                total = total.wrapping_add(per_cpu.iter().sum::<u64>());
+            }
+        }
+        Ok(total)
+    }
+
     /// The count of `reason` at hook `hook` (an index of [`HOOKS`]).
     pub fn get(&self, hook: usize, reason: u32) -> u64 {
         self.totals

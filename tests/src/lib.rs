@@ -18,7 +18,8 @@
 //! For high availability: [`probers`] adds two namespaces holding Azure's
 //! probe address 168.63.129.16 to a lab; [`failover`] builds several
 //! instances behind an emulated internal load balancer with its prober;
-//! [`netns`] is the namespace set both are made of.
+//! [`netns`] is the namespace set both are made of. [`flood`] sends a SYN
+//! flood of distinct 5-tuples (table-pressure tests).
 //!
 //! Traffic helpers ([`tcp_transfer`], [`udp_exchange`], [`ping`],
 //! [`udp_listen_for`], [`tcp_accepts_within`], ...) are bounded by timeouts
@@ -40,6 +41,7 @@
 
 mod bpffs;
 pub mod failover;
+pub mod flood;
 mod gateway;
 mod lab;
 pub mod netns;

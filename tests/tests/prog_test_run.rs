@@ -14,8 +14,8 @@ use aya::{
     },
 };
 use nat_common::{
-    BindKey, BindValue, CtKey, CtValue, MAP_BIND, MAP_BIND_REV, MAP_CT_FWD, MAP_STATS, NatConfig,
-    PROG_TC_INT, PROG_XDP_EXT, PROG_XDP_INT, stats,
+    BindKey, BindValue, CT_F_REPLIED, CtKey, CtValue, MAP_BIND, MAP_BIND_REV, MAP_CT_FWD,
+    MAP_STATS, NatConfig, PROG_TC_INT, PROG_XDP_EXT, PROG_XDP_INT, stats,
 };
 use nat_lab::{
     CLIENT1_IP, EXT_IF, Host, INT_IF, Lab, NAT_EXT_IP, ROUTER_NAT_IF, ROUTER_NAT_IP, SERVER_IP,
@@ -545,4 +545,42 @@ fn exhausted_port_range_and_full_table_are_counted_drops() {
     assert_eq!((v1, v2), (XDP_REDIRECT, XDP_DROP));
     assert_eq!(st.get(HOOK_XDP_INT, stats::DROP_TABLE_FULL), 1);
     assert_eq!((fwd.len(), bind.len(), bind_rev.len()), (1, 1, 1));
+}
+
+#[test]
+fn the_first_reply_marks_the_session_answered() {
+    let fx = Fixture::new();
+    let syn = fx.outbound_tcp(40000, TCP_SYN, Csum::Full).build();
+    let ack = fx.outbound_tcp(40000, TCP_ACK, Csum::Full).build();
+    let synack = Packet {
+        dst_mac: fx.ext_mac,
+        src_mac: fx.router_mac,
+        src: SERVER_IP,
+        dst: NAT_EXT_IP,
+        ttl: 60,
+        options: vec![],
+        l4: L4::Tcp {
+            sport: 80,
+            dport: 40000,
+            flags: TCP_SYN | TCP_ACK,
+        },
+        payload: vec![],
+        csum: Csum::Full,
+    }
+    .build();
+    let (opened, more_out, replied) = fx.run(fx.config(1024, 65535), 1024, |ebpf| {
+        assert_eq!(run_xdp(ebpf, PROG_XDP_INT, &syn).0, XDP_REDIRECT);
+        let opened = ct(ebpf, MAP_CT_FWD)[0].1.flags;
+        assert_eq!(run_xdp(ebpf, PROG_XDP_INT, &ack).0, XDP_REDIRECT);
+        let more_out = ct(ebpf, MAP_CT_FWD)[0].1.flags;
+        assert_eq!(run_xdp(ebpf, PROG_XDP_EXT, &synack).0, XDP_REDIRECT);
+        (opened, more_out, ct(ebpf, MAP_CT_FWD)[0].1.flags)
+    });
+    assert_eq!(opened & CT_F_REPLIED, 0, "a new session is unanswered");
+    assert_eq!(
+        more_out & CT_F_REPLIED,
+        0,
+        "more packets the same way are no answer"
+    );
+    assert_ne!(replied & CT_F_REPLIED, 0, "the SYN-ACK is the answer");
 }
