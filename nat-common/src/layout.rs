@@ -148,6 +148,13 @@ pub struct NatConfig {
     /// The health-probe port (network order, 0 = none): never handed out
     /// as an external port, so probes always reach the gateway itself.
     pub probe_port: u16,
+    /// Primary IPv4 address of `--int` (network order, 0 = none): source of
+    /// the ICMP errors the gateway itself sends inside (out of ports).
+    pub int_addr: u32,
+    /// Largest TCP MSS option a SYN or SYN-ACK may carry through the
+    /// gateway (host order, 0 = no clamping).
+    pub mss_clamp: u16,
+    pub _pad: [u8; 2],
 }
 
 #[cfg(feature = "user")]
@@ -190,8 +197,11 @@ mod tests {
     }
 
     #[test]
-    fn nat_config_layout_is_24_bytes() {
-        assert_eq!(size_of::<NatConfig>(), 24);
+    fn nat_config_layout_is_32_bytes() {
+        assert_eq!(size_of::<NatConfig>(), 32);
+        assert_eq!(offset_of!(NatConfig, int_addr), 24);
+        assert_eq!(offset_of!(NatConfig, mss_clamp), 28);
+        assert_eq!(offset_of!(NatConfig, _pad), 30);
         assert_eq!(offset_of!(NatConfig, snat_addr), 8);
         assert_eq!(offset_of!(NatConfig, port_min), 12);
         assert_eq!(offset_of!(NatConfig, port_max), 14);

@@ -12,7 +12,9 @@
 #![cfg_attr(not(test), no_std)]
 
 pub mod csum;
+pub mod icmp_rate;
 pub mod layout;
+pub mod mss;
 pub mod ports;
 pub mod stats;
 pub mod tcp;
@@ -47,17 +49,23 @@ pub const PROG_TC_EXT: &str = "nat_tc_ext";
 /// Not attached: reached by tail call from [`PROG_TC_INT`] through
 /// [`MAP_TAILS`].
 pub const PROG_TC_HAIRPIN: &str = "nat_tc_hairpin";
-pub const PROGRAMS: [&str; 5] = [
+/// Not attached: reached by tail call from [`PROG_TC_INT`] when a new flow
+/// finds no free external port; answers ICMP Destination Unreachable code
+/// 13 (RFC 5508 REQ-8).
+pub const PROG_TC_NO_PORT: &str = "nat_tc_no_port";
+pub const PROGRAMS: [&str; 6] = [
     PROG_XDP_INT,
     PROG_XDP_EXT,
     PROG_TC_INT,
     PROG_TC_EXT,
     PROG_TC_HAIRPIN,
+    PROG_TC_NO_PORT,
 ];
 /// The tail-call table and its slots.
 pub const MAP_TAILS: &str = "TAILS";
 pub const TAIL_HAIRPIN: u32 = 0;
-pub const TAIL_COUNT: u32 = 1;
+pub const TAIL_NO_PORT: u32 = 1;
+pub const TAIL_COUNT: u32 = 2;
 
 /// Map names as they appear in the eBPF object.
 pub const MAP_CT_FWD: &str = "CT_FWD";
@@ -67,6 +75,9 @@ pub const MAP_BIND_REV: &str = "NAT_BIND_REV";
 /// key = reply tuple with the remote port zeroed, value = unused.
 pub const MAP_ADF: &str = "CT_ADF";
 pub const MAP_STATS: &str = "STATS";
+/// Per-CPU rate limiter of the out-of-ports ICMP errors (not pinned: a
+/// new loader starts with a full bucket).
+pub const MAP_ICMP_RATE: &str = "ICMP_RATE";
 pub const MAPS: [&str; 5] = [MAP_CT_FWD, MAP_BIND, MAP_BIND_REV, MAP_ADF, MAP_STATS];
 /// Name of the read-only global holding [`NatConfig`].
 pub const GLOBAL_CONFIG: &str = "CONFIG";

@@ -88,6 +88,20 @@ reasons! {
     /// Inside host to another inside host's external mapping, translated
     /// both ways (source and destination) and sent back inside by TC.
     TC_HAIRPIN_FWD = 34, "tc_hairpin_forwarded";
+    /// XDP handed a new flow that found no free external port to TC, which
+    /// answers it with ICMP (RFC 5508 REQ-8).
+    XDP_TO_TC_NO_PORT = 35, "xdp_to_tc_no_free_port";
+    /// Event: a packet of a new flow that found no free external port was
+    /// turned into an ICMP Destination Unreachable code 13 back to its
+    /// sender (counted besides `drop_no_free_port`).
+    EV_ICMP_NO_PORT_SENT = 36, "icmp_out_of_ports_sent";
+    /// Event: no ICMP for such a packet, the per-CPU rate limit was spent
+    /// (counted besides `drop_no_free_port`).
+    EV_ICMP_NO_PORT_RATE_LIMITED = 37, "icmp_out_of_ports_rate_limited";
+    /// XDP handed a TCP SYN to TC to clamp its MSS option (`--mss-clamp`).
+    XDP_TO_TC_MSS = 38, "xdp_to_tc_mss_clamp";
+    /// Event: the MSS option of a SYN or SYN-ACK was lowered to `--mss-clamp`.
+    EV_MSS_CLAMPED = 39, "event_mss_clamped";
 }
 
 /// Label of a reason index.

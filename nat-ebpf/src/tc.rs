@@ -15,7 +15,9 @@ use nat_common::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, stats};
 use crate::{
     hairpin, icmp_err,
     maps::{TAILS, config},
+    mss,
     nat::{self, Decision, Egress, Hook, Rewrite},
+    no_port,
     parse::{self, ETH_HLEN, Frame, IP_CHECK, IP_TTL},
     stats::{HOOK_TC_EXT, HOOK_TC_INT, count},
 };
@@ -38,7 +40,39 @@ pub fn nat_tc_int(ctx: TcContext) -> i32 {
         Hook::Tc,
         HOOK_TC_INT,
     );
-    finish(&ctx, d, cfg.ext_ifindex, HOOK_TC_INT, stats::TC_OUT_FWD)
+    if let Decision::Drop(stats::DROP_NO_PORT) = d
+        && cfg.int_addr != 0
+    {
+        count(HOOK_TC_INT, stats::DROP_NO_PORT);
+        // The ICMP error is built by a program of its own: its checksum
+        // loops and header work do not fit in this one's stack.
+        unsafe { TAILS.tail_call(&ctx, nat_common::TAIL_NO_PORT) };
+        // Only reached if the slot is empty (a loader bug).
+        count(HOOK_TC_INT, stats::DROP_INTERNAL);
+        return TC_ACT_SHOT;
+    }
+    finish(
+        &ctx,
+        d,
+        cfg.ext_ifindex,
+        HOOK_TC_INT,
+        stats::TC_OUT_FWD,
+        cfg.mss_clamp,
+    )
+}
+
+/// Tail-called by `nat_tc_int` with a packet of a new flow that found no
+/// free external port: it goes back to its sender as an ICMP Destination
+/// Unreachable, code 13 (RFC 5508 REQ-8), rate-limited.
+#[classifier]
+pub fn nat_tc_no_port(ctx: TcContext) -> i32 {
+    let cfg = config();
+    let f = pull(&ctx);
+    let (action, event) = no_port::answer(&ctx, f, &cfg);
+    if let Some(e) = event {
+        count(HOOK_TC_INT, e);
+    }
+    action
 }
 
 /// Tail-called by `nat_tc_int` with a hairpinned packet whose source is
@@ -76,7 +110,14 @@ pub fn nat_tc_ext(ctx: TcContext) -> i32 {
         count(HOOK_TC_EXT, reason);
         return action;
     }
-    finish(&ctx, d, cfg.int_ifindex, HOOK_TC_EXT, stats::TC_IN_FWD)
+    finish(
+        &ctx,
+        d,
+        cfg.int_ifindex,
+        HOOK_TC_EXT,
+        stats::TC_IN_FWD,
+        cfg.mss_clamp,
+    )
 }
 
 /// Makes the headers directly readable (they may sit in a fragment of a
@@ -98,7 +139,27 @@ fn pull(ctx: &TcContext) -> Frame {
 }
 
 #[inline(always)]
-fn finish(ctx: &TcContext, d: Decision, egress_if: u32, hook: u32, fwd_reason: u32) -> i32 {
+fn finish(
+    ctx: &TcContext,
+    d: Decision,
+    egress_if: u32,
+    hook: u32,
+    fwd_reason: u32,
+    mss_clamp: u16,
+) -> i32 {
+    if let Decision::Translate(rw, _) = &d
+        && mss_clamp != 0
+        && rw.proto == IPPROTO_TCP
+    {
+        match mss::clamp(ctx.skb.skb, rw.l4_off as u32, mss_clamp as u32) {
+            0 => {}
+            1 => count(hook, stats::EV_MSS_CLAMPED),
+            _ => {
+                count(hook, stats::DROP_INTERNAL);
+                return TC_ACT_SHOT;
+            }
+        }
+    }
     let (action, reason) = match d {
         Decision::Pass(r) => (TC_ACT_OK, r),
         Decision::Drop(r) => (TC_ACT_SHOT, r),

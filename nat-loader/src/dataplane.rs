@@ -23,7 +23,7 @@ use aya::{
 use nat_common::{
     BindKey, BindValue, CtKey, CtValue, GLOBAL_CONFIG, MAP_ADF, MAP_BIND, MAP_BIND_REV, MAP_CT_FWD,
     MAP_STATS, MAP_TAILS, MAX_BINDINGS, NatConfig, PROG_TC_EXT, PROG_TC_HAIRPIN, PROG_TC_INT,
-    PROG_XDP_EXT, PROG_XDP_INT, TAIL_HAIRPIN,
+    PROG_TC_NO_PORT, PROG_XDP_EXT, PROG_XDP_INT, TAIL_HAIRPIN, TAIL_NO_PORT,
 };
 use tracing::{info, warn};
 
@@ -61,6 +61,11 @@ pub struct Settings {
     pub probe_port: u16,
     pub max_flows: u32,
     pub xdp: XdpAttach,
+    /// Source of the out-of-ports ICMP errors (`--int`'s primary address);
+    /// `None`: such packets are only dropped.
+    pub int_addr: Option<Ipv4Addr>,
+    /// `--mss-clamp` (0: off).
+    pub mss_clamp: u16,
 }
 
 impl Settings {
@@ -76,6 +81,9 @@ impl Settings {
             filtering: self.filtering,
             flags: self.flags,
             probe_port: self.probe_port.to_be(),
+            int_addr: self.int_addr.map_or(0, |a| u32::from_ne_bytes(a.octets())),
+            mss_clamp: self.mss_clamp,
+            _pad: [0; 2],
         }
     }
 }
@@ -112,24 +120,33 @@ pub fn load_with_pins(cfg: &NatConfig, max_flows: u32, pins: Option<&PinDir>) ->
         prog.load()
             .with_context(|| format!("verifying program {name}"))?;
     }
-    for name in [PROG_TC_INT, PROG_TC_EXT, PROG_TC_HAIRPIN] {
+    for name in [PROG_TC_INT, PROG_TC_EXT, PROG_TC_HAIRPIN, PROG_TC_NO_PORT] {
         let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
         prog.load()
             .with_context(|| format!("verifying program {name}"))?;
     }
-    let hairpin = program::<SchedClassifier>(&mut ebpf, PROG_TC_HAIRPIN)?
-        .fd()
-        .context("hairpin program fd")?
-        .try_clone()
-        .context("duplicating the hairpin program fd")?;
+    let mut fds = Vec::new();
+    for (slot, name) in [
+        (TAIL_HAIRPIN, PROG_TC_HAIRPIN),
+        (TAIL_NO_PORT, PROG_TC_NO_PORT),
+    ] {
+        let fd = program::<SchedClassifier>(&mut ebpf, name)?
+            .fd()
+            .with_context(|| format!("{name} program fd"))?
+            .try_clone()
+            .with_context(|| format!("duplicating the {name} program fd"))?;
+        fds.push((slot, name, fd));
+    }
     let mut tails: ProgramArray<_> = ProgramArray::try_from(
         ebpf.map_mut(MAP_TAILS)
             .with_context(|| format!("map {MAP_TAILS} missing from the eBPF object"))?,
     )
     .with_context(|| format!("map {MAP_TAILS} has an unexpected type"))?;
-    tails
-        .set(TAIL_HAIRPIN, &hairpin, 0)
-        .context("filling the tail-call table")?;
+    for (slot, name, fd) in &fds {
+        tails
+            .set(*slot, fd, 0)
+            .with_context(|| format!("filling tail-call slot {slot} with {name}"))?;
+    }
     Ok(ebpf)
 }
 

@@ -18,7 +18,8 @@ use nat_common::{
     PROG_TC_INT, PROG_XDP_EXT, PROG_XDP_INT, stats,
 };
 use nat_lab::{
-    CLIENT1_IP, EXT_IF, Host, INT_IF, Lab, NAT_EXT_IP, ROUTER_NAT_IF, ROUTER_NAT_IP, SERVER_IP,
+    CLIENT1_IP, EXT_IF, Host, INT_IF, Lab, NAT_EXT_IP, NAT_INT_IP, ROUTER_NAT_IF, ROUTER_NAT_IP,
+    SERVER_IP,
     packet::{Csum, L4, Packet, TCP_ACK, TCP_SYN, checksums_valid, parse_mac},
 };
 use nat_loader::{dataplane, stats::Stats};
@@ -107,6 +108,9 @@ impl Fixture {
             filtering: nat_common::FILTER_ADDRESS_AND_PORT,
             flags: 0,
             probe_port: 0,
+            int_addr: u32::from_ne_bytes(NAT_INT_IP.octets()),
+            mss_clamp: 0,
+            _pad: [0; 2],
         }
     }
 
