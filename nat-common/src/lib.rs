@@ -53,19 +53,25 @@ pub const PROG_TC_HAIRPIN: &str = "nat_tc_hairpin";
 /// finds no free external port; answers ICMP Destination Unreachable code
 /// 13 (RFC 5508 REQ-8).
 pub const PROG_TC_NO_PORT: &str = "nat_tc_no_port";
-pub const PROGRAMS: [&str; 6] = [
+/// Not attached: reached by tail call from [`PROG_TC_INT`] and
+/// [`PROG_TC_EXT`] with a translated SYN to clamp its MSS (`--mss-clamp`)
+/// and forward.
+pub const PROG_TC_MSS: &str = "nat_tc_mss";
+pub const PROGRAMS: [&str; 7] = [
     PROG_XDP_INT,
     PROG_XDP_EXT,
     PROG_TC_INT,
     PROG_TC_EXT,
     PROG_TC_HAIRPIN,
     PROG_TC_NO_PORT,
+    PROG_TC_MSS,
 ];
 /// The tail-call table and its slots.
 pub const MAP_TAILS: &str = "TAILS";
 pub const TAIL_HAIRPIN: u32 = 0;
 pub const TAIL_NO_PORT: u32 = 1;
-pub const TAIL_COUNT: u32 = 2;
+pub const TAIL_MSS: u32 = 2;
+pub const TAIL_COUNT: u32 = 3;
 
 /// Map names as they appear in the eBPF object.
 pub const MAP_CT_FWD: &str = "CT_FWD";

@@ -28,7 +28,8 @@ pub static CT_ADF: HashMap<CtKey, u8> =
     HashMap::with_max_entries(DEFAULT_MAX_FLOWS, BPF_F_NO_PREALLOC);
 
 /// Programs the TC path tail-calls into (each gets a stack of its own):
-/// indices [`nat_common::TAIL_HAIRPIN`], [`nat_common::TAIL_NO_PORT`].
+/// indices [`nat_common::TAIL_HAIRPIN`], [`nat_common::TAIL_NO_PORT`],
+/// [`nat_common::TAIL_MSS`].
 /// Filled by the loader.
 #[map(name = "TAILS")]
 pub static TAILS: ProgramArray = ProgramArray::with_max_entries(nat_common::TAIL_COUNT, 0);

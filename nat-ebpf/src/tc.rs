@@ -86,6 +86,25 @@ pub fn nat_tc_hairpin(ctx: TcContext) -> i32 {
     action
 }
 
+/// Tail-called by `nat_tc_int` and `nat_tc_ext` with a translated SYN or
+/// SYN-ACK when `--mss-clamp` is on: clamps its MSS option and forwards it.
+#[classifier]
+pub fn nat_tc_mss(ctx: TcContext) -> i32 {
+    let cfg = config();
+    let (action, reason, event, hook) = mss::finish(&ctx, cfg.mss_clamp);
+    // The hook came through the control buffer: only the two TC ones.
+    let hook = if hook == HOOK_TC_EXT {
+        HOOK_TC_EXT
+    } else {
+        HOOK_TC_INT
+    };
+    if let Some(e) = event {
+        count(hook, e);
+    }
+    count(hook, reason);
+    action
+}
+
 /// On `--ext`: reverse translation of what XDP handed over.
 #[classifier]
 pub fn nat_tc_ext(ctx: TcContext) -> i32 {
@@ -147,19 +166,6 @@ fn finish(
     fwd_reason: u32,
     mss_clamp: u16,
 ) -> i32 {
-    if let Decision::Translate(rw, _) = &d
-        && mss_clamp != 0
-        && rw.proto == IPPROTO_TCP
-    {
-        match mss::clamp(ctx.skb.skb, rw.l4_off as u32, mss_clamp as u32) {
-            0 => {}
-            1 => count(hook, stats::EV_MSS_CLAMPED),
-            _ => {
-                count(hook, stats::DROP_INTERNAL);
-                return TC_ACT_SHOT;
-            }
-        }
-    }
     let (action, reason) = match d {
         Decision::Pass(r) => (TC_ACT_OK, r),
         Decision::Drop(r) => (TC_ACT_SHOT, r),
@@ -173,11 +179,21 @@ fn finish(
                 smac,
                 dmac,
             } => match rewrite(ctx, &rw).and_then(|()| macs(ctx, smac, dmac)) {
-                Ok(()) => (unsafe { bpf_redirect(ifindex, 0) } as i32, fwd_reason),
+                Ok(()) => {
+                    if mss::wanted(ctx, &rw, mss_clamp) {
+                        mss::hand_over(ctx, ifindex, 0, rw.l4_off, hook, fwd_reason);
+                    }
+                    (unsafe { bpf_redirect(ifindex, 0) } as i32, fwd_reason)
+                }
                 Err(_) => (TC_ACT_SHOT, stats::DROP_INTERNAL),
             },
             Egress::Neigh { ifindex, nexthop } => match rewrite(ctx, &rw) {
-                Ok(()) => (redirect_neigh(ifindex, nexthop), fwd_reason),
+                Ok(()) => {
+                    if mss::wanted(ctx, &rw, mss_clamp) {
+                        mss::hand_over(ctx, ifindex, nexthop, rw.l4_off, hook, fwd_reason);
+                    }
+                    (redirect_neigh(ifindex, nexthop), fwd_reason)
+                }
                 Err(_) => (TC_ACT_SHOT, stats::DROP_INTERNAL),
             },
             // Untranslated, the kernel answers with ICMP Fragmentation

@@ -23,7 +23,7 @@ use aya::{
 use nat_common::{
     BindKey, BindValue, CtKey, CtValue, GLOBAL_CONFIG, MAP_ADF, MAP_BIND, MAP_BIND_REV, MAP_CT_FWD,
     MAP_STATS, MAP_TAILS, MAX_BINDINGS, NatConfig, PROG_TC_EXT, PROG_TC_HAIRPIN, PROG_TC_INT,
-    PROG_TC_NO_PORT, PROG_XDP_EXT, PROG_XDP_INT, TAIL_HAIRPIN, TAIL_NO_PORT,
+    PROG_TC_MSS, PROG_TC_NO_PORT, PROG_XDP_EXT, PROG_XDP_INT, TAIL_HAIRPIN, TAIL_MSS, TAIL_NO_PORT,
 };
 use tracing::{info, warn};
 
@@ -120,7 +120,13 @@ pub fn load_with_pins(cfg: &NatConfig, max_flows: u32, pins: Option<&PinDir>) ->
         prog.load()
             .with_context(|| format!("verifying program {name}"))?;
     }
-    for name in [PROG_TC_INT, PROG_TC_EXT, PROG_TC_HAIRPIN, PROG_TC_NO_PORT] {
+    for name in [
+        PROG_TC_INT,
+        PROG_TC_EXT,
+        PROG_TC_HAIRPIN,
+        PROG_TC_NO_PORT,
+        PROG_TC_MSS,
+    ] {
         let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
         prog.load()
             .with_context(|| format!("verifying program {name}"))?;
@@ -129,6 +135,7 @@ pub fn load_with_pins(cfg: &NatConfig, max_flows: u32, pins: Option<&PinDir>) ->
     for (slot, name) in [
         (TAIL_HAIRPIN, PROG_TC_HAIRPIN),
         (TAIL_NO_PORT, PROG_TC_NO_PORT),
+        (TAIL_MSS, PROG_TC_MSS),
     ] {
         let fd = program::<SchedClassifier>(&mut ebpf, name)?
             .fd()

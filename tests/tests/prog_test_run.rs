@@ -548,3 +548,74 @@ fn exhausted_port_range_and_full_table_are_counted_drops() {
     assert_eq!(st.get(HOOK_XDP_INT, stats::DROP_TABLE_FULL), 1);
     assert_eq!((fwd.len(), bind.len(), bind_rev.len()), (1, 1, 1));
 }
+
+/// A SYN with the options `opts` (MSS, …) as a TCP packet `p` would be,
+/// complete checksum.
+fn with_tcp_options(p: &Packet, opts: &[u8]) -> Vec<u8> {
+    assert!(opts.len().is_multiple_of(4));
+    let mut f = Packet {
+        payload: opts.to_vec(),
+        ..p.clone()
+    }
+    .build();
+    // The builder puts them after a 20-byte header as payload: make them
+    // the header's options instead, and redo the TCP checksum.
+    let tcp = 14 + 20;
+    f[tcp + 12] = (((20 + opts.len()) / 4) as u8) << 4;
+    f[tcp + 16..tcp + 18].copy_from_slice(&[0, 0]);
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&f[14 + 12..14 + 20]);
+    pseudo.extend_from_slice(&[0, 6]);
+    pseudo.extend_from_slice(&((f.len() - tcp) as u16).to_be_bytes());
+    pseudo.extend_from_slice(&f[tcp..]);
+    let c = nat_lab::packet::internet_checksum(&pseudo);
+    f[tcp + 16..tcp + 18].copy_from_slice(&c.to_be_bytes());
+    f
+}
+
+#[test]
+fn syn_mss_option_is_clamped_by_tc_with_a_valid_checksum() {
+    let fx = Fixture::new();
+    let syn = fx.outbound_tcp(40010, TCP_SYN, Csum::Full);
+    // MSS first (Linux), and after NOPs at an odd offset.
+    let first = with_tcp_options(
+        &syn,
+        &[
+            2, 4, 0x05, 0xb4, 1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 0, 1, 1, 1, 0,
+        ],
+    );
+    let odd = with_tcp_options(
+        &Packet {
+            l4: L4::Tcp {
+                sport: 40011,
+                dport: 80,
+                flags: TCP_SYN,
+            },
+            ..syn.clone()
+        },
+        &[1, 2, 4, 0x05, 0xb4, 1, 1, 0],
+    );
+    let cfg = NatConfig {
+        mss_clamp: 1200,
+        ..fx.config(1024, 65535)
+    };
+    let (xv, tv1, out1, tv2, out2, st) = fx.run(cfg, 1024, |ebpf| {
+        let (xv, _) = run_xdp(ebpf, PROG_XDP_INT, &first);
+        let (tv1, out1) = run_tc(ebpf, PROG_TC_INT, &first);
+        let (tv2, out2) = run_tc(ebpf, PROG_TC_INT, &odd);
+        (xv, tv1, out1, tv2, out2, stats_of(ebpf))
+    });
+    assert_eq!(xv, XDP_PASS, "XDP hands SYNs to TC when clamping");
+    assert_eq!(st.get(HOOK_XDP_INT, stats::XDP_TO_TC_MSS), 1);
+    assert_eq!((tv1, tv2), (TC_ACT_REDIRECT, TC_ACT_REDIRECT));
+    let tcp = 14 + 20;
+    assert_eq!(&out1[tcp + 20..tcp + 24], &[2, 4, 0x04, 0xb0], "MSS 1200");
+    assert_eq!(
+        &out2[tcp + 21..tcp + 25],
+        &[2, 4, 0x04, 0xb0],
+        "MSS 1200 at an odd offset"
+    );
+    assert!(checksums_valid(&out1));
+    assert!(checksums_valid(&out2));
+    assert_eq!(st.get(HOOK_TC_INT, stats::EV_MSS_CLAMPED), 2);
+}
