@@ -61,7 +61,7 @@ pub fn hand_over(
         cb[CB_L4_OFF] = l4_off as u32;
         cb[CB_HOOK] = hook;
         cb[CB_REASON] = reason;
-        let _ = TAILS.tail_call(ctx, nat_common::TAIL_MSS);
+        TAILS.tail_call(ctx, nat_common::TAIL_MSS);
     }
 }
 

@@ -3,7 +3,7 @@
 //! checksum kept right, and left alone without the flag.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4, TcpStream, UdpSocket},
+    net::{SocketAddrV4, TcpStream, UdpSocket},
     os::fd::AsRawFd,
     time::{Duration, Instant},
 };
@@ -109,7 +109,7 @@ fn handshake(lab: &Lab, extra: &[&str], port: u16) -> (u16, u16, u32, u32, Gatew
         .tcp_connect(Host::Client1, Some(src), server, Duration::from_secs(3))
         .expect("connect through the gateway");
     let (accepted, peer) = listener.accept().expect("accept");
-    assert_eq!(peer.ip(), Ipv4Addr::from(NAT_EXT_IP), "translated");
+    assert_eq!(peer.ip(), NAT_EXT_IP, "translated");
     let syn = captured_syn(&at_server, peer.port(), port, false);
     let syn_ack = captured_syn(&at_client, port, port, true);
     (
