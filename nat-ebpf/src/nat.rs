@@ -327,7 +327,8 @@ pub fn inbound(
             // answered by the kernel (RFC 5382 REQ-4).
             Err(Some(reason)) => return Decision::Drop(reason),
         };
-    // Only SYN-ACKs of sessions: a SYN flood from outside stays in XDP.
+    // Only SYNs and SYN-ACKs that have a session: a SYN flood from outside
+    // stays in XDP.
     if hook == Hook::Xdp && mss_clamp_wanted(&p, cfg) {
         return Decision::ToTc(stats::XDP_TO_TC_MSS);
     }

@@ -44,8 +44,9 @@ pub fn nat_tc_int(ctx: TcContext) -> i32 {
         && cfg.int_addr != 0
     {
         count(HOOK_TC_INT, stats::DROP_NO_PORT);
-        // The ICMP error is built by a program of its own: its checksum
-        // loops and header work do not fit in this one's stack.
+        // The ICMP error is built by a program of its own: this one is
+        // near the 512-byte stack limit, and the generator's header buffer
+        // and checksum loops get a stack (and a verifier walk) of their own.
         unsafe { TAILS.tail_call(&ctx, nat_common::TAIL_NO_PORT) };
         // Only reached if the slot is empty (a loader bug).
         count(HOOK_TC_INT, stats::DROP_INTERNAL);
