@@ -200,3 +200,42 @@ mod tests {
         );
     }
 }
+
+/// A value for an L4 checksum field that stays what it is if a
+/// CHECKSUM_PARTIAL offload later "completes" the checksum over the region
+/// it covers. `rest` is the one's complement sum of that region without
+/// the field. The offload writes `!fold(rest + field)`; a value `x` with
+/// `rest + 2x ≡ 0` is a fixed point of that, and doubling in one's
+/// complement is a rotation by one bit, so `x = rotr1(!rest)`. Used when
+/// the gateway quotes a packet whose skb still says "checksum partial" in
+/// an ICMP error it builds: whether or not the egress device completes the
+/// quoted checksum, the bytes (and so the ICMP checksum over them) stay.
+#[inline(always)]
+pub const fn offload_fixed_point(rest: u16) -> u16 {
+    let x = (!rest).rotate_right(1);
+    // 0 and 0xffff are the same one's complement value; offloads write a
+    // computed 0 as 0xffff (UDP), so start from that one.
+    if x == 0 { 0xffff } else { x }
+}
+
+#[cfg(test)]
+mod fixed_point_tests {
+    use super::*;
+
+    #[test]
+    fn offload_completion_leaves_the_fixed_point_unchanged() {
+        for seed in 0u32..2000 {
+            let region: Vec<u8> = (0..30).map(|i| (seed * 7 + i * 13) as u8).collect();
+            let mut seg = region.clone();
+            seg[6] = 0;
+            seg[7] = 0;
+            let rest = fold(sum_bytes(&seg, 0));
+            let x = offload_fixed_point(rest);
+            seg[6..8].copy_from_slice(&x.to_ne_bytes());
+            // What a checksum offload writes, seeded with the field.
+            let completed = !fold(sum_bytes(&seg, 0));
+            let completed = if completed == 0 { 0xffff } else { completed };
+            assert_eq!(completed, x, "seed {seed}");
+        }
+    }
+}

@@ -165,6 +165,13 @@ pub struct NatConfig {
     /// promiscuous mode would never have delivered them. All zero: no check.
     pub int_mac: [u8; 6],
     pub ext_mac: [u8; 6],
+    /// Primary IPv4 address of `--int` (network order, 0 = none): source of
+    /// the ICMP errors the gateway itself sends inside (out of ports).
+    pub int_addr: u32,
+    /// Largest TCP MSS option a SYN or SYN-ACK may carry through the
+    /// gateway (host order, 0 = no clamping).
+    pub mss_clamp: u16,
+    pub _pad: [u8; 2],
 }
 
 #[cfg(feature = "user")]
@@ -207,10 +214,13 @@ mod tests {
     }
 
     #[test]
-    fn nat_config_layout_is_36_bytes() {
-        assert_eq!(size_of::<NatConfig>(), 36);
+    fn nat_config_layout_is_44_bytes() {
+        assert_eq!(size_of::<NatConfig>(), 44);
         assert_eq!(offset_of!(NatConfig, int_mac), 24);
         assert_eq!(offset_of!(NatConfig, ext_mac), 30);
+        assert_eq!(offset_of!(NatConfig, int_addr), 36);
+        assert_eq!(offset_of!(NatConfig, mss_clamp), 40);
+        assert_eq!(offset_of!(NatConfig, _pad), 42);
         assert_eq!(offset_of!(NatConfig, snat_addr), 8);
         assert_eq!(offset_of!(NatConfig, port_min), 12);
         assert_eq!(offset_of!(NatConfig, port_max), 14);

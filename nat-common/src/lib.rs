@@ -12,7 +12,9 @@
 #![cfg_attr(not(test), no_std)]
 
 pub mod csum;
+pub mod icmp_rate;
 pub mod layout;
+pub mod mss;
 pub mod ports;
 pub mod stats;
 pub mod tcp;
@@ -48,23 +50,37 @@ pub const PROG_TC_EXT: &str = "nat_tc_ext";
 /// [`MAP_TAILS`].
 pub const PROG_TC_HAIRPIN: &str = "nat_tc_hairpin";
 pub const PROG_TC_ICMP_OUT: &str = "nat_tc_icmp_out";
-pub const PROGRAMS: [&str; 6] = [
+/// Not attached: reached by tail call from [`PROG_TC_INT`] when a new flow
+/// finds no free external port; answers ICMP Destination Unreachable code
+/// 13 (RFC 5508 REQ-8).
+pub const PROG_TC_NO_PORT: &str = "nat_tc_no_port";
+/// Not attached: reached by tail call from [`PROG_TC_INT`] and
+/// [`PROG_TC_EXT`] with a translated SYN to clamp its MSS (`--mss-clamp`)
+/// and forward.
+pub const PROG_TC_MSS: &str = "nat_tc_mss";
+pub const PROGRAMS: [&str; 8] = [
     PROG_XDP_INT,
     PROG_XDP_EXT,
     PROG_TC_INT,
     PROG_TC_EXT,
     PROG_TC_HAIRPIN,
     PROG_TC_ICMP_OUT,
+    PROG_TC_NO_PORT,
+    PROG_TC_MSS,
 ];
 /// The tail-call table and its slots.
 pub const MAP_TAILS: &str = "TAILS";
 pub const TAIL_HAIRPIN: u32 = 0;
 pub const TAIL_ICMP_ERROR_OUT: u32 = 1;
-pub const TAIL_COUNT: u32 = 2;
+pub const TAIL_NO_PORT: u32 = 2;
+pub const TAIL_MSS: u32 = 3;
+pub const TAIL_COUNT: u32 = 4;
 /// (slot, program) of every tail call.
-pub const TAIL_PROGRAMS: [(u32, &str); 2] = [
+pub const TAIL_PROGRAMS: [(u32, &str); 4] = [
     (TAIL_HAIRPIN, PROG_TC_HAIRPIN),
     (TAIL_ICMP_ERROR_OUT, PROG_TC_ICMP_OUT),
+    (TAIL_NO_PORT, PROG_TC_NO_PORT),
+    (TAIL_MSS, PROG_TC_MSS),
 ];
 
 /// Map names as they appear in the eBPF object.
@@ -75,6 +91,9 @@ pub const MAP_BIND_REV: &str = "NAT_BIND_REV";
 /// key = reply tuple with the remote port zeroed, value = unused.
 pub const MAP_ADF: &str = "CT_ADF";
 pub const MAP_STATS: &str = "STATS";
+/// Per-CPU rate limiter of the out-of-ports ICMP errors (not pinned: a
+/// new loader starts with a full bucket).
+pub const MAP_ICMP_RATE: &str = "ICMP_RATE";
 pub const MAPS: [&str; 5] = [MAP_CT_FWD, MAP_BIND, MAP_BIND_REV, MAP_ADF, MAP_STATS];
 /// Name of the read-only global holding [`NatConfig`].
 pub const GLOBAL_CONFIG: &str = "CONFIG";

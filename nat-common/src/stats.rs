@@ -98,6 +98,20 @@ reasons! {
     /// A frame addressed to another machine's MAC (a flooding switch):
     /// the kernel's, which drops it.
     PASS_OTHER_HOST = 37, "pass_other_host";
+    /// XDP handed a new flow that found no free external port to TC, which
+    /// answers it with ICMP (RFC 5508 REQ-8).
+    XDP_TO_TC_NO_PORT = 38, "xdp_to_tc_no_free_port";
+    /// Event: a packet of a new flow that found no free external port was
+    /// turned into an ICMP Destination Unreachable code 13 back to its
+    /// sender (counted besides `drop_no_free_port`).
+    EV_ICMP_NO_PORT_SENT = 39, "icmp_out_of_ports_sent";
+    /// Event: no ICMP for such a packet, the per-CPU rate limit was spent
+    /// (counted besides `drop_no_free_port`).
+    EV_ICMP_NO_PORT_RATE_LIMITED = 40, "icmp_out_of_ports_rate_limited";
+    /// XDP handed a TCP SYN to TC to clamp its MSS option (`--mss-clamp`).
+    XDP_TO_TC_MSS = 41, "xdp_to_tc_mss_clamp";
+    /// Event: the MSS option of a SYN or SYN-ACK was lowered to `--mss-clamp`.
+    EV_MSS_CLAMPED = 42, "event_mss_clamped";
 }
 
 /// Label of a reason index.

@@ -54,15 +54,45 @@ pub fn lookup(
     dport: u16,
     tot_len: u16,
 ) -> Route {
+    let q = Query {
+        iif,
+        saddr,
+        daddr,
+        sport,
+        dport,
+        tot_len,
+        proto,
+    };
+    lookup_query(ctx, &q)
+}
+
+/// The arguments of [`lookup`], passed by reference: BPF calls take at
+/// most five arguments.
+pub struct Query {
+    iif: u32,
+    saddr: u32,
+    daddr: u32,
+    sport: u16,
+    dport: u16,
+    tot_len: u16,
+    proto: u8,
+}
+
+/// A BPF-to-BPF call rather than inlined: the 64-byte `bpf_fib_lookup`
+/// parameters then live in this frame only, not in the frames of programs
+/// that look up twice and are near the 512-byte stack limit. The answer is
+/// scalars only.
+#[inline(never)]
+fn lookup_query(ctx: *mut c_void, q: &Query) -> Route {
     let mut p: FibParams = unsafe { core::mem::zeroed() };
     p.family = AF_INET;
-    p.l4_protocol = proto;
-    p.sport = sport;
-    p.dport = dport;
-    p.__bindgen_anon_1.tot_len = tot_len;
-    p.ifindex = iif;
-    p.__bindgen_anon_3.ipv4_src = saddr;
-    p.__bindgen_anon_4.ipv4_dst = daddr;
+    p.l4_protocol = q.proto;
+    p.sport = q.sport;
+    p.dport = q.dport;
+    p.__bindgen_anon_1.tot_len = q.tot_len;
+    p.ifindex = q.iif;
+    p.__bindgen_anon_3.ipv4_src = q.saddr;
+    p.__bindgen_anon_4.ipv4_dst = q.daddr;
     let rc = unsafe { bpf_fib_lookup(ctx, &mut p, core::mem::size_of::<FibParams>() as i32, 0) };
     if rc < 0 {
         return Route::Other;

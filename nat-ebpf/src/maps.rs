@@ -28,7 +28,9 @@ pub static CT_ADF: HashMap<CtKey, u8> =
     HashMap::with_max_entries(DEFAULT_MAX_FLOWS, BPF_F_NO_PREALLOC);
 
 /// Programs the TC path tail-calls into (each gets a stack of its own):
-/// index [`nat_common::TAIL_HAIRPIN`]. Filled by the loader.
+/// indices [`nat_common::TAIL_HAIRPIN`], [`nat_common::TAIL_NO_PORT`],
+/// [`nat_common::TAIL_MSS`].
+/// Filled by the loader.
 #[map(name = "TAILS")]
 pub static TAILS: ProgramArray = ProgramArray::with_max_entries(nat_common::TAIL_COUNT, 0);
 
@@ -36,6 +38,11 @@ pub static TAILS: ProgramArray = ProgramArray::with_max_entries(nat_common::TAIL
 #[map(name = "STATS")]
 pub static STATS: PerCpuArray<u64> =
     PerCpuArray::with_max_entries(nat_common::stats::COUNT * crate::stats::HOOKS, 0);
+
+/// State of the per-CPU rate limit of out-of-ports ICMP errors
+/// ([`nat_common::icmp_rate`]).
+#[map(name = "ICMP_RATE")]
+pub static ICMP_RATE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// Written by the loader at load time (`EbpfLoader::set_global`).
 #[unsafe(no_mangle)]
@@ -52,6 +59,9 @@ static CONFIG: NatConfig = NatConfig {
     probe_port: 0,
     int_mac: [0; 6],
     ext_mac: [0; 6],
+    int_addr: 0,
+    mss_clamp: 0,
+    _pad: [0; 2],
 };
 
 #[inline(always)]

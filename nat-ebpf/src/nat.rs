@@ -148,6 +148,13 @@ fn maybe_partial(p: &Parsed) -> bool {
     }
 }
 
+/// Whether XDP must leave this packet to TC to clamp its MSS option
+/// (`--mss-clamp`: TCP SYN and SYN-ACK; TC does the option walk).
+#[inline(always)]
+fn mss_clamp_wanted(p: &Parsed, cfg: &NatConfig) -> bool {
+    cfg.mss_clamp != 0 && p.ip.proto == IPPROTO_TCP && p.l4.tcp_flags & tcp::TCP_SYN != 0
+}
+
 impl Rewrite {
     /// Offsets, within the L4 header, of the rewritten port (or ICMP
     /// identifier) and of the checksum, and the header length they need.
@@ -195,6 +202,9 @@ pub fn outbound(
     }
     if hook == Hook::Xdp && maybe_partial(&p) {
         return Decision::ToTc(stats::XDP_TO_TC_PARTIAL_CSUM);
+    }
+    if hook == Hook::Xdp && mss_clamp_wanted(&p, cfg) {
+        return Decision::ToTc(stats::XDP_TO_TC_MSS);
     }
     let (sport, dport) = if p.ip.proto == IPPROTO_ICMP {
         (p.l4.id, 0)
@@ -341,6 +351,11 @@ pub fn inbound(
             // answered by the kernel (RFC 5382 REQ-4).
             Err(Some(reason)) => return Decision::Drop(reason),
         };
+    // Only SYNs and SYN-ACKs that have a session: a SYN flood from outside
+    // stays in XDP.
+    if hook == Hook::Xdp && mss_clamp_wanted(&p, cfg) {
+        return Decision::ToTc(stats::XDP_TO_TC_MSS);
+    }
     if p.ip.ttl <= 1 {
         // Addressed to our SNAT address, so the kernel would deliver it
         // locally rather than answer Time Exceeded: nothing useful to pass.

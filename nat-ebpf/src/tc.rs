@@ -15,7 +15,9 @@ use nat_common::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, stats};
 use crate::{
     hairpin, icmp_err,
     maps::{TAILS, config},
+    mss,
     nat::{self, Decision, Egress, Hook, Rewrite},
+    no_port,
     parse::{self, ETH_HLEN, Frame, IP_CHECK, IP_TTL},
     stats::{HOOK_TC_EXT, HOOK_TC_INT, count},
 };
@@ -42,7 +44,40 @@ pub fn nat_tc_int(ctx: TcContext) -> i32 {
         Hook::Tc,
         HOOK_TC_INT,
     );
-    finish(&ctx, d, cfg.ext_ifindex, HOOK_TC_INT, stats::TC_OUT_FWD)
+    if let Decision::Drop(stats::DROP_NO_PORT) = d
+        && cfg.int_addr != 0
+    {
+        count(HOOK_TC_INT, stats::DROP_NO_PORT);
+        // The ICMP error is built by a program of its own: this one is
+        // near the 512-byte stack limit, and the generator's header buffer
+        // and checksum loops get a stack (and a verifier walk) of their own.
+        unsafe { TAILS.tail_call(&ctx, nat_common::TAIL_NO_PORT) };
+        // Only reached if the slot is empty (a loader bug).
+        count(HOOK_TC_INT, stats::DROP_INTERNAL);
+        return TC_ACT_SHOT;
+    }
+    finish(
+        &ctx,
+        d,
+        cfg.ext_ifindex,
+        HOOK_TC_INT,
+        stats::TC_OUT_FWD,
+        cfg.mss_clamp,
+    )
+}
+
+/// Tail-called by `nat_tc_int` with a packet of a new flow that found no
+/// free external port: it goes back to its sender as an ICMP Destination
+/// Unreachable, code 13 (RFC 5508 REQ-8), rate-limited.
+#[classifier]
+pub fn nat_tc_no_port(ctx: TcContext) -> i32 {
+    let cfg = config();
+    let f = pull(&ctx);
+    let (action, event) = no_port::answer(&ctx, f, &cfg);
+    if let Some(e) = event {
+        count(HOOK_TC_INT, e);
+    }
+    action
 }
 
 /// Tail-called by `nat_tc_int` with an ICMP error from inside.
@@ -66,6 +101,25 @@ pub fn nat_tc_hairpin(ctx: TcContext) -> i32 {
     let f = pull(&ctx);
     let (action, reason) = hairpin::translate(&ctx, f, &cfg);
     count(HOOK_TC_INT, reason);
+    action
+}
+
+/// Tail-called by `nat_tc_int` and `nat_tc_ext` with a translated SYN or
+/// SYN-ACK when `--mss-clamp` is on: clamps its MSS option and forwards it.
+#[classifier]
+pub fn nat_tc_mss(ctx: TcContext) -> i32 {
+    let cfg = config();
+    let (action, reason, event, hook) = mss::finish(&ctx, cfg.mss_clamp);
+    // The hook came through the control buffer: only the two TC ones.
+    let hook = if hook == HOOK_TC_EXT {
+        HOOK_TC_EXT
+    } else {
+        HOOK_TC_INT
+    };
+    if let Some(e) = event {
+        count(hook, e);
+    }
+    count(hook, reason);
     action
 }
 
@@ -97,7 +151,14 @@ pub fn nat_tc_ext(ctx: TcContext) -> i32 {
         count(HOOK_TC_EXT, reason);
         return action;
     }
-    finish(&ctx, d, cfg.int_ifindex, HOOK_TC_EXT, stats::TC_IN_FWD)
+    finish(
+        &ctx,
+        d,
+        cfg.int_ifindex,
+        HOOK_TC_EXT,
+        stats::TC_IN_FWD,
+        cfg.mss_clamp,
+    )
 }
 
 /// Makes the headers directly readable (they may sit in a fragment of a
@@ -119,7 +180,14 @@ fn pull(ctx: &TcContext) -> Frame {
 }
 
 #[inline(always)]
-fn finish(ctx: &TcContext, d: Decision, egress_if: u32, hook: u32, fwd_reason: u32) -> i32 {
+fn finish(
+    ctx: &TcContext,
+    d: Decision,
+    egress_if: u32,
+    hook: u32,
+    fwd_reason: u32,
+    mss_clamp: u16,
+) -> i32 {
     let (action, reason) = match d {
         Decision::Pass(r) => (TC_ACT_OK, r),
         Decision::Drop(r) => (TC_ACT_SHOT, r),
@@ -138,11 +206,21 @@ fn finish(ctx: &TcContext, d: Decision, egress_if: u32, hook: u32, fwd_reason: u
                 smac,
                 dmac,
             } => match rewrite(ctx, &rw).and_then(|()| macs(ctx, smac, dmac)) {
-                Ok(()) => (unsafe { bpf_redirect(ifindex, 0) } as i32, fwd_reason),
+                Ok(()) => {
+                    if mss::wanted(ctx, &rw, mss_clamp) {
+                        mss::hand_over(ctx, ifindex, 0, rw.l4_off, hook, fwd_reason);
+                    }
+                    (unsafe { bpf_redirect(ifindex, 0) } as i32, fwd_reason)
+                }
                 Err(_) => (TC_ACT_SHOT, stats::DROP_INTERNAL),
             },
             Egress::Neigh { ifindex, nexthop } => match rewrite(ctx, &rw) {
-                Ok(()) => (redirect_neigh(ifindex, nexthop), fwd_reason),
+                Ok(()) => {
+                    if mss::wanted(ctx, &rw, mss_clamp) {
+                        mss::hand_over(ctx, ifindex, nexthop, rw.l4_off, hook, fwd_reason);
+                    }
+                    (redirect_neigh(ifindex, nexthop), fwd_reason)
+                }
                 Err(_) => (TC_ACT_SHOT, stats::DROP_INTERNAL),
             },
             // Untranslated, the kernel answers with ICMP Fragmentation

@@ -15,6 +15,7 @@ use nat_common::{IPPROTO_TCP, stats};
 use crate::{
     maps::config,
     nat::{self, Decision, Egress, Hook, Rewrite},
+    no_port,
     parse::{self, ETH_HLEN, Frame, IP_CHECK, IP_TTL, TCP_HLEN, UDP_HLEN, ptr_at, read, write},
     stats::{HOOK_XDP_EXT, HOOK_XDP_INT, count},
 };
@@ -36,6 +37,12 @@ pub fn nat_xdp_int(ctx: XdpContext) -> u32 {
         Hook::Xdp,
         HOOK_XDP_INT,
     );
+    // Out of ports: TC answers with ICMP (RFC 5508 REQ-8) unless the rate
+    // limit is spent.
+    let d = match d {
+        Decision::Drop(stats::DROP_NO_PORT) => no_port::xdp(&cfg, HOOK_XDP_INT),
+        d => d,
+    };
     finish(f, d, cfg.ext_ifindex, HOOK_XDP_INT, stats::XDP_OUT_FWD)
 }
 

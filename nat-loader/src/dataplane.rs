@@ -63,6 +63,11 @@ pub struct Settings {
     pub ext_mac: [u8; 6],
     pub max_flows: u32,
     pub xdp: XdpAttach,
+    /// Source of the out-of-ports ICMP errors (`--int`'s primary address);
+    /// `None`: such packets are only dropped.
+    pub int_addr: Option<Ipv4Addr>,
+    /// `--mss-clamp` (0: off).
+    pub mss_clamp: u16,
 }
 
 impl Settings {
@@ -80,6 +85,9 @@ impl Settings {
             probe_port: self.probe_port.to_be(),
             int_mac: self.int_mac,
             ext_mac: self.ext_mac,
+            int_addr: self.int_addr.map_or(0, |a| u32::from_ne_bytes(a.octets())),
+            mss_clamp: self.mss_clamp,
+            _pad: [0; 2],
         }
     }
 }

@@ -130,6 +130,11 @@ struct Args {
     /// endpoint before another may get it, seconds (RFC 6888: 120).
     #[arg(long, value_name = "SECS", default_value_t = PORT_HOLD_NS / 1_000_000_000)]
     port_hold: u64,
+    /// Lower the TCP MSS option of SYN and SYN-ACK segments (both
+    /// directions) to at most this many bytes, for paths with a smaller
+    /// MTU than the hosts' own (0: off).
+    #[arg(long, value_name = "BYTES", default_value_t = 0, value_parser = parse_mss_clamp)]
+    mss_clamp: u16,
     /// Conntrack table size, in flows.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_FLOWS)]
     max_flows: u32,
@@ -241,6 +246,21 @@ fn parse_table(s: &str) -> Result<u32, String> {
         return Err(format!("table {t} is reserved; pick 1-252 or above 255"));
     }
     Ok(t)
+}
+
+/// Linux's own floor for an MSS (TCP_MIN_MSS): 0 turns clamping off.
+const MIN_MSS: u16 = 88;
+
+fn parse_mss_clamp(s: &str) -> Result<u16, String> {
+    let v: u16 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of bytes (0-65535)"))?;
+    if v != 0 && v < MIN_MSS {
+        return Err(format!(
+            "{v} is below the smallest MSS TCP accepts ({MIN_MSS}); 0 turns clamping off"
+        ));
+    }
+    Ok(v)
 }
 
 fn parse_port_range(s: &str) -> Result<String, String> {
@@ -478,6 +498,13 @@ async fn run(args: Args) -> Result<ExitCode> {
             int.name
         );
     }
+    // RFC 5508 REQ-8: the out-of-ports ICMP errors come from --int's
+    // address, the one the inside hosts know the gateway by.
+    let int_addr = int.ipv4.first().copied();
+    if int_addr.is_none() {
+        warn!(interface = %int.name,
+            "--int has no IPv4 address: new flows that find no free port are dropped without an ICMP error");
+    }
     let settings = Settings {
         ext: ext.name.clone(),
         ext_index: ext.index,
@@ -499,6 +526,8 @@ async fn run(args: Args) -> Result<ExitCode> {
         ext_mac: ext.mac.unwrap_or_default(),
         max_flows: args.max_flows,
         xdp: args.xdp_mode,
+        int_addr,
+        mss_clamp: args.mss_clamp,
     };
 
     let build = build_id();
@@ -902,6 +931,15 @@ mod tests {
         assert!(slot.starts_with(BUILD_ID_TAG.as_bytes()));
         assert_eq!(&slot[BUILD_ID_TAG.len()..BUILD_ID_TAG.len() + 4], b"abc\0");
         assert!(!build_id().is_empty());
+    }
+
+    #[test]
+    fn mss_clamp_accepts_off_and_real_sizes_only() {
+        assert_eq!(parse_mss_clamp("0"), Ok(0));
+        assert_eq!(parse_mss_clamp("1200"), Ok(1200));
+        assert!(parse_mss_clamp("40").is_err());
+        assert!(parse_mss_clamp("70000").is_err());
+        assert!(parse_mss_clamp("big").is_err());
     }
 
     #[test]

@@ -34,6 +34,8 @@ pub fn loader_path() -> Result<PathBuf> {
 pub struct Gateway {
     child: Option<LabChild>,
     log: Arc<Mutex<Vec<String>>>,
+    /// Reads the loader's stderr until it closes (the loader exited).
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 /// The log line the loader prints once everything is attached.
@@ -81,7 +83,7 @@ impl Gateway {
         let log = Arc::new(Mutex::new(Vec::new()));
         let (ready_tx, ready_rx) = mpsc::channel();
         let sink = Arc::clone(&log);
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if line.contains(READY) {
                     let _ = ready_tx.send(());
@@ -94,6 +96,7 @@ impl Gateway {
         let mut gw = Gateway {
             child: Some(child),
             log,
+            reader: Some(reader),
         };
         match ready_rx.recv_timeout(Duration::from_secs(30)) {
             Ok(()) => Ok(gw),
@@ -174,9 +177,23 @@ impl Gateway {
             .take()
             .context("the loader was already stopped")?;
         let status = child.terminate(Duration::from_secs(10))?;
-        // Let the reader thread drain the last lines.
-        std::thread::sleep(Duration::from_millis(50));
+        self.drain_log();
         Ok(status)
+    }
+
+    /// Waits until every line the exited loader wrote is in the log (its
+    /// stderr is closed; bounded in case something else holds it open).
+    fn drain_log(&mut self) {
+        let Some(reader) = self.reader.take() else {
+            return;
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !reader.is_finished() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if reader.is_finished() {
+            let _ = reader.join();
+        }
     }
 
     /// Sends `signal` (e.g. `libc::SIGKILL`, `libc::SIGUSR2`) and waits up
@@ -194,7 +211,7 @@ impl Gateway {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while std::time::Instant::now() < deadline {
             if let Some(status) = child.try_wait()? {
-                std::thread::sleep(Duration::from_millis(50));
+                self.drain_log();
                 return Ok(status);
             }
             std::thread::sleep(Duration::from_millis(20));

@@ -1312,3 +1312,142 @@ fn rfc5508_req7_hairpinned_icmp_error_goes_back_to_the_inside_sender() {
     gw.stop().expect("stop");
     assert!(gw.counter("tc_int", "tc_out_icmp_error_forwarded") >= 1);
 }
+
+// ---- Out of ports (RFC 5508 REQ-8) ----
+
+/// Checks an out-of-ports error as the inside host receives it (the whole
+/// IP packet): Destination Unreachable code 13 from the gateway's inside
+/// address, TTL 64, both checksums right, quoting `inside:port -> remote`.
+/// Returns the quoted packet.
+fn assert_out_of_ports_error(e: &[u8], inside: SocketAddrV4, remote: SocketAddrV4) -> Vec<u8> {
+    use nat_lab::packet::internet_checksum;
+    let ihl = usize::from(e[0] & 0x0f) * 4;
+    assert_eq!((e[ihl], e[ihl + 1]), (3, 13), "type 3 code 13");
+    assert_eq!(
+        ip_at(e, 12),
+        nat_lab::NAT_INT_IP,
+        "from the gateway's --int address"
+    );
+    assert_eq!(ip_at(e, 16), *inside.ip(), "to the sender");
+    assert_eq!(e[8], 64, "TTL");
+    assert_eq!(e[9], 1, "ICMP");
+    assert_eq!(usize::from(be16(e, 2)), e.len(), "IP total length");
+    assert_eq!(internet_checksum(&e[..ihl]), 0, "IP checksum");
+    assert_eq!(internet_checksum(&e[ihl..]), 0, "ICMP checksum");
+    let q = &e[ihl + 8..];
+    let qihl = usize::from(q[0] & 0x0f) * 4;
+    assert!(q.len() >= qihl + 8, "RFC 792: IP header + 8 bytes quoted");
+    assert_eq!(internet_checksum(&q[..qihl]), 0, "quoted IP checksum");
+    assert_eq!(ip_at(q, 12), *inside.ip(), "quoted source untranslated");
+    assert_eq!(ip_at(q, 16), *remote.ip(), "quoted destination");
+    assert_eq!(be16(q, qihl), inside.port(), "quoted source port");
+    assert_eq!(be16(q, qihl + 2), remote.port(), "quoted destination port");
+    q.to_vec()
+}
+
+/// Whether an error means "no route to host" (what Linux makes of ICMP
+/// unreachable code 13: EHOSTUNREACH, a hard error).
+fn is_host_unreachable(e: &std::io::Error) -> bool {
+    e.raw_os_error() == Some(libc::EHOSTUNREACH)
+}
+
+#[test]
+fn rfc5508_req8_out_of_ports_sends_icmp_unreachable_code_13() {
+    let lab = lab();
+    // One external port, taken by client1 for UDP and for TCP.
+    let mut gw = gateway(&lab, &["--port-range", "41000-41000"]);
+    let server_udp = sa(SERVER_IP, 3478);
+    let server_tcp = sa(SERVER_IP, 5600);
+    let _m = UdpMirror::start(&lab, server_udp);
+    let c1 = lab
+        .udp_socket(Host::Client1, sa(CLIENT1_IP, 41000))
+        .expect("socket");
+    assert_eq!(udp_mapping(&c1, server_udp).port(), 41000);
+    let listener = lab
+        .tcp_listener(Host::Server, server_tcp)
+        .expect("listener");
+    let holder = lab
+        .tcp_connect(
+            Host::Client1,
+            Some(sa(CLIENT1_IP, 41000)),
+            server_tcp,
+            Duration::from_secs(3),
+        )
+        .expect("client1 takes the TCP port");
+    let (_accepted, peer) = listener.accept().expect("accept");
+    assert_eq!(peer, SocketAddr::V4(sa(NAT_EXT_IP, 41000)));
+
+    let errors = raw_icmp(&lab, Host::Client2);
+    // UDP with a complete checksum (as from a real NIC): XDP sees the
+    // exhaustion first and hands the packet to TC, which answers.
+    lab.exec(Host::Client2, &["ethtool", "-K", "eth0", "tx", "off"])
+        .expect("ethtool");
+    let c2_udp = sa(CLIENT2_IP, 41000);
+    let c2 = lab.udp_socket(Host::Client2, c2_udp).expect("socket");
+    c2.connect(server_udp).expect("connect");
+    c2.set_read_timeout(Some(Duration::from_secs(3)))
+        .expect("timeout");
+    c2.send(b"no port for me").expect("send");
+    let e = next_icmp_error(&errors, Duration::from_secs(3)).expect("an ICMP error for UDP");
+    let q = assert_out_of_ports_error(&e, c2_udp, server_udp);
+    // The whole datagram is quoted, exactly as client2 sent it: its UDP
+    // checksum (complete here) still verifies.
+    assert_eq!(usize::from(be16(&q, 2)), q.len(), "whole datagram quoted");
+    assert_eq!(q[8], 64, "quoted TTL as sent");
+    assert_eq!(&q[28..], b"no port for me");
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&q[12..20]);
+    pseudo.extend_from_slice(&[0, 17]);
+    pseudo.extend_from_slice(&((q.len() - 20) as u16).to_be_bytes());
+    pseudo.extend_from_slice(&q[20..]);
+    assert_eq!(
+        nat_lab::packet::internet_checksum(&pseudo),
+        0,
+        "quoted UDP checksum"
+    );
+    // The connected socket learns it as a hard error.
+    let mut buf = [0u8; 64];
+    let err = c2
+        .recv(&mut buf)
+        .expect_err("the UDP socket gets the error");
+    assert!(is_host_unreachable(&err), "UDP socket error: {err:?}");
+
+    // TCP, checksum offload on (a partial checksum, straight to TC): the
+    // connect fails at once with "no route to host", not a timeout.
+    lab.exec(Host::Client2, &["ethtool", "-K", "eth0", "tx", "on"])
+        .expect("ethtool");
+    let c2_tcp = sa(CLIENT2_IP, 41001);
+    let started = Instant::now();
+    let err = lab
+        .tcp_connect(
+            Host::Client2,
+            Some(c2_tcp),
+            server_tcp,
+            Duration::from_secs(10),
+        )
+        .expect_err("no port left for client2's TCP");
+    let took = started.elapsed();
+    let io = err
+        .downcast_ref::<std::io::Error>()
+        .unwrap_or_else(|| panic!("not an I/O error: {err:#}"));
+    assert!(is_host_unreachable(io), "connect error: {err:#}");
+    assert!(
+        took < Duration::from_secs(2),
+        "connect failed only after {took:?}"
+    );
+    let e = loop {
+        let e = next_icmp_error(&errors, Duration::from_secs(3)).expect("an ICMP error for TCP");
+        if e[20 + 8 + 9] == 6 {
+            break e;
+        }
+    };
+    let q = assert_out_of_ports_error(&e, c2_tcp, server_tcp);
+    assert_eq!(q[20 + 13] & 0x02, 0x02, "quotes the SYN");
+    drop(holder);
+
+    gw.stop().expect("stop");
+    assert!(gw.counter("xdp_int", "xdp_to_tc_no_free_port") >= 1);
+    assert!(gw.counter("tc_int", "drop_no_free_port") >= 2);
+    assert!(gw.counter("tc_int", "icmp_out_of_ports_sent") >= 2);
+    assert_eq!(gw.counter("tc_int", "icmp_out_of_ports_rate_limited"), 0);
+}

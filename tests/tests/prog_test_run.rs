@@ -15,10 +15,11 @@ use aya::{
 };
 use nat_common::{
     BindKey, BindValue, CT_F_REPLIED, CtKey, CtValue, MAP_BIND, MAP_BIND_REV, MAP_CT_FWD,
-    MAP_STATS, NatConfig, PROG_TC_INT, PROG_XDP_EXT, PROG_XDP_INT, stats,
+    MAP_STATS, NatConfig, PROG_TC_INT, PROG_XDP_EXT, PROG_XDP_INT, icmp_rate, stats,
 };
 use nat_lab::{
-    CLIENT1_IP, EXT_IF, Host, INT_IF, Lab, NAT_EXT_IP, ROUTER_NAT_IF, ROUTER_NAT_IP, SERVER_IP,
+    CLIENT1_IP, EXT_IF, Host, INT_IF, Lab, NAT_EXT_IP, NAT_INT_IP, ROUTER_NAT_IF, ROUTER_NAT_IP,
+    SERVER_IP,
     packet::{Csum, L4, Packet, TCP_ACK, TCP_SYN, checksums_valid, parse_mac},
 };
 use nat_loader::{dataplane, stats::Stats};
@@ -109,6 +110,9 @@ impl Fixture {
             probe_port: 0,
             int_mac: self.int_mac,
             ext_mac: self.ext_mac,
+            int_addr: u32::from_ne_bytes(NAT_INT_IP.octets()),
+            mss_clamp: 0,
+            _pad: [0; 2],
         }
     }
 
@@ -520,7 +524,12 @@ fn exhausted_port_range_and_full_table_are_counted_drops() {
     // One external port: the second flow to the same server has none left.
     let first = fx.outbound_tcp(41000, TCP_SYN, Csum::Full);
     let second = fx.outbound_tcp(41001, TCP_SYN, Csum::Full);
-    let (v1, v2, st) = fx.run(fx.config(41000, 41000), 1024, |ebpf| {
+    // Without an --int address to answer from, the drop is all there is.
+    let no_int_addr = NatConfig {
+        int_addr: 0,
+        ..fx.config(41000, 41000)
+    };
+    let (v1, v2, st) = fx.run(no_int_addr, 1024, |ebpf| {
         let v1 = run_xdp(ebpf, PROG_XDP_INT, &first.build()).0;
         let v2 = run_xdp(ebpf, PROG_XDP_INT, &second.build()).0;
         (v1, v2, stats_of(ebpf))
@@ -583,4 +592,223 @@ fn the_first_reply_marks_the_session_answered() {
         "more packets the same way are no answer"
     );
     assert_ne!(replied & CT_F_REPLIED, 0, "the SYN-ACK is the answer");
+}
+
+/// A SYN with the options `opts` (MSS, …) as a TCP packet `p` would be,
+/// complete checksum.
+fn with_tcp_options(p: &Packet, opts: &[u8]) -> Vec<u8> {
+    assert!(opts.len().is_multiple_of(4));
+    let mut f = Packet {
+        payload: opts.to_vec(),
+        ..p.clone()
+    }
+    .build();
+    // The builder puts them after a 20-byte header as payload: make them
+    // the header's options instead, and redo the TCP checksum.
+    let tcp = 14 + 20;
+    f[tcp + 12] = (((20 + opts.len()) / 4) as u8) << 4;
+    f[tcp + 16..tcp + 18].copy_from_slice(&[0, 0]);
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&f[14 + 12..14 + 20]);
+    pseudo.extend_from_slice(&[0, 6]);
+    pseudo.extend_from_slice(&((f.len() - tcp) as u16).to_be_bytes());
+    pseudo.extend_from_slice(&f[tcp..]);
+    let c = nat_lab::packet::internet_checksum(&pseudo);
+    f[tcp + 16..tcp + 18].copy_from_slice(&c.to_be_bytes());
+    f
+}
+
+#[test]
+fn syn_mss_option_is_clamped_by_tc_with_a_valid_checksum() {
+    let fx = Fixture::new();
+    let syn = fx.outbound_tcp(40010, TCP_SYN, Csum::Full);
+    // MSS first (Linux), and after NOPs at an odd offset.
+    let first = with_tcp_options(
+        &syn,
+        &[
+            2, 4, 0x05, 0xb4, 1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 0, 1, 1, 1, 0,
+        ],
+    );
+    let odd = with_tcp_options(
+        &Packet {
+            l4: L4::Tcp {
+                sport: 40011,
+                dport: 80,
+                flags: TCP_SYN,
+            },
+            ..syn.clone()
+        },
+        &[1, 2, 4, 0x05, 0xb4, 1, 1, 0],
+    );
+    let cfg = NatConfig {
+        mss_clamp: 1200,
+        ..fx.config(1024, 65535)
+    };
+    let (xv, tv1, out1, tv2, out2, st) = fx.run(cfg, 1024, |ebpf| {
+        let (xv, _) = run_xdp(ebpf, PROG_XDP_INT, &first);
+        let (tv1, out1) = run_tc(ebpf, PROG_TC_INT, &first);
+        let (tv2, out2) = run_tc(ebpf, PROG_TC_INT, &odd);
+        (xv, tv1, out1, tv2, out2, stats_of(ebpf))
+    });
+    assert_eq!(xv, XDP_PASS, "XDP hands SYNs to TC when clamping");
+    assert_eq!(st.get(HOOK_XDP_INT, stats::XDP_TO_TC_MSS), 1);
+    assert_eq!((tv1, tv2), (TC_ACT_REDIRECT, TC_ACT_REDIRECT));
+    let tcp = 14 + 20;
+    assert_eq!(&out1[tcp + 20..tcp + 24], &[2, 4, 0x04, 0xb0], "MSS 1200");
+    assert_eq!(
+        &out2[tcp + 21..tcp + 25],
+        &[2, 4, 0x04, 0xb0],
+        "MSS 1200 at an odd offset"
+    );
+    assert!(checksums_valid(&out1));
+    assert!(checksums_valid(&out2));
+    assert_eq!(st.get(HOOK_TC_INT, stats::EV_MSS_CLAMPED), 2);
+}
+
+/// The ICMP error the gateway must send back for `p` (an Ethernet frame
+/// that arrived on `int`), built from scratch: Destination Unreachable
+/// code 13 from `int`'s address, quoting the whole (short) datagram.
+fn expected_unreachable(fx: &Fixture, p: &[u8]) -> Vec<u8> {
+    let quote = &p[14..];
+    let mut icmp = vec![3u8, 13, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(quote);
+    let c = nat_lab::packet::internet_checksum(&icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut ip = vec![0x45u8, 0xc0];
+    ip.extend_from_slice(&((20 + icmp.len()) as u16).to_be_bytes());
+    ip.extend_from_slice(&[0, 0, 0, 0, 64, 1, 0, 0]);
+    ip.extend_from_slice(&NAT_INT_IP.octets());
+    ip.extend_from_slice(&p[14 + 12..14 + 16]);
+    let c = nat_lab::packet::internet_checksum(&ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut f = Vec::new();
+    f.extend_from_slice(&p[6..12]);
+    f.extend_from_slice(&fx.int_mac);
+    f.extend_from_slice(&[0x08, 0x00]);
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&icmp);
+    f
+}
+
+#[test]
+fn out_of_ports_packet_becomes_icmp_unreachable_code_13_to_its_sender() {
+    let fx = Fixture::new();
+    let first = fx.outbound_tcp(41000, TCP_SYN, Csum::Full);
+    let tcp = fx.outbound_tcp(41001, TCP_SYN, Csum::Full).build();
+    let udp = Packet {
+        l4: L4::Udp {
+            sport: 41002,
+            dport: 53,
+        },
+        payload: b"query".to_vec(),
+        ..fx.outbound_tcp(0, 0, Csum::Full)
+    };
+    // A UDP datagram of one flow, with another flow's UDP as padding so
+    // the quote is cut at 548 bytes (RFC 1812's 576 in all).
+    let big = Packet {
+        payload: vec![0x5a; 1000],
+        ..udp.clone()
+    }
+    .build();
+    let echo = Packet {
+        l4: L4::Echo {
+            kind: 8,
+            id: 4243,
+            seq: 1,
+        },
+        payload: b"ping".to_vec(),
+        ..fx.outbound_tcp(0, 0, Csum::Full)
+    };
+    let taken = Packet {
+        l4: L4::Echo {
+            kind: 8,
+            id: 41000,
+            seq: 1,
+        },
+        ..echo.clone()
+    };
+    let (xv, outs, st) = fx.run(fx.config(41000, 41000), 1024, |ebpf| {
+        assert_eq!(run_xdp(ebpf, PROG_XDP_INT, &first.build()).0, XDP_REDIRECT);
+        let udp_first = Packet {
+            l4: L4::Udp {
+                sport: 41000,
+                dport: 53,
+            },
+            ..udp.clone()
+        };
+        assert_eq!(
+            run_xdp(ebpf, PROG_XDP_INT, &udp_first.build()).0,
+            XDP_REDIRECT
+        );
+        assert_eq!(run_xdp(ebpf, PROG_XDP_INT, &taken.build()).0, XDP_REDIRECT);
+        let (xv, _) = run_xdp(ebpf, PROG_XDP_INT, &tcp);
+        let outs: Vec<(u32, Vec<u8>)> = [tcp.clone(), udp.build(), big.clone(), echo.build()]
+            .iter()
+            .map(|p| run_tc(ebpf, PROG_TC_INT, p))
+            .collect();
+        (xv, outs, stats_of(ebpf))
+    });
+    assert_eq!(xv, XDP_PASS, "XDP hands the packet to TC");
+    assert_eq!(st.get(HOOK_XDP_INT, stats::XDP_TO_TC_NO_PORT), 1);
+    assert_eq!(
+        outs[0],
+        (TC_ACT_REDIRECT, expected_unreachable(&fx, &tcp)),
+        "TCP"
+    );
+    assert_eq!(
+        outs[1],
+        (TC_ACT_REDIRECT, expected_unreachable(&fx, &udp.build())),
+        "UDP"
+    );
+    assert_eq!(
+        outs[2],
+        (TC_ACT_REDIRECT, expected_unreachable(&fx, &big[..14 + 548])),
+        "UDP, quote cut at 548 bytes"
+    );
+    assert_eq!(
+        outs[3],
+        (TC_ACT_REDIRECT, expected_unreachable(&fx, &echo.build())),
+        "echo request"
+    );
+    assert_eq!(st.get(HOOK_TC_INT, stats::DROP_NO_PORT), 4);
+    assert_eq!(st.get(HOOK_TC_INT, stats::EV_ICMP_NO_PORT_SENT), 4);
+}
+
+#[test]
+fn out_of_ports_errors_are_rate_limited_per_cpu() {
+    let fx = Fixture::new();
+    let first = fx.outbound_tcp(41000, TCP_SYN, Csum::Full);
+    let second = fx.outbound_tcp(41001, TCP_SYN, Csum::Full).build();
+    let tries = icmp_rate::BURST + 30;
+    let (sent, elapsed, st) = fx.run(fx.config(41000, 41000), 1024, |ebpf| {
+        // One CPU: the bucket is per CPU.
+        // SAFETY: a zeroed cpu_set_t with one bit set, for this thread.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(0, &mut set);
+            assert_eq!(
+                libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+                0
+            );
+        }
+        run_xdp(ebpf, PROG_XDP_INT, &first.build());
+        let started = std::time::Instant::now();
+        let sent = (0..tries)
+            .filter(|_| run_tc(ebpf, PROG_TC_INT, &second).0 == TC_ACT_REDIRECT)
+            .count() as u64;
+        (sent, started.elapsed(), stats_of(ebpf))
+    });
+    // The burst, plus the tokens that accrued meanwhile.
+    let accrued = (elapsed.as_nanos() as u64).div_ceil(1_000_000_000 / icmp_rate::PER_SECOND);
+    assert!(
+        sent >= icmp_rate::BURST && sent <= icmp_rate::BURST + accrued,
+        "{sent} errors of {tries} in {elapsed:?}"
+    );
+    assert!(sent < tries, "nothing was held back");
+    assert_eq!(st.get(HOOK_TC_INT, stats::EV_ICMP_NO_PORT_SENT), sent);
+    assert_eq!(
+        st.get(HOOK_TC_INT, stats::EV_ICMP_NO_PORT_RATE_LIMITED),
+        tries - sent
+    );
+    assert_eq!(st.get(HOOK_TC_INT, stats::DROP_NO_PORT), tries);
 }

@@ -1,0 +1,126 @@
+//! TCP MSS clamping (`--mss-clamp`), TC only: XDP hands SYNs to TC when
+//! clamping is on (they are few), and TC's skb helpers load and store at
+//! the variable offsets options have, and keep partial and complete
+//! checksums right alike.
+//!
+//! A translated SYN or SYN-ACK is finished by its own tail-called program,
+//! `nat_tc_mss`: it clamps, then redirects as the translating program would
+//! have. The option walk is a loop over up to 40 bytes; inside `nat_tc_int`
+//! the verifier walks it again for every distinct state reaching it and
+//! gives up at a million instructions (measured: it did). A program of its
+//! own starts from one state, so the walk is verified once.
+
+use aya_ebpf::{helpers::bpf_redirect, programs::TcContext};
+use nat_common::{IPPROTO_TCP, mss, tcp::TCP_SYN};
+
+use crate::{
+    maps::TAILS,
+    nat::Rewrite,
+    parse::{TCP_CHECK, TCP_FLAGS, TCP_HLEN},
+    tc,
+};
+
+/// What `nat_tc_mss` needs to finish the forward, in the skb's control
+/// buffer (which lives as long as the program run, tail calls included).
+const CB_IFINDEX: usize = 0;
+/// The next hop to resolve with `bpf_redirect_neigh`; 0: MACs are set,
+/// plain `bpf_redirect`.
+const CB_NEXTHOP: usize = 1;
+const CB_L4_OFF: usize = 2;
+const CB_HOOK: usize = 3;
+const CB_REASON: usize = 4;
+
+/// Whether a translated packet must go through `nat_tc_mss`: a TCP SYN
+/// (or SYN-ACK) with clamping on.
+#[inline(always)]
+pub fn wanted(ctx: &TcContext, rw: &Rewrite, clamp: u16) -> bool {
+    clamp != 0
+        && rw.proto == IPPROTO_TCP
+        && matches!(ctx.load::<u8>(rw.l4_off + TCP_FLAGS), Ok(f) if f & TCP_SYN != 0)
+}
+
+/// Hands the rewritten packet to `nat_tc_mss`, which clamps and forwards
+/// it (to `ifindex`; through `nexthop`'s neighbour unless 0) and counts
+/// `reason` at `hook`. Returns only if the tail call failed (an empty
+/// slot, a loader bug): the caller forwards it unclamped.
+#[inline(always)]
+pub fn hand_over(
+    ctx: &TcContext,
+    ifindex: u32,
+    nexthop: u32,
+    l4_off: usize,
+    hook: u32,
+    reason: u32,
+) {
+    // SAFETY: the context pointer is the program's own skb; cb is
+    // writable from TC programs.
+    unsafe {
+        let cb = &mut (*ctx.skb.skb).cb;
+        cb[CB_IFINDEX] = ifindex;
+        cb[CB_NEXTHOP] = nexthop;
+        cb[CB_L4_OFF] = l4_off as u32;
+        cb[CB_HOOK] = hook;
+        cb[CB_REASON] = reason;
+        TAILS.tail_call(ctx, nat_common::TAIL_MSS);
+    }
+}
+
+/// `nat_tc_mss`'s work: clamp, forward. Returns the verdict, the reason to
+/// count and the hook to count it at.
+#[inline(always)]
+pub fn finish(ctx: &TcContext, clamp_to: u16) -> (i32, u32, Option<u32>, u32) {
+    let cb = ctx.skb.cb();
+    let (ifindex, nexthop, l4_off, hook, reason) = (
+        cb[CB_IFINDEX],
+        cb[CB_NEXTHOP],
+        cb[CB_L4_OFF] as usize,
+        cb[CB_HOOK],
+        cb[CB_REASON],
+    );
+    let event = match clamp(ctx, l4_off, clamp_to) {
+        Ok(true) => Some(nat_common::stats::EV_MSS_CLAMPED),
+        Ok(false) => None,
+        Err(()) => {
+            return (
+                aya_ebpf::bindings::TC_ACT_SHOT,
+                nat_common::stats::DROP_INTERNAL,
+                None,
+                hook,
+            );
+        }
+    };
+    let action = if nexthop == 0 {
+        (unsafe { bpf_redirect(ifindex, 0) }) as i32
+    } else {
+        tc::redirect_neigh(ifindex, nexthop)
+    };
+    (action, reason, event, hook)
+}
+
+/// Lowers the MSS option of the SYN whose TCP header starts at `l4` to
+/// `clamp_to`, if it is larger; `Ok(true)` if it did.
+#[inline(always)]
+fn clamp(ctx: &TcContext, l4: usize, clamp_to: u16) -> Result<bool, ()> {
+    let doff: u8 = ctx.load(l4 + 12).map_err(|_| ())?;
+    let hlen = ((doff >> 4) as usize) * 4;
+    if hlen <= TCP_HLEN {
+        return Ok(false);
+    }
+    let opts = l4 + TCP_HLEN;
+    let Some(at) = mss::find(hlen - TCP_HLEN, |i| ctx.load::<u8>(opts + i).ok()) else {
+        return Ok(false);
+    };
+    let old: u16 = ctx.load(opts + at).map_err(|_| ())?;
+    let Some(new) = mss::clamped(u16::from_be(old), clamp_to) else {
+        return Ok(false);
+    };
+    let new = new.to_be();
+    // The option's offset from the TCP header is odd when NOPs put it
+    // there. On a partial checksum (no pseudo-header flag) the helper
+    // leaves the field alone, as it must: the data is summed later.
+    let (from, to) = mss::csum_words(old, new, (TCP_HLEN + at) % 2 == 1);
+    ctx.store(opts + at, &new, 0).map_err(|_| ())?;
+    ctx.l4_csum_replace(l4 + TCP_CHECK, from as u64, to as u64, 2)
+        .map_err(|_| ())?;
+    Ok(true)
+}

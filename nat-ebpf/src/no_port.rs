@@ -1,0 +1,237 @@
+//! Out of ports (RFC 5508 REQ-8): when a new flow finds no free external
+//! port, its sender gets an ICMP Destination Unreachable, code 13
+//! (communication administratively prohibited), from the gateway's
+//! `--int` address, instead of retrying into silence until it times out.
+//!
+//! The packet itself becomes the error (TC only, in its own tail-called
+//! program `nat_tc_no_port`, whose stack is its own): cut to the part to
+//! quote, 28 bytes of room made in front of its IP header for the new IP
+//! and ICMP headers, MACs swapped, and sent back out of `--int`. Errors
+//! are rate-limited per CPU ([`nat_common::icmp_rate`]) so a flood of new
+//! flows while the ports are exhausted is not amplified.
+
+use aya_ebpf::{
+    bindings::{BPF_F_RECOMPUTE_CSUM, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
+    helpers::{bpf_ktime_get_ns, bpf_redirect, bpf_skb_change_tail},
+    programs::TcContext,
+};
+use nat_common::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, NatConfig, csum, icmp_rate, stats};
+
+use crate::{
+    maps::ICMP_RATE,
+    nat::Decision,
+    parse::{self, ETH_HLEN, Frame},
+};
+
+const ICMP_DEST_UNREACH: u8 = 3;
+/// Communication administratively prohibited (RFC 1812), what RFC 5508
+/// REQ-8 asks for.
+const CODE_ADMIN_PROHIBITED: u8 = 13;
+/// RFC 1812 4.3.2.3: an ICMP error quotes as much of the datagram as fits
+/// in 576 bytes (RFC 792's minimum is the IP header and 8 bytes).
+const MAX_QUOTE: usize = 576 - 20 - 8;
+/// The new IP header and ICMP header put in front of the quote.
+const NEW_HDRS: usize = 20 + 8;
+const IP_TTL: u8 = 64;
+/// Precedence "internetwork control", as Linux sends its own ICMP errors.
+const IP_TOS: u8 = 0xc0;
+
+/// XDP's part: with the rate limit not spent, hand the packet to TC, which
+/// builds the error (peeking does not take a token: TC takes it, on the
+/// same CPU). Otherwise drop it here, cheaply.
+#[inline(always)]
+pub fn xdp(cfg: &NatConfig, hook: u32) -> Decision {
+    if cfg.int_addr == 0 {
+        return Decision::Drop(stats::DROP_NO_PORT);
+    }
+    let now = unsafe { bpf_ktime_get_ns() };
+    match ICMP_RATE.get_ptr(0) {
+        Some(tat) if icmp_rate::admit(unsafe { *tat }, now).is_some() => {
+            Decision::ToTc(stats::XDP_TO_TC_NO_PORT)
+        }
+        _ => {
+            crate::stats::count(hook, stats::EV_ICMP_NO_PORT_RATE_LIMITED);
+            Decision::Drop(stats::DROP_NO_PORT)
+        }
+    }
+}
+
+/// Turns the packet into the ICMP error and redirects it; `(verdict,
+/// event to count)`. The drop itself was counted by the caller.
+#[inline(always)]
+pub fn answer(ctx: &TcContext, f: Frame, cfg: &NatConfig) -> (i32, Option<u32>) {
+    match try_answer(ctx, f, cfg) {
+        Ok(r) => r,
+        Err(reason) => (TC_ACT_SHOT, Some(reason)),
+    }
+}
+
+#[inline(always)]
+fn load<T>(ctx: &TcContext, off: usize) -> Result<T, u32> {
+    ctx.load(off).map_err(|_| stats::DROP_INTERNAL)
+}
+
+/// One's complement sum (raw words, unfolded) of `len` bytes from `off`;
+/// `len` at most MAX_QUOTE (a bounded loop, for the verifier).
+#[inline(always)]
+fn sum(ctx: &TcContext, off: usize, len: usize) -> Result<u32, u32> {
+    let mut acc: u32 = 0;
+    let mut i = 0;
+    while i < MAX_QUOTE / 2 {
+        let at = i * 2;
+        if at + 2 > len {
+            break;
+        }
+        let w: u16 = load(ctx, off + at)?;
+        acc += w as u32;
+        i += 1;
+    }
+    if len & 1 == 1 {
+        // The odd last byte is the first byte of a zero-padded word: in a
+        // raw (memory-order) word on this little-endian target, the low one.
+        let b: u8 = load(ctx, off + len - 1)?;
+        acc += b as u32;
+    }
+    Ok(acc)
+}
+
+#[inline(always)]
+fn try_answer(ctx: &TcContext, f: Frame, cfg: &NatConfig) -> Result<(i32, Option<u32>), u32> {
+    let ip = parse::ipv4(f, ctx.len() as usize).map_err(|_| stats::DROP_MALFORMED)?;
+    let first = ip.saddr.to_ne_bytes()[0];
+    // Never an error to "this network", multicast or broadcast sources
+    // (RFC 1812 4.3.2.7), nor without an address to send it from.
+    if cfg.int_addr == 0 || first == 0 || first >= 224 {
+        return Ok((TC_ACT_SHOT, None));
+    }
+    let check_at = match ip.proto {
+        IPPROTO_TCP => parse::TCP_CHECK,
+        IPPROTO_UDP => parse::UDP_CHECK,
+        // Only echo requests get here; an ICMP error is never answered.
+        IPPROTO_ICMP => parse::ICMP_CHECK,
+        _ => return Ok((TC_ACT_SHOT, None)),
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let tat = ICMP_RATE.get_ptr_mut(0).ok_or(stats::DROP_INTERNAL)?;
+    match icmp_rate::admit(unsafe { *tat }, now) {
+        Some(next) => unsafe { *tat = next },
+        None => return Ok((TC_ACT_SHOT, Some(stats::EV_ICMP_NO_PORT_RATE_LIMITED))),
+    }
+    let ihl = ip.l4_off - ETH_HLEN;
+    // The parser checked the L4 header (8 bytes at least) is inside
+    // tot_len, so the quote always holds RFC 792's minimum.
+    let quote = if (ip.tot_len as usize) < MAX_QUOTE {
+        ip.tot_len as usize
+    } else {
+        MAX_QUOTE
+    };
+    if quote < ihl + 8 {
+        return Err(stats::DROP_MALFORMED);
+    }
+    let l4_len = quote - ihl;
+    let old_check: u16 = load(ctx, ip.l4_off + check_at)?;
+    let dmac: [u8; 6] = load(ctx, 0)?;
+    let smac: [u8; 6] = load(ctx, 6)?;
+
+    // Cut to the quote (L2 padding included).
+    let frame_len = ETH_HLEN + quote;
+    if ctx.len() as usize != frame_len
+        && unsafe { bpf_skb_change_tail(ctx.skb.skb, frame_len as u32, 0) } != 0
+    {
+        return Err(stats::DROP_INTERNAL);
+    }
+
+    // A packet from a local socket or a virtio NIC may still be
+    // CHECKSUM_PARTIAL: the skb asks the egress device to complete the L4
+    // checksum, and after the headers move in front that is the quoted
+    // one, inside the ICMP checksum. Its field then gets the value such a
+    // completion leaves as it is, so the ICMP checksum holds either way.
+    let seg = sum(ctx, ip.l4_off, l4_len)?;
+    let partial = match ip.proto {
+        IPPROTO_TCP => csum::maybe_partial(
+            old_check,
+            ip.saddr,
+            ip.daddr,
+            IPPROTO_TCP,
+            ip.tot_len - ihl as u16,
+        ),
+        IPPROTO_UDP => {
+            old_check != 0
+                && csum::maybe_partial(
+                    old_check,
+                    ip.saddr,
+                    ip.daddr,
+                    IPPROTO_UDP,
+                    ip.tot_len - ihl as u16,
+                )
+        }
+        _ => false,
+    };
+    let seg = if partial {
+        let rest = csum::fold(seg + (!old_check) as u32);
+        let fixed = csum::offload_fixed_point(rest);
+        ctx.store(ip.l4_off + check_at, &fixed, BPF_F_RECOMPUTE_CSUM as u64)
+            .map_err(|_| stats::DROP_INTERNAL)?;
+        rest as u32 + fixed as u32
+    } else {
+        seg
+    };
+    let quote_sum = csum::fold(sum(ctx, ETH_HLEN, ihl)? + seg);
+
+    // Room for the new headers between Ethernet and the quoted IP header.
+    ctx.adjust_room(NEW_HDRS as i32, BPF_ADJ_ROOM_MAC, 0)
+        .map_err(|_| stats::DROP_INTERNAL)?;
+    let tot = ((NEW_HDRS + quote) as u16).to_be_bytes();
+    let a = cfg.int_addr.to_ne_bytes();
+    let d = ip.saddr.to_ne_bytes();
+    let mut h: [u8; NEW_HDRS] = [
+        0x45,
+        IP_TOS,
+        tot[0],
+        tot[1],
+        0,
+        0,
+        0,
+        0,
+        IP_TTL,
+        IPPROTO_ICMP,
+        0,
+        0,
+        a[0],
+        a[1],
+        a[2],
+        a[3],
+        d[0],
+        d[1],
+        d[2],
+        d[3],
+        ICMP_DEST_UNREACH,
+        CODE_ADMIN_PROHIBITED,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+    ];
+    let mut ip_sum: u32 = 0;
+    let mut i = 0;
+    while i < 10 {
+        ip_sum += u16::from_ne_bytes([h[2 * i], h[2 * i + 1]]) as u32;
+        i += 1;
+    }
+    let ip_check = (!csum::fold(ip_sum)).to_ne_bytes();
+    h[10] = ip_check[0];
+    h[11] = ip_check[1];
+    let icmp_word = u16::from_ne_bytes([ICMP_DEST_UNREACH, CODE_ADMIN_PROHIBITED]) as u32;
+    let icmp_check = (!csum::fold(icmp_word + quote_sum as u32)).to_ne_bytes();
+    h[22] = icmp_check[0];
+    h[23] = icmp_check[1];
+    ctx.store(ETH_HLEN, &h, BPF_F_RECOMPUTE_CSUM as u64)
+        .map_err(|_| stats::DROP_INTERNAL)?;
+    // Back to the previous hop it came from.
+    ctx.store(0, &smac, 0).map_err(|_| stats::DROP_INTERNAL)?;
+    ctx.store(6, &dmac, 0).map_err(|_| stats::DROP_INTERNAL)?;
+    let action = unsafe { bpf_redirect(cfg.int_ifindex, 0) } as i32;
+    Ok((action, Some(stats::EV_ICMP_NO_PORT_SENT)))
+}
