@@ -115,6 +115,29 @@ pub struct BindValue {
     pub released_ns: u64,
 }
 
+/// A fragmented datagram as its fragments carry it on `--ext`: the IP
+/// identification is the same in every fragment (RFC 791). Network order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct FragKey {
+    pub src_addr: u32,
+    pub dst_addr: u32,
+    pub id: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Where the following fragments of a tracked datagram go: the inside
+/// address its first fragment was translated to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct FragValue {
+    pub inside_addr: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns()` of the first fragment.
+    pub first_seen_ns: u64,
+}
+
 /// How inbound packets that match a binding but no session are treated
 /// (RFC 4787 section 5, `--filtering`).
 pub const FILTER_ADDRESS_AND_PORT: u8 = 0;
@@ -159,6 +182,8 @@ mod user {
     unsafe impl aya::Pod for super::NatConfig {}
     unsafe impl aya::Pod for super::BindKey {}
     unsafe impl aya::Pod for super::BindValue {}
+    unsafe impl aya::Pod for super::FragKey {}
+    unsafe impl aya::Pod for super::FragValue {}
 }
 
 #[cfg(test)]
@@ -207,6 +232,15 @@ mod tests {
         assert_eq!(size_of::<BindValue>(), 16);
         assert_eq!(offset_of!(BindValue, released_ns), 8);
         assert_eq!(bytemuck::bytes_of(&BindKey::new(17, 1, 2))[7], 0);
+    }
+
+    #[test]
+    fn frag_layouts_are_12_and_16_bytes() {
+        assert_eq!(size_of::<FragKey>(), 12);
+        assert_eq!(offset_of!(FragKey, id), 8);
+        assert_eq!(offset_of!(FragKey, proto), 10);
+        assert_eq!(size_of::<FragValue>(), 16);
+        assert_eq!(offset_of!(FragValue, first_seen_ns), 8);
     }
 
     #[test]

@@ -47,17 +47,25 @@ pub const PROG_TC_EXT: &str = "nat_tc_ext";
 /// Not attached: reached by tail call from [`PROG_TC_INT`] through
 /// [`MAP_TAILS`].
 pub const PROG_TC_HAIRPIN: &str = "nat_tc_hairpin";
-pub const PROGRAMS: [&str; 5] = [
+/// Not attached: IP fragments, tail-called from [`PROG_TC_INT`] and
+/// [`PROG_TC_EXT`].
+pub const PROG_TC_FRAG_INT: &str = "nat_tc_frag_int";
+pub const PROG_TC_FRAG_EXT: &str = "nat_tc_frag_ext";
+pub const PROGRAMS: [&str; 7] = [
     PROG_XDP_INT,
     PROG_XDP_EXT,
     PROG_TC_INT,
     PROG_TC_EXT,
     PROG_TC_HAIRPIN,
+    PROG_TC_FRAG_INT,
+    PROG_TC_FRAG_EXT,
 ];
 /// The tail-call table and its slots.
 pub const MAP_TAILS: &str = "TAILS";
 pub const TAIL_HAIRPIN: u32 = 0;
-pub const TAIL_COUNT: u32 = 1;
+pub const TAIL_FRAG_INT: u32 = 1;
+pub const TAIL_FRAG_EXT: u32 = 2;
+pub const TAIL_COUNT: u32 = 3;
 
 /// Map names as they appear in the eBPF object.
 pub const MAP_CT_FWD: &str = "CT_FWD";
@@ -67,6 +75,12 @@ pub const MAP_BIND_REV: &str = "NAT_BIND_REV";
 /// key = reply tuple with the remote port zeroed, value = unused.
 pub const MAP_ADF: &str = "CT_ADF";
 pub const MAP_STATS: &str = "STATS";
+/// Fragmented datagrams coming in on `--ext` whose first fragment was
+/// translated: key [`FragKey`], value [`FragValue`]. An LRU map, so its
+/// size (`--max-fragments`) bounds the memory fragments can take.
+pub const MAP_FRAG_TRACK: &str = "FRAG_TRACK";
+/// Default number of fragmented datagrams tracked at once.
+pub const DEFAULT_MAX_FRAGMENTS: u32 = 4096;
 pub const MAPS: [&str; 5] = [MAP_CT_FWD, MAP_BIND, MAP_BIND_REV, MAP_ADF, MAP_STATS];
 /// Name of the read-only global holding [`NatConfig`].
 pub const GLOBAL_CONFIG: &str = "CONFIG";

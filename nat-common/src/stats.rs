@@ -41,7 +41,8 @@ reasons! {
     PASS_ICMP_OTHER = 12, "pass_icmp_other";
     /// Truncated or malformed header.
     DROP_MALFORMED = 13, "drop_malformed";
-    /// IP fragment: not translated by this version.
+    /// IP fragment the gateway does not translate: of a hairpinned datagram
+    /// or of a protocol other than TCP, UDP and ICMP.
     DROP_FRAGMENT = 14, "drop_fragment";
     /// Protocol the gateway does not translate (forwarding it would leak the
     /// inside address).
@@ -88,6 +89,25 @@ reasons! {
     /// Inside host to another inside host's external mapping, translated
     /// both ways (source and destination) and sent back inside by TC.
     TC_HAIRPIN_FWD = 34, "tc_hairpin_forwarded";
+    /// XDP handed an IP fragment to TC, which translates fragments.
+    XDP_TO_TC_FRAGMENT = 35, "xdp_to_tc_fragment";
+    /// First fragment (offset 0, the one with the L4 header) translated
+    /// like a whole packet and redirected by TC.
+    TC_FRAG_FIRST_FWD = 36, "tc_fragment_first_forwarded";
+    /// Following fragment (offset > 0): address translated and redirected
+    /// by TC.
+    TC_FRAG_FWD = 37, "tc_fragment_forwarded";
+    /// Following fragment on `--ext` of no tracked datagram, not addressed
+    /// to the gateway.
+    DROP_FRAG_UNTRACKED = 38, "drop_fragment_untracked";
+    /// Event: a first fragment on `--ext` started tracking its datagram.
+    EV_FRAG_TRACKED = 39, "event_fragment_tracked";
+    /// Following fragment on `--ext` of no tracked datagram, addressed to
+    /// the gateway: passed to the kernel, which reassembles the gateway's
+    /// own traffic and discards (after `ipfrag_time`) fragments of a
+    /// translated datagram whose first fragment has not come or whose
+    /// tracking entry the full table (`--max-fragments`) evicted.
+    PASS_FRAG_UNTRACKED = 40, "pass_fragment_untracked";
 }
 
 /// Label of a reason index.

@@ -4,9 +4,12 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{HashMap, PerCpuArray, ProgramArray},
+    maps::{HashMap, LruHashMap, PerCpuArray, ProgramArray},
 };
-use nat_common::{BindKey, BindValue, CtKey, CtValue, DEFAULT_MAX_FLOWS, MAX_BINDINGS, NatConfig};
+use nat_common::{
+    BindKey, BindValue, CtKey, CtValue, DEFAULT_MAX_FLOWS, DEFAULT_MAX_FRAGMENTS, FragKey,
+    FragValue, MAX_BINDINGS, NatConfig,
+};
 
 /// Sessions, keyed by the inside tuple as it arrives on `--int`.
 #[map(name = "CT_FWD")]
@@ -27,8 +30,16 @@ pub static NAT_BIND_REV: HashMap<BindKey, BindValue> = HashMap::with_max_entries
 pub static CT_ADF: HashMap<CtKey, u8> =
     HashMap::with_max_entries(DEFAULT_MAX_FLOWS, BPF_F_NO_PREALLOC);
 
+/// Fragmented datagrams from `--ext` whose first fragment was translated,
+/// so that the following ones (no L4 header) find their inside address.
+/// LRU: a full table forgets the oldest datagram rather than refusing a
+/// new one; its size (`--max-fragments`) is the fragment budget.
+#[map(name = "FRAG_TRACK")]
+pub static FRAG_TRACK: LruHashMap<FragKey, FragValue> =
+    LruHashMap::with_max_entries(DEFAULT_MAX_FRAGMENTS, 0);
+
 /// Programs the TC path tail-calls into (each gets a stack of its own):
-/// index [`nat_common::TAIL_HAIRPIN`]. Filled by the loader.
+/// indexes `nat_common::TAIL_*`. Filled by the loader.
 #[map(name = "TAILS")]
 pub static TAILS: ProgramArray = ProgramArray::with_max_entries(nat_common::TAIL_COUNT, 0);
 

@@ -22,6 +22,9 @@ use crate::{
 pub enum Hook {
     Xdp,
     Tc,
+    /// TC, in the fragment program (frag.rs): first fragments are
+    /// translated like whole packets.
+    TcFragment,
 }
 
 /// A rewrite of one address and one port (or ICMP identifier).
@@ -54,6 +57,8 @@ pub enum Decision {
     /// TC only: an ICMP error addressed to the SNAT address, for
     /// icmp_err to translate back.
     IcmpErrorIn,
+    /// TC only: an IP fragment, for the fragment program (frag.rs).
+    Fragment,
 }
 
 /// Everything about a packet both directions need.
@@ -65,10 +70,12 @@ pub struct Parsed {
 /// Common parse; `Err` is the final decision for a packet that is not ours
 /// to translate. `wanted_icmp` is the ICMP type this direction translates.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 pub fn parse(
     ctx: *mut c_void,
     f: Frame,
     pkt_len: usize,
+    hook: Hook,
     iif: u32,
     wanted_icmp: u8,
     not_ours: u32,
@@ -89,8 +96,18 @@ pub fn parse(
             Decision::Drop(reason)
         }
     };
-    if ip.fragment {
-        return Err(local_or(stats::DROP_FRAGMENT, stats::PASS_LOCAL));
+    if ip.frag != 0 {
+        match hook {
+            Hook::Xdp => return Err(Decision::ToTc(stats::XDP_TO_TC_FRAGMENT)),
+            Hook::Tc => return Err(Decision::Fragment),
+            // The first fragment carries the L4 header: it is translated
+            // like a whole packet (its L4 checksum covers the whole
+            // datagram, and the incremental update only depends on the
+            // changed fields).
+            Hook::TcFragment if ip.frag & parse::FRAG_OFFSET == 0 => {}
+            // frag.rs translates following fragments itself.
+            Hook::TcFragment => return Err(Decision::Drop(stats::DROP_INTERNAL)),
+        }
     }
     let l4 = match parse::l4(f, &ip) {
         Ok(Some(l4)) => l4,
@@ -151,6 +168,7 @@ pub fn outbound(
         ctx,
         f,
         pkt_len,
+        hook,
         cfg.int_ifindex,
         ICMP_ECHO_REQUEST,
         stats::DROP_UNSUPPORTED,
@@ -285,6 +303,7 @@ pub fn inbound(
         ctx,
         f,
         pkt_len,
+        hook,
         cfg.ext_ifindex,
         ICMP_ECHO_REPLY,
         stats::DROP_UNSOLICITED,

@@ -82,7 +82,7 @@ pub fn nat_tc_ext(ctx: TcContext) -> i32 {
 /// Makes the headers directly readable (they may sit in a fragment of a
 /// non-linear skb).
 #[inline(always)]
-fn pull(ctx: &TcContext) -> Frame {
+pub fn pull(ctx: &TcContext) -> Frame {
     let want = if ctx.len() < HEADERS_MAX {
         ctx.len()
     } else {
@@ -98,7 +98,7 @@ fn pull(ctx: &TcContext) -> Frame {
 }
 
 #[inline(always)]
-fn finish(ctx: &TcContext, d: Decision, egress_if: u32, hook: u32, fwd_reason: u32) -> i32 {
+pub fn finish(ctx: &TcContext, d: Decision, egress_if: u32, hook: u32, fwd_reason: u32) -> i32 {
     let (action, reason) = match d {
         Decision::Pass(r) => (TC_ACT_OK, r),
         Decision::Drop(r) => (TC_ACT_SHOT, r),
@@ -106,6 +106,17 @@ fn finish(ctx: &TcContext, d: Decision, egress_if: u32, hook: u32, fwd_reason: u
         Decision::ToTc(_) => (TC_ACT_OK, stats::DROP_INTERNAL),
         // Handled by nat_tc_ext before finishing.
         Decision::IcmpErrorIn => (TC_ACT_SHOT, stats::DROP_INTERNAL),
+        Decision::Fragment => {
+            // Own program, own stack (frag.rs).
+            let slot = if hook == HOOK_TC_INT {
+                nat_common::TAIL_FRAG_INT
+            } else {
+                nat_common::TAIL_FRAG_EXT
+            };
+            unsafe { TAILS.tail_call(ctx, slot) };
+            // Only reached if the slot is empty (a loader bug).
+            (TC_ACT_SHOT, stats::DROP_INTERNAL)
+        }
         Decision::Translate(rw, route) => match nat::egress(route, egress_if) {
             Egress::Redirect {
                 ifindex,

@@ -65,6 +65,8 @@ fn finish(f: Frame, d: Decision, egress_if: u32, hook: u32, fwd_reason: u32) -> 
         Decision::Pass(r) | Decision::ToTc(r) => (XDP_PASS, r),
         // Never produced for XDP (errors are handed to TC).
         Decision::IcmpErrorIn => (XDP_PASS, stats::XDP_TO_TC_ICMP_ERROR),
+        // Never produced for XDP (fragments are handed to TC).
+        Decision::Fragment => (XDP_PASS, stats::XDP_TO_TC_FRAGMENT),
         Decision::Drop(r) => (XDP_DROP, r),
         Decision::Translate(rw, route) => match nat::egress(route, egress_if) {
             Egress::Redirect {
