@@ -79,8 +79,21 @@ pub const MAP_STATS: &str = "STATS";
 /// translated: key [`FragKey`], value [`FragValue`]. An LRU map, so its
 /// size (`--max-fragments`) bounds the memory fragments can take.
 pub const MAP_FRAG_TRACK: &str = "FRAG_TRACK";
+/// Fragments from `--ext` that came before their datagram's first fragment,
+/// held until it comes: key [`FragSlot`], value [`FragHeld`]. LRU, a
+/// quarter of `--max-fragments` entries (at least [`FRAG_HELD_MAX`]).
+pub const MAP_FRAG_HELD: &str = "FRAG_HELD";
+/// Scratch room (per-CPU array, one entry) to copy a fragment into
+/// before inserting it into [`MAP_FRAG_HELD`]: too big for the stack.
+pub const MAP_FRAG_SCRATCH: &str = "FRAG_SCRATCH";
 /// Default number of fragmented datagrams tracked at once.
 pub const DEFAULT_MAX_FRAGMENTS: u32 = 4096;
+
+/// How many fragments can be held for `max_fragments` tracked datagrams.
+pub const fn frag_held_slots(max_fragments: u32) -> u32 {
+    let q = max_fragments / 4;
+    if q < FRAG_HELD_MAX { FRAG_HELD_MAX } else { q }
+}
 pub const MAPS: [&str; 5] = [MAP_CT_FWD, MAP_BIND, MAP_BIND_REV, MAP_ADF, MAP_STATS];
 /// Name of the read-only global holding [`NatConfig`].
 pub const GLOBAL_CONFIG: &str = "CONFIG";

@@ -102,12 +102,23 @@ reasons! {
     DROP_FRAG_UNTRACKED = 38, "drop_fragment_untracked";
     /// Event: a first fragment on `--ext` started tracking its datagram.
     EV_FRAG_TRACKED = 39, "event_fragment_tracked";
-    /// Following fragment on `--ext` of no tracked datagram, addressed to
-    /// the gateway: passed to the kernel, which reassembles the gateway's
-    /// own traffic and discards (after `ipfrag_time`) fragments of a
-    /// translated datagram whose first fragment has not come or whose
-    /// tracking entry the full table (`--max-fragments`) evicted.
+    /// Following fragment on `--ext`, before its first fragment, that could
+    /// not be held (more than `FRAG_HELD_MAX` of one datagram, or a frame
+    /// too long): passed to the kernel, which discards it after
+    /// `ipfrag_time` (or reassembles it, if the datagram is the gateway's).
     PASS_FRAG_UNTRACKED = 40, "pass_fragment_untracked";
+    /// Following fragment on `--ext` that came before its first fragment:
+    /// held (`FRAG_HELD`) and sent after the first one is translated.
+    TC_FRAG_HELD = 41, "tc_fragment_held";
+    /// A held fragment was gone when its first fragment came: the held
+    /// fragments' budget (a quarter of `--max-fragments`) was exhausted and
+    /// the oldest were forgotten (RFC 4787 REQ-14a). Counted once per
+    /// missing fragment.
+    DROP_FRAG_BUDGET = 42, "drop_fragment_budget";
+    /// A first fragment came for held fragments: it and each of them were
+    /// re-injected on `--ext` (counted here once each, then again by what
+    /// happens to them as tracked fragments).
+    TC_FRAG_REINJECTED = 43, "tc_fragment_reinjected";
 }
 
 /// Label of a reason index.

@@ -7,8 +7,8 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray, ProgramArray},
 };
 use nat_common::{
-    BindKey, BindValue, CtKey, CtValue, DEFAULT_MAX_FLOWS, DEFAULT_MAX_FRAGMENTS, FragKey,
-    FragValue, MAX_BINDINGS, NatConfig,
+    BindKey, BindValue, CtKey, CtValue, DEFAULT_MAX_FLOWS, DEFAULT_MAX_FRAGMENTS, FragHeld,
+    FragKey, FragSlot, FragValue, MAX_BINDINGS, NatConfig, frag_held_slots,
 };
 
 /// Sessions, keyed by the inside tuple as it arrives on `--int`.
@@ -37,6 +37,17 @@ pub static CT_ADF: HashMap<CtKey, u8> =
 #[map(name = "FRAG_TRACK")]
 pub static FRAG_TRACK: LruHashMap<FragKey, FragValue> =
     LruHashMap::with_max_entries(DEFAULT_MAX_FRAGMENTS, 0);
+
+/// Fragments from `--ext` that came before their first fragment, until it
+/// comes (frag.rs). LRU: a full table forgets the oldest.
+#[map(name = "FRAG_HELD")]
+pub static FRAG_HELD: LruHashMap<FragSlot, FragHeld> =
+    LruHashMap::with_max_entries(frag_held_slots(DEFAULT_MAX_FRAGMENTS), 0);
+
+/// Where a fragment is copied before it goes into `FRAG_HELD`: too big
+/// for the stack.
+#[map(name = "FRAG_SCRATCH")]
+pub static FRAG_SCRATCH: PerCpuArray<FragHeld> = PerCpuArray::with_max_entries(1, 0);
 
 /// Programs the TC path tail-calls into (each gets a stack of its own):
 /// indexes `nat_common::TAIL_*`. Filled by the loader.

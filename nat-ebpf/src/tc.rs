@@ -156,7 +156,7 @@ pub fn finish(ctx: &TcContext, d: Decision, egress_if: u32, hook: u32, fwd_reaso
 /// Rewrites address, port and TTL through the skb helpers, which keep
 /// partial (CHECKSUM_PARTIAL) and complete checksums right alike.
 #[inline(always)]
-fn rewrite(ctx: &TcContext, rw: &Rewrite) -> Result<(), i64> {
+pub fn rewrite(ctx: &TcContext, rw: &Rewrite) -> Result<(), i64> {
     rewrite_addr_port(ctx, rw)?;
     decrement_ttl(ctx, rw.ttl)
 }

@@ -22,9 +22,9 @@ use aya::{
 };
 use nat_common::{
     BindKey, BindValue, CtKey, CtValue, DEFAULT_MAX_FRAGMENTS, GLOBAL_CONFIG, MAP_ADF, MAP_BIND,
-    MAP_BIND_REV, MAP_CT_FWD, MAP_FRAG_TRACK, MAP_STATS, MAP_TAILS, MAX_BINDINGS, NatConfig,
-    PROG_TC_EXT, PROG_TC_FRAG_EXT, PROG_TC_FRAG_INT, PROG_TC_HAIRPIN, PROG_TC_INT, PROG_XDP_EXT,
-    PROG_XDP_INT, TAIL_FRAG_EXT, TAIL_FRAG_INT, TAIL_HAIRPIN,
+    MAP_BIND_REV, MAP_CT_FWD, MAP_FRAG_HELD, MAP_FRAG_TRACK, MAP_STATS, MAP_TAILS, MAX_BINDINGS,
+    NatConfig, PROG_TC_EXT, PROG_TC_FRAG_EXT, PROG_TC_FRAG_INT, PROG_TC_HAIRPIN, PROG_TC_INT,
+    PROG_XDP_EXT, PROG_XDP_INT, TAIL_FRAG_EXT, TAIL_FRAG_INT, TAIL_HAIRPIN, frag_held_slots,
 };
 use tracing::{info, warn};
 
@@ -113,6 +113,7 @@ pub fn load_with_pins(
         loader.map_max_entries(name, entries);
     }
     loader.map_max_entries(MAP_FRAG_TRACK, max_fragments);
+    loader.map_max_entries(MAP_FRAG_HELD, frag_held_slots(max_fragments));
     if let Some(pins) = pins {
         for name in PINNED_MAPS {
             loader.map_pin_path(name, pins.pin(name));

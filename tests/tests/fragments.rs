@@ -235,41 +235,45 @@ fn rfc4787_req14_inbound_fragments_reordered_after_the_first_are_translated_whol
     assert_eq!(gw.counter("tc_ext", "tc_fragment_forwarded"), 2);
 }
 
-/// The known limit: the inside address of an inbound datagram is only
-/// known from its first fragment, and a program cannot hold packets, so
-/// fragments ahead of it are not translated. They are counted and left to
-/// the kernel (which discards them); nothing reaches the inside.
+/// A fragment ahead of its first fragment cannot be translated yet (the
+/// inside address comes from the first fragment's port): it is held and
+/// sent once the first fragment has been translated.
 #[test]
-fn inbound_fragments_ahead_of_their_first_are_counted_and_not_delivered() {
+fn rfc4787_req14_inbound_fragments_ahead_of_their_first_are_held_and_translated_whole() {
     let lab = Lab::new().expect("lab");
     let mut gw = gateway(&lab, &[]);
     let (client, _server, external) = open_mapping(&lab, 44000);
     let raw = raw_socket(&lab, Host::Server);
-    let payload = pattern(30, DATAGRAM);
-    let seg = udp_segment(sa(SERVER_IP, 44000), external, &payload);
-    let frags = fragments(SERVER_IP, NAT_EXT_IP, 0x4400, 17, &seg);
-    send_raw(&raw, NAT_EXT_IP, &[&frags[2], &frags[1], &frags[0]]);
-    client
-        .set_read_timeout(Some(Duration::from_millis(700)))
-        .expect("timeout");
-    let mut buf = vec![0u8; 65536];
-    assert!(
-        client.recv_from(&mut buf).is_err(),
-        "an incomplete datagram cannot be delivered"
-    );
+    // The first fragment last, and in the middle.
+    let orders: [&[usize]; 2] = [&[2, 1, 0], &[1, 0, 2]];
+    for (i, order) in orders.iter().enumerate() {
+        let payload = pattern(30 + i as u8, DATAGRAM);
+        let seg = udp_segment(sa(SERVER_IP, 44000), external, &payload);
+        let frags = fragments(SERVER_IP, NAT_EXT_IP, 0x4400 + i as u16, 17, &seg);
+        let ordered: Vec<&Vec<u8>> = order.iter().map(|&k| &frags[k]).collect();
+        send_raw(&raw, NAT_EXT_IP, &ordered);
+        let (got, from) = recv(&client, &format!("inbound datagram in order {order:?}"));
+        assert_eq!(from, sa(SERVER_IP, 44000));
+        assert!(got == payload, "order {order:?}: inbound datagram differs");
+    }
     gw.stop().expect("stopping the gateway");
-    assert_eq!(gw.counter("tc_ext", "pass_fragment_untracked"), 2);
-    assert_eq!(gw.counter("tc_ext", "tc_fragment_first_forwarded"), 1);
+    assert_eq!(gw.counter("tc_ext", "tc_fragment_held"), 3);
+    // Each first fragment and its held ones went round again.
+    assert_eq!(gw.counter("tc_ext", "tc_fragment_reinjected"), 5);
+    assert_eq!(gw.counter("tc_ext", "tc_fragment_first_forwarded"), 2);
+    assert_eq!(gw.counter("tc_ext", "tc_fragment_forwarded"), 4);
+    assert_eq!(gw.counter("tc_ext", "drop_fragment_budget"), 0);
 }
 
 #[test]
 fn rfc4787_req14a_fragment_budget_is_bounded_and_exhaustion_counted() {
     let lab = Lab::new().expect("lab");
-    let mut gw = gateway(&lab, &["--max-fragments", "4"]);
+    // 32 datagrams tracked, room for 8 fragments held ahead of their first.
+    let mut gw = gateway(&lab, &["--max-fragments", "32"]);
     let (client, server, external) = open_mapping(&lab, 45000);
     let raw = raw_socket(&lab, Host::Server);
-    // 64 datagrams in flight at once: all first fragments, then the rest.
-    let n = 64u16;
+    // 16 datagrams whose 32 following fragments all come first.
+    let n = 16u16;
     let sent: Vec<(Vec<u8>, Vec<Vec<u8>>)> = (0..n)
         .map(|i| {
             let payload = pattern(i as u8, DATAGRAM);
@@ -280,8 +284,8 @@ fn rfc4787_req14a_fragment_budget_is_bounded_and_exhaustion_counted() {
         .collect();
     let firsts: Vec<&Vec<u8>> = sent.iter().map(|(_, f)| &f[0]).collect();
     let rest: Vec<&Vec<u8>> = sent.iter().flat_map(|(_, f)| &f[1..]).collect();
-    send_raw(&raw, NAT_EXT_IP, &firsts);
     send_raw(&raw, NAT_EXT_IP, &rest);
+    send_raw(&raw, NAT_EXT_IP, &firsts);
     client
         .set_read_timeout(Some(Duration::from_millis(700)))
         .expect("timeout");
@@ -294,7 +298,7 @@ fn rfc4787_req14a_fragment_budget_is_bounded_and_exhaustion_counted() {
         );
         whole += 1;
     }
-    assert!(whole < n, "a 4-datagram budget cannot carry {n} at once");
+    assert!(whole < n, "8 held fragments cannot complete {n} datagrams");
 
     // The budget recovers: the next datagram goes through whole.
     client
@@ -302,35 +306,92 @@ fn rfc4787_req14a_fragment_budget_is_bounded_and_exhaustion_counted() {
         .expect("timeout");
     let after = pattern(99, DATAGRAM);
     server.send_to(&after, external).expect("server send");
-    let deadline = Instant::now() + Duration::from_secs(3);
-    let mut recovered = false;
-    while Instant::now() < deadline {
-        let (got, _) = recv(&client, "datagram after the budget was exhausted");
-        if got == after {
-            recovered = true;
-            break;
-        }
-    }
-    assert!(
-        recovered,
-        "the datagram after the burst did not arrive whole"
-    );
+    let (got, _) = recv(&client, "datagram after the budget was exhausted");
+    assert!(got == after, "the datagram after the burst differs");
 
     gw.stop().expect("stopping the gateway");
-    let untracked = gw.counter("tc_ext", "pass_fragment_untracked");
-    let forwarded = gw.counter("tc_ext", "tc_fragment_forwarded");
-    eprintln!(
-        "budget 4: {whole}/{n} whole, {forwarded} following fragments translated, {untracked} untracked"
-    );
+    let held = gw.counter("tc_ext", "tc_fragment_held");
+    let lost = gw.counter("tc_ext", "drop_fragment_budget");
+    eprintln!("budget: {whole}/{n} whole, {held} fragments held, {lost} lost to the budget");
+    assert_eq!(held, 2 * n as u64, "every early fragment is held");
     assert!(
-        untracked > 0,
-        "evicted datagrams' fragments must be counted"
+        lost > 0,
+        "fragments forgotten for lack of room must be counted"
     );
+}
+
+/// `Ip: ReasmOKs` and `Icmp: InEchos` of `h`'s kernel.
+fn reassembled_and_echoes(lab: &Lab, h: Host) -> (u64, u64) {
+    let out = lab.exec(h, &["cat", "/proc/net/snmp"]).expect("snmp");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let field = |proto: &str, name: &str| -> u64 {
+        let mut lines = text.lines().filter(|l| l.starts_with(proto));
+        let names = lines.next().expect("snmp header");
+        let values = lines.next().expect("snmp values");
+        let i = names
+            .split_whitespace()
+            .position(|n| n == name)
+            .unwrap_or_else(|| panic!("no {name} in /proc/net/snmp"));
+        values
+            .split_whitespace()
+            .nth(i)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no value of {name} in /proc/net/snmp"))
+    };
+    (field("Ip:", "ReasmOKs"), field("Icmp:", "InEchos"))
+}
+
+/// The gateway's own fragmented traffic still reaches its kernel whole,
+/// in order and not.
+#[test]
+fn fragmented_pings_of_the_gateway_itself_reach_its_kernel_whole() {
+    let lab = Lab::new().expect("lab");
+    let mut gw = gateway(&lab, &[]);
+    let out = lab
+        .exec_timeout(
+            Host::Server,
+            &[
+                "ping",
+                "-n",
+                "-q",
+                "-c",
+                "2",
+                "-i",
+                "0.2",
+                "-s",
+                "4000",
+                "-W",
+                "2",
+                &NAT_EXT_IP.to_string(),
+            ],
+            Duration::from_secs(10),
+        )
+        .expect("ping");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("2 packets transmitted, 2 received"),
+        "ping -s 4000 of the gateway: {stdout}"
+    );
+    // An echo request whose fragments come last first.
+    let (reasm, echoes) = reassembled_and_echoes(&lab, Host::Nat);
+    let mut icmp = vec![8, 0, 0, 0, 0x12, 0x34, 0, 1];
+    icmp.extend(pattern(40, DATAGRAM));
+    let c = csum(sum16(&icmp, 0));
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let frags = fragments(SERVER_IP, NAT_EXT_IP, 0x4600, 1, &icmp);
+    let raw = raw_socket(&lab, Host::Server);
+    send_raw(&raw, NAT_EXT_IP, &[&frags[2], &frags[1], &frags[0]]);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while reassembled_and_echoes(&lab, Host::Nat) == (reasm, echoes) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert_eq!(
-        untracked + forwarded,
-        2 * n as u64 + 2,
-        "every following fragment is either translated or counted"
+        reassembled_and_echoes(&lab, Host::Nat),
+        (reasm + 1, echoes + 1),
+        "the gateway's kernel did not get the reversed echo request whole"
     );
+    gw.stop().expect("stopping the gateway");
+    assert_eq!(gw.counter("tc_ext", "tc_fragment_held"), 2);
 }
 
 #[test]
