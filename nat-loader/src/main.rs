@@ -134,9 +134,10 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_FLOWS)]
     max_flows: u32,
     /// Fragment budget: how many fragmented datagrams from --ext are
-    /// tracked at once (from first fragment to the last; 16 bytes each).
-    /// When full, the oldest is forgotten and its remaining fragments are
-    /// counted (pass_fragment_untracked) and not translated.
+    /// tracked at once (16 bytes each), and four times fewer fragments
+    /// held because they came before their first one (2 KiB each). Both
+    /// tables are LRU: when full the oldest is forgotten, and a forgotten
+    /// held fragment is counted (drop_fragment_budget).
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_FRAGMENTS)]
     max_fragments: u32,
     /// How to attach XDP.
