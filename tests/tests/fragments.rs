@@ -432,3 +432,33 @@ fn rfc5508_fragmented_icmp_echo_is_translated_whole_both_ways() {
         assert!(gw.counter(hook, "tc_fragment_forwarded") >= 6, "{hook}");
     }
 }
+
+/// At most 8 fragments of one datagram are held before its first one; the
+/// rest are counted and left to the kernel, which discards them, and the
+/// datagram does not reach the inside host incomplete.
+#[test]
+fn early_fragments_beyond_the_per_datagram_hold_limit_are_counted() {
+    let lab = Lab::new().expect("lab");
+    let mut gw = gateway(&lab, &[]);
+    let (client, _server, external) = open_mapping(&lab, 46000);
+    let raw = raw_socket(&lab, Host::Server);
+    // 11 fragments: 10 following ones ahead of the first.
+    let payload = pattern(50, 11 * FRAG_PAYLOAD - 8);
+    let seg = udp_segment(sa(SERVER_IP, 46000), external, &payload);
+    let frags = fragments(SERVER_IP, NAT_EXT_IP, 0x4700, 17, &seg);
+    assert_eq!(frags.len(), 11);
+    let reversed: Vec<&Vec<u8>> = frags.iter().rev().collect();
+    send_raw(&raw, NAT_EXT_IP, &reversed);
+    client
+        .set_read_timeout(Some(Duration::from_millis(700)))
+        .expect("timeout");
+    let mut buf = vec![0u8; 65536];
+    assert!(
+        client.recv_from(&mut buf).is_err(),
+        "an incomplete datagram cannot be delivered"
+    );
+    gw.stop().expect("stopping the gateway");
+    assert_eq!(gw.counter("tc_ext", "tc_fragment_held"), 8);
+    assert_eq!(gw.counter("tc_ext", "pass_fragment_untracked"), 2);
+    assert_eq!(gw.counter("tc_ext", "tc_fragment_forwarded"), 8);
+}
