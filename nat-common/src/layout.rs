@@ -127,6 +127,55 @@ pub struct BindValue {
     pub released_ns: u64,
 }
 
+/// A fragmented datagram as its fragments carry it on `--ext`: the IP
+/// identification is the same in every fragment (RFC 791). Network order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct FragKey {
+    pub src_addr: u32,
+    pub dst_addr: u32,
+    pub id: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Where the following fragments of a tracked datagram go: the inside
+/// address its first fragment was translated to; the datagram's own
+/// destination if it is the gateway's (they go to the kernel); 0 while the
+/// first fragment has not come, `held` fragments waiting for it in
+/// [`crate::MAP_FRAG_HELD`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct FragValue {
+    pub inside_addr: u32,
+    pub held: u32,
+    /// `bpf_ktime_get_ns()` of the first fragment that came.
+    pub first_seen_ns: u64,
+}
+
+/// A fragment held for its first fragment: the `index`th of its datagram.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct FragSlot {
+    pub key: FragKey,
+    pub index: u32,
+}
+
+/// Room for one held fragment: a whole frame of a 1500-byte MTU link. A
+/// power of two, so that a mask proves the length to the verifier.
+pub const FRAG_HELD_LEN: usize = 2048;
+/// Most fragments of one datagram held for its first fragment.
+pub const FRAG_HELD_MAX: u32 = 8;
+
+/// A fragment held for its first fragment, the frame as it came.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct FragHeld {
+    pub len: u32,
+    /// `FRAG_HELD_LEN` bytes (nested: bytemuck is Pod for these sizes).
+    pub data: [[u8; 512]; 4],
+}
+
 /// How inbound packets that match a binding but no session are treated
 /// (RFC 4787 section 5, `--filtering`).
 pub const FILTER_ADDRESS_AND_PORT: u8 = 0;
@@ -183,6 +232,10 @@ mod user {
     unsafe impl aya::Pod for super::NatConfig {}
     unsafe impl aya::Pod for super::BindKey {}
     unsafe impl aya::Pod for super::BindValue {}
+    unsafe impl aya::Pod for super::FragKey {}
+    unsafe impl aya::Pod for super::FragValue {}
+    unsafe impl aya::Pod for super::FragSlot {}
+    unsafe impl aya::Pod for super::FragHeld {}
 }
 
 #[cfg(test)]
@@ -236,6 +289,22 @@ mod tests {
         assert_eq!(size_of::<BindValue>(), 16);
         assert_eq!(offset_of!(BindValue, released_ns), 8);
         assert_eq!(bytemuck::bytes_of(&BindKey::new(17, 1, 2))[7], 0);
+    }
+
+    #[test]
+    fn frag_layouts_are_12_and_16_bytes() {
+        assert_eq!(size_of::<FragKey>(), 12);
+        assert_eq!(offset_of!(FragKey, id), 8);
+        assert_eq!(offset_of!(FragKey, proto), 10);
+        assert_eq!(size_of::<FragValue>(), 16);
+        assert_eq!(offset_of!(FragValue, first_seen_ns), 8);
+    }
+
+    #[test]
+    fn frag_held_holds_a_1500_mtu_frame() {
+        assert_eq!(size_of::<FragHeld>(), 4 + FRAG_HELD_LEN);
+        assert_eq!(offset_of!(FragHeld, data), 4);
+        assert_eq!(size_of::<FragSlot>(), 16);
     }
 
     #[test]

@@ -58,7 +58,11 @@ pub const PROG_TC_NO_PORT: &str = "nat_tc_no_port";
 /// [`PROG_TC_EXT`] with a translated SYN to clamp its MSS (`--mss-clamp`)
 /// and forward.
 pub const PROG_TC_MSS: &str = "nat_tc_mss";
-pub const PROGRAMS: [&str; 8] = [
+/// Not attached: IP fragments, tail-called from [`PROG_TC_INT`] and
+/// [`PROG_TC_EXT`].
+pub const PROG_TC_FRAG_INT: &str = "nat_tc_frag_int";
+pub const PROG_TC_FRAG_EXT: &str = "nat_tc_frag_ext";
+pub const PROGRAMS: [&str; 10] = [
     PROG_XDP_INT,
     PROG_XDP_EXT,
     PROG_TC_INT,
@@ -67,6 +71,8 @@ pub const PROGRAMS: [&str; 8] = [
     PROG_TC_ICMP_OUT,
     PROG_TC_NO_PORT,
     PROG_TC_MSS,
+    PROG_TC_FRAG_INT,
+    PROG_TC_FRAG_EXT,
 ];
 /// The tail-call table and its slots.
 pub const MAP_TAILS: &str = "TAILS";
@@ -74,13 +80,17 @@ pub const TAIL_HAIRPIN: u32 = 0;
 pub const TAIL_ICMP_ERROR_OUT: u32 = 1;
 pub const TAIL_NO_PORT: u32 = 2;
 pub const TAIL_MSS: u32 = 3;
-pub const TAIL_COUNT: u32 = 4;
+pub const TAIL_FRAG_INT: u32 = 4;
+pub const TAIL_FRAG_EXT: u32 = 5;
+pub const TAIL_COUNT: u32 = 6;
 /// (slot, program) of every tail call.
-pub const TAIL_PROGRAMS: [(u32, &str); 4] = [
+pub const TAIL_PROGRAMS: [(u32, &str); 6] = [
     (TAIL_HAIRPIN, PROG_TC_HAIRPIN),
     (TAIL_ICMP_ERROR_OUT, PROG_TC_ICMP_OUT),
     (TAIL_NO_PORT, PROG_TC_NO_PORT),
     (TAIL_MSS, PROG_TC_MSS),
+    (TAIL_FRAG_INT, PROG_TC_FRAG_INT),
+    (TAIL_FRAG_EXT, PROG_TC_FRAG_EXT),
 ];
 
 /// Map names as they appear in the eBPF object.
@@ -94,6 +104,25 @@ pub const MAP_STATS: &str = "STATS";
 /// Per-CPU rate limiter of the out-of-ports ICMP errors (not pinned: a
 /// new loader starts with a full bucket).
 pub const MAP_ICMP_RATE: &str = "ICMP_RATE";
+/// Fragmented datagrams coming in on `--ext` whose first fragment was
+/// translated: key [`FragKey`], value [`FragValue`]. An LRU map, so its
+/// size (`--max-fragments`) bounds the memory fragments can take.
+pub const MAP_FRAG_TRACK: &str = "FRAG_TRACK";
+/// Fragments from `--ext` that came before their datagram's first fragment,
+/// held until it comes: key [`FragSlot`], value [`FragHeld`]. LRU, a
+/// quarter of `--max-fragments` entries (at least [`FRAG_HELD_MAX`]).
+pub const MAP_FRAG_HELD: &str = "FRAG_HELD";
+/// Scratch room (per-CPU array, one entry) to copy a fragment into
+/// before inserting it into [`MAP_FRAG_HELD`]: too big for the stack.
+pub const MAP_FRAG_SCRATCH: &str = "FRAG_SCRATCH";
+/// Default number of fragmented datagrams tracked at once.
+pub const DEFAULT_MAX_FRAGMENTS: u32 = 4096;
+
+/// How many fragments can be held for `max_fragments` tracked datagrams.
+pub const fn frag_held_slots(max_fragments: u32) -> u32 {
+    let q = max_fragments / 4;
+    if q < FRAG_HELD_MAX { FRAG_HELD_MAX } else { q }
+}
 pub const MAPS: [&str; 5] = [MAP_CT_FWD, MAP_BIND, MAP_BIND_REV, MAP_ADF, MAP_STATS];
 /// Name of the read-only global holding [`NatConfig`].
 pub const GLOBAL_CONFIG: &str = "CONFIG";

@@ -41,7 +41,8 @@ reasons! {
     PASS_ICMP_OTHER = 12, "pass_icmp_other";
     /// Truncated or malformed header.
     DROP_MALFORMED = 13, "drop_malformed";
-    /// IP fragment: not translated by this version.
+    /// IP fragment the gateway does not translate: of a hairpinned datagram
+    /// or of a protocol other than TCP, UDP and ICMP.
     DROP_FRAGMENT = 14, "drop_fragment";
     /// Protocol the gateway does not translate (forwarding it would leak the
     /// inside address).
@@ -112,6 +113,36 @@ reasons! {
     XDP_TO_TC_MSS = 41, "xdp_to_tc_mss_clamp";
     /// Event: the MSS option of a SYN or SYN-ACK was lowered to `--mss-clamp`.
     EV_MSS_CLAMPED = 42, "event_mss_clamped";
+    /// XDP handed an IP fragment to TC, which translates fragments.
+    XDP_TO_TC_FRAGMENT = 43, "xdp_to_tc_fragment";
+    /// First fragment (offset 0, the one with the L4 header) translated
+    /// like a whole packet and redirected by TC.
+    TC_FRAG_FIRST_FWD = 44, "tc_fragment_first_forwarded";
+    /// Following fragment (offset > 0): address translated and redirected
+    /// by TC.
+    TC_FRAG_FWD = 45, "tc_fragment_forwarded";
+    /// Following fragment on `--ext` of no tracked datagram, not addressed
+    /// to the gateway.
+    DROP_FRAG_UNTRACKED = 46, "drop_fragment_untracked";
+    /// Event: a first fragment on `--ext` started tracking its datagram.
+    EV_FRAG_TRACKED = 47, "event_fragment_tracked";
+    /// Following fragment on `--ext`, before its first fragment, that could
+    /// not be held (more than `FRAG_HELD_MAX` of one datagram, or a frame
+    /// too long): passed to the kernel, which discards it after
+    /// `ipfrag_time` (or reassembles it, if the datagram is the gateway's).
+    PASS_FRAG_UNTRACKED = 48, "pass_fragment_untracked";
+    /// Following fragment on `--ext` that came before its first fragment:
+    /// held (`FRAG_HELD`) and sent after the first one is translated.
+    TC_FRAG_HELD = 49, "tc_fragment_held";
+    /// A held fragment was gone when its first fragment came: the held
+    /// fragments' budget (a quarter of `--max-fragments`) was exhausted and
+    /// the oldest were forgotten (RFC 4787 REQ-14a). Counted once per
+    /// missing fragment.
+    DROP_FRAG_BUDGET = 50, "drop_fragment_budget";
+    /// A first fragment came for held fragments: it and each of them were
+    /// re-injected on `--ext` (counted here once each, then again by what
+    /// happens to them as tracked fragments).
+    TC_FRAG_REINJECTED = 51, "tc_fragment_reinjected";
 }
 
 /// Label of a reason index.

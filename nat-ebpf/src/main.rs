@@ -6,6 +6,7 @@
 
 mod conntrack;
 mod fib;
+mod frag;
 mod hairpin;
 mod icmp_err;
 mod maps;

@@ -4,9 +4,12 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{HashMap, PerCpuArray, ProgramArray},
+    maps::{HashMap, LruHashMap, PerCpuArray, ProgramArray},
 };
-use nat_common::{BindKey, BindValue, CtKey, CtValue, DEFAULT_MAX_FLOWS, MAX_BINDINGS, NatConfig};
+use nat_common::{
+    BindKey, BindValue, CtKey, CtValue, DEFAULT_MAX_FLOWS, DEFAULT_MAX_FRAGMENTS, FragHeld,
+    FragKey, FragSlot, FragValue, MAX_BINDINGS, NatConfig, frag_held_slots,
+};
 
 /// Sessions, keyed by the inside tuple as it arrives on `--int`.
 #[map(name = "CT_FWD")]
@@ -27,10 +30,27 @@ pub static NAT_BIND_REV: HashMap<BindKey, BindValue> = HashMap::with_max_entries
 pub static CT_ADF: HashMap<CtKey, u8> =
     HashMap::with_max_entries(DEFAULT_MAX_FLOWS, BPF_F_NO_PREALLOC);
 
+/// Fragmented datagrams from `--ext` whose first fragment was translated,
+/// so that the following ones (no L4 header) find their inside address.
+/// LRU: a full table forgets the oldest datagram rather than refusing a
+/// new one; its size (`--max-fragments`) is the fragment budget.
+#[map(name = "FRAG_TRACK")]
+pub static FRAG_TRACK: LruHashMap<FragKey, FragValue> =
+    LruHashMap::with_max_entries(DEFAULT_MAX_FRAGMENTS, 0);
+
+/// Fragments from `--ext` that came before their first fragment, until it
+/// comes (frag.rs). LRU: a full table forgets the oldest.
+#[map(name = "FRAG_HELD")]
+pub static FRAG_HELD: LruHashMap<FragSlot, FragHeld> =
+    LruHashMap::with_max_entries(frag_held_slots(DEFAULT_MAX_FRAGMENTS), 0);
+
+/// Where a fragment is copied before it goes into `FRAG_HELD`: too big
+/// for the stack.
+#[map(name = "FRAG_SCRATCH")]
+pub static FRAG_SCRATCH: PerCpuArray<FragHeld> = PerCpuArray::with_max_entries(1, 0);
+
 /// Programs the TC path tail-calls into (each gets a stack of its own):
-/// indices [`nat_common::TAIL_HAIRPIN`], [`nat_common::TAIL_NO_PORT`],
-/// [`nat_common::TAIL_MSS`].
-/// Filled by the loader.
+/// indexes `nat_common::TAIL_*`. Filled by the loader.
 #[map(name = "TAILS")]
 pub static TAILS: ProgramArray = ProgramArray::with_max_entries(nat_common::TAIL_COUNT, 0);
 
@@ -65,8 +85,10 @@ static CONFIG: NatConfig = NatConfig {
 };
 
 #[inline(always)]
-pub fn config() -> NatConfig {
-    // Volatile: the value is patched into the object after compilation, so
-    // the compiler must not fold the zeros above into the code.
-    unsafe { core::ptr::read_volatile(&CONFIG) }
+pub fn config() -> &'static NatConfig {
+    // Through an opaque pointer: the value is patched into the object after
+    // compilation, so the compiler must not fold the zeros above into the
+    // code; and reading the fields in place keeps the whole struct off the
+    // programs' 512-byte stacks.
+    unsafe { &*core::hint::black_box(&raw const CONFIG) }
 }

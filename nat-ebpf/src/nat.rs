@@ -22,6 +22,9 @@ use crate::{
 pub enum Hook {
     Xdp,
     Tc,
+    /// TC, in the fragment program (frag.rs): first fragments are
+    /// translated like whole packets.
+    TcFragment,
 }
 
 /// A rewrite of one address and one port (or ICMP identifier).
@@ -57,6 +60,8 @@ pub enum Decision {
     /// TC only: an ICMP error from an inside host about a packet it got
     /// through the gateway, for icmp_err to translate out.
     IcmpErrorOut,
+    /// TC only: an IP fragment, for the fragment program (frag.rs).
+    Fragment,
 }
 
 /// Everything about a packet both directions need.
@@ -77,6 +82,7 @@ struct Side {
     icmp_errors_for: u32,
     /// Outbound: the SNAT address, for ICMP errors from inside (else 0).
     icmp_errors_out_snat: u32,
+    hook: Hook,
 }
 
 /// Common parse; `Err` is the final decision for a packet that is not ours
@@ -89,6 +95,7 @@ fn parse(ctx: *mut c_void, f: Frame, pkt_len: usize, side: &Side) -> Result<Pars
         not_ours,
         icmp_errors_for,
         icmp_errors_out_snat,
+        hook,
     } = *side;
     let ip = match parse::ipv4(f, pkt_len) {
         Ok(ip) => ip,
@@ -105,8 +112,18 @@ fn parse(ctx: *mut c_void, f: Frame, pkt_len: usize, side: &Side) -> Result<Pars
             Decision::Drop(reason)
         }
     };
-    if ip.fragment {
-        return Err(local_or(stats::DROP_FRAGMENT, stats::PASS_LOCAL));
+    if ip.frag != 0 {
+        match hook {
+            Hook::Xdp => return Err(Decision::ToTc(stats::XDP_TO_TC_FRAGMENT)),
+            Hook::Tc => return Err(Decision::Fragment),
+            // The first fragment carries the L4 header: it is translated
+            // like a whole packet (its L4 checksum covers the whole
+            // datagram, and the incremental update only depends on the
+            // changed fields).
+            Hook::TcFragment if ip.frag & parse::FRAG_OFFSET == 0 => {}
+            // frag.rs translates following fragments itself.
+            Hook::TcFragment => return Err(Decision::Drop(stats::DROP_INTERNAL)),
+        }
     }
     let l4 = match parse::l4(f, &ip) {
         Ok(Some(l4)) => l4,
@@ -186,6 +203,7 @@ pub fn outbound(
         not_ours: stats::DROP_UNSUPPORTED,
         icmp_errors_for: 0,
         icmp_errors_out_snat: cfg.snat_addr,
+        hook,
     };
     let p = match parse(ctx, f, pkt_len, &side) {
         Ok(p) => p,
@@ -322,6 +340,7 @@ pub fn inbound(
         not_ours: stats::DROP_UNSOLICITED,
         icmp_errors_for: cfg.snat_addr,
         icmp_errors_out_snat: 0,
+        hook,
     };
     let p = match parse(ctx, f, pkt_len, &side) {
         Ok(p) => p,

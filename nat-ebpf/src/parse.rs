@@ -62,13 +62,20 @@ pub struct Ipv4 {
     pub ttl: u8,
     pub proto: u8,
     pub df: bool,
-    pub fragment: bool,
+    /// MF and the fragment offset (raw value & 0x3fff, host order): non-zero
+    /// for a fragment; see [`FRAG_OFFSET`].
+    pub frag: u16,
     /// Raw (network order).
     pub saddr: u32,
     pub daddr: u32,
 }
 
+/// Fragment field bits: more fragments, and the offset (in 8-byte units).
+pub const FRAG_MF: u16 = 0x2000;
+pub const FRAG_OFFSET: u16 = 0x1fff;
+
 /// Offsets of IPv4 header fields from the start of the IP header.
+pub const IP_ID: usize = 4;
 pub const IP_TTL: usize = 8;
 pub const IP_CHECK: usize = 10;
 pub const IP_SADDR: usize = 12;
@@ -113,8 +120,7 @@ pub fn ipv4(f: Frame, pkt_len: usize) -> Result<Ipv4, Stop> {
         ttl: read(f, l3 + IP_TTL).ok_or(Stop::Malformed)?,
         proto: read(f, l3 + 9).ok_or(Stop::Malformed)?,
         df: frag & 0x4000 != 0,
-        // MF set or a non-zero offset.
-        fragment: frag & 0x3fff != 0,
+        frag: frag & (FRAG_MF | FRAG_OFFSET),
         saddr: read(f, l3 + IP_SADDR).ok_or(Stop::Malformed)?,
         daddr: read(f, l3 + IP_DADDR).ok_or(Stop::Malformed)?,
     })

@@ -40,7 +40,7 @@ pub fn nat_tc_int(ctx: TcContext) -> i32 {
         ctx.as_ptr(),
         f,
         ctx.len() as usize,
-        &cfg,
+        cfg,
         Hook::Tc,
         HOOK_TC_INT,
     );
@@ -73,7 +73,7 @@ pub fn nat_tc_int(ctx: TcContext) -> i32 {
 pub fn nat_tc_no_port(ctx: TcContext) -> i32 {
     let cfg = config();
     let f = pull(&ctx);
-    let (action, event) = no_port::answer(&ctx, f, &cfg);
+    let (action, event) = no_port::answer(&ctx, f, cfg);
     if let Some(e) = event {
         count(HOOK_TC_INT, e);
     }
@@ -86,7 +86,7 @@ pub fn nat_tc_icmp_out(ctx: TcContext) -> i32 {
     let cfg = config();
     let f = pull(&ctx);
     let (action, reason) = match parse::ipv4(f, ctx.len() as usize) {
-        Ok(ip) => icmp_err::outbound(&ctx, &ip, &cfg),
+        Ok(ip) => icmp_err::outbound(&ctx, &ip, cfg),
         Err(_) => (TC_ACT_SHOT, stats::DROP_MALFORMED),
     };
     count(HOOK_TC_INT, reason);
@@ -99,7 +99,7 @@ pub fn nat_tc_icmp_out(ctx: TcContext) -> i32 {
 pub fn nat_tc_hairpin(ctx: TcContext) -> i32 {
     let cfg = config();
     let f = pull(&ctx);
-    let (action, reason) = hairpin::translate(&ctx, f, &cfg);
+    let (action, reason) = hairpin::translate(&ctx, f, cfg);
     count(HOOK_TC_INT, reason);
     action
 }
@@ -136,7 +136,7 @@ pub fn nat_tc_ext(ctx: TcContext) -> i32 {
         ctx.as_ptr(),
         f,
         ctx.len() as usize,
-        &cfg,
+        cfg,
         Hook::Tc,
         HOOK_TC_EXT,
     );
@@ -145,7 +145,7 @@ pub fn nat_tc_ext(ctx: TcContext) -> i32 {
         // Decision makes the compiler copy undefined enum fields, which
         // the verifier rejects.
         let (action, reason) = match parse::ipv4(f, ctx.len() as usize) {
-            Ok(ip) => icmp_err::inbound(&ctx, &ip, &cfg),
+            Ok(ip) => icmp_err::inbound(&ctx, &ip, cfg),
             Err(_) => (TC_ACT_SHOT, stats::DROP_MALFORMED),
         };
         count(HOOK_TC_EXT, reason);
@@ -164,7 +164,7 @@ pub fn nat_tc_ext(ctx: TcContext) -> i32 {
 /// Makes the headers directly readable (they may sit in a fragment of a
 /// non-linear skb).
 #[inline(always)]
-fn pull(ctx: &TcContext) -> Frame {
+pub fn pull(ctx: &TcContext) -> Frame {
     let want = if ctx.len() < HEADERS_MAX {
         ctx.len()
     } else {
@@ -180,7 +180,7 @@ fn pull(ctx: &TcContext) -> Frame {
 }
 
 #[inline(always)]
-fn finish(
+pub fn finish(
     ctx: &TcContext,
     d: Decision,
     egress_if: u32,
@@ -198,6 +198,17 @@ fn finish(
         Decision::IcmpErrorOut => {
             // Its own program, for its own stack.
             unsafe { TAILS.tail_call(ctx, nat_common::TAIL_ICMP_ERROR_OUT) };
+            (TC_ACT_SHOT, stats::DROP_INTERNAL)
+        }
+        Decision::Fragment => {
+            // Own program, own stack (frag.rs).
+            let slot = if hook == HOOK_TC_INT {
+                nat_common::TAIL_FRAG_INT
+            } else {
+                nat_common::TAIL_FRAG_EXT
+            };
+            unsafe { TAILS.tail_call(ctx, slot) };
+            // Only reached if the slot is empty (a loader bug).
             (TC_ACT_SHOT, stats::DROP_INTERNAL)
         }
         Decision::Translate(rw, route) => match neigh_mtu(ctx, nat::egress(route, egress_if)) {
@@ -255,7 +266,7 @@ fn finish(
 /// Rewrites address, port and TTL through the skb helpers, which keep
 /// partial (CHECKSUM_PARTIAL) and complete checksums right alike.
 #[inline(always)]
-fn rewrite(ctx: &TcContext, rw: &Rewrite) -> Result<(), i64> {
+pub fn rewrite(ctx: &TcContext, rw: &Rewrite) -> Result<(), i64> {
     rewrite_addr_port(ctx, rw)?;
     decrement_ttl(ctx, rw.ttl)
 }

@@ -33,14 +33,14 @@ pub fn nat_xdp_int(ctx: XdpContext) -> u32 {
         ctx.as_ptr(),
         f,
         f.data_end - f.data,
-        &cfg,
+        cfg,
         Hook::Xdp,
         HOOK_XDP_INT,
     );
     // Out of ports: TC answers with ICMP (RFC 5508 REQ-8) unless the rate
     // limit is spent.
     let d = match d {
-        Decision::Drop(stats::DROP_NO_PORT) => no_port::xdp(&cfg, HOOK_XDP_INT),
+        Decision::Drop(stats::DROP_NO_PORT) => no_port::xdp(cfg, HOOK_XDP_INT),
         d => d,
     };
     finish(f, d, cfg.ext_ifindex, HOOK_XDP_INT, stats::XDP_OUT_FWD)
@@ -59,7 +59,7 @@ pub fn nat_xdp_ext(ctx: XdpContext) -> u32 {
         ctx.as_ptr(),
         f,
         f.data_end - f.data,
-        &cfg,
+        cfg,
         Hook::Xdp,
         HOOK_XDP_EXT,
     );
@@ -80,6 +80,8 @@ fn finish(f: Frame, d: Decision, egress_if: u32, hook: u32, fwd_reason: u32) -> 
         Decision::Pass(r) | Decision::ToTc(r) => (XDP_PASS, r),
         // Never produced for XDP (errors are handed to TC).
         Decision::IcmpErrorIn | Decision::IcmpErrorOut => (XDP_PASS, stats::XDP_TO_TC_ICMP_ERROR),
+        // Never produced for XDP (fragments are handed to TC).
+        Decision::Fragment => (XDP_PASS, stats::XDP_TO_TC_FRAGMENT),
         Decision::Drop(r) => (XDP_DROP, r),
         Decision::Translate(rw, route) => match nat::egress(route, egress_if) {
             Egress::Redirect {

@@ -21,9 +21,10 @@ use aya::{
     },
 };
 use nat_common::{
-    BindKey, BindValue, CtKey, CtValue, GLOBAL_CONFIG, MAP_ADF, MAP_BIND, MAP_BIND_REV, MAP_CT_FWD,
-    MAP_STATS, MAP_TAILS, MAX_BINDINGS, NatConfig, PROG_TC_EXT, PROG_TC_INT, PROG_XDP_EXT,
-    PROG_XDP_INT, TAIL_PROGRAMS,
+    BindKey, BindValue, CtKey, CtValue, DEFAULT_MAX_FRAGMENTS, GLOBAL_CONFIG, MAP_ADF, MAP_BIND,
+    MAP_BIND_REV, MAP_CT_FWD, MAP_FRAG_HELD, MAP_FRAG_TRACK, MAP_STATS, MAP_TAILS, MAX_BINDINGS,
+    NatConfig, PROG_TC_EXT, PROG_TC_INT, PROG_XDP_EXT, PROG_XDP_INT, TAIL_PROGRAMS,
+    frag_held_slots,
 };
 use tracing::{info, warn};
 
@@ -62,6 +63,8 @@ pub struct Settings {
     pub int_mac: [u8; 6],
     pub ext_mac: [u8; 6],
     pub max_flows: u32,
+    /// Fragmented datagrams tracked at once (`FRAG_TRACK` size).
+    pub max_fragments: u32,
     pub xdp: XdpAttach,
     /// Source of the out-of-ports ICMP errors (`--int`'s primary address);
     /// `None`: such packets are only dropped.
@@ -96,21 +99,33 @@ impl Settings {
 /// conntrack maps sized for `max_flows` sessions, and runs every program
 /// through the verifier. Attaches nothing.
 pub fn load(cfg: &NatConfig, max_flows: u32) -> Result<Ebpf> {
-    load_with_pins(cfg, max_flows, None)
+    load_with_pins(cfg, max_flows, DEFAULT_MAX_FRAGMENTS, None)
 }
 
 /// [`load`], with the maps taken from (or created and pinned in) `pins`:
 /// the new programs are relocated against the pinned maps, so they share
-/// the conntrack table with the programs they replace.
-pub fn load_with_pins(cfg: &NatConfig, max_flows: u32, pins: Option<&PinDir>) -> Result<Ebpf> {
+/// the conntrack table with the programs they replace. The fragment
+/// tracking table (`max_fragments` datagrams) is not pinned: it holds
+/// datagrams in flight, which a restart merely makes the kernel discard.
+pub fn load_with_pins(
+    cfg: &NatConfig,
+    max_flows: u32,
+    max_fragments: u32,
+    pins: Option<&PinDir>,
+) -> Result<Ebpf> {
     if max_flows == 0 {
         bail!("the conntrack table needs room for at least one flow");
+    }
+    if max_fragments == 0 {
+        bail!("the fragment tracking table needs room for at least one datagram");
     }
     let mut loader = EbpfLoader::new();
     loader.override_global(GLOBAL_CONFIG, cfg, true);
     for (name, entries) in map_sizes(max_flows) {
         loader.map_max_entries(name, entries);
     }
+    loader.map_max_entries(MAP_FRAG_TRACK, max_fragments);
+    loader.map_max_entries(MAP_FRAG_HELD, frag_held_slots(max_fragments));
     if let Some(pins) = pins {
         for name in PINNED_MAPS {
             loader.map_pin_path(name, pins.pin(name));
@@ -251,7 +266,7 @@ impl Dataplane {
     }
 
     fn start_inner(s: &Settings, pins: &PinDir, adopted: bool) -> Result<Dataplane> {
-        let mut ebpf = load_with_pins(&s.config(), s.max_flows, Some(pins))?;
+        let mut ebpf = load_with_pins(&s.config(), s.max_flows, s.max_fragments, Some(pins))?;
         let mut links = Vec::new();
         // Outbound first: until the ext side is attached, translated flows'
         // replies would be dropped anyway, so order only matters for errors.

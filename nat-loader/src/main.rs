@@ -15,7 +15,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use nat_common::{
     CFG_F_UDP_INBOUND_REFRESH, DEFAULT_LOW_PORT_MAX, DEFAULT_LOW_PORT_MIN, DEFAULT_MAX_FLOWS,
-    DEFAULT_PORT_MAX, DEFAULT_PORT_MIN, DEFAULT_PROBE_PORT, FILTER_ADDRESS,
+    DEFAULT_MAX_FRAGMENTS, DEFAULT_PORT_MAX, DEFAULT_PORT_MIN, DEFAULT_PROBE_PORT, FILTER_ADDRESS,
     FILTER_ADDRESS_AND_PORT, FILTER_ENDPOINT_INDEPENDENT, PORT_HOLD_NS, timeouts::Timeouts,
 };
 use nat_common::{PROG_TC_EXT, PROG_TC_INT, PROG_XDP_EXT, PROG_XDP_INT};
@@ -138,6 +138,13 @@ struct Args {
     /// Conntrack table size, in flows.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_FLOWS)]
     max_flows: u32,
+    /// Fragment budget: how many fragmented datagrams from --ext are
+    /// tracked at once (16 bytes each), and four times fewer fragments
+    /// held because they came before their first one (2 KiB each). Both
+    /// tables are LRU: when full the oldest is forgotten, and a forgotten
+    /// held fragment is counted (drop_fragment_budget).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_FRAGMENTS)]
+    max_fragments: u32,
     /// How to attach XDP.
     #[arg(long, value_enum, default_value_t = XdpAttach::Auto)]
     xdp_mode: XdpAttach,
@@ -416,6 +423,9 @@ async fn run(args: Args) -> Result<ExitCode> {
     if args.max_flows == 0 {
         bail!("--max-flows: the conntrack table needs room for at least one flow");
     }
+    if args.max_fragments == 0 {
+        bail!("--max-fragments: the fragment tracking table needs room for at least one datagram");
+    }
     let timeouts = args.timeouts()?;
     caps::require()?;
     let handle = netif::connect()?;
@@ -525,6 +535,7 @@ async fn run(args: Args) -> Result<ExitCode> {
         int_mac: int.mac.unwrap_or_default(),
         ext_mac: ext.mac.unwrap_or_default(),
         max_flows: args.max_flows,
+        max_fragments: args.max_fragments,
         xdp: args.xdp_mode,
         int_addr,
         mss_clamp: args.mss_clamp,

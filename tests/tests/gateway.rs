@@ -442,6 +442,11 @@ fn bad_invocations_fail_with_one_clear_line_and_leave_the_host_as_it_was() {
             &["--ext", "ext", "--int", "int", "--max-flows", "0"],
             "at least one flow",
         ),
+        (
+            &[],
+            &["--ext", "ext", "--int", "int", "--max-fragments", "0"],
+            "at least one datagram",
+        ),
         (&[], &["--int", "int"], "--ext"),
         (
             &[
