@@ -6,6 +6,7 @@
 
 mod conntrack;
 mod fib;
+mod fwd;
 mod maps;
 mod nat;
 mod parse;

@@ -12,14 +12,14 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-const NETNS_DIR: &str = "/run/netns";
+pub(crate) const NETNS_DIR: &str = "/run/netns";
 
 static NEXT_LAB: AtomicU32 = AtomicU32::new(0);
 
 /// `ip netns add` makes /run/netns a shared mount the first time it runs;
 /// two threads doing that at once can stack bind mounts, so creations in
 /// this process take turns.
-static NETNS_ADD: Mutex<()> = Mutex::new(());
+pub(crate) static NETNS_ADD: Mutex<()> = Mutex::new(());
 
 /// Veth pairs: (host, interface, peer host, peer interface).
 const LINKS: [(Host, &str, Host, &str); 5] = [
@@ -404,7 +404,7 @@ impl Drop for LabChild {
     }
 }
 
-fn enter_netns(path: &Path) -> Result<()> {
+pub(crate) fn enter_netns(path: &Path) -> Result<()> {
     let ns = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     // SAFETY: plain syscall on a valid fd; affects only the calling thread.
     if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
@@ -415,7 +415,7 @@ fn enter_netns(path: &Path) -> Result<()> {
 }
 
 /// Runs `cmd` to completion; fails with its stderr unless it exits 0.
-fn run(cmd: &mut Command) -> Result<Output> {
+pub(crate) fn run(cmd: &mut Command) -> Result<Output> {
     let out = cmd
         .stdin(Stdio::null())
         .output()
@@ -488,7 +488,7 @@ fn kill_if_running_child(pid: u32) {
 
 /// SIGKILLs every process (other than this one) whose network namespace is
 /// one of `namespaces` (device, inode), like `ip netns pids`.
-fn kill_processes_in(namespaces: &[(u64, u64)]) {
+pub(crate) fn kill_processes_in(namespaces: &[(u64, u64)]) {
     if namespaces.is_empty() {
         return;
     }
@@ -519,7 +519,7 @@ fn kill_processes_in(namespaces: &[(u64, u64)]) {
 
 /// Deletes namespaces left by labs of processes that no longer exist
 /// (a crashed or killed test run never reached `Drop`). Best effort.
-fn remove_stale_namespaces() {
+pub(crate) fn remove_stale_namespaces() {
     let Ok(dir) = std::fs::read_dir(NETNS_DIR) else {
         return;
     };

@@ -33,6 +33,7 @@
 //! loader.kill().expect("stop loader");
 //! ```
 
+pub mod bench;
 mod gateway;
 mod lab;
 pub mod packet;
