@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs, idempotently, everything the build, the tests and the demo need on
 # a fresh Debian 12 machine: the Debian Rust toolchain that ships a prebuilt BPF
-# `core`, LLVM 22 for bpf-linker, bpf-linker itself, and the lab's tools.
+# `core`, LLVM 22 for bpf-linker, bpf-linker itself, and the lab's and the
+# benchmark's tools.
 # Each step is skipped when what it installs is already there.
 set -euo pipefail
 
@@ -15,6 +16,9 @@ fi
 APT_PACKAGES=(
     rustc-web cargo-web libstd-rust-web-dev-bpf llvm-22-dev
     iproute2 ethtool iputils-ping socat iperf3 tcpdump python3 kmod
+    # The benchmark (`cargo xtask bench`): trafgen, the two NAT baselines,
+    # bpftool for program run times, the chart.
+    netsniff-ng iptables nftables bpftool python3-matplotlib
 )
 
 missing=()

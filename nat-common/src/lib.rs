@@ -56,6 +56,7 @@ pub const PROG_XDP_FWD_ONLY: &str = "xdp_fwd_only";
 pub const PROG_BENCH_SINK: &str = "bench_sink";
 pub const MAP_BENCH_SINK: &str = "BENCH_SINK";
 pub const PROG_BENCH_REDIRECT: &str = "bench_redirect";
+pub const PROG_BENCH_PASS: &str = "bench_pass";
 pub const MAP_BENCH_REDIRECT: &str = "BENCH_REDIRECT";
 /// UDP destination port of the benchmark's blast, counted and dropped by
 /// [`PROG_BENCH_SINK`].

@@ -15,11 +15,11 @@ use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, MapData, PerCpuArray},
-    programs::{Xdp, XdpMode},
+    programs::{LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode, tc::TcAttachOptions},
 };
 use nat_common::{
-    MAP_BENCH_REDIRECT, MAP_BENCH_SINK, MAP_CT_FWD, MAP_CT_REV, PROG_BENCH_REDIRECT,
-    PROG_BENCH_SINK, PROG_XDP_FWD_ONLY,
+    MAP_BENCH_REDIRECT, MAP_BENCH_SINK, MAP_CT_FWD, MAP_CT_REV, PROG_BENCH_PASS,
+    PROG_BENCH_REDIRECT, PROG_BENCH_SINK, PROG_XDP_FWD_ONLY,
 };
 
 use crate::{
@@ -297,18 +297,34 @@ impl Topo {
         ]
     }
 
-    /// `bench_sink` on both endpoints in every variant, so the gateway's
-    /// neighbours look the same whatever the gateway runs (an XDP program
-    /// on a veth changes what its peer may send, e.g. no GSO).
+    /// `bench_sink` (TC ingress) on the sink, `bench_pass` (XDP) on both
+    /// endpoints, `bench_redirect` in the generator; the same in every
+    /// variant.
     fn attach_endpoints(&mut self) -> Result<()> {
         let mut ebpf = load_object()?;
-        let prog: &mut Xdp = program(&mut ebpf, PROG_BENCH_SINK)?;
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(PROG_BENCH_SINK)
+            .context("bench_sink missing from the eBPF object")?
+            .try_into()?;
         prog.load()
             .with_context(|| format!("verifying {PROG_BENCH_SINK}"))?;
+        let dev = &self.sink_if;
+        self.in_ns(Role::Sink, || {
+            prog.attach_with_options(
+                dev,
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .map(|_| ())
+        })?
+        .with_context(|| format!("attaching {PROG_BENCH_SINK} to {dev}"))?;
+        let prog: &mut Xdp = program(&mut ebpf, PROG_BENCH_PASS)?;
+        prog.load()
+            .with_context(|| format!("verifying {PROG_BENCH_PASS}"))?;
         for (r, dev) in [(Role::Gen, &self.gen_if), (Role::Sink, &self.sink_if)] {
-            let prog: &mut Xdp = program(&mut ebpf, PROG_BENCH_SINK)?;
+            let prog: &mut Xdp = program(&mut ebpf, PROG_BENCH_PASS)?;
             self.in_ns(r, || prog.attach(dev, XdpMode::Driver).map(|_| ()))?
-                .with_context(|| format!("attaching {PROG_BENCH_SINK} to {dev}"))?;
+                .with_context(|| format!("attaching {PROG_BENCH_PASS} to {dev}"))?;
         }
         let gen_index: u32 = self.sys(Role::Gen, &self.gen_if, "ifindex")?.parse()?;
         let mut target = Array::<&mut MapData, u32>::try_from(
