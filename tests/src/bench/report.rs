@@ -491,12 +491,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 r = json.load(open(sys.argv[1]))
 vs = r["variants"]
-labels = [v["label"].replace(", ", "\n").replace(" (", "\n(") for v in vs]
+import textwrap
+labels = [textwrap.fill(v["label"].replace(",", ""), 13) for v in vs]
 panels = [("pps", 1e-6, "64-byte UDP forwarded (Mpps)"),
+          ("cpu_ns_per_pkt", 1, "gateway CPU per packet (ns = ms per M packets)"),
           ("tcp_gbps", 1, "TCP throughput (Gbit/s)"),
           ("conn_per_s", 1, "new TCP connections / s"),
+          ("rtt_p50_us", 1, "RTT p50 under light load (µs)"),
           ("rtt_p99_us", 1, "RTT p99 under light load (µs)")]
-fig, axes = plt.subplots(2, 2, figsize=(13, 8))
+fig, axes = plt.subplots(2, 3, figsize=(17, 8))
 colors = ["#888888", "#d62728", "#ff7f0e", "#2ca02c", "#1f77b4"]
 for ax, (key, scale, title) in zip(axes.flat, panels):
     med = [v[key]["median"] * scale for v in vs]

@@ -250,6 +250,7 @@ fn measure(
             res.hot_ns[slot].push(median(runs));
             // One run each over flows spread across the whole table.
             let mut single = Vec::new();
+            let mut skipped = 0;
             let n = total - HOT_FLOWS as u32;
             let step = (n / spread_samples.max(1)).max(1);
             let mut i = 7 % n.max(1);
@@ -257,11 +258,17 @@ fn measure(
                 let (src, dport) = synthetic_tuple(i);
                 let data = frame(t, src, 40000, dport);
                 let (verdict, ns) = run_once(&mut ebpf, &data)?;
-                if verdict != XDP_REDIRECT {
-                    bail!("a synthetic flow's packet was not translated (verdict {verdict})");
+                // One complete checksum in 65536 looks like a partial one
+                // and is handed to TC (XDP_PASS): not a lookup to time.
+                if verdict == XDP_REDIRECT {
+                    single.push(ns);
+                } else {
+                    skipped += 1;
                 }
-                single.push(ns);
                 i = (i + step) % n;
+            }
+            if skipped > spread_samples / 100 + 1 {
+                bail!("{skipped} of {spread_samples} tracked flows' packets were not translated");
             }
             res.spread_ns[slot].push(median(single));
         }
