@@ -206,9 +206,31 @@ fn progress(msg: &str) {
     eprintln!("nat-bench: {msg}");
 }
 
+/// Fails with one clear line if a tool the benchmark runs is missing.
+fn check_tools() -> Result<()> {
+    let missing: Vec<&str> = ["trafgen", "iptables", "nft", "iperf3", "bpftool", "taskset"]
+        .into_iter()
+        .filter(|tool| {
+            !std::process::Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .stdout(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+        .collect();
+    if !missing.is_empty() {
+        anyhow::bail!(
+            "missing {}: run `cargo xtask bootstrap` (or `cargo xtask bench`, which runs it)",
+            missing.join(", ")
+        );
+    }
+    Ok(())
+}
+
 /// Runs the benchmark and writes results.md, results.json and chart.png
 /// into `out`.
 pub fn run(plan: &Plan, out: &Path) -> Result<Report> {
+    check_tools()?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let work = TempDir(std::env::temp_dir().join(format!("nat-bench-{}", std::process::id())));
     std::fs::create_dir_all(&work.0)?;
