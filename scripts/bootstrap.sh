@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs, idempotently, everything the build, the tests and the demo need on
 # a fresh Debian 12 machine: the Debian Rust toolchain that ships a prebuilt BPF
-# `core`, LLVM 22 for bpf-linker, bpf-linker itself, and the lab's tools.
+# `core`, LLVM 22 for bpf-linker, bpf-linker itself, and the lab's and the
+# benchmark's tools.
 # Each step is skipped when what it installs is already there.
 set -euo pipefail
 
@@ -19,6 +20,9 @@ APT_PACKAGES=(
     traceroute
     # HA tests: the failover lab's load balancer, detaching programs.
     nftables bpftool
+    # The benchmark (`cargo xtask bench`): trafgen, the iptables baseline,
+    # the chart.
+    netsniff-ng iptables python3-matplotlib
 )
 
 missing=()

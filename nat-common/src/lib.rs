@@ -131,3 +131,16 @@ pub const GLOBAL_CONFIG: &str = "CONFIG";
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+
+/// Benchmark-only programs and maps (`cargo xtask bench`): the forward-only
+/// XDP program (the ceiling of the topology), the sink's counter and the
+/// generator's redirect. The loader never loads or attaches them.
+pub const PROG_XDP_FWD_ONLY: &str = "xdp_fwd_only";
+pub const PROG_BENCH_SINK: &str = "bench_sink";
+pub const MAP_BENCH_SINK: &str = "BENCH_SINK";
+pub const PROG_BENCH_REDIRECT: &str = "bench_redirect";
+pub const PROG_BENCH_PASS: &str = "bench_pass";
+pub const MAP_BENCH_REDIRECT: &str = "BENCH_REDIRECT";
+/// UDP destination port of the benchmark's blast, counted and dropped by
+/// [`PROG_BENCH_SINK`].
+pub const BENCH_SINK_PORT: u16 = 9;

@@ -7,6 +7,7 @@
 mod conntrack;
 mod fib;
 mod frag;
+mod fwd;
 mod hairpin;
 mod icmp_err;
 mod maps;

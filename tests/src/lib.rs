@@ -39,6 +39,7 @@
 //! loader.kill().expect("stop loader");
 //! ```
 
+pub mod bench;
 mod bpffs;
 pub mod failover;
 pub mod flood;

@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask build-ebpf | build | test | demo`.
+//! Project tasks: `cargo xtask build-ebpf | build | test | demo | bench`.
 //!
 //! Every task first runs scripts/bootstrap.sh, which installs (idempotently)
 //! the toolchain the eBPF build needs, so each command works on a fresh
@@ -34,6 +34,14 @@ enum Task {
     /// Build everything and show the gateway translating real traffic in a
     /// network-namespace lab. Needs root.
     Demo,
+    /// Build everything and benchmark the gateway against kernel forwarding,
+    /// iptables, nftables and a forward-only XDP program; writes
+    /// target/bench/{results.md,results.json,chart.png}. Needs root.
+    Bench {
+        /// A short run (about two minutes) that exercises every measurement.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -57,6 +65,12 @@ fn main() -> Result<()> {
             bootstrap(&root)?;
             build(&root)?;
             demo(&root)
+        }
+        Task::Bench { quick } => {
+            require_root("bench")?;
+            bootstrap(&root)?;
+            build(&root)?;
+            bench(&root, quick)
         }
     }
 }
@@ -199,4 +213,21 @@ fn demo(root: &Path) -> Result<()> {
         "--bin",
         "nat-demo",
     ]))
+}
+
+fn bench(root: &Path, quick: bool) -> Result<()> {
+    let mut cmd = cargo();
+    cmd.current_dir(root).args([
+        "run",
+        "--release",
+        "--package",
+        "nat-tests",
+        "--bin",
+        "nat-bench",
+        "--",
+    ]);
+    if quick {
+        cmd.arg("--quick");
+    }
+    run(&mut cmd)
 }

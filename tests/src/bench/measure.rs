@@ -1,0 +1,492 @@
+//! The measurements of one topology: 64-byte UDP forwarding rate with the
+//! gateway's CPU time, TCP throughput, new connections per second and
+//! round-trip latency under light load.
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    path::Path,
+    process::{Child, Stdio},
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+use super::topo::{GEN_EXTRA_COUNT, GEN_EXTRA_FIRST, Role, SINK_IP, Topo, pin, task_cpu_ns};
+use nat_common::BENCH_SINK_PORT;
+
+/// Where the work runs: the gateway's NAPI threads on one CPU, everything
+/// else (generator, sink, their NAPI threads) on the other.
+#[derive(Clone, Copy, Debug)]
+pub struct Cpus {
+    pub gw: usize,
+    pub other: usize,
+}
+
+impl Cpus {
+    pub fn detect() -> Cpus {
+        let n = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        if n >= 2 {
+            Cpus { gw: 1, other: 0 }
+        } else {
+            Cpus { gw: 0, other: 0 }
+        }
+    }
+}
+
+/// One window of the UDP blast.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PpsSample {
+    /// Packets per second that reached the sink.
+    pub pps: f64,
+    /// Packets per second the generator handed to the gateway.
+    pub offered_pps: f64,
+    /// CPU time of the gateway's NAPI threads per forwarded packet.
+    pub cpu_ns_per_pkt: f64,
+    /// Cross-check: system+irq+softirq time of the gateway's CPU per
+    /// forwarded packet (includes anything else that ran there).
+    pub cpu_stat_ns_per_pkt: f64,
+    /// Fraction of the window the gateway's NAPI threads were on a CPU:
+    /// well below 1 means the generator, not the gateway, set the rate.
+    pub gw_busy: f64,
+}
+
+/// The trafgen configuration: 60-byte frames (64 on the wire with the FCS),
+/// addressed to the gateway as if sent by `gen_if` (bench_redirect puts them
+/// there untouched),
+/// UDP to the sink's counted port, from 16 source addresses and 1785 source
+/// ports. The three counters have coprime periods (16, 7, 255), so the blast
+/// cycles through 28 560 distinct flows. trafgen recomputes both checksums
+/// per packet: complete checksums, like a real NIC delivers them.
+pub fn trafgen_config(t: &Topo) -> String {
+    let mac = |m: [u8; 6]| {
+        m.iter()
+            .map(|b| format!("0x{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let s = SINK_IP.octets();
+    format!(
+        "{{\n  {dst}, {src}, c16(0x0800),\n  \
+         0x45, 0x00, c16(46), c16(0), c16(0x4000), 64, 17, csumip(14, 33),\n  \
+         10, 1, 0, dinc({first}, {last}),\n  \
+         {s0}, {s1}, {s2}, {s3},\n  \
+         dinc(0x10, 0x16), dinc(0x00, 0xfe), c16({port}), c16(26), csumudp(14, 34),\n  \
+         fill(0x00, 18),\n}}\n",
+        dst = mac(t.gw_int_mac),
+        src = mac(t.gen_mac),
+        first = GEN_EXTRA_FIRST,
+        last = GEN_EXTRA_FIRST + GEN_EXTRA_COUNT - 1,
+        s0 = s[0],
+        s1 = s[1],
+        s2 = s[2],
+        s3 = s[3],
+        port = BENCH_SINK_PORT,
+    )
+}
+
+/// A process started in its own process group ([`spawn_group`]); the whole
+/// group is SIGINTed, then killed, when dropped. trafgen forks its workers,
+/// which a signal to the parent alone would leave running.
+struct Running(Child);
+
+fn spawn_group(cmd: &mut std::process::Command) -> std::io::Result<Running> {
+    use std::os::unix::process::CommandExt;
+    cmd.process_group(0).spawn().map(Running)
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        // The group id is the leader's pid; the leader is our unreaped
+        // child, so neither can have been reused.
+        let group = -(self.0.id() as libc::pid_t);
+        if let Ok(None) = self.0.try_wait() {
+            unsafe { libc::kill(group, libc::SIGINT) };
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.0.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        // Workers that outlived their parent, and a parent that ignored
+        // SIGINT.
+        unsafe { libc::kill(group, libc::SIGKILL) };
+        let _ = self.0.wait();
+    }
+}
+
+/// Blasts 64-byte UDP from the generator (trafgen on `cpus.other`) and
+/// measures a `secs` window after `warmup`.
+pub fn pps(t: &Topo, cfg: &Path, cpus: Cpus, warmup: f64, secs: f64) -> Result<PpsSample> {
+    let gw_threads = t.pin_napi(cpus.gw, cpus.other)?;
+    let cpu = cpus.other.to_string();
+    let mut cmd = t.command(
+        Role::Gen,
+        &[
+            "taskset",
+            "-c",
+            &cpu,
+            "trafgen",
+            "--dev",
+            &t.gen_raw,
+            "--conf",
+            &cfg.to_string_lossy(),
+            "--cpus",
+            "1",
+            // Leave the host's socket memory sysctls and IRQ affinities alone.
+            "--no-sock-mem",
+            "--notouch-irq",
+            "--no-cpu-stats",
+            // A rate (far above what one CPU can send) selects trafgen's
+            // blocking send path. Its ring path sends with MSG_DONTWAIT and
+            // dies on EAGAIN, which a veth produces: frames waiting in the
+            // gateway's ring stay charged to trafgen's socket buffer, and
+            // that default buffer (net.core.wmem_default, a host-wide
+            // sysctl this benchmark leaves alone) holds fewer than a
+            // ring's worth.
+            "--rate",
+            "100000000pps",
+        ],
+    );
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut generator = spawn_group(&mut cmd).context("starting trafgen")?;
+    super::nap(warmup)?;
+    if let Some(status) = generator.0.try_wait()? {
+        let mut err = String::new();
+        if let Some(mut e) = generator.0.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        bail!("trafgen exited ({status}): {err}");
+    }
+    let snap = || -> Result<(Instant, u64, u64, u64, u64)> {
+        Ok((
+            Instant::now(),
+            t.sink_count()?,
+            t.offered_count()?,
+            gw_threads.iter().map(|&p| task_cpu_ns(p)).sum(),
+            super::topo::cpu_kernel_ns(cpus.gw),
+        ))
+    };
+    let a = snap()?;
+    super::nap(secs)?;
+    let b = snap()?;
+    drop(generator);
+    let dt = (b.0 - a.0).as_secs_f64();
+    let pkts = b.1.saturating_sub(a.1);
+    if pkts == 0 {
+        bail!("{}: no packet reached the sink", t.variant.key());
+    }
+    Ok(PpsSample {
+        pps: pkts as f64 / dt,
+        offered_pps: b.2.saturating_sub(a.2) as f64 / dt,
+        cpu_ns_per_pkt: b.3.saturating_sub(a.3) as f64 / pkts as f64,
+        cpu_stat_ns_per_pkt: b.4.saturating_sub(a.4) as f64 / pkts as f64,
+        gw_busy: b.3.saturating_sub(a.3) as f64 / (dt * 1e9),
+    })
+}
+
+/// iperf3 server in the sink, started once per topology.
+pub struct IperfServer(#[allow(dead_code)] Running);
+
+pub const IPERF_PORT: u16 = 5201;
+
+pub fn iperf_server(t: &Topo, cpus: Cpus) -> Result<IperfServer> {
+    let cpu = cpus.other.to_string();
+    let port = IPERF_PORT.to_string();
+    let mut cmd = t.command(
+        Role::Sink,
+        &["taskset", "-c", &cpu, "iperf3", "-s", "-p", &port],
+    );
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let server = spawn_group(&mut cmd).context("starting iperf3 -s")?;
+    // Ready when the port accepts.
+    let dst = SocketAddrV4::new(SINK_IP, IPERF_PORT);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let up = t.in_ns(Role::Sink, || {
+            TcpStream::connect_timeout(&dst.into(), Duration::from_millis(200)).is_ok()
+        })?;
+        if up {
+            return Ok(IperfServer(server));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("iperf3 server in {} did not start", t.ns(Role::Sink))
+}
+
+/// One iperf3 run of `secs` from the generator: Gbit/s received.
+pub fn tcp_gbps(t: &Topo, cpus: Cpus, secs: u32) -> Result<f64> {
+    t.pin_napi(cpus.gw, cpus.other)?;
+    let cpu = cpus.other.to_string();
+    let secs_s = secs.to_string();
+    let port = IPERF_PORT.to_string();
+    let out = t.exec(
+        Role::Gen,
+        &[
+            "taskset",
+            "-c",
+            &cpu,
+            "iperf3",
+            "-c",
+            &SINK_IP.to_string(),
+            "-p",
+            &port,
+            "-t",
+            &secs_s,
+            "-J",
+        ],
+    )?;
+    let v: serde_json::Value = serde_json::from_str(&out).context("iperf3 -J output")?;
+    let bps = v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .with_context(|| format!("no throughput in iperf3 output: {out}"))?;
+    Ok(bps / 1e9)
+}
+
+/// Short TCP connections (connect, 1-byte request, 1-byte response,
+/// close) from `workers` threads for `secs`: completed connections per
+/// second. Clients close with RST (SO_LINGER 0), so neither end piles up
+/// TIME_WAIT sockets; each connection still costs every NAT a new flow.
+pub fn conn_rate(t: &Topo, cpus: Cpus, workers: usize, secs: f64) -> Result<f64> {
+    const PORTS: u16 = 8;
+    const BASE: u16 = 8000;
+    t.pin_napi(cpus.gw, cpus.other)?;
+    let listeners: Vec<TcpListener> = (0..PORTS)
+        .map(|i| {
+            t.in_ns(Role::Sink, || -> Result<TcpListener> {
+                let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+                s.set_reuse_address(true)?;
+                s.bind(&SockAddr::from(SocketAddrV4::new(SINK_IP, BASE + i)))?;
+                s.listen(1024)?;
+                // accept() honours the receive timeout: lets the acceptor
+                // notice the end of the run.
+                s.set_read_timeout(Some(Duration::from_millis(100)))?;
+                Ok(s.into())
+            })?
+        })
+        .collect::<Result<_>>()?;
+    let stop = AtomicBool::new(false);
+    let done = AtomicU64::new(0);
+    let failed = AtomicU64::new(0);
+    let first_error = std::sync::Mutex::new(None::<String>);
+    let gen_path = t.ns_path(Role::Gen);
+    let other = cpus.other;
+    let elapsed = std::thread::scope(|s| -> Result<f64> {
+        for l in &listeners {
+            let stop = &stop;
+            s.spawn(move || {
+                let _ = pin(0, other);
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((mut c, _)) = l.accept() {
+                        let _ = c.set_read_timeout(Some(Duration::from_secs(1)));
+                        let mut b = [0u8; 1];
+                        if c.read_exact(&mut b).is_ok() {
+                            let _ = c.write_all(&b);
+                        }
+                    }
+                }
+            });
+        }
+        let start = Instant::now();
+        let deadline = start + Duration::from_secs_f64(secs);
+        let clients: Vec<_> = (0..workers)
+            .map(|w| {
+                let (done, failed, gen_path, first_error) =
+                    (&done, &failed, &gen_path, &first_error);
+                s.spawn(move || -> Result<()> {
+                    crate::lab::enter_netns(gen_path)?;
+                    pin(0, other)?;
+                    let mut n = w as u16;
+                    while Instant::now() < deadline && super::check_interrupted().is_ok() {
+                        n = n.wrapping_add(1);
+                        let dst = SocketAddrV4::new(SINK_IP, BASE + n % PORTS);
+                        match one_connection(dst) {
+                            Ok(()) => {
+                                done.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(e) => {
+                                failed.fetch_add(1, Ordering::Relaxed);
+                                if let Ok(mut f) = first_error.lock() {
+                                    f.get_or_insert_with(|| format!("{e:#}"));
+                                }
+                            }
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        let mut result = Ok(());
+        for c in clients {
+            match c.join() {
+                Ok(r) => result = result.and(r),
+                Err(p) => std::panic::resume_unwind(p),
+            }
+        }
+        let elapsed = start.elapsed().as_secs_f64();
+        stop.store(true, Ordering::Relaxed);
+        result.map(|()| elapsed)
+    })?;
+    let done = done.load(Ordering::Relaxed);
+    let failed = failed.load(Ordering::Relaxed);
+    let first_error = first_error.into_inner().ok().flatten().unwrap_or_default();
+    if done == 0 {
+        bail!(
+            "{}: no TCP connection completed ({failed} failed, first: {first_error})",
+            t.variant.key()
+        );
+    }
+    if failed * 100 > done {
+        bail!(
+            "{}: {failed} of {} connections failed (first: {first_error})",
+            t.variant.key(),
+            done + failed
+        );
+    }
+    Ok(done as f64 / elapsed)
+}
+
+fn one_connection(dst: SocketAddrV4) -> Result<()> {
+    let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    s.set_linger(Some(Duration::ZERO))?;
+    s.connect_timeout(&SockAddr::from(dst), Duration::from_secs(1))
+        .with_context(|| format!("connecting to {dst}"))?;
+    let mut c: TcpStream = s.into();
+    c.set_read_timeout(Some(Duration::from_secs(1)))?;
+    c.write_all(&[1]).context("sending the request")?;
+    let mut b = [0u8; 1];
+    c.read_exact(&mut b).context("reading the response")?;
+    Ok(())
+}
+
+/// `n` UDP request/response round trips, one at a time: (p50, p99) in µs.
+pub fn latency(t: &Topo, cpus: Cpus, n: usize) -> Result<(f64, f64)> {
+    const PORT: u16 = 7007;
+    t.pin_napi(cpus.gw, cpus.other)?;
+    let server = t.in_ns(Role::Sink, || -> Result<UdpSocket> {
+        let s = UdpSocket::bind(SocketAddrV4::new(SINK_IP, PORT))?;
+        s.set_read_timeout(Some(Duration::from_millis(100)))?;
+        Ok(s)
+    })??;
+    let client = t.in_ns(Role::Gen, || -> Result<UdpSocket> {
+        let s = UdpSocket::bind("0.0.0.0:0")?;
+        s.set_read_timeout(Some(Duration::from_secs(1)))?;
+        s.connect(SocketAddrV4::new(SINK_IP, PORT))?;
+        Ok(s)
+    })??;
+    let stop = AtomicBool::new(false);
+    let other = cpus.other;
+    let rtts = std::thread::scope(|s| -> Result<Vec<f64>> {
+        let stop_ref = &stop;
+        let server = &server;
+        s.spawn(move || {
+            let _ = pin(0, other);
+            let mut buf = [0u8; 64];
+            while !stop_ref.load(Ordering::Relaxed) {
+                if let Ok((len, from)) = server.recv_from(&mut buf) {
+                    let _ = server.send_to(&buf[..len], from);
+                }
+            }
+        });
+        let r = (|| -> Result<Vec<f64>> {
+            pin(0, other)?;
+            let mut rtts = Vec::with_capacity(n);
+            let mut buf = [0u8; 64];
+            let mut lost = 0;
+            for i in 0..(n as u64) {
+                let msg = i.to_be_bytes();
+                let start = Instant::now();
+                client.send(&msg)?;
+                loop {
+                    match client.recv(&mut buf) {
+                        Ok(len) if buf[..len] == msg => {
+                            rtts.push(start.elapsed().as_secs_f64() * 1e6);
+                            break;
+                        }
+                        // A late answer to an earlier, timed-out request.
+                        Ok(_) => continue,
+                        Err(_) => {
+                            lost += 1;
+                            break;
+                        }
+                    }
+                }
+                if lost > n / 100 + 1 {
+                    bail!("{}: {lost} round trips lost", t.variant.key());
+                }
+            }
+            Ok(rtts)
+        })();
+        stop.store(true, Ordering::Relaxed);
+        r
+    })?;
+    let mut rtts = rtts;
+    rtts.sort_by(|a, b| a.total_cmp(b));
+    Ok((percentile(&rtts, 0.50), percentile(&rtts, 0.99)))
+}
+
+/// The `q` quantile of sorted `v` (nearest rank).
+pub fn percentile(v: &[f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    let i = ((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1;
+    v[i]
+}
+
+/// Restores `kernel.bpf_stats_enabled` when dropped: run-time statistics
+/// cost every program run two clock reads, so they are on only while
+/// [`prog_ns_per_run`] measures.
+pub struct BpfStats {
+    old: String,
+}
+
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+impl BpfStats {
+    pub fn enable() -> Result<BpfStats> {
+        let old = std::fs::read_to_string(BPF_STATS)
+            .context("reading kernel.bpf_stats_enabled")?
+            .trim()
+            .to_string();
+        std::fs::write(BPF_STATS, "1").context("enabling kernel.bpf_stats_enabled")?;
+        Ok(BpfStats { old })
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::write(BPF_STATS, &self.old) {
+            eprintln!("nat-bench: could not restore kernel.bpf_stats_enabled: {e}");
+        }
+    }
+}
+
+/// (run count, run time ns) of program `id` (needs bpf_stats_enabled).
+pub fn prog_run_stats(id: u32) -> Result<(u64, u64)> {
+    let out = std::process::Command::new("bpftool")
+        .args(["prog", "show", "id", &id.to_string(), "-j"])
+        .output()
+        .context("running bpftool")?;
+    if !out.status.success() {
+        bail!(
+            "bpftool prog show id {id}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    Ok((
+        v["run_cnt"].as_u64().unwrap_or(0),
+        v["run_time_ns"].as_u64().unwrap_or(0),
+    ))
+}

@@ -1,0 +1,542 @@
+//! Medians, spreads, goals, and the three outputs: results.md (ratios to
+//! iptables), results.json, chart.png.
+
+use std::{fmt::Write as _, path::Path, process::Command};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+use super::{
+    Plan, Variant,
+    measure::{Cpus, PpsSample},
+    scale::ScaleResult,
+    topo::Topo,
+};
+
+/// A spread (max − min) / median above this marks a point as unreliable.
+pub const WIDE_SPREAD: f64 = 0.20;
+
+/// Median and range of the repeats of one point.
+#[derive(Clone, Debug, Default)]
+pub struct Stat {
+    pub samples: Vec<f64>,
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Stat {
+    pub fn of(samples: &[f64]) -> Stat {
+        let mut s = samples.to_vec();
+        s.sort_by(|a, b| a.total_cmp(b));
+        let median = match s.len() {
+            0 => 0.0,
+            n if n % 2 == 1 => s[n / 2],
+            n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
+        };
+        Stat {
+            median,
+            min: s.first().copied().unwrap_or(0.0),
+            max: s.last().copied().unwrap_or(0.0),
+            samples: samples.to_vec(),
+        }
+    }
+
+    /// (max − min) / median.
+    pub fn spread(&self) -> f64 {
+        if self.median == 0.0 {
+            0.0
+        } else {
+            (self.max - self.min) / self.median
+        }
+    }
+
+    pub fn wide(&self) -> bool {
+        self.spread() > WIDE_SPREAD
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "median": self.median,
+            "min": self.min,
+            "max": self.max,
+            "spread": self.spread(),
+            "spread_too_wide": self.wide(),
+            "samples": self.samples,
+        })
+    }
+
+    /// `median (min–max)` with `digits` decimals, scaled by `scale`, and a
+    /// warning sign when the spread is too wide.
+    fn cell(&self, scale: f64, digits: usize) -> String {
+        format!(
+            "{:.d$} ({:.d$}–{:.d$}){}",
+            self.median * scale,
+            self.min * scale,
+            self.max * scale,
+            if self.wide() { " ⚠" } else { "" },
+            d = digits
+        )
+    }
+}
+
+/// Everything measured for one variant.
+#[derive(Clone, Debug)]
+pub struct VariantData {
+    pub variant: Variant,
+    pub pps: Vec<PpsSample>,
+    pub tcp_gbps: Vec<f64>,
+    pub conn_s: Vec<f64>,
+    pub p50_us: Vec<f64>,
+    pub p99_us: Vec<f64>,
+    /// Mean run time of the XDP program on the gateway's inside interface
+    /// (bpf_stats window), ns per packet.
+    pub xdp_prog_ns: Option<f64>,
+    /// Gateway CPU ns per packet in that same window.
+    pub xdp_prog_window_cpu_ns: Option<f64>,
+}
+
+impl VariantData {
+    pub fn pps(&self) -> Stat {
+        Stat::of(&self.pps.iter().map(|s| s.pps).collect::<Vec<_>>())
+    }
+    pub fn offered(&self) -> Stat {
+        Stat::of(&self.pps.iter().map(|s| s.offered_pps).collect::<Vec<_>>())
+    }
+    pub fn cpu(&self) -> Stat {
+        Stat::of(
+            &self
+                .pps
+                .iter()
+                .map(|s| s.cpu_ns_per_pkt)
+                .collect::<Vec<_>>(),
+        )
+    }
+    pub fn busy(&self) -> Stat {
+        Stat::of(&self.pps.iter().map(|s| s.gw_busy).collect::<Vec<_>>())
+    }
+    pub fn cpu_stat(&self) -> Stat {
+        Stat::of(
+            &self
+                .pps
+                .iter()
+                .map(|s| s.cpu_stat_ns_per_pkt)
+                .collect::<Vec<_>>(),
+        )
+    }
+    pub fn tcp(&self) -> Stat {
+        Stat::of(&self.tcp_gbps)
+    }
+    pub fn conn(&self) -> Stat {
+        Stat::of(&self.conn_s)
+    }
+    pub fn p50(&self) -> Stat {
+        Stat::of(&self.p50_us)
+    }
+    pub fn p99(&self) -> Stat {
+        Stat::of(&self.p99_us)
+    }
+}
+
+/// A goal of issue 6, judged.
+#[derive(Clone, Debug)]
+pub struct Goal {
+    pub name: &'static str,
+    pub target: String,
+    pub value: String,
+    pub met: bool,
+}
+
+pub struct Report {
+    pub plan: Plan,
+    pub cpus: Cpus,
+    pub machine: Machine,
+    pub interfaces: Vec<(Variant, String, String)>,
+    pub variants: Vec<VariantData>,
+    pub scale: Option<ScaleResult>,
+    pub duration_secs: f64,
+}
+
+#[derive(Clone, Debug)]
+pub struct Machine {
+    pub cpu_model: String,
+    pub nproc: usize,
+    pub kernel: String,
+    pub iptables: String,
+    pub nft: String,
+    pub date: String,
+}
+
+fn cmd_line(argv: &[&str]) -> String {
+    Command::new(argv[0])
+        .args(&argv[1..])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+impl Machine {
+    fn detect() -> Machine {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        Machine {
+            cpu_model: cpuinfo
+                .lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).trim().to_string())
+                .unwrap_or_else(|| "unknown".into()),
+            nproc: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            kernel: cmd_line(&["uname", "-r"]),
+            iptables: cmd_line(&["iptables", "--version"]),
+            nft: cmd_line(&["nft", "--version"]),
+            date: cmd_line(&["date", "-u", "+%Y-%m-%d %H:%M UTC"]),
+        }
+    }
+}
+
+impl Report {
+    pub fn new(plan: &Plan, cpus: Cpus, topos: &[Topo]) -> Report {
+        Report {
+            plan: plan.clone(),
+            cpus,
+            machine: Machine::detect(),
+            interfaces: topos
+                .iter()
+                .map(|t| (t.variant, t.gw_int.clone(), t.gw_ext.clone()))
+                .collect(),
+            variants: topos
+                .iter()
+                .map(|t| VariantData {
+                    variant: t.variant,
+                    pps: Vec::new(),
+                    tcp_gbps: Vec::new(),
+                    conn_s: Vec::new(),
+                    p50_us: Vec::new(),
+                    p99_us: Vec::new(),
+                    xdp_prog_ns: None,
+                    xdp_prog_window_cpu_ns: None,
+                })
+                .collect(),
+            scale: None,
+            duration_secs: 0.0,
+        }
+    }
+
+    pub fn variant(&self, v: Variant) -> Option<&VariantData> {
+        self.variants.iter().find(|d| d.variant == v)
+    }
+
+    pub fn goals(&self) -> Vec<Goal> {
+        let mut goals = Vec::new();
+        let (Some(gw), Some(ipt), Some(xdp)) = (
+            self.variant(Variant::Gateway),
+            self.variant(Variant::Iptables),
+            self.variant(Variant::XdpFwd),
+        ) else {
+            return goals;
+        };
+        let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
+        let r = ratio(gw.pps().median, ipt.pps().median);
+        goals.push(Goal {
+            name: "64-byte pps vs iptables MASQUERADE",
+            target: "≥ 3×".into(),
+            value: format!("{r:.2}×"),
+            met: r >= 3.0,
+        });
+        let r = ratio(gw.pps().median, xdp.pps().median);
+        goals.push(Goal {
+            name: "64-byte pps vs forward-only XDP",
+            target: "≥ 80 %".into(),
+            value: format!("{:.0} %", r * 100.0),
+            met: r >= 0.8,
+        });
+        let r = ratio(gw.conn().median, ipt.conn().median);
+        goals.push(Goal {
+            name: "new connections/s vs iptables MASQUERADE",
+            target: "≥ 2×".into(),
+            value: format!("{r:.2}×"),
+            met: r >= 2.0,
+        });
+        if let Some(s) = &self.scale {
+            let b = s.bytes_per_flow();
+            goals.push(Goal {
+                name: "map memory per tracked flow",
+                target: "≤ 256 B".into(),
+                value: format!("{b:.0} B (at {} flows)", s.large),
+                met: b <= 256.0,
+            });
+            let small = Stat::of(&s.spread_ns[0]).median;
+            let large = Stat::of(&s.spread_ns[1]).median;
+            let d = ratio(large, small) - 1.0;
+            goals.push(Goal {
+                name: "lookup cost, large vs 1 k flows (many flows, one run each)",
+                target: "within 10 %".into(),
+                value: format!(
+                    "{:+.1} % ({small:.0} → {large:.0} ns at {} flows)",
+                    d * 100.0,
+                    s.large
+                ),
+                met: d.abs() <= 0.10,
+            });
+        }
+        goals
+    }
+
+    pub fn markdown(&self) -> String {
+        let mut md = String::new();
+        let m = &self.machine;
+        let ipt = self.variant(Variant::Iptables);
+        let x = |v: f64, base: Option<f64>| match base {
+            Some(b) if b > 0.0 => format!("{:.2}×", v / b),
+            _ => "–".into(),
+        };
+        let _ = writeln!(
+            md,
+            "Benchmark{} — {} — {} CPU(s), {}, Linux {}; `cargo xtask bench{}`\n",
+            if self.plan.quick { " (quick mode)" } else { "" },
+            m.date,
+            m.nproc,
+            m.cpu_model,
+            m.kernel,
+            if self.plan.quick { " --quick" } else { "" },
+        );
+        let _ = writeln!(
+            md,
+            "| variant | 64 B UDP Mpps | × iptables | offered Mpps | gateway CPU ns/pkt (= ms per M pkts) | gateway CPU busy % | TCP Gbit/s | × iptables | new conn/s | × iptables | RTT p50 µs | RTT p99 µs |"
+        );
+        let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|");
+        for d in &self.variants {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                d.variant.label(),
+                d.pps().cell(1e-6, 3),
+                x(d.pps().median, ipt.map(|i| i.pps().median)),
+                d.offered().cell(1e-6, 3),
+                d.cpu().cell(1.0, 0),
+                d.busy().cell(100.0, 0),
+                d.tcp().cell(1.0, 2),
+                x(d.tcp().median, ipt.map(|i| i.tcp().median)),
+                d.conn().cell(1.0, 0),
+                x(d.conn().median, ipt.map(|i| i.conn().median)),
+                d.p50().cell(1.0, 0),
+                d.p99().cell(1.0, 0),
+            );
+        }
+        let _ = writeln!(
+            md,
+            "\nMedian (min–max) of {} repeats; ⚠ marks a spread (max − min) / median above {:.0} %: that point is not reliable.\n",
+            self.plan.repeats,
+            WIDE_SPREAD * 100.0
+        );
+        let wide: Vec<String> = self
+            .variants
+            .iter()
+            .flat_map(|d| {
+                [
+                    ("pps", d.pps()),
+                    ("TCP", d.tcp()),
+                    ("conn/s", d.conn()),
+                    ("p50", d.p50()),
+                    ("p99", d.p99()),
+                ]
+                .into_iter()
+                .filter(|(_, s)| s.wide())
+                .map(move |(n, s)| format!("{} {n} ({:.0} %)", d.variant.key(), s.spread() * 100.0))
+            })
+            .collect();
+        if !wide.is_empty() {
+            let _ = writeln!(
+                md,
+                "**Spread too wide:** {} — re-run on a quiet machine.\n",
+                wide.join(", ")
+            );
+        }
+        if let Some(s) = &self.scale {
+            let hot = [Stat::of(&s.hot_ns[0]), Stat::of(&s.hot_ns[1])];
+            let spread = [Stat::of(&s.spread_ns[0]), Stat::of(&s.spread_ns[1])];
+            let _ = writeln!(
+                md,
+                "Conntrack scale (the real programs, `max_flows` = {}): sessions (CT_FWD) {} + bindings and filter (NAT_BIND, NAT_BIND_REV, CT_ADF) {} bytes of map memory (kernel memlock) = **{:.0} bytes per flow**.\n",
+                s.max_flows,
+                s.fwd_memlock,
+                s.rev_memlock,
+                s.bytes_per_flow()
+            );
+            let _ = writeln!(
+                md,
+                "| nat_xdp_int on a tracked flow (BPF_PROG_TEST_RUN, one run per call), ns/packet | {} flows | {} flows | change |",
+                s.small, s.large
+            );
+            let _ = writeln!(md, "|---|---|---|---|");
+            for (name, st) in [
+                (
+                    "many flows across the table, one run each (cold-ish)",
+                    &spread,
+                ),
+                ("32 flows again and again (hot cache)", &hot),
+            ] {
+                let _ = writeln!(
+                    md,
+                    "| {name} | {} | {} | {:+.1} % |",
+                    st[0].cell(1.0, 0),
+                    st[1].cell(1.0, 0),
+                    (st[1].median / st[0].median.max(1e-9) - 1.0) * 100.0
+                );
+            }
+            md.push('\n');
+        }
+        let _ = writeln!(md, "| goal | target | measured | |");
+        let _ = writeln!(md, "|---|---|---|---|");
+        for g in self.goals() {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} |",
+                g.name,
+                g.target,
+                g.value,
+                if g.met { "met" } else { "**missed**" }
+            );
+        }
+        md.push('\n');
+        for d in &self.variants {
+            if let (Some(p), Some(c)) = (d.xdp_prog_ns, d.xdp_prog_window_cpu_ns) {
+                let _ = writeln!(
+                    md,
+                    "- {}: the XDP program itself runs {p:.0} ns per packet of the {c:.0} ns of gateway CPU per forwarded packet (bpf_stats window); the rest is the veth driver, redirect and NAPI.",
+                    d.variant.label()
+                );
+            }
+        }
+        let _ = writeln!(
+            md,
+            "- Offered load: trafgen (netsniff-ng) on CPU {other}, 60-byte frames (64 on the wire) over 28 560 flows with complete checksums, as fast as it can; the gateway's NAPI threads (threaded NAPI on its veths) pinned to CPU {gw}; CPU time is theirs (/proc/<pid>/schedstat) per packet delivered to the sink.\n\
+             - TCP (iperf3, 1 stream) and short connections (4 workers, 1-byte request and response, RST close) run with TX checksum offload off on the generator and the sink, so the XDP variants take their fast path for TCP too; latency: UDP ping-pong, one at a time, {rtts} round trips per repeat.\n\
+             - iptables is `{ipt}`; nftables `{nft}`. The conntrack memory is the kernel's memlock accounting of the two preallocated hash maps.",
+            other = self.cpus.other,
+            gw = self.cpus.gw,
+            rtts = self.plan.rtts,
+            ipt = m.iptables,
+            nft = m.nft,
+        );
+        md
+    }
+
+    pub fn json(&self) -> Value {
+        let m = &self.machine;
+        json!({
+            "quick": self.plan.quick,
+            "repeats": self.plan.repeats,
+            "duration_secs": self.duration_secs,
+            "machine": {
+                "cpu_model": m.cpu_model,
+                "nproc": m.nproc,
+                "kernel": m.kernel,
+                "iptables": m.iptables,
+                "nft": m.nft,
+                "date": m.date,
+                "gateway_cpu": self.cpus.gw,
+                "generator_cpu": self.cpus.other,
+            },
+            "variants": self.variants.iter().map(|d| json!({
+                "key": d.variant.key(),
+                "label": d.variant.label(),
+                "pps": d.pps().json(),
+                "offered_pps": d.offered().json(),
+                "cpu_ns_per_pkt": d.cpu().json(),
+                "cpu_stat_ns_per_pkt": d.cpu_stat().json(),
+                "gateway_cpu_busy": d.busy().json(),
+                "tcp_gbps": d.tcp().json(),
+                "conn_per_s": d.conn().json(),
+                "rtt_p50_us": d.p50().json(),
+                "rtt_p99_us": d.p99().json(),
+                "xdp_prog_ns_per_pkt": d.xdp_prog_ns,
+                "xdp_prog_window_cpu_ns_per_pkt": d.xdp_prog_window_cpu_ns,
+            })).collect::<Vec<_>>(),
+            "conntrack_scale": self.scale.as_ref().map(|s| json!({
+                "max_flows": s.max_flows,
+                "small_flows": s.small,
+                "large_flows": s.large,
+                "ct_fwd_memlock_bytes": s.fwd_memlock,
+                "bindings_memlock_bytes": s.rev_memlock,
+                "bytes_per_flow": s.bytes_per_flow(),
+                "spread_ns": [Stat::of(&s.spread_ns[0]).json(), Stat::of(&s.spread_ns[1]).json()],
+                "hot_ns": [Stat::of(&s.hot_ns[0]).json(), Stat::of(&s.hot_ns[1]).json()],
+            })),
+            "goals": self.goals().iter().map(|g| json!({
+                "name": g.name,
+                "target": g.target,
+                "measured": g.value,
+                "met": g.met,
+            })).collect::<Vec<_>>(),
+        })
+    }
+
+    /// Writes results.md, results.json and chart.png into `out`.
+    pub fn write(&self, out: &Path) -> Result<()> {
+        std::fs::write(out.join("results.md"), self.markdown())?;
+        let json_path = out.join("results.json");
+        std::fs::write(&json_path, serde_json::to_string_pretty(&self.json())?)?;
+        chart(&json_path, &out.join("chart.png"))
+    }
+}
+
+/// Draws chart.png from results.json with matplotlib (Debian's
+/// python3-matplotlib, installed by scripts/bootstrap.sh).
+const CHART_PY: &str = r##"
+import json, sys
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+r = json.load(open(sys.argv[1]))
+vs = r["variants"]
+import textwrap
+labels = [textwrap.fill(v["label"].replace(",", ""), 13) for v in vs]
+panels = [("pps", 1e-6, "64-byte UDP forwarded (Mpps)"),
+          ("cpu_ns_per_pkt", 1, "gateway CPU per packet (ns = ms per M packets)"),
+          ("tcp_gbps", 1, "TCP throughput (Gbit/s)"),
+          ("conn_per_s", 1, "new TCP connections / s"),
+          ("rtt_p50_us", 1, "RTT p50 under light load (µs)"),
+          ("rtt_p99_us", 1, "RTT p99 under light load (µs)")]
+fig, axes = plt.subplots(2, 3, figsize=(17, 8))
+colors = ["#888888", "#d62728", "#ff7f0e", "#2ca02c", "#1f77b4"]
+for ax, (key, scale, title) in zip(axes.flat, panels):
+    med = [v[key]["median"] * scale for v in vs]
+    lo = [(v[key]["median"] - v[key]["min"]) * scale for v in vs]
+    hi = [(v[key]["max"] - v[key]["median"]) * scale for v in vs]
+    ax.bar(range(len(vs)), med, yerr=[lo, hi], capsize=4, color=colors[:len(vs)])
+    ax.set_xticks(range(len(vs)))
+    ax.set_xticklabels(labels, fontsize=7)
+    ax.set_title(title, fontsize=10)
+    for i, m in enumerate(med):
+        ax.annotate(f"{m:.3g}", (i, m), ha="center", va="bottom", fontsize=7)
+m = r["machine"]
+fig.suptitle(f"nat-gateway benchmark{' (quick)' if r['quick'] else ''}: {m['nproc']} CPUs, {m['cpu_model']}, Linux {m['kernel']}; median of {r['repeats']}, bars min-max", fontsize=10)
+fig.tight_layout()
+fig.savefig(sys.argv[2], dpi=100)
+"##;
+
+fn chart(json: &Path, png: &Path) -> Result<()> {
+    // Debian's interpreter: a python3 earlier on PATH (pyenv, venv) may lack
+    // the Debian matplotlib.
+    let python = if Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3"
+    } else {
+        "python3"
+    };
+    let out = Command::new(python)
+        .arg("-c")
+        .arg(CHART_PY)
+        .arg(json)
+        .arg(png)
+        .output()
+        .with_context(|| format!("running {python} for the chart"))?;
+    if !out.status.success() {
+        bail!(
+            "drawing the chart failed (is python3-matplotlib installed? `cargo xtask bootstrap`): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,660 @@
+//! One benchmark topology: generator → gateway → sink, three namespaces and
+//! two veth pairs, with one variant of the gateway configured in the middle.
+//! Dropping it stops everything it started and deletes its namespaces.
+
+use std::{
+    fs::File,
+    net::Ipv4Addr,
+    os::unix::fs::MetadataExt,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, MapData, PerCpuArray},
+    programs::{LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode, tc::TcAttachOptions},
+};
+use nat_common::{
+    MAP_ADF, MAP_BENCH_REDIRECT, MAP_BENCH_SINK, MAP_BIND, MAP_BIND_REV, MAP_CT_FWD, MAP_FRAG_HELD,
+    MAP_FRAG_TRACK, PROG_BENCH_PASS, PROG_BENCH_REDIRECT, PROG_BENCH_SINK, PROG_XDP_FWD_ONLY,
+};
+
+use crate::{
+    NS_PREFIX,
+    lab::{NETNS_ADD, NETNS_DIR, enter_netns, kill_processes_in, run},
+    loader_path,
+};
+
+use super::Variant;
+
+pub const GEN_IP: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 11);
+/// The blast's source addresses are `10.1.0.16` ..= `10.1.0.31`.
+pub const GEN_EXTRA_FIRST: u8 = 16;
+pub const GEN_EXTRA_COUNT: u8 = 16;
+pub const GW_INT_IP: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 1);
+pub const GW_EXT_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
+pub const SINK_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+
+/// The three namespaces of a topology.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Gen = 0,
+    Gw = 1,
+    Sink = 2,
+}
+
+const ROLES: [Role; 3] = [Role::Gen, Role::Gw, Role::Sink];
+
+impl Role {
+    fn name(self) -> &'static str {
+        match self {
+            Role::Gen => "gen",
+            Role::Gw => "gw",
+            Role::Sink => "sink",
+        }
+    }
+}
+
+pub struct Topo {
+    pub variant: Variant,
+    names: [String; 3],
+    created: Vec<Role>,
+    /// Interface names, unique on the host: the NAPI kthreads are named
+    /// after them (`napi/<ifname>-<id>`), which is how they are found.
+    pub gen_if: String,
+    /// The generator's own veth pair: trafgen sends into `gen_raw`, whose
+    /// peer `gen_xdp` redirects every frame out of `gen_if` (bench_redirect).
+    pub gen_raw: String,
+    pub gen_xdp: String,
+    pub gw_int: String,
+    pub gw_ext: String,
+    pub sink_if: String,
+    pub gw_int_mac: [u8; 6],
+    pub gen_mac: [u8; 6],
+    pub sink_mac: [u8; 6],
+    pub gw_int_index: u32,
+    pub gw_ext_index: u32,
+    /// `bench_sink` on the generator's and the sink's interface.
+    endpoints: Option<Ebpf>,
+    /// The forward-only program on both gateway interfaces (variant
+    /// `XdpFwd`).
+    fwd: Option<Ebpf>,
+    loader: Option<Child>,
+    /// Where the loader's log goes (kept for errors).
+    loader_log: Option<PathBuf>,
+}
+
+impl Topo {
+    /// Builds the topology for `variant`; `k` makes its names unique in this
+    /// process. On error everything created so far is removed again.
+    pub fn new(variant: Variant, k: usize, work: &std::path::Path) -> Result<Topo> {
+        let pid = std::process::id();
+        let names = ROLES.map(|r| format!("{NS_PREFIX}{pid}-bench{k}-{}", r.name()));
+        let c = variant.letter();
+        let ifname = |r: char| format!("{c}{pid}{r}");
+        let mut t = Topo {
+            variant,
+            names,
+            created: Vec::new(),
+            gen_if: ifname('c'),
+            gen_raw: ifname('r'),
+            gen_xdp: ifname('w'),
+            gw_int: ifname('i'),
+            gw_ext: ifname('e'),
+            sink_if: ifname('s'),
+            gw_int_mac: [0; 6],
+            gen_mac: [0; 6],
+            sink_mac: [0; 6],
+            gw_int_index: 0,
+            gw_ext_index: 0,
+            endpoints: None,
+            fwd: None,
+            loader: None,
+            loader_log: None,
+        };
+        t.build(work)
+            .with_context(|| format!("building the {} topology", variant.key()))?;
+        Ok(t)
+    }
+
+    pub fn ns(&self, r: Role) -> &str {
+        &self.names[r as usize]
+    }
+
+    pub fn ns_path(&self, r: Role) -> PathBuf {
+        PathBuf::from(NETNS_DIR).join(self.ns(r))
+    }
+
+    /// `argv` inside `r`'s namespace (`ip netns exec`, which also gives it
+    /// that namespace's /sys).
+    pub fn command(&self, r: Role, argv: &[&str]) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", self.ns(r)]).args(argv);
+        cmd
+    }
+
+    pub fn exec(&self, r: Role, argv: &[&str]) -> Result<String> {
+        let out = run(&mut self.command(r, argv))?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn ip(&self, r: Role, args: &[&str]) -> Result<()> {
+        run(Command::new("ip").arg("-n").arg(self.ns(r)).args(args)).map(|_| ())
+    }
+
+    /// Runs `f` on a thread inside `r`'s namespace.
+    pub fn in_ns<F, R>(&self, r: Role, f: F) -> Result<R>
+    where
+        F: FnOnce() -> R + Send,
+        R: Send,
+    {
+        in_netns(&self.ns_path(r), f)
+    }
+
+    fn sysctl(&self, r: Role, key: &str, value: &str) -> Result<()> {
+        let path = PathBuf::from("/proc/sys").join(key);
+        self.in_ns(r, || std::fs::write(&path, value))?
+            .with_context(|| format!("setting {key}={value} in {}", self.ns(r)))
+    }
+
+    fn sys(&self, r: Role, ifname: &str, attr: &str) -> Result<String> {
+        Ok(self
+            .exec(r, &["cat", &format!("/sys/class/net/{ifname}/{attr}")])?
+            .trim()
+            .to_string())
+    }
+
+    fn build(&mut self, work: &std::path::Path) -> Result<()> {
+        crate::lab::remove_stale_namespaces();
+        for r in ROLES {
+            {
+                let _turn = NETNS_ADD.lock().unwrap_or_else(|e| e.into_inner());
+                run(Command::new("ip").args(["netns", "add", self.ns(r)]))?;
+            }
+            self.created.push(r);
+            self.sysctl(r, "net/ipv6/conf/all/disable_ipv6", "1")?;
+            self.sysctl(r, "net/ipv6/conf/default/disable_ipv6", "1")?;
+            self.ip(r, &["link", "set", "lo", "up"])?;
+        }
+        let pairs = [
+            (
+                Role::Gen,
+                self.gen_if.clone(),
+                Role::Gw,
+                self.gw_int.clone(),
+            ),
+            (
+                Role::Gw,
+                self.gw_ext.clone(),
+                Role::Sink,
+                self.sink_if.clone(),
+            ),
+            (
+                Role::Gen,
+                self.gen_raw.clone(),
+                Role::Gen,
+                self.gen_xdp.clone(),
+            ),
+        ];
+        for (a, a_if, b, b_if) in &pairs {
+            run(Command::new("ip").args([
+                "link",
+                "add",
+                "name",
+                a_if,
+                "netns",
+                self.ns(*a),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                b_if,
+                "netns",
+                self.ns(*b),
+            ]))?;
+        }
+        // GRO gives every veth end a NAPI instance: needed to receive XDP
+        // redirects, and what threaded NAPI (the gateway's pinned CPU) runs.
+        for (a, a_if, b, b_if) in &pairs {
+            self.exec(*a, &["ethtool", "-K", a_if, "gro", "on"])?;
+            self.exec(*b, &["ethtool", "-K", b_if, "gro", "on"])?;
+        }
+        // Endpoints send complete checksums (no TX offload, hence no TSO):
+        // so every variant forwards the same MTU-sized, fully checksummed
+        // packets, and the XDP variants take their fast path for TCP too.
+        for (r, dev) in [(Role::Gen, &self.gen_if), (Role::Sink, &self.sink_if)] {
+            self.exec(r, &["ethtool", "-K", dev, "tx", "off"])?;
+        }
+        let gen_if = self.gen_if.clone();
+        self.ip(
+            Role::Gen,
+            &["addr", "add", &format!("{GEN_IP}/24"), "dev", &gen_if],
+        )?;
+        for i in 0..GEN_EXTRA_COUNT {
+            let ip = Ipv4Addr::new(10, 1, 0, GEN_EXTRA_FIRST + i);
+            self.ip(
+                Role::Gen,
+                &["addr", "add", &format!("{ip}/24"), "dev", &gen_if],
+            )?;
+        }
+        for (r, dev, ip) in [
+            (Role::Gw, self.gw_int.clone(), GW_INT_IP),
+            (Role::Gw, self.gw_ext.clone(), GW_EXT_IP),
+            (Role::Sink, self.sink_if.clone(), SINK_IP),
+        ] {
+            self.ip(r, &["addr", "add", &format!("{ip}/24"), "dev", &dev])?;
+        }
+        for (a, a_if, b, b_if) in &pairs {
+            self.ip(*a, &["link", "set", a_if, "up"])?;
+            self.ip(*b, &["link", "set", b_if, "up"])?;
+        }
+        self.ip(
+            Role::Gen,
+            &["route", "add", "default", "via", &GW_INT_IP.to_string()],
+        )?;
+        // Replies of the no-NAT variants: the sink routes the inside subnet
+        // back through the gateway (the NAT variants never use this route).
+        self.ip(
+            Role::Sink,
+            &["route", "add", "10.1.0.0/24", "via", &GW_EXT_IP.to_string()],
+        )?;
+        self.sysctl(Role::Gw, "net/ipv4/ip_forward", "1")?;
+        for (r, dev) in self.all_ifs() {
+            self.exec(
+                r,
+                &[
+                    "sh",
+                    "-c",
+                    &format!("echo 1 > /sys/class/net/{dev}/threaded"),
+                ],
+            )
+            .with_context(|| format!("enabling threaded NAPI on {dev}"))?;
+        }
+        self.gw_int_mac =
+            crate::packet::parse_mac(&self.sys(Role::Gw, &self.gw_int, "address")?)?;
+        self.gen_mac = crate::packet::parse_mac(&self.sys(Role::Gen, &self.gen_if, "address")?)?;
+        self.sink_mac =
+            crate::packet::parse_mac(&self.sys(Role::Sink, &self.sink_if, "address")?)?;
+        self.gw_int_index = self.sys(Role::Gw, &self.gw_int, "ifindex")?.parse()?;
+        self.gw_ext_index = self.sys(Role::Gw, &self.gw_ext, "ifindex")?.parse()?;
+
+        self.attach_endpoints()?;
+        self.configure_variant(work)?;
+        self.check_path()
+    }
+
+    /// Interfaces with a NAPI thread.
+    fn all_ifs(&self) -> [(Role, String); 5] {
+        [
+            (Role::Gen, self.gen_if.clone()),
+            (Role::Gen, self.gen_xdp.clone()),
+            (Role::Gw, self.gw_int.clone()),
+            (Role::Gw, self.gw_ext.clone()),
+            (Role::Sink, self.sink_if.clone()),
+        ]
+    }
+
+    /// `bench_sink` (TC ingress) on the sink, `bench_pass` (XDP) on both
+    /// endpoints, `bench_redirect` in the generator; the same in every
+    /// variant.
+    fn attach_endpoints(&mut self) -> Result<()> {
+        let mut ebpf = load_object()?;
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(PROG_BENCH_SINK)
+            .context("bench_sink missing from the eBPF object")?
+            .try_into()?;
+        prog.load()
+            .with_context(|| format!("verifying {PROG_BENCH_SINK}"))?;
+        let dev = &self.sink_if;
+        self.in_ns(Role::Sink, || {
+            prog.attach_with_options(
+                dev,
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .map(|_| ())
+        })?
+        .with_context(|| format!("attaching {PROG_BENCH_SINK} to {dev}"))?;
+        let prog: &mut Xdp = program(&mut ebpf, PROG_BENCH_PASS)?;
+        prog.load()
+            .with_context(|| format!("verifying {PROG_BENCH_PASS}"))?;
+        for (r, dev) in [(Role::Gen, &self.gen_if), (Role::Sink, &self.sink_if)] {
+            let prog: &mut Xdp = program(&mut ebpf, PROG_BENCH_PASS)?;
+            self.in_ns(r, || prog.attach(dev, XdpMode::Driver).map(|_| ()))?
+                .with_context(|| format!("attaching {PROG_BENCH_PASS} to {dev}"))?;
+        }
+        let gen_index: u32 = self.sys(Role::Gen, &self.gen_if, "ifindex")?.parse()?;
+        let mut target = Array::<&mut MapData, u32>::try_from(
+            ebpf.map_mut(MAP_BENCH_REDIRECT)
+                .context("BENCH_REDIRECT missing from the object")?,
+        )?;
+        target.set(0, gen_index, 0)?;
+        let prog: &mut Xdp = program(&mut ebpf, PROG_BENCH_REDIRECT)?;
+        prog.load()
+            .with_context(|| format!("verifying {PROG_BENCH_REDIRECT}"))?;
+        let dev = &self.gen_xdp;
+        self.in_ns(Role::Gen, || prog.attach(dev, XdpMode::Driver).map(|_| ()))?
+            .with_context(|| format!("attaching {PROG_BENCH_REDIRECT} to {dev}"))?;
+        self.endpoints = Some(ebpf);
+        Ok(())
+    }
+
+    fn configure_variant(&mut self, work: &std::path::Path) -> Result<()> {
+        let ext = self.gw_ext.clone();
+        match self.variant {
+            Variant::Kernel => {}
+            Variant::Iptables => {
+                self.exec(
+                    Role::Gw,
+                    &[
+                        "iptables",
+                        "-t",
+                        "nat",
+                        "-A",
+                        "POSTROUTING",
+                        "-o",
+                        &ext,
+                        "-j",
+                        "MASQUERADE",
+                    ],
+                )?;
+            }
+            Variant::Nftables => {
+                let rules = format!(
+                    "table ip bench_nat {{\n  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n    oifname \"{ext}\" masquerade\n  }}\n}}\n"
+                );
+                let file = work.join(format!("nft-{}.conf", self.gw_ext));
+                std::fs::write(&file, rules)?;
+                let r = self.exec(Role::Gw, &["nft", "-f", &file.to_string_lossy()]);
+                let _ = std::fs::remove_file(&file);
+                r?;
+            }
+            Variant::Gateway => self.start_loader(work)?,
+            Variant::XdpFwd => {
+                let mut ebpf = load_object()?;
+                let prog: &mut Xdp = program(&mut ebpf, PROG_XDP_FWD_ONLY)?;
+                prog.load()
+                    .with_context(|| format!("verifying {PROG_XDP_FWD_ONLY}"))?;
+                for dev in [&self.gw_int, &self.gw_ext] {
+                    let prog: &mut Xdp = program(&mut ebpf, PROG_XDP_FWD_ONLY)?;
+                    self.in_ns(Role::Gw, || prog.attach(dev, XdpMode::Driver).map(|_| ()))?
+                        .with_context(|| format!("attaching {PROG_XDP_FWD_ONLY} to {dev}"))?;
+                }
+                self.fwd = Some(ebpf);
+            }
+        }
+        Ok(())
+    }
+
+    fn start_loader(&mut self, work: &std::path::Path) -> Result<()> {
+        let bin = loader_path()?;
+        let log = work.join(format!("nat-loader-{}.log", self.gw_int));
+        let file = File::create(&log)?;
+        let mut cmd = self.command(Role::Gw, &[]);
+        cmd.arg(&bin)
+            .args(["--int", &self.gw_int, "--ext", &self.gw_ext])
+            .args(["--probe-port", "0", "--xdp-mode", "native"])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(file);
+        self.loader = Some(cmd.spawn().context("starting nat-loader")?);
+        self.loader_log = Some(log.clone());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.contains(crate::READY) {
+                return Ok(());
+            }
+            if let Some(Ok(Some(status))) = self.loader.as_mut().map(|c| c.try_wait()) {
+                bail!("nat-loader exited ({status}) before ready:\n{text}");
+            }
+            if Instant::now() > deadline {
+                bail!("nat-loader not ready after 30 s:\n{text}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// A few pings end to end: resolves the neighbours and proves the
+    /// variant forwards at all before anything is measured.
+    fn check_path(&self) -> Result<()> {
+        let sink = SINK_IP.to_string();
+        self.exec(
+            Role::Gen,
+            &["ping", "-c", "3", "-i", "0.2", "-W", "2", "-q", &sink],
+        )
+        .with_context(|| {
+            format!(
+                "{} does not forward gen → sink (ping failed){}",
+                self.variant.key(),
+                self.loader_log
+                    .as_ref()
+                    .and_then(|l| std::fs::read_to_string(l).ok())
+                    .map(|l| format!("; loader log:\n{l}"))
+                    .unwrap_or_default()
+            )
+        })?;
+        Ok(())
+    }
+
+    /// Packets `bench_sink` counted on the sink so far.
+    pub fn sink_count(&self) -> Result<u64> {
+        self.counter(0)
+    }
+
+    /// Packets `bench_redirect` handed to the gateway so far.
+    pub fn offered_count(&self) -> Result<u64> {
+        self.counter(1)
+    }
+
+    fn counter(&self, index: u32) -> Result<u64> {
+        let ebpf = self.endpoints.as_ref().context("endpoints not attached")?;
+        let map = PerCpuArray::<&MapData, u64>::try_from(
+            ebpf.map(MAP_BENCH_SINK)
+                .context("BENCH_SINK missing from the object")?,
+        )?;
+        Ok(map.get(&index, 0)?.iter().sum())
+    }
+
+    /// Pins the NAPI kthreads: the gateway's two interfaces on `gw_cpu`,
+    /// SCHED_FIFO, the endpoints' on `other_cpu`. NAPI in softirq context
+    /// preempts every process; as threads at normal priority the gateway's
+    /// would share its CPU with whatever else runs on the machine. The
+    /// endpoints' stay at normal priority: SCHED_FIFO there would preempt
+    /// the generator for every packet. Returns the gateway's kthreads.
+    pub fn pin_napi(&self, gw_cpu: usize, other_cpu: usize) -> Result<Vec<i32>> {
+        let mut gw = Vec::new();
+        for (r, dev) in self.all_ifs() {
+            let pids = napi_threads(&dev);
+            if pids.is_empty() {
+                bail!("no NAPI kthread for {dev}: threaded NAPI did not take effect");
+            }
+            let cpu = if r == Role::Gw { gw_cpu } else { other_cpu };
+            for &pid in &pids {
+                pin(pid, cpu).with_context(|| format!("pinning napi kthread {pid} of {dev}"))?;
+                if r == Role::Gw {
+                    realtime(pid)
+                        .with_context(|| format!("making napi kthread {pid} SCHED_FIFO"))?;
+                }
+            }
+            if r == Role::Gw {
+                gw.extend(pids);
+            }
+        }
+        Ok(gw)
+    }
+
+    /// The id of the XDP program attached to a gateway interface.
+    pub fn gw_xdp_prog_id(&self, dev: &str) -> Result<u32> {
+        let out = self.exec(Role::Gw, &["ip", "-d", "-j", "link", "show", "dev", dev])?;
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        v[0]["xdp"]["prog"]["id"]
+            .as_u64()
+            .map(|id| id as u32)
+            .with_context(|| format!("no XDP program on {dev}: {out}"))
+    }
+}
+
+impl Drop for Topo {
+    fn drop(&mut self) {
+        // Programs first (their links die with their fds), then the
+        // loader, which detaches its own on SIGTERM.
+        self.fwd = None;
+        self.endpoints = None;
+        if let Some(mut child) = self.loader.take() {
+            if let Ok(None) = child.try_wait() {
+                // SAFETY: our unreaped child, its pid cannot be reused.
+                unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while Instant::now() < deadline {
+                    if let Ok(Some(_)) = child.try_wait() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        if let Some(log) = self.loader_log.take() {
+            let _ = std::fs::remove_file(log);
+        }
+        let namespaces: Vec<(u64, u64)> = self
+            .created
+            .iter()
+            .filter_map(|&r| std::fs::metadata(self.ns_path(r)).ok())
+            .map(|m| (m.dev(), m.ino()))
+            .collect();
+        kill_processes_in(&namespaces);
+        for &r in &self.created {
+            if let Err(e) = run(Command::new("ip").args(["netns", "del", self.ns(r)])) {
+                eprintln!("nat-bench: could not remove namespace: {e:#}");
+            }
+        }
+    }
+}
+
+/// The embedded object with its conntrack maps shrunk to one entry: the
+/// benchmark's own programs never touch them.
+fn load_object() -> Result<Ebpf> {
+    EbpfLoader::new()
+        .map_max_entries(MAP_CT_FWD, 1)
+        .map_max_entries(MAP_BIND, 1)
+        .map_max_entries(MAP_BIND_REV, 1)
+        .map_max_entries(MAP_ADF, 1)
+        .map_max_entries(MAP_FRAG_TRACK, 1)
+        .map_max_entries(MAP_FRAG_HELD, 1)
+        .load(nat_loader::EBPF_OBJECT)
+        .context("loading the eBPF object")
+}
+
+pub fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
+    ebpf.program_mut(name)
+        .with_context(|| {
+            format!(
+                "program {name} missing from the eBPF object (rebuild with `cargo xtask build`)"
+            )
+        })?
+        .try_into()
+        .with_context(|| format!("program {name} is not XDP"))
+}
+
+/// Runs `f` on a new thread that joined the namespace at `path`.
+pub fn in_netns<F, R>(path: &std::path::Path, f: F) -> Result<R>
+where
+    F: FnOnce() -> R + Send,
+    R: Send,
+{
+    std::thread::scope(|s| {
+        let t = s.spawn(move || -> Result<R> {
+            enter_netns(path)?;
+            Ok(f())
+        });
+        match t.join() {
+            Ok(r) => r,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    })
+}
+
+/// Pids of the NAPI kthreads of interface `dev` (`napi/<dev>-<id>`, the
+/// name cut to 15 characters like every task name).
+pub fn napi_threads(dev: &str) -> Vec<i32> {
+    let prefix: String = format!("napi/{dev}-").chars().take(15).collect();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()))
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .map(|c| c.trim_end().starts_with(&prefix))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+/// Restricts task `pid` (0: the calling thread) to `cpu`.
+pub fn pin(pid: i32, cpu: usize) -> Result<()> {
+    // SAFETY: a zeroed cpu_set_t is empty; CPU_SET stays within it for
+    // cpu < CPU_SETSIZE; sched_setaffinity only reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(pid, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(std::io::Error::last_os_error()).context("sched_setaffinity");
+        }
+    }
+    Ok(())
+}
+
+/// SCHED_FIFO, priority 50 (what `chrt -f -p 50` sets): the default
+/// priority of threaded interrupt handlers.
+pub fn realtime(pid: i32) -> Result<()> {
+    let param = libc::sched_param { sched_priority: 50 };
+    // SAFETY: plain syscall with a valid sched_param.
+    if unsafe { libc::sched_setscheduler(pid, libc::SCHED_FIFO, &param) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("sched_setscheduler");
+    }
+    Ok(())
+}
+
+/// CPU time task `pid` has run, in ns (/proc/<pid>/schedstat).
+pub fn task_cpu_ns(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/schedstat"))
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
+        .unwrap_or(0)
+}
+
+/// System + irq + softirq time of `cpu` from /proc/stat, in ns.
+pub fn cpu_kernel_ns(cpu: usize) -> u64 {
+    let tick_ns = 1_000_000_000 / clock_ticks();
+    std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(&format!("cpu{cpu} ")))
+                .map(|l| {
+                    let f: Vec<u64> = l
+                        .split_whitespace()
+                        .skip(1)
+                        .filter_map(|v| v.parse().ok())
+                        .collect();
+                    // user nice system idle iowait irq softirq
+                    (f.get(2).unwrap_or(&0) + f.get(5).unwrap_or(&0) + f.get(6).unwrap_or(&0))
+                        * tick_ns
+                })
+        })
+        .unwrap_or(0)
+}
+
+fn clock_ticks() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as u64 } else { 100 }
+}
