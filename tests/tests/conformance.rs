@@ -129,12 +129,7 @@ fn tcp_mapping(lab: &Lab, src: SocketAddrV4, server: SocketAddrV4) -> SocketAddr
 
 /// Raw ICMP echo request with identifier `id` from `from` to `dst`.
 fn icmp_echo(lab: &Lab, from: Host, dst: Ipv4Addr, id: u16) {
-    let socket = lab
-        .in_ns(from, || {
-            Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))
-        })
-        .expect("ns")
-        .expect("raw ICMP socket");
+    let socket = raw_icmp_socket(lab, from);
     let mut msg = vec![8u8, 0, 0, 0];
     msg.extend_from_slice(&id.to_be_bytes());
     msg.extend_from_slice(&1u16.to_be_bytes());
@@ -149,12 +144,7 @@ fn icmp_echo(lab: &Lab, from: Host, dst: Ipv4Addr, id: u16) {
 /// Identifiers of the echo requests arriving at `dst` (a raw socket in the
 /// server namespace) within `within`.
 fn echo_ids_seen(lab: &Lab, dst: Ipv4Addr, within: Duration, send: impl FnOnce()) -> Vec<u16> {
-    let socket = lab
-        .in_ns(Host::Server, || {
-            Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))
-        })
-        .expect("ns")
-        .expect("raw ICMP socket");
+    let socket = raw_icmp_socket(lab, Host::Server);
     let socket: UdpSocket = socket.into();
     send();
     let deadline = Instant::now() + within;
@@ -490,13 +480,7 @@ fn rfc6888_released_port_is_held_for_its_endpoint_then_freed() {
 // ---- ICMP errors (RFC 5508 REQ-3..6, RFC 5382 REQ-9, RFC 4787 REQ-12) ----
 
 fn raw_icmp(lab: &Lab, h: Host) -> UdpSocket {
-    let s = lab
-        .in_ns(h, || {
-            Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))
-        })
-        .expect("ns")
-        .expect("raw ICMP socket");
-    s.into()
+    raw_icmp_socket(lab, h).into()
 }
 
 /// The first ICMP error (type 3/11/12) `socket` receives within `within`,
@@ -615,12 +599,7 @@ fn rfc5508_req3_time_exceeded_quote_is_restored_for_udp_tcp_and_echo() {
     assert_error_restored(&e, CLIENT1_IP, 40801, SERVER_IP, 6);
 
     // ICMP echo, TTL 2.
-    let echo = lab
-        .in_ns(Host::Client1, || {
-            Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))
-        })
-        .expect("ns")
-        .expect("raw socket");
+    let echo = raw_icmp_socket(&lab, Host::Client1);
     set_ttl(&echo, 2);
     let mut msg = vec![8u8, 0, 0, 0, 0x51, 0x51, 0, 1];
     msg.extend_from_slice(b"ttl two");
@@ -811,17 +790,20 @@ fn forged_error(mapping: SocketAddrV4, dport: u16, mangle: impl Fn(&mut Vec<u8>)
     msg
 }
 
-#[test]
-fn rfc5508_req3_errors_with_bad_checksums_or_no_session_are_dropped() {
-    let lab = lab();
-    let mut gw = gateway(&lab, &[]);
+/// A UDP session client1:`client_port` → server:`server_port`: the two
+/// sockets and the mapping the server saw.
+fn udp_session(
+    lab: &Lab,
+    server_port: u16,
+    client_port: u16,
+) -> (UdpSocket, UdpSocket, SocketAddrV4) {
     let server = lab
-        .udp_socket(Host::Server, sa(SERVER_IP, 5700))
+        .udp_socket(Host::Server, sa(SERVER_IP, server_port))
         .expect("server");
     let c = lab
-        .udp_socket(Host::Client1, sa(CLIENT1_IP, 40900))
+        .udp_socket(Host::Client1, sa(CLIENT1_IP, client_port))
         .expect("client");
-    c.send_to(b"hi", sa(SERVER_IP, 5700)).expect("send");
+    c.send_to(b"hi", sa(SERVER_IP, server_port)).expect("send");
     server
         .set_read_timeout(Some(Duration::from_secs(2)))
         .expect("timeout");
@@ -830,12 +812,23 @@ fn rfc5508_req3_errors_with_bad_checksums_or_no_session_are_dropped() {
     let SocketAddr::V4(mapping) = from else {
         panic!("v4")
     };
-    let router = lab
-        .in_ns(Host::Router, || {
-            Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))
-        })
-        .expect("ns")
-        .expect("raw");
+    (server, c, mapping)
+}
+
+fn raw_icmp_socket(lab: &Lab, h: Host) -> Socket {
+    lab.in_ns(h, || {
+        Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))
+    })
+    .expect("ns")
+    .expect("raw ICMP socket")
+}
+
+#[test]
+fn rfc5508_req3_errors_with_bad_checksums_or_no_session_are_dropped() {
+    let lab = lab();
+    let mut gw = gateway(&lab, &[]);
+    let (_server, _c, mapping) = udp_session(&lab, 5700, 40900);
+    let router = raw_icmp_socket(&lab, Host::Router);
     let errors = raw_icmp(&lab, Host::Client1);
     let send = |msg: &[u8]| {
         router
@@ -871,27 +864,8 @@ fn rfc5508_req3_errors_with_bad_checksums_or_no_session_are_dropped() {
 fn rfc5508_req6_icmp_errors_never_end_or_refresh_a_mapping() {
     let lab = lab();
     let _gw = gateway(&lab, &["--udp-timeout", "2", "--sweep-interval", "1"]);
-    let server = lab
-        .udp_socket(Host::Server, sa(SERVER_IP, 5710))
-        .expect("server");
-    let c = lab
-        .udp_socket(Host::Client1, sa(CLIENT1_IP, 40910))
-        .expect("client");
-    c.send_to(b"hi", sa(SERVER_IP, 5710)).expect("send");
-    server
-        .set_read_timeout(Some(Duration::from_secs(2)))
-        .expect("timeout");
-    let mut buf = [0u8; 64];
-    let (_, from) = server.recv_from(&mut buf).expect("arrives");
-    let SocketAddr::V4(mapping) = from else {
-        panic!("v4")
-    };
-    let router = lab
-        .in_ns(Host::Router, || {
-            Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))
-        })
-        .expect("ns")
-        .expect("raw");
+    let (server, c, mapping) = udp_session(&lab, 5710, 40910);
+    let router = raw_icmp_socket(&lab, Host::Router);
     // Errors do not end it: after three, the server still gets through.
     for _ in 0..3 {
         router

@@ -413,7 +413,7 @@ impl Report {
             md,
             "- Offered load: trafgen (netsniff-ng) on CPU {other}, 60-byte frames (64 on the wire) over 28 560 flows with complete checksums, as fast as it can; the gateway's NAPI threads (threaded NAPI on its veths) pinned to CPU {gw}; CPU time is theirs (/proc/<pid>/schedstat) per packet delivered to the sink.\n\
              - TCP (iperf3, 1 stream) and short connections (4 workers, 1-byte request and response, RST close) run with TX checksum offload off on the generator and the sink, so the XDP variants take their fast path for TCP too; latency: UDP ping-pong, one at a time, {rtts} round trips per repeat.\n\
-             - iptables is `{ipt}`; nftables `{nft}`. The conntrack memory is the kernel's memlock accounting of the two preallocated hash maps.",
+             - iptables is `{ipt}`; nftables `{nft}`. The conntrack memory is the kernel's memlock accounting of every conntrack map (sessions, bindings, address filter).",
             other = self.cpus.other,
             gw = self.cpus.gw,
             rtts = self.plan.rtts,
