@@ -447,20 +447,27 @@ fn rfc6888_released_port_is_held_for_its_endpoint_then_freed() {
         &lab,
         &[
             "--udp-timeout",
-            "1",
+            "2",
             "--sweep-interval",
             "1",
             "--port-hold",
-            "4",
+            "6",
         ],
     );
     let _m = UdpMirror::start(&lab, sa(SERVER_IP, 3478));
+    // Neighbours resolved first, so the session's first answer is not late
+    // (a late answer can miss a session that just expired).
+    let warm = lab
+        .udp_socket(Host::Client1, sa(CLIENT1_IP, 40799))
+        .expect("socket");
+    udp_mapping(&warm, sa(SERVER_IP, 3478));
     let c1 = lab
         .udp_socket(Host::Client1, sa(CLIENT1_IP, 40700))
         .expect("socket");
     assert_eq!(udp_mapping(&c1, sa(SERVER_IP, 3478)).port(), 40700);
-    // Idle: the session expires (1 s + a sweep) and the port is held.
-    std::thread::sleep(Duration::from_millis(2500));
+    // Idle: the session expires (2 s, seen by a sweep within 1 s more) and
+    // the port is held for 6 s from then.
+    std::thread::sleep(Duration::from_secs(4));
     let c2 = lab
         .udp_socket(Host::Client2, sa(CLIENT2_IP, 40700))
         .expect("socket");
@@ -470,7 +477,7 @@ fn rfc6888_released_port_is_held_for_its_endpoint_then_freed() {
     assert_eq!(udp_mapping(&c1, sa(SERVER_IP, 3478)).port(), 40700);
     drop(c2);
     // Once client1 is idle past timeout + hold, the port is free for others.
-    std::thread::sleep(Duration::from_secs(7));
+    std::thread::sleep(Duration::from_secs(10));
     let c2 = lab
         .udp_socket(Host::Client2, sa(CLIENT2_IP, 40700))
         .expect("socket");
