@@ -11,10 +11,7 @@
 //! path only (XDP hands it over).
 
 use aya_ebpf::{
-    EbpfContext,
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    helpers::{bpf_ktime_get_ns, bpf_redirect},
-    programs::TcContext,
+    EbpfContext, bindings::TC_ACT_SHOT, helpers::bpf_ktime_get_ns, programs::TcContext,
 };
 use nat_common::{
     CtKey, IPPROTO_TCP, NatConfig, stats,
@@ -23,7 +20,7 @@ use nat_common::{
 
 use crate::{
     conntrack, fib,
-    nat::{self, Egress, Rewrite},
+    nat::{self, Rewrite},
     parse::{self, ETH_HLEN, Frame, IP_DADDR},
     stats::{HOOK_TC_INT, count},
     tc,
@@ -85,25 +82,10 @@ fn try_translate(ctx: &TcContext, f: Frame, cfg: &NatConfig) -> Result<(i32, u32
         ttl: ip.ttl,
         df: ip.df,
     };
-    let fwd = stats::TC_HAIRPIN_FWD;
-    match nat::egress(route, cfg.int_ifindex) {
-        Egress::Redirect {
-            ifindex,
-            smac,
-            dmac,
-        } => {
-            tc::rewrite_addr_port(ctx, &rw).map_err(|_| stats::DROP_INTERNAL)?;
-            tc::macs(ctx, smac, dmac).map_err(|_| stats::DROP_INTERNAL)?;
-            Ok((unsafe { bpf_redirect(ifindex, 0) } as i32, fwd))
-        }
-        Egress::Neigh { ifindex, nexthop } => {
-            tc::rewrite_addr_port(ctx, &rw).map_err(|_| stats::DROP_INTERNAL)?;
-            Ok((tc::redirect_neigh(ifindex, nexthop), fwd))
-        }
-        // Same link both ways: nothing that came in is too big to go out.
-        Egress::TooBig => Err(stats::DROP_TOO_BIG),
-        Egress::Hairpin => Err(stats::DROP_INTERNAL),
-        Egress::Pass(r) => Ok((TC_ACT_OK, r)),
-        Egress::Drop(r) => Err(r),
-    }
+    tc::send(
+        ctx,
+        nat::egress(route, cfg.int_ifindex),
+        stats::TC_HAIRPIN_FWD,
+        || tc::rewrite_addr_port(ctx, &rw),
+    )
 }

@@ -12,7 +12,6 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    helpers::bpf_redirect,
     programs::TcContext,
 };
 use nat_common::{BindKey, CtKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, NatConfig, csum, stats};
@@ -20,7 +19,7 @@ use nat_common::{BindKey, CtKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, NatConf
 use crate::{
     fib,
     maps::{CT_FWD, NAT_BIND_REV},
-    nat::{self, Egress},
+    nat,
     parse::{ETH_HLEN, ICMP_ECHO_REQUEST, IP_CHECK, IP_DADDR, IP_SADDR, IP_TTL, Ipv4},
     tc,
 };
@@ -110,36 +109,25 @@ fn quoted(ctx: &TcContext, ip: &Ipv4) -> Result<Quoted, u32> {
     })
 }
 
-/// One's complement sum of `len` bytes from `off` (a bounded loop, for the
-/// verifier; the caller bounds `len` by MAX_ICMP_LEN).
+/// RFC 5508 REQ-3: an error whose ICMP checksum or quoted IP header
+/// checksum does not verify is dropped; so is one too long to check, and
+/// one whose TTL runs out here.
 #[inline(always)]
-fn sum(ctx: &TcContext, off: usize, len: usize) -> Result<u32, u32> {
-    let mut acc: u32 = 0;
-    let mut i = 0;
-    while i < MAX_ICMP_LEN / 2 {
-        let at = i * 2;
-        if at + 2 > len {
-            break;
-        }
-        let w: u16 = load(ctx, off + at)?;
-        acc += w as u32;
-        i += 1;
+fn verify(ctx: &TcContext, ip: &Ipv4, q: &Quoted) -> Result<(), u32> {
+    let icmp_len = ip.tot_len as usize - (ip.l4_off - ETH_HLEN);
+    if icmp_len > MAX_ICMP_LEN {
+        return Err(stats::DROP_ICMP_ERROR_UNTRACKED);
     }
-    if len & 1 == 1 {
-        // The odd last byte is the high byte of a zero-padded word; words
-        // are summed as loaded (network order in a little-endian register),
-        // so it is the low byte here.
-        let b: u8 = load(ctx, off + len - 1)?;
-        acc += b as u32;
+    let icmp =
+        tc::skb_sum::<MAX_ICMP_LEN>(ctx, ip.l4_off, icmp_len).ok_or(stats::DROP_MALFORMED)?;
+    let quoted_ip = tc::skb_sum::<60>(ctx, q.ip, q.ihl.min(60)).ok_or(stats::DROP_MALFORMED)?;
+    if csum::fold(icmp) != 0xffff || csum::fold(quoted_ip) != 0xffff {
+        return Err(stats::DROP_BAD_CHECKSUM);
     }
-    Ok(acc)
-}
-
-#[inline(always)]
-fn fold(mut acc: u32) -> u16 {
-    acc = (acc & 0xffff) + (acc >> 16);
-    acc = (acc & 0xffff) + (acc >> 16);
-    acc as u16
+    if ip.ttl <= 1 {
+        return Err(stats::DROP_TTL_EXPIRED);
+    }
+    Ok(())
 }
 
 #[inline(always)]
@@ -158,18 +146,7 @@ fn try_inbound(ctx: &TcContext, ip: &Ipv4, cfg: &NatConfig) -> Result<(i32, u32)
     if unsafe { CT_FWD.get(session) }.is_none() {
         return Err(stats::DROP_ICMP_ERROR_UNTRACKED);
     }
-    let icmp_len = ip.tot_len as usize - (ip.l4_off - ETH_HLEN);
-    if icmp_len > MAX_ICMP_LEN {
-        return Err(stats::DROP_ICMP_ERROR_UNTRACKED);
-    }
-    if fold(sum(ctx, ip.l4_off, icmp_len)?) != 0xffff
-        || fold(sum(ctx, q.ip, q.ihl.min(60))?) != 0xffff
-    {
-        return Err(stats::DROP_BAD_CHECKSUM);
-    }
-    if ip.ttl <= 1 {
-        return Err(stats::DROP_TTL_EXPIRED);
-    }
+    verify(ctx, ip, &q)?;
     let route = fib::lookup(
         ctx.as_ptr(),
         cfg.ext_ifindex,
@@ -180,27 +157,12 @@ fn try_inbound(ctx: &TcContext, ip: &Ipv4, cfg: &NatConfig) -> Result<(i32, u32)
         0,
         0,
     );
-    let egress = nat::egress(route, cfg.int_ifindex);
-    let fwd = stats::TC_IN_ICMP_ERROR_FWD;
-    match egress {
-        Egress::Redirect {
-            ifindex,
-            smac,
-            dmac,
-        } => {
-            rewrite_in(ctx, ip, &q, inside, iport).map_err(|_| stats::DROP_INTERNAL)?;
-            tc::macs(ctx, smac, dmac).map_err(|_| stats::DROP_INTERNAL)?;
-            Ok((unsafe { bpf_redirect(ifindex, 0) } as i32, fwd))
-        }
-        Egress::Neigh { ifindex, nexthop } => {
-            rewrite_in(ctx, ip, &q, inside, iport).map_err(|_| stats::DROP_INTERNAL)?;
-            Ok((tc::redirect_neigh(ifindex, nexthop), fwd))
-        }
-        Egress::TooBig => Err(stats::DROP_TOO_BIG),
-        Egress::Hairpin => Err(stats::DROP_INTERNAL),
-        Egress::Pass(r) => Ok((TC_ACT_OK, r)),
-        Egress::Drop(r) => Err(r),
-    }
+    tc::send(
+        ctx,
+        nat::egress(route, cfg.int_ifindex),
+        stats::TC_IN_ICMP_ERROR_FWD,
+        || rewrite_in(ctx, ip, &q, inside, iport),
+    )
 }
 
 /// Outer destination → inside host; quoted source address and port →
@@ -296,18 +258,7 @@ fn try_outbound(ctx: &TcContext, ip: &Ipv4, cfg: &NatConfig) -> Result<(i32, u32
     } else {
         (remote, rport)
     };
-    let icmp_len = ip.tot_len as usize - (ip.l4_off - ETH_HLEN);
-    if icmp_len > MAX_ICMP_LEN {
-        return Err(stats::DROP_ICMP_ERROR_UNTRACKED);
-    }
-    if fold(sum(ctx, ip.l4_off, icmp_len)?) != 0xffff
-        || fold(sum(ctx, q.ip, q.ihl.min(60))?) != 0xffff
-    {
-        return Err(stats::DROP_BAD_CHECKSUM);
-    }
-    if ip.ttl <= 1 {
-        return Err(stats::DROP_TTL_EXPIRED);
-    }
+    verify(ctx, ip, &q)?;
     let (dst, egress_if, from) = if hairpin {
         // No source for the lookup: the SNAT address's policy rule would
         // pick --ext's table.
@@ -335,26 +286,12 @@ fn try_outbound(ctx: &TcContext, ip: &Ipv4, cfg: &NatConfig) -> Result<(i32, u32
         sender_port,
         rport,
     };
-    let fwd = stats::TC_OUT_ICMP_ERROR_FWD;
-    match nat::egress(route, egress_if) {
-        Egress::Redirect {
-            ifindex,
-            smac,
-            dmac,
-        } => {
-            rewrite_out(ctx, ip, &q, &rw).map_err(|_| stats::DROP_INTERNAL)?;
-            tc::macs(ctx, smac, dmac).map_err(|_| stats::DROP_INTERNAL)?;
-            Ok((unsafe { bpf_redirect(ifindex, 0) } as i32, fwd))
-        }
-        Egress::Neigh { ifindex, nexthop } => {
-            rewrite_out(ctx, ip, &q, &rw).map_err(|_| stats::DROP_INTERNAL)?;
-            Ok((tc::redirect_neigh(ifindex, nexthop), fwd))
-        }
-        Egress::TooBig => Err(stats::DROP_TOO_BIG),
-        Egress::Hairpin => Err(stats::DROP_INTERNAL),
-        Egress::Pass(r) => Ok((TC_ACT_OK, r)),
-        Egress::Drop(r) => Err(r),
-    }
+    tc::send(
+        ctx,
+        nat::egress(route, egress_if),
+        stats::TC_OUT_ICMP_ERROR_FWD,
+        || rewrite_out(ctx, ip, &q, &rw),
+    )
 }
 
 struct OutRewrite {

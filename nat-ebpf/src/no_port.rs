@@ -21,6 +21,7 @@ use crate::{
     maps::ICMP_RATE,
     nat::Decision,
     parse::{self, ETH_HLEN, Frame},
+    tc,
 };
 
 const ICMP_DEST_UNREACH: u8 = 3;
@@ -69,30 +70,6 @@ pub fn answer(ctx: &TcContext, f: Frame, cfg: &NatConfig) -> (i32, Option<u32>) 
 #[inline(always)]
 fn load<T>(ctx: &TcContext, off: usize) -> Result<T, u32> {
     ctx.load(off).map_err(|_| stats::DROP_INTERNAL)
-}
-
-/// One's complement sum (raw words, unfolded) of `len` bytes from `off`;
-/// `len` at most MAX_QUOTE (a bounded loop, for the verifier).
-#[inline(always)]
-fn sum(ctx: &TcContext, off: usize, len: usize) -> Result<u32, u32> {
-    let mut acc: u32 = 0;
-    let mut i = 0;
-    while i < MAX_QUOTE / 2 {
-        let at = i * 2;
-        if at + 2 > len {
-            break;
-        }
-        let w: u16 = load(ctx, off + at)?;
-        acc += w as u32;
-        i += 1;
-    }
-    if len & 1 == 1 {
-        // The odd last byte is the first byte of a zero-padded word: in a
-        // raw (memory-order) word on this little-endian target, the low one.
-        let b: u8 = load(ctx, off + len - 1)?;
-        acc += b as u32;
-    }
-    Ok(acc)
 }
 
 #[inline(always)]
@@ -146,7 +123,7 @@ fn try_answer(ctx: &TcContext, f: Frame, cfg: &NatConfig) -> Result<(i32, Option
     // checksum, and after the headers move in front that is the quoted
     // one, inside the ICMP checksum. Its field then gets the value such a
     // completion leaves as it is, so the ICMP checksum holds either way.
-    let seg = sum(ctx, ip.l4_off, l4_len)?;
+    let seg = tc::skb_sum::<MAX_QUOTE>(ctx, ip.l4_off, l4_len).ok_or(stats::DROP_INTERNAL)?;
     let partial = match ip.proto {
         IPPROTO_TCP => csum::maybe_partial(
             old_check,
@@ -176,7 +153,8 @@ fn try_answer(ctx: &TcContext, f: Frame, cfg: &NatConfig) -> Result<(i32, Option
     } else {
         seg
     };
-    let quote_sum = csum::fold(sum(ctx, ETH_HLEN, ihl)? + seg);
+    let quote_sum =
+        csum::fold(tc::skb_sum::<MAX_QUOTE>(ctx, ETH_HLEN, ihl).ok_or(stats::DROP_INTERNAL)? + seg);
 
     // Room for the new headers between Ethernet and the quoted IP header.
     ctx.adjust_room(NEW_HDRS as i32, BPF_ADJ_ROOM_MAC, 0)
