@@ -144,6 +144,25 @@ impl Fixture {
         }
     }
 
+    /// A server → SNAT address TCP packet (a reply) as it arrives on `ext`.
+    fn inbound_tcp(&self, dport: u16, flags: u8, payload: &[u8]) -> Packet {
+        Packet {
+            dst_mac: self.ext_mac,
+            src_mac: self.router_mac,
+            src: SERVER_IP,
+            dst: NAT_EXT_IP,
+            ttl: 60,
+            options: vec![],
+            l4: L4::Tcp {
+                sport: 80,
+                dport,
+                flags,
+            },
+            payload: payload.to_vec(),
+            csum: Csum::Full,
+        }
+    }
+
     /// A client → server TCP packet as it arrives on `int`.
     fn outbound_tcp(&self, sport: u16, flags: u8, csum: Csum) -> Packet {
         Packet {
@@ -272,21 +291,7 @@ fn tcp_syn_out_is_translated_to_the_snat_address_and_redirected_to_ext() {
 fn reply_is_translated_back_to_the_inside_host_and_redirected_to_int() {
     let fx = Fixture::new();
     let syn = fx.outbound_tcp(40000, TCP_SYN, Csum::Full).build();
-    let synack = Packet {
-        dst_mac: fx.ext_mac,
-        src_mac: fx.router_mac,
-        src: SERVER_IP,
-        dst: NAT_EXT_IP,
-        ttl: 60,
-        options: vec![],
-        l4: L4::Tcp {
-            sport: 80,
-            dport: 40000,
-            flags: TCP_SYN | TCP_ACK,
-        },
-        payload: b"reply".to_vec(),
-        csum: Csum::Full,
-    };
+    let synack = fx.inbound_tcp(40000, TCP_SYN | TCP_ACK, b"reply");
     let expected = Packet {
         dst_mac: fx.client_mac,
         src_mac: fx.int_mac,
@@ -561,22 +566,7 @@ fn the_first_reply_marks_the_session_answered() {
     let fx = Fixture::new();
     let syn = fx.outbound_tcp(40000, TCP_SYN, Csum::Full).build();
     let ack = fx.outbound_tcp(40000, TCP_ACK, Csum::Full).build();
-    let synack = Packet {
-        dst_mac: fx.ext_mac,
-        src_mac: fx.router_mac,
-        src: SERVER_IP,
-        dst: NAT_EXT_IP,
-        ttl: 60,
-        options: vec![],
-        l4: L4::Tcp {
-            sport: 80,
-            dport: 40000,
-            flags: TCP_SYN | TCP_ACK,
-        },
-        payload: vec![],
-        csum: Csum::Full,
-    }
-    .build();
+    let synack = fx.inbound_tcp(40000, TCP_SYN | TCP_ACK, &[]).build();
     let (opened, more_out, replied) = fx.run(fx.config(1024, 65535), 1024, |ebpf| {
         assert_eq!(run_xdp(ebpf, PROG_XDP_INT, &syn).0, XDP_REDIRECT);
         let opened = ct(ebpf, MAP_CT_FWD)[0].1.flags;

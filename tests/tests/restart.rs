@@ -39,6 +39,21 @@ fn args(pins: &Path) -> Vec<String> {
     ]
 }
 
+/// The command line of a loader on the lab's NICs with pin dir `pins`.
+fn loader_argv(pins: &Path, extra: &[&str]) -> Vec<String> {
+    let bin = loader_path().expect("loader binary");
+    let mut argv: Vec<String> = vec![
+        bin.display().to_string(),
+        "--int".into(),
+        INT_IF.into(),
+        "--ext".into(),
+        EXT_IF.into(),
+    ];
+    argv.extend(extra.iter().map(|a| a.to_string()));
+    argv.extend(args(pins));
+    argv
+}
+
 fn start(lab: &Lab, pins: &Path, extra: &[&str]) -> Gateway {
     start_with(lab, &loader_path().expect("loader binary"), pins, extra)
 }
@@ -437,16 +452,7 @@ fn adopting_incompatible_pins_fails_clearly_and_changes_nothing() {
     gw.signal_and_wait(libc::SIGKILL).expect("SIGKILL");
     let before = program_ids(&lab);
 
-    let bin = loader_path().expect("loader binary");
-    let mut argv: Vec<String> = vec![
-        bin.display().to_string(),
-        "--int".into(),
-        INT_IF.into(),
-        "--ext".into(),
-        EXT_IF.into(),
-    ];
-    argv.extend(args(&pins));
-    argv.extend(["--max-flows".to_string(), "8192".to_string()]);
+    let argv = loader_argv(&pins, &["--max-flows", "8192"]);
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     let out = lab
         .exec_timeout(Host::Nat, &argv, Duration::from_secs(20))
@@ -484,17 +490,7 @@ fn a_second_loader_or_teardown_is_refused_while_a_loader_runs() {
     let mut gw = start(&lab, &pins, &[]);
     let before = program_ids(&lab);
 
-    let bin = loader_path().expect("loader binary");
-    let mut argv: Vec<String> = vec![
-        bin.display().to_string(),
-        "--int".into(),
-        INT_IF.into(),
-        "--ext".into(),
-        EXT_IF.into(),
-        "--probe-port".into(),
-        "0".into(),
-    ];
-    argv.extend(args(&pins));
+    let argv = loader_argv(&pins, &["--probe-port", "0"]);
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     let out = lab
         .exec_timeout(Host::Nat, &argv, Duration::from_secs(20))
