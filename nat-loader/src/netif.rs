@@ -48,7 +48,26 @@ pub async fn lookup(handle: &Handle, name: &str) -> Result<NetIf> {
         LinkAttribute::Address(m) => <[u8; 6]>::try_from(m.as_slice()).ok(),
         _ => None,
     });
-    let mut ipv4 = Vec::new();
+    let ipv4 = addresses(handle, index)
+        .await
+        .with_context(|| format!("listing addresses of {name}"))?
+        .into_iter()
+        .map(|(a, _)| a)
+        .collect();
+    Ok(NetIf {
+        name: name.to_string(),
+        index,
+        up,
+        ipv4,
+        controller,
+        mac,
+    })
+}
+
+/// The IPv4 addresses of interface `index` with their prefix lengths,
+/// primary first.
+pub async fn addresses(handle: &Handle, index: u32) -> Result<Vec<(Ipv4Addr, u8)>> {
+    let mut out = Vec::new();
     let mut addrs = handle
         .address()
         .get()
@@ -57,7 +76,7 @@ pub async fn lookup(handle: &Handle, name: &str) -> Result<NetIf> {
     while let Some(msg) = addrs
         .try_next()
         .await
-        .with_context(|| format!("listing addresses of {name}"))?
+        .context("listing interface addresses")?
     {
         // IFA_LOCAL is the interface's own address (IFA_ADDRESS is the peer
         // on point-to-point links); prefer it when present.
@@ -72,17 +91,10 @@ pub async fn lookup(handle: &Handle, name: &str) -> Result<NetIf> {
             })
         });
         if let Some(a) = addr {
-            ipv4.push(a);
+            out.push((a, msg.header.prefix_len));
         }
     }
-    Ok(NetIf {
-        name: name.to_string(),
-        index,
-        up,
-        ipv4,
-        controller,
-        mac,
-    })
+    Ok(out)
 }
 
 /// A fresh rtnetlink connection driven on the current tokio runtime.

@@ -13,13 +13,12 @@
 //! purged after a crash ([`purge_ours`]). [`PolicyRoutes`] records what it
 //! added and removes it when dropped, also after a failure half-way.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::Ipv4Addr;
 
 use anyhow::{Context, Result, bail};
 use futures::TryStreamExt;
 use netlink_packet_route::{
     AddressFamily,
-    address::AddressAttribute,
     route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope},
     rule::{RuleAttribute, RuleMessage},
 };
@@ -109,35 +108,7 @@ pub struct Plan {
     pub internal_cidrs: Vec<Cidr>,
 }
 
-/// The IPv4 addresses of interface `index` with their prefix lengths.
-pub async fn addresses(handle: &Handle, index: u32) -> Result<Vec<(Ipv4Addr, u8)>> {
-    let mut out = Vec::new();
-    let mut addrs = handle
-        .address()
-        .get()
-        .set_link_index_filter(index)
-        .execute();
-    while let Some(msg) = addrs
-        .try_next()
-        .await
-        .context("listing interface addresses")?
-    {
-        let local = msg.attributes.iter().find_map(|a| match a {
-            AddressAttribute::Local(IpAddr::V4(v4)) => Some(*v4),
-            _ => None,
-        });
-        let addr = local.or_else(|| {
-            msg.attributes.iter().find_map(|a| match a {
-                AddressAttribute::Address(IpAddr::V4(v4)) => Some(*v4),
-                _ => None,
-            })
-        });
-        if let Some(a) = addr {
-            out.push((a, msg.header.prefix_len));
-        }
-    }
-    Ok(out)
-}
+pub use crate::netif::addresses;
 
 fn route_table(r: &RouteMessage) -> u32 {
     r.attributes
