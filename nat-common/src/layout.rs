@@ -123,8 +123,11 @@ pub struct BindValue {
     pub port: u16,
     pub flags: u8,
     pub _pad: u8,
-    /// CLOCK_MONOTONIC ns when the sweeper released it (flag set), else 0.
-    pub released_ns: u64,
+    /// CLOCK_MONOTONIC ns: with [`BIND_F_RELEASED`], when the sweeper
+    /// released it; without, when a session last claimed it (the sweeper
+    /// does not release a binding claimed during its pass; see
+    /// [`crate::binding`]).
+    pub stamp_ns: u64,
 }
 
 /// A fragmented datagram as its fragments carry it on `--ext`: the IP
@@ -287,7 +290,7 @@ mod tests {
         assert_eq!(size_of::<BindKey>(), 8);
         assert_eq!(offset_of!(BindKey, proto), 6);
         assert_eq!(size_of::<BindValue>(), 16);
-        assert_eq!(offset_of!(BindValue, released_ns), 8);
+        assert_eq!(offset_of!(BindValue, stamp_ns), 8);
         assert_eq!(bytemuck::bytes_of(&BindKey::new(17, 1, 2))[7], 0);
     }
 

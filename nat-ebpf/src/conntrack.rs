@@ -21,7 +21,13 @@ const REFRESH_NS: u64 = 1_000_000_000;
 /// creating the binding if there is none. The second value is the event to
 /// count when one was created.
 #[inline(always)]
-fn bind(proto: u8, addr: u32, port: u16, cfg: &NatConfig) -> Result<(u16, Option<u32>), u32> {
+fn bind(
+    proto: u8,
+    addr: u32,
+    port: u16,
+    cfg: &NatConfig,
+    now: u64,
+) -> Result<(u16, Option<u32>), u32> {
     let ik = BindKey::new(proto, addr, port);
     if let Some(b) = unsafe { NAT_BIND.get(ik) } {
         let ext_port = b.port;
@@ -29,11 +35,11 @@ fn bind(proto: u8, addr: u32, port: u16, cfg: &NatConfig) -> Result<(u16, Option
         if let Some(r) = NAT_BIND_REV.get_ptr_mut(ek) {
             unsafe {
                 if (*r).addr == addr && (*r).port == port {
-                    if (*r).flags & BIND_F_RELEASED != 0 {
-                        // Taken back within its hold time.
-                        (*r).flags = 0;
-                        (*r).released_ns = 0;
-                    }
+                    // Taken back if released (within its hold time), and
+                    // stamped either way: a sweep walking right now may
+                    // not see the new session (nat_common::binding).
+                    (*r).flags = 0;
+                    (*r).stamp_ns = now;
                     return Ok((ext_port, None));
                 }
             }
@@ -54,7 +60,7 @@ fn bind(proto: u8, addr: u32, port: u16, cfg: &NatConfig) -> Result<(u16, Option
         port,
         flags: 0,
         _pad: 0,
-        released_ns: 0,
+        stamp_ns: now,
     };
     let mut attempt = 0;
     while attempt < ports::MAX_PORT_ATTEMPTS {
@@ -76,7 +82,7 @@ fn bind(proto: u8, addr: u32, port: u16, cfg: &NatConfig) -> Result<(u16, Option
             port: ext_port,
             flags: 0,
             _pad: 0,
-            released_ns: 0,
+            stamp_ns: now,
         };
         return match NAT_BIND.insert(ik, external, BPF_NOEXIST as u64) {
             Ok(()) => Ok((ext_port, Some(stats::EV_NEW_BINDING))),
@@ -123,7 +129,7 @@ fn create_entries(
     now: u64,
     tcp_flags: u8,
 ) -> Result<(Option<u32>, u32), u32> {
-    let (ext_port, bind_event) = bind(key.proto, key.src_addr, key.src_port, cfg)?;
+    let (ext_port, bind_event) = bind(key.proto, key.src_addr, key.src_port, cfg, now)?;
     let reply = CtKey::new(
         key.proto,
         key.dst_addr,

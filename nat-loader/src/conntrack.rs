@@ -12,8 +12,11 @@ use std::{
 use anyhow::Result;
 use aya::maps::{HashMap, MapData, PerCpuArray};
 use nat_common::{
-    BIND_F_NO_HOLD, BIND_F_RELEASED, BindKey, BindValue, CT_F_INBOUND, CtKey, CtValue,
-    IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, stats, tcp, timeouts::Timeouts,
+    BIND_F_RELEASED, BindKey, BindValue, CT_F_INBOUND, CtKey, CtValue, IPPROTO_ICMP, IPPROTO_TCP,
+    IPPROTO_UDP,
+    binding::{self, Fate},
+    stats, tcp,
+    timeouts::Timeouts,
 };
 use tracing::{info, warn};
 
@@ -141,6 +144,10 @@ pub fn sweep(
     // the hold.
     let mut answered_ports: HashSet<BindKey> = HashSet::new();
     let port_of = |v: &CtValue| BindKey::new(v.peer.proto, v.peer.dst_addr, v.peer.dst_port);
+    // Walked before the sessions: the dataplane adds a remote's filter
+    // entry after its session, so every entry seen here has its session in
+    // the walk below, and one added later is left for the next pass.
+    let remotes: Vec<CtKey> = m.adf.keys().filter_map(|r| r.ok()).collect();
     let sessions: Vec<(CtKey, CtValue)> = m.sessions.iter().filter_map(|r| r.ok()).collect();
     let mut alive = Vec::with_capacity(sessions.len());
     for (k, v) in sessions {
@@ -178,49 +185,39 @@ pub fn sweep(
     }
     let bindings: Vec<(BindKey, BindValue)> = m.bind_rev.iter().filter_map(|r| r.ok()).collect();
     for (ek, v) in &bindings {
-        let released = v.flags & BIND_F_RELEASED != 0;
-        if live_ports.contains(ek) {
-            if released {
-                // Taken back by a session (an inbound-opened one, or one
-                // created just as the last pass released the binding).
-                let _ = m.bind_rev.insert(
-                    ek,
-                    BindValue {
-                        flags: 0,
-                        released_ns: 0,
-                        ..*v
-                    },
-                    0,
-                );
+        let in_use = live_ports.contains(ek);
+        match binding::fate(v, in_use, answered_ports.contains(ek), now_ns, hold_ns) {
+            Fate::Keep => {}
+            // Taken back by a session (an inbound-opened one, or one
+            // created just as the last pass released the binding).
+            Fate::Restore => {
+                let _ = m.bind_rev.insert(ek, binding::claimed(v, now_ns), 0);
             }
-        } else if !released {
-            // A binding with no session removed in this pass never had
-            // one (its session did not fit in a full table): unanswered.
-            let no_hold = !answered_ports.contains(ek);
-            let held = BindValue {
-                flags: BIND_F_RELEASED | if no_hold { BIND_F_NO_HOLD } else { 0 },
-                released_ns: now_ns,
-                ..*v
-            };
-            let _ = m.bind_rev.insert(ek, held, 0);
-            out.released += 1;
-            out.released_unanswered += no_hold as usize;
-        } else if v.flags & BIND_F_NO_HOLD != 0 || now_ns.saturating_sub(v.released_ns) > hold_ns {
-            // Read again: an outbound packet of the endpoint may have taken
-            // it back since the walk (the dataplane clears the flags).
-            let still_released = m
-                .bind_rev
-                .get(ek, 0)
-                .is_ok_and(|r| r.flags & BIND_F_RELEASED != 0);
-            if !still_released {
-                continue;
+            Fate::Release { no_hold } => {
+                let _ = m
+                    .bind_rev
+                    .insert(ek, binding::released(v, no_hold, now_ns), 0);
+                out.released += 1;
+                out.released_unanswered += no_hold as usize;
             }
-            let ik = BindKey::new(ek.proto, v.addr, v.port);
-            if m.bind.get(&ik, 0).is_ok_and(|b| b.port == ek.port) {
-                let _ = m.bind.remove(&ik);
+            Fate::Free => {
+                // Read again: an outbound packet of the endpoint may have
+                // taken it back since the walk (the dataplane clears the
+                // flags).
+                let still_released = m
+                    .bind_rev
+                    .get(ek, 0)
+                    .is_ok_and(|r| r.flags & BIND_F_RELEASED != 0);
+                if !still_released {
+                    continue;
+                }
+                let ik = BindKey::new(ek.proto, v.addr, v.port);
+                if m.bind.get(&ik, 0).is_ok_and(|b| b.port == ek.port) {
+                    let _ = m.bind.remove(&ik);
+                }
+                let _ = m.bind_rev.remove(ek);
+                out.freed += 1;
             }
-            let _ = m.bind_rev.remove(ek);
-            out.freed += 1;
         }
     }
     // Inside halves whose external half is gone (an insert race lost, or
@@ -237,7 +234,6 @@ pub fn sweep(
             out.orphans += 1;
         }
     }
-    let remotes: Vec<CtKey> = m.adf.keys().filter_map(|r| r.ok()).collect();
     for k in &remotes {
         if !live_remotes.contains(k) {
             let _ = m.adf.remove(k);
