@@ -232,7 +232,8 @@ impl FailoverLab {
             "server",
             &["route", "add", "default", "via", "198.51.100.1"],
         )?;
-        Ok(())
+        let names: Vec<String> = roles.iter().map(|r| ns.ns(r)).collect();
+        crate::netns::wait_links_settled(&names.iter().map(String::as_str).collect::<Vec<_>>())
     }
 
     pub fn instances(&self) -> usize {

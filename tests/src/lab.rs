@@ -184,7 +184,7 @@ impl Lab {
         let fwd = if options.nat_ip_forward { "1" } else { "0" };
         self.sysctl(Host::Nat, "net/ipv4/ip_forward", fwd)?;
         self.sysctl(Host::Router, "net/ipv4/ip_forward", "1")?;
-        Ok(())
+        crate::netns::wait_links_settled(&self.names.iter().map(String::as_str).collect::<Vec<_>>())
     }
 
     /// `natlab-<pid>-<counter>`: the common prefix of this lab's namespaces.

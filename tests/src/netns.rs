@@ -223,3 +223,54 @@ impl Drop for Namespaces {
         }
     }
 }
+
+/// Waits until, in each of `namespaces`, every link that is set up is
+/// operationally up and every bridge port forwards.
+///
+/// A link's carrier reaches its operational state (and a bridge port its
+/// forwarding state) through the kernel's link watch, which batches
+/// events for up to a second when many links change at once (parallel
+/// labs). Until then a bridge drops what a client sends, and a test's
+/// first packet waits out an ARP retransmit: a second lost at random.
+pub fn wait_links_settled(namespaces: &[&str]) -> Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut pending = Vec::new();
+        for ns in namespaces {
+            pending.extend(unsettled_links(ns)?);
+        }
+        if pending.is_empty() {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            anyhow::bail!("links still not up after 10 s: {}", pending.join(", "));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `ns/link` for each link of `ns` that is set up but not yet operationally
+/// up, and each bridge port not yet forwarding.
+fn unsettled_links(ns: &str) -> Result<Vec<String>> {
+    let mut pending = Vec::new();
+    let links = run(Command::new("ip").args(["-n", ns, "-o", "link", "show"]))?;
+    for line in String::from_utf8_lossy(&links.stdout).lines() {
+        // "7: int@if8: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu … state UP …"
+        let name = line.split(": ").nth(1).unwrap_or("").split('@').next();
+        let flags = line.split('<').nth(1).and_then(|r| r.split('>').next());
+        let (Some(name), Some(flags)) = (name, flags) else {
+            continue;
+        };
+        let set_up = flags.split(',').any(|f| f == "UP");
+        if name != "lo" && set_up && !line.contains(" state UP ") {
+            pending.push(format!("{ns}/{name}"));
+        }
+    }
+    let ports = run(Command::new("bridge").args(["-n", ns, "-o", "link", "show"]))?;
+    for line in String::from_utf8_lossy(&ports.stdout).lines() {
+        if !line.contains("state forwarding") {
+            pending.push(format!("{ns} bridge port {line}"));
+        }
+    }
+    Ok(pending)
+}
