@@ -269,14 +269,23 @@ fn rfc4787_req4_port_parity_is_preserved() {
         let c2 = lab
             .udp_socket(Host::Client2, sa(CLIENT2_IP, port))
             .expect("socket");
-        assert_eq!(udp_mapping(&c2, sa(SERVER_IP, 3478)).port(), port);
+        let m2 = udp_mapping(&c2, sa(SERVER_IP, 3478));
+        assert_eq!(
+            m2.port(),
+            port,
+            "client2's {port} not preserved; client1's mappings so far: {:?}",
+            sockets
+                .iter()
+                .map(|(_, m): &(_, SocketAddrV4)| *m)
+                .collect::<Vec<_>>()
+        );
         let c1 = lab
             .udp_socket(Host::Client1, sa(CLIENT1_IP, port))
             .expect("socket");
         let m = udp_mapping(&c1, sa(SERVER_IP, 3478));
         assert_ne!(m.port(), port);
         assert_eq!(m.port() % 2, port % 2, "{port} -> {m}: parity lost");
-        sockets.push((c1, c2));
+        sockets.push(((c1, c2), m));
     }
 }
 
@@ -1093,7 +1102,9 @@ fn rfc4787_req13a_packet_without_df_is_translated_and_fragmented() {
     gw.stop().expect("stop");
     assert_eq!(
         gw.counter("tc_int", "tc_translated_for_kernel_fragmentation"),
-        1
+        1,
+        "the loader's log:\n{}",
+        gw.log().join("\n")
     );
 }
 
@@ -1241,11 +1252,15 @@ fn rfc5508_req5_icmp_error_from_an_inside_host_is_translated_out() {
     );
     // And the server's own stack matched it to its socket: the error is
     // pending there, reported by the next call.
-    let told = match server.send(b"anyone?") {
+    let second_send = server.send(b"anyone?");
+    let told = match &second_send {
         Err(e) => e.kind() == std::io::ErrorKind::ConnectionRefused,
         Ok(_) => refused_within(&server, Duration::from_secs(2)),
     };
-    assert!(told, "the server's socket was not told");
+    assert!(
+        told,
+        "the server's socket was not told (second send: {second_send:?}; error seen: {e:02x?})"
+    );
     gw.stop().expect("stop");
     assert!(gw.counter("tc_int", "tc_out_icmp_error_forwarded") >= 1);
 }
