@@ -255,7 +255,7 @@ install_test() {
     grep -qx 'NAT_LOADER_ARGS="--probe-port 9999"' /etc/nat-loader/nat-loader.env || fail "env file lacks the args"
     calls_match "daemon-reload"
     calls_match "enable nat-loader.service"
-    calls_match "restart nat-loader.service"
+    calls_match "start nat-loader.service"
     log "  fresh install: package $version installed, settings written, service enabled and started"
 
     # 2. the same again: nothing changes, nothing restarts
@@ -277,6 +277,19 @@ install_test() {
         || fail "new args not written"
     calls_match "restart nat-loader.service"
     log "  settings change: env rewritten, service restarted, package kept"
+
+    # 3b. a new package, same settings, service running: the package's
+    #     postinst hands the dataplane over (SIGUSR2); install.sh must not
+    #     restart it, which would lose every flow. (Forgetting the installed
+    #     file's checksum makes the same .deb count as a new one.)
+    rm -f /var/lib/nat-loader-install/package.sha256
+    : >"$WORK/install.log"
+    install_run "package upgrade" --deb "$deb" --ext natchk-ext --int natchk-int \
+        --loader-args "--probe-port 9999 --max-flows 1000" --skip-interface-check
+    grep -q "installing $PACKAGE $version" "$WORK/install.log" || fail "the package was not reinstalled"
+    calls_lack '^(start|restart|stop)( |$)'
+    grep -q 'handed over to the new binary' "$WORK/install.log" || fail "log does not say the package handed over"
+    log "  package upgrade: reinstalled, service handed over by postinst, not restarted"
 
     # 4. accelerated networking, in a private network namespace: a "VF" that
     #    shares the synthetic NIC's MAC and has it as master must be skipped

@@ -125,6 +125,8 @@ log "package file $deb: $PACKAGE $deb_version (sha256 $deb_sha)"
 
 # --- 2. install it unless this very file is installed already -----------------
 changed=0
+package_changed=0
+settings_changed=0
 installed_version=$(dpkg-query -W -f='${db:Status-Status} ${Version}' "$PACKAGE" 2>/dev/null || true)
 installed_sha=$(cat "$STATE_DIR/package.sha256" 2>/dev/null || true)
 if [ "$installed_version" = "installed $deb_version" ] && [ "$installed_sha" = "$deb_sha" ]; then
@@ -135,6 +137,7 @@ else
     mkdir -p "$STATE_DIR"
     printf '%s\n' "$deb_sha" >"$STATE_DIR/package.sha256"
     changed=1
+    package_changed=1
     log "installed $PACKAGE $(dpkg-query -W -f='${Version}' "$PACKAGE")"
 fi
 
@@ -222,6 +225,7 @@ if cmp -s "$new_env" "$ENV_FILE"; then
 else
     install -D -m 0644 "$new_env" "$ENV_FILE"
     changed=1
+    settings_changed=1
     log "wrote $ENV_FILE: ext=$ext_if int=$int_if args='$loader_args'"
 fi
 
@@ -267,13 +271,21 @@ if systemctl_run is-enabled --quiet "$UNIT"; then
 else
     systemctl_run enable "$UNIT"
 fi
-if [ "$changed" -eq 1 ]; then
-    log "package or settings changed: (re)starting $UNIT"
-    systemctl_run restart "$UNIT"
-elif systemctl_run is-active --quiet "$UNIT"; then
-    log "$UNIT already running with these settings: left alone"
-else
+if ! systemctl_run is-active --quiet "$UNIT"; then
     systemctl_run start "$UNIT"
+elif [ "$settings_changed" -eq 1 ]; then
+    # New flags need a new process, and a handover could not adopt a
+    # dataplane of another shape (--max-flows): a clean restart, which
+    # loses the flows through this instance. Drain it first to avoid that.
+    log "settings changed: restarting $UNIT (its flows are lost)"
+    systemctl_run restart "$UNIT"
+elif [ "$package_changed" -eq 1 ]; then
+    # The package's postinst has handed the pinned dataplane over to the
+    # new binary (SIGUSR2, exit 75, restarted by systemd): flows kept. A
+    # restart here would tear that dataplane down again.
+    log "package upgraded: $UNIT was handed over to the new binary by the package, not restarted"
+else
+    log "$UNIT already running with these settings: left alone"
 fi
 
 for _ in 1 2 3 4 5; do
