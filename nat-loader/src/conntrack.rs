@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use aya::maps::{HashMap, MapData, PerCpuArray};
 use nat_common::{
     BIND_F_RELEASED, BindKey, BindValue, CT_F_INBOUND, CtKey, CtValue, IPPROTO_ICMP, IPPROTO_TCP,
@@ -360,5 +360,75 @@ impl Sweeper {
             );
         }
         Ok(s)
+    }
+}
+
+/// The sweeper on a thread of its own. A pass walks every session and
+/// binding through syscalls, about a second at 262 144 sessions and more
+/// at a million; on the runtime's one thread it would hold up the health
+/// checks, the `/healthz` answers and signal handling for that long.
+pub struct SweeperThread {
+    stop: std::sync::mpsc::Sender<()>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SweeperThread {
+    /// Runs a first pass at once, then one every [`Sweeper::next_in`], on
+    /// handles of its own to the maps. A failing pass ends the thread; its
+    /// error is sent on `failed`.
+    pub fn spawn(
+        mut sweeper: Sweeper,
+        mut maps: CtMaps,
+        stats: PerCpuArray<MapData, u64>,
+        failed: tokio::sync::oneshot::Sender<anyhow::Error>,
+    ) -> Result<SweeperThread> {
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("sweeper".into())
+            .spawn(move || {
+                loop {
+                    if let Err(e) = sweeper.run(&mut maps, &stats, crate::monotonic_ns()) {
+                        let _ = failed.send(e);
+                        return;
+                    }
+                    match stopped.recv_timeout(sweeper.next_in()) {
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                        // Asked to stop, or the loader is gone.
+                        _ => return,
+                    }
+                }
+            })
+            .context("starting the sweeper thread")?;
+        Ok(SweeperThread {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops the thread: at once between passes; a pass under way finishes
+    /// first (waited for up to `grace`, then left to end with the process).
+    pub fn stop(&mut self, grace: Duration) {
+        let _ = self.stop.send(());
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        let deadline = std::time::Instant::now() + grace;
+        while !thread.is_finished() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if thread.is_finished() {
+            let _ = thread.join();
+        } else {
+            warn!(
+                seconds = grace.as_secs_f64(),
+                "a conntrack sweep is still running; not waiting for it"
+            );
+        }
+    }
+}
+
+impl Drop for SweeperThread {
+    fn drop(&mut self) {
+        self.stop(Duration::ZERO);
     }
 }

@@ -236,6 +236,16 @@ pub struct CtMaps {
 }
 
 impl CtMaps {
+    /// Opens the pinned conntrack maps again (see [`pinned_map`]).
+    pub fn from_pins(pins: &PinDir) -> Result<CtMaps> {
+        Ok(CtMaps {
+            sessions: pinned_map(pins, MAP_CT_FWD)?,
+            bind: pinned_map(pins, MAP_BIND)?,
+            bind_rev: pinned_map(pins, MAP_BIND_REV)?,
+            adf: pinned_map(pins, MAP_ADF)?,
+        })
+    }
+
     /// Takes the conntrack maps out of a loaded object.
     pub fn take(ebpf: &mut Ebpf) -> Result<CtMaps> {
         Ok(CtMaps {
@@ -380,6 +390,21 @@ fn replace_tc(ebpf: &mut Ebpf, name: &str, ifname: &str, link: FdLink) -> Result
 }
 
 /// Takes a map out of the object so the control plane can own it.
+/// Opens the pinned map `name` in `pins`: a handle of its own, e.g. for a
+/// thread that works on the maps beside the one that loaded them.
+pub fn pinned_map<T>(pins: &PinDir, name: &str) -> Result<T>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let path = pins.pin(name);
+    let data = aya::maps::MapData::from_pin(&path)
+        .with_context(|| format!("opening the pinned map {}", path.display()))?;
+    let map = aya::maps::Map::from_map_data(data)
+        .with_context(|| format!("pinned map {} has an unknown type", path.display()))?;
+    T::try_from(map)
+        .with_context(|| format!("pinned map {} has an unexpected type", path.display()))
+}
+
 pub fn take_map<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,

@@ -18,10 +18,10 @@ use nat_common::{
     DEFAULT_MAX_FRAGMENTS, DEFAULT_PORT_MAX, DEFAULT_PORT_MIN, DEFAULT_PROBE_PORT, FILTER_ADDRESS,
     FILTER_ADDRESS_AND_PORT, FILTER_ENDPOINT_INDEPENDENT, PORT_HOLD_NS, timeouts::Timeouts,
 };
-use nat_common::{PROG_TC_EXT, PROG_TC_INT, PROG_XDP_EXT, PROG_XDP_INT};
+use nat_common::{MAP_STATS, PROG_TC_EXT, PROG_TC_INT, PROG_XDP_EXT, PROG_XDP_INT};
 use nat_loader::{
     caps, conntrack,
-    dataplane::{Dataplane, Exit, Settings, XdpAttach},
+    dataplane::{self, CtMaps, Dataplane, Exit, Settings, XdpAttach},
     health::{self, Probe, Status},
     monotonic_ns, netif,
     pins::{self, PinDir},
@@ -579,7 +579,7 @@ async fn run(args: Args) -> Result<ExitCode> {
         sysctls.restore_to(&record);
         Dataplane::start(&settings, &pins)
     })();
-    let mut dp = match started {
+    let dp = match started {
         Ok(dp) => dp,
         Err(e) => {
             if adopting {
@@ -648,10 +648,23 @@ async fn run(args: Args) -> Result<ExitCode> {
             Some(port) => Some(health::http_listener(port).await?),
             None => None,
         };
-        anyhow::Ok((routes, watched, probe, http))
+        let (failed_tx, failed_rx) = tokio::sync::oneshot::channel();
+        let sweeper = conntrack::SweeperThread::spawn(
+            conntrack::Sweeper::new(
+                timeouts,
+                args.port_hold * SEC,
+                args.max_flows,
+                Duration::from_secs(args.sweep_interval),
+            ),
+            CtMaps::from_pins(&pins).context("opening the conntrack maps for the sweeper")?,
+            dataplane::pinned_map(&pins, MAP_STATS)
+                .context("opening the counters for the sweeper")?,
+            failed_tx,
+        )?;
+        anyhow::Ok((routes, watched, probe, http, (sweeper, failed_rx)))
     }
     .await;
-    let (mut routes, watched, mut probe, http) = match ready {
+    let (mut routes, watched, mut probe, http, (mut sweeper, mut sweep_failed)) = match ready {
         Ok(r) => r,
         Err(e) => {
             let how = if dp.adopted {
@@ -690,14 +703,6 @@ async fn run(args: Args) -> Result<ExitCode> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigusr2 =
         signal(SignalKind::user_defined2()).context("installing the SIGUSR2 handler")?;
-    let mut sweeper = conntrack::Sweeper::new(
-        timeouts,
-        args.port_hold * SEC,
-        args.max_flows,
-        Duration::from_secs(args.sweep_interval),
-    );
-    // Re-armed after each pass: sooner under table pressure.
-    let mut next_sweep = tokio::time::Instant::now();
     let stats_every = Duration::from_secs(args.stats_interval.max(1));
     let mut stats_tick = tokio::time::interval(stats_every);
     let mut health_tick = tokio::time::interval(health::CHECK_INTERVAL);
@@ -747,14 +752,11 @@ async fn run(args: Args) -> Result<ExitCode> {
                 }
                 continue;
             }
-            _ = tokio::time::sleep_until(next_sweep) => {
-                if let Err(e) = sweeper.run(&mut dp.maps, &dp.stats, monotonic_ns()) {
-                    // A failing control plane is not a failing dataplane:
-                    // leave it forwarding for the restarted loader.
-                    break (Exit::KeepForwarding, Err(e.context("sweeping conntrack")));
-                }
-                next_sweep = tokio::time::Instant::now() + sweeper.next_in();
-                continue;
+            failed = &mut sweep_failed => {
+                // A failing control plane is not a failing dataplane: leave
+                // it forwarding for the restarted loader.
+                let e = failed.unwrap_or_else(|_| anyhow::anyhow!("the sweeper thread died"));
+                break (Exit::KeepForwarding, Err(e.context("sweeping conntrack")));
             }
             _ = stats_tick.tick(), if args.stats_interval > 0 => {
                 log_stats(&dp, args.show_flows);
@@ -786,6 +788,8 @@ async fn run(args: Args) -> Result<ExitCode> {
             "{signal}: draining: probe closed, forwarding goes on (signal again to stop now)"
         );
     };
+    // A pass under way would only find the maps going away.
+    sweeper.stop(Duration::from_secs(2));
     // Probes fail before the programs go.
     drop(probe);
     if let Some(h) = http {
