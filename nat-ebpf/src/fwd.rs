@@ -1,5 +1,5 @@
-//! Benchmark-only programs (`cargo xtask bench`), never attached by the
-//! loader: the forward-only XDP program that is the ceiling of a topology
+//! Benchmark-only programs (`cargo xtask bench`), built into their own
+//! object (`nat-bench-ebpf`, see bench.rs) and never attached by the loader: the forward-only XDP program that is the ceiling of a topology
 //! (route lookup, MACs, TTL, redirect; no NAT), the sink's counter that
 //! counts and drops the benchmark's UDP blast at the receiving end, and the
 //! generator's redirect that hands the blast to the gateway as raw frames,

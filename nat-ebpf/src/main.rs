@@ -7,7 +7,6 @@
 mod conntrack;
 mod fib;
 mod frag;
-mod fwd;
 mod hairpin;
 mod icmp_err;
 mod maps;

@@ -138,16 +138,20 @@ fn build_ebpf(root: &Path) -> Result<()> {
             "bpfel-unknown-none",
         ]);
     run(&mut cmd)?;
-    let obj = ebpf_object(root);
-    if !obj.exists() {
-        bail!("the eBPF build finished but {} is missing", obj.display());
+    for name in ["nat-ebpf", "nat-bench-ebpf"] {
+        let obj = ebpf_object(root, name);
+        if !obj.exists() {
+            bail!("the eBPF build finished but {} is missing", obj.display());
+        }
+        eprintln!("xtask: eBPF object at {}", obj.display());
     }
-    eprintln!("xtask: eBPF object at {}", obj.display());
     Ok(())
 }
 
-fn ebpf_object(root: &Path) -> PathBuf {
-    root.join("target/bpfel-unknown-none/release/nat-ebpf")
+/// The gateway's object is `nat-ebpf`; the benchmark's own programs are in
+/// `nat-bench-ebpf`.
+fn ebpf_object(root: &Path, name: &str) -> PathBuf {
+    root.join("target/bpfel-unknown-none/release").join(name)
 }
 
 fn cargo() -> Command {

@@ -18,8 +18,8 @@ use aya::{
     programs::{LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode, tc::TcAttachOptions},
 };
 use nat_common::{
-    MAP_ADF, MAP_BENCH_REDIRECT, MAP_BENCH_SINK, MAP_BIND, MAP_BIND_REV, MAP_CT_FWD, MAP_FRAG_HELD,
-    MAP_FRAG_TRACK, PROG_BENCH_PASS, PROG_BENCH_REDIRECT, PROG_BENCH_SINK, PROG_XDP_FWD_ONLY,
+    MAP_BENCH_REDIRECT, MAP_BENCH_SINK, PROG_BENCH_PASS, PROG_BENCH_REDIRECT, PROG_BENCH_SINK,
+    PROG_XDP_FWD_ONLY,
 };
 
 use crate::{
@@ -538,18 +538,26 @@ impl Drop for Topo {
     }
 }
 
-/// The embedded object with its conntrack maps shrunk to one entry: the
-/// benchmark's own programs never touch them.
+/// The benchmark's own eBPF object (`nat-bench-ebpf`, built beside the
+/// gateway's by `cargo xtask build-ebpf`); `NAT_BENCH_EBPF_OBJECT` overrides
+/// the path.
+pub fn bench_object_path() -> std::path::PathBuf {
+    std::env::var_os("NAT_BENCH_EBPF_OBJECT")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../target/bpfel-unknown-none/release/nat-bench-ebpf")
+        })
+}
+
 fn load_object() -> Result<Ebpf> {
-    EbpfLoader::new()
-        .map_max_entries(MAP_CT_FWD, 1)
-        .map_max_entries(MAP_BIND, 1)
-        .map_max_entries(MAP_BIND_REV, 1)
-        .map_max_entries(MAP_ADF, 1)
-        .map_max_entries(MAP_FRAG_TRACK, 1)
-        .map_max_entries(MAP_FRAG_HELD, 1)
-        .load(nat_loader::EBPF_OBJECT)
-        .context("loading the eBPF object")
+    let path = bench_object_path();
+    EbpfLoader::new().load_file(&path).with_context(|| {
+        format!(
+            "loading the benchmark's eBPF object {} (built by `cargo xtask build`)",
+            path.display()
+        )
+    })
 }
 
 pub fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
