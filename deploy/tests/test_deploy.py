@@ -263,6 +263,9 @@ class Template(unittest.TestCase):
         self.assertTrue(p["automaticRepairsPolicy"]["enabled"])
         term = p["virtualMachineProfile"]["scheduledEventsProfile"]["terminateNotificationProfile"]
         self.assertTrue(term["enable"])
+        # The notice is only worth something if the loader listens for it:
+        # it drains, then approves the event.
+        self.assertIn("--scheduled-events", ev.variable("installCommand"))
         self.assertTrue(p["virtualMachineProfile"]["osProfile"]["linuxConfiguration"]["disablePasswordAuthentication"])
         health = self._health_extension(res)
         self.assertEqual(health["type"], "ApplicationHealthLinux")

@@ -4,6 +4,7 @@
 pub mod caps;
 pub mod conntrack;
 pub mod dataplane;
+pub mod events;
 pub mod health;
 pub mod netif;
 pub mod pins;

@@ -22,6 +22,7 @@ use nat_common::{MAP_STATS, PROG_TC_EXT, PROG_TC_INT, PROG_XDP_EXT, PROG_XDP_INT
 use nat_loader::{
     caps, conntrack,
     dataplane::{self, CtMaps, Dataplane, Exit, Settings, XdpAttach},
+    events::{self, Departure, Imds},
     health::{self, Probe, Status},
     monotonic_ns, netif,
     pins::{self, PinDir},
@@ -175,6 +176,12 @@ struct Args {
     /// ones finish, then detach. A second signal stops at once.
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     drain_seconds: u64,
+    /// Watch Azure's Scheduled Events (the metadata service's notice that
+    /// the platform will terminate, evict, reboot or redeploy this VM): on
+    /// such a notice, drain as on SIGTERM, then approve the event and shut
+    /// down. URL [default when given alone: the metadata service's].
+    #[arg(long, value_name = "URL", num_args = 0..=1, default_missing_value = events::DEFAULT_URL, value_parser = parse_events_url)]
+    scheduled_events: Option<String>,
     /// Do not add policy rules and routes (replies to probes then follow
     /// the main table, which on a two-NIC VM sends them out of --ext).
     #[arg(long)]
@@ -242,6 +249,65 @@ enum Command {
         #[arg(long, value_name = "DIR", default_value = pins::DEFAULT_DIR)]
         bpffs_dir: PathBuf,
     },
+}
+
+/// The receiver half of the Scheduled Events watch and its task.
+type LeaveNotices = (
+    Imds,
+    tokio::sync::watch::Receiver<Option<Departure>>,
+    tokio::task::JoinHandle<()>,
+);
+
+/// The next change of the event that takes this VM away (`None`: no such
+/// event any more); pending forever without `--scheduled-events`.
+async fn next_notice(n: &mut Option<LeaveNotices>) -> Option<Departure> {
+    let Some((_, rx, _)) = n else {
+        return std::future::pending().await;
+    };
+    if rx.changed().await.is_err() {
+        // The watcher is gone (it never returns; only at shutdown).
+        return std::future::pending().await;
+    }
+    rx.borrow_and_update().clone()
+}
+
+/// Polls the Scheduled Events document every [`events::POLL_INTERVAL`] and
+/// publishes the first event that takes VM `vm` away (or `None`). Read
+/// errors are logged once per outage and retried: a metadata service that
+/// is briefly away must not take the gateway down.
+async fn watch_events(imds: Imds, vm: String, tx: tokio::sync::watch::Sender<Option<Departure>>) {
+    let mut tick = tokio::time::interval(events::POLL_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tick.tick().await;
+        match imds.events().await {
+            Ok(doc) => {
+                if failing {
+                    info!("scheduled events readable again");
+                    failing = false;
+                }
+                let next = events::departures(&doc, &vm).into_iter().next();
+                tx.send_if_modified(|cur| {
+                    let changed = *cur != next;
+                    *cur = next;
+                    changed
+                });
+            }
+            Err(e) => {
+                if !failing {
+                    warn!(error = %format!("{e:#}"), "reading scheduled events failed; retrying every second");
+                    failing = true;
+                }
+            }
+        }
+    }
+}
+
+fn parse_events_url(s: &str) -> Result<String, String> {
+    events::Imds::new(s)
+        .map(|_| s.to_string())
+        .map_err(|e| format!("{e:#}"))
 }
 
 fn parse_table(s: &str) -> Result<u32, String> {
@@ -648,6 +714,19 @@ async fn run(args: Args) -> Result<ExitCode> {
             Some(port) => Some(health::http_listener(port).await?),
             None => None,
         };
+        let leave_notices = match &args.scheduled_events {
+            Some(url) => {
+                let imds = Imds::new(url)?;
+                let vm = imds
+                    .vm_name()
+                    .await
+                    .context("--scheduled-events needs the instance metadata service")?;
+                info!(vm = %vm, url = %url, "watching scheduled events");
+                let (tx, rx) = tokio::sync::watch::channel(None);
+                Some((imds.clone(), rx, tokio::spawn(watch_events(imds, vm, tx))))
+            }
+            None => None,
+        };
         let (failed_tx, failed_rx) = tokio::sync::oneshot::channel();
         let sweeper = conntrack::SweeperThread::spawn(
             conntrack::Sweeper::new(
@@ -661,24 +740,32 @@ async fn run(args: Args) -> Result<ExitCode> {
                 .context("opening the counters for the sweeper")?,
             failed_tx,
         )?;
-        anyhow::Ok((routes, watched, probe, http, (sweeper, failed_rx)))
+        anyhow::Ok((
+            routes,
+            watched,
+            probe,
+            http,
+            (sweeper, failed_rx),
+            leave_notices,
+        ))
     }
     .await;
-    let (mut routes, watched, mut probe, http, (mut sweeper, mut sweep_failed)) = match ready {
-        Ok(r) => r,
-        Err(e) => {
-            let how = if dp.adopted {
-                sysctls.keep();
-                Exit::KeepForwarding
-            } else {
-                Exit::Teardown
-            };
-            if let Err(e2) = dp.stop(how) {
-                warn!(error = %format!("{e2:#}"), "cleaning up");
+    let (mut routes, watched, mut probe, http, (mut sweeper, mut sweep_failed), mut leave_notices) =
+        match ready {
+            Ok(r) => r,
+            Err(e) => {
+                let how = if dp.adopted {
+                    sysctls.keep();
+                    Exit::KeepForwarding
+                } else {
+                    Exit::Teardown
+                };
+                if let Err(e2) = dp.stop(how) {
+                    warn!(error = %format!("{e2:#}"), "cleaning up");
+                }
+                return Err(e);
             }
-            return Err(e);
-        }
-    };
+        };
     let mut status = health::check(&handle, &watched, &dp.stats).await;
     if let Status::Unhealthy(reason) = &status {
         warn!(%reason, "not healthy yet: the probe stays closed until it is");
@@ -708,6 +795,8 @@ async fn run(args: Args) -> Result<ExitCode> {
     let mut health_tick = tokio::time::interval(health::CHECK_INTERVAL);
     health_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut drain_until: Option<tokio::time::Instant> = None;
+    // The scheduled event this instance is draining for, if any.
+    let mut leaving: Option<Departure> = None;
     let (how, result) = loop {
         let signal = tokio::select! {
             _ = sigint.recv() => "SIGINT",
@@ -717,8 +806,47 @@ async fn run(args: Args) -> Result<ExitCode> {
                 break (Exit::KeepForwarding, Ok(()));
             }
             _ = sleep_until(drain_until), if drain_until.is_some() => {
-                info!("drain over: shutting down");
+                match (&leaving, &leave_notices) {
+                    (Some(d), Some((imds, _, _))) => match imds.approve(&d.id).await {
+                        Ok(()) => info!(event = %d.id, "drain over: approved the scheduled event; shutting down"),
+                        Err(e) => warn!(
+                            event = %d.id, error = %format!("{e:#}"),
+                            "drain over: could not approve the scheduled event (the platform goes ahead \
+                             at its deadline); shutting down"
+                        ),
+                    },
+                    _ => info!("drain over: shutting down"),
+                }
                 break (Exit::Teardown, Ok(()));
+            }
+            notice = next_notice(&mut leave_notices) => {
+                match (notice, &leaving) {
+                    // Draining already (a signal): the shutdown is on its way.
+                    (Some(_), None) if drain_until.is_some() => {}
+                    (Some(d), None) => {
+                        warn!(
+                            event = %d.id, kind = %d.kind, not_before = %d.not_before,
+                            seconds = args.drain_seconds,
+                            "scheduled event: the platform will take this VM away; draining \
+                             (probe closed, forwarding goes on), then approving it"
+                        );
+                        if let Some(p) = &mut probe {
+                            p.set_open(false);
+                        }
+                        status = Status::Draining;
+                        status_tx.send_replace(Status::Draining);
+                        drain_until = Some(tokio::time::Instant::now() + Duration::from_secs(args.drain_seconds));
+                        leaving = Some(d);
+                    }
+                    (None, Some(d)) => {
+                        // The next health check reopens the probe.
+                        info!(event = %d.id, "the scheduled event was withdrawn: drain cancelled");
+                        leaving = None;
+                        drain_until = None;
+                    }
+                    _ => {}
+                }
+                continue;
             }
             _ = health_tick.tick() => {
                 let now = if drain_until.is_some() {
@@ -790,6 +918,9 @@ async fn run(args: Args) -> Result<ExitCode> {
     };
     // A pass under way would only find the maps going away.
     sweeper.stop(Duration::from_secs(2));
+    if let Some((_, _, watcher)) = leave_notices {
+        watcher.abort();
+    }
     // Probes fail before the programs go.
     drop(probe);
     if let Some(h) = http {

@@ -552,3 +552,270 @@ fn purge_ours_removes_the_rules_and_routes_a_killed_loader_left_and_nothing_else
     );
     assert_eq!(purge(), (0, 0), "a second purge finds nothing");
 }
+
+// ---- Azure Scheduled Events ----
+
+/// The VM name the stub metadata service reports.
+const STUB_VM: &str = "natvmss_3";
+
+/// A stand-in for the instance metadata service on the `nat` namespace's
+/// loopback (never the real 169.254.169.254): serves the VM's name and a
+/// Scheduled Events document the test sets, and records every approval.
+struct StubImds {
+    addr: std::net::SocketAddr,
+    events: std::sync::Arc<std::sync::Mutex<String>>,
+    approvals: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl StubImds {
+    fn start(lab: &Lab) -> StubImds {
+        use std::sync::{Arc, Mutex, atomic::AtomicBool};
+        // A socket stays in the namespace it was made in, whichever thread
+        // serves it.
+        let listener = lab
+            .in_ns(Host::Nat, || std::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("in nat")
+            .expect("binding the stub metadata service");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let addr = listener.local_addr().expect("address");
+        let events = Arc::new(Mutex::new(Self::document(None)));
+        let approvals = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ev, ap, st) = (events.clone(), approvals.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            while !st.load(std::sync::atomic::Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((s, _)) => Self::serve(s, &ev, &ap),
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        StubImds {
+            addr,
+            events,
+            approvals,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!(
+            "http://{}/metadata/scheduledevents?api-version=2020-07-01",
+            self.addr
+        )
+    }
+
+    /// A Scheduled Events document: no event, or event `id` of `kind` for
+    /// this VM.
+    fn document(event: Option<(&str, &str)>) -> String {
+        let events = match event {
+            Some((id, kind)) => format!(
+                r#"[{{"EventId":"{id}","EventType":"{kind}","ResourceType":"VirtualMachine","Resources":["{STUB_VM}"],"EventStatus":"Scheduled","NotBefore":"Sat, 21 Nov 2026 23:59:00 GMT","Description":"test","EventSource":"Platform","DurationInSeconds":-1}}]"#
+            ),
+            None => "[]".into(),
+        };
+        format!(r#"{{"DocumentIncarnation":1,"Events":{events}}}"#)
+    }
+
+    fn set(&self, event: Option<(&str, &str)>) {
+        *self.events.lock().expect("lock") = Self::document(event);
+    }
+
+    fn approvals(&self) -> Vec<String> {
+        self.approvals.lock().expect("lock").clone()
+    }
+
+    fn serve(
+        mut s: std::net::TcpStream,
+        events: &std::sync::Mutex<String>,
+        approvals: &std::sync::Mutex<Vec<String>>,
+    ) {
+        let _ = s.set_nonblocking(false);
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        let mut req = Vec::new();
+        let mut buf = [0u8; 4096];
+        // Head, then as much body as Content-Length says.
+        let (head, body) = loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => req.extend_from_slice(&buf[..n]),
+            }
+            let Some(i) = req.windows(4).position(|w| w == b"\r\n\r\n") else {
+                continue;
+            };
+            let head = String::from_utf8_lossy(&req[..i]).into_owned();
+            let want = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                })
+                .unwrap_or(0);
+            if req.len() >= i + 4 + want {
+                break (
+                    head,
+                    String::from_utf8_lossy(&req[i + 4..i + 4 + want]).into_owned(),
+                );
+            }
+        };
+        let line = head.lines().next().unwrap_or("");
+        let metadata_header = head
+            .lines()
+            .any(|l| l.eq_ignore_ascii_case("metadata: true"));
+        let (code, text) = if !metadata_header {
+            (400, "no Metadata: true header".to_string())
+        } else if line.starts_with("GET /metadata/instance/compute/name") {
+            (200, STUB_VM.to_string())
+        } else if line.starts_with("GET /metadata/scheduledevents") {
+            (200, events.lock().expect("lock").clone())
+        } else if line.starts_with("POST /metadata/scheduledevents") {
+            approvals.lock().expect("lock").push(body);
+            (200, String::new())
+        } else {
+            (404, "not found".to_string())
+        };
+        let _ = write!(
+            s,
+            "HTTP/1.1 {code} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
+            text.len()
+        );
+    }
+}
+
+impl Drop for StubImds {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn ping_through(lab: &Lab) -> bool {
+    lab.exec(
+        Host::Client1,
+        &[
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            "1",
+            &nat_lab::SERVER_IP.to_string(),
+        ],
+    )
+    .is_ok()
+}
+
+#[test]
+fn scheduled_terminate_drains_keeps_forwarding_then_approves_and_leaves_nothing_behind() {
+    let lab = lab();
+    let imds = StubImds::start(&lab);
+    let drain = Duration::from_secs(4);
+    let mut gw = Gateway::start(
+        &lab,
+        &[
+            "--scheduled-events",
+            &imds.url(),
+            "--drain-seconds",
+            "4",
+            "--stats-interval",
+            "0",
+        ],
+    )
+    .expect("starting");
+    time_until_accepted(|| probe_ok(&lab), Duration::from_secs(3)).expect("probe answers");
+    assert!(ping_through(&lab), "forwarding before the event");
+    imds.set(Some(("9f3c-terminate", "Terminate")));
+    let t0 = Instant::now();
+    // Polled every second, then the probe closes at once.
+    time_until_refused(|| probe_ok(&lab), Duration::from_secs(3))
+        .expect("the probe fails once the event is seen");
+    assert!(ping_through(&lab), "still forwarding during the drain");
+    assert!(
+        imds.approvals().is_empty(),
+        "approved before the drain was over"
+    );
+    let status = gw
+        .wait(drain + Duration::from_secs(5))
+        .expect("waiting")
+        .expect("the loader shuts down after the drain");
+    let took = t0.elapsed();
+    eprintln!("event seen, drained and approved; exited {took:.2?} after the event appeared");
+    assert!(status.success(), "{:#?}", gw.log());
+    assert!(
+        took >= drain,
+        "exited before the drain window was over: {took:?}"
+    );
+    let approvals = imds.approvals();
+    assert_eq!(approvals.len(), 1, "{approvals:?}");
+    let body: serde_json::Value = serde_json::from_str(&approvals[0]).expect("JSON approval");
+    assert_eq!(body["StartRequests"][0]["EventId"], "9f3c-terminate");
+    let run = |argv: &[&str]| stdout(lab.exec(Host::Nat, argv).expect("in nat"));
+    let tcx = |ifname: String| {
+        lab.in_ns(Host::Nat, move || tcx_count(&ifname))
+            .expect("in nat")
+    };
+    assert_eq!(attached(&run, &tcx, INT_IF), (false, 0, false));
+    assert_eq!(attached(&run, &tcx, EXT_IF), (false, 0, false));
+    let left = policy_left(&run);
+    assert!(left.is_empty(), "rules or routes of ours left:\n{left}");
+}
+
+#[test]
+fn a_freeze_is_ignored_and_a_withdrawn_terminate_cancels_the_drain() {
+    let lab = lab();
+    let imds = StubImds::start(&lab);
+    let mut gw = Gateway::start(
+        &lab,
+        &[
+            "--scheduled-events",
+            &imds.url(),
+            "--drain-seconds",
+            "30",
+            "--stats-interval",
+            "0",
+        ],
+    )
+    .expect("starting");
+    time_until_accepted(|| probe_ok(&lab), Duration::from_secs(3)).expect("probe answers");
+    // A Freeze pauses the VM for seconds; its flows stay, so no drain.
+    imds.set(Some(("f1", "Freeze")));
+    // Polled every second: after 2.5 s it has been read twice.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(
+        !gw.log().iter().any(|l| l.contains("draining")),
+        "drained for a Freeze: {:#?}",
+        gw.log()
+    );
+    time_until_accepted(|| probe_ok(&lab), Duration::from_secs(2))
+        .expect("the probe still answers");
+    imds.set(Some(("t2", "Terminate")));
+    time_until_refused(|| probe_ok(&lab), Duration::from_secs(3))
+        .expect("the probe fails for a Terminate");
+    imds.set(None);
+    time_until_accepted(|| probe_ok(&lab), Duration::from_secs(3))
+        .expect("the probe answers again once the event is withdrawn");
+    assert!(
+        gw.wait(Duration::from_millis(500))
+            .expect("waiting")
+            .is_none(),
+        "still running"
+    );
+    assert!(imds.approvals().is_empty(), "{:?}", imds.approvals());
+    // Shut down without the 30 s drain: a second SIGTERM stops at once.
+    gw.signal_term().expect("SIGTERM");
+    time_until_refused(|| probe_ok(&lab), Duration::from_secs(1)).expect("draining");
+    gw.signal_term().expect("second SIGTERM");
+    gw.wait(Duration::from_secs(5))
+        .expect("waiting")
+        .expect("stopped");
+    assert!(
+        gw.log().iter().any(|l| l.contains("withdrawn")),
+        "{:#?}",
+        gw.log()
+    );
+}
