@@ -50,6 +50,19 @@ fn attached(
     )
 }
 
+/// No program, qdisc, policy rule or route of ours left in the lab's `nat`.
+fn assert_nothing_of_ours_left(lab: &Lab) {
+    let run = |argv: &[&str]| stdout(lab.exec(Host::Nat, argv).expect("in nat"));
+    let tcx = |ifname: String| {
+        lab.in_ns(Host::Nat, move || tcx_count(&ifname))
+            .expect("in nat")
+    };
+    assert_eq!(attached(&run, &tcx, INT_IF), (false, 0, false));
+    assert_eq!(attached(&run, &tcx, EXT_IF), (false, 0, false));
+    let left = policy_left(&run);
+    assert!(left.is_empty(), "rules or routes of ours left:\n{left}");
+}
+
 fn tcx_count(ifname: &str) -> usize {
     SchedClassifier::query_tcx(ifname, TcAttachType::Ingress)
         .map(|(_, p)| p.len())
@@ -495,15 +508,7 @@ fn a_second_sigterm_during_the_drain_stops_at_once_and_cleans_up() {
         .expect("a second SIGTERM stops at once");
     eprintln!("exited {:.2?} after the second SIGTERM", t.elapsed());
     assert!(status.success(), "{:#?}", gw.log());
-    let run = |argv: &[&str]| stdout(lab.exec(Host::Nat, argv).expect("in nat"));
-    let tcx = |ifname: String| {
-        lab.in_ns(Host::Nat, move || tcx_count(&ifname))
-            .expect("in nat")
-    };
-    assert_eq!(attached(&run, &tcx, INT_IF), (false, 0, false));
-    assert_eq!(attached(&run, &tcx, EXT_IF), (false, 0, false));
-    let left = policy_left(&run);
-    assert!(left.is_empty(), "rules or routes of ours left:\n{left}");
+    assert_nothing_of_ours_left(&lab);
 }
 
 #[test]
@@ -754,15 +759,7 @@ fn scheduled_terminate_drains_keeps_forwarding_then_approves_and_leaves_nothing_
     assert_eq!(approvals.len(), 1, "{approvals:?}");
     let body: serde_json::Value = serde_json::from_str(&approvals[0]).expect("JSON approval");
     assert_eq!(body["StartRequests"][0]["EventId"], "9f3c-terminate");
-    let run = |argv: &[&str]| stdout(lab.exec(Host::Nat, argv).expect("in nat"));
-    let tcx = |ifname: String| {
-        lab.in_ns(Host::Nat, move || tcx_count(&ifname))
-            .expect("in nat")
-    };
-    assert_eq!(attached(&run, &tcx, INT_IF), (false, 0, false));
-    assert_eq!(attached(&run, &tcx, EXT_IF), (false, 0, false));
-    let left = policy_left(&run);
-    assert!(left.is_empty(), "rules or routes of ours left:\n{left}");
+    assert_nothing_of_ours_left(&lab);
 }
 
 #[test]
