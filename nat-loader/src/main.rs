@@ -1031,6 +1031,28 @@ mod tests {
     }
 
     #[test]
+    fn scheduled_events_is_off_alone_means_the_metadata_service_and_takes_an_http_url() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["nat-loader", "--ext", "eth0", "--int", "eth1"];
+            argv.extend_from_slice(extra);
+            Args::try_parse_from(argv).map(|a| a.scheduled_events)
+        };
+        assert_eq!(parse(&[]).expect("no flag"), None);
+        assert_eq!(
+            parse(&["--scheduled-events", "--probe-port", "9999"]).expect("alone"),
+            Some(events::DEFAULT_URL.to_string())
+        );
+        assert_eq!(
+            parse(&["--scheduled-events", "http://127.0.0.1:8080/se"]).expect("url"),
+            Some("http://127.0.0.1:8080/se".to_string())
+        );
+        let err = parse(&["--scheduled-events", "https://169.254.169.254/x"])
+            .expect_err("https refused")
+            .to_string();
+        assert!(err.contains("only http://"), "{err}");
+    }
+
+    #[test]
     fn teardown_is_a_subcommand_with_its_own_flags() {
         let a = Args::try_parse_from([
             "nat-loader",
