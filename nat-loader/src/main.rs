@@ -466,6 +466,14 @@ async fn purge_policy_routing() -> Result<()> {
 }
 
 async fn run(args: Args) -> Result<ExitCode> {
+    // Caught from the very start: a SIGTERM while the dataplane is being
+    // set up (or the moment the ready line is out, before the main loop
+    // runs) would otherwise kill the process by default, leaving programs,
+    // rules and routes behind. Pending signals are acted on by the loop.
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut sigusr2 =
+        signal(SignalKind::user_defined2()).context("installing the SIGUSR2 handler")?;
     // Everything that can be checked without changing the host comes first,
     // so a bad invocation leaves the host exactly as it was.
     let (Some(ext_name), Some(int_name)) = (args.ext.clone(), args.int.clone()) else {
@@ -786,10 +794,6 @@ async fn run(args: Args) -> Result<ExitCode> {
         "nat-loader ready"
     );
 
-    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut sigusr2 =
-        signal(SignalKind::user_defined2()).context("installing the SIGUSR2 handler")?;
     let stats_every = Duration::from_secs(args.stats_interval.max(1));
     let mut stats_tick = tokio::time::interval(stats_every);
     let mut health_tick = tokio::time::interval(health::CHECK_INTERVAL);

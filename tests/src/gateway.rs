@@ -36,6 +36,8 @@ pub struct Gateway {
     log: Arc<Mutex<Vec<String>>>,
     /// Reads the loader's stderr until it closes (the loader exited).
     reader: Option<std::thread::JoinHandle<()>>,
+    /// How [`Gateway::stop`] found the loader ending, for failure messages.
+    stopped: Option<std::process::ExitStatus>,
 }
 
 /// The log line the loader prints once everything is attached.
@@ -97,6 +99,7 @@ impl Gateway {
             child: Some(child),
             log,
             reader: Some(reader),
+            stopped: None,
         };
         match ready_rx.recv_timeout(Duration::from_secs(30)) {
             Ok(()) => Ok(gw),
@@ -177,6 +180,7 @@ impl Gateway {
             .take()
             .context("the loader was already stopped")?;
         let status = child.terminate(Duration::from_secs(10))?;
+        self.stopped = Some(status);
         self.drain_log();
         Ok(status)
     }
@@ -232,11 +236,23 @@ impl Drop for Gateway {
 impl Gateway {
     /// A counter from the last stats line the loader logged for `hook`
     /// (it logs them at exit): e.g. `counter("xdp_int", "xdp_out_forwarded")`.
+    ///
+    /// A counter missing from its hook's line is zero (only non-zero ones
+    /// are logged), but a log with no stats line at all means the loader
+    /// never reported them: that panics with the log, rather than reading
+    /// as zeros.
     pub fn counter(&self, hook: &str, label: &str) -> u64 {
+        let log = self.log();
+        if !log.iter().any(|l| l.contains("nat_loader: stats ")) {
+            panic!(
+                "asked for counter {hook}/{label}, but the loader logged no stats (stopped: {:?}); its log:\n{}",
+                self.stopped,
+                log.join("\n")
+            );
+        }
         let prefix = format!("stats {hook}: ");
         let key = format!("{label}=");
-        self.log()
-            .iter()
+        log.iter()
             .rev()
             .find_map(|line| line.split_once(&prefix).map(|(_, rest)| rest.to_string()))
             .and_then(|rest| {

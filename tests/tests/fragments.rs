@@ -212,8 +212,17 @@ fn rfc4787_req14_outbound_fragments_in_any_order_are_translated_whole() {
         assert!(got == payload, "order {order:?}: datagram differs");
     }
     gw.stop().expect("stopping the gateway");
-    assert!(gw.counter("tc_int", "tc_fragment_first_forwarded") >= 3);
-    assert!(gw.counter("tc_int", "tc_fragment_forwarded") >= 6);
+    let log = || gw.log().join("\n");
+    assert!(
+        gw.counter("tc_int", "tc_fragment_first_forwarded") >= 3,
+        "{}",
+        log()
+    );
+    assert!(
+        gw.counter("tc_int", "tc_fragment_forwarded") >= 6,
+        "{}",
+        log()
+    );
 }
 
 #[test]
