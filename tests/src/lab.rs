@@ -258,17 +258,7 @@ impl Lab {
         F: FnOnce() -> R + Send,
         R: Send,
     {
-        let path = self.ns_path(h);
-        std::thread::scope(|s| {
-            let thread = s.spawn(move || -> Result<R> {
-                enter_netns(&path)?;
-                Ok(f())
-            });
-            match thread.join() {
-                Ok(result) => result,
-                Err(panic) => std::panic::resume_unwind(panic),
-            }
-        })
+        in_netns(&self.ns_path(h), f)
     }
 
     /// A UDP socket in `h` bound to `bind` (`0.0.0.0:0` for any).
@@ -406,6 +396,25 @@ impl Drop for LabChild {
             let _ = self.child.wait();
         }
     }
+}
+
+/// Runs `f` on a new thread that joined the namespace at `path` and
+/// returns its result (a panic in `f` is re-raised here).
+pub(crate) fn in_netns<F, R>(path: &Path, f: F) -> Result<R>
+where
+    F: FnOnce() -> R + Send,
+    R: Send,
+{
+    std::thread::scope(|s| {
+        let thread = s.spawn(move || -> Result<R> {
+            enter_netns(path)?;
+            Ok(f())
+        });
+        match thread.join() {
+            Ok(result) => result,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    })
 }
 
 pub(crate) fn enter_netns(path: &Path) -> Result<()> {

@@ -17,7 +17,7 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 use crate::LabChild;
 use crate::lab::{
-    NETNS_ADD, NETNS_DIR, enter_netns, kill_if_running_child, kill_processes_in,
+    NETNS_ADD, NETNS_DIR, enter_netns, in_netns, kill_if_running_child, kill_processes_in,
     output_with_timeout, remove_stale_namespaces, run,
 };
 
@@ -148,17 +148,7 @@ impl Namespaces {
         F: FnOnce() -> R + Send,
         R: Send,
     {
-        let path = Path::new(NETNS_DIR).join(self.name(role));
-        std::thread::scope(|s| {
-            let t = s.spawn(move || -> Result<R> {
-                enter_netns(&path)?;
-                Ok(f())
-            });
-            match t.join() {
-                Ok(r) => r,
-                Err(panic) => std::panic::resume_unwind(panic),
-            }
-        })
+        in_netns(&Path::new(NETNS_DIR).join(self.name(role)), f)
     }
 
     /// Spawns a long-running thread inside `role`.

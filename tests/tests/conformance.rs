@@ -346,18 +346,7 @@ fn inbound_only_arrivals(extra: &[&str]) -> usize {
     let mut args = vec!["--udp-timeout", "2", "--sweep-interval", "1"];
     args.extend_from_slice(extra);
     let _gw = gateway(&lab, &args);
-    let server = lab
-        .udp_socket(Host::Server, sa(SERVER_IP, 3490))
-        .expect("server socket");
-    let c = lab
-        .udp_socket(Host::Client1, sa(CLIENT1_IP, 40400))
-        .expect("socket");
-    c.send_to(b"hello", sa(SERVER_IP, 3490)).expect("probe");
-    server
-        .set_read_timeout(Some(Duration::from_secs(2)))
-        .expect("timeout");
-    let mut buf = [0u8; 64];
-    let (_, mapping) = server.recv_from(&mut buf).expect("probe arrives");
+    let (server, c, mapping) = udp_session(&lab, 3490, 40400);
     let pusher = std::thread::spawn(move || {
         for i in 0..25 {
             let _ = server.send_to(format!("push {i}").as_bytes(), mapping);
@@ -1212,21 +1201,7 @@ fn refused_within(socket: &UdpSocket, within: Duration) -> bool {
 fn rfc5508_req5_icmp_error_from_an_inside_host_is_translated_out() {
     let lab = lab();
     let mut gw = gateway(&lab, &[]);
-    let server = lab
-        .udp_socket(Host::Server, sa(SERVER_IP, 5720))
-        .expect("server");
-    let client = lab
-        .udp_socket(Host::Client1, sa(CLIENT1_IP, 41400))
-        .expect("client");
-    client.send_to(b"hi", sa(SERVER_IP, 5720)).expect("send");
-    server
-        .set_read_timeout(Some(Duration::from_secs(2)))
-        .expect("timeout");
-    let mut buf = [0u8; 64];
-    let (_, from) = server.recv_from(&mut buf).expect("arrives");
-    let SocketAddr::V4(mapping) = from else {
-        panic!("v4")
-    };
+    let (server, client, mapping) = udp_session(&lab, 5720, 41400);
     // The client goes away: its kernel answers the next datagram with Port
     // Unreachable, quoting server -> 10.1.0.11:41400.
     drop(client);

@@ -355,37 +355,44 @@ fn reassembled_and_echoes(lab: &Lab, h: Host) -> (u64, u64) {
     (field("Ip:", "ReasmOKs"), field("Icmp:", "InEchos"))
 }
 
-/// The gateway's own fragmented traffic still reaches its kernel whole,
-/// in order and not.
-#[test]
-fn fragmented_pings_of_the_gateway_itself_reach_its_kernel_whole() {
-    let lab = Lab::new().expect("lab");
-    let mut gw = gateway(&lab, &[]);
+/// `count` pings of 4000 bytes (fragmented on 1500-byte links) from
+/// `from` to `dst`, 0.2 s apart: every one must be answered.
+fn assert_big_pings_answered(lab: &Lab, from: Host, dst: Ipv4Addr, count: u32) {
+    let count = count.to_string();
     let out = lab
         .exec_timeout(
-            Host::Server,
+            from,
             &[
                 "ping",
                 "-n",
                 "-q",
                 "-c",
-                "2",
+                &count,
                 "-i",
                 "0.2",
                 "-s",
                 "4000",
                 "-W",
                 "2",
-                &NAT_EXT_IP.to_string(),
+                &dst.to_string(),
             ],
             Duration::from_secs(10),
         )
         .expect("ping");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
-        stdout.contains("2 packets transmitted, 2 received"),
-        "ping -s 4000 of the gateway: {stdout}"
+        stdout.contains(&format!("{count} packets transmitted, {count} received")),
+        "ping -s 4000 from {from:?} to {dst}: {stdout}"
     );
+}
+
+/// The gateway's own fragmented traffic still reaches its kernel whole,
+/// in order and not.
+#[test]
+fn fragmented_pings_of_the_gateway_itself_reach_its_kernel_whole() {
+    let lab = Lab::new().expect("lab");
+    let mut gw = gateway(&lab, &[]);
+    assert_big_pings_answered(&lab, Host::Server, NAT_EXT_IP, 2);
     // An echo request whose fragments come last first.
     let (reasm, echoes) = reassembled_and_echoes(&lab, Host::Nat);
     let mut icmp = vec![8, 0, 0, 0, 0x12, 0x34, 0, 1];
@@ -412,31 +419,7 @@ fn fragmented_pings_of_the_gateway_itself_reach_its_kernel_whole() {
 fn rfc5508_fragmented_icmp_echo_is_translated_whole_both_ways() {
     let lab = Lab::new().expect("lab");
     let mut gw = gateway(&lab, &[]);
-    let out = lab
-        .exec_timeout(
-            Host::Client1,
-            &[
-                "ping",
-                "-n",
-                "-q",
-                "-c",
-                "3",
-                "-i",
-                "0.2",
-                "-s",
-                "4000",
-                "-W",
-                "2",
-                &SERVER_IP.to_string(),
-            ],
-            Duration::from_secs(10),
-        )
-        .expect("ping");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        stdout.contains("3 packets transmitted, 3 received"),
-        "ping -s 4000 through the gateway: {stdout}"
-    );
+    assert_big_pings_answered(&lab, Host::Client1, SERVER_IP, 3);
     gw.stop().expect("stopping the gateway");
     for hook in ["tc_int", "tc_ext"] {
         assert!(

@@ -24,7 +24,7 @@ use nat_common::{
 
 use crate::{
     NS_PREFIX,
-    lab::{NETNS_ADD, NETNS_DIR, enter_netns, kill_processes_in, run},
+    lab::{NETNS_ADD, NETNS_DIR, in_netns, kill_processes_in, run},
     loader_path,
 };
 
@@ -569,24 +569,6 @@ pub fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
         })?
         .try_into()
         .with_context(|| format!("program {name} is not XDP"))
-}
-
-/// Runs `f` on a new thread that joined the namespace at `path`.
-pub fn in_netns<F, R>(path: &std::path::Path, f: F) -> Result<R>
-where
-    F: FnOnce() -> R + Send,
-    R: Send,
-{
-    std::thread::scope(|s| {
-        let t = s.spawn(move || -> Result<R> {
-            enter_netns(path)?;
-            Ok(f())
-        });
-        match t.join() {
-            Ok(r) => r,
-            Err(panic) => std::panic::resume_unwind(panic),
-        }
-    })
 }
 
 /// Pids of the NAPI kthreads of interface `dev` (`napi/<dev>-<id>`, the
