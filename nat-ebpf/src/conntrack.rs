@@ -6,7 +6,7 @@ use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_get_prandom_u32};
 use nat_common::{
     BIND_F_RELEASED, BindKey, BindValue, CFG_F_UDP_INBOUND_REFRESH, CT_F_INBOUND, CT_F_REPLIED,
     CtKey, CtValue, FILTER_ADDRESS, FILTER_ENDPOINT_INDEPENDENT, IPPROTO_TCP, IPPROTO_UDP,
-    NatConfig, ports, stats,
+    NatConfig, binding, ports, stats,
     tcp::{self, DIR_IN, DIR_OUT, TCP_SYN},
 };
 
@@ -38,8 +38,7 @@ fn bind(
                     // Taken back if released (within its hold time), and
                     // stamped either way: a sweep walking right now may
                     // not see the new session (nat_common::binding).
-                    (*r).flags = 0;
-                    (*r).stamp_ns = now;
+                    *r = binding::claimed(&*r, now);
                     return Ok((ext_port, None));
                 }
             }

@@ -14,15 +14,17 @@ use aya::{
     },
 };
 use nat_common::{
-    BindKey, BindValue, CT_F_REPLIED, CtKey, CtValue, MAP_BIND, MAP_BIND_REV, MAP_CT_FWD,
-    MAP_STATS, NatConfig, PROG_TC_INT, PROG_XDP_EXT, PROG_XDP_INT, icmp_rate, stats,
+    BIND_F_NO_HOLD, BIND_F_RELEASED, BindKey, BindValue, CT_F_REPLIED, CtKey, CtValue, MAP_BIND,
+    MAP_BIND_REV, MAP_CT_FWD, MAP_STATS, NatConfig, PROG_TC_INT, PROG_XDP_EXT, PROG_XDP_INT,
+    binding::{self, Fate},
+    icmp_rate, stats,
 };
 use nat_lab::{
     CLIENT1_IP, EXT_IF, Host, INT_IF, Lab, NAT_EXT_IP, NAT_INT_IP, ROUTER_NAT_IF, ROUTER_NAT_IP,
     SERVER_IP,
     packet::{Csum, L4, Packet, TCP_ACK, TCP_SYN, checksums_valid, parse_mac},
 };
-use nat_loader::{dataplane, stats::Stats};
+use nat_loader::{dataplane, monotonic_ns, stats::Stats};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -284,6 +286,64 @@ fn tcp_syn_out_is_translated_to_the_snat_address_and_redirected_to_ext() {
         (bind_rev[0].1.addr, bind_rev[0].1.port),
         (k.src_addr, k.src_port),
         "the binding names the inside endpoint"
+    );
+}
+
+/// The sweeper walks sessions, then bindings: a binding whose session it
+/// did not see must carry a stamp from after the pass began, for the pass
+/// to leave it alone (nat_common::binding::fate). Both a new binding and
+/// one a new session takes back from release get that stamp.
+#[test]
+fn each_new_session_stamps_its_binding_so_a_sweep_under_way_keeps_it() {
+    let fx = Fixture::new();
+    let first = fx.outbound_tcp(40000, TCP_SYN, Csum::Full);
+    let mut second = fx.outbound_tcp(40000, TCP_SYN, Csum::Full);
+    if let L4::Tcp { dport, .. } = &mut second.l4 {
+        *dport = 81;
+    }
+    let (pass1, created, pass2, claimed) = fx.run(fx.config(1024, 65535), 1024, |ebpf| {
+        let pass1 = monotonic_ns();
+        let (v, _) = run_xdp(ebpf, PROG_XDP_INT, &first.build());
+        assert_eq!(v, XDP_REDIRECT);
+        let created = binds(ebpf, MAP_BIND_REV);
+        // As a sweep that found no session would leave it: released,
+        // nobody outside ever answered.
+        let (ek, bv) = created[0];
+        let mut rev = HashMap::<&mut MapData, BindKey, BindValue>::try_from(
+            ebpf.map_mut(MAP_BIND_REV).expect("bind map"),
+        )
+        .expect("bind map type");
+        rev.insert(ek, binding::released(&bv, true, pass1), 0)
+            .expect("release the binding");
+        let pass2 = monotonic_ns();
+        // A new session of the same inside endpoint, to another port.
+        let (v, _) = run_xdp(ebpf, PROG_XDP_INT, &second.build());
+        assert_eq!(v, XDP_REDIRECT);
+        (pass1, created, pass2, binds(ebpf, MAP_BIND_REV))
+    });
+    assert_eq!(created.len(), 1);
+    let new = created[0].1;
+    assert_eq!(new.flags, 0);
+    assert!(
+        new.stamp_ns >= pass1,
+        "a new binding is stamped with its creation"
+    );
+    assert_eq!(
+        binding::fate(&new, false, false, pass1, 120_000_000_000),
+        Fate::Keep,
+        "a pass that began before the binding must not release it"
+    );
+    assert_eq!(claimed.len(), 1);
+    let back = claimed[0].1;
+    assert_eq!(
+        back.flags & (BIND_F_RELEASED | BIND_F_NO_HOLD),
+        0,
+        "the new session took the binding back"
+    );
+    assert!(back.stamp_ns >= pass2, "taken back: stamped again");
+    assert_eq!(
+        binding::fate(&back, false, false, pass2, 120_000_000_000),
+        Fate::Keep
     );
 }
 
