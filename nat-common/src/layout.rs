@@ -2,6 +2,8 @@
 //! derives `bytemuck::Pod`, so implicit padding is a compile error; padding
 //! is explicit and always zeroed, because hash map keys are compared bytewise.
 
+use core::net::Ipv4Addr;
+
 use bytemuck::{Pod, Zeroable};
 
 /// One direction of a flow, as the packet carries it on the wire.
@@ -226,6 +228,96 @@ pub struct NatConfig {
     pub _pad: [u8; 2],
 }
 
+impl NatConfig {
+    /// The configuration of a gateway translating from NIC `int_ifindex`
+    /// out of NIC `ext_ifindex` to `snat`, with every other setting at its
+    /// default (the loader's flags' defaults): change them with the
+    /// `with_*` methods. The one way the loader, the test fixtures and the
+    /// benchmark build it, so that each field's encoding (byte order, 0 for
+    /// "none") is decided here only.
+    pub const fn new(int_ifindex: u32, ext_ifindex: u32, snat: Ipv4Addr) -> NatConfig {
+        NatConfig {
+            int_ifindex,
+            ext_ifindex,
+            snat_addr: u32::from_ne_bytes(snat.octets()),
+            port_min: crate::DEFAULT_PORT_MIN,
+            port_max: crate::DEFAULT_PORT_MAX,
+            low_port_min: crate::DEFAULT_LOW_PORT_MIN,
+            low_port_max: crate::DEFAULT_LOW_PORT_MAX,
+            filtering: FILTER_ADDRESS_AND_PORT,
+            flags: 0,
+            probe_port: crate::DEFAULT_PROBE_PORT.to_be(),
+            int_mac: [0; 6],
+            ext_mac: [0; 6],
+            int_addr: 0,
+            mss_clamp: 0,
+            _pad: [0; 2],
+        }
+    }
+
+    /// External ports for inside ports >= 1024 (inclusive, host order).
+    pub const fn with_ports(mut self, min: u16, max: u16) -> NatConfig {
+        self.port_min = min;
+        self.port_max = max;
+        self
+    }
+
+    /// External ports for inside ports < 1024 (inclusive, host order).
+    pub const fn with_low_ports(mut self, min: u16, max: u16) -> NatConfig {
+        self.low_port_min = min;
+        self.low_port_max = max;
+        self
+    }
+
+    /// One of the `FILTER_*` constants.
+    pub const fn with_filtering(mut self, filtering: u8) -> NatConfig {
+        self.filtering = filtering;
+        self
+    }
+
+    /// `CFG_F_*` bits.
+    pub const fn with_flags(mut self, flags: u8) -> NatConfig {
+        self.flags = flags;
+        self
+    }
+
+    /// The health-probe port (host order; 0: none), never handed out as an
+    /// external port.
+    pub const fn with_probe_port(mut self, port: u16) -> NatConfig {
+        self.probe_port = port.to_be();
+        self
+    }
+
+    /// The NICs' MAC addresses (all zero: frames are not checked).
+    pub const fn with_macs(mut self, int_mac: [u8; 6], ext_mac: [u8; 6]) -> NatConfig {
+        self.int_mac = int_mac;
+        self.ext_mac = ext_mac;
+        self
+    }
+
+    /// `--int`'s address, source of the out-of-ports ICMP errors (`None`:
+    /// such packets are only dropped).
+    pub const fn with_int_addr(mut self, addr: Option<Ipv4Addr>) -> NatConfig {
+        self.int_addr = match addr {
+            Some(a) => u32::from_ne_bytes(a.octets()),
+            None => 0,
+        };
+        self
+    }
+
+    /// Largest TCP MSS a SYN may carry through (0: no clamping).
+    pub const fn with_mss_clamp(mut self, mss: u16) -> NatConfig {
+        self.mss_clamp = mss;
+        self
+    }
+
+    /// The SNAT address.
+    pub const fn snat(&self) -> Ipv4Addr {
+        let o = self.snat_addr.to_ne_bytes();
+        Ipv4Addr::new(o[0], o[1], o[2], o[3])
+    }
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: each type is Pod (checked by bytemuck's derive: no padding, no
@@ -308,6 +400,33 @@ mod tests {
         assert_eq!(size_of::<FragHeld>(), 4 + FRAG_HELD_LEN);
         assert_eq!(offset_of!(FragHeld, data), 4);
         assert_eq!(size_of::<FragSlot>(), 16);
+    }
+
+    #[test]
+    fn nat_config_new_encodes_addresses_and_ports_as_the_dataplane_reads_them() {
+        let snat = Ipv4Addr::new(192, 0, 2, 2);
+        let c = NatConfig::new(3, 4, snat)
+            .with_ports(2000, 3000)
+            .with_probe_port(9999)
+            .with_int_addr(Some(Ipv4Addr::new(10, 1, 0, 1)));
+        // Network order in memory: the bytes as they sit in a packet.
+        assert_eq!(c.snat_addr.to_ne_bytes(), [192, 0, 2, 2]);
+        assert_eq!(c.int_addr.to_ne_bytes(), [10, 1, 0, 1]);
+        assert_eq!(c.probe_port.to_ne_bytes(), 9999u16.to_be_bytes());
+        assert_eq!((c.port_min, c.port_max), (2000, 3000));
+        assert_eq!(c.snat(), snat);
+        assert_eq!((c.int_ifindex, c.ext_ifindex), (3, 4));
+        let d = NatConfig::new(1, 2, snat);
+        assert_eq!(
+            (
+                d.low_port_min,
+                d.low_port_max,
+                d.filtering,
+                d.mss_clamp,
+                d.int_addr
+            ),
+            (600, 1023, FILTER_ADDRESS_AND_PORT, 0, 0)
+        );
     }
 
     #[test]

@@ -124,7 +124,27 @@ pub const fn frag_held_slots(max_fragments: u32) -> u32 {
     let q = max_fragments / 4;
     if q < FRAG_HELD_MAX { FRAG_HELD_MAX } else { q }
 }
-pub const MAPS: [&str; 5] = [MAP_CT_FWD, MAP_BIND, MAP_BIND_REV, MAP_ADF, MAP_STATS];
+/// Every map of the gateway's object.
+pub const MAPS: [&str; 10] = [
+    MAP_CT_FWD,
+    MAP_BIND,
+    MAP_BIND_REV,
+    MAP_ADF,
+    MAP_STATS,
+    MAP_TAILS,
+    MAP_ICMP_RATE,
+    MAP_FRAG_TRACK,
+    MAP_FRAG_HELD,
+    MAP_FRAG_SCRATCH,
+];
+/// The maps a pin directory keeps, so that a new loader adopts the flows
+/// and the counters. Not the tail-call table (each loader fills its own
+/// with its own programs), the rate limiter (a new loader starts with a
+/// full bucket) nor the fragment tables (datagrams in flight, which a
+/// restart merely makes the receivers discard).
+pub const PINNED_MAPS: [&str; 5] = [MAP_CT_FWD, MAP_BIND, MAP_BIND_REV, MAP_ADF, MAP_STATS];
+/// The programs the loader attaches, one XDP and one TC program per NIC.
+pub const ATTACHED_PROGRAMS: [&str; 4] = [PROG_XDP_INT, PROG_XDP_EXT, PROG_TC_INT, PROG_TC_EXT];
 /// Name of the read-only global holding [`NatConfig`].
 pub const GLOBAL_CONFIG: &str = "CONFIG";
 

@@ -1,5 +1,32 @@
-//! Reasons every verdict is counted under, in the per-CPU array
-//! [`crate::MAP_STATS`] (index = reason, value = u64 packet count).
+//! Counters: which program counts ([`HOOKS`]) and why ([`LABELS`]), in the
+//! per-CPU array [`crate::MAP_STATS`] (index [`slot`]`(hook, reason)`, value
+//! a u64 packet count). The one definition both the dataplane and every
+//! reader of the counters use.
+
+/// Which program counts: each has its own block of counters, so a packet
+/// that XDP hands to TC is visible at both and counted once by each. The
+/// tail-called programs count at the hook that called them.
+pub const HOOK_XDP_INT: u32 = 0;
+pub const HOOK_XDP_EXT: u32 = 1;
+pub const HOOK_TC_INT: u32 = 2;
+pub const HOOK_TC_EXT: u32 = 3;
+/// `(hook, label)` of every hook, in index order.
+pub const HOOKS: [(u32, &str); 4] = [
+    (HOOK_XDP_INT, "xdp_int"),
+    (HOOK_XDP_EXT, "xdp_ext"),
+    (HOOK_TC_INT, "tc_int"),
+    (HOOK_TC_EXT, "tc_ext"),
+];
+/// Number of hooks.
+pub const HOOK_COUNT: u32 = HOOKS.len() as u32;
+/// Entries of the stats array: one block of [`COUNT`] reasons per hook.
+pub const SLOTS: u32 = HOOK_COUNT * COUNT;
+
+/// Index of `reason` at `hook` in the stats array.
+#[inline(always)]
+pub const fn slot(hook: u32, reason: u32) -> u32 {
+    hook * COUNT + reason
+}
 
 macro_rules! reasons {
     ($( $(#[$m:meta])* $name:ident = $idx:expr, $label:expr; )*) => {
@@ -154,6 +181,25 @@ pub fn label(idx: u32) -> &'static str {
         .unwrap_or("unknown")
 }
 
+/// The reason a label names; `None` for a label no counter has (a typo).
+pub fn reason(label: &str) -> Option<u32> {
+    LABELS.iter().find(|(_, l)| *l == label).map(|(i, _)| *i)
+}
+
+/// The hook a label names (`"xdp_int"`, ...); `None` for no hook.
+pub fn hook(label: &str) -> Option<u32> {
+    HOOKS.iter().find(|(_, l)| *l == label).map(|(i, _)| *i)
+}
+
+/// Label of a hook index.
+pub fn hook_label(idx: u32) -> &'static str {
+    HOOKS
+        .iter()
+        .find(|(i, _)| *i == idx)
+        .map(|(_, l)| *l)
+        .unwrap_or("unknown")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,5 +213,27 @@ mod tests {
         labels.sort();
         labels.dedup();
         assert_eq!(labels.len(), COUNT as usize);
+    }
+
+    #[test]
+    fn hooks_are_dense_and_slots_do_not_overlap() {
+        for (pos, (idx, _)) in HOOKS.iter().enumerate() {
+            assert_eq!(*idx as usize, pos);
+        }
+        assert_eq!(slot(HOOK_XDP_EXT, 0), slot(HOOK_XDP_INT, COUNT - 1) + 1);
+        assert_eq!(slot(HOOK_TC_EXT, COUNT - 1), SLOTS - 1);
+    }
+
+    #[test]
+    fn labels_map_back_to_their_indexes_and_typos_to_none() {
+        for (idx, l) in LABELS {
+            assert_eq!(reason(l), Some(*idx));
+        }
+        for (idx, l) in HOOKS {
+            assert_eq!(hook(l), Some(idx));
+            assert_eq!(hook_label(idx), l);
+        }
+        assert_eq!(reason("xdp_out_forwarderd"), None);
+        assert_eq!(hook("xdp_inf"), None);
     }
 }
