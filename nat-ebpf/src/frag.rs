@@ -43,6 +43,7 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
+use nat_common::stats::{HOOK_TC_EXT, HOOK_TC_INT};
 use nat_common::{
     FRAG_HELD_LEN, FRAG_HELD_MAX, FragKey, FragSlot, FragValue, IPPROTO_ICMP, IPPROTO_TCP,
     IPPROTO_UDP, NatConfig, stats,
@@ -53,7 +54,7 @@ use crate::{
     maps::{FRAG_HELD, FRAG_SCRATCH, FRAG_TRACK, config},
     nat::{self, Decision, Egress, Hook},
     parse::{self, ETH_HLEN, FRAG_OFFSET, IP_CHECK, IP_DADDR, IP_ID, IP_SADDR, Ipv4},
-    stats::{HOOK_TC_EXT, HOOK_TC_INT, count},
+    stats::count,
     tc,
 };
 

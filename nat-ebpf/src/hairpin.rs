@@ -13,6 +13,7 @@
 use aya_ebpf::{
     EbpfContext, bindings::TC_ACT_SHOT, helpers::bpf_ktime_get_ns, programs::TcContext,
 };
+use nat_common::stats::HOOK_TC_INT;
 use nat_common::{
     CtKey, IPPROTO_TCP, NatConfig, stats,
     tcp::{self, DIR_IN},
@@ -22,7 +23,7 @@ use crate::{
     conntrack, fib,
     nat::{self, Rewrite},
     parse::{self, ETH_HLEN, Frame, IP_DADDR},
-    stats::{HOOK_TC_INT, count},
+    stats::count,
     tc,
 };
 

@@ -10,6 +10,7 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
+use nat_common::stats::{HOOK_TC_EXT, HOOK_TC_INT};
 use nat_common::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, stats};
 
 use crate::{
@@ -19,7 +20,7 @@ use crate::{
     nat::{self, Decision, Egress, Hook, Rewrite},
     no_port,
     parse::{self, ETH_HLEN, Frame, IP_CHECK, IP_TTL},
-    stats::{HOOK_TC_EXT, HOOK_TC_INT, count},
+    stats::count,
 };
 
 const AF_INET: u32 = 2;

@@ -10,6 +10,7 @@ use aya_ebpf::{
     macros::xdp,
     programs::XdpContext,
 };
+use nat_common::stats::{HOOK_XDP_EXT, HOOK_XDP_INT};
 use nat_common::{IPPROTO_TCP, stats};
 
 use crate::{
@@ -17,7 +18,7 @@ use crate::{
     nat::{self, Decision, Egress, Hook, Rewrite},
     no_port,
     parse::{self, ETH_HLEN, Frame, IP_CHECK, IP_TTL, TCP_HLEN, UDP_HLEN, ptr_at, read, write},
-    stats::{HOOK_XDP_EXT, HOOK_XDP_INT, count},
+    stats::count,
 };
 
 /// On `--int`: source NAT of outbound packets.
