@@ -67,7 +67,7 @@ const FRAG_TIMEOUT_NS: u64 = 30 * 1_000_000_000;
 #[classifier]
 pub fn nat_tc_frag_int(ctx: TcContext) -> i32 {
     let cfg = config();
-    let f = tc::pull(&ctx);
+    let f = parse::Frame::tc(&ctx);
     let ip = match parse::ipv4(f, ctx.len() as usize) {
         Ok(ip) => ip,
         Err(_) => return verdict(HOOK_TC_INT, TC_ACT_SHOT, stats::DROP_MALFORMED),
@@ -104,7 +104,7 @@ pub fn nat_tc_frag_int(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn nat_tc_frag_ext(ctx: TcContext) -> i32 {
     let cfg = config();
-    let f = tc::pull(&ctx);
+    let f = parse::Frame::tc(&ctx);
     let ip = match parse::ipv4(f, ctx.len() as usize) {
         Ok(ip) => ip,
         Err(_) => return verdict(HOOK_TC_EXT, TC_ACT_SHOT, stats::DROP_MALFORMED),

@@ -24,19 +24,6 @@ use crate::{
     tc,
 };
 
-pub const ICMP_DEST_UNREACH: u8 = 3;
-pub const ICMP_TIME_EXCEEDED: u8 = 11;
-pub const ICMP_PARAMETER_PROBLEM: u8 = 12;
-
-/// Whether an ICMP type is an error that quotes the packet it is about.
-#[inline(always)]
-pub fn is_error(icmp_type: u8) -> bool {
-    matches!(
-        icmp_type,
-        ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM
-    )
-}
-
 /// Longest ICMP message whose checksum is verified (and so translated):
 /// RFC 1812 routers quote at most 576 bytes in all; this leaves room for
 /// RFC 4884 extensions.

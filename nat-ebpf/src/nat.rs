@@ -11,7 +11,6 @@ use nat_common::{
 use crate::{
     conntrack,
     fib::{self, Route},
-    icmp_err,
     maps::CT_FWD,
     parse::{self, Frame, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, IP_DADDR, IP_SADDR, Ipv4, L4, Stop},
 };
@@ -131,7 +130,7 @@ fn parse(ctx: *mut c_void, f: Frame, pkt_len: usize, side: &Side) -> Result<Pars
         Err(reason) => return Err(Decision::Drop(reason)),
     };
     if ip.proto == IPPROTO_ICMP && l4.icmp_type != wanted_icmp {
-        if icmp_err::is_error(l4.icmp_type) {
+        if parse::icmp_is_error(l4.icmp_type) {
             if icmp_errors_for != 0 && ip.daddr == icmp_errors_for {
                 return Err(Decision::IcmpErrorIn);
             }

@@ -20,11 +20,10 @@ use nat_common::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, NatConfig, csum, icmp_r
 use crate::{
     maps::ICMP_RATE,
     nat::Decision,
-    parse::{self, ETH_HLEN, Frame},
+    parse::{self, ETH_HLEN, Frame, ICMP_DEST_UNREACH},
     tc,
 };
 
-const ICMP_DEST_UNREACH: u8 = 3;
 /// Communication administratively prohibited (RFC 1812), what RFC 5508
 /// REQ-8 asks for.
 const CODE_ADMIN_PROHIBITED: u8 = 13;

@@ -24,15 +24,12 @@ use crate::{
 };
 
 const AF_INET: u32 = 2;
-/// Ethernet + the longest IPv4 header + a TCP header without options: all
-/// the parser reads.
-const HEADERS_MAX: u32 = 14 + 60 + 20;
 
 /// On `--int`: source NAT of what XDP handed over.
 #[classifier]
 pub fn nat_tc_int(ctx: TcContext) -> i32 {
     let cfg = config();
-    let f = pull(&ctx);
+    let f = Frame::tc(&ctx);
     if !parse::for_us(f, &cfg.int_mac) {
         count(HOOK_TC_INT, stats::PASS_OTHER_HOST);
         return TC_ACT_OK;
@@ -73,7 +70,7 @@ pub fn nat_tc_int(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn nat_tc_no_port(ctx: TcContext) -> i32 {
     let cfg = config();
-    let f = pull(&ctx);
+    let f = Frame::tc(&ctx);
     let (action, event) = no_port::answer(&ctx, f, cfg);
     if let Some(e) = event {
         count(HOOK_TC_INT, e);
@@ -85,7 +82,7 @@ pub fn nat_tc_no_port(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn nat_tc_icmp_out(ctx: TcContext) -> i32 {
     let cfg = config();
-    let f = pull(&ctx);
+    let f = Frame::tc(&ctx);
     let (action, reason) = match parse::ipv4(f, ctx.len() as usize) {
         Ok(ip) => icmp_err::outbound(&ctx, &ip, cfg),
         Err(_) => (TC_ACT_SHOT, stats::DROP_MALFORMED),
@@ -99,7 +96,7 @@ pub fn nat_tc_icmp_out(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn nat_tc_hairpin(ctx: TcContext) -> i32 {
     let cfg = config();
-    let f = pull(&ctx);
+    let f = Frame::tc(&ctx);
     let (action, reason) = hairpin::translate(&ctx, f, cfg);
     count(HOOK_TC_INT, reason);
     action
@@ -128,7 +125,7 @@ pub fn nat_tc_mss(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn nat_tc_ext(ctx: TcContext) -> i32 {
     let cfg = config();
-    let f = pull(&ctx);
+    let f = Frame::tc(&ctx);
     if !parse::for_us(f, &cfg.ext_mac) {
         count(HOOK_TC_EXT, stats::PASS_OTHER_HOST);
         return TC_ACT_OK;
@@ -160,24 +157,6 @@ pub fn nat_tc_ext(ctx: TcContext) -> i32 {
         stats::TC_IN_FWD,
         cfg.mss_clamp,
     )
-}
-
-/// Makes the headers directly readable (they may sit in a fragment of a
-/// non-linear skb).
-#[inline(always)]
-pub fn pull(ctx: &TcContext) -> Frame {
-    let want = if ctx.len() < HEADERS_MAX {
-        ctx.len()
-    } else {
-        HEADERS_MAX
-    };
-    // On failure the parser's bounds checks see the short linear area and
-    // count the packet as malformed.
-    let _ = ctx.pull_data(want);
-    Frame {
-        data: ctx.data(),
-        data_end: ctx.data_end(),
-    }
 }
 
 #[inline(always)]

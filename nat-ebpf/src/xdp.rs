@@ -25,7 +25,7 @@ use crate::{
 #[xdp]
 pub fn nat_xdp_int(ctx: XdpContext) -> u32 {
     let cfg = config();
-    let f = frame(&ctx);
+    let f = Frame::xdp(&ctx);
     if !parse::for_us(f, &cfg.int_mac) {
         count(HOOK_XDP_INT, stats::PASS_OTHER_HOST);
         return XDP_PASS;
@@ -51,7 +51,7 @@ pub fn nat_xdp_int(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn nat_xdp_ext(ctx: XdpContext) -> u32 {
     let cfg = config();
-    let f = frame(&ctx);
+    let f = Frame::xdp(&ctx);
     if !parse::for_us(f, &cfg.ext_mac) {
         count(HOOK_XDP_EXT, stats::PASS_OTHER_HOST);
         return XDP_PASS;
@@ -65,14 +65,6 @@ pub fn nat_xdp_ext(ctx: XdpContext) -> u32 {
         HOOK_XDP_EXT,
     );
     finish(f, d, cfg.int_ifindex, HOOK_XDP_EXT, stats::XDP_IN_FWD)
-}
-
-#[inline(always)]
-fn frame(ctx: &XdpContext) -> Frame {
-    Frame {
-        data: ctx.data(),
-        data_end: ctx.data_end(),
-    }
 }
 
 #[inline(always)]
