@@ -105,9 +105,10 @@ fn verify(ctx: &TcContext, ip: &Ipv4, q: &Quoted) -> Result<(), u32> {
     if icmp_len > MAX_ICMP_LEN {
         return Err(stats::DROP_ICMP_ERROR_UNTRACKED);
     }
-    let icmp =
-        tc::skb_sum::<MAX_ICMP_LEN>(ctx, ip.l4_off, icmp_len).ok_or(stats::DROP_MALFORMED)?;
-    let quoted_ip = tc::skb_sum::<60>(ctx, q.ip, q.ihl.min(60)).ok_or(stats::DROP_MALFORMED)?;
+    let icmp = crate::csum::skb_sum::<MAX_ICMP_LEN>(ctx, ip.l4_off, icmp_len)
+        .ok_or(stats::DROP_MALFORMED)?;
+    let quoted_ip =
+        crate::csum::skb_sum::<60>(ctx, q.ip, q.ihl.min(60)).ok_or(stats::DROP_MALFORMED)?;
     if csum::fold(icmp) != 0xffff || csum::fold(quoted_ip) != 0xffff {
         return Err(stats::DROP_BAD_CHECKSUM);
     }
@@ -188,15 +189,7 @@ fn rewrite_in(ctx: &TcContext, ip: &Ipv4, q: &Quoted, inside: u32, iport: u16) -
     };
     if at + 2 <= end {
         let old: u16 = ctx.load(at)?;
-        let new = match q.proto {
-            IPPROTO_UDP if old == 0 => 0,
-            IPPROTO_UDP => {
-                let c = csum::replace2(csum::replace4(old, snat, inside), q.ext_port, iport);
-                if c == 0 { 0xffff } else { c }
-            }
-            IPPROTO_TCP => csum::replace2(csum::replace4(old, snat, inside), q.ext_port, iport),
-            _ => csum::replace2(old, q.ext_port, iport),
-        };
+        let new = csum::l4_after(q.proto, old, snat, inside, q.ext_port, iport);
         if new != old {
             ctx.store(at, &new, 0)?;
             ctx.l3_csum_replace(icmp_check, old as u64, new as u64, 2)?;
@@ -347,20 +340,12 @@ fn rewrite_out(ctx: &TcContext, ip: &Ipv4, q: &Quoted, rw: &OutRewrite) -> Resul
     if at + 2 <= end {
         let old: u16 = ctx.load(at)?;
         if !(q.proto == IPPROTO_UDP && old == 0) {
-            let mut new = csum::replace2(
-                csum::replace4(old, rw.inside, rw.snat),
-                rw.iport,
-                rw.ext_port,
-            );
+            let mut new = csum::l4_after(q.proto, old, rw.inside, rw.snat, rw.iport, rw.ext_port);
             if rw.hairpin {
-                new = csum::replace2(
-                    csum::replace4(new, rw.snat, rw.sender),
-                    rw.rport,
-                    rw.sender_port,
-                );
-            }
-            if q.proto == IPPROTO_UDP && new == 0 {
-                new = 0xffff;
+                // Both ends of a hairpinned quote: the second update starts
+                // from the first one's (for UDP, a 0 already sent as 0xffff:
+                // the same one's complement value).
+                new = csum::l4_after(q.proto, new, rw.snat, rw.sender, rw.rport, rw.sender_port);
             }
             ctx.store(at, &new, 0)?;
             ctx.l3_csum_replace(icmp_check, old as u64, new as u64, 2)?;

@@ -5,6 +5,7 @@
 #![no_main]
 
 mod conntrack;
+mod csum;
 mod fib;
 mod frag;
 mod hairpin;

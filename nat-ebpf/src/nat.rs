@@ -153,15 +153,7 @@ fn parse(ctx: *mut c_void, f: Frame, pkt_len: usize, side: &Side) -> Result<Pars
 #[inline(always)]
 fn maybe_partial(p: &Parsed) -> bool {
     let l4_len = p.ip.tot_len - (p.ip.l4_off - parse::ETH_HLEN) as u16;
-    match p.ip.proto {
-        IPPROTO_TCP => csum::maybe_partial(p.l4.check, p.ip.saddr, p.ip.daddr, IPPROTO_TCP, l4_len),
-        // UDP checksum 0 means "none": nothing to get wrong.
-        IPPROTO_UDP => {
-            p.l4.check != 0
-                && csum::maybe_partial(p.l4.check, p.ip.saddr, p.ip.daddr, IPPROTO_UDP, l4_len)
-        }
-        _ => false,
-    }
+    csum::l4_maybe_partial(p.ip.proto, p.l4.check, p.ip.saddr, p.ip.daddr, l4_len)
 }
 
 /// Whether XDP must leave this packet to TC to clamp its MSS option
@@ -473,40 +465,4 @@ pub fn egress(route: Route, expected_ifindex: u32) -> Egress {
         Route::Other => Egress::Drop(stats::DROP_NO_ROUTE),
         _ => Egress::Drop(stats::DROP_WRONG_EGRESS),
     }
-}
-
-/// The new IP checksum after the address rewrite and the TTL decrement,
-/// and the new L4 checksum, for a packet whose L4 checksum is complete.
-#[inline(always)]
-pub fn full_checksums(
-    rw: &Rewrite,
-    ip_check: u16,
-    ttl_word_old: u16,
-    ttl_word_new: u16,
-) -> (u16, u16) {
-    let ip = csum::replace2(
-        csum::replace4(ip_check, rw.old_addr, rw.new_addr),
-        ttl_word_old,
-        ttl_word_new,
-    );
-    let l4 = match rw.proto {
-        IPPROTO_TCP => csum::replace2(
-            csum::replace4(rw.l4_check, rw.old_addr, rw.new_addr),
-            rw.old_port,
-            rw.new_port,
-        ),
-        IPPROTO_UDP if rw.l4_check == 0 => 0,
-        IPPROTO_UDP => {
-            let c = csum::replace2(
-                csum::replace4(rw.l4_check, rw.old_addr, rw.new_addr),
-                rw.old_port,
-                rw.new_port,
-            );
-            // 0 means "no checksum" in UDP; a computed 0 is sent as 0xffff.
-            if c == 0 { 0xffff } else { c }
-        }
-        // ICMP has no pseudo-header: only the identifier changes.
-        _ => csum::replace2(rw.l4_check, rw.old_port, rw.new_port),
-    };
-    (ip, l4)
 }

@@ -21,7 +21,6 @@ use crate::{
     maps::ICMP_RATE,
     nat::Decision,
     parse::{self, ETH_HLEN, Frame, ICMP_DEST_UNREACH},
-    tc,
 };
 
 /// Communication administratively prohibited (RFC 1812), what RFC 5508
@@ -122,27 +121,15 @@ fn try_answer(ctx: &TcContext, f: Frame, cfg: &NatConfig) -> Result<(i32, Option
     // checksum, and after the headers move in front that is the quoted
     // one, inside the ICMP checksum. Its field then gets the value such a
     // completion leaves as it is, so the ICMP checksum holds either way.
-    let seg = tc::skb_sum::<MAX_QUOTE>(ctx, ip.l4_off, l4_len).ok_or(stats::DROP_INTERNAL)?;
-    let partial = match ip.proto {
-        IPPROTO_TCP => csum::maybe_partial(
-            old_check,
-            ip.saddr,
-            ip.daddr,
-            IPPROTO_TCP,
-            ip.tot_len - ihl as u16,
-        ),
-        IPPROTO_UDP => {
-            old_check != 0
-                && csum::maybe_partial(
-                    old_check,
-                    ip.saddr,
-                    ip.daddr,
-                    IPPROTO_UDP,
-                    ip.tot_len - ihl as u16,
-                )
-        }
-        _ => false,
-    };
+    let seg =
+        crate::csum::skb_sum::<MAX_QUOTE>(ctx, ip.l4_off, l4_len).ok_or(stats::DROP_INTERNAL)?;
+    let partial = csum::l4_maybe_partial(
+        ip.proto,
+        old_check,
+        ip.saddr,
+        ip.daddr,
+        ip.tot_len - ihl as u16,
+    );
     let seg = if partial {
         let rest = csum::fold(seg + (!old_check) as u32);
         let fixed = csum::offload_fixed_point(rest);
@@ -152,8 +139,9 @@ fn try_answer(ctx: &TcContext, f: Frame, cfg: &NatConfig) -> Result<(i32, Option
     } else {
         seg
     };
-    let quote_sum =
-        csum::fold(tc::skb_sum::<MAX_QUOTE>(ctx, ETH_HLEN, ihl).ok_or(stats::DROP_INTERNAL)? + seg);
+    let quote_sum = csum::fold(
+        crate::csum::skb_sum::<MAX_QUOTE>(ctx, ETH_HLEN, ihl).ok_or(stats::DROP_INTERNAL)? + seg,
+    );
 
     // Room for the new headers between Ethernet and the quoted IP header.
     ctx.adjust_room(NEW_HDRS as i32, BPF_ADJ_ROOM_MAC, 0)
@@ -191,13 +179,7 @@ fn try_answer(ctx: &TcContext, f: Frame, cfg: &NatConfig) -> Result<(i32, Option
         0,
         0,
     ];
-    let mut ip_sum: u32 = 0;
-    let mut i = 0;
-    while i < 10 {
-        ip_sum += u16::from_ne_bytes([h[2 * i], h[2 * i + 1]]) as u32;
-        i += 1;
-    }
-    let ip_check = (!csum::fold(ip_sum)).to_ne_bytes();
+    let ip_check = csum::checksum(&h[..20]).to_ne_bytes();
     h[10] = ip_check[0];
     h[11] = ip_check[1];
     let icmp_word = u16::from_ne_bytes([ICMP_DEST_UNREACH, CODE_ADMIN_PROHIBITED]) as u32;

@@ -11,7 +11,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use nat_common::stats::{HOOK_XDP_EXT, HOOK_XDP_INT};
-use nat_common::{IPPROTO_TCP, stats};
+use nat_common::{IPPROTO_TCP, csum, stats};
 
 use crate::{
     maps::config,
@@ -106,7 +106,21 @@ fn rewrite(f: Frame, rw: &Rewrite, smac: [u8; 6], dmac: [u8; 6]) -> Option<()> {
     let ttl_word_old: u16 = read(f, l3 + IP_TTL)?;
     write::<u8>(f, l3 + IP_TTL, rw.ttl - 1)?;
     let ttl_word_new: u16 = read(f, l3 + IP_TTL)?;
-    let (ip_check, l4_check) = nat::full_checksums(rw, ip_check, ttl_word_old, ttl_word_new);
+    let ip_check = csum::ip_after(
+        ip_check,
+        rw.old_addr,
+        rw.new_addr,
+        ttl_word_old,
+        ttl_word_new,
+    );
+    let l4_check = csum::l4_after(
+        rw.proto,
+        rw.l4_check,
+        rw.old_addr,
+        rw.new_addr,
+        rw.old_port,
+        rw.new_port,
+    );
     write(f, rw.addr_off, rw.new_addr)?;
     write(f, l3 + IP_CHECK, ip_check)?;
     // One checked pointer to the L4 header, constant offsets from it (see
