@@ -53,7 +53,8 @@ use crate::{
     fib::{self, Route},
     maps::{FRAG_HELD, FRAG_SCRATCH, FRAG_TRACK, config},
     nat::{self, Decision, Egress, Hook},
-    parse::{self, ETH_HLEN, FRAG_OFFSET, IP_CHECK, IP_DADDR, IP_ID, IP_SADDR, Ipv4},
+    parse::{self, ETH_HLEN, FRAG_OFFSET, IP_DADDR, IP_ID, IP_SADDR, Ipv4},
+    rewrite,
     stats::count,
     tc,
 };
@@ -416,9 +417,8 @@ struct AddrRewrite {
 
 #[inline(always)]
 fn rewrite(ctx: &TcContext, rw: &AddrRewrite) -> Result<(), i64> {
-    ctx.store(rw.off, &rw.new, 0)?;
-    ctx.l3_csum_replace(ETH_HLEN + IP_CHECK, rw.old as u64, rw.new as u64, 4)?;
-    tc::decrement_ttl(ctx, rw.ttl)
+    rewrite::ip_addr(ctx, rw.off, rw.old, rw.new)?;
+    rewrite::decrement_ttl(ctx, rw.ttl)
 }
 
 #[inline(always)]

@@ -20,9 +20,9 @@ use nat_common::{
 };
 
 use crate::{
-    conntrack, fib,
-    nat::{self, Rewrite},
+    conntrack, fib, nat,
     parse::{self, ETH_HLEN, Frame, IP_DADDR},
+    rewrite::{self, Rewrite},
     stats::count,
     tc,
 };
@@ -87,6 +87,6 @@ fn try_translate(ctx: &TcContext, f: Frame, cfg: &NatConfig) -> Result<(i32, u32
         ctx,
         nat::egress(route, cfg.int_ifindex),
         stats::TC_HAIRPIN_FWD,
-        || tc::rewrite_addr_port(ctx, &rw),
+        || rewrite::addr_port(ctx, &rw),
     )
 }

@@ -20,8 +20,8 @@ use crate::{
     fib,
     maps::{CT_FWD, NAT_BIND_REV},
     nat,
-    parse::{ETH_HLEN, ICMP_ECHO_REQUEST, IP_CHECK, IP_DADDR, IP_SADDR, IP_TTL, Ipv4},
-    tc,
+    parse::{ETH_HLEN, ICMP_ECHO_REQUEST, IP_CHECK, IP_DADDR, IP_SADDR, Ipv4},
+    rewrite, tc,
 };
 
 /// Longest ICMP message whose checksum is verified (and so translated):
@@ -161,13 +161,8 @@ fn rewrite_in(ctx: &TcContext, ip: &Ipv4, q: &Quoted, inside: u32, iport: u16) -
     let snat = ip.daddr;
     let icmp_check = ip.l4_off + 2;
     // Outer header.
-    let check = ETH_HLEN + IP_CHECK;
-    ctx.store(ETH_HLEN + IP_DADDR, &inside, 0)?;
-    ctx.l3_csum_replace(check, snat as u64, inside as u64, 4)?;
-    let ttl_old: u16 = ctx.load(ETH_HLEN + IP_TTL)?;
-    ctx.store(ETH_HLEN + IP_TTL, &(ip.ttl - 1), 0)?;
-    let ttl_new: u16 = ctx.load(ETH_HLEN + IP_TTL)?;
-    ctx.l3_csum_replace(check, ttl_old as u64, ttl_new as u64, 2)?;
+    rewrite::ip_addr(ctx, ETH_HLEN + IP_DADDR, snat, inside)?;
+    rewrite::decrement_ttl(ctx, ip.ttl)?;
     // Quoted IP header: its source, and its checksum; the ICMP checksum
     // covers both.
     let q_check = q.ip + IP_CHECK;
@@ -308,18 +303,12 @@ fn quoted_addr(
 #[inline(always)]
 fn rewrite_out(ctx: &TcContext, ip: &Ipv4, q: &Quoted, rw: &OutRewrite) -> Result<(), i64> {
     let icmp_check = ip.l4_off + 2;
-    let check = ETH_HLEN + IP_CHECK;
     // Outer header: from the SNAT address (to the sender, when hairpinned).
-    ctx.store(ETH_HLEN + IP_SADDR, &rw.snat, 0)?;
-    ctx.l3_csum_replace(check, ip.saddr as u64, rw.snat as u64, 4)?;
+    rewrite::ip_addr(ctx, ETH_HLEN + IP_SADDR, ip.saddr, rw.snat)?;
     if rw.hairpin {
-        ctx.store(ETH_HLEN + IP_DADDR, &rw.sender, 0)?;
-        ctx.l3_csum_replace(check, ip.daddr as u64, rw.sender as u64, 4)?;
+        rewrite::ip_addr(ctx, ETH_HLEN + IP_DADDR, ip.daddr, rw.sender)?;
     }
-    let ttl_old: u16 = ctx.load(ETH_HLEN + IP_TTL)?;
-    ctx.store(ETH_HLEN + IP_TTL, &(ip.ttl - 1), 0)?;
-    let ttl_new: u16 = ctx.load(ETH_HLEN + IP_TTL)?;
-    ctx.l3_csum_replace(check, ttl_old as u64, ttl_new as u64, 2)?;
+    rewrite::decrement_ttl(ctx, ip.ttl)?;
     // The quote: its destination back to the external endpoint...
     quoted_addr(ctx, q, icmp_check, q.ip + IP_DADDR, rw.inside, rw.snat)?;
     ctx.store(q.l4 + 2, &rw.ext_port, 0)?;

@@ -15,6 +15,7 @@ mod mss;
 mod nat;
 mod no_port;
 mod parse;
+mod rewrite;
 mod stats;
 mod tc;
 mod xdp;

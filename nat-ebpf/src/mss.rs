@@ -15,8 +15,8 @@ use nat_common::{IPPROTO_TCP, mss, tcp::TCP_SYN};
 
 use crate::{
     maps::TAILS,
-    nat::Rewrite,
     parse::{TCP_CHECK, TCP_FLAGS, TCP_HLEN},
+    rewrite::Rewrite,
     tc,
 };
 

@@ -4,7 +4,7 @@
 
 use aya_ebpf::{cty::c_void, helpers::bpf_ktime_get_ns};
 use nat_common::{
-    CtKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, NatConfig, csum, stats,
+    CtKey, IPPROTO_ICMP, IPPROTO_TCP, NatConfig, csum, stats,
     tcp::{self, DIR_IN, DIR_OUT},
 };
 
@@ -13,6 +13,7 @@ use crate::{
     fib::{self, Route},
     maps::CT_FWD,
     parse::{self, Frame, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, IP_DADDR, IP_SADDR, Ipv4, L4, Stop},
+    rewrite::Rewrite,
 };
 
 /// Which hook is deciding: XDP sees frames without the skb's checksum
@@ -24,24 +25,6 @@ pub enum Hook {
     /// TC, in the fragment program (frag.rs): first fragments are
     /// translated like whole packets.
     TcFragment,
-}
-
-/// A rewrite of one address and one port (or ICMP identifier).
-#[derive(Clone, Copy)]
-pub struct Rewrite {
-    pub proto: u8,
-    pub addr_off: usize,
-    pub old_addr: u32,
-    pub new_addr: u32,
-    /// Direction: which port is the inside end's (source outbound,
-    /// destination inbound; the identifier for ICMP either way).
-    pub dir: u8,
-    pub l4_off: usize,
-    pub old_port: u16,
-    pub new_port: u16,
-    pub l4_check: u16,
-    pub ttl: u8,
-    pub df: bool,
 }
 
 pub enum Decision {
@@ -161,21 +144,6 @@ fn maybe_partial(p: &Parsed) -> bool {
 #[inline(always)]
 fn mss_clamp_wanted(p: &Parsed, cfg: &NatConfig) -> bool {
     cfg.mss_clamp != 0 && p.ip.proto == IPPROTO_TCP && p.l4.tcp_flags & tcp::TCP_SYN != 0
-}
-
-impl Rewrite {
-    /// Offsets, within the L4 header, of the rewritten port (or ICMP
-    /// identifier) and of the checksum, and the header length they need.
-    #[inline(always)]
-    pub fn l4_fields(&self) -> (usize, usize) {
-        match (self.proto, self.dir) {
-            (IPPROTO_TCP, DIR_OUT) => (0, parse::TCP_CHECK),
-            (IPPROTO_TCP, _) => (2, parse::TCP_CHECK),
-            (IPPROTO_UDP, DIR_OUT) => (0, parse::UDP_CHECK),
-            (IPPROTO_UDP, _) => (2, parse::UDP_CHECK),
-            _ => (parse::ICMP_ID, parse::ICMP_CHECK),
-        }
-    }
 }
 
 /// Packets from `--int`: source NAT.

@@ -5,21 +5,22 @@
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT, bpf_redir_neigh},
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, bpf_redir_neigh},
     helpers::{bpf_check_mtu, bpf_redirect, bpf_redirect_neigh},
     macros::classifier,
     programs::TcContext,
 };
+use nat_common::stats;
 use nat_common::stats::{HOOK_TC_EXT, HOOK_TC_INT};
-use nat_common::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, stats};
 
 use crate::{
     hairpin, icmp_err,
     maps::{TAILS, config},
     mss,
-    nat::{self, Decision, Egress, Hook, Rewrite},
+    nat::{self, Decision, Egress, Hook},
     no_port,
-    parse::{self, ETH_HLEN, Frame, IP_CHECK, IP_TTL},
+    parse::{self, Frame},
+    rewrite,
     stats::count,
 };
 
@@ -196,7 +197,7 @@ pub fn finish(
                 ifindex,
                 smac,
                 dmac,
-            } => match rewrite(ctx, &rw).and_then(|()| macs(ctx, smac, dmac)) {
+            } => match rewrite::skb(ctx, &rw).and_then(|()| macs(ctx, smac, dmac)) {
                 Ok(()) => {
                     if mss::wanted(ctx, &rw, mss_clamp) {
                         mss::hand_over(ctx, ifindex, 0, rw.l4_off, hook, fwd_reason);
@@ -205,7 +206,7 @@ pub fn finish(
                 }
                 Err(_) => (TC_ACT_SHOT, stats::DROP_INTERNAL),
             },
-            Egress::Neigh { ifindex, nexthop } => match rewrite(ctx, &rw) {
+            Egress::Neigh { ifindex, nexthop } => match rewrite::skb(ctx, &rw) {
                 Ok(()) => {
                     if mss::wanted(ctx, &rw, mss_clamp) {
                         mss::hand_over(ctx, ifindex, nexthop, rw.l4_off, hook, fwd_reason);
@@ -220,11 +221,11 @@ pub fn finish(
             // Without DF it must be fragmented (RFC 4787 REQ-13a): translated
             // here, then routed and fragmented by the kernel, which also
             // decrements the TTL (so this rewrite does not).
-            Egress::TooBig => match rewrite_addr_port(ctx, &rw) {
+            Egress::TooBig => match rewrite::addr_port(ctx, &rw) {
                 Ok(()) => (TC_ACT_OK, stats::TC_TO_KERNEL_FRAGMENT),
                 Err(_) => (TC_ACT_SHOT, stats::DROP_INTERNAL),
             },
-            Egress::Hairpin => match rewrite(ctx, &rw) {
+            Egress::Hairpin => match rewrite::skb(ctx, &rw) {
                 Ok(()) => {
                     // The receiver's half runs as its own program, with a
                     // stack of its own: both halves in one would not fit
@@ -241,50 +242,6 @@ pub fn finish(
     };
     count(hook, reason);
     action
-}
-
-/// Rewrites address, port and TTL through the skb helpers, which keep
-/// partial (CHECKSUM_PARTIAL) and complete checksums right alike.
-#[inline(always)]
-pub fn rewrite(ctx: &TcContext, rw: &Rewrite) -> Result<(), i64> {
-    rewrite_addr_port(ctx, rw)?;
-    decrement_ttl(ctx, rw.ttl)
-}
-
-#[inline(always)]
-pub fn decrement_ttl(ctx: &TcContext, ttl: u8) -> Result<(), i64> {
-    let l3 = ETH_HLEN;
-    let ttl_word_old: u16 = ctx.load(l3 + IP_TTL)?;
-    ctx.store(l3 + IP_TTL, &(ttl - 1), 0)?;
-    let ttl_word_new: u16 = ctx.load(l3 + IP_TTL)?;
-    ctx.l3_csum_replace(l3 + IP_CHECK, ttl_word_old as u64, ttl_word_new as u64, 2)
-}
-
-/// One address and its port (or ICMP identifier), with the IP and L4
-/// checksums.
-#[inline(always)]
-pub fn rewrite_addr_port(ctx: &TcContext, rw: &Rewrite) -> Result<(), i64> {
-    let check = ETH_HLEN + IP_CHECK;
-    ctx.store(rw.addr_off, &rw.new_addr, 0)?;
-    ctx.l3_csum_replace(check, rw.old_addr as u64, rw.new_addr as u64, 4)?;
-    let (port_at, check_at) = rw.l4_fields();
-    let l4 = rw.l4_off + check_at;
-    let (old_p, new_p) = (rw.old_port as u64, rw.new_port as u64);
-    match rw.proto {
-        IPPROTO_TCP => {
-            let pseudo = (BPF_F_PSEUDO_HDR | 4) as u64;
-            ctx.l4_csum_replace(l4, rw.old_addr as u64, rw.new_addr as u64, pseudo)?;
-            ctx.l4_csum_replace(l4, old_p, new_p, 2)?;
-        }
-        IPPROTO_UDP => {
-            let pseudo = (BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0 | 4) as u64;
-            ctx.l4_csum_replace(l4, rw.old_addr as u64, rw.new_addr as u64, pseudo)?;
-            ctx.l4_csum_replace(l4, old_p, new_p, (BPF_F_MARK_MANGLED_0 | 2) as u64)?;
-        }
-        IPPROTO_ICMP => ctx.l4_csum_replace(l4, old_p, new_p, 2)?,
-        _ => return Err(-1),
-    }
-    ctx.store(rw.l4_off + port_at, &rw.new_port, 0)
 }
 
 /// With the neighbour unresolved the kernel's route lookup returns before

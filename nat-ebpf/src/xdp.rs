@@ -10,14 +10,15 @@ use aya_ebpf::{
     macros::xdp,
     programs::XdpContext,
 };
+use nat_common::stats;
 use nat_common::stats::{HOOK_XDP_EXT, HOOK_XDP_INT};
-use nat_common::{IPPROTO_TCP, csum, stats};
 
 use crate::{
     maps::config,
-    nat::{self, Decision, Egress, Hook, Rewrite},
+    nat::{self, Decision, Egress, Hook},
     no_port,
-    parse::{self, ETH_HLEN, Frame, IP_CHECK, IP_TTL, TCP_HLEN, UDP_HLEN, ptr_at, read, write},
+    parse::{self, Frame, write},
+    rewrite,
     stats::count,
 };
 
@@ -81,7 +82,7 @@ fn finish(f: Frame, d: Decision, egress_if: u32, hook: u32, fwd_reason: u32) -> 
                 ifindex,
                 smac,
                 dmac,
-            } => match rewrite(f, &rw, smac, dmac) {
+            } => match rewrite::xdp(f, &rw).and_then(|()| macs(f, smac, dmac)) {
                 Some(()) => (unsafe { bpf_redirect(ifindex, 0) } as u32, fwd_reason),
                 None => (XDP_DROP, stats::DROP_INTERNAL),
             },
@@ -97,45 +98,8 @@ fn finish(f: Frame, d: Decision, egress_if: u32, hook: u32, fwd_reason: u32) -> 
     action
 }
 
-/// Rewrites address, port, TTL, checksums and MACs in place. Every field was
-/// bounds-checked by the parser; the checks here only satisfy the verifier.
 #[inline(always)]
-fn rewrite(f: Frame, rw: &Rewrite, smac: [u8; 6], dmac: [u8; 6]) -> Option<()> {
-    let l3 = ETH_HLEN;
-    let ip_check: u16 = read(f, l3 + IP_CHECK)?;
-    let ttl_word_old: u16 = read(f, l3 + IP_TTL)?;
-    write::<u8>(f, l3 + IP_TTL, rw.ttl - 1)?;
-    let ttl_word_new: u16 = read(f, l3 + IP_TTL)?;
-    let ip_check = csum::ip_after(
-        ip_check,
-        rw.old_addr,
-        rw.new_addr,
-        ttl_word_old,
-        ttl_word_new,
-    );
-    let l4_check = csum::l4_after(
-        rw.proto,
-        rw.l4_check,
-        rw.old_addr,
-        rw.new_addr,
-        rw.old_port,
-        rw.new_port,
-    );
-    write(f, rw.addr_off, rw.new_addr)?;
-    write(f, l3 + IP_CHECK, ip_check)?;
-    // One checked pointer to the L4 header, constant offsets from it (see
-    // parse::TCP_HLEN).
-    let (port_at, check_at) = rw.l4_fields();
-    let h = if rw.proto == IPPROTO_TCP {
-        ptr_at::<[u8; TCP_HLEN]>(f, rw.l4_off)? as *mut u8
-    } else {
-        ptr_at::<[u8; UDP_HLEN]>(f, rw.l4_off)? as *mut u8
-    };
-    // SAFETY: both offsets are constants inside the checked header.
-    unsafe {
-        core::ptr::write_unaligned(h.add(port_at) as *mut u16, rw.new_port);
-        core::ptr::write_unaligned(h.add(check_at) as *mut u16, l4_check);
-    }
+fn macs(f: Frame, smac: [u8; 6], dmac: [u8; 6]) -> Option<()> {
     write(f, 0, dmac)?;
     write(f, 6, smac)
 }
