@@ -17,6 +17,7 @@ mod no_port;
 mod parse;
 mod rewrite;
 mod stats;
+mod tail;
 mod tc;
 mod xdp;
 

@@ -14,21 +14,11 @@ use aya_ebpf::{helpers::bpf_redirect, programs::TcContext};
 use nat_common::{IPPROTO_TCP, mss, tcp::TCP_SYN};
 
 use crate::{
-    maps::TAILS,
     parse::{TCP_CHECK, TCP_FLAGS, TCP_HLEN},
     rewrite::Rewrite,
+    tail::MssHandOver,
     tc,
 };
-
-/// What `nat_tc_mss` needs to finish the forward, in the skb's control
-/// buffer (which lives as long as the program run, tail calls included).
-const CB_IFINDEX: usize = 0;
-/// The next hop to resolve with `bpf_redirect_neigh`; 0: MACs are set,
-/// plain `bpf_redirect`.
-const CB_NEXTHOP: usize = 1;
-const CB_L4_OFF: usize = 2;
-const CB_HOOK: usize = 3;
-const CB_REASON: usize = 4;
 
 /// Whether a translated packet must go through `nat_tc_mss`: a TCP SYN
 /// (or SYN-ACK) with clamping on.
@@ -39,44 +29,18 @@ pub fn wanted(ctx: &TcContext, rw: &Rewrite, clamp: u16) -> bool {
         && matches!(ctx.load::<u8>(rw.l4_off + TCP_FLAGS), Ok(f) if f & TCP_SYN != 0)
 }
 
-/// Hands the rewritten packet to `nat_tc_mss`, which clamps and forwards
-/// it (to `ifindex`; through `nexthop`'s neighbour unless 0) and counts
-/// `reason` at `hook`. Returns only if the tail call failed (an empty
-/// slot, a loader bug): the caller forwards it unclamped.
-#[inline(always)]
-pub fn hand_over(
-    ctx: &TcContext,
-    ifindex: u32,
-    nexthop: u32,
-    l4_off: usize,
-    hook: u32,
-    reason: u32,
-) {
-    // SAFETY: the context pointer is the program's own skb; cb is
-    // writable from TC programs.
-    unsafe {
-        let cb = &mut (*ctx.skb.skb).cb;
-        cb[CB_IFINDEX] = ifindex;
-        cb[CB_NEXTHOP] = nexthop;
-        cb[CB_L4_OFF] = l4_off as u32;
-        cb[CB_HOOK] = hook;
-        cb[CB_REASON] = reason;
-        TAILS.tail_call(ctx, nat_common::TAIL_MSS);
-    }
-}
-
 /// `nat_tc_mss`'s work: clamp, forward. Returns the verdict, the reason to
 /// count and the hook to count it at.
 #[inline(always)]
 pub fn finish(ctx: &TcContext, clamp_to: u16) -> (i32, u32, Option<u32>, u32) {
-    let cb = ctx.skb.cb();
-    let (ifindex, nexthop, l4_off, hook, reason) = (
-        cb[CB_IFINDEX],
-        cb[CB_NEXTHOP],
-        cb[CB_L4_OFF] as usize,
-        cb[CB_HOOK],
-        cb[CB_REASON],
-    );
+    let MssHandOver {
+        ifindex,
+        nexthop,
+        l4_off,
+        hook,
+        reason,
+    } = MssHandOver::read(ctx);
+    let l4_off = l4_off as usize;
     let event = match clamp(ctx, l4_off, clamp_to) {
         Ok(true) => Some(nat_common::stats::EV_MSS_CLAMPED),
         Ok(false) => None,

@@ -15,13 +15,14 @@ use nat_common::stats::{HOOK_TC_EXT, HOOK_TC_INT};
 
 use crate::{
     hairpin, icmp_err,
-    maps::{TAILS, config},
+    maps::config,
     mss,
     nat::{self, Decision, Egress, Hook},
     no_port,
     parse::{self, Frame},
-    rewrite,
+    rewrite::{self, Rewrite},
     stats::count,
+    tail::{self, MssHandOver},
 };
 
 const AF_INET: u32 = 2;
@@ -50,9 +51,7 @@ pub fn nat_tc_int(ctx: TcContext) -> i32 {
         // The ICMP error is built by a program of its own: this one is
         // near the 512-byte stack limit, and the generator's header buffer
         // and checksum loops get a stack (and a verifier walk) of their own.
-        unsafe { TAILS.tail_call(&ctx, nat_common::TAIL_NO_PORT) };
-        // Only reached if the slot is empty (a loader bug).
-        count(HOOK_TC_INT, stats::DROP_INTERNAL);
+        count(HOOK_TC_INT, tail::call(&ctx, nat_common::TAIL_NO_PORT));
         return TC_ACT_SHOT;
     }
     finish(
@@ -178,8 +177,10 @@ pub fn finish(
         Decision::IcmpErrorIn => (TC_ACT_SHOT, stats::DROP_INTERNAL),
         Decision::IcmpErrorOut => {
             // Its own program, for its own stack.
-            unsafe { TAILS.tail_call(ctx, nat_common::TAIL_ICMP_ERROR_OUT) };
-            (TC_ACT_SHOT, stats::DROP_INTERNAL)
+            (
+                TC_ACT_SHOT,
+                tail::call(ctx, nat_common::TAIL_ICMP_ERROR_OUT),
+            )
         }
         Decision::Fragment => {
             // Own program, own stack (frag.rs).
@@ -188,9 +189,7 @@ pub fn finish(
             } else {
                 nat_common::TAIL_FRAG_EXT
             };
-            unsafe { TAILS.tail_call(ctx, slot) };
-            // Only reached if the slot is empty (a loader bug).
-            (TC_ACT_SHOT, stats::DROP_INTERNAL)
+            (TC_ACT_SHOT, tail::call(ctx, slot))
         }
         Decision::Translate(rw, route) => match neigh_mtu(ctx, nat::egress(route, egress_if)) {
             Egress::Redirect {
@@ -200,7 +199,7 @@ pub fn finish(
             } => match rewrite::skb(ctx, &rw).and_then(|()| macs(ctx, smac, dmac)) {
                 Ok(()) => {
                     if mss::wanted(ctx, &rw, mss_clamp) {
-                        mss::hand_over(ctx, ifindex, 0, rw.l4_off, hook, fwd_reason);
+                        mss_hand_over(ctx, ifindex, 0, &rw, hook, fwd_reason);
                     }
                     (unsafe { bpf_redirect(ifindex, 0) } as i32, fwd_reason)
                 }
@@ -209,7 +208,7 @@ pub fn finish(
             Egress::Neigh { ifindex, nexthop } => match rewrite::skb(ctx, &rw) {
                 Ok(()) => {
                     if mss::wanted(ctx, &rw, mss_clamp) {
-                        mss::hand_over(ctx, ifindex, nexthop, rw.l4_off, hook, fwd_reason);
+                        mss_hand_over(ctx, ifindex, nexthop, &rw, hook, fwd_reason);
                     }
                     (redirect_neigh(ifindex, nexthop), fwd_reason)
                 }
@@ -230,9 +229,7 @@ pub fn finish(
                     // The receiver's half runs as its own program, with a
                     // stack of its own: both halves in one would not fit
                     // in 512 bytes.
-                    unsafe { TAILS.tail_call(ctx, nat_common::TAIL_HAIRPIN) };
-                    // Only reached if the slot is empty (a loader bug).
-                    (TC_ACT_SHOT, stats::DROP_INTERNAL)
+                    (TC_ACT_SHOT, tail::call(ctx, nat_common::TAIL_HAIRPIN))
                 }
                 Err(_) => (TC_ACT_SHOT, stats::DROP_INTERNAL),
             },
@@ -306,4 +303,26 @@ pub fn redirect_neigh(ifindex: u32, nexthop: u32) -> i32 {
 pub fn macs(ctx: &TcContext, smac: [u8; 6], dmac: [u8; 6]) -> Result<(), i64> {
     ctx.store(0, &dmac, 0)?;
     ctx.store(6, &smac, 0)
+}
+
+/// Hands a rewritten SYN to `nat_tc_mss`, which clamps and forwards it.
+/// Returns only if its slot is empty (a loader bug): the caller forwards
+/// it unclamped.
+#[inline(always)]
+fn mss_hand_over(
+    ctx: &TcContext,
+    ifindex: u32,
+    nexthop: u32,
+    rw: &Rewrite,
+    hook: u32,
+    reason: u32,
+) {
+    let _ = MssHandOver {
+        ifindex,
+        nexthop,
+        l4_off: rw.l4_off as u32,
+        hook,
+        reason,
+    }
+    .call(ctx);
 }
