@@ -8,20 +8,30 @@
 //! the skb helpers load and store at variable offsets and fix checksums
 //! without hand-written bounds proofs. Both checksums the RFC asks about
 //! are verified first; no error ever creates, refreshes or ends a session.
+//!
+//! Errors from outside are translated by `nat_tc_ext` itself
+//! ([`inbound`]); errors from inside by a program of their own,
+//! `nat_tc_icmp_out`, tail-called by `nat_tc_int`, which has no stack to
+//! spare for them.
 
 use aya_ebpf::{
     EbpfContext,
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    macros::classifier,
     programs::TcContext,
 };
-use nat_common::{BindKey, CtKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, NatConfig, csum, stats};
+use nat_common::{
+    BindKey, CtKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, NatConfig, csum,
+    stats::{self, HOOK_TC_INT},
+};
 
 use crate::{
-    fib,
-    maps::{CT_FWD, NAT_BIND_REV},
-    nat,
-    parse::{ETH_HLEN, ICMP_ECHO_REQUEST, IP_CHECK, IP_DADDR, IP_SADDR, Ipv4},
-    rewrite, tc,
+    csum::skb_sum,
+    fib, forward,
+    maps::{CT_FWD, NAT_BIND_REV, config},
+    parse::{self, ETH_HLEN, Frame, ICMP_ECHO_REQUEST, IP_CHECK, IP_DADDR, IP_SADDR, Ipv4},
+    rewrite,
+    stats::count,
 };
 
 /// Longest ICMP message whose checksum is verified (and so translated):
@@ -43,11 +53,37 @@ struct Quoted {
     port_at: usize,
 }
 
-/// An ICMP error that arrived on `--ext` addressed to the SNAT address.
-/// Returns the TC verdict and the reason to count.
+/// Tail-called by `nat_tc_int` with an ICMP error from inside ([`outbound`]).
+/// Counts at `nat_tc_int`'s hook.
+#[classifier]
+pub fn nat_tc_icmp_out(ctx: TcContext) -> i32 {
+    let (action, reason) = match try_nat_tc_icmp_out(&ctx) {
+        Ok(r) => r,
+        Err(reason) => (TC_ACT_SHOT, reason),
+    };
+    count(HOOK_TC_INT, reason);
+    action
+}
+
 #[inline(always)]
-pub fn inbound(ctx: &TcContext, ip: &Ipv4, cfg: &NatConfig) -> (i32, u32) {
-    match try_inbound(ctx, ip, cfg) {
+fn try_nat_tc_icmp_out(ctx: &TcContext) -> Result<(i32, u32), u32> {
+    let f = Frame::tc(ctx);
+    let ip = parse::ipv4(f, ctx.len() as usize).map_err(|_| stats::DROP_MALFORMED)?;
+    outbound(ctx, &ip, config())
+}
+
+/// An ICMP error that arrived on `--ext` addressed to the SNAT address:
+/// `nat_tc_ext`'s part. Returns the TC verdict and the reason to count.
+#[inline(always)]
+pub fn inbound(ctx: &TcContext, f: Frame, cfg: &NatConfig) -> (i32, u32) {
+    // Parsed again rather than carried in the decision: a bigger decision
+    // makes the compiler copy undefined enum fields, which the verifier
+    // rejects.
+    let r = match parse::ipv4(f, ctx.len() as usize) {
+        Ok(ip) => try_inbound(ctx, &ip, cfg),
+        Err(_) => Err(stats::DROP_MALFORMED),
+    };
+    match r {
         Ok(r) => r,
         Err(reason) => (TC_ACT_SHOT, reason),
     }
@@ -105,10 +141,10 @@ fn verify(ctx: &TcContext, ip: &Ipv4, q: &Quoted) -> Result<(), u32> {
     if icmp_len > MAX_ICMP_LEN {
         return Err(stats::DROP_ICMP_ERROR_UNTRACKED);
     }
-    let icmp = crate::csum::skb_sum::<MAX_ICMP_LEN>(ctx, ip.l4_off, icmp_len)
+    let icmp = skb_sum::<MAX_ICMP_LEN>(ctx, ip.l4_off, icmp_len)
         .ok_or(stats::DROP_MALFORMED)?;
     let quoted_ip =
-        crate::csum::skb_sum::<60>(ctx, q.ip, q.ihl.min(60)).ok_or(stats::DROP_MALFORMED)?;
+        skb_sum::<60>(ctx, q.ip, q.ihl.min(60)).ok_or(stats::DROP_MALFORMED)?;
     if csum::fold(icmp) != 0xffff || csum::fold(quoted_ip) != 0xffff {
         return Err(stats::DROP_BAD_CHECKSUM);
     }
@@ -145,11 +181,12 @@ fn try_inbound(ctx: &TcContext, ip: &Ipv4, cfg: &NatConfig) -> Result<(i32, u32)
         0,
         0,
     );
-    tc::send(
+    forward::send(
         ctx,
-        nat::egress(route, cfg.int_ifindex),
+        forward::egress(route, cfg.int_ifindex),
         stats::TC_IN_ICMP_ERROR_FWD,
         || rewrite_in(ctx, ip, &q, inside, iport),
+        |_, _| {},
     )
 }
 
@@ -200,15 +237,7 @@ fn rewrite_in(ctx: &TcContext, ip: &Ipv4, q: &Quoted, inside: u32, iport: u16) -
 /// the "remote" is itself the SNAT address (a hairpinned packet, REQ-7),
 /// the error goes back inside to the sender, both ends restored.
 #[inline(always)]
-pub fn outbound(ctx: &TcContext, ip: &Ipv4, cfg: &NatConfig) -> (i32, u32) {
-    match try_outbound(ctx, ip, cfg) {
-        Ok(r) => r,
-        Err(reason) => (TC_ACT_SHOT, reason),
-    }
-}
-
-#[inline(always)]
-fn try_outbound(ctx: &TcContext, ip: &Ipv4, cfg: &NatConfig) -> Result<(i32, u32), u32> {
+fn outbound(ctx: &TcContext, ip: &Ipv4, cfg: &NatConfig) -> Result<(i32, u32), u32> {
     let q = quoted(ctx, ip)?;
     if q.proto == IPPROTO_ICMP {
         // Inside hosts never get echo requests through the gateway.
@@ -261,11 +290,12 @@ fn try_outbound(ctx: &TcContext, ip: &Ipv4, cfg: &NatConfig) -> Result<(i32, u32
         sender_port,
         rport,
     };
-    tc::send(
+    forward::send(
         ctx,
-        nat::egress(route, egress_if),
+        forward::egress(route, egress_if),
         stats::TC_OUT_ICMP_ERROR_FWD,
         || rewrite_out(ctx, ip, &q, &rw),
+        |_, _| {},
     )
 }
 

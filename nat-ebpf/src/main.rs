@@ -7,6 +7,7 @@
 mod conntrack;
 mod csum;
 mod fib;
+mod forward;
 mod frag;
 mod hairpin;
 mod icmp_err;

@@ -5,60 +5,63 @@
 //!
 //! A translated SYN or SYN-ACK is finished by its own tail-called program,
 //! `nat_tc_mss`: it clamps, then redirects as the translating program would
-//! have. The option walk is a loop over up to 40 bytes; inside `nat_tc_int`
+//! have (which hands it over with `tail::MssHandOver`). The option walk is a loop over up to 40 bytes; inside `nat_tc_int`
 //! the verifier walks it again for every distinct state reaching it and
 //! gives up at a million instructions (measured: it did). A program of its
 //! own starts from one state, so the walk is verified once.
 
-use aya_ebpf::{helpers::bpf_redirect, programs::TcContext};
-use nat_common::{IPPROTO_TCP, mss, tcp::TCP_SYN};
-
-use crate::{
-    parse::{TCP_CHECK, TCP_FLAGS, TCP_HLEN},
-    rewrite::Rewrite,
-    tail::MssHandOver,
-    tc,
+use aya_ebpf::{
+    bindings::TC_ACT_SHOT, helpers::bpf_redirect, macros::classifier, programs::TcContext,
+};
+use nat_common::{
+    mss,
+    stats::{self, HOOK_TC_EXT, HOOK_TC_INT},
 };
 
-/// Whether a translated packet must go through `nat_tc_mss`: a TCP SYN
-/// (or SYN-ACK) with clamping on.
-#[inline(always)]
-pub fn wanted(ctx: &TcContext, rw: &Rewrite, clamp: u16) -> bool {
-    clamp != 0
-        && rw.proto == IPPROTO_TCP
-        && matches!(ctx.load::<u8>(rw.l4_off + TCP_FLAGS), Ok(f) if f & TCP_SYN != 0)
+use crate::{
+    forward,
+    maps::config,
+    parse::{TCP_CHECK, TCP_HLEN},
+    stats::count,
+    tail::MssHandOver,
+};
+
+/// Tail-called by `nat_tc_int` and `nat_tc_ext` (forward::tc) with a
+/// translated SYN or SYN-ACK when `--mss-clamp` is on: clamps its MSS
+/// option and forwards it. Counts at the hook of the program that called.
+#[classifier]
+pub fn nat_tc_mss(ctx: TcContext) -> i32 {
+    let h = MssHandOver::read(&ctx);
+    let (action, reason, clamped) = try_nat_tc_mss(&ctx, &h);
+    // The hook came through the control buffer: only the two TC ones.
+    // Narrowed after the option walk, not before: the verifier would walk
+    // it once for each.
+    let hook = if h.hook == HOOK_TC_EXT {
+        HOOK_TC_EXT
+    } else {
+        HOOK_TC_INT
+    };
+    if clamped {
+        count(hook, stats::EV_MSS_CLAMPED);
+    }
+    count(hook, reason);
+    action
 }
 
-/// `nat_tc_mss`'s work: clamp, forward. Returns the verdict, the reason to
-/// count and the hook to count it at.
+/// Clamps, then redirects as the calling program would have. Returns the
+/// verdict, the reason to count and whether the MSS was lowered.
 #[inline(always)]
-pub fn finish(ctx: &TcContext, clamp_to: u16) -> (i32, u32, Option<u32>, u32) {
-    let MssHandOver {
-        ifindex,
-        nexthop,
-        l4_off,
-        hook,
-        reason,
-    } = MssHandOver::read(ctx);
-    let l4_off = l4_off as usize;
-    let event = match clamp(ctx, l4_off, clamp_to) {
-        Ok(true) => Some(nat_common::stats::EV_MSS_CLAMPED),
-        Ok(false) => None,
-        Err(()) => {
-            return (
-                aya_ebpf::bindings::TC_ACT_SHOT,
-                nat_common::stats::DROP_INTERNAL,
-                None,
-                hook,
-            );
-        }
+fn try_nat_tc_mss(ctx: &TcContext, h: &MssHandOver) -> (i32, u32, bool) {
+    let clamped = match clamp(ctx, h.l4_off as usize, config().mss_clamp) {
+        Ok(c) => c,
+        Err(()) => return (TC_ACT_SHOT, stats::DROP_INTERNAL, false),
     };
-    let action = if nexthop == 0 {
-        (unsafe { bpf_redirect(ifindex, 0) }) as i32
+    let action = if h.nexthop == 0 {
+        (unsafe { bpf_redirect(h.ifindex, 0) }) as i32
     } else {
-        tc::redirect_neigh(ifindex, nexthop)
+        forward::redirect_neigh(h.ifindex, h.nexthop)
     };
-    (action, reason, event, hook)
+    (action, h.reason, clamped)
 }
 
 /// Lowers the MSS option of the SYN whose TCP header starts at `l4` to
