@@ -2,9 +2,10 @@
 //! way is translated fragment by fragment, without reassembly.
 //!
 //! Only the first fragment (offset 0) carries the L4 header. It is
-//! translated like a whole packet by the common path (nat.rs, with
-//! `Hook::TcFragment`): its L4 checksum covers the whole datagram, and the
-//! incremental update (RFC 1624) depends only on the fields that change.
+//! translated like a whole packet by the common path (nat.rs, with the
+//! [`FirstFragment`] decision, then `forward::tc`): its L4 checksum covers
+//! the whole datagram, and the incremental update (RFC 1624) depends only
+//! on the fields that change.
 //! A following fragment needs only its address rewritten:
 //!
 //! - **Outbound** (`--int`): the new source is always the SNAT address,
@@ -30,7 +31,8 @@
 //! RFC 4787 REQ-14a).
 //!
 //! Both programs are tail-called by the TC programs (XDP hands fragments
-//! to TC): each gets a 512-byte stack of its own.
+//! to TC): each gets a 512-byte stack of its own. Following fragments
+//! leave through `forward::send`, like every packet TC rewrites.
 
 use aya_ebpf::{
     EbpfContext,

@@ -141,10 +141,8 @@ fn verify(ctx: &TcContext, ip: &Ipv4, q: &Quoted) -> Result<(), u32> {
     if icmp_len > MAX_ICMP_LEN {
         return Err(stats::DROP_ICMP_ERROR_UNTRACKED);
     }
-    let icmp = skb_sum::<MAX_ICMP_LEN>(ctx, ip.l4_off, icmp_len)
-        .ok_or(stats::DROP_MALFORMED)?;
-    let quoted_ip =
-        skb_sum::<60>(ctx, q.ip, q.ihl.min(60)).ok_or(stats::DROP_MALFORMED)?;
+    let icmp = skb_sum::<MAX_ICMP_LEN>(ctx, ip.l4_off, icmp_len).ok_or(stats::DROP_MALFORMED)?;
+    let quoted_ip = skb_sum::<60>(ctx, q.ip, q.ihl.min(60)).ok_or(stats::DROP_MALFORMED)?;
     if csum::fold(icmp) != 0xffff || csum::fold(quoted_ip) != 0xffff {
         return Err(stats::DROP_BAD_CHECKSUM);
     }

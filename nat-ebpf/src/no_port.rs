@@ -153,8 +153,7 @@ fn try_nat_tc_no_port(ctx: &TcContext, cfg: &NatConfig) -> Result<(i32, Option<u
     // checksum, and after the headers move in front that is the quoted
     // one, inside the ICMP checksum. Its field then gets the value such a
     // completion leaves as it is, so the ICMP checksum holds either way.
-    let seg =
-        skb_sum::<MAX_QUOTE>(ctx, ip.l4_off, l4_len).ok_or(stats::DROP_INTERNAL)?;
+    let seg = skb_sum::<MAX_QUOTE>(ctx, ip.l4_off, l4_len).ok_or(stats::DROP_INTERNAL)?;
     let partial = csum::l4_maybe_partial(
         ip.proto,
         old_check,
@@ -171,9 +170,8 @@ fn try_nat_tc_no_port(ctx: &TcContext, cfg: &NatConfig) -> Result<(i32, Option<u
     } else {
         seg
     };
-    let quote_sum = csum::fold(
-        skb_sum::<MAX_QUOTE>(ctx, ETH_HLEN, ihl).ok_or(stats::DROP_INTERNAL)? + seg,
-    );
+    let quote_sum =
+        csum::fold(skb_sum::<MAX_QUOTE>(ctx, ETH_HLEN, ihl).ok_or(stats::DROP_INTERNAL)? + seg);
 
     // Room for the new headers between Ethernet and the quoted IP header.
     ctx.adjust_room(NEW_HDRS as i32, BPF_ADJ_ROOM_MAC, 0)
