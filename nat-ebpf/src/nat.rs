@@ -151,33 +151,51 @@ impl DecideOut for XdpDecision {
     }
 }
 
-impl Decide for TcOut {
-    const FIB_MTU: bool = false;
-    #[inline(always)]
-    fn pass(reason: u32) -> Self {
-        TcOut::Pass(reason)
-    }
-    #[inline(always)]
-    fn drop(reason: u32) -> Self {
-        TcOut::Drop(reason)
-    }
-    #[inline(always)]
-    fn translate(rw: Rewrite, route: Route) -> Self {
-        TcOut::Translate(rw, route)
-    }
-    #[inline(always)]
-    fn icmp_error() -> Self {
-        TcOut::IcmpError
-    }
-    #[inline(always)]
-    fn fragment(_: u16) -> Option<Self> {
-        Some(TcOut::Fragment)
-    }
-    #[inline(always)]
-    fn to_tc(_: impl FnOnce() -> Option<u32>) -> Option<Self> {
-        None
-    }
+/// [`Decide`] for the TC decision types, which differ only in their name
+/// and in what a fragment is to them (given its MF bit and offset): TC
+/// finishes everything itself, and lets the kernel check the MTU.
+macro_rules! decide_tc {
+    ($t:ident, |$frag:pat_param| $fragment:expr) => {
+        impl Decide for $t {
+            const FIB_MTU: bool = false;
+            #[inline(always)]
+            fn pass(reason: u32) -> Self {
+                $t::Pass(reason)
+            }
+            #[inline(always)]
+            fn drop(reason: u32) -> Self {
+                $t::Drop(reason)
+            }
+            #[inline(always)]
+            fn translate(rw: Rewrite, route: Route) -> Self {
+                $t::Translate(rw, route)
+            }
+            #[inline(always)]
+            fn icmp_error() -> Self {
+                $t::IcmpError
+            }
+            #[inline(always)]
+            fn fragment($frag: u16) -> Option<Self> {
+                $fragment
+            }
+            #[inline(always)]
+            fn to_tc(_: impl FnOnce() -> Option<u32>) -> Option<Self> {
+                None
+            }
+        }
+    };
 }
+
+decide_tc!(TcOut, |_| Some(TcOut::Fragment));
+decide_tc!(TcIn, |_| Some(TcIn::Fragment));
+// frag.rs translates following fragments itself.
+decide_tc!(FirstFragment, |frag| {
+    if frag & FRAG_OFFSET == 0 {
+        None
+    } else {
+        Some(FirstFragment::Drop(stats::DROP_INTERNAL))
+    }
+});
 
 impl DecideOut for TcOut {
     type Hairpin = ();
@@ -188,67 +206,6 @@ impl DecideOut for TcOut {
     #[inline(always)]
     fn hairpinned(rw: Rewrite, _: ()) -> Self {
         TcOut::Hairpin(rw)
-    }
-}
-
-impl Decide for TcIn {
-    const FIB_MTU: bool = false;
-    #[inline(always)]
-    fn pass(reason: u32) -> Self {
-        TcIn::Pass(reason)
-    }
-    #[inline(always)]
-    fn drop(reason: u32) -> Self {
-        TcIn::Drop(reason)
-    }
-    #[inline(always)]
-    fn translate(rw: Rewrite, route: Route) -> Self {
-        TcIn::Translate(rw, route)
-    }
-    #[inline(always)]
-    fn icmp_error() -> Self {
-        TcIn::IcmpError
-    }
-    #[inline(always)]
-    fn fragment(_: u16) -> Option<Self> {
-        Some(TcIn::Fragment)
-    }
-    #[inline(always)]
-    fn to_tc(_: impl FnOnce() -> Option<u32>) -> Option<Self> {
-        None
-    }
-}
-
-impl Decide for FirstFragment {
-    const FIB_MTU: bool = false;
-    #[inline(always)]
-    fn pass(reason: u32) -> Self {
-        FirstFragment::Pass(reason)
-    }
-    #[inline(always)]
-    fn drop(reason: u32) -> Self {
-        FirstFragment::Drop(reason)
-    }
-    #[inline(always)]
-    fn translate(rw: Rewrite, route: Route) -> Self {
-        FirstFragment::Translate(rw, route)
-    }
-    #[inline(always)]
-    fn icmp_error() -> Self {
-        FirstFragment::IcmpError
-    }
-    #[inline(always)]
-    fn fragment(frag: u16) -> Option<Self> {
-        if frag & FRAG_OFFSET == 0 {
-            None
-        } else {
-            // frag.rs translates following fragments itself.
-            Some(FirstFragment::Drop(stats::DROP_INTERNAL))
-        }
-    }
-    #[inline(always)]
-    fn to_tc(_: impl FnOnce() -> Option<u32>) -> Option<Self> {
-        None
     }
 }
 
