@@ -73,6 +73,60 @@ pub const fn maybe_partial(check: u16, saddr: u32, daddr: u32, proto: u8, l4_len
     check == p || (check == 0 && p == 0xffff) || (check == 0xffff && p == 0)
 }
 
+/// A UDP checksum as sent: 0 means "no checksum" in UDP, so a computed 0
+/// goes out as 0xffff, the same one's complement value (RFC 768).
+#[inline(always)]
+pub const fn udp_sent(check: u16) -> u16 {
+    if check == 0 { 0xffff } else { check }
+}
+
+/// The IPv4 header checksum after one address changed from `old_addr` to
+/// `new_addr` and the TTL/protocol word from `ttl_old` to `ttl_new` (the
+/// TTL decrement of a forwarded packet).
+#[inline(always)]
+pub const fn ip_after(check: u16, old_addr: u32, new_addr: u32, ttl_old: u16, ttl_new: u16) -> u16 {
+    replace2(replace4(check, old_addr, new_addr), ttl_old, ttl_new)
+}
+
+/// The complete L4 checksum of protocol `proto` after one address of its
+/// pseudo-header changed from `old_addr` to `new_addr` and one port (or
+/// ICMP identifier) from `old_port` to `new_port`. TCP and UDP cover the
+/// pseudo-header; UDP's "no checksum" 0 stays 0; ICMP has no
+/// pseudo-header, so only the identifier counts. For a checksum that may
+/// be partial, see [`l4_maybe_partial`].
+#[inline(always)]
+pub const fn l4_after(
+    proto: u8,
+    check: u16,
+    old_addr: u32,
+    new_addr: u32,
+    old_port: u16,
+    new_port: u16,
+) -> u16 {
+    match proto {
+        crate::IPPROTO_TCP => replace2(replace4(check, old_addr, new_addr), old_port, new_port),
+        crate::IPPROTO_UDP if check == 0 => 0,
+        crate::IPPROTO_UDP => udp_sent(replace2(
+            replace4(check, old_addr, new_addr),
+            old_port,
+            new_port,
+        )),
+        _ => replace2(check, old_port, new_port),
+    }
+}
+
+/// Whether the L4 checksum `check` of a `proto` segment of `l4_len` bytes
+/// may be partial ([`maybe_partial`]): TCP and UDP only (ICMP has no
+/// pseudo-header, so no partial form), and never UDP's "no checksum" 0.
+#[inline(always)]
+pub const fn l4_maybe_partial(proto: u8, check: u16, saddr: u32, daddr: u32, l4_len: u16) -> bool {
+    match proto {
+        crate::IPPROTO_TCP => maybe_partial(check, saddr, daddr, proto, l4_len),
+        crate::IPPROTO_UDP => check != 0 && maybe_partial(check, saddr, daddr, proto, l4_len),
+        _ => false,
+    }
+}
+
 /// The full Internet checksum of `data` (for tests and the host side; the
 /// fast path only ever updates checksums incrementally).
 pub fn checksum(data: &[u8]) -> u16 {
@@ -189,6 +243,113 @@ mod tests {
             pseudo_replace4(p, s, new_s),
             pseudo_header_sum(new_s, d, 6, 1460)
         );
+    }
+
+    /// A TCP segment with a complete checksum.
+    fn tcp(saddr: u32, daddr: u32, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+        let mut d = Vec::new();
+        d.extend_from_slice(&sport.to_be_bytes());
+        d.extend_from_slice(&dport.to_be_bytes());
+        d.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x18, 0xff, 0xff, 0, 0, 0, 0]);
+        d.extend_from_slice(payload);
+        let pseudo = pseudo_header_sum(saddr, daddr, 6, d.len() as u16) as u32;
+        let c = !fold(sum_bytes(&d, pseudo));
+        d[16..18].copy_from_slice(&c.to_ne_bytes());
+        d
+    }
+
+    /// An ICMP echo request with a complete checksum.
+    fn echo(id: u16, payload: &[u8]) -> Vec<u8> {
+        let mut d = vec![8, 0, 0, 0];
+        d.extend_from_slice(&id.to_be_bytes());
+        d.extend_from_slice(&[0, 1]);
+        d.extend_from_slice(payload);
+        let c = checksum(&d);
+        d[2..4].copy_from_slice(&c.to_ne_bytes());
+        d
+    }
+
+    /// Applies `l4_after` to the segment the way the dataplane does (port
+    /// or identifier at `port_at`, checksum at `check_at`).
+    fn translate(seg: &mut [u8], proto: u8, port_at: usize, check_at: usize, old: u32, new: u32) {
+        let new_port = 61000u16.to_be();
+        let old_port = u16::from_ne_bytes([seg[port_at], seg[port_at + 1]]);
+        let check = u16::from_ne_bytes([seg[check_at], seg[check_at + 1]]);
+        let c = l4_after(proto, check, old, new, old_port, new_port);
+        seg[port_at..port_at + 2].copy_from_slice(&new_port.to_ne_bytes());
+        seg[check_at..check_at + 2].copy_from_slice(&c.to_ne_bytes());
+    }
+
+    #[test]
+    fn l4_after_keeps_tcp_udp_and_icmp_checksums_valid_through_snat() {
+        let (s, d) = (addr([10, 1, 0, 11]), addr([198, 51, 100, 10]));
+        let new_s = addr([192, 0, 2, 2]);
+        let mut t = tcp(s, d, 40000, 443, b"GET / HTTP/1.1");
+        translate(&mut t, 6, 0, 16, s, new_s);
+        assert!(l4_valid(new_s, d, 6, &t));
+        let mut u = udp(s, d, 40000, 53, b"odd length query");
+        translate(&mut u, 17, 0, 6, s, new_s);
+        assert!(l4_valid(new_s, d, 17, &u));
+        // ICMP: no pseudo-header, the addresses do not count.
+        let mut e = echo(0x1234, b"ping");
+        translate(&mut e, 1, 4, 2, s, new_s);
+        assert_eq!(checksum(&e), 0);
+    }
+
+    #[test]
+    fn l4_after_keeps_udp_without_checksum_and_never_computes_zero() {
+        let (s, new_s) = (addr([10, 1, 0, 11]), addr([192, 0, 2, 2]));
+        assert_eq!(l4_after(17, 0, s, new_s, 1, 2), 0);
+        // A port change that brings the raw result to 0: sent as 0xffff.
+        let check = 0x1234u16;
+        let old_port = 0u16;
+        let new_port = (0..=u16::MAX)
+            .find(|p| replace2(check, old_port, *p) == 0)
+            .expect("some port zeroes the sum");
+        assert_eq!(l4_after(17, check, s, s, old_port, new_port), 0xffff);
+        assert_eq!(l4_after(6, check, s, s, old_port, new_port), 0);
+    }
+
+    #[test]
+    fn ip_after_matches_recomputation_of_snat_and_ttl_decrement() {
+        let mut h = IP_HDR;
+        let old = addr([h[12], h[13], h[14], h[15]]);
+        let new = addr([203, 0, 113, 77]);
+        let check = u16::from_ne_bytes([h[10], h[11]]);
+        let ttl_old = u16::from_ne_bytes([h[8], h[9]]);
+        h[8] -= 1;
+        let ttl_new = u16::from_ne_bytes([h[8], h[9]]);
+        h[12..16].copy_from_slice(&new.to_ne_bytes());
+        h[10..12].copy_from_slice(&ip_after(check, old, new, ttl_old, ttl_new).to_ne_bytes());
+        assert_eq!(checksum(&h), 0);
+    }
+
+    #[test]
+    fn only_tcp_and_udp_with_a_checksum_may_be_partial() {
+        let (s, d) = (addr([10, 1, 0, 11]), addr([198, 51, 100, 10]));
+        let tcp_partial = pseudo_header_sum(s, d, 6, 40);
+        assert!(l4_maybe_partial(6, tcp_partial, s, d, 40));
+        let udp_partial = pseudo_header_sum(s, d, 17, 40);
+        assert!(l4_maybe_partial(17, udp_partial, s, d, 40));
+        // UDP "no checksum", whatever the pseudo-header sums to.
+        let zero_sum_addr = (0..=u32::MAX)
+            .step_by(65_521)
+            .find(|a| matches!(pseudo_header_sum(*a, d, 17, 40), 0 | 0xffff))
+            .expect("an address whose pseudo-header sums to zero");
+        assert!(maybe_partial(0, zero_sum_addr, d, 17, 40));
+        assert!(!l4_maybe_partial(17, 0, zero_sum_addr, d, 40));
+        // ICMP never, even with a matching value.
+        assert!(!l4_maybe_partial(
+            1,
+            pseudo_header_sum(s, d, 1, 40),
+            s,
+            d,
+            40
+        ));
+        // A complete checksum is not partial.
+        let seg = udp(s, d, 40000, 53, b"payload");
+        let full = u16::from_ne_bytes([seg[6], seg[7]]);
+        assert!(!l4_maybe_partial(17, full, s, d, seg.len() as u16));
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! segments is lowered to the configured value, so hosts behind a path
 //! with a smaller MTU (a tunnel, a VPN) never send segments too big for it.
 
+use crate::tcp::TCP_SYN;
+
 /// TCP options are at most 40 bytes (data offset 15 words).
 pub const MAX_OPTIONS: usize = 40;
 pub const KIND_EOL: u8 = 0;
@@ -48,6 +50,15 @@ pub fn find<F: FnMut(usize) -> Option<u8>>(opts_len: usize, mut byte: F) -> Opti
         }
     }
     None
+}
+
+/// Whether a translated packet goes through clamping: a TCP SYN (or
+/// SYN-ACK) with clamping on (`clamp` non-zero). `flags` gives the TCP
+/// flags; it is asked only for TCP with clamping on (TC loads them from
+/// the packet, so the others cost no load).
+#[inline(always)]
+pub fn wanted(clamp: u16, proto: u8, flags: impl FnOnce() -> Option<u8>) -> bool {
+    clamp != 0 && proto == crate::IPPROTO_TCP && matches!(flags(), Some(f) if f & TCP_SYN != 0)
 }
 
 /// The MSS (host order) to write instead of `mss`, if it must be lowered.
@@ -103,6 +114,21 @@ mod tests {
         assert_eq!(find_in(&[2, 3, 5, 0xb4]), None, "MSS of length 3");
         assert_eq!(find_in(&[]), None);
         assert_eq!(find_in(&[1; 40]), None);
+    }
+
+    #[test]
+    fn only_tcp_syns_with_clamping_on_are_wanted_and_others_load_no_flags() {
+        use crate::tcp::{TCP_FIN, TCP_SYN};
+        assert!(wanted(1200, crate::IPPROTO_TCP, || Some(TCP_SYN)));
+        assert!(wanted(1200, crate::IPPROTO_TCP, || Some(TCP_SYN | 0x10)));
+        assert!(!wanted(1200, crate::IPPROTO_TCP, || Some(TCP_FIN)));
+        assert!(
+            !wanted(1200, crate::IPPROTO_TCP, || None),
+            "unreadable flags"
+        );
+        let unasked = || -> Option<u8> { panic!("flags loaded") };
+        assert!(!wanted(0, crate::IPPROTO_TCP, unasked));
+        assert!(!wanted(1200, crate::IPPROTO_UDP, unasked));
     }
 
     #[test]

@@ -34,9 +34,6 @@ pub enum Route {
     /// Anything else (forwarding disabled, unsupported encapsulation …):
     /// the kernel decides.
     Other,
-    /// Not a lookup result: from inside to another inside host's external
-    /// endpoint, so it goes back inside after a second translation.
-    Hairpin,
 }
 
 /// Looks up the route of a packet `saddr → daddr` arriving on `iif`.

@@ -2,9 +2,10 @@
 //! way is translated fragment by fragment, without reassembly.
 //!
 //! Only the first fragment (offset 0) carries the L4 header. It is
-//! translated like a whole packet by the common path (nat.rs, with
-//! `Hook::TcFragment`): its L4 checksum covers the whole datagram, and the
-//! incremental update (RFC 1624) depends only on the fields that change.
+//! translated like a whole packet by the common path (nat.rs, with the
+//! [`FirstFragment`] decision, then `forward::tc`): its L4 checksum covers
+//! the whole datagram, and the incremental update (RFC 1624) depends only
+//! on the fields that change.
 //! A following fragment needs only its address rewritten:
 //!
 //! - **Outbound** (`--int`): the new source is always the SNAT address,
@@ -30,31 +31,32 @@
 //! RFC 4787 REQ-14a).
 //!
 //! Both programs are tail-called by the TC programs (XDP hands fragments
-//! to TC): each gets a 512-byte stack of its own.
+//! to TC): each gets a 512-byte stack of its own. Following fragments
+//! leave through `forward::send`, like every packet TC rewrites.
 
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_F_INGRESS, BPF_F_RECOMPUTE_CSUM, TC_ACT_OK, TC_ACT_SHOT},
     cty::c_void,
-    helpers::{
-        bpf_ktime_get_ns, bpf_redirect, bpf_skb_change_tail, bpf_skb_load_bytes,
-        bpf_skb_store_bytes,
-    },
+    helpers::{bpf_ktime_get_ns, bpf_skb_change_tail, bpf_skb_load_bytes, bpf_skb_store_bytes},
     macros::classifier,
     programs::TcContext,
 };
 use nat_common::{
     FRAG_HELD_LEN, FRAG_HELD_MAX, FragKey, FragSlot, FragValue, IPPROTO_ICMP, IPPROTO_TCP,
-    IPPROTO_UDP, NatConfig, stats,
+    IPPROTO_UDP, NatConfig, TAIL_ICMP_ERROR_OUT,
+    stats::{self, HOOK_TC_EXT, HOOK_TC_INT},
 };
 
 use crate::{
     fib::{self, Route},
+    forward,
     maps::{FRAG_HELD, FRAG_SCRATCH, FRAG_TRACK, config},
-    nat::{self, Decision, Egress, Hook},
-    parse::{self, ETH_HLEN, FRAG_OFFSET, IP_CHECK, IP_DADDR, IP_ID, IP_SADDR, Ipv4},
-    stats::{HOOK_TC_EXT, HOOK_TC_INT, count},
-    tc,
+    nat::{self, FirstFragment},
+    parse::{self, ETH_HLEN, FRAG_OFFSET, Frame, IP_DADDR, IP_ID, IP_SADDR, Ipv4},
+    rewrite,
+    stats::count,
+    tail,
 };
 
 /// How long a tracking entry is trusted: Linux's default `ipfrag_time`.
@@ -62,54 +64,69 @@ use crate::{
 /// can only misdirect a later datagram that reuses the identification.
 const FRAG_TIMEOUT_NS: u64 = 30 * 1_000_000_000;
 
-/// Fragments from `--int`: source NAT.
+/// Fragments from `--int`: source NAT. Tail-called by `nat_tc_int`;
+/// counts at its hook.
 #[classifier]
 pub fn nat_tc_frag_int(ctx: TcContext) -> i32 {
+    let (action, reason) = try_nat_tc_frag_int(&ctx);
+    count(HOOK_TC_INT, reason);
+    action
+}
+
+/// Fragments from `--ext`: reverse translation. Tail-called by
+/// `nat_tc_ext`; counts at its hook.
+#[classifier]
+pub fn nat_tc_frag_ext(ctx: TcContext) -> i32 {
+    let (action, reason) = try_nat_tc_frag_ext(&ctx);
+    count(HOOK_TC_EXT, reason);
+    action
+}
+
+/// The verdict and the reason to count.
+#[inline(always)]
+fn try_nat_tc_frag_int(ctx: &TcContext) -> (i32, u32) {
     let cfg = config();
-    let f = tc::pull(&ctx);
+    let f = Frame::tc(ctx);
     let ip = match parse::ipv4(f, ctx.len() as usize) {
         Ok(ip) => ip,
-        Err(_) => return verdict(HOOK_TC_INT, TC_ACT_SHOT, stats::DROP_MALFORMED),
+        Err(_) => return (TC_ACT_SHOT, stats::DROP_MALFORMED),
     };
     // To the SNAT address: the gateway's own (a hairpinned datagram is
     // not translated in fragments).
     if ip.daddr == cfg.snat_addr {
-        return verdict(HOOK_TC_INT, TC_ACT_OK, stats::PASS_LOCAL);
+        return (TC_ACT_OK, stats::PASS_LOCAL);
     }
-    if ip.frag & FRAG_OFFSET == 0 {
-        let d = nat::outbound(
-            ctx.as_ptr(),
-            f,
-            ctx.len() as usize,
-            cfg,
-            Hook::TcFragment,
-            HOOK_TC_INT,
-        );
-        return tc::finish(
-            &ctx,
-            d,
+    if ip.frag & FRAG_OFFSET != 0 {
+        return following_out(ctx, &ip, cfg);
+    }
+    let d = nat::outbound(ctx.as_ptr(), f, ctx.len() as usize, cfg, HOOK_TC_INT);
+    match d {
+        FirstFragment::Translate(rw, route) => forward::tc(
+            ctx,
+            &rw,
+            route,
             cfg.ext_ifindex,
             HOOK_TC_INT,
             stats::TC_FRAG_FIRST_FWD,
             // A fragmented SYN is not worth a clamp.
             0,
-        );
+        ),
+        FirstFragment::IcmpError => (TC_ACT_SHOT, tail::call(ctx, TAIL_ICMP_ERROR_OUT)),
+        FirstFragment::Pass(r) => (TC_ACT_OK, r),
+        FirstFragment::Drop(r) => (TC_ACT_SHOT, r),
     }
-    let (action, reason) = following_out(&ctx, &ip, cfg);
-    verdict(HOOK_TC_INT, action, reason)
 }
 
-/// Fragments from `--ext`: reverse translation.
-#[classifier]
-pub fn nat_tc_frag_ext(ctx: TcContext) -> i32 {
+#[inline(always)]
+fn try_nat_tc_frag_ext(ctx: &TcContext) -> (i32, u32) {
     let cfg = config();
-    let f = tc::pull(&ctx);
+    let f = Frame::tc(ctx);
     let ip = match parse::ipv4(f, ctx.len() as usize) {
         Ok(ip) => ip,
-        Err(_) => return verdict(HOOK_TC_EXT, TC_ACT_SHOT, stats::DROP_MALFORMED),
+        Err(_) => return (TC_ACT_SHOT, stats::DROP_MALFORMED),
     };
     let Some(id) = parse::read::<u16>(f, ETH_HLEN + IP_ID) else {
-        return verdict(HOOK_TC_EXT, TC_ACT_SHOT, stats::DROP_MALFORMED);
+        return (TC_ACT_SHOT, stats::DROP_MALFORMED);
     };
     let key = FragKey {
         src_addr: ip.saddr,
@@ -125,8 +142,7 @@ pub fn nat_tc_frag_ext(ctx: TcContext) -> i32 {
         _ => 0,
     };
     if ip.frag & FRAG_OFFSET != 0 {
-        let (action, reason) = following_in(&ctx, &ip, &key, now, cfg);
-        return verdict(HOOK_TC_EXT, action, reason);
+        return following_in(ctx, &ip, &key, now, cfg);
     }
     if held > 0 {
         // The first fragment of held ones: it and they go round again,
@@ -139,36 +155,32 @@ pub fn nat_tc_frag_ext(ctx: TcContext) -> i32 {
             first_seen_ns: now,
         };
         let _ = FRAG_TRACK.insert(key, v, 0);
-        reinject(&ctx, &key, held, cfg.ext_ifindex);
-        return TC_ACT_SHOT;
+        return (TC_ACT_SHOT, reinject(ctx, &key, held, cfg.ext_ifindex));
     }
-    let d = nat::inbound(
-        ctx.as_ptr(),
-        f,
-        ctx.len() as usize,
-        cfg,
-        Hook::TcFragment,
-        HOOK_TC_EXT,
-    );
-    match &d {
-        Decision::Translate(rw, _) => track(&key, rw.new_addr, now),
+    let d = nat::inbound(ctx.as_ptr(), f, ctx.len() as usize, cfg, HOOK_TC_EXT);
+    match d {
+        FirstFragment::Translate(rw, route) => {
+            track(&key, rw.new_addr, now);
+            forward::tc(
+                ctx,
+                &rw,
+                route,
+                cfg.int_ifindex,
+                HOOK_TC_EXT,
+                stats::TC_FRAG_FIRST_FWD,
+                0,
+            )
+        }
         // The gateway's own datagram: its following fragments go to the
         // kernel too.
-        Decision::Pass(_) => track(&key, ip.daddr, now),
-        // A fragmented ICMP error is not translated.
-        Decision::IcmpErrorIn => {
-            return verdict(HOOK_TC_EXT, TC_ACT_SHOT, stats::DROP_FRAGMENT);
+        FirstFragment::Pass(r) => {
+            track(&key, ip.daddr, now);
+            (TC_ACT_OK, r)
         }
-        _ => {}
+        // A fragmented ICMP error is not translated.
+        FirstFragment::IcmpError => (TC_ACT_SHOT, stats::DROP_FRAGMENT),
+        FirstFragment::Drop(r) => (TC_ACT_SHOT, r),
     }
-    tc::finish(
-        &ctx,
-        d,
-        cfg.int_ifindex,
-        HOOK_TC_EXT,
-        stats::TC_FRAG_FIRST_FWD,
-        0,
-    )
 }
 
 #[inline(always)]
@@ -189,12 +201,6 @@ fn track(key: &FragKey, inside_addr: u32, now: u64) {
     if FRAG_TRACK.insert(key, v, 0).is_ok() {
         count(HOOK_TC_EXT, stats::EV_FRAG_TRACKED);
     }
-}
-
-#[inline(always)]
-fn verdict(hook: u32, action: i32, reason: u32) -> i32 {
-    count(hook, reason);
-    action
 }
 
 #[inline(always)]
@@ -227,7 +233,7 @@ fn following_out(ctx: &TcContext, ip: &Ipv4, cfg: &NatConfig) -> (i32, u32) {
                 return (TC_ACT_OK, stats::PASS_NOT_TO_EXT);
             }
         }
-        Route::Other | Route::Hairpin => return (TC_ACT_OK, stats::PASS_NOT_TO_EXT),
+        Route::Other => return (TC_ACT_OK, stats::PASS_NOT_TO_EXT),
     }
     if ip.ttl <= 1 {
         return (TC_ACT_OK, stats::PASS_TTL_EXPIRED);
@@ -248,7 +254,7 @@ fn following_out(ctx: &TcContext, ip: &Ipv4, cfg: &NatConfig) -> (i32, u32) {
         new: cfg.snat_addr,
         ttl: ip.ttl,
     };
-    forward(ctx, &rw, route, cfg.ext_ifindex)
+    forward_following(ctx, &rw, route, cfg.ext_ifindex)
 }
 
 /// A following inbound fragment: to the inside address its first fragment
@@ -290,7 +296,7 @@ fn following_in(
         new: inside,
         ttl: ip.ttl,
     };
-    forward(ctx, &rw, route, cfg.int_ifindex)
+    forward_following(ctx, &rw, route, cfg.int_ifindex)
 }
 
 /// Keeps a copy of a fragment that came before its first fragment (the
@@ -353,13 +359,12 @@ fn proven_len(len: u32) -> u32 {
 /// Re-injects the packet on `--ext`, then turns it into each fragment held
 /// for its datagram in turn (in the order they came) and re-injects that.
 #[inline(always)]
-fn reinject(ctx: &TcContext, key: &FragKey, held: u32, ext_ifindex: u32) {
+fn reinject(ctx: &TcContext, key: &FragKey, held: u32, ext_ifindex: u32) -> u32 {
     let ingress = BPF_F_INGRESS as u64;
     let reason = match ctx.clone_redirect(ext_ifindex, ingress) {
         Ok(()) => stats::TC_FRAG_REINJECTED,
         Err(_) => stats::DROP_INTERNAL,
     };
-    count(HOOK_TC_EXT, reason);
     for index in 0..FRAG_HELD_MAX {
         if index >= held {
             break;
@@ -368,6 +373,7 @@ fn reinject(ctx: &TcContext, key: &FragKey, held: u32, ext_ifindex: u32) {
         count(HOOK_TC_EXT, reinject_held(ctx, &slot, ext_ifindex));
         let _ = FRAG_HELD.remove(slot);
     }
+    reason
 }
 
 #[inline(always)]
@@ -415,32 +421,28 @@ struct AddrRewrite {
 
 #[inline(always)]
 fn rewrite(ctx: &TcContext, rw: &AddrRewrite) -> Result<(), i64> {
-    ctx.store(rw.off, &rw.new, 0)?;
-    ctx.l3_csum_replace(ETH_HLEN + IP_CHECK, rw.old as u64, rw.new as u64, 4)?;
-    tc::decrement_ttl(ctx, rw.ttl)
+    rewrite::ip_addr(ctx, rw.off, rw.old, rw.new)?;
+    rewrite::decrement_ttl(ctx, rw.ttl)
 }
 
+/// Sends a following fragment on (a fragment too big for the egress link
+/// would need fragmenting again: dropped).
 #[inline(always)]
-fn forward(ctx: &TcContext, rw: &AddrRewrite, route: Route, egress_if: u32) -> (i32, u32) {
-    let fwd = stats::TC_FRAG_FWD;
-    match nat::egress(route, egress_if) {
-        Egress::Redirect {
-            ifindex,
-            smac,
-            dmac,
-        } => match rewrite(ctx, rw).and_then(|()| tc::macs(ctx, smac, dmac)) {
-            Ok(()) => (unsafe { bpf_redirect(ifindex, 0) } as i32, fwd),
-            Err(_) => (TC_ACT_SHOT, stats::DROP_INTERNAL),
-        },
-        Egress::Neigh { ifindex, nexthop } => match rewrite(ctx, rw) {
-            Ok(()) => (tc::redirect_neigh(ifindex, nexthop), fwd),
-            Err(_) => (TC_ACT_SHOT, stats::DROP_INTERNAL),
-        },
-        // A fragment too big for the egress link would need fragmenting
-        // again.
-        Egress::TooBig => (TC_ACT_SHOT, stats::DROP_TOO_BIG),
-        Egress::Hairpin => (TC_ACT_SHOT, stats::DROP_INTERNAL),
-        Egress::Pass(r) => (TC_ACT_OK, r),
-        Egress::Drop(r) => (TC_ACT_SHOT, r),
+fn forward_following(
+    ctx: &TcContext,
+    rw: &AddrRewrite,
+    route: Route,
+    egress_if: u32,
+) -> (i32, u32) {
+    let egress = forward::egress(route, egress_if);
+    match forward::send(
+        ctx,
+        egress,
+        stats::TC_FRAG_FWD,
+        || rewrite(ctx, rw),
+        |_, _| {},
+    ) {
+        Ok(r) => r,
+        Err(reason) => (TC_ACT_SHOT, reason),
     }
 }

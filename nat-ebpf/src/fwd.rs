@@ -58,11 +58,7 @@ pub fn bench_redirect(_ctx: XdpContext) -> u32 {
 /// does: the cheapest forwarding this topology allows.
 #[xdp]
 pub fn xdp_fwd_only(ctx: XdpContext) -> u32 {
-    let f = Frame {
-        data: ctx.data(),
-        data_end: ctx.data_end(),
-    };
-    forward(&ctx, f).unwrap_or(XDP_PASS)
+    forward(&ctx, Frame::xdp(&ctx)).unwrap_or(XDP_PASS)
 }
 
 #[inline(always)]

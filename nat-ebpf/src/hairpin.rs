@@ -5,39 +5,61 @@
 //!
 //! The packet is translated twice. `nat_tc_int` does the sender's half like
 //! any outbound packet (session, binding, source rewrite, TTL); then it
-//! tail-calls `nat_tc_hairpin`, which does the receiver's half here like
-//! any inbound packet (binding, filtering, destination rewrite) and sends
-//! it back out of `--int`. Rare next to Internet traffic, it takes the TC
-//! path only (XDP hands it over).
+//! tail-calls `nat_tc_hairpin` ([`hand_over`]), which does the receiver's
+//! half here like any inbound packet (binding, filtering, destination
+//! rewrite) and sends it back out of `--int`. Rare next to Internet
+//! traffic, it takes the TC path only (XDP hands it over).
 
 use aya_ebpf::{
-    EbpfContext, bindings::TC_ACT_SHOT, helpers::bpf_ktime_get_ns, programs::TcContext,
+    EbpfContext, bindings::TC_ACT_SHOT, helpers::bpf_ktime_get_ns, macros::classifier,
+    programs::TcContext,
 };
 use nat_common::{
-    CtKey, IPPROTO_TCP, NatConfig, stats,
+    CtKey, IPPROTO_TCP, TAIL_HAIRPIN,
+    stats::{self, HOOK_TC_INT},
     tcp::{self, DIR_IN},
 };
 
 use crate::{
-    conntrack, fib,
-    nat::{self, Rewrite},
+    conntrack, fib, forward,
+    maps::config,
     parse::{self, ETH_HLEN, Frame, IP_DADDR},
-    stats::{HOOK_TC_INT, count},
-    tc,
+    rewrite::{self, Rewrite},
+    stats::count,
+    tail,
 };
 
-/// The receiver's half of a hairpinned packet: source already the sender's
-/// external endpoint, destination still the receiver's.
-#[inline(always)]
-pub fn translate(ctx: &TcContext, f: Frame, cfg: &NatConfig) -> (i32, u32) {
-    match try_translate(ctx, f, cfg) {
+/// Tail-called by `nat_tc_int` with a hairpinned packet whose source is
+/// already translated: the receiver's half. Counts at `nat_tc_int`'s hook.
+#[classifier]
+pub fn nat_tc_hairpin(ctx: TcContext) -> i32 {
+    let (action, reason) = match try_nat_tc_hairpin(&ctx) {
         Ok(r) => r,
         Err(reason) => (TC_ACT_SHOT, reason),
+    };
+    count(HOOK_TC_INT, reason);
+    action
+}
+
+/// `nat_tc_int`'s part: the sender's half (`rw`: source, port and TTL),
+/// then on to `nat_tc_hairpin`. Both halves in one program would not fit
+/// in 512 bytes of stack. Returns only on failure, with the verdict and
+/// the reason to count.
+#[inline(always)]
+pub fn hand_over(ctx: &TcContext, rw: &Rewrite) -> (i32, u32) {
+    match rewrite::skb(ctx, rw) {
+        Ok(()) => (TC_ACT_SHOT, tail::call(ctx, TAIL_HAIRPIN)),
+        Err(_) => (TC_ACT_SHOT, stats::DROP_INTERNAL),
     }
 }
 
+/// The receiver's half of a hairpinned packet: source already the sender's
+/// external endpoint, destination still the receiver's. Returns the
+/// verdict and the reason to count, or the drop reason.
 #[inline(always)]
-fn try_translate(ctx: &TcContext, f: Frame, cfg: &NatConfig) -> Result<(i32, u32), u32> {
+fn try_nat_tc_hairpin(ctx: &TcContext) -> Result<(i32, u32), u32> {
+    let cfg = config();
+    let f = Frame::tc(ctx);
     let ip = parse::ipv4(f, ctx.len() as usize).map_err(|_| stats::DROP_MALFORMED)?;
     let l4 = parse::l4(f, &ip)?.ok_or(stats::DROP_UNSUPPORTED)?;
     let reply = CtKey::new(ip.proto, ip.saddr, l4.sport, ip.daddr, l4.dport);
@@ -82,10 +104,11 @@ fn try_translate(ctx: &TcContext, f: Frame, cfg: &NatConfig) -> Result<(i32, u32
         ttl: ip.ttl,
         df: ip.df,
     };
-    tc::send(
+    forward::send(
         ctx,
-        nat::egress(route, cfg.int_ifindex),
+        forward::egress(route, cfg.int_ifindex),
         stats::TC_HAIRPIN_FWD,
-        || tc::rewrite_addr_port(ctx, &rw),
+        || rewrite::addr_port(ctx, &rw),
+        |_, _| {},
     )
 }

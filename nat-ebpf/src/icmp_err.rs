@@ -8,34 +8,31 @@
 //! the skb helpers load and store at variable offsets and fix checksums
 //! without hand-written bounds proofs. Both checksums the RFC asks about
 //! are verified first; no error ever creates, refreshes or ends a session.
+//!
+//! Errors from outside are translated by `nat_tc_ext` itself
+//! ([`inbound`]); errors from inside by a program of their own,
+//! `nat_tc_icmp_out`, tail-called by `nat_tc_int`, which has no stack to
+//! spare for them.
 
 use aya_ebpf::{
     EbpfContext,
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    macros::classifier,
     programs::TcContext,
 };
-use nat_common::{BindKey, CtKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, NatConfig, csum, stats};
-
-use crate::{
-    fib,
-    maps::{CT_FWD, NAT_BIND_REV},
-    nat,
-    parse::{ETH_HLEN, ICMP_ECHO_REQUEST, IP_CHECK, IP_DADDR, IP_SADDR, IP_TTL, Ipv4},
-    tc,
+use nat_common::{
+    BindKey, CtKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, NatConfig, csum,
+    stats::{self, HOOK_TC_INT},
 };
 
-pub const ICMP_DEST_UNREACH: u8 = 3;
-pub const ICMP_TIME_EXCEEDED: u8 = 11;
-pub const ICMP_PARAMETER_PROBLEM: u8 = 12;
-
-/// Whether an ICMP type is an error that quotes the packet it is about.
-#[inline(always)]
-pub fn is_error(icmp_type: u8) -> bool {
-    matches!(
-        icmp_type,
-        ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM
-    )
-}
+use crate::{
+    csum::skb_sum,
+    fib, forward,
+    maps::{CT_FWD, NAT_BIND_REV, config},
+    parse::{self, ETH_HLEN, Frame, ICMP_ECHO_REQUEST, IP_CHECK, IP_DADDR, IP_SADDR, Ipv4},
+    rewrite,
+    stats::count,
+};
 
 /// Longest ICMP message whose checksum is verified (and so translated):
 /// RFC 1812 routers quote at most 576 bytes in all; this leaves room for
@@ -56,11 +53,37 @@ struct Quoted {
     port_at: usize,
 }
 
-/// An ICMP error that arrived on `--ext` addressed to the SNAT address.
-/// Returns the TC verdict and the reason to count.
+/// Tail-called by `nat_tc_int` with an ICMP error from inside ([`outbound`]).
+/// Counts at `nat_tc_int`'s hook.
+#[classifier]
+pub fn nat_tc_icmp_out(ctx: TcContext) -> i32 {
+    let (action, reason) = match try_nat_tc_icmp_out(&ctx) {
+        Ok(r) => r,
+        Err(reason) => (TC_ACT_SHOT, reason),
+    };
+    count(HOOK_TC_INT, reason);
+    action
+}
+
 #[inline(always)]
-pub fn inbound(ctx: &TcContext, ip: &Ipv4, cfg: &NatConfig) -> (i32, u32) {
-    match try_inbound(ctx, ip, cfg) {
+fn try_nat_tc_icmp_out(ctx: &TcContext) -> Result<(i32, u32), u32> {
+    let f = Frame::tc(ctx);
+    let ip = parse::ipv4(f, ctx.len() as usize).map_err(|_| stats::DROP_MALFORMED)?;
+    outbound(ctx, &ip, config())
+}
+
+/// An ICMP error that arrived on `--ext` addressed to the SNAT address:
+/// `nat_tc_ext`'s part. Returns the TC verdict and the reason to count.
+#[inline(always)]
+pub fn inbound(ctx: &TcContext, f: Frame, cfg: &NatConfig) -> (i32, u32) {
+    // Parsed again rather than carried in the decision: a bigger decision
+    // makes the compiler copy undefined enum fields, which the verifier
+    // rejects.
+    let r = match parse::ipv4(f, ctx.len() as usize) {
+        Ok(ip) => try_inbound(ctx, &ip, cfg),
+        Err(_) => Err(stats::DROP_MALFORMED),
+    };
+    match r {
         Ok(r) => r,
         Err(reason) => (TC_ACT_SHOT, reason),
     }
@@ -118,9 +141,8 @@ fn verify(ctx: &TcContext, ip: &Ipv4, q: &Quoted) -> Result<(), u32> {
     if icmp_len > MAX_ICMP_LEN {
         return Err(stats::DROP_ICMP_ERROR_UNTRACKED);
     }
-    let icmp =
-        tc::skb_sum::<MAX_ICMP_LEN>(ctx, ip.l4_off, icmp_len).ok_or(stats::DROP_MALFORMED)?;
-    let quoted_ip = tc::skb_sum::<60>(ctx, q.ip, q.ihl.min(60)).ok_or(stats::DROP_MALFORMED)?;
+    let icmp = skb_sum::<MAX_ICMP_LEN>(ctx, ip.l4_off, icmp_len).ok_or(stats::DROP_MALFORMED)?;
+    let quoted_ip = skb_sum::<60>(ctx, q.ip, q.ihl.min(60)).ok_or(stats::DROP_MALFORMED)?;
     if csum::fold(icmp) != 0xffff || csum::fold(quoted_ip) != 0xffff {
         return Err(stats::DROP_BAD_CHECKSUM);
     }
@@ -157,11 +179,12 @@ fn try_inbound(ctx: &TcContext, ip: &Ipv4, cfg: &NatConfig) -> Result<(i32, u32)
         0,
         0,
     );
-    tc::send(
+    forward::send(
         ctx,
-        nat::egress(route, cfg.int_ifindex),
+        forward::egress(route, cfg.int_ifindex),
         stats::TC_IN_ICMP_ERROR_FWD,
         || rewrite_in(ctx, ip, &q, inside, iport),
+        |_, _| {},
     )
 }
 
@@ -173,13 +196,8 @@ fn rewrite_in(ctx: &TcContext, ip: &Ipv4, q: &Quoted, inside: u32, iport: u16) -
     let snat = ip.daddr;
     let icmp_check = ip.l4_off + 2;
     // Outer header.
-    let check = ETH_HLEN + IP_CHECK;
-    ctx.store(ETH_HLEN + IP_DADDR, &inside, 0)?;
-    ctx.l3_csum_replace(check, snat as u64, inside as u64, 4)?;
-    let ttl_old: u16 = ctx.load(ETH_HLEN + IP_TTL)?;
-    ctx.store(ETH_HLEN + IP_TTL, &(ip.ttl - 1), 0)?;
-    let ttl_new: u16 = ctx.load(ETH_HLEN + IP_TTL)?;
-    ctx.l3_csum_replace(check, ttl_old as u64, ttl_new as u64, 2)?;
+    rewrite::ip_addr(ctx, ETH_HLEN + IP_DADDR, snat, inside)?;
+    rewrite::decrement_ttl(ctx, ip.ttl)?;
     // Quoted IP header: its source, and its checksum; the ICMP checksum
     // covers both.
     let q_check = q.ip + IP_CHECK;
@@ -201,15 +219,7 @@ fn rewrite_in(ctx: &TcContext, ip: &Ipv4, q: &Quoted, inside: u32, iport: u16) -
     };
     if at + 2 <= end {
         let old: u16 = ctx.load(at)?;
-        let new = match q.proto {
-            IPPROTO_UDP if old == 0 => 0,
-            IPPROTO_UDP => {
-                let c = csum::replace2(csum::replace4(old, snat, inside), q.ext_port, iport);
-                if c == 0 { 0xffff } else { c }
-            }
-            IPPROTO_TCP => csum::replace2(csum::replace4(old, snat, inside), q.ext_port, iport),
-            _ => csum::replace2(old, q.ext_port, iport),
-        };
+        let new = csum::l4_after(q.proto, old, snat, inside, q.ext_port, iport);
         if new != old {
             ctx.store(at, &new, 0)?;
             ctx.l3_csum_replace(icmp_check, old as u64, new as u64, 2)?;
@@ -225,15 +235,7 @@ fn rewrite_in(ctx: &TcContext, ip: &Ipv4, q: &Quoted, inside: u32, iport: u16) -
 /// the "remote" is itself the SNAT address (a hairpinned packet, REQ-7),
 /// the error goes back inside to the sender, both ends restored.
 #[inline(always)]
-pub fn outbound(ctx: &TcContext, ip: &Ipv4, cfg: &NatConfig) -> (i32, u32) {
-    match try_outbound(ctx, ip, cfg) {
-        Ok(r) => r,
-        Err(reason) => (TC_ACT_SHOT, reason),
-    }
-}
-
-#[inline(always)]
-fn try_outbound(ctx: &TcContext, ip: &Ipv4, cfg: &NatConfig) -> Result<(i32, u32), u32> {
+fn outbound(ctx: &TcContext, ip: &Ipv4, cfg: &NatConfig) -> Result<(i32, u32), u32> {
     let q = quoted(ctx, ip)?;
     if q.proto == IPPROTO_ICMP {
         // Inside hosts never get echo requests through the gateway.
@@ -286,11 +288,12 @@ fn try_outbound(ctx: &TcContext, ip: &Ipv4, cfg: &NatConfig) -> Result<(i32, u32
         sender_port,
         rport,
     };
-    tc::send(
+    forward::send(
         ctx,
-        nat::egress(route, egress_if),
+        forward::egress(route, egress_if),
         stats::TC_OUT_ICMP_ERROR_FWD,
         || rewrite_out(ctx, ip, &q, &rw),
+        |_, _| {},
     )
 }
 
@@ -328,18 +331,12 @@ fn quoted_addr(
 #[inline(always)]
 fn rewrite_out(ctx: &TcContext, ip: &Ipv4, q: &Quoted, rw: &OutRewrite) -> Result<(), i64> {
     let icmp_check = ip.l4_off + 2;
-    let check = ETH_HLEN + IP_CHECK;
     // Outer header: from the SNAT address (to the sender, when hairpinned).
-    ctx.store(ETH_HLEN + IP_SADDR, &rw.snat, 0)?;
-    ctx.l3_csum_replace(check, ip.saddr as u64, rw.snat as u64, 4)?;
+    rewrite::ip_addr(ctx, ETH_HLEN + IP_SADDR, ip.saddr, rw.snat)?;
     if rw.hairpin {
-        ctx.store(ETH_HLEN + IP_DADDR, &rw.sender, 0)?;
-        ctx.l3_csum_replace(check, ip.daddr as u64, rw.sender as u64, 4)?;
+        rewrite::ip_addr(ctx, ETH_HLEN + IP_DADDR, ip.daddr, rw.sender)?;
     }
-    let ttl_old: u16 = ctx.load(ETH_HLEN + IP_TTL)?;
-    ctx.store(ETH_HLEN + IP_TTL, &(ip.ttl - 1), 0)?;
-    let ttl_new: u16 = ctx.load(ETH_HLEN + IP_TTL)?;
-    ctx.l3_csum_replace(check, ttl_old as u64, ttl_new as u64, 2)?;
+    rewrite::decrement_ttl(ctx, ip.ttl)?;
     // The quote: its destination back to the external endpoint...
     quoted_addr(ctx, q, icmp_check, q.ip + IP_DADDR, rw.inside, rw.snat)?;
     ctx.store(q.l4 + 2, &rw.ext_port, 0)?;
@@ -360,20 +357,12 @@ fn rewrite_out(ctx: &TcContext, ip: &Ipv4, q: &Quoted, rw: &OutRewrite) -> Resul
     if at + 2 <= end {
         let old: u16 = ctx.load(at)?;
         if !(q.proto == IPPROTO_UDP && old == 0) {
-            let mut new = csum::replace2(
-                csum::replace4(old, rw.inside, rw.snat),
-                rw.iport,
-                rw.ext_port,
-            );
+            let mut new = csum::l4_after(q.proto, old, rw.inside, rw.snat, rw.iport, rw.ext_port);
             if rw.hairpin {
-                new = csum::replace2(
-                    csum::replace4(new, rw.snat, rw.sender),
-                    rw.rport,
-                    rw.sender_port,
-                );
-            }
-            if q.proto == IPPROTO_UDP && new == 0 {
-                new = 0xffff;
+                // Both ends of a hairpinned quote: the second update starts
+                // from the first one's (for UDP, a 0 already sent as 0xffff:
+                // the same one's complement value).
+                new = csum::l4_after(q.proto, new, rw.snat, rw.sender, rw.rport, rw.sender_port);
             }
             ctx.store(at, &new, 0)?;
             ctx.l3_csum_replace(icmp_check, old as u64, new as u64, 2)?;

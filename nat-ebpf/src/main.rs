@@ -1,11 +1,16 @@
 //! The gateway's dataplane: XDP on both NICs is the fast path; a TC ingress
-//! program on each NIC finishes what XDP cannot do well (see
-//! docs/packet-flow.md for what each program does to a packet, and why).
+//! program on each NIC finishes what XDP cannot do well, with tail-called
+//! programs for the rare and heavy cases. Entry points are in xdp.rs and
+//! tc.rs (and the tail-called programs in their concern's module); every
+//! packet then walks parse → nat (decide) → rewrite → forward. See
+//! docs/packet-flow.md for what each program does to a packet, and why.
 #![no_std]
 #![no_main]
 
 mod conntrack;
+mod csum;
 mod fib;
+mod forward;
 mod frag;
 mod hairpin;
 mod icmp_err;
@@ -14,7 +19,9 @@ mod mss;
 mod nat;
 mod no_port;
 mod parse;
+mod rewrite;
 mod stats;
+mod tail;
 mod tc;
 mod xdp;
 

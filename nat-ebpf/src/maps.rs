@@ -54,10 +54,9 @@ pub static FRAG_SCRATCH: PerCpuArray<FragHeld> = PerCpuArray::with_max_entries(1
 #[map(name = "TAILS")]
 pub static TAILS: ProgramArray = ProgramArray::with_max_entries(nat_common::TAIL_COUNT, 0);
 
-/// Packet counters: index `hook * stats::COUNT + reason`.
+/// Packet counters: index `nat_common::stats::slot(hook, reason)`.
 #[map(name = "STATS")]
-pub static STATS: PerCpuArray<u64> =
-    PerCpuArray::with_max_entries(nat_common::stats::COUNT * crate::stats::HOOKS, 0);
+pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(nat_common::stats::SLOTS, 0);
 
 /// State of the per-CPU rate limit of out-of-ports ICMP errors
 /// ([`nat_common::icmp_rate`]).

@@ -5,96 +5,63 @@
 //!
 //! A translated SYN or SYN-ACK is finished by its own tail-called program,
 //! `nat_tc_mss`: it clamps, then redirects as the translating program would
-//! have. The option walk is a loop over up to 40 bytes; inside `nat_tc_int`
+//! have (which hands it over with `tail::MssHandOver`). The option walk is a loop over up to 40 bytes; inside `nat_tc_int`
 //! the verifier walks it again for every distinct state reaching it and
 //! gives up at a million instructions (measured: it did). A program of its
 //! own starts from one state, so the walk is verified once.
 
-use aya_ebpf::{helpers::bpf_redirect, programs::TcContext};
-use nat_common::{IPPROTO_TCP, mss, tcp::TCP_SYN};
-
-use crate::{
-    maps::TAILS,
-    nat::Rewrite,
-    parse::{TCP_CHECK, TCP_FLAGS, TCP_HLEN},
-    tc,
+use aya_ebpf::{
+    bindings::TC_ACT_SHOT, helpers::bpf_redirect, macros::classifier, programs::TcContext,
+};
+use nat_common::{
+    mss,
+    stats::{self, HOOK_TC_EXT, HOOK_TC_INT},
 };
 
-/// What `nat_tc_mss` needs to finish the forward, in the skb's control
-/// buffer (which lives as long as the program run, tail calls included).
-const CB_IFINDEX: usize = 0;
-/// The next hop to resolve with `bpf_redirect_neigh`; 0: MACs are set,
-/// plain `bpf_redirect`.
-const CB_NEXTHOP: usize = 1;
-const CB_L4_OFF: usize = 2;
-const CB_HOOK: usize = 3;
-const CB_REASON: usize = 4;
+use crate::{
+    forward,
+    maps::config,
+    parse::{TCP_CHECK, TCP_HLEN},
+    stats::count,
+    tail::MssHandOver,
+};
 
-/// Whether a translated packet must go through `nat_tc_mss`: a TCP SYN
-/// (or SYN-ACK) with clamping on.
-#[inline(always)]
-pub fn wanted(ctx: &TcContext, rw: &Rewrite, clamp: u16) -> bool {
-    clamp != 0
-        && rw.proto == IPPROTO_TCP
-        && matches!(ctx.load::<u8>(rw.l4_off + TCP_FLAGS), Ok(f) if f & TCP_SYN != 0)
-}
-
-/// Hands the rewritten packet to `nat_tc_mss`, which clamps and forwards
-/// it (to `ifindex`; through `nexthop`'s neighbour unless 0) and counts
-/// `reason` at `hook`. Returns only if the tail call failed (an empty
-/// slot, a loader bug): the caller forwards it unclamped.
-#[inline(always)]
-pub fn hand_over(
-    ctx: &TcContext,
-    ifindex: u32,
-    nexthop: u32,
-    l4_off: usize,
-    hook: u32,
-    reason: u32,
-) {
-    // SAFETY: the context pointer is the program's own skb; cb is
-    // writable from TC programs.
-    unsafe {
-        let cb = &mut (*ctx.skb.skb).cb;
-        cb[CB_IFINDEX] = ifindex;
-        cb[CB_NEXTHOP] = nexthop;
-        cb[CB_L4_OFF] = l4_off as u32;
-        cb[CB_HOOK] = hook;
-        cb[CB_REASON] = reason;
-        TAILS.tail_call(ctx, nat_common::TAIL_MSS);
-    }
-}
-
-/// `nat_tc_mss`'s work: clamp, forward. Returns the verdict, the reason to
-/// count and the hook to count it at.
-#[inline(always)]
-pub fn finish(ctx: &TcContext, clamp_to: u16) -> (i32, u32, Option<u32>, u32) {
-    let cb = ctx.skb.cb();
-    let (ifindex, nexthop, l4_off, hook, reason) = (
-        cb[CB_IFINDEX],
-        cb[CB_NEXTHOP],
-        cb[CB_L4_OFF] as usize,
-        cb[CB_HOOK],
-        cb[CB_REASON],
-    );
-    let event = match clamp(ctx, l4_off, clamp_to) {
-        Ok(true) => Some(nat_common::stats::EV_MSS_CLAMPED),
-        Ok(false) => None,
-        Err(()) => {
-            return (
-                aya_ebpf::bindings::TC_ACT_SHOT,
-                nat_common::stats::DROP_INTERNAL,
-                None,
-                hook,
-            );
-        }
-    };
-    let action = if nexthop == 0 {
-        (unsafe { bpf_redirect(ifindex, 0) }) as i32
+/// Tail-called by `nat_tc_int` and `nat_tc_ext` (forward::tc) with a
+/// translated SYN or SYN-ACK when `--mss-clamp` is on: clamps its MSS
+/// option and forwards it. Counts at the hook of the program that called.
+#[classifier]
+pub fn nat_tc_mss(ctx: TcContext) -> i32 {
+    let h = MssHandOver::read(&ctx);
+    let (action, reason, clamped) = try_nat_tc_mss(&ctx, &h);
+    // The hook came through the control buffer: only the two TC ones.
+    // Narrowed after the option walk, not before: the verifier would walk
+    // it once for each.
+    let hook = if h.hook == HOOK_TC_EXT {
+        HOOK_TC_EXT
     } else {
-        tc::redirect_neigh(ifindex, nexthop)
+        HOOK_TC_INT
     };
-    (action, reason, event, hook)
+    if clamped {
+        count(hook, stats::EV_MSS_CLAMPED);
+    }
+    count(hook, reason);
+    action
+}
+
+/// Clamps, then redirects as the calling program would have. Returns the
+/// verdict, the reason to count and whether the MSS was lowered.
+#[inline(always)]
+fn try_nat_tc_mss(ctx: &TcContext, h: &MssHandOver) -> (i32, u32, bool) {
+    let clamped = match clamp(ctx, h.l4_off as usize, config().mss_clamp) {
+        Ok(c) => c,
+        Err(()) => return (TC_ACT_SHOT, stats::DROP_INTERNAL, false),
+    };
+    let action = if h.nexthop == 0 {
+        (unsafe { bpf_redirect(h.ifindex, 0) }) as i32
+    } else {
+        forward::redirect_neigh(h.ifindex, h.nexthop)
+    };
+    (action, h.reason, clamped)
 }
 
 /// Lowers the MSS option of the SYN whose TCP header starts at `l4` to

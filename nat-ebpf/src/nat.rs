@@ -1,67 +1,226 @@
-//! The translation decision, shared by the XDP and TC programs: parse → look
-//! up (or create) the flow → decide the rewrite and the route. Applying the
-//! rewrite and forwarding differ per hook and live in xdp.rs and tc.rs.
+//! The decision stage, the same code for every program: classify the parsed
+//! packet, look up (or create) its flow, and decide the rewrite and the
+//! route. Applying the rewrite (rewrite.rs) and forwarding (forward.rs)
+//! come after.
+//!
+//! What differs between the programs is what each can do with a packet it
+//! does not translate itself: XDP hands it to TC, TC to a tail-called
+//! program. So each kind of program gets a decision type of its own with
+//! only the outcomes it can have ([`XdpDecision`], [`TcOut`], [`TcIn`],
+//! [`FirstFragment`]), and the shared code builds them through [`Decide`].
+
+use core::convert::Infallible;
 
 use aya_ebpf::{cty::c_void, helpers::bpf_ktime_get_ns};
 use nat_common::{
-    CtKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, NatConfig, csum, stats,
+    CtKey, IPPROTO_ICMP, IPPROTO_TCP, NatConfig, csum, mss, stats,
     tcp::{self, DIR_IN, DIR_OUT},
 };
 
 use crate::{
     conntrack,
     fib::{self, Route},
-    icmp_err,
     maps::CT_FWD,
-    parse::{self, Frame, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, IP_DADDR, IP_SADDR, Ipv4, L4, Stop},
+    parse::{
+        self, FRAG_OFFSET, Frame, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, IP_DADDR, IP_SADDR, Ipv4, L4,
+        Stop,
+    },
+    rewrite::Rewrite,
+    stats::count,
 };
 
-/// Which hook is deciding: XDP sees frames without the skb's checksum
-/// state, so it hands packets whose L4 checksum may be partial to TC.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Hook {
-    Xdp,
-    Tc,
-    /// TC, in the fragment program (frag.rs): first fragments are
-    /// translated like whole packets.
-    TcFragment,
-}
-
-/// A rewrite of one address and one port (or ICMP identifier).
-#[derive(Clone, Copy)]
-pub struct Rewrite {
-    pub proto: u8,
-    pub addr_off: usize,
-    pub old_addr: u32,
-    pub new_addr: u32,
-    /// Direction: which port is the inside end's (source outbound,
-    /// destination inbound; the identifier for ICMP either way).
-    pub dir: u8,
-    pub l4_off: usize,
-    pub old_port: u16,
-    pub new_port: u16,
-    pub l4_check: u16,
-    pub ttl: u8,
-    pub df: bool,
-}
-
-pub enum Decision {
-    /// Leave the packet to the kernel, untouched.
-    Pass(u32),
-    /// Drop it.
-    Drop(u32),
-    /// XDP only: hand the untouched packet to the TC program.
-    ToTc(u32),
-    /// Translate it and forward along `route`.
+/// The XDP programs' decision.
+pub enum XdpDecision {
+    /// Translate it and forward it along the route.
     Translate(Rewrite, Route),
-    /// TC only: an ICMP error addressed to the SNAT address, for
-    /// icmp_err to translate back.
-    IcmpErrorIn,
-    /// TC only: an ICMP error from an inside host about a packet it got
-    /// through the gateway, for icmp_err to translate out.
-    IcmpErrorOut,
-    /// TC only: an IP fragment, for the fragment program (frag.rs).
+    /// Hand it, untouched, to the TC program of the same NIC (`XDP_PASS`):
+    /// finishing it needs the skb. The reason is counted.
+    ToTc(u32),
+    /// Leave it to the kernel, untouched.
+    Pass(u32),
+    Drop(u32),
+}
+
+/// `nat_tc_int`'s decision on an outbound packet.
+pub enum TcOut {
+    Translate(Rewrite, Route),
+    /// To another inside host's external endpoint: translated as the
+    /// sender's packet; the receiver's half is `nat_tc_hairpin`'s.
+    Hairpin(Rewrite),
+    /// An ICMP error from inside about a packet that came in through the
+    /// gateway: `nat_tc_icmp_out`'s.
+    IcmpError,
+    /// An IP fragment: `nat_tc_frag_int`'s.
     Fragment,
+    Pass(u32),
+    Drop(u32),
+}
+
+/// `nat_tc_ext`'s decision on an inbound packet.
+pub enum TcIn {
+    Translate(Rewrite, Route),
+    /// An ICMP error addressed to the SNAT address, for icmp_err to
+    /// translate back.
+    IcmpError,
+    /// An IP fragment: `nat_tc_frag_ext`'s.
+    Fragment,
+    Pass(u32),
+    Drop(u32),
+}
+
+/// The fragment programs' decision on a first fragment (offset 0, the one
+/// with the L4 header), which is translated like a whole packet: its L4
+/// checksum covers the whole datagram, and the incremental update only
+/// depends on the changed fields.
+pub enum FirstFragment {
+    Translate(Rewrite, Route),
+    /// An ICMP error (outbound: from inside; inbound: to the SNAT address).
+    IcmpError,
+    Pass(u32),
+    Drop(u32),
+}
+
+/// How the shared decision code builds a program's decision.
+pub trait Decide: Sized {
+    /// Whether the FIB lookup checks the IP length against the egress MTU
+    /// (XDP). TC lets the kernel check the skb, which understands GSO.
+    const FIB_MTU: bool;
+    fn pass(reason: u32) -> Self;
+    fn drop(reason: u32) -> Self;
+    fn translate(rw: Rewrite, route: Route) -> Self;
+    /// An ICMP error about a translated packet.
+    fn icmp_error() -> Self;
+    /// An IP fragment (`frag`: its MF bit and offset): what the program
+    /// does with it, or `None` to translate it like a whole packet.
+    fn fragment(frag: u16) -> Option<Self>;
+    /// XDP hands TC what it cannot finish: `why` gives the first reason,
+    /// if any (asked by XDP only; TC finishes everything itself).
+    fn to_tc(why: impl FnOnce() -> Option<u32>) -> Option<Self>;
+}
+
+/// Outbound decisions also say what becomes of a hairpinned packet.
+pub trait DecideOut: Decide {
+    /// What it takes to translate one: `()` in a program that does (TC),
+    /// no value at all ([`Infallible`]) in one that never does.
+    type Hairpin;
+    /// `Ok` to translate it as the sender's packet; `Err`: what the
+    /// program does with it instead, decided before any lookup.
+    fn hairpin() -> Result<Self::Hairpin, Self>;
+    fn hairpinned(rw: Rewrite, how: Self::Hairpin) -> Self;
+}
+
+impl Decide for XdpDecision {
+    const FIB_MTU: bool = true;
+    #[inline(always)]
+    fn pass(reason: u32) -> Self {
+        XdpDecision::Pass(reason)
+    }
+    #[inline(always)]
+    fn drop(reason: u32) -> Self {
+        XdpDecision::Drop(reason)
+    }
+    #[inline(always)]
+    fn translate(rw: Rewrite, route: Route) -> Self {
+        XdpDecision::Translate(rw, route)
+    }
+    /// Errors are rare and their translation needs the skb helpers.
+    #[inline(always)]
+    fn icmp_error() -> Self {
+        XdpDecision::ToTc(stats::XDP_TO_TC_ICMP_ERROR)
+    }
+    #[inline(always)]
+    fn fragment(_: u16) -> Option<Self> {
+        Some(XdpDecision::ToTc(stats::XDP_TO_TC_FRAGMENT))
+    }
+    #[inline(always)]
+    fn to_tc(why: impl FnOnce() -> Option<u32>) -> Option<Self> {
+        why().map(XdpDecision::ToTc)
+    }
+}
+
+impl DecideOut for XdpDecision {
+    type Hairpin = Infallible;
+    /// Rare next to Internet traffic, and both halves need TC's stack.
+    #[inline(always)]
+    fn hairpin() -> Result<Infallible, Self> {
+        Err(XdpDecision::ToTc(stats::XDP_TO_TC_HAIRPIN))
+    }
+    #[inline(always)]
+    fn hairpinned(_: Rewrite, how: Infallible) -> Self {
+        match how {}
+    }
+}
+
+/// [`Decide`] for the TC decision types, which differ only in their name
+/// and in what a fragment is to them (given its MF bit and offset): TC
+/// finishes everything itself, and lets the kernel check the MTU.
+macro_rules! decide_tc {
+    ($t:ident, |$frag:pat_param| $fragment:expr) => {
+        impl Decide for $t {
+            const FIB_MTU: bool = false;
+            #[inline(always)]
+            fn pass(reason: u32) -> Self {
+                $t::Pass(reason)
+            }
+            #[inline(always)]
+            fn drop(reason: u32) -> Self {
+                $t::Drop(reason)
+            }
+            #[inline(always)]
+            fn translate(rw: Rewrite, route: Route) -> Self {
+                $t::Translate(rw, route)
+            }
+            #[inline(always)]
+            fn icmp_error() -> Self {
+                $t::IcmpError
+            }
+            #[inline(always)]
+            fn fragment($frag: u16) -> Option<Self> {
+                $fragment
+            }
+            #[inline(always)]
+            fn to_tc(_: impl FnOnce() -> Option<u32>) -> Option<Self> {
+                None
+            }
+        }
+    };
+}
+
+decide_tc!(TcOut, |_| Some(TcOut::Fragment));
+decide_tc!(TcIn, |_| Some(TcIn::Fragment));
+// frag.rs translates following fragments itself.
+decide_tc!(FirstFragment, |frag| {
+    if frag & FRAG_OFFSET == 0 {
+        None
+    } else {
+        Some(FirstFragment::Drop(stats::DROP_INTERNAL))
+    }
+});
+
+impl DecideOut for TcOut {
+    type Hairpin = ();
+    #[inline(always)]
+    fn hairpin() -> Result<(), Self> {
+        Ok(())
+    }
+    #[inline(always)]
+    fn hairpinned(rw: Rewrite, _: ()) -> Self {
+        TcOut::Hairpin(rw)
+    }
+}
+
+impl DecideOut for FirstFragment {
+    type Hairpin = Infallible;
+    /// A hairpinned datagram is not translated in fragments: it is the
+    /// gateway's own (frag.rs checks for it before anything else).
+    #[inline(always)]
+    fn hairpin() -> Result<Infallible, Self> {
+        Err(FirstFragment::Pass(stats::PASS_LOCAL))
+    }
+    #[inline(always)]
+    fn hairpinned(_: Rewrite, how: Infallible) -> Self {
+        match how {}
+    }
 }
 
 /// Everything about a packet both directions need.
@@ -70,7 +229,7 @@ struct Parsed {
     l4: L4,
 }
 
-/// What the common parse needs to know about the direction it parses.
+/// What the common classification needs to know about the direction.
 #[derive(Clone, Copy)]
 struct Side {
     iif: u32,
@@ -82,58 +241,53 @@ struct Side {
     icmp_errors_for: u32,
     /// Outbound: the SNAT address, for ICMP errors from inside (else 0).
     icmp_errors_out_snat: u32,
-    hook: Hook,
 }
 
-/// Common parse; `Err` is the final decision for a packet that is not ours
-/// to translate.
+/// Parses the packet and sorts out those that are not for translation
+/// here; `Err` is the final decision for them.
 #[inline(always)]
-fn parse(ctx: *mut c_void, f: Frame, pkt_len: usize, side: &Side) -> Result<Parsed, Decision> {
+fn classify<D: Decide>(
+    ctx: *mut c_void,
+    f: Frame,
+    pkt_len: usize,
+    side: &Side,
+) -> Result<Parsed, D> {
     let Side {
         iif,
         wanted_icmp,
         not_ours,
         icmp_errors_for,
         icmp_errors_out_snat,
-        hook,
     } = *side;
     let ip = match parse::ipv4(f, pkt_len) {
         Ok(ip) => ip,
-        Err(Stop::NotIpv4) => return Err(Decision::Pass(stats::PASS_NOT_IPV4)),
-        Err(Stop::Malformed) => return Err(Decision::Drop(stats::DROP_MALFORMED)),
+        Err(Stop::NotIpv4) => return Err(D::pass(stats::PASS_NOT_IPV4)),
+        Err(Stop::Malformed) => return Err(D::drop(stats::DROP_MALFORMED)),
     };
     // Traffic for the gateway itself is never translated; deciding that
     // costs a FIB lookup, so it is asked only of packets we would not
     // translate anyway.
     let local_or = |reason: u32, local_reason: u32| {
         if fib::is_local(ctx, iif, ip.saddr, ip.daddr) {
-            Decision::Pass(local_reason)
+            D::pass(local_reason)
         } else {
-            Decision::Drop(reason)
+            D::drop(reason)
         }
     };
-    if ip.frag != 0 {
-        match hook {
-            Hook::Xdp => return Err(Decision::ToTc(stats::XDP_TO_TC_FRAGMENT)),
-            Hook::Tc => return Err(Decision::Fragment),
-            // The first fragment carries the L4 header: it is translated
-            // like a whole packet (its L4 checksum covers the whole
-            // datagram, and the incremental update only depends on the
-            // changed fields).
-            Hook::TcFragment if ip.frag & parse::FRAG_OFFSET == 0 => {}
-            // frag.rs translates following fragments itself.
-            Hook::TcFragment => return Err(Decision::Drop(stats::DROP_INTERNAL)),
-        }
+    if ip.frag != 0
+        && let Some(d) = D::fragment(ip.frag)
+    {
+        return Err(d);
     }
     let l4 = match parse::l4(f, &ip) {
         Ok(Some(l4)) => l4,
         Ok(None) => return Err(local_or(not_ours, stats::PASS_LOCAL)),
-        Err(reason) => return Err(Decision::Drop(reason)),
+        Err(reason) => return Err(D::drop(reason)),
     };
     if ip.proto == IPPROTO_ICMP && l4.icmp_type != wanted_icmp {
-        if icmp_err::is_error(l4.icmp_type) {
+        if parse::icmp_is_error(l4.icmp_type) {
             if icmp_errors_for != 0 && ip.daddr == icmp_errors_for {
-                return Err(Decision::IcmpErrorIn);
+                return Err(D::icmp_error());
             }
             // From inside: to a remote, or hairpinned to the SNAT address;
             // an error for the gateway itself is the kernel's.
@@ -141,7 +295,7 @@ fn parse(ctx: *mut c_void, f: Frame, pkt_len: usize, side: &Side) -> Result<Pars
                 && (ip.daddr == icmp_errors_out_snat
                     || !fib::is_local(ctx, iif, ip.saddr, ip.daddr))
             {
-                return Err(Decision::IcmpErrorOut);
+                return Err(D::icmp_error());
             }
         }
         return Err(local_or(not_ours, stats::PASS_ICMP_OTHER));
@@ -154,75 +308,55 @@ fn parse(ctx: *mut c_void, f: Frame, pkt_len: usize, side: &Side) -> Result<Pars
 #[inline(always)]
 fn maybe_partial(p: &Parsed) -> bool {
     let l4_len = p.ip.tot_len - (p.ip.l4_off - parse::ETH_HLEN) as u16;
-    match p.ip.proto {
-        IPPROTO_TCP => csum::maybe_partial(p.l4.check, p.ip.saddr, p.ip.daddr, IPPROTO_TCP, l4_len),
-        // UDP checksum 0 means "none": nothing to get wrong.
-        IPPROTO_UDP => {
-            p.l4.check != 0
-                && csum::maybe_partial(p.l4.check, p.ip.saddr, p.ip.daddr, IPPROTO_UDP, l4_len)
-        }
-        _ => false,
-    }
+    csum::l4_maybe_partial(p.ip.proto, p.l4.check, p.ip.saddr, p.ip.daddr, l4_len)
 }
 
 /// Whether XDP must leave this packet to TC to clamp its MSS option
 /// (`--mss-clamp`: TCP SYN and SYN-ACK; TC does the option walk).
 #[inline(always)]
 fn mss_clamp_wanted(p: &Parsed, cfg: &NatConfig) -> bool {
-    cfg.mss_clamp != 0 && p.ip.proto == IPPROTO_TCP && p.l4.tcp_flags & tcp::TCP_SYN != 0
-}
-
-impl Rewrite {
-    /// Offsets, within the L4 header, of the rewritten port (or ICMP
-    /// identifier) and of the checksum, and the header length they need.
-    #[inline(always)]
-    pub fn l4_fields(&self) -> (usize, usize) {
-        match (self.proto, self.dir) {
-            (IPPROTO_TCP, DIR_OUT) => (0, parse::TCP_CHECK),
-            (IPPROTO_TCP, _) => (2, parse::TCP_CHECK),
-            (IPPROTO_UDP, DIR_OUT) => (0, parse::UDP_CHECK),
-            (IPPROTO_UDP, _) => (2, parse::UDP_CHECK),
-            _ => (parse::ICMP_ID, parse::ICMP_CHECK),
-        }
-    }
+    mss::wanted(cfg.mss_clamp, p.ip.proto, || Some(p.l4.tcp_flags))
 }
 
 /// Packets from `--int`: source NAT.
 #[inline(always)]
-pub fn outbound(
+pub fn outbound<D: DecideOut>(
     ctx: *mut c_void,
     f: Frame,
     pkt_len: usize,
     cfg: &NatConfig,
-    hook: Hook,
     stat_hook: u32,
-) -> Decision {
+) -> D {
     let side = Side {
         iif: cfg.int_ifindex,
         wanted_icmp: ICMP_ECHO_REQUEST,
         not_ours: stats::DROP_UNSUPPORTED,
         icmp_errors_for: 0,
         icmp_errors_out_snat: cfg.snat_addr,
-        hook,
     };
-    let p = match parse(ctx, f, pkt_len, &side) {
+    let p = match classify::<D>(ctx, f, pkt_len, &side) {
         Ok(p) => p,
         Err(d) => return d,
     };
     // To another inside host's mapping (hairpinning): ICMP to the SNAT
     // address is for the gateway itself (an echo has no destination port to
     // find a binding by), and so is a port nobody inside is bound to.
-    let hairpin = p.ip.daddr == cfg.snat_addr
+    let hairpin = if p.ip.daddr == cfg.snat_addr
         && p.ip.proto != IPPROTO_ICMP
-        && conntrack::is_bound(p.ip.proto, cfg.snat_addr, p.l4.dport);
-    if hairpin && hook == Hook::Xdp {
-        return Decision::ToTc(stats::XDP_TO_TC_HAIRPIN);
+        && conntrack::is_bound(p.ip.proto, cfg.snat_addr, p.l4.dport)
+    {
+        match D::hairpin() {
+            Ok(how) => Some(how),
+            Err(d) => return d,
+        }
+    } else {
+        None
+    };
+    if let Some(d) = D::to_tc(|| maybe_partial(&p).then_some(stats::XDP_TO_TC_PARTIAL_CSUM)) {
+        return d;
     }
-    if hook == Hook::Xdp && maybe_partial(&p) {
-        return Decision::ToTc(stats::XDP_TO_TC_PARTIAL_CSUM);
-    }
-    if hook == Hook::Xdp && mss_clamp_wanted(&p, cfg) {
-        return Decision::ToTc(stats::XDP_TO_TC_MSS);
+    if let Some(d) = D::to_tc(|| mss_clamp_wanted(&p, cfg).then_some(stats::XDP_TO_TC_MSS)) {
+        return d;
     }
     let (sport, dport) = if p.ip.proto == IPPROTO_ICMP {
         (p.l4.id, 0)
@@ -241,9 +375,9 @@ pub fn outbound(
         None => {
             // Only traffic the kernel would send out of --ext is NATed;
             // classify by the original source so policy routing applies.
-            if hairpin {
-                // Goes back inside, whatever the route to the SNAT address.
-            } else {
+            // A hairpinned packet goes back inside, whatever the route to
+            // the SNAT address.
+            if hairpin.is_none() {
                 match fib::lookup(
                     ctx,
                     cfg.int_ifindex,
@@ -254,37 +388,36 @@ pub fn outbound(
                     dport,
                     0,
                 ) {
-                    Route::Local => return Decision::Pass(stats::PASS_LOCAL),
-                    Route::Unreachable => return Decision::Drop(stats::DROP_NO_ROUTE),
+                    Route::Local => return D::pass(stats::PASS_LOCAL),
+                    Route::Unreachable => return D::drop(stats::DROP_NO_ROUTE),
                     Route::Resolved { ifindex, .. }
                     | Route::NoNeigh { ifindex, .. }
                     | Route::FragNeeded { ifindex } => {
                         if ifindex != cfg.ext_ifindex {
-                            return Decision::Pass(stats::PASS_NOT_TO_EXT);
+                            return D::pass(stats::PASS_NOT_TO_EXT);
                         }
                     }
-                    Route::Other => return Decision::Pass(stats::PASS_NOT_TO_EXT),
-                    Route::Hairpin => {}
+                    Route::Other => return D::pass(stats::PASS_NOT_TO_EXT),
                 }
             }
             // No state for a packet that will not be forwarded.
             if p.ip.ttl <= 1 {
-                return Decision::Pass(stats::PASS_TTL_EXPIRED);
+                return D::pass(stats::PASS_TTL_EXPIRED);
             }
             match conntrack::create(&key, cfg, now, p.l4.tcp_flags) {
                 Ok((v, bind_event, event)) => {
                     if let Some(e) = bind_event {
-                        crate::stats::count(stat_hook, e);
+                        count(stat_hook, e);
                     }
-                    crate::stats::count(stat_hook, event);
+                    count(stat_hook, event);
                     v
                 }
-                Err(reason) => return Decision::Drop(reason),
+                Err(reason) => return D::drop(reason),
             }
         }
     };
     if p.ip.ttl <= 1 {
-        return Decision::Pass(stats::PASS_TTL_EXPIRED);
+        return D::pass(stats::PASS_TTL_EXPIRED);
     }
     conntrack::touch(fwd, now, p.ip.proto, DIR_OUT, cfg);
     let (snat_addr, snat_port) = unsafe { (*fwd).snat_addr_port() };
@@ -301,15 +434,15 @@ pub fn outbound(
         ttl: p.ip.ttl,
         df: p.ip.df,
     };
+    if let Some(how) = hairpin {
+        return D::hairpinned(rw, how);
+    }
     let (fsport, fdport) = if p.ip.proto == IPPROTO_ICMP {
         (0, 0)
     } else {
         (snat_port, dport)
     };
-    if hairpin {
-        return Decision::Translate(rw, Route::Hairpin);
-    }
-    let tot_len = if hook == Hook::Xdp { p.ip.tot_len } else { 0 };
+    let tot_len = if D::FIB_MTU { p.ip.tot_len } else { 0 };
     let route = fib::lookup(
         ctx,
         cfg.int_ifindex,
@@ -320,34 +453,32 @@ pub fn outbound(
         fdport,
         tot_len,
     );
-    Decision::Translate(rw, route)
+    D::translate(rw, route)
 }
 
 /// Packets from `--ext`: replies of tracked flows go back in; nothing else
 /// reaches the inside.
 #[inline(always)]
-pub fn inbound(
+pub fn inbound<D: Decide>(
     ctx: *mut c_void,
     f: Frame,
     pkt_len: usize,
     cfg: &NatConfig,
-    hook: Hook,
     stat_hook: u32,
-) -> Decision {
+) -> D {
     let side = Side {
         iif: cfg.ext_ifindex,
         wanted_icmp: ICMP_ECHO_REPLY,
         not_ours: stats::DROP_UNSOLICITED,
         icmp_errors_for: cfg.snat_addr,
         icmp_errors_out_snat: 0,
-        hook,
     };
-    let p = match parse(ctx, f, pkt_len, &side) {
+    let p = match classify::<D>(ctx, f, pkt_len, &side) {
         Ok(p) => p,
         Err(d) => return d,
     };
-    if hook == Hook::Xdp && maybe_partial(&p) {
-        return Decision::ToTc(stats::XDP_TO_TC_PARTIAL_CSUM);
+    if let Some(d) = D::to_tc(|| maybe_partial(&p).then_some(stats::XDP_TO_TC_PARTIAL_CSUM)) {
+        return d;
     }
     let (sport, dport) = if p.ip.proto == IPPROTO_ICMP {
         (0, p.l4.id)
@@ -360,7 +491,7 @@ pub fn inbound(
         match conntrack::inbound(&reply, cfg, now, p.l4.tcp_flags) {
             Ok((s, addr, port, event)) => {
                 if let Some(e) = event {
-                    crate::stats::count(stat_hook, e);
+                    count(stat_hook, e);
                 }
                 (s, addr, port)
             }
@@ -368,17 +499,17 @@ pub fn inbound(
             Err(None) => return unsolicited(ctx, cfg, &p),
             // A bound port belongs to the NAT: refused silently, never
             // answered by the kernel (RFC 5382 REQ-4).
-            Err(Some(reason)) => return Decision::Drop(reason),
+            Err(Some(reason)) => return D::drop(reason),
         };
     // Only SYNs and SYN-ACKs that have a session: a SYN flood from outside
     // stays in XDP.
-    if hook == Hook::Xdp && mss_clamp_wanted(&p, cfg) {
-        return Decision::ToTc(stats::XDP_TO_TC_MSS);
+    if let Some(d) = D::to_tc(|| mss_clamp_wanted(&p, cfg).then_some(stats::XDP_TO_TC_MSS)) {
+        return d;
     }
     if p.ip.ttl <= 1 {
         // Addressed to our SNAT address, so the kernel would deliver it
         // locally rather than answer Time Exceeded: nothing useful to pass.
-        return Decision::Drop(stats::DROP_TTL_EXPIRED);
+        return D::drop(stats::DROP_TTL_EXPIRED);
     }
     conntrack::touch(session, now, p.ip.proto, DIR_IN, cfg);
     if p.ip.proto == IPPROTO_TCP && tcp::is_control(p.l4.tcp_flags) {
@@ -402,7 +533,7 @@ pub fn inbound(
     } else {
         (sport, inside_port)
     };
-    let tot_len = if hook == Hook::Xdp { p.ip.tot_len } else { 0 };
+    let tot_len = if D::FIB_MTU { p.ip.tot_len } else { 0 };
     let route = fib::lookup(
         ctx,
         cfg.ext_ifindex,
@@ -413,101 +544,16 @@ pub fn inbound(
         fdport,
         tot_len,
     );
-    Decision::Translate(rw, route)
+    D::translate(rw, route)
 }
 
 /// An inbound packet no session takes: the gateway's own traffic goes to
 /// the kernel, the rest is dropped.
 #[inline(always)]
-fn unsolicited(ctx: *mut c_void, cfg: &NatConfig, p: &Parsed) -> Decision {
+fn unsolicited<D: Decide>(ctx: *mut c_void, cfg: &NatConfig, p: &Parsed) -> D {
     if fib::is_local(ctx, cfg.ext_ifindex, p.ip.saddr, p.ip.daddr) {
-        Decision::Pass(stats::PASS_LOCAL)
+        D::pass(stats::PASS_LOCAL)
     } else {
-        Decision::Drop(stats::DROP_UNSOLICITED)
+        D::drop(stats::DROP_UNSOLICITED)
     }
-}
-
-/// How a translated packet leaves, given its route and the NIC it must
-/// leave by.
-pub enum Egress {
-    /// MACs resolved: rewrite and redirect.
-    Redirect {
-        ifindex: u32,
-        smac: [u8; 6],
-        dmac: [u8; 6],
-    },
-    /// Route fine, neighbour unresolved (TC resolves it; XDP hands to TC).
-    Neigh {
-        ifindex: u32,
-        nexthop: u32,
-    },
-    /// Too big for the egress MTU (DF or not is the caller's business).
-    TooBig,
-    /// Source-translated, to be translated again as inbound (TC only).
-    Hairpin,
-    /// A final verdict without translation.
-    Pass(u32),
-    Drop(u32),
-}
-
-#[inline(always)]
-pub fn egress(route: Route, expected_ifindex: u32) -> Egress {
-    match route {
-        Route::Resolved {
-            ifindex,
-            smac,
-            dmac,
-        } if ifindex == expected_ifindex => Egress::Redirect {
-            ifindex,
-            smac,
-            dmac,
-        },
-        Route::NoNeigh { ifindex, nexthop } if ifindex == expected_ifindex => {
-            Egress::Neigh { ifindex, nexthop }
-        }
-        // The kernel stops before filling in the egress ifindex when the MTU
-        // check fails, so it cannot be compared here; TC looks again.
-        Route::FragNeeded { .. } => Egress::TooBig,
-        Route::Hairpin => Egress::Hairpin,
-        Route::Local => Egress::Pass(stats::PASS_LOCAL),
-        Route::Unreachable => Egress::Drop(stats::DROP_NO_ROUTE),
-        Route::Other => Egress::Drop(stats::DROP_NO_ROUTE),
-        _ => Egress::Drop(stats::DROP_WRONG_EGRESS),
-    }
-}
-
-/// The new IP checksum after the address rewrite and the TTL decrement,
-/// and the new L4 checksum, for a packet whose L4 checksum is complete.
-#[inline(always)]
-pub fn full_checksums(
-    rw: &Rewrite,
-    ip_check: u16,
-    ttl_word_old: u16,
-    ttl_word_new: u16,
-) -> (u16, u16) {
-    let ip = csum::replace2(
-        csum::replace4(ip_check, rw.old_addr, rw.new_addr),
-        ttl_word_old,
-        ttl_word_new,
-    );
-    let l4 = match rw.proto {
-        IPPROTO_TCP => csum::replace2(
-            csum::replace4(rw.l4_check, rw.old_addr, rw.new_addr),
-            rw.old_port,
-            rw.new_port,
-        ),
-        IPPROTO_UDP if rw.l4_check == 0 => 0,
-        IPPROTO_UDP => {
-            let c = csum::replace2(
-                csum::replace4(rw.l4_check, rw.old_addr, rw.new_addr),
-                rw.old_port,
-                rw.new_port,
-            );
-            // 0 means "no checksum" in UDP; a computed 0 is sent as 0xffff.
-            if c == 0 { 0xffff } else { c }
-        }
-        // ICMP has no pseudo-header: only the identifier changes.
-        _ => csum::replace2(rw.l4_check, rw.old_port, rw.new_port),
-    };
-    (ip, l4)
 }

@@ -11,20 +11,28 @@
 //! flows while the ports are exhausted is not amplified.
 
 use aya_ebpf::{
-    bindings::{BPF_F_RECOMPUTE_CSUM, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
+    bindings::{
+        BPF_F_RECOMPUTE_CSUM, TC_ACT_SHOT,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+        xdp_action::{XDP_DROP, XDP_PASS},
+    },
     helpers::{bpf_ktime_get_ns, bpf_redirect, bpf_skb_change_tail},
+    macros::classifier,
     programs::TcContext,
 };
-use nat_common::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, NatConfig, csum, icmp_rate, stats};
-
-use crate::{
-    maps::ICMP_RATE,
-    nat::Decision,
-    parse::{self, ETH_HLEN, Frame},
-    tc,
+use nat_common::{
+    IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, NatConfig, TAIL_NO_PORT, csum, icmp_rate,
+    stats::{self, HOOK_TC_INT},
 };
 
-const ICMP_DEST_UNREACH: u8 = 3;
+use crate::{
+    csum::skb_sum,
+    maps::{ICMP_RATE, config},
+    parse::{self, ETH_HLEN, Frame, ICMP_DEST_UNREACH},
+    stats::count,
+    tail,
+};
+
 /// Communication administratively prohibited (RFC 1812), what RFC 5508
 /// REQ-8 asks for.
 const CODE_ADMIN_PROHIBITED: u8 = 13;
@@ -37,34 +45,53 @@ const IP_TTL: u8 = 64;
 /// Precedence "internetwork control", as Linux sends its own ICMP errors.
 const IP_TOS: u8 = 0xc0;
 
+/// Tail-called by `nat_tc_int` ([`hand_over`]) with a packet of a new flow
+/// that found no free external port: it goes back to its sender as an ICMP
+/// Destination Unreachable, code 13, rate-limited. Counts events only, at
+/// `nat_tc_int`'s hook: the drop was counted there.
+#[classifier]
+pub fn nat_tc_no_port(ctx: TcContext) -> i32 {
+    let (action, event) = match try_nat_tc_no_port(&ctx, config()) {
+        Ok(r) => r,
+        Err(reason) => (TC_ACT_SHOT, Some(reason)),
+    };
+    if let Some(e) = event {
+        count(HOOK_TC_INT, e);
+    }
+    action
+}
+
 /// XDP's part: with the rate limit not spent, hand the packet to TC, which
 /// builds the error (peeking does not take a token: TC takes it, on the
-/// same CPU). Otherwise drop it here, cheaply.
+/// same CPU). Otherwise drop it here, cheaply. Returns the XDP action and
+/// the reason to count.
 #[inline(always)]
-pub fn xdp(cfg: &NatConfig, hook: u32) -> Decision {
+pub fn xdp(cfg: &NatConfig, hook: u32) -> (u32, u32) {
     if cfg.int_addr == 0 {
-        return Decision::Drop(stats::DROP_NO_PORT);
+        return (XDP_DROP, stats::DROP_NO_PORT);
     }
     let now = unsafe { bpf_ktime_get_ns() };
     match ICMP_RATE.get_ptr(0) {
         Some(tat) if icmp_rate::admit(unsafe { *tat }, now).is_some() => {
-            Decision::ToTc(stats::XDP_TO_TC_NO_PORT)
+            (XDP_PASS, stats::XDP_TO_TC_NO_PORT)
         }
         _ => {
-            crate::stats::count(hook, stats::EV_ICMP_NO_PORT_RATE_LIMITED);
-            Decision::Drop(stats::DROP_NO_PORT)
+            count(hook, stats::EV_ICMP_NO_PORT_RATE_LIMITED);
+            (XDP_DROP, stats::DROP_NO_PORT)
         }
     }
 }
 
-/// Turns the packet into the ICMP error and redirects it; `(verdict,
-/// event to count)`. The drop itself was counted by the caller.
+/// `nat_tc_int`'s part: counts the drop and hands the packet to
+/// `nat_tc_no_port`. The error is built by a program of its own:
+/// `nat_tc_int` is near the 512-byte stack limit, and the generator's
+/// header buffer and checksum loops get a stack (and a verifier walk) of
+/// their own. Returns only if the slot is empty, with the verdict and the
+/// reason to count.
 #[inline(always)]
-pub fn answer(ctx: &TcContext, f: Frame, cfg: &NatConfig) -> (i32, Option<u32>) {
-    match try_answer(ctx, f, cfg) {
-        Ok(r) => r,
-        Err(reason) => (TC_ACT_SHOT, Some(reason)),
-    }
+pub fn hand_over(ctx: &TcContext) -> (i32, u32) {
+    count(HOOK_TC_INT, stats::DROP_NO_PORT);
+    (TC_ACT_SHOT, tail::call(ctx, TAIL_NO_PORT))
 }
 
 #[inline(always)]
@@ -72,8 +99,11 @@ fn load<T>(ctx: &TcContext, off: usize) -> Result<T, u32> {
     ctx.load(off).map_err(|_| stats::DROP_INTERNAL)
 }
 
+/// Turns the packet into the ICMP error and redirects it; `(verdict,
+/// event to count)`, or the reason to count for dropping it.
 #[inline(always)]
-fn try_answer(ctx: &TcContext, f: Frame, cfg: &NatConfig) -> Result<(i32, Option<u32>), u32> {
+fn try_nat_tc_no_port(ctx: &TcContext, cfg: &NatConfig) -> Result<(i32, Option<u32>), u32> {
+    let f = Frame::tc(ctx);
     let ip = parse::ipv4(f, ctx.len() as usize).map_err(|_| stats::DROP_MALFORMED)?;
     let first = ip.saddr.to_ne_bytes()[0];
     // Never an error to "this network", multicast or broadcast sources
@@ -123,27 +153,14 @@ fn try_answer(ctx: &TcContext, f: Frame, cfg: &NatConfig) -> Result<(i32, Option
     // checksum, and after the headers move in front that is the quoted
     // one, inside the ICMP checksum. Its field then gets the value such a
     // completion leaves as it is, so the ICMP checksum holds either way.
-    let seg = tc::skb_sum::<MAX_QUOTE>(ctx, ip.l4_off, l4_len).ok_or(stats::DROP_INTERNAL)?;
-    let partial = match ip.proto {
-        IPPROTO_TCP => csum::maybe_partial(
-            old_check,
-            ip.saddr,
-            ip.daddr,
-            IPPROTO_TCP,
-            ip.tot_len - ihl as u16,
-        ),
-        IPPROTO_UDP => {
-            old_check != 0
-                && csum::maybe_partial(
-                    old_check,
-                    ip.saddr,
-                    ip.daddr,
-                    IPPROTO_UDP,
-                    ip.tot_len - ihl as u16,
-                )
-        }
-        _ => false,
-    };
+    let seg = skb_sum::<MAX_QUOTE>(ctx, ip.l4_off, l4_len).ok_or(stats::DROP_INTERNAL)?;
+    let partial = csum::l4_maybe_partial(
+        ip.proto,
+        old_check,
+        ip.saddr,
+        ip.daddr,
+        ip.tot_len - ihl as u16,
+    );
     let seg = if partial {
         let rest = csum::fold(seg + (!old_check) as u32);
         let fixed = csum::offload_fixed_point(rest);
@@ -154,7 +171,7 @@ fn try_answer(ctx: &TcContext, f: Frame, cfg: &NatConfig) -> Result<(i32, Option
         seg
     };
     let quote_sum =
-        csum::fold(tc::skb_sum::<MAX_QUOTE>(ctx, ETH_HLEN, ihl).ok_or(stats::DROP_INTERNAL)? + seg);
+        csum::fold(skb_sum::<MAX_QUOTE>(ctx, ETH_HLEN, ihl).ok_or(stats::DROP_INTERNAL)? + seg);
 
     // Room for the new headers between Ethernet and the quoted IP header.
     ctx.adjust_room(NEW_HDRS as i32, BPF_ADJ_ROOM_MAC, 0)
@@ -192,13 +209,7 @@ fn try_answer(ctx: &TcContext, f: Frame, cfg: &NatConfig) -> Result<(i32, Option
         0,
         0,
     ];
-    let mut ip_sum: u32 = 0;
-    let mut i = 0;
-    while i < 10 {
-        ip_sum += u16::from_ne_bytes([h[2 * i], h[2 * i + 1]]) as u32;
-        i += 1;
-    }
-    let ip_check = (!csum::fold(ip_sum)).to_ne_bytes();
+    let ip_check = csum::checksum(&h[..20]).to_ne_bytes();
     h[10] = ip_check[0];
     h[11] = ip_check[1];
     let icmp_word = u16::from_ne_bytes([ICMP_DEST_UNREACH, CODE_ADMIN_PROHIBITED]) as u32;

@@ -4,18 +4,66 @@
 
 use core::mem::size_of;
 
+use aya_ebpf::programs::{TcContext, XdpContext};
 use nat_common::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, stats};
 
 pub const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
+/// Ethernet + the longest IPv4 header + a TCP header without options: all
+/// the parser reads.
+const HEADERS_MAX: u32 = 14 + 60 + 20;
+
+/// ICMP types the gateway tells apart.
 pub const ICMP_ECHO_REPLY: u8 = 0;
+pub const ICMP_DEST_UNREACH: u8 = 3;
 pub const ICMP_ECHO_REQUEST: u8 = 8;
+pub const ICMP_TIME_EXCEEDED: u8 = 11;
+pub const ICMP_PARAMETER_PROBLEM: u8 = 12;
+
+/// Whether an ICMP type is an error that quotes the packet it is about.
+#[inline(always)]
+pub fn icmp_is_error(icmp_type: u8) -> bool {
+    matches!(
+        icmp_type,
+        ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM
+    )
+}
 
 /// Frame bounds: `data` and `data_end` as the program context gives them.
 #[derive(Clone, Copy)]
 pub struct Frame {
     pub data: usize,
     pub data_end: usize,
+}
+
+impl Frame {
+    /// The frame XDP sees: all of the packet.
+    #[inline(always)]
+    pub fn xdp(ctx: &XdpContext) -> Frame {
+        Frame {
+            data: ctx.data(),
+            data_end: ctx.data_end(),
+        }
+    }
+
+    /// The headers of an skb, made directly readable first (they may sit in
+    /// a fragment of a non-linear skb). The frame is the linear area only:
+    /// the packet's length is `ctx.len()`.
+    #[inline(always)]
+    pub fn tc(ctx: &TcContext) -> Frame {
+        let want = if ctx.len() < HEADERS_MAX {
+            ctx.len()
+        } else {
+            HEADERS_MAX
+        };
+        // On failure the parser's bounds checks see the short linear area
+        // and count the packet as malformed.
+        let _ = ctx.pull_data(want);
+        Frame {
+            data: ctx.data(),
+            data_end: ctx.data_end(),
+        }
+    }
 }
 
 /// The one bounds check: a pointer to a `T` at `off`, if all of it is inside
@@ -165,60 +213,57 @@ unsafe fn get8(h: *const u8, off: usize) -> u8 {
 /// TCP/UDP/ICMP": the caller decides; `Err` is a truncated header.
 #[inline(always)]
 pub fn l4(f: Frame, ip: &Ipv4) -> Result<Option<L4>, u32> {
-    let off = ip.l4_off;
-    let l4_len = ip.tot_len as usize - (off - ETH_HLEN);
-    match ip.proto {
-        IPPROTO_TCP => {
-            let h = ptr_at::<[u8; TCP_HLEN]>(f, off).ok_or(stats::DROP_MALFORMED)? as *const u8;
-            if l4_len < TCP_HLEN {
-                return Err(stats::DROP_MALFORMED);
+    // SAFETY (each closure): `h` points at the protocol's header length,
+    // checked by `header`, and every offset is a constant inside it.
+    let l4 = match ip.proto {
+        IPPROTO_TCP => header::<TCP_HLEN>(f, ip, |h| unsafe {
+            L4 {
+                sport: get16(h, 0),
+                dport: get16(h, 2),
+                id: 0,
+                check: get16(h, TCP_CHECK),
+                tcp_flags: get8(h, TCP_FLAGS),
+                icmp_type: 0,
             }
-            // SAFETY: h points at TCP_HLEN bytes inside the frame.
-            unsafe {
-                Ok(Some(L4 {
-                    sport: get16(h, 0),
-                    dport: get16(h, 2),
-                    id: 0,
-                    check: get16(h, TCP_CHECK),
-                    tcp_flags: get8(h, TCP_FLAGS),
-                    icmp_type: 0,
-                }))
+        }),
+        IPPROTO_UDP => header::<UDP_HLEN>(f, ip, |h| unsafe {
+            L4 {
+                sport: get16(h, 0),
+                dport: get16(h, 2),
+                id: 0,
+                check: get16(h, UDP_CHECK),
+                tcp_flags: 0,
+                icmp_type: 0,
             }
-        }
-        IPPROTO_UDP => {
-            let h = ptr_at::<[u8; UDP_HLEN]>(f, off).ok_or(stats::DROP_MALFORMED)? as *const u8;
-            if l4_len < UDP_HLEN {
-                return Err(stats::DROP_MALFORMED);
+        }),
+        IPPROTO_ICMP => header::<ICMP_HLEN>(f, ip, |h| unsafe {
+            L4 {
+                sport: 0,
+                dport: 0,
+                id: get16(h, ICMP_ID),
+                check: get16(h, ICMP_CHECK),
+                tcp_flags: 0,
+                icmp_type: get8(h, 0),
             }
-            // SAFETY: h points at UDP_HLEN bytes inside the frame.
-            unsafe {
-                Ok(Some(L4 {
-                    sport: get16(h, 0),
-                    dport: get16(h, 2),
-                    id: 0,
-                    check: get16(h, UDP_CHECK),
-                    tcp_flags: 0,
-                    icmp_type: 0,
-                }))
-            }
-        }
-        IPPROTO_ICMP => {
-            let h = ptr_at::<[u8; ICMP_HLEN]>(f, off).ok_or(stats::DROP_MALFORMED)? as *const u8;
-            if l4_len < ICMP_HLEN {
-                return Err(stats::DROP_MALFORMED);
-            }
-            // SAFETY: h points at ICMP_HLEN bytes inside the frame.
-            unsafe {
-                Ok(Some(L4 {
-                    sport: 0,
-                    dport: 0,
-                    id: get16(h, ICMP_ID),
-                    check: get16(h, ICMP_CHECK),
-                    tcp_flags: 0,
-                    icmp_type: get8(h, 0),
-                }))
-            }
-        }
-        _ => Ok(None),
+        }),
+        _ => return Ok(None),
+    };
+    l4.map(Some)
+}
+
+/// The one path every L4 header takes: `HLEN` bytes at the L4 offset, in
+/// the frame and inside the datagram's total length, then `fields` reads
+/// them through one checked pointer.
+#[inline(always)]
+fn header<const HLEN: usize>(
+    f: Frame,
+    ip: &Ipv4,
+    fields: impl FnOnce(*const u8) -> L4,
+) -> Result<L4, u32> {
+    let h = ptr_at::<[u8; HLEN]>(f, ip.l4_off).ok_or(stats::DROP_MALFORMED)? as *const u8;
+    let l4_len = ip.tot_len as usize - (ip.l4_off - ETH_HLEN);
+    if l4_len < HLEN {
+        return Err(stats::DROP_MALFORMED);
     }
+    Ok(fields(h))
 }

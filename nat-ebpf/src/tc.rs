@@ -1,398 +1,98 @@
-//! TC ingress programs: the path for what XDP hands over. With the skb at
-//! hand, the checksum helpers know whether the L4 checksum is partial or
-//! complete, `bpf_redirect_neigh` resolves a missing neighbour, and the MTU
-//! check understands GSO packets.
+//! TC ingress programs, the path for what XDP hands over: entry points
+//! only. With the skb at hand, the checksum helpers know whether the L4
+//! checksum is partial or complete, `bpf_redirect_neigh` resolves a missing
+//! neighbour, and the MTU check understands GSO packets. The rare and heavy
+//! cases go on to a tail-called program (tail.rs) with a stack of its own.
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT, bpf_redir_neigh},
-    helpers::{bpf_check_mtu, bpf_redirect, bpf_redirect_neigh},
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
     macros::classifier,
     programs::TcContext,
 };
-use nat_common::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, stats};
-
-use crate::{
-    hairpin, icmp_err,
-    maps::{TAILS, config},
-    mss,
-    nat::{self, Decision, Egress, Hook, Rewrite},
-    no_port,
-    parse::{self, ETH_HLEN, Frame, IP_CHECK, IP_TTL},
-    stats::{HOOK_TC_EXT, HOOK_TC_INT, count},
+use nat_common::{
+    TAIL_FRAG_EXT, TAIL_FRAG_INT, TAIL_ICMP_ERROR_OUT,
+    stats::{self, HOOK_TC_EXT, HOOK_TC_INT},
 };
 
-const AF_INET: u32 = 2;
-/// Ethernet + the longest IPv4 header + a TCP header without options: all
-/// the parser reads.
-const HEADERS_MAX: u32 = 14 + 60 + 20;
+use crate::{
+    forward, hairpin, icmp_err,
+    maps::config,
+    nat::{self, TcIn, TcOut},
+    no_port,
+    parse::{self, Frame},
+    stats::count,
+    tail,
+};
 
 /// On `--int`: source NAT of what XDP handed over.
 #[classifier]
 pub fn nat_tc_int(ctx: TcContext) -> i32 {
-    let cfg = config();
-    let f = pull(&ctx);
-    if !parse::for_us(f, &cfg.int_mac) {
-        count(HOOK_TC_INT, stats::PASS_OTHER_HOST);
-        return TC_ACT_OK;
-    }
-    let d = nat::outbound(
-        ctx.as_ptr(),
-        f,
-        ctx.len() as usize,
-        cfg,
-        Hook::Tc,
-        HOOK_TC_INT,
-    );
-    if let Decision::Drop(stats::DROP_NO_PORT) = d
-        && cfg.int_addr != 0
-    {
-        count(HOOK_TC_INT, stats::DROP_NO_PORT);
-        // The ICMP error is built by a program of its own: this one is
-        // near the 512-byte stack limit, and the generator's header buffer
-        // and checksum loops get a stack (and a verifier walk) of their own.
-        unsafe { TAILS.tail_call(&ctx, nat_common::TAIL_NO_PORT) };
-        // Only reached if the slot is empty (a loader bug).
-        count(HOOK_TC_INT, stats::DROP_INTERNAL);
-        return TC_ACT_SHOT;
-    }
-    finish(
-        &ctx,
-        d,
-        cfg.ext_ifindex,
-        HOOK_TC_INT,
-        stats::TC_OUT_FWD,
-        cfg.mss_clamp,
-    )
-}
-
-/// Tail-called by `nat_tc_int` with a packet of a new flow that found no
-/// free external port: it goes back to its sender as an ICMP Destination
-/// Unreachable, code 13 (RFC 5508 REQ-8), rate-limited.
-#[classifier]
-pub fn nat_tc_no_port(ctx: TcContext) -> i32 {
-    let cfg = config();
-    let f = pull(&ctx);
-    let (action, event) = no_port::answer(&ctx, f, cfg);
-    if let Some(e) = event {
-        count(HOOK_TC_INT, e);
-    }
-    action
-}
-
-/// Tail-called by `nat_tc_int` with an ICMP error from inside.
-#[classifier]
-pub fn nat_tc_icmp_out(ctx: TcContext) -> i32 {
-    let cfg = config();
-    let f = pull(&ctx);
-    let (action, reason) = match parse::ipv4(f, ctx.len() as usize) {
-        Ok(ip) => icmp_err::outbound(&ctx, &ip, cfg),
-        Err(_) => (TC_ACT_SHOT, stats::DROP_MALFORMED),
-    };
+    let (action, reason) = try_nat_tc_int(&ctx);
     count(HOOK_TC_INT, reason);
-    action
-}
-
-/// Tail-called by `nat_tc_int` with a hairpinned packet whose source is
-/// already translated: the receiver's half.
-#[classifier]
-pub fn nat_tc_hairpin(ctx: TcContext) -> i32 {
-    let cfg = config();
-    let f = pull(&ctx);
-    let (action, reason) = hairpin::translate(&ctx, f, cfg);
-    count(HOOK_TC_INT, reason);
-    action
-}
-
-/// Tail-called by `nat_tc_int` and `nat_tc_ext` with a translated SYN or
-/// SYN-ACK when `--mss-clamp` is on: clamps its MSS option and forwards it.
-#[classifier]
-pub fn nat_tc_mss(ctx: TcContext) -> i32 {
-    let cfg = config();
-    let (action, reason, event, hook) = mss::finish(&ctx, cfg.mss_clamp);
-    // The hook came through the control buffer: only the two TC ones.
-    let hook = if hook == HOOK_TC_EXT {
-        HOOK_TC_EXT
-    } else {
-        HOOK_TC_INT
-    };
-    if let Some(e) = event {
-        count(hook, e);
-    }
-    count(hook, reason);
     action
 }
 
 /// On `--ext`: reverse translation of what XDP handed over.
 #[classifier]
 pub fn nat_tc_ext(ctx: TcContext) -> i32 {
-    let cfg = config();
-    let f = pull(&ctx);
-    if !parse::for_us(f, &cfg.ext_mac) {
-        count(HOOK_TC_EXT, stats::PASS_OTHER_HOST);
-        return TC_ACT_OK;
-    }
-    let d = nat::inbound(
-        ctx.as_ptr(),
-        f,
-        ctx.len() as usize,
-        cfg,
-        Hook::Tc,
-        HOOK_TC_EXT,
-    );
-    if let Decision::IcmpErrorIn = d {
-        // Parsed again rather than carried in the decision: a bigger
-        // Decision makes the compiler copy undefined enum fields, which
-        // the verifier rejects.
-        let (action, reason) = match parse::ipv4(f, ctx.len() as usize) {
-            Ok(ip) => icmp_err::inbound(&ctx, &ip, cfg),
-            Err(_) => (TC_ACT_SHOT, stats::DROP_MALFORMED),
-        };
-        count(HOOK_TC_EXT, reason);
-        return action;
-    }
-    finish(
-        &ctx,
-        d,
-        cfg.int_ifindex,
-        HOOK_TC_EXT,
-        stats::TC_IN_FWD,
-        cfg.mss_clamp,
-    )
-}
-
-/// Makes the headers directly readable (they may sit in a fragment of a
-/// non-linear skb).
-#[inline(always)]
-pub fn pull(ctx: &TcContext) -> Frame {
-    let want = if ctx.len() < HEADERS_MAX {
-        ctx.len()
-    } else {
-        HEADERS_MAX
-    };
-    // On failure the parser's bounds checks see the short linear area and
-    // count the packet as malformed.
-    let _ = ctx.pull_data(want);
-    Frame {
-        data: ctx.data(),
-        data_end: ctx.data_end(),
-    }
-}
-
-#[inline(always)]
-pub fn finish(
-    ctx: &TcContext,
-    d: Decision,
-    egress_if: u32,
-    hook: u32,
-    fwd_reason: u32,
-    mss_clamp: u16,
-) -> i32 {
-    let (action, reason) = match d {
-        Decision::Pass(r) => (TC_ACT_OK, r),
-        Decision::Drop(r) => (TC_ACT_SHOT, r),
-        // Never produced for TC.
-        Decision::ToTc(_) => (TC_ACT_OK, stats::DROP_INTERNAL),
-        // Handled by nat_tc_ext before finishing.
-        Decision::IcmpErrorIn => (TC_ACT_SHOT, stats::DROP_INTERNAL),
-        Decision::IcmpErrorOut => {
-            // Its own program, for its own stack.
-            unsafe { TAILS.tail_call(ctx, nat_common::TAIL_ICMP_ERROR_OUT) };
-            (TC_ACT_SHOT, stats::DROP_INTERNAL)
-        }
-        Decision::Fragment => {
-            // Own program, own stack (frag.rs).
-            let slot = if hook == HOOK_TC_INT {
-                nat_common::TAIL_FRAG_INT
-            } else {
-                nat_common::TAIL_FRAG_EXT
-            };
-            unsafe { TAILS.tail_call(ctx, slot) };
-            // Only reached if the slot is empty (a loader bug).
-            (TC_ACT_SHOT, stats::DROP_INTERNAL)
-        }
-        Decision::Translate(rw, route) => match neigh_mtu(ctx, nat::egress(route, egress_if)) {
-            Egress::Redirect {
-                ifindex,
-                smac,
-                dmac,
-            } => match rewrite(ctx, &rw).and_then(|()| macs(ctx, smac, dmac)) {
-                Ok(()) => {
-                    if mss::wanted(ctx, &rw, mss_clamp) {
-                        mss::hand_over(ctx, ifindex, 0, rw.l4_off, hook, fwd_reason);
-                    }
-                    (unsafe { bpf_redirect(ifindex, 0) } as i32, fwd_reason)
-                }
-                Err(_) => (TC_ACT_SHOT, stats::DROP_INTERNAL),
-            },
-            Egress::Neigh { ifindex, nexthop } => match rewrite(ctx, &rw) {
-                Ok(()) => {
-                    if mss::wanted(ctx, &rw, mss_clamp) {
-                        mss::hand_over(ctx, ifindex, nexthop, rw.l4_off, hook, fwd_reason);
-                    }
-                    (redirect_neigh(ifindex, nexthop), fwd_reason)
-                }
-                Err(_) => (TC_ACT_SHOT, stats::DROP_INTERNAL),
-            },
-            // Untranslated, the kernel answers with ICMP Fragmentation
-            // Needed from its own inside address: path MTU discovery works.
-            Egress::TooBig if rw.df => (TC_ACT_OK, stats::PASS_FRAG_NEEDED),
-            // Without DF it must be fragmented (RFC 4787 REQ-13a): translated
-            // here, then routed and fragmented by the kernel, which also
-            // decrements the TTL (so this rewrite does not).
-            Egress::TooBig => match rewrite_addr_port(ctx, &rw) {
-                Ok(()) => (TC_ACT_OK, stats::TC_TO_KERNEL_FRAGMENT),
-                Err(_) => (TC_ACT_SHOT, stats::DROP_INTERNAL),
-            },
-            Egress::Hairpin => match rewrite(ctx, &rw) {
-                Ok(()) => {
-                    // The receiver's half runs as its own program, with a
-                    // stack of its own: both halves in one would not fit
-                    // in 512 bytes.
-                    unsafe { TAILS.tail_call(ctx, nat_common::TAIL_HAIRPIN) };
-                    // Only reached if the slot is empty (a loader bug).
-                    (TC_ACT_SHOT, stats::DROP_INTERNAL)
-                }
-                Err(_) => (TC_ACT_SHOT, stats::DROP_INTERNAL),
-            },
-            Egress::Pass(r) => (TC_ACT_OK, r),
-            Egress::Drop(r) => (TC_ACT_SHOT, r),
-        },
-    };
-    count(hook, reason);
+    let (action, reason) = try_nat_tc_ext(&ctx);
+    count(HOOK_TC_EXT, reason);
     action
 }
 
-/// Rewrites address, port and TTL through the skb helpers, which keep
-/// partial (CHECKSUM_PARTIAL) and complete checksums right alike.
+/// The TC verdict and the reason to count (after a tail call, only reached
+/// if its slot is empty).
 #[inline(always)]
-pub fn rewrite(ctx: &TcContext, rw: &Rewrite) -> Result<(), i64> {
-    rewrite_addr_port(ctx, rw)?;
-    decrement_ttl(ctx, rw.ttl)
-}
-
-#[inline(always)]
-pub fn decrement_ttl(ctx: &TcContext, ttl: u8) -> Result<(), i64> {
-    let l3 = ETH_HLEN;
-    let ttl_word_old: u16 = ctx.load(l3 + IP_TTL)?;
-    ctx.store(l3 + IP_TTL, &(ttl - 1), 0)?;
-    let ttl_word_new: u16 = ctx.load(l3 + IP_TTL)?;
-    ctx.l3_csum_replace(l3 + IP_CHECK, ttl_word_old as u64, ttl_word_new as u64, 2)
-}
-
-/// One address and its port (or ICMP identifier), with the IP and L4
-/// checksums.
-#[inline(always)]
-pub fn rewrite_addr_port(ctx: &TcContext, rw: &Rewrite) -> Result<(), i64> {
-    let check = ETH_HLEN + IP_CHECK;
-    ctx.store(rw.addr_off, &rw.new_addr, 0)?;
-    ctx.l3_csum_replace(check, rw.old_addr as u64, rw.new_addr as u64, 4)?;
-    let (port_at, check_at) = rw.l4_fields();
-    let l4 = rw.l4_off + check_at;
-    let (old_p, new_p) = (rw.old_port as u64, rw.new_port as u64);
-    match rw.proto {
-        IPPROTO_TCP => {
-            let pseudo = (BPF_F_PSEUDO_HDR | 4) as u64;
-            ctx.l4_csum_replace(l4, rw.old_addr as u64, rw.new_addr as u64, pseudo)?;
-            ctx.l4_csum_replace(l4, old_p, new_p, 2)?;
-        }
-        IPPROTO_UDP => {
-            let pseudo = (BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0 | 4) as u64;
-            ctx.l4_csum_replace(l4, rw.old_addr as u64, rw.new_addr as u64, pseudo)?;
-            ctx.l4_csum_replace(l4, old_p, new_p, (BPF_F_MARK_MANGLED_0 | 2) as u64)?;
-        }
-        IPPROTO_ICMP => ctx.l4_csum_replace(l4, old_p, new_p, 2)?,
-        _ => return Err(-1),
+fn try_nat_tc_int(ctx: &TcContext) -> (i32, u32) {
+    let cfg = config();
+    let f = Frame::tc(ctx);
+    if !parse::for_us(f, &cfg.int_mac) {
+        return (TC_ACT_OK, stats::PASS_OTHER_HOST);
     }
-    ctx.store(rw.l4_off + port_at, &rw.new_port, 0)
-}
-
-/// With the neighbour unresolved the kernel's route lookup returns before
-/// its MTU check, so check here (GSO-aware): a packet that does not fit
-/// is too big, whatever the neighbour.
-#[inline(always)]
-fn neigh_mtu(ctx: &TcContext, e: Egress) -> Egress {
-    match e {
-        Egress::Neigh { ifindex, .. } => {
-            let mut mtu_len: u32 = 0;
-            let rc = unsafe { bpf_check_mtu(ctx.as_ptr(), ifindex, &mut mtu_len, 0, 0) };
-            if rc > 0 { Egress::TooBig } else { e }
-        }
-        e => e,
+    let d = nat::outbound(ctx.as_ptr(), f, ctx.len() as usize, cfg, HOOK_TC_INT);
+    match d {
+        TcOut::Translate(rw, route) => forward::tc(
+            ctx,
+            &rw,
+            route,
+            cfg.ext_ifindex,
+            HOOK_TC_INT,
+            stats::TC_OUT_FWD,
+            cfg.mss_clamp,
+        ),
+        TcOut::Hairpin(rw) => hairpin::hand_over(ctx, &rw),
+        TcOut::IcmpError => (TC_ACT_SHOT, tail::call(ctx, TAIL_ICMP_ERROR_OUT)),
+        TcOut::Fragment => (TC_ACT_SHOT, tail::call(ctx, TAIL_FRAG_INT)),
+        // Out of ports: the sender is told, if --int has an address to
+        // tell it from (RFC 5508 REQ-8).
+        TcOut::Drop(stats::DROP_NO_PORT) if cfg.int_addr != 0 => no_port::hand_over(ctx),
+        TcOut::Pass(r) => (TC_ACT_OK, r),
+        TcOut::Drop(r) => (TC_ACT_SHOT, r),
     }
 }
 
-/// One's complement sum (raw words, unfolded) of `len` bytes from `off`,
-/// for the programs that build or check whole messages; `None` if the
-/// packet is shorter. `MAX_LEN` bounds the loop for the verifier (callers
-/// keep `len` within it).
 #[inline(always)]
-pub fn skb_sum<const MAX_LEN: usize>(ctx: &TcContext, off: usize, len: usize) -> Option<u32> {
-    let mut acc: u32 = 0;
-    let mut i = 0;
-    while i < MAX_LEN / 2 {
-        let at = i * 2;
-        if at + 2 > len {
-            break;
-        }
-        let w: u16 = ctx.load(off + at).ok()?;
-        acc += w as u32;
-        i += 1;
+fn try_nat_tc_ext(ctx: &TcContext) -> (i32, u32) {
+    let cfg = config();
+    let f = Frame::tc(ctx);
+    if !parse::for_us(f, &cfg.ext_mac) {
+        return (TC_ACT_OK, stats::PASS_OTHER_HOST);
     }
-    if len & 1 == 1 {
-        // The odd last byte is the first byte of a zero-padded word: in a
-        // raw (memory-order) word on this little-endian target, the low one.
-        let b: u8 = ctx.load(off + len - 1).ok()?;
-        acc += b as u32;
+    let d = nat::inbound(ctx.as_ptr(), f, ctx.len() as usize, cfg, HOOK_TC_EXT);
+    match d {
+        TcIn::Translate(rw, route) => forward::tc(
+            ctx,
+            &rw,
+            route,
+            cfg.int_ifindex,
+            HOOK_TC_EXT,
+            stats::TC_IN_FWD,
+            cfg.mss_clamp,
+        ),
+        TcIn::IcmpError => icmp_err::inbound(ctx, f, cfg),
+        TcIn::Fragment => (TC_ACT_SHOT, tail::call(ctx, TAIL_FRAG_EXT)),
+        TcIn::Pass(r) => (TC_ACT_OK, r),
+        TcIn::Drop(r) => (TC_ACT_SHOT, r),
     }
-    Some(acc)
-}
-
-/// Forwards a packet a TC-only path (hairpin, ICMP errors) translated
-/// itself along `egress`, applying `rewrite` just before it leaves.
-/// Returns the verdict and the reason to count, or the drop reason.
-#[inline(always)]
-pub fn send(
-    ctx: &TcContext,
-    egress: Egress,
-    fwd_reason: u32,
-    rewrite: impl FnOnce() -> Result<(), i64>,
-) -> Result<(i32, u32), u32> {
-    match egress {
-        Egress::Redirect {
-            ifindex,
-            smac,
-            dmac,
-        } => {
-            rewrite().map_err(|_| stats::DROP_INTERNAL)?;
-            macs(ctx, smac, dmac).map_err(|_| stats::DROP_INTERNAL)?;
-            Ok((unsafe { bpf_redirect(ifindex, 0) } as i32, fwd_reason))
-        }
-        Egress::Neigh { ifindex, nexthop } => {
-            rewrite().map_err(|_| stats::DROP_INTERNAL)?;
-            Ok((redirect_neigh(ifindex, nexthop), fwd_reason))
-        }
-        // These go back out of a link of the size they came in on (or
-        // are ICMP errors, small by nature): not fragmented here.
-        Egress::TooBig => Err(stats::DROP_TOO_BIG),
-        Egress::Hairpin => Err(stats::DROP_INTERNAL),
-        Egress::Pass(r) => Ok((TC_ACT_OK, r)),
-        Egress::Drop(r) => Err(r),
-    }
-}
-
-/// Redirects to `ifindex`, letting the kernel resolve `nexthop`'s MAC.
-#[inline(always)]
-pub fn redirect_neigh(ifindex: u32, nexthop: u32) -> i32 {
-    let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
-    nh.nh_family = AF_INET;
-    nh.__bindgen_anon_1.ipv4_nh = nexthop;
-    let size = core::mem::size_of::<bpf_redir_neigh>() as i32;
-    (unsafe { bpf_redirect_neigh(ifindex, &mut nh, size, 0) }) as i32
-}
-
-#[inline(always)]
-pub fn macs(ctx: &TcContext, smac: [u8; 6], dmac: [u8; 6]) -> Result<(), i64> {
-    ctx.store(0, &dmac, 0)?;
-    ctx.store(6, &smac, 0)
 }
