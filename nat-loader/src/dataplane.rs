@@ -22,15 +22,15 @@ use aya::{
 };
 use nat_common::{
     BindKey, BindValue, CtKey, CtValue, DEFAULT_MAX_FRAGMENTS, GLOBAL_CONFIG, MAP_ADF, MAP_BIND,
-    MAP_BIND_REV, MAP_CT_FWD, MAP_FRAG_HELD, MAP_FRAG_TRACK, MAP_STATS, MAP_TAILS, MAX_BINDINGS,
-    NatConfig, PROG_TC_EXT, PROG_TC_INT, PROG_XDP_EXT, PROG_XDP_INT, TAIL_PROGRAMS,
+    MAP_BIND_REV, MAP_CT_FWD, MAP_FRAG_HELD, MAP_FRAG_TRACK, MAP_STATS, MAP_TAILS, NatConfig,
+    PINNED_MAPS, PROG_TC_EXT, PROG_TC_INT, PROG_XDP_EXT, PROG_XDP_INT, TAIL_PROGRAMS,
     frag_held_slots,
 };
 use tracing::{info, warn};
 
 use crate::{
     EBPF_OBJECT,
-    pins::{LINK_TCX_EXT, LINK_TCX_INT, LINK_XDP_EXT, LINK_XDP_INT, PinDir},
+    pins::{self, LINK_TCX_EXT, LINK_TCX_INT, LINK_XDP_EXT, LINK_XDP_INT, PinDir},
 };
 
 /// How XDP is attached.
@@ -121,7 +121,7 @@ pub fn load_with_pins(
     }
     let mut loader = EbpfLoader::new();
     loader.override_global(GLOBAL_CONFIG, cfg, true);
-    for (name, entries) in map_sizes(max_flows) {
+    for (name, entries) in pins::map_sizes(max_flows) {
         loader.map_max_entries(name, entries);
     }
     loader.map_max_entries(MAP_FRAG_TRACK, max_fragments);
@@ -170,25 +170,6 @@ fn fill_tails(ebpf: &mut Ebpf) -> Result<()> {
             .with_context(|| format!("putting {name} in the tail-call table"))?;
     }
     Ok(())
-}
-
-/// The maps a pin directory keeps (the tail-call table is not one: each
-/// loader fills its own with its own programs).
-pub const PINNED_MAPS: [&str; 5] = [MAP_CT_FWD, MAP_BIND, MAP_BIND_REV, MAP_ADF, MAP_STATS];
-
-/// The size of each conntrack map for a table of `max_flows` sessions.
-pub fn map_sizes(max_flows: u32) -> [(&'static str, u32); 4] {
-    // A binding needs at least one session, and there are at most as many
-    // as there are external ports per protocol.
-    let bindings = max_flows.min(MAX_BINDINGS);
-    [
-        (MAP_CT_FWD, max_flows),
-        (MAP_BIND, bindings),
-        (MAP_BIND_REV, bindings),
-        // One remote per session at most; allocated on demand, so it costs
-        // nothing unless --filtering address-dependent fills it.
-        (MAP_ADF, max_flows),
-    ]
 }
 
 /// A program of the object by name and type.
@@ -389,7 +370,6 @@ fn replace_tc(ebpf: &mut Ebpf, name: &str, ifname: &str, link: FdLink) -> Result
     FdLink::try_from(link).context("the TCX link is not an fd link")
 }
 
-/// Takes a map out of the object so the control plane can own it.
 /// Opens the pinned map `name` in `pins`: a handle of its own, e.g. for a
 /// thread that works on the maps beside the one that loaded them.
 pub fn pinned_map<T>(pins: &PinDir, name: &str) -> Result<T>
@@ -405,6 +385,7 @@ where
         .with_context(|| format!("pinned map {} has an unexpected type", path.display()))
 }
 
+/// Takes a map out of the object so the control plane can own it.
 pub fn take_map<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
