@@ -29,7 +29,7 @@ use nat_common::{
 use tracing::{info, warn};
 
 use crate::{
-    EBPF_OBJECT,
+    ebpf_object,
     pins::{self, LINK_TCX_EXT, LINK_TCX_INT, LINK_XDP_EXT, LINK_XDP_INT, PinDir},
 };
 
@@ -132,7 +132,7 @@ pub fn load_with_pins(
         }
     }
     let mut ebpf = loader
-        .load(EBPF_OBJECT)
+        .load(ebpf_object()?)
         .context("loading the eBPF object (maps and BTF)")?;
     for name in [PROG_XDP_INT, PROG_XDP_EXT] {
         let prog: &mut Xdp = program(&mut ebpf, name)?;

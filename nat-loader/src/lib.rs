@@ -13,9 +13,20 @@ pub mod routing;
 pub mod stats;
 pub mod sysctl;
 
-/// The eBPF object, embedded at build time.
-pub static EBPF_OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nat-ebpf.o"));
+/// The eBPF object, embedded at build time; empty when the loader was built
+/// without it (see build.rs), which [`ebpf_object`] turns into an error.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nat-ebpf.o"));
+
+/// The embedded eBPF object, or the error that says how to build it.
+pub fn ebpf_object() -> anyhow::Result<&'static [u8]> {
+    if EBPF_OBJECT.is_empty() {
+        anyhow::bail!(
+            "this nat-loader was built without the eBPF object: run `cargo xtask build` \
+             (or `cargo xtask build-ebpf` before building the loader)"
+        );
+    }
+    Ok(EBPF_OBJECT)
+}
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns()`, which
 /// stamps conntrack entries.
