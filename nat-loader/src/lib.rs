@@ -1,6 +1,7 @@
 //! The NAT gateway's control plane as a library: the binary (`main.rs`) and
 //! the tests drive the same code.
 
+pub mod build_id;
 pub mod caps;
 pub mod conntrack;
 pub mod dataplane;

@@ -20,7 +20,7 @@ use nat_common::{
 };
 use nat_common::{MAP_STATS, PROG_TC_EXT, PROG_TC_INT, PROG_XDP_EXT, PROG_XDP_INT};
 use nat_loader::{
-    caps, conntrack,
+    build_id, caps, conntrack,
     dataplane::{self, CtMaps, Dataplane, Exit, Settings, XdpAttach},
     events::{self, Departure, Imds},
     health::{self, Probe, Status},
@@ -38,50 +38,6 @@ use tracing::{info, warn};
 /// Exit status of a SIGUSR2 handover: the dataplane is left pinned and
 /// forwarding. systemd restarts the service on it (RestartForceExitStatus).
 const EXIT_HANDOVER: u8 = 75;
-
-/// Build identifier, logged at start so an upgrade shows which build
-/// adopted the dataplane. Set at build time with `NAT_LOADER_BUILD_ID`, or
-/// stamped into a built binary afterwards: the bytes after
-/// [`BUILD_ID_TAG`] in the file are a NUL-padded slot (the upgrade test
-/// stamps a copy of the binary this way to get a second, different build).
-#[used]
-static BUILD_ID_SLOT: [u8; BUILD_ID_SLOT_LEN] =
-    build_id_slot(match option_env!("NAT_LOADER_BUILD_ID") {
-        Some(id) => id,
-        None => "dev",
-    });
-const BUILD_ID_TAG: &str = "NAT_LOADER_BUILD_ID=";
-const BUILD_ID_SLOT_LEN: usize = 64;
-
-const fn build_id_slot(id: &str) -> [u8; BUILD_ID_SLOT_LEN] {
-    let mut slot = [0u8; BUILD_ID_SLOT_LEN];
-    let tag = BUILD_ID_TAG.as_bytes();
-    let id = id.as_bytes();
-    assert!(
-        tag.len() + id.len() < BUILD_ID_SLOT_LEN,
-        "NAT_LOADER_BUILD_ID is too long"
-    );
-    let mut i = 0;
-    while i < tag.len() {
-        slot[i] = tag[i];
-        i += 1;
-    }
-    let mut j = 0;
-    while j < id.len() {
-        slot[i + j] = id[j];
-        j += 1;
-    }
-    slot
-}
-
-fn build_id() -> String {
-    // Volatile: the slot may be rewritten in the file after compilation,
-    // so its contents must be read at run time, not folded in.
-    let slot: [u8; BUILD_ID_SLOT_LEN] = unsafe { std::ptr::read_volatile(&BUILD_ID_SLOT) };
-    let id = &slot[BUILD_ID_TAG.len()..];
-    let end = id.iter().position(|&b| b == 0).unwrap_or(id.len());
-    String::from_utf8_lossy(&id[..end]).into_owned()
-}
 
 /// XDP/eBPF NAT gateway: source NAT from the --int NIC out of the --ext NIC.
 ///
@@ -615,7 +571,7 @@ async fn run(args: Args) -> Result<ExitCode> {
         mss_clamp: args.mss_clamp,
     };
 
-    let build = build_id();
+    let build = build_id::current();
     info!(build = %build, version = env!("CARGO_PKG_VERSION"), pins = %args.bpffs_dir.display(), "nat-loader starting");
 
     // From here on every change is owned by a guard that undoes it on drop.
@@ -1095,14 +1051,6 @@ mod tests {
             .is_err(),
             "gateway flags do not mix with a subcommand"
         );
-    }
-
-    #[test]
-    fn the_build_id_slot_holds_the_id_after_its_tag() {
-        let slot = build_id_slot("abc");
-        assert!(slot.starts_with(BUILD_ID_TAG.as_bytes()));
-        assert_eq!(&slot[BUILD_ID_TAG.len()..BUILD_ID_TAG.len() + 4], b"abc\0");
-        assert!(!build_id().is_empty());
     }
 
     #[test]
