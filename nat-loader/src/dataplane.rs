@@ -7,8 +7,6 @@
 //! crash) leave the pinned dataplane forwarding for the next loader. A
 //! fresh start that fails half-way removes what it created.
 
-use std::net::Ipv4Addr;
-
 use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
@@ -34,7 +32,7 @@ use crate::{
 };
 
 /// How XDP is attached.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum XdpAttach {
     /// Native (driver) mode, falling back to generic mode where the driver
     /// has no XDP support.
@@ -45,54 +43,16 @@ pub enum XdpAttach {
     Generic,
 }
 
+/// What [`Dataplane::start`] attaches, and where.
 pub struct Settings {
     pub ext: String,
-    pub ext_index: u32,
     pub int: String,
-    pub int_index: u32,
-    pub snat_addr: Ipv4Addr,
-    pub port_min: u16,
-    pub port_max: u16,
-    pub low_port_min: u16,
-    pub low_port_max: u16,
-    /// One of nat_common's `FILTER_*`.
-    pub filtering: u8,
-    /// nat_common's `CFG_F_*` bits.
-    pub flags: u8,
-    pub probe_port: u16,
-    pub int_mac: [u8; 6],
-    pub ext_mac: [u8; 6],
+    /// What the programs read: NICs, SNAT address, ports, filtering...
+    pub nat: NatConfig,
     pub max_flows: u32,
     /// Fragmented datagrams tracked at once (`FRAG_TRACK` size).
     pub max_fragments: u32,
     pub xdp: XdpAttach,
-    /// Source of the out-of-ports ICMP errors (`--int`'s primary address);
-    /// `None`: such packets are only dropped.
-    pub int_addr: Option<Ipv4Addr>,
-    /// `--mss-clamp` (0: off).
-    pub mss_clamp: u16,
-}
-
-impl Settings {
-    pub fn config(&self) -> NatConfig {
-        NatConfig {
-            int_ifindex: self.int_index,
-            ext_ifindex: self.ext_index,
-            snat_addr: u32::from_ne_bytes(self.snat_addr.octets()),
-            port_min: self.port_min,
-            port_max: self.port_max,
-            low_port_min: self.low_port_min,
-            low_port_max: self.low_port_max,
-            filtering: self.filtering,
-            flags: self.flags,
-            probe_port: self.probe_port.to_be(),
-            int_mac: self.int_mac,
-            ext_mac: self.ext_mac,
-            int_addr: self.int_addr.map_or(0, |a| u32::from_ne_bytes(a.octets())),
-            mss_clamp: self.mss_clamp,
-            _pad: [0; 2],
-        }
-    }
 }
 
 /// Loads the object with `cfg` patched into its config global and the
@@ -257,15 +217,15 @@ impl Dataplane {
     }
 
     fn start_inner(s: &Settings, pins: &PinDir, adopted: bool) -> Result<Dataplane> {
-        let mut ebpf = load_with_pins(&s.config(), s.max_flows, s.max_fragments, Some(pins))?;
+        let mut ebpf = load_with_pins(&s.nat, s.max_flows, s.max_fragments, Some(pins))?;
         let mut links = Vec::new();
         // Outbound first: until the ext side is attached, translated flows'
         // replies would be dropped anyway, so order only matters for errors.
         for (prog, link, ifname, ifindex, xdp) in [
-            (PROG_XDP_INT, LINK_XDP_INT, &s.int, s.int_index, true),
-            (PROG_TC_INT, LINK_TCX_INT, &s.int, s.int_index, false),
-            (PROG_XDP_EXT, LINK_XDP_EXT, &s.ext, s.ext_index, true),
-            (PROG_TC_EXT, LINK_TCX_EXT, &s.ext, s.ext_index, false),
+            (PROG_XDP_INT, LINK_XDP_INT, &s.int, s.nat.int_ifindex, true),
+            (PROG_TC_INT, LINK_TCX_INT, &s.int, s.nat.int_ifindex, false),
+            (PROG_XDP_EXT, LINK_XDP_EXT, &s.ext, s.nat.ext_ifindex, true),
+            (PROG_TC_EXT, LINK_TCX_EXT, &s.ext, s.nat.ext_ifindex, false),
         ] {
             let pinned = pins.adopt_link(link, ifindex)?;
             let fd_link = match (pinned, xdp) {
