@@ -44,6 +44,8 @@ pub async fn run(config: Config) -> Result<ExitCode> {
     for w in config.warnings() {
         warn!("{w}");
     }
+    // A loader built without the programs stops before it changes anything.
+    nat_loader::ebpf_object()?;
     caps::require()?;
     let handle = netif::connect()?;
     let host = Host::resolve(&handle, &config).await?;

@@ -40,3 +40,17 @@ pub fn monotonic_ns() -> u64 {
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_empty_embedded_object_is_an_error_that_says_how_to_build_it() {
+        match super::ebpf_object() {
+            Ok(object) => assert!(object.starts_with(b"\x7fELF"), "not an ELF object"),
+            Err(e) => {
+                assert!(super::EBPF_OBJECT.is_empty());
+                assert!(e.to_string().contains("cargo xtask build"), "{e}");
+            }
+        }
+    }
+}
