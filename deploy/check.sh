@@ -4,7 +4,8 @@
 # It installs what it needs (shellcheck, dpkg-dev, checkov in a venv under
 # target/, cargo-deb), then:
 #   1. builds the .deb from target/release/nat-loader (cargo deb --no-build)
-#   2. inspects it with dpkg-deb: fields, files, unit, conffiles, binary
+#   2. inspects it with dpkg-deb: fields, files, unit, conffiles, binary; the
+#      config file parses, sets nothing and has a key for every flag
 #   3. systemd-analyze verify (and an offline security review) of the
 #      packaged unit, in a root holding the package's files
 #   4. the template/packaging wiring tests (deploy/tests, unittest)
@@ -118,21 +119,44 @@ inspect_deb() {
     dpkg-deb --contents "$deb" >"$WORK/contents.txt"
     local want
     for want in './usr/bin/nat-loader' './usr/lib/systemd/system/nat-loader.service' \
-        './etc/nat-loader/nat-loader.env'; do
+        './etc/nat-loader/nat-loader.toml' './etc/nat-loader/nat-loader.env' \
+        './usr/share/doc/nat-loader/nat-loader.toml'; do
         grep -q " $want\$" "$WORK/contents.txt" || fail "$want not in the package"
     done
     grep -Eq '^-rwxr-xr-x (root/root|0/0) .* ./usr/bin/nat-loader$' "$WORK/contents.txt" \
         || fail "usr/bin/nat-loader is not root-owned 0755"
     dpkg-deb --info "$deb" conffiles >"$WORK/conffiles"
-    [ "$(cat "$WORK/conffiles")" = /etc/nat-loader/nat-loader.env ] \
-        || fail "conffiles is '$(cat "$WORK/conffiles")', expected /etc/nat-loader/nat-loader.env"
+    [ "$(sort "$WORK/conffiles" | tr '\n' ' ')" = "/etc/nat-loader/nat-loader.env /etc/nat-loader/nat-loader.toml " ] \
+        || fail "conffiles is '$(tr '\n' ' ' <"$WORK/conffiles")', expected nat-loader.env and nat-loader.toml"
     dpkg-deb --extract "$deb" "$x"
     cmp "$x/usr/lib/systemd/system/nat-loader.service" packaging/nat-loader.service \
         || fail "packaged unit differs from packaging/nat-loader.service"
     cmp "$x/etc/nat-loader/nat-loader.env" packaging/nat-loader.env \
         || fail "packaged env file differs from packaging/nat-loader.env"
+    cmp "$x/etc/nat-loader/nat-loader.toml" packaging/nat-loader.toml \
+        || fail "packaged config file differs from packaging/nat-loader.toml"
+    cmp "$x/usr/share/doc/nat-loader/nat-loader.toml" packaging/nat-loader.toml \
+        || fail "the config file's reference copy differs from packaging/nat-loader.toml"
+    # Shipped with every key commented out: it parses, and sets nothing.
+    toml_keys "$x/etc/nat-loader/nat-loader.toml" >"$WORK/packaged-keys" \
+        || fail "the packaged config file is not valid TOML"
+    [ ! -s "$WORK/packaged-keys" ] || fail "the packaged config file sets $(tr '\n' ' ' <"$WORK/packaged-keys")"
+    # ... and lists a key for every flag of the built loader.
+    local flag
+    for flag in $("$BIN" --help | sed -n 's/^ *--\([a-z-]*\).*/\1/p' | grep -vx 'config\|help\|version'); do
+        grep -Eq "^# $flag = " "$x/etc/nat-loader/nat-loader.toml" || fail "the packaged config file has no key $flag"
+    done
     same_code "$x/usr/bin/nat-loader" "$BIN" || fail "packaged binary's code differs from $BIN"
-    log "  files, unit, env file, conffiles and binary OK"
+    log "  files, unit, config and env file, conffiles and binary OK"
+}
+
+# The keys a TOML file sets, as key=value lines (fails if it is not TOML).
+toml_keys() {
+    python3 -c '
+import sys, tomllib
+with open(sys.argv[1], "rb") as f:
+    for k, v in tomllib.load(f).items():
+        print(f"{k}={v}")' "$1"
 }
 
 verify_unit() {
@@ -250,9 +274,10 @@ install_test() {
         || fail "$PACKAGE $version is not installed after install.sh"
     same_code /usr/bin/nat-loader "$BIN" || fail "/usr/bin/nat-loader is not the built binary"
     cmp -s /usr/lib/systemd/system/nat-loader.service packaging/nat-loader.service || fail "installed unit differs"
-    grep -qx 'NAT_EXT_IF=natchk-ext' /etc/nat-loader/nat-loader.env || fail "env file lacks NAT_EXT_IF"
-    grep -qx 'NAT_INT_IF=natchk-int' /etc/nat-loader/nat-loader.env || fail "env file lacks NAT_INT_IF"
+    [ "$(toml_keys /etc/nat-loader/nat-loader.toml | tr '\n' ' ')" = "ext=natchk-ext int=natchk-int " ] \
+        || fail "config file sets '$(toml_keys /etc/nat-loader/nat-loader.toml | tr '\n' ' ')', expected ext and int"
     grep -qx 'NAT_LOADER_ARGS="--probe-port 9999"' /etc/nat-loader/nat-loader.env || fail "env file lacks the args"
+    ! grep -q '^NAT_EXT_IF\|^NAT_INT_IF' /etc/nat-loader/nat-loader.env || fail "env file still names the interfaces"
     calls_match "daemon-reload"
     calls_match "enable nat-loader.service"
     calls_match "start nat-loader.service"
@@ -277,6 +302,21 @@ install_test() {
         || fail "new args not written"
     calls_match "restart nat-loader.service"
     log "  settings change: env rewritten, service restarted, package kept"
+
+    # 3a. files of a package from before the config file (interfaces in the
+    #     env file, the packaged config file untouched), same settings: the
+    #     files are rewritten in the current layout, nothing restarts.
+    printf '%s\n' NAT_EXT_IF=natchk-ext NAT_INT_IF=natchk-int \
+        'NAT_LOADER_ARGS="--probe-port 9999 --max-flows 1000"' >/etc/nat-loader/nat-loader.env
+    cp packaging/nat-loader.toml /etc/nat-loader/nat-loader.toml
+    : >"$WORK/install.log"
+    install_run "older layout" --deb "$deb" --ext natchk-ext --int natchk-int \
+        --loader-args "--probe-port 9999 --max-flows 1000" --skip-interface-check
+    calls_lack '^(start|restart|stop)( |$)'
+    grep -q 'settings unchanged' "$WORK/install.log" || fail "log does not say the settings are unchanged"
+    toml_keys /etc/nat-loader/nat-loader.toml | grep -qx 'ext=natchk-ext' || fail "ext not moved to the config file"
+    ! grep -q '^NAT_EXT_IF' /etc/nat-loader/nat-loader.env || fail "env file not rewritten"
+    log "  older layout: interfaces moved to the config file, service not restarted"
 
     # 3b. a new package, same settings, service running: the package's
     #     postinst hands the dataplane over (SIGUSR2); install.sh must not
@@ -317,8 +357,8 @@ install_test() {
         : >"$work/fake/calls"
         NAT_IMDS_URL=http://127.0.0.1:18169 SYSTEMCTL=$work/fake/systemctl bash deploy/azure/install.sh \
             --log "$work/install.log" --deb "$deb" --ext auto --int auto >>"$work/install.out" 2>&1
-        grep -qx NAT_EXT_IF=syn0 /etc/nat-loader/nat-loader.env
-        grep -qx NAT_INT_IF=syn1 /etc/nat-loader/nat-loader.env
+        grep -qx "ext = \"syn0\"" /etc/nat-loader/nat-loader.toml
+        grep -qx "int = \"syn1\"" /etc/nat-loader/nat-loader.toml
         if SYSTEMCTL=$work/fake/systemctl bash deploy/azure/install.sh --log "$work/install.log" \
             --deb "$deb" --ext vf0 --int syn1 >>"$work/install.out" 2>&1; then
             echo "install.sh accepted the enslaved VF vf0" >&2

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs the nat-loader package on a NAT instance, configures it and starts
-# its service. Idempotent: a second run with the same package and settings
+# Installs the nat-loader package on a NAT instance, configures it (the
+# interfaces in /etc/nat-loader/nat-loader.toml, further flags in
+# /etc/nat-loader/nat-loader.env) and starts its service. Idempotent: a second run with the same package and settings
 # changes nothing and restarts nothing. Everything it does goes to the log
 # (/var/log/nat-loader-install.log by default) as well as to stderr.
 #
@@ -18,7 +19,8 @@
 #                           instance metadata service, resolved by MAC to the
 #                           synthetic (hv_netvsc) interface, never to the
 #                           accelerated-networking VF enslaved under it
-#   --loader-args "ARGS"    further nat-loader flags (NAT_LOADER_ARGS)
+#   --loader-args "ARGS"    further nat-loader flags (NAT_LOADER_ARGS in the env
+#                           file; they override the config file's keys)
 #   --int-policy-routing    route replies from the internal NIC's own address
 #                           (load balancer probes) back out of the internal NIC
 #                           (netplan drop-in; needs the metadata service)
@@ -35,6 +37,7 @@ shopt -s inherit_errexit # a failing $(...) fails the script too
 readonly PACKAGE=nat-loader
 readonly UNIT=nat-loader.service
 readonly ENV_FILE=/etc/nat-loader/nat-loader.env
+readonly CONFIG_FILE=/etc/nat-loader/nat-loader.toml
 readonly STATE_DIR=/var/lib/nat-loader-install
 readonly CACHE_DIR=/var/cache/nat-loader-install
 readonly NETPLAN_FILE=/etc/netplan/60-nat-loader-int.yaml
@@ -123,25 +126,7 @@ deb_version=$(dpkg-deb --field "$deb" Version)
 deb_sha=$(sha256sum "$deb" | cut -d' ' -f1)
 log "package file $deb: $PACKAGE $deb_version (sha256 $deb_sha)"
 
-# --- 2. install it unless this very file is installed already -----------------
-changed=0
-package_changed=0
-settings_changed=0
-installed_version=$(dpkg-query -W -f='${db:Status-Status} ${Version}' "$PACKAGE" 2>/dev/null || true)
-installed_sha=$(cat "$STATE_DIR/package.sha256" 2>/dev/null || true)
-if [ "$installed_version" = "installed $deb_version" ] && [ "$installed_sha" = "$deb_sha" ]; then
-    log "$PACKAGE $deb_version from this file is already installed: not reinstalling"
-else
-    log "installing $PACKAGE $deb_version (was: ${installed_version:-not installed})"
-    apt_install "$deb"
-    mkdir -p "$STATE_DIR"
-    printf '%s\n' "$deb_sha" >"$STATE_DIR/package.sha256"
-    changed=1
-    package_changed=1
-    log "installed $PACKAGE $(dpkg-query -W -f='${Version}' "$PACKAGE")"
-fi
-
-# --- 3. interfaces ------------------------------------------------------------
+# --- 2. interfaces ------------------------------------------------------------
 imds_json=""
 if [ "$ext_if" = auto ] || [ "$int_if" = auto ] || [ "$policy_routing" -eq 1 ]; then
     log "asking the instance metadata service for the NICs"
@@ -210,23 +195,78 @@ for v in "$ext_if" "$int_if" "$loader_args"; do
     case "$v" in *[\"\'\\\$\`]*) die "quotes, backslashes and \$ are not allowed in settings: $v" ;; esac
 done
 
-# --- 4. settings (a conffile: apt keeps it on upgrades) ------------------------
+# --- 3. settings (conffiles: apt keeps them on upgrades) -----------------------
+# Written before the package is installed, so that an upgrade's handover
+# (see 4.) starts the new binary with them. The interfaces go into the config
+# file; the flags stay flags: the env file's NAT_LOADER_ARGS, which the unit's
+# ExecStart passes on and which override the config file's keys.
+changed=0
+settings_changed=0
+
+# The interfaces and flags the service runs with, as "ext int args": the
+# config file's ext and int, or (files of a package from before the config
+# file) the env file's NAT_EXT_IF and NAT_INT_IF; the env file's flags.
+current_settings() {
+    local ext int args
+    ext=$(sed -n 's/^ext = "\(.*\)"$/\1/p' "$CONFIG_FILE" 2>/dev/null || true)
+    int=$(sed -n 's/^int = "\(.*\)"$/\1/p' "$CONFIG_FILE" 2>/dev/null || true)
+    [ -n "$ext" ] || ext=$(sed -n 's/^NAT_EXT_IF=//p' "$ENV_FILE" 2>/dev/null || true)
+    [ -n "$int" ] || int=$(sed -n 's/^NAT_INT_IF=//p' "$ENV_FILE" 2>/dev/null || true)
+    args=$(sed -n 's/^NAT_LOADER_ARGS="\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' "$ENV_FILE" 2>/dev/null || true)
+    printf '%s %s %s\n' "$ext" "$int" "$args"
+}
+
+new_config=$(mktemp)
 new_env=$(mktemp)
-trap 'rm -f "$new_env"' EXIT
+trap 'rm -f "$new_config" "$new_env"' EXIT
+cat >"$new_config" <<EOF
+# Written by deploy/azure/install.sh; a re-run rewrites it. Every key, with
+# its default: /usr/share/doc/nat-loader/nat-loader.toml. The flags in
+# NAT_LOADER_ARGS ($ENV_FILE) override these keys.
+ext = "$ext_if"
+int = "$int_if"
+EOF
 cat >"$new_env" <<EOF
 # Written by deploy/azure/install.sh; a re-run rewrites it.
-# The settings are described in deploy/README.md.
-NAT_EXT_IF=$ext_if
-NAT_INT_IF=$int_if
+# The settings are in $CONFIG_FILE; these nat-loader flags override its keys.
 NAT_LOADER_ARGS="$loader_args"
 EOF
-if cmp -s "$new_env" "$ENV_FILE"; then
-    log "$ENV_FILE already up to date"
-else
-    install -D -m 0644 "$new_env" "$ENV_FILE"
-    changed=1
+before=$(current_settings)
+for file in "$CONFIG_FILE" "$ENV_FILE"; do
+    new=$new_config
+    [ "$file" = "$CONFIG_FILE" ] || new=$new_env
+    if cmp -s "$new" "$file"; then
+        log "$file already up to date"
+    else
+        install -D -m 0644 "$new" "$file"
+        changed=1
+        log "wrote $file"
+    fi
+done
+if [ "$(current_settings)" != "$before" ]; then
     settings_changed=1
-    log "wrote $ENV_FILE: ext=$ext_if int=$int_if args='$loader_args'"
+    log "new settings: ext=$ext_if int=$int_if args='$loader_args' (were: '$before')"
+elif [ "$changed" -eq 1 ]; then
+    # Files of an older package: the same settings in the current layout.
+    log "settings unchanged (ext=$ext_if int=$int_if args='$loader_args'); files rewritten"
+fi
+
+# --- 4. install it unless this very file is installed already -----------------
+# On an upgrade of a running service the package's postinst hands the pinned
+# dataplane over to the new binary (SIGUSR2), which reads the settings above.
+package_changed=0
+installed_version=$(dpkg-query -W -f='${db:Status-Status} ${Version}' "$PACKAGE" 2>/dev/null || true)
+installed_sha=$(cat "$STATE_DIR/package.sha256" 2>/dev/null || true)
+if [ "$installed_version" = "installed $deb_version" ] && [ "$installed_sha" = "$deb_sha" ]; then
+    log "$PACKAGE $deb_version from this file is already installed: not reinstalling"
+else
+    log "installing $PACKAGE $deb_version (was: ${installed_version:-not installed})"
+    apt_install "$deb"
+    mkdir -p "$STATE_DIR"
+    printf '%s\n' "$deb_sha" >"$STATE_DIR/package.sha256"
+    changed=1
+    package_changed=1
+    log "installed $PACKAGE $(dpkg-query -W -f='${Version}' "$PACKAGE")"
 fi
 
 # --- 5. replies from the internal NIC leave through it -------------------------

@@ -356,20 +356,32 @@ class Packaging(unittest.TestCase):
         self.assertGreater(seconds(d["TimeoutStopSec"][0]), 30, "stop timeout must exceed the 30 s drain")
         exec_start = d["ExecStart"][0]
         self.assertTrue(exec_start.startswith("/usr/bin/nat-loader "))
-        self.assertIn("--ext ${NAT_EXT_IF}", exec_start)
-        self.assertIn("--int ${NAT_INT_IF}", exec_start)
+        self.assertIn("--config /etc/nat-loader/nat-loader.toml", exec_start)
+        self.assertTrue(exec_start.endswith(" $NAT_LOADER_ARGS"), "flags from the env file come last")
         self.assertEqual(d["EnvironmentFile"], ["/etc/nat-loader/nat-loader.env"])
 
-    def test_env_file_defaults(self):
+    def test_env_file_holds_only_the_extra_flags(self):
         env = dict(line.split("=", 1) for line in (ROOT / "packaging" / "nat-loader.env").read_text().splitlines()
                    if line and not line.startswith("#"))
-        self.assertEqual((env["NAT_EXT_IF"], env["NAT_INT_IF"]), ("eth0", "eth1"))
+        self.assertEqual(env, {"NAT_LOADER_ARGS": ""})
+
+    def test_config_file_sets_nothing_and_documents_its_keys(self):
+        text = (ROOT / "packaging" / "nat-loader.toml").read_text()
+        self.assertEqual(tomllib.loads(text), {}, "the packaged config file must set nothing")
+        keys = re.findall(r"^# ([a-z-]+) = ", text, re.M)
+        self.assertEqual(len(keys), len(set(keys)), "a key is listed twice")
+        for key in ("ext", "int", "port-range", "probe-port", "scheduled-events", "max-flows"):
+            self.assertIn(key, keys)
+        uncommented = "\n".join(line[2:] for line in text.splitlines() if re.match(r"^# [a-z-]+ = ", line))
+        self.assertEqual(set(tomllib.loads(uncommented)), set(keys), "every listed key parses when uncommented")
 
     def test_deb_metadata(self):
         assets = {a[0]: a[1] for a in DEB_META["assets"]}
         self.assertEqual(assets["target/release/nat-loader"], "usr/bin/")
         self.assertEqual(assets["../packaging/nat-loader.env"], "etc/nat-loader/nat-loader.env")
         self.assertIn("/etc/nat-loader/nat-loader.env", DEB_META["conf-files"])
+        self.assertIn(["../packaging/nat-loader.toml", "etc/nat-loader/nat-loader.toml", "644"], DEB_META["assets"])
+        self.assertIn("/etc/nat-loader/nat-loader.toml", DEB_META["conf-files"])
         units = DEB_META["systemd-units"]
         self.assertEqual(units["unit-name"], "nat-loader")
         self.assertIs(units["start"], False)

@@ -7,8 +7,6 @@
 //! crash) leave the pinned dataplane forwarding for the next loader. A
 //! fresh start that fails half-way removes what it created.
 
-use std::net::Ipv4Addr;
-
 use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
@@ -22,19 +20,19 @@ use aya::{
 };
 use nat_common::{
     BindKey, BindValue, CtKey, CtValue, DEFAULT_MAX_FRAGMENTS, GLOBAL_CONFIG, MAP_ADF, MAP_BIND,
-    MAP_BIND_REV, MAP_CT_FWD, MAP_FRAG_HELD, MAP_FRAG_TRACK, MAP_STATS, MAP_TAILS, MAX_BINDINGS,
-    NatConfig, PROG_TC_EXT, PROG_TC_INT, PROG_XDP_EXT, PROG_XDP_INT, TAIL_PROGRAMS,
+    MAP_BIND_REV, MAP_CT_FWD, MAP_FRAG_HELD, MAP_FRAG_TRACK, MAP_STATS, MAP_TAILS, NatConfig,
+    PINNED_MAPS, PROG_TC_EXT, PROG_TC_INT, PROG_XDP_EXT, PROG_XDP_INT, TAIL_PROGRAMS,
     frag_held_slots,
 };
 use tracing::{info, warn};
 
 use crate::{
-    EBPF_OBJECT,
-    pins::{LINK_TCX_EXT, LINK_TCX_INT, LINK_XDP_EXT, LINK_XDP_INT, PinDir},
+    ebpf_object,
+    pins::{self, LINK_TCX_EXT, LINK_TCX_INT, LINK_XDP_EXT, LINK_XDP_INT, PinDir},
 };
 
 /// How XDP is attached.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum XdpAttach {
     /// Native (driver) mode, falling back to generic mode where the driver
     /// has no XDP support.
@@ -45,54 +43,16 @@ pub enum XdpAttach {
     Generic,
 }
 
+/// What [`Dataplane::start`] attaches, and where.
 pub struct Settings {
     pub ext: String,
-    pub ext_index: u32,
     pub int: String,
-    pub int_index: u32,
-    pub snat_addr: Ipv4Addr,
-    pub port_min: u16,
-    pub port_max: u16,
-    pub low_port_min: u16,
-    pub low_port_max: u16,
-    /// One of nat_common's `FILTER_*`.
-    pub filtering: u8,
-    /// nat_common's `CFG_F_*` bits.
-    pub flags: u8,
-    pub probe_port: u16,
-    pub int_mac: [u8; 6],
-    pub ext_mac: [u8; 6],
+    /// What the programs read: NICs, SNAT address, ports, filtering...
+    pub nat: NatConfig,
     pub max_flows: u32,
     /// Fragmented datagrams tracked at once (`FRAG_TRACK` size).
     pub max_fragments: u32,
     pub xdp: XdpAttach,
-    /// Source of the out-of-ports ICMP errors (`--int`'s primary address);
-    /// `None`: such packets are only dropped.
-    pub int_addr: Option<Ipv4Addr>,
-    /// `--mss-clamp` (0: off).
-    pub mss_clamp: u16,
-}
-
-impl Settings {
-    pub fn config(&self) -> NatConfig {
-        NatConfig {
-            int_ifindex: self.int_index,
-            ext_ifindex: self.ext_index,
-            snat_addr: u32::from_ne_bytes(self.snat_addr.octets()),
-            port_min: self.port_min,
-            port_max: self.port_max,
-            low_port_min: self.low_port_min,
-            low_port_max: self.low_port_max,
-            filtering: self.filtering,
-            flags: self.flags,
-            probe_port: self.probe_port.to_be(),
-            int_mac: self.int_mac,
-            ext_mac: self.ext_mac,
-            int_addr: self.int_addr.map_or(0, |a| u32::from_ne_bytes(a.octets())),
-            mss_clamp: self.mss_clamp,
-            _pad: [0; 2],
-        }
-    }
 }
 
 /// Loads the object with `cfg` patched into its config global and the
@@ -121,7 +81,7 @@ pub fn load_with_pins(
     }
     let mut loader = EbpfLoader::new();
     loader.override_global(GLOBAL_CONFIG, cfg, true);
-    for (name, entries) in map_sizes(max_flows) {
+    for (name, entries) in pins::map_sizes(max_flows) {
         loader.map_max_entries(name, entries);
     }
     loader.map_max_entries(MAP_FRAG_TRACK, max_fragments);
@@ -132,7 +92,7 @@ pub fn load_with_pins(
         }
     }
     let mut ebpf = loader
-        .load(EBPF_OBJECT)
+        .load(ebpf_object()?)
         .context("loading the eBPF object (maps and BTF)")?;
     for name in [PROG_XDP_INT, PROG_XDP_EXT] {
         let prog: &mut Xdp = program(&mut ebpf, name)?;
@@ -170,25 +130,6 @@ fn fill_tails(ebpf: &mut Ebpf) -> Result<()> {
             .with_context(|| format!("putting {name} in the tail-call table"))?;
     }
     Ok(())
-}
-
-/// The maps a pin directory keeps (the tail-call table is not one: each
-/// loader fills its own with its own programs).
-pub const PINNED_MAPS: [&str; 5] = [MAP_CT_FWD, MAP_BIND, MAP_BIND_REV, MAP_ADF, MAP_STATS];
-
-/// The size of each conntrack map for a table of `max_flows` sessions.
-pub fn map_sizes(max_flows: u32) -> [(&'static str, u32); 4] {
-    // A binding needs at least one session, and there are at most as many
-    // as there are external ports per protocol.
-    let bindings = max_flows.min(MAX_BINDINGS);
-    [
-        (MAP_CT_FWD, max_flows),
-        (MAP_BIND, bindings),
-        (MAP_BIND_REV, bindings),
-        // One remote per session at most; allocated on demand, so it costs
-        // nothing unless --filtering address-dependent fills it.
-        (MAP_ADF, max_flows),
-    ]
 }
 
 /// A program of the object by name and type.
@@ -276,15 +217,15 @@ impl Dataplane {
     }
 
     fn start_inner(s: &Settings, pins: &PinDir, adopted: bool) -> Result<Dataplane> {
-        let mut ebpf = load_with_pins(&s.config(), s.max_flows, s.max_fragments, Some(pins))?;
+        let mut ebpf = load_with_pins(&s.nat, s.max_flows, s.max_fragments, Some(pins))?;
         let mut links = Vec::new();
         // Outbound first: until the ext side is attached, translated flows'
         // replies would be dropped anyway, so order only matters for errors.
         for (prog, link, ifname, ifindex, xdp) in [
-            (PROG_XDP_INT, LINK_XDP_INT, &s.int, s.int_index, true),
-            (PROG_TC_INT, LINK_TCX_INT, &s.int, s.int_index, false),
-            (PROG_XDP_EXT, LINK_XDP_EXT, &s.ext, s.ext_index, true),
-            (PROG_TC_EXT, LINK_TCX_EXT, &s.ext, s.ext_index, false),
+            (PROG_XDP_INT, LINK_XDP_INT, &s.int, s.nat.int_ifindex, true),
+            (PROG_TC_INT, LINK_TCX_INT, &s.int, s.nat.int_ifindex, false),
+            (PROG_XDP_EXT, LINK_XDP_EXT, &s.ext, s.nat.ext_ifindex, true),
+            (PROG_TC_EXT, LINK_TCX_EXT, &s.ext, s.nat.ext_ifindex, false),
         ] {
             let pinned = pins.adopt_link(link, ifindex)?;
             let fd_link = match (pinned, xdp) {
@@ -389,7 +330,6 @@ fn replace_tc(ebpf: &mut Ebpf, name: &str, ifname: &str, link: FdLink) -> Result
     FdLink::try_from(link).context("the TCX link is not an fd link")
 }
 
-/// Takes a map out of the object so the control plane can own it.
 /// Opens the pinned map `name` in `pins`: a handle of its own, e.g. for a
 /// thread that works on the maps beside the one that loaded them.
 pub fn pinned_map<T>(pins: &PinDir, name: &str) -> Result<T>
@@ -405,6 +345,7 @@ where
         .with_context(|| format!("pinned map {} has an unexpected type", path.display()))
 }
 
+/// Takes a map out of the object so the control plane can own it.
 pub fn take_map<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,

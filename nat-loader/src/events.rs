@@ -16,7 +16,10 @@ use serde_json::Value;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
+    sync::watch,
+    task::JoinHandle,
 };
+use tracing::{info, warn};
 
 /// The metadata service's Scheduled Events endpoint.
 pub const DEFAULT_URL: &str =
@@ -36,6 +39,86 @@ pub struct Departure {
     /// When the platform goes ahead without our approval (RFC 1123 time,
     /// as the service writes it; empty once the event has started).
     pub not_before: String,
+}
+
+/// A running watch of the Scheduled Events: a task polls the document every
+/// [`POLL_INTERVAL`] and publishes the first event that takes this VM away.
+/// Dropping the watch stops the task.
+pub struct Watch {
+    imds: Imds,
+    departure: watch::Receiver<Option<Departure>>,
+    task: JoinHandle<()>,
+}
+
+impl Watch {
+    /// Asks the metadata service at `url` for this VM's name (an error if
+    /// it does not answer), then starts polling.
+    pub async fn start(url: &str) -> Result<Watch> {
+        let imds = Imds::new(url)?;
+        let vm = imds.vm_name().await?;
+        info!(vm = %vm, url = %url, "watching scheduled events");
+        let (tx, departure) = watch::channel(None);
+        let task = tokio::spawn(poll(imds.clone(), vm, tx));
+        Ok(Watch {
+            imds,
+            departure,
+            task,
+        })
+    }
+
+    /// The next change of the event that takes this VM away (`None`: there
+    /// is no such event any more).
+    pub async fn changed(&mut self) -> Option<Departure> {
+        if self.departure.changed().await.is_err() {
+            // The poller is gone (it never returns; only at shutdown).
+            return std::future::pending().await;
+        }
+        self.departure.borrow_and_update().clone()
+    }
+
+    /// Approves event `id`: the platform goes ahead now.
+    pub async fn approve(&self, id: &str) -> Result<()> {
+        self.imds.approve(id).await
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Publishes the first event of the document that takes VM `vm` away (or
+/// `None`), every [`POLL_INTERVAL`]. Read errors are logged once per outage
+/// and retried: a metadata service that is briefly away must not take the
+/// gateway down.
+async fn poll(imds: Imds, vm: String, tx: watch::Sender<Option<Departure>>) {
+    let mut tick = tokio::time::interval(POLL_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tick.tick().await;
+        match imds.events().await {
+            Ok(doc) => {
+                if failing {
+                    info!("scheduled events readable again");
+                    failing = false;
+                }
+                let next = departures(&doc, &vm).into_iter().next();
+                tx.send_if_modified(|cur| {
+                    let changed = *cur != next;
+                    *cur = next;
+                    changed
+                });
+            }
+            Err(e) => {
+                if !failing {
+                    warn!(error = %format!("{e:#}"), "reading scheduled events failed; retrying every second");
+                    failing = true;
+                }
+            }
+        }
+    }
 }
 
 /// The events of `doc` (a Scheduled Events document) that take the VM

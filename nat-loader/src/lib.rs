@@ -1,6 +1,7 @@
 //! The NAT gateway's control plane as a library: the binary (`main.rs`) and
 //! the tests drive the same code.
 
+pub mod build_id;
 pub mod caps;
 pub mod conntrack;
 pub mod dataplane;
@@ -13,9 +14,20 @@ pub mod routing;
 pub mod stats;
 pub mod sysctl;
 
-/// The eBPF object, embedded at build time.
-pub static EBPF_OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nat-ebpf.o"));
+/// The eBPF object, embedded at build time; empty when the loader was built
+/// without it (see build.rs), which [`ebpf_object`] turns into an error.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nat-ebpf.o"));
+
+/// The embedded eBPF object, or the error that says how to build it.
+pub fn ebpf_object() -> anyhow::Result<&'static [u8]> {
+    if EBPF_OBJECT.is_empty() {
+        anyhow::bail!(
+            "this nat-loader was built without the eBPF object: run `cargo xtask build` \
+             (or `cargo xtask build-ebpf` before building the loader)"
+        );
+    }
+    Ok(EBPF_OBJECT)
+}
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns()`, which
 /// stamps conntrack entries.
@@ -27,4 +39,18 @@ pub fn monotonic_ns() -> u64 {
     // SAFETY: valid pointer to a timespec; CLOCK_MONOTONIC always exists.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_empty_embedded_object_is_an_error_that_says_how_to_build_it() {
+        match super::ebpf_object() {
+            Ok(object) => assert!(object.starts_with(b"\x7fELF"), "not an ELF object"),
+            Err(e) => {
+                assert!(super::EBPF_OBJECT.is_empty());
+                assert!(e.to_string().contains("cargo xtask build"), "{e}");
+            }
+        }
+    }
 }

@@ -29,6 +29,7 @@ use aya::{
 };
 use nat_common::{
     BindKey, BindValue, CtKey, CtValue, MAP_ADF, MAP_BIND, MAP_BIND_REV, MAP_CT_FWD, MAP_STATS,
+    MAX_BINDINGS,
 };
 use tracing::{info, warn};
 
@@ -49,6 +50,23 @@ pub const LINK_XDP_EXT: &str = "link_xdp_ext";
 pub const LINK_TCX_INT: &str = "link_tcx_int";
 pub const LINK_TCX_EXT: &str = "link_tcx_ext";
 pub const LINKS: [&str; 4] = [LINK_XDP_INT, LINK_TCX_INT, LINK_XDP_EXT, LINK_TCX_EXT];
+
+/// The size of each conntrack map for a table of `max_flows` sessions: what
+/// the loader creates them with, and what a pinned map must have to be
+/// adopted.
+pub fn map_sizes(max_flows: u32) -> [(&'static str, u32); 4] {
+    // A binding needs at least one session, and there are at most as many
+    // as there are external ports per protocol.
+    let bindings = max_flows.min(MAX_BINDINGS);
+    [
+        (MAP_CT_FWD, max_flows),
+        (MAP_BIND, bindings),
+        (MAP_BIND_REV, bindings),
+        // One remote per session at most; allocated on demand, so it costs
+        // nothing unless --filtering address-dependent fills it.
+        (MAP_ADF, max_flows),
+    ]
+}
 
 /// A pin directory on a BPF file system.
 #[derive(Clone, Debug)]
@@ -170,7 +188,7 @@ impl PinDir {
     /// well count one more reason): a pinned `STATS` of another shape is
     /// unpinned, with a warning, and the new programs get a fresh one.
     pub fn check_maps(&self, max_flows: u32) -> Result<bool> {
-        let sizes = crate::dataplane::map_sizes(max_flows);
+        let sizes = map_sizes(max_flows);
         let entries = |name: &str| {
             sizes
                 .iter()
@@ -222,7 +240,7 @@ impl PinDir {
             map_type: MapType::PerCpuArray,
             key_size: 4,
             value_size: 8,
-            max_entries: nat_common::stats::COUNT * crate::stats::HOOKS.len() as u32,
+            max_entries: nat_common::stats::SLOTS,
         };
         if self.pin(MAP_STATS).exists() {
             let diffs = self.shape_differences(&stats)?;

@@ -2,11 +2,7 @@
 
 use anyhow::{Context, Result};
 use aya::maps::{MapData, PerCpuArray};
-use nat_common::stats::{COUNT, LABELS};
-
-/// The programs, in the order of their counter blocks in the stats map
-/// (must match nat-ebpf's `stats::HOOK_*`).
-pub const HOOKS: [&str; 4] = ["xdp_int", "xdp_ext", "tc_int", "tc_ext"];
+use nat_common::stats::{COUNT, HOOKS, LABELS, slot};
 
 /// Counters summed over CPUs: `totals[hook][reason]`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -17,13 +13,13 @@ pub struct Stats {
 impl Stats {
     pub fn read<T: std::borrow::Borrow<MapData>>(map: &PerCpuArray<T, u64>) -> Result<Stats> {
         let mut totals = vec![vec![0u64; COUNT as usize]; HOOKS.len()];
-        for (h, row) in totals.iter_mut().enumerate() {
-            for (r, slot) in row.iter_mut().enumerate() {
-                let idx = h as u32 * COUNT + r as u32;
+        for ((hook, _), row) in HOOKS.iter().zip(totals.iter_mut()) {
+            for (reason, total) in (0..COUNT).zip(row.iter_mut()) {
+                let idx = slot(*hook, reason);
                 let per_cpu = map
                     .get(&idx, 0)
                     .with_context(|| format!("reading stats slot {idx}"))?;
-                *slot = per_cpu.iter().sum();
+                *total = per_cpu.iter().sum();
             }
         }
         Ok(Stats { totals })
@@ -36,9 +32,9 @@ impl Stats {
         reasons: &[u32],
     ) -> Result<u64> {
         let mut total = 0u64;
-        for h in 0..HOOKS.len() as u32 {
+        for (hook, _) in HOOKS {
             for &r in reasons {
-                let idx = h * COUNT + r;
+                let idx = slot(hook, r);
                 let per_cpu = map
                     .get(&idx, 0)
                     .with_context(|| format!("reading stats slot {idx}"))?;
@@ -48,7 +44,8 @@ impl Stats {
         Ok(total)
     }
 
-    /// The count of `reason` at hook `hook` (an index of [`HOOKS`]).
+    /// The count of `reason` at hook `hook` (an index of nat-common's
+    /// `stats::HOOKS`).
     pub fn get(&self, hook: usize, reason: u32) -> u64 {
         self.totals
             .get(hook)
@@ -60,7 +57,7 @@ impl Stats {
     /// One line per hook with its non-zero counters.
     pub fn lines(&self) -> Vec<String> {
         let mut out = Vec::new();
-        for (h, name) in HOOKS.iter().enumerate() {
+        for (h, (_, name)) in HOOKS.iter().enumerate() {
             let parts: Vec<String> = LABELS
                 .iter()
                 .filter(|(r, _)| self.get(h, *r) > 0)

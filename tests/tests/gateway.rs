@@ -3,7 +3,8 @@
 //! programs the same traffic fails, so the kernel is not doing the work.
 
 use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
+    path::PathBuf,
     time::Duration,
 };
 
@@ -143,6 +144,80 @@ fn ping_through_the_gateway_is_answered() {
     let _gw = start(&lab);
     let r = ping(&lab, Host::Client1, SERVER_IP, 5, Duration::from_secs(5)).expect("ping runs");
     assert!(r.all_replied(), "{}", r.output);
+}
+
+/// A TOML config file (`--config`) sets what its keys say, and a flag on
+/// the command line wins over a key: the external port the server sees
+/// lies in the file's `port-range`, the file's `filtering` lets a datagram
+/// from another port of the server in, and with `--port-range` given too
+/// the port lies in the flag's range.
+#[test]
+fn a_config_file_sets_port_range_and_filtering_and_a_flag_overrides_it() {
+    struct RemoveOnDrop(PathBuf);
+    impl Drop for RemoveOnDrop {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let file = RemoveOnDrop(
+        std::env::temp_dir().join(format!("natlab-{}-nat-loader.toml", std::process::id())),
+    );
+    std::fs::write(
+        &file.0,
+        "port-range = \"20000-20099\"\nfiltering = \"endpoint-independent\"\n",
+    )
+    .expect("writing the config file");
+    let config = file.0.to_str().expect("a UTF-8 path");
+    let lab = lab();
+    // A source port outside both ranges, so the gateway must pick one.
+    let client = SocketAddrV4::new(CLIENT1_IP, 45100);
+    let mapping_to = |port: u16| -> SocketAddrV4 {
+        let flow = Flow::new(Host::Client1, Host::Server, server(port))
+            .src_ip(CLIENT1_IP)
+            .src_port(client.port());
+        let report = udp_exchange(&lab, &flow, 5).expect("UDP exchange through the gateway");
+        match report.single_source() {
+            Some(SocketAddr::V4(a)) if *a.ip() == NAT_EXT_IP => a,
+            other => panic!("the server saw {other:?}: {:?}", report.server_saw),
+        }
+    };
+
+    let mut gw = Gateway::start(&lab, &["--config", config]).expect("nat-loader with the file");
+    let mapped = mapping_to(5310);
+    assert!(
+        (20000..=20099).contains(&mapped.port()),
+        "{mapped} is outside the file's port-range"
+    );
+    let c = lab
+        .udp_socket(Host::Client1, client)
+        .expect("client socket");
+    udp_send(
+        &lab,
+        Host::Server,
+        Some(server(5311)),
+        mapped,
+        b"other port",
+        1,
+    )
+    .expect("sending from another server port");
+    let got = recv_all_within(&c, Duration::from_millis(800)).expect("receiving");
+    assert!(
+        got.iter()
+            .any(|(from, _)| *from == SocketAddr::V4(server(5311))),
+        "endpoint-independent filtering (the file's) let nothing in: {got:?}\n{:#?}",
+        gw.log()
+    );
+    drop(c);
+    gw.stop().expect("stopping the loader");
+
+    let mut gw = Gateway::start(&lab, &["--config", config, "--port-range", "30000-30099"])
+        .expect("nat-loader with the file and a flag");
+    let mapped = mapping_to(5312);
+    assert!(
+        (30000..=30099).contains(&mapped.port()),
+        "{mapped} is outside the flag's port-range (the file's is 20000-20099)"
+    );
+    gw.stop().expect("stopping the loader");
 }
 
 #[test]

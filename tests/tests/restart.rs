@@ -303,16 +303,8 @@ struct StampedCopy {
 
 impl StampedCopy {
     fn new(id: &str) -> StampedCopy {
-        const TAG: &[u8] = b"NAT_LOADER_BUILD_ID=";
-        let mut bytes = std::fs::read(loader_path().expect("loader binary")).expect("read loader");
-        let at = bytes
-            .windows(TAG.len())
-            .position(|w| w == TAG)
-            .expect("build-id slot in the loader binary")
-            + TAG.len();
-        let slot = &mut bytes[at..at + 40];
-        slot.fill(0);
-        slot[..id.len()].copy_from_slice(id.as_bytes());
+        let original = std::fs::read(loader_path().expect("loader binary")).expect("read loader");
+        let bytes = nat_loader::build_id::stamp(&original, id).expect("stamping the build id");
         let path =
             std::env::temp_dir().join(format!("natlab-{}-nat-loader-{id}", std::process::id()));
         std::fs::write(&path, &bytes).expect("write the copy");

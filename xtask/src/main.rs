@@ -196,7 +196,9 @@ fn test(root: &Path) -> Result<()> {
     // the systemd unit and the .deb built from the release loader.
     run(Command::new("bash").arg(root.join("deploy/check.sh")))?;
     // One test binary at a time, two threads each: the namespace tests are
-    // light, but the machine has only two cores.
+    // light, but the machine has only two cores. --workspace: the tests
+    // crate (root-only suites) is not a default member, so a plain
+    // `cargo test` leaves it out.
     run(cargo().current_dir(root).args([
         "test",
         "--workspace",

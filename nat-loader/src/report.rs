@@ -1,0 +1,95 @@
+//! The counters (and with `--show-flows` the flows) in the log: at start,
+//! every `--stats-interval` and once at exit, from a thread of their own,
+//! so that reading a large conntrack table never holds up the health probe
+//! or the signals.
+
+use std::{
+    sync::mpsc::{self, RecvTimeoutError},
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use aya::maps::{HashMap, MapData, PerCpuArray};
+use nat_common::{CtKey, CtValue, MAP_CT_FWD, MAP_STATS};
+use nat_loader::{conntrack, dataplane::pinned_map, monotonic_ns, pins::PinDir, stats::Stats};
+use tracing::{info, warn};
+
+/// The log lines' target: `nat_loader`, whatever module logs them (the
+/// tests and operators look for `nat_loader: stats <hook>: label=n`).
+const TARGET: &str = "nat_loader";
+
+/// Reads the counters and flows through handles of its own on the pinned
+/// maps.
+pub struct Reporter {
+    stats: PerCpuArray<MapData, u64>,
+    sessions: HashMap<MapData, CtKey, CtValue>,
+    show_flows: usize,
+}
+
+impl Reporter {
+    pub fn open(pins: &PinDir, show_flows: usize) -> Result<Reporter> {
+        Ok(Reporter {
+            stats: pinned_map(pins, MAP_STATS).context("opening the counters for the log")?,
+            sessions: pinned_map(pins, MAP_CT_FWD).context("opening the flows for the log")?,
+            show_flows,
+        })
+    }
+
+    /// One `stats <hook>: label=n ...` line per hook with a non-zero
+    /// counter; then, with `--show-flows`, the flows.
+    pub fn log(&self) {
+        match Stats::read(&self.stats) {
+            Ok(s) => {
+                for line in s.lines() {
+                    info!(target: TARGET, "stats {line}");
+                }
+            }
+            Err(e) => warn!(target: TARGET, error = %format!("{e:#}"), "reading stats"),
+        }
+        if self.show_flows > 0 {
+            let flows = conntrack::flows(&self.sessions, monotonic_ns());
+            info!(target: TARGET, count = flows.len(), "flows");
+            for f in flows.iter().take(self.show_flows) {
+                info!(target: TARGET, "flow {f}");
+            }
+        }
+    }
+}
+
+/// The reporting thread.
+pub struct ReporterThread {
+    stop: mpsc::Sender<()>,
+    thread: JoinHandle<()>,
+}
+
+impl ReporterThread {
+    /// Logs at once and then every `every`; with `None` only at
+    /// [`ReporterThread::stop`].
+    pub fn spawn(reporter: Reporter, every: Option<Duration>) -> Result<ReporterThread> {
+        let (stop, stopped) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("stats".into())
+            .spawn(move || {
+                if let Some(every) = every {
+                    reporter.log();
+                    while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
+                        reporter.log();
+                    }
+                } else {
+                    let _ = stopped.recv();
+                }
+                reporter.log();
+            })
+            .context("starting the stats thread")?;
+        Ok(ReporterThread { stop, thread })
+    }
+
+    /// Logs a last time and ends the thread.
+    pub fn stop(self) {
+        let _ = self.stop.send(());
+        if self.thread.join().is_err() {
+            warn!(target: TARGET, "the stats thread panicked");
+        }
+    }
+}

@@ -1,0 +1,258 @@
+//! Typed setting values, each parsed and checked in one place: `FromStr`
+//! for the flags (cli.rs), serde for the config file (config.rs), so both
+//! accept exactly the same values with the same messages.
+
+use std::{fmt, str::FromStr};
+
+use nat_common::{
+    DEFAULT_LOW_PORT_MAX, DEFAULT_LOW_PORT_MIN, DEFAULT_PORT_MAX, DEFAULT_PORT_MIN, FILTER_ADDRESS,
+    FILTER_ADDRESS_AND_PORT, FILTER_ENDPOINT_INDEPENDENT,
+};
+use nat_loader::events;
+use serde::{Deserialize, Deserializer, de};
+
+/// An inclusive range of ports, `MIN-MAX` (`1 <= MIN <= MAX`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct PortRange {
+    pub min: u16,
+    pub max: u16,
+}
+
+impl PortRange {
+    /// `--port-range`'s default.
+    pub const DEFAULT: PortRange = PortRange {
+        min: DEFAULT_PORT_MIN,
+        max: DEFAULT_PORT_MAX,
+    };
+    /// `--low-port-range`'s default.
+    pub const DEFAULT_LOW: PortRange = PortRange {
+        min: DEFAULT_LOW_PORT_MIN,
+        max: DEFAULT_LOW_PORT_MAX,
+    };
+
+    pub fn contains(self, port: u16) -> bool {
+        (self.min..=self.max).contains(&port)
+    }
+}
+
+impl FromStr for PortRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<PortRange, String> {
+        let (a, b) = s
+            .split_once('-')
+            .ok_or_else(|| format!("{s:?} is not MIN-MAX (e.g. 1024-65535)"))?;
+        let min: u16 = a
+            .trim()
+            .parse()
+            .map_err(|_| format!("{a:?} is not a port number"))?;
+        let max: u16 = b
+            .trim()
+            .parse()
+            .map_err(|_| format!("{b:?} is not a port number"))?;
+        if min == 0 || min > max {
+            return Err(format!("{s:?}: need 1 <= MIN <= MAX <= 65535"));
+        }
+        Ok(PortRange { min, max })
+    }
+}
+
+impl TryFrom<String> for PortRange {
+    type Error = String;
+    fn try_from(s: String) -> Result<PortRange, String> {
+        s.parse()
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.min, self.max)
+    }
+}
+
+/// `--mss-clamp`: the largest TCP MSS a SYN may carry through; 0 is off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "u16")]
+pub struct MssClamp(pub u16);
+
+impl MssClamp {
+    pub const OFF: MssClamp = MssClamp(0);
+    /// Linux's own floor for an MSS (TCP_MIN_MSS).
+    pub const MIN: u16 = 88;
+}
+
+impl TryFrom<u16> for MssClamp {
+    type Error = String;
+    fn try_from(v: u16) -> Result<MssClamp, String> {
+        if v != 0 && v < MssClamp::MIN {
+            return Err(format!(
+                "{v} is below the smallest MSS TCP accepts ({}); 0 turns clamping off",
+                MssClamp::MIN
+            ));
+        }
+        Ok(MssClamp(v))
+    }
+}
+
+impl FromStr for MssClamp {
+    type Err = String;
+    fn from_str(s: &str) -> Result<MssClamp, String> {
+        let v: u16 = s
+            .parse()
+            .map_err(|_| format!("{s:?} is not a number of bytes (0-65535)"))?;
+        v.try_into()
+    }
+}
+
+impl fmt::Display for MssClamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// A routing table id the loader may fill: not 0 ("unspecified") nor the
+/// kernel's default, main and local tables (253-255).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "u32")]
+pub struct RouteTable(pub u32);
+
+impl TryFrom<u32> for RouteTable {
+    type Error = String;
+    fn try_from(t: u32) -> Result<RouteTable, String> {
+        if t == 0 || (253..=255).contains(&t) {
+            return Err(format!("table {t} is reserved; pick 1-252 or above 255"));
+        }
+        Ok(RouteTable(t))
+    }
+}
+
+impl FromStr for RouteTable {
+    type Err = String;
+    fn from_str(s: &str) -> Result<RouteTable, String> {
+        let t: u32 = s
+            .parse()
+            .map_err(|_| format!("{s:?} is not a table number"))?;
+        t.try_into()
+    }
+}
+
+impl fmt::Display for RouteTable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// The Scheduled Events URL to watch (plain HTTP: the metadata service's).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScheduledEvents(String);
+
+impl ScheduledEvents {
+    pub fn new(url: &str) -> Result<ScheduledEvents, String> {
+        events::Imds::new(url)
+            .map(|_| ScheduledEvents(url.to_string()))
+            .map_err(|e| format!("{e:#}"))
+    }
+
+    pub fn url(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for ScheduledEvents {
+    type Err = String;
+    fn from_str(s: &str) -> Result<ScheduledEvents, String> {
+        ScheduledEvents::new(s)
+    }
+}
+
+/// In the config file: `true` (the metadata service's URL), `false` (off)
+/// or a URL, as `--scheduled-events` alone, absent or with a URL.
+pub fn scheduled_events_key<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Option<ScheduledEvents>>, D::Error> {
+    struct V;
+    impl de::Visitor<'_> for V {
+        type Value = Option<ScheduledEvents>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("true, false or an http:// URL")
+        }
+        fn visit_bool<E: de::Error>(self, on: bool) -> Result<Self::Value, E> {
+            Ok(on.then(|| ScheduledEvents(events::DEFAULT_URL.to_string())))
+        }
+        fn visit_str<E: de::Error>(self, url: &str) -> Result<Self::Value, E> {
+            ScheduledEvents::new(url).map(Some).map_err(E::custom)
+        }
+    }
+    d.deserialize_any(V).map(Some)
+}
+
+/// Which inbound packets a binding lets in (RFC 4787 section 5).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Filtering {
+    EndpointIndependent,
+    AddressDependent,
+    AddressAndPortDependent,
+}
+
+impl Filtering {
+    /// The dataplane's code (nat-common's `FILTER_*`).
+    pub fn code(self) -> u8 {
+        match self {
+            Filtering::EndpointIndependent => FILTER_ENDPOINT_INDEPENDENT,
+            Filtering::AddressDependent => FILTER_ADDRESS,
+            Filtering::AddressAndPortDependent => FILTER_ADDRESS_AND_PORT,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_range_accepts_min_max() {
+        assert_eq!(
+            "1024-65535".parse(),
+            Ok(PortRange {
+                min: 1024,
+                max: 65535
+            })
+        );
+        assert_eq!(
+            "5000-5000".parse(),
+            Ok(PortRange {
+                min: 5000,
+                max: 5000
+            })
+        );
+        assert!(PortRange::DEFAULT.contains(PortRange::DEFAULT.max));
+        assert!(!PortRange::DEFAULT.contains(PortRange::DEFAULT_LOW.max));
+    }
+
+    #[test]
+    fn port_range_rejects_reversed_zero_and_garbage() {
+        for bad in ["2000-1000", "0-100", "1024", "a-b", "1-70000"] {
+            assert!(bad.parse::<PortRange>().is_err(), "{bad}");
+        }
+        let e = "2000-1000".parse::<PortRange>().expect_err("reversed");
+        assert!(e.contains("MIN <= MAX"), "{e}");
+    }
+
+    #[test]
+    fn mss_clamp_accepts_off_and_real_sizes_only() {
+        assert_eq!("0".parse(), Ok(MssClamp::OFF));
+        assert_eq!("1200".parse(), Ok(MssClamp(1200)));
+        for bad in ["40", "70000", "big"] {
+            assert!(bad.parse::<MssClamp>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn route_tables_refuse_the_kernels_own() {
+        assert_eq!("190".parse(), Ok(RouteTable(190)));
+        assert_eq!("256".parse(), Ok(RouteTable(256)));
+        for bad in ["0", "253", "254", "255", "main"] {
+            assert!(bad.parse::<RouteTable>().is_err(), "{bad}");
+        }
+    }
+}
