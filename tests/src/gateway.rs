@@ -2,7 +2,7 @@
 
 use std::{
     io::{BufRead, BufReader},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::Stdio,
     sync::{Arc, Mutex, mpsc},
     time::Duration,
@@ -10,7 +10,8 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use crate::{EXT_IF, Host, INT_IF, Lab, LabChild};
+use crate::netns::{LabChild, Namespaces};
+use crate::{EXT_IF, Host, INT_IF, Lab};
 
 /// The loader binary: `NAT_LOADER` if set, else the workspace's release
 /// build (`cargo xtask build` makes it).
@@ -54,22 +55,23 @@ impl Gateway {
     }
 
     /// [`Gateway::start`] with another loader binary (an upgrade).
-    pub fn start_bin(lab: &Lab, bin: &std::path::Path, extra: &[&str]) -> Result<Gateway> {
-        Gateway::start_with(lab.command(Host::Nat, &[]), bin, extra, |cmd| {
-            lab.spawn_command(cmd)
-        })
+    pub fn start_bin(lab: &Lab, bin: &Path, extra: &[&str]) -> Result<Gateway> {
+        let nics = (INT_IF, EXT_IF);
+        Gateway::start_in(lab.namespaces(), Host::Nat.role(), bin, nics, extra)
     }
 
-    /// Starts `<ns_cmd> <bin> --int int --ext ext <extra>` where `ns_cmd`
-    /// enters a namespace (`ip netns exec NS`) and `spawn` starts it (so the
-    /// namespace's owner tracks the process); waits until ready.
-    pub fn start_with(
-        mut cmd: std::process::Command,
-        bin: &std::path::Path,
+    /// Starts `<bin> --int <int> --ext <ext> <extra>` in namespace `role`
+    /// of `ns` (which kills it at the latest when dropped) and waits until
+    /// it is ready.
+    pub fn start_in(
+        ns: &Namespaces,
+        role: &str,
+        bin: &Path,
+        (int, ext): (&str, &str),
         extra: &[&str],
-        spawn: impl FnOnce(&mut std::process::Command) -> Result<LabChild>,
     ) -> Result<Gateway> {
-        cmd.arg(bin).args(["--int", INT_IF, "--ext", EXT_IF]);
+        let mut cmd = ns.command(role, &[]);
+        cmd.arg(bin).args(["--int", int, "--ext", ext]);
         if !extra.contains(&"--drain-seconds") {
             cmd.args(["--drain-seconds", "0"]);
         }
@@ -77,7 +79,7 @@ impl Gateway {
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        let mut child = spawn(&mut cmd).context("starting nat-loader")?;
+        let mut child = ns.spawn_command(&mut cmd).context("starting nat-loader")?;
         let stderr = child
             .stderr
             .take()

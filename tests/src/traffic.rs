@@ -1,7 +1,7 @@
 //! Traffic generators and probes. Everything here is bounded by a deadline
 //! and reports a timeout as an error.
 
-use crate::lab::output_with_timeout;
+use crate::netns::output_with_timeout;
 use crate::{Host, Lab};
 use anyhow::{Context, Result, bail, ensure};
 use sha2::{Digest, Sha256};

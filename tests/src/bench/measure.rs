@@ -304,7 +304,7 @@ pub fn conn_rate(t: &Topo, cpus: Cpus, workers: usize, secs: f64) -> Result<f64>
                 let (done, failed, gen_path, first_error) =
                     (&done, &failed, &gen_path, &first_error);
                 s.spawn(move || -> Result<()> {
-                    crate::lab::enter_netns(gen_path)?;
+                    crate::netns::enter_netns(gen_path)?;
                     pin(0, other)?;
                     let mut n = w as u16;
                     while Instant::now() < deadline && super::check_interrupted().is_ok() {

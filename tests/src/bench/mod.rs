@@ -240,8 +240,7 @@ pub fn run(plan: &Plan, out: &Path) -> Result<Report> {
     progress("building the five topologies");
     let topos: Vec<Topo> = Variant::ALL
         .iter()
-        .enumerate()
-        .map(|(k, &v)| Topo::new(v, k, &work.0))
+        .map(|&v| Topo::new(v, &work.0))
         .collect::<Result<_>>()?;
     let mut rep = Report::new(plan, cpus, &topos);
     if let Err(e) = measure_all(plan, cpus, &topos, &work.0, &mut rep) {
