@@ -30,6 +30,22 @@ pub fn loader_path() -> Result<PathBuf> {
     Ok(p)
 }
 
+/// The real loader in `lab`'s `nat`, for a test: `extra` flags, and no
+/// periodic stats unless `extra` sets `--stats-interval` (the counters are
+/// still logged at exit, for [`Gateway::counter`]). Panics, at the
+/// caller's line, when it does not become ready.
+#[track_caller]
+pub fn gateway(lab: &Lab, extra: &[&str]) -> Gateway {
+    let mut args = Vec::from(extra);
+    if !extra.contains(&"--stats-interval") {
+        args.extend(["--stats-interval", "0"]);
+    }
+    match Gateway::start(lab, &args) {
+        Ok(gw) => gw,
+        Err(e) => panic!("starting nat-loader: {e:#}"),
+    }
+}
+
 /// A running loader; stopped (SIGTERM, then SIGKILL after a grace period)
 /// on drop.
 pub struct Gateway {

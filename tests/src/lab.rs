@@ -47,6 +47,16 @@ pub struct LabOptions {
     pub nat_ip_forward: bool,
 }
 
+impl LabOptions {
+    /// The lab with forwarding off in `nat`: the loader must switch it on,
+    /// and its exit must restore it.
+    pub fn nat_forwarding_off() -> LabOptions {
+        LabOptions {
+            nat_ip_forward: false,
+        }
+    }
+}
+
 impl Default for LabOptions {
     fn default() -> Self {
         LabOptions {
@@ -167,6 +177,22 @@ impl Lab {
         self.ns.ethtool(h.role(), dev, features)
     }
 
+    /// Makes client1's and the server's traffic reach the gateway as from
+    /// a real NIC: complete checksums (their TX offload off) and no GRO
+    /// re-merging them into offloaded super-packets on the way (GRO off on
+    /// the hops before the gateway). The XDP fast path's case.
+    pub fn complete_checksums_on_the_wire(&self) -> Result<()> {
+        self.ethtool(Host::Client1, HOST_IF, &["tx", "off"])?;
+        self.ethtool(Host::Server, HOST_IF, &["tx", "off"])?;
+        self.ethtool(Host::Sw, SW_CLIENT1_PORT, &["gro", "off"])?;
+        self.ethtool(Host::Router, ROUTER_SRV_IF, &["gro", "off"])
+    }
+
+    /// `/proc/sys/<key>` as `h` sees it (e.g. `net/ipv4/ip_forward`), trimmed.
+    pub fn read_sysctl(&self, h: Host, key: &str) -> Result<String> {
+        self.ns.read_sysctl(h.role(), key)
+    }
+
     /// The MAC address of `ifname` in `h`.
     pub fn mac(&self, h: Host, ifname: &str) -> Result<[u8; 6]> {
         self.ns.mac(h.role(), ifname)
@@ -220,5 +246,21 @@ impl Lab {
         timeout: Duration,
     ) -> Result<TcpStream> {
         self.ns.tcp_connect(h.role(), src, dst, timeout)
+    }
+}
+
+/// The standard lab, for a test: panics, at the caller's line, when it
+/// cannot be built (e.g. without root).
+#[track_caller]
+pub fn lab() -> Lab {
+    lab_with(LabOptions::default())
+}
+
+/// [`lab`] built with `options`.
+#[track_caller]
+pub fn lab_with(options: LabOptions) -> Lab {
+    match Lab::new_with(options) {
+        Ok(lab) => lab,
+        Err(e) => panic!("building the lab (needs root): {e:#}"),
     }
 }

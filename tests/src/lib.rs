@@ -55,9 +55,9 @@ mod traffic;
 pub use bpffs::Bpffs;
 pub use streams::{EchoStreams, StreamReport};
 
-pub use gateway::{Gateway, READY, loader_path};
+pub use gateway::{Gateway, READY, gateway, loader_path};
 
-pub use lab::{Lab, LabOptions};
+pub use lab::{Lab, LabOptions, lab, lab_with};
 pub use netns::LabChild;
 pub use traffic::{
     Flow, PingReport, TcpReport, UdpReport, accept_within, ping, recv_all_within,

@@ -292,6 +292,14 @@ impl Namespaces {
             .with_context(|| format!("setting {key}={value} in {}", self.ns(role)))
     }
 
+    /// `/proc/sys/<key>` as `role` sees it, trimmed.
+    pub fn read_sysctl(&self, role: &str, key: &str) -> Result<String> {
+        let path = Path::new("/proc/sys").join(key);
+        let value = self.in_ns(role, || std::fs::read_to_string(&path))?;
+        let value = value.with_context(|| format!("reading {key} in {}", self.ns(role)))?;
+        Ok(value.trim().to_string())
+    }
+
     /// Runs `f` on a new thread that has joined `role`'s network namespace
     /// and returns its result (a panic in `f` is re-raised here). Sockets
     /// created in `f` stay in that namespace wherever they are used

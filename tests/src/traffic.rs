@@ -2,7 +2,7 @@
 //! and reports a timeout as an error.
 
 use crate::netns::output_with_timeout;
-use crate::{Host, Lab};
+use crate::{Host, Lab, SERVER_IP};
 use anyhow::{Context, Result, bail, ensure};
 use sha2::{Digest, Sha256};
 use std::io::{ErrorKind, Read, Write};
@@ -41,6 +41,11 @@ impl Flow {
             listen: None,
             timeout: Duration::from_secs(10),
         }
+    }
+
+    /// A flow from `from` to the server's `port` (the usual one).
+    pub fn to_server(from: Host, port: u16) -> Flow {
+        Flow::new(from, Host::Server, SocketAddrV4::new(SERVER_IP, port))
     }
 
     pub fn src_ip(mut self, ip: Ipv4Addr) -> Flow {

@@ -1,7 +1,9 @@
 //! Restart and upgrade without losing flows: the maps and program links are
 //! pinned, so the dataplane forwards while no loader runs, and a new loader
 //! (the same binary or another build) adopts it. Each test has its own
-//! bpffs ([`Bpffs`]) so tests in parallel never share pins.
+//! bpffs ([`Bpffs`]) so tests in parallel never share pins, and a lab
+//! whose `nat` starts with forwarding off, so the tests can see that the
+//! final exit restores the true original.
 
 use std::{
     net::SocketAddrV4,
@@ -12,22 +14,13 @@ use std::{
 use aya::programs::{SchedClassifier, TcAttachType};
 use nat_lab::{
     Bpffs, EXT_IF, EchoStreams, Flow, Gateway, Host, INT_IF, Lab, LabOptions, SERVER_IP,
-    StreamReport, loader_path, tcp_transfer,
+    StreamReport, lab_with, loader_path, tcp_transfer,
 };
 
 const STREAMS: usize = 20;
 
 fn server(port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(SERVER_IP, port)
-}
-
-/// A lab whose `nat` namespace starts with forwarding off, so the tests
-/// can see that the final exit restores the true original.
-fn lab() -> Lab {
-    Lab::new_with(LabOptions {
-        nat_ip_forward: false,
-    })
-    .expect("building the lab (needs root)")
 }
 
 fn args(pins: &Path) -> Vec<String> {
@@ -146,10 +139,8 @@ fn assert_pinned_dataplane(dir: &Path) {
 }
 
 fn ip_forward(lab: &Lab) -> String {
-    let out = lab
-        .exec(Host::Nat, &["cat", "/proc/sys/net/ipv4/ip_forward"])
-        .expect("cat");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+    lab.read_sysctl(Host::Nat, "net/ipv4/ip_forward")
+        .expect("reading ip_forward")
 }
 
 /// Asserts every stream ran to the end with intact data; prints and
@@ -203,7 +194,7 @@ fn streams_survive_loader_replacement(
 ) {
     let bpffs = Bpffs::new().expect("mounting a bpffs for the pins");
     let pins = bpffs.pin_dir();
-    let lab = lab();
+    let lab = lab_with(LabOptions::nat_forwarding_off());
     let mut gw = start(&lab, &pins, &[]);
     let streams = EchoStreams::start(&lab, Host::Client1, Host::Server, server(7000), STREAMS)
         .expect("20 TCP streams through the gateway");
@@ -230,12 +221,8 @@ fn streams_survive_loader_replacement(
     streams
         .wait_for_round_trips(50, Duration::from_secs(20))
         .expect("established streams keep going while no loader runs");
-    let report_new = tcp_transfer(
-        &lab,
-        &Flow::new(Host::Client2, Host::Server, server(8090)),
-        256 * 1024,
-    )
-    .expect("a new connection is translated while no loader runs");
+    let report_new = tcp_transfer(&lab, &Flow::to_server(Host::Client2, 8090), 256 * 1024)
+        .expect("a new connection is translated while no loader runs");
     assert_eq!(report_new.server_saw.ip(), nat_lab::NAT_EXT_IP);
     assert_eq!(
         ip_forward(&lab),
@@ -352,15 +339,11 @@ fn upgrade_to_rebuilt_binary_keeps_20_tcp_streams() {
 fn sigterm_removes_every_program_and_pin() {
     let bpffs = Bpffs::new().expect("bpffs");
     let pins = bpffs.pin_dir();
-    let lab = lab();
+    let lab = lab_with(LabOptions::nat_forwarding_off());
     let mut gw = start(&lab, &pins, &[]);
     assert_pinned_dataplane(&pins);
-    tcp_transfer(
-        &lab,
-        &Flow::new(Host::Client1, Host::Server, server(8091)),
-        64 * 1024,
-    )
-    .expect("TCP through the gateway");
+    tcp_transfer(&lab, &Flow::to_server(Host::Client1, 8091), 64 * 1024)
+        .expect("TCP through the gateway");
     let status = gw.stop().expect("SIGTERM");
     assert!(status.success(), "{status:?}\n{:#?}", gw.log());
     assert_nothing_attached(&lab);
@@ -412,7 +395,7 @@ fn teardown(lab: &Lab, pins: &Path) -> (bool, String) {
 fn teardown_removes_a_crashed_loaders_dataplane() {
     let bpffs = Bpffs::new().expect("bpffs");
     let pins = bpffs.pin_dir();
-    let lab = lab();
+    let lab = lab_with(LabOptions::nat_forwarding_off());
     let mut gw = start(&lab, &pins, &[]);
     gw.signal_and_wait(libc::SIGKILL).expect("SIGKILL");
     assert_pinned_dataplane(&pins);
@@ -428,7 +411,7 @@ fn teardown_removes_a_crashed_loaders_dataplane() {
     assert!(
         tcp_transfer(
             &lab,
-            &Flow::new(Host::Client1, Host::Server, server(8092)).timeout(Duration::from_secs(3)),
+            &Flow::to_server(Host::Client1, 8092).timeout(Duration::from_secs(3)),
             1024,
         )
         .is_err(),
@@ -445,7 +428,7 @@ fn teardown_removes_a_crashed_loaders_dataplane() {
 fn adopting_incompatible_pins_fails_clearly_and_changes_nothing() {
     let bpffs = Bpffs::new().expect("bpffs");
     let pins = bpffs.pin_dir();
-    let lab = lab();
+    let lab = lab_with(LabOptions::nat_forwarding_off());
     let mut gw = start(&lab, &pins, &["--max-flows", "4096"]);
     let streams =
         EchoStreams::start(&lab, Host::Client1, Host::Server, server(7001), 2).expect("streams");
@@ -486,7 +469,7 @@ fn adopting_incompatible_pins_fails_clearly_and_changes_nothing() {
 fn a_second_loader_or_teardown_is_refused_while_a_loader_runs() {
     let bpffs = Bpffs::new().expect("bpffs");
     let pins = bpffs.pin_dir();
-    let lab = lab();
+    let lab = lab_with(LabOptions::nat_forwarding_off());
     let mut gw = start(&lab, &pins, &[]);
     let before = program_ids(&lab);
 
@@ -508,12 +491,8 @@ fn a_second_loader_or_teardown_is_refused_while_a_loader_runs() {
 
     assert_eq!(program_ids(&lab), before, "programs changed");
     assert_pinned_dataplane(&pins);
-    tcp_transfer(
-        &lab,
-        &Flow::new(Host::Client1, Host::Server, server(8093)),
-        64 * 1024,
-    )
-    .expect("the running gateway still translates");
+    tcp_transfer(&lab, &Flow::to_server(Host::Client1, 8093), 64 * 1024)
+        .expect("the running gateway still translates");
     assert!(gw.stop().expect("SIGTERM").success());
     assert_nothing_attached(&lab);
     assert!(!pins.exists());
@@ -524,43 +503,18 @@ fn a_second_loader_or_teardown_is_refused_while_a_loader_runs() {
 fn recreate_int(lab: &Lab) {
     lab.exec(Host::Nat, &["ip", "link", "del", INT_IF])
         .expect("deleting int");
-    let (nat, sw) = (lab.ns(Host::Nat), lab.ns(Host::Sw));
-    let out = std::process::Command::new("ip")
-        .args([
-            "link",
-            "add",
-            INT_IF,
-            "netns",
-            nat,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            nat_lab::SW_NAT_PORT,
-            "netns",
-            sw,
-        ])
-        .output()
-        .expect("ip link add");
-    assert!(out.status.success(), "{out:?}");
-    let port = nat_lab::SW_NAT_PORT;
+    let ns = lab.namespaces();
+    let (nat, sw, port) = (Host::Nat.role(), Host::Sw.role(), nat_lab::SW_NAT_PORT);
+    ns.veth(nat, INT_IF, sw, port).expect("a new int");
+    ns.ip(sw, &["link", "set", port, "master", nat_lab::SW_BRIDGE])
+        .expect("int's switch port");
     let addr = format!("{}/{}", nat_lab::NAT_INT_IP, nat_lab::PREFIX_LEN);
-    for (h, argv) in [
-        (
-            Host::Sw,
-            vec!["ip", "link", "set", port, "master", nat_lab::SW_BRIDGE],
-        ),
-        (Host::Sw, vec!["ethtool", "-K", port, "gro", "on"]),
-        (Host::Nat, vec!["ethtool", "-K", INT_IF, "gro", "on"]),
-        (Host::Nat, vec!["ip", "addr", "add", &addr, "dev", INT_IF]),
-        (Host::Nat, vec!["ip", "link", "set", INT_IF, "up"]),
-        (Host::Sw, vec!["ip", "link", "set", port, "up"]),
-        // The clients would keep the old int's MAC for a while.
-        (Host::Client1, vec!["ip", "neigh", "flush", "all"]),
-        (Host::Client2, vec!["ip", "neigh", "flush", "all"]),
-    ] {
-        lab.exec(h, &argv)
-            .unwrap_or_else(|e| panic!("{argv:?}: {e:#}"));
+    ns.addr(nat, INT_IF, &addr).expect("int's address");
+    ns.settle().expect("the new int up");
+    // The clients would keep the old int's MAC for a while.
+    for h in [Host::Client1, Host::Client2] {
+        lab.exec(h, &["ip", "neigh", "flush", "all"])
+            .expect("flushing the neighbours");
     }
 }
 
@@ -568,7 +522,7 @@ fn recreate_int(lab: &Lab) {
 fn a_pinned_link_whose_interface_was_recreated_is_replaced_by_a_fresh_one() {
     let bpffs = Bpffs::new().expect("bpffs");
     let pins = bpffs.pin_dir();
-    let lab = lab();
+    let lab = lab_with(LabOptions::nat_forwarding_off());
     let mut gw = start(&lab, &pins, &[]);
     gw.signal_and_wait(libc::SIGKILL).expect("SIGKILL");
     recreate_int(&lab);
@@ -593,7 +547,7 @@ fn a_pinned_link_whose_interface_was_recreated_is_replaced_by_a_fresh_one() {
     );
     let report = tcp_transfer(
         &lab,
-        &Flow::new(Host::Client1, Host::Server, server(8094)).timeout(Duration::from_secs(15)),
+        &Flow::to_server(Host::Client1, 8094).timeout(Duration::from_secs(15)),
         256 * 1024,
     )
     .expect("TCP through the recreated int");
@@ -672,7 +626,7 @@ fn pin_percpu_array(path: &Path, entries: u32) {
 fn counters_of_another_layout_are_replaced_and_the_flows_still_adopted() {
     let bpffs = Bpffs::new().expect("bpffs");
     let pins = bpffs.pin_dir();
-    let lab = lab();
+    let lab = lab_with(LabOptions::nat_forwarding_off());
     let mut gw = start(&lab, &pins, &[]);
     let streams =
         EchoStreams::start(&lab, Host::Client1, Host::Server, server(7002), 2).expect("streams");
