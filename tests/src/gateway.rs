@@ -9,6 +9,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+use nat_common::stats;
 
 use crate::netns::{LabChild, Namespaces};
 use crate::{EXT_IF, Host, INT_IF, Lab};
@@ -258,8 +259,11 @@ impl Gateway {
     /// A counter missing from its hook's line is zero (only non-zero ones
     /// are logged), but a log with no stats line at all means the loader
     /// never reported them: that panics with the log, rather than reading
-    /// as zeros.
+    /// as zeros. So does a hook or label no counter has (a typo would
+    /// otherwise read as 0 and pass every `== 0`).
+    #[track_caller]
     pub fn counter(&self, hook: &str, label: &str) -> u64 {
+        known_counter(hook, label);
         let log = self.log();
         if !log.iter().any(|l| l.contains("nat_loader: stats ")) {
             panic!(
@@ -278,5 +282,45 @@ impl Gateway {
                     .find_map(|kv| kv.strip_prefix(&key).and_then(|n| n.parse().ok()))
             })
             .unwrap_or(0)
+    }
+}
+
+/// Panics, naming the known ones, unless `hook` and `label` name a counter
+/// (`nat_common::stats`, the labels the loader logs).
+#[track_caller]
+fn known_counter(hook: &str, label: &str) {
+    if stats::hook(hook).is_none() {
+        let hooks: Vec<&str> = stats::HOOKS.iter().map(|(_, l)| *l).collect();
+        panic!("no hook {hook:?}: the hooks are {hooks:?}");
+    }
+    if stats::reason(label).is_none() {
+        let labels: Vec<&str> = stats::LABELS.iter().map(|(_, l)| *l).collect();
+        panic!("no counter {label:?}: the counters are {labels:?}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::known_counter;
+
+    #[test]
+    fn every_hook_and_counter_label_is_known() {
+        for (_, hook) in nat_common::stats::HOOKS {
+            for (_, label) in nat_common::stats::LABELS {
+                known_counter(hook, label);
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "no counter \"xdp_out_forwarderd\": the counters are [")]
+    fn a_misspelled_counter_label_panics_naming_the_known_ones() {
+        known_counter("xdp_int", "xdp_out_forwarderd");
+    }
+
+    #[test]
+    #[should_panic(expected = "no hook \"xdp_inf\": the hooks are [\"xdp_int\"")]
+    fn a_misspelled_hook_panics_naming_the_known_ones() {
+        known_counter("xdp_inf", "xdp_out_forwarded");
     }
 }
