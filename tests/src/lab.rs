@@ -193,6 +193,11 @@ impl Lab {
         self.ns.read_sysctl(h.role(), key)
     }
 
+    /// A permanent neighbour entry in `h` (see [`Namespaces::pin_neighbour`]).
+    pub fn pin_neighbour(&self, h: Host, ip: Ipv4Addr, mac: [u8; 6], dev: &str) -> Result<()> {
+        self.ns.pin_neighbour(h.role(), ip, mac, dev)
+    }
+
     /// The MAC address of `ifname` in `h`.
     pub fn mac(&self, h: Host, ifname: &str) -> Result<[u8; 6]> {
         self.ns.mac(h.role(), ifname)

@@ -188,6 +188,22 @@ impl Packet {
     }
 }
 
+/// A complete checksum `check` updated incrementally for data whose one's
+/// complement sum went from `old_sum` to `new_sum` (RFC 1624, eqn. 3:
+/// HC' = ~(~HC + ~m + m')). A checksum field that is really a partial
+/// one, updated as if complete, ends up here too.
+pub fn checksum_updated(check: u16, old_sum: u16, new_sum: u16) -> u16 {
+    !fold(u32::from(!check) + u32::from(!old_sum) + u32::from(new_sum))
+}
+
+/// The L4 checksum field of an Ethernet frame with a TCP or UDP packet.
+pub fn l4_checksum_field(frame: &[u8]) -> u16 {
+    let ip = &frame[14..];
+    let l4 = &ip[usize::from(ip[0] & 0x0f) * 4..];
+    let at = if ip[9] == IPPROTO_TCP { 16 } else { 6 };
+    u16::from_be_bytes([l4[at], l4[at + 1]])
+}
+
 /// Whether the IP header checksum and the L4 checksum of an Ethernet frame
 /// are both valid (a partial L4 checksum is not).
 pub fn checksums_valid(frame: &[u8]) -> bool {
@@ -255,6 +271,29 @@ mod tests {
         ] {
             assert!(checksums_valid(&sample(l4, Csum::Full).build()));
         }
+    }
+
+    #[test]
+    fn an_incremental_update_equals_the_checksum_computed_from_scratch() {
+        let tcp = L4::Tcp {
+            sport: 1,
+            dport: 2,
+            flags: TCP_SYN,
+        };
+        let before = sample(tcp.clone(), Csum::Full);
+        let after = Packet {
+            src: Ipv4Addr::new(192, 0, 2, 2),
+            ..before.clone()
+        };
+        let sum = |p: &Packet| fold(sum16(&p.src.octets(), 0));
+        assert_eq!(
+            checksum_updated(
+                l4_checksum_field(&before.build()),
+                sum(&before),
+                sum(&after)
+            ),
+            l4_checksum_field(&after.build())
+        );
     }
 
     #[test]
