@@ -349,14 +349,7 @@ fn measure_all(
     ));
     // Any gateway namespace will do; the kernel variant's has nothing
     // attached that could interfere.
-    let scale = scale::run(
-        &topos[0],
-        plan.ct_small,
-        plan.ct_large,
-        plan.ct_rounds,
-        plan.ct_hot_runs,
-        plan.ct_spread_samples,
-    )?;
+    let scale = scale::run(&topos[0], plan)?;
     rep.scale = Some(scale);
     Ok(())
 }

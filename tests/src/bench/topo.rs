@@ -126,6 +126,11 @@ impl Topo {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// A permanent neighbour entry in `r` (see [`Namespaces::pin_neighbour`]).
+    pub fn pin_neighbour(&self, r: Role, ip: Ipv4Addr, mac: [u8; 6], dev: &str) -> Result<()> {
+        self.ns.pin_neighbour(r.name(), ip, mac, dev)
+    }
+
     /// Runs `f` on a thread inside `r`'s namespace.
     pub fn in_ns<F, R>(&self, r: Role, f: F) -> Result<R>
     where
@@ -395,7 +400,7 @@ fn load_object() -> Result<Ebpf> {
     })
 }
 
-pub fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
+fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
     ebpf.program_mut(name)
         .with_context(|| {
             format!(
