@@ -2,7 +2,7 @@
 //! written independently of nat-common's, so a fixture compares the
 //! dataplane's incremental updates against a from-scratch computation.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
@@ -81,6 +81,42 @@ pub fn internet_checksum(data: &[u8]) -> u16 {
     !fold(sum16(data, 0))
 }
 
+/// The TCP/UDP checksum of `segment` (header and payload) from `src` to
+/// `dst`, pseudo-header included: what belongs in the field while it is
+/// zero, and 0 when the segment's own checksum is right.
+pub fn l4_checksum(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, segment: &[u8]) -> u16 {
+    !fold(sum16(segment, pseudo(src, dst, proto, segment.len())))
+}
+
+/// A UDP segment (header and payload) from `src` to `dst`, with its
+/// checksum.
+pub fn udp_segment(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
+    let mut s = Vec::with_capacity(8 + payload.len());
+    s.extend_from_slice(&src.port().to_be_bytes());
+    s.extend_from_slice(&dst.port().to_be_bytes());
+    s.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    s.extend_from_slice(&[0, 0]);
+    s.extend_from_slice(payload);
+    let c = match l4_checksum(*src.ip(), *dst.ip(), IPPROTO_UDP, &s) {
+        // A computed 0 is sent as 0xffff: 0 means "no checksum".
+        0 => 0xffff,
+        c => c,
+    };
+    s[6..8].copy_from_slice(&c.to_be_bytes());
+    s
+}
+
+/// An ICMP echo request (`kind` 8) or reply (0) with its checksum.
+pub fn echo_message(kind: u8, id: u16, seq: u16, payload: &[u8]) -> Vec<u8> {
+    let mut m = vec![kind, 0, 0, 0];
+    m.extend_from_slice(&id.to_be_bytes());
+    m.extend_from_slice(&seq.to_be_bytes());
+    m.extend_from_slice(payload);
+    let c = internet_checksum(&m);
+    m[2..4].copy_from_slice(&c.to_be_bytes());
+    m
+}
+
 fn pseudo(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, len: usize) -> u32 {
     let mut p = Vec::with_capacity(12);
     p.extend_from_slice(&src.octets());
@@ -125,36 +161,25 @@ impl Packet {
                 s.extend_from_slice(&[0, 0]);
                 Some(6)
             }
-            L4::Echo { kind, id, seq } => {
-                s.extend_from_slice(&[kind, 0, 0, 0]);
-                s.extend_from_slice(&id.to_be_bytes());
-                s.extend_from_slice(&seq.to_be_bytes());
-                None
-            }
+            L4::Echo { kind, id, seq } => return echo_message(kind, id, seq, &self.payload),
             L4::Raw { .. } => None,
         };
         s.extend_from_slice(&self.payload);
-        match (check_at, &self.l4) {
-            (Some(at), _) => {
-                let c = match self.csum {
-                    Csum::Zero => 0,
-                    Csum::Partial => fold(pseudo(self.src, self.dst, self.proto(), s.len())),
-                    Csum::Full => {
-                        let c = !fold(sum16(&s, pseudo(self.src, self.dst, self.proto(), s.len())));
-                        if c == 0 && self.proto() == IPPROTO_UDP {
-                            0xffff
-                        } else {
-                            c
-                        }
+        if let Some(at) = check_at {
+            let c = match self.csum {
+                Csum::Zero => 0,
+                Csum::Partial => fold(pseudo(self.src, self.dst, self.proto(), s.len())),
+                Csum::Full => {
+                    let c = l4_checksum(self.src, self.dst, self.proto(), &s);
+                    // UDP sends a computed 0 as 0xffff: 0 means "none".
+                    if c == 0 && self.proto() == IPPROTO_UDP {
+                        0xffff
+                    } else {
+                        c
                     }
-                };
-                s[at..at + 2].copy_from_slice(&c.to_be_bytes());
-            }
-            (None, L4::Echo { .. }) => {
-                let c = internet_checksum(&s);
-                s[2..4].copy_from_slice(&c.to_be_bytes());
-            }
-            _ => {}
+                }
+            };
+            s[at..at + 2].copy_from_slice(&c.to_be_bytes());
         }
         s
     }
@@ -217,9 +242,8 @@ pub fn checksums_valid(frame: &[u8]) -> bool {
     let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
     let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
     match ip[9] {
-        IPPROTO_TCP => fold(sum16(seg, pseudo(src, dst, IPPROTO_TCP, seg.len()))) == 0xffff,
         IPPROTO_UDP if seg[6] == 0 && seg[7] == 0 => true,
-        IPPROTO_UDP => fold(sum16(seg, pseudo(src, dst, IPPROTO_UDP, seg.len()))) == 0xffff,
+        proto @ (IPPROTO_TCP | IPPROTO_UDP) => l4_checksum(src, dst, proto, seg) == 0,
         IPPROTO_ICMP => internet_checksum(seg) == 0,
         _ => true,
     }
