@@ -88,6 +88,15 @@ pub fn l4_checksum(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, segment: &[u8]) -> u
     !fold(sum16(segment, pseudo(src, dst, proto, segment.len())))
 }
 
+/// [`l4_checksum`] of the TCP or UDP segment of IPv4 packet `ip` (no
+/// Ethernet header; the segment ends at the total length): 0 when right.
+pub fn ip_l4_checksum(ip: &[u8]) -> u16 {
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    let tot = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    let addr = |at: usize| Ipv4Addr::new(ip[at], ip[at + 1], ip[at + 2], ip[at + 3]);
+    l4_checksum(addr(12), addr(16), ip[9], &ip[ihl..tot])
+}
+
 /// A UDP segment (header and payload) from `src` to `dst`, with its
 /// checksum.
 pub fn udp_segment(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
@@ -239,11 +248,9 @@ pub fn checksums_valid(frame: &[u8]) -> bool {
         return false;
     }
     let seg = &ip[ihl..tot];
-    let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
-    let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
     match ip[9] {
         IPPROTO_UDP if seg[6] == 0 && seg[7] == 0 => true,
-        proto @ (IPPROTO_TCP | IPPROTO_UDP) => l4_checksum(src, dst, proto, seg) == 0,
+        IPPROTO_TCP | IPPROTO_UDP => ip_l4_checksum(ip) == 0,
         IPPROTO_ICMP => internet_checksum(seg) == 0,
         _ => true,
     }

@@ -19,6 +19,7 @@ use std::{
 
 use nat_lab::{
     CLIENT1_IP, CLIENT2_IP, Gateway, HOST_IF, Host, Lab, NAT_EXT_IP, SERVER_IP, gateway, lab,
+    packet::{echo_message, internet_checksum, ip_l4_checksum},
     recv_all_within,
 };
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
@@ -178,12 +179,7 @@ fn tcp_mapping(lab: &Lab, h: Host, port: u16, server: SocketAddrV4) -> SocketAdd
 /// Raw ICMP echo request with identifier `id` from `from` to `dst`.
 fn icmp_echo(lab: &Lab, from: Host, dst: Ipv4Addr, id: u16) {
     let socket = raw_icmp_socket(lab, from);
-    let mut msg = vec![8u8, 0, 0, 0];
-    msg.extend_from_slice(&id.to_be_bytes());
-    msg.extend_from_slice(&1u16.to_be_bytes());
-    msg.extend_from_slice(b"conformance");
-    let c = nat_lab::packet::internet_checksum(&msg);
-    msg[2..4].copy_from_slice(&c.to_be_bytes());
+    let msg = echo_message(8, id, 1, b"conformance");
     socket
         .send_to(&msg, &SockAddr::from(sa(dst, 0)))
         .expect("send echo");
@@ -510,7 +506,6 @@ fn be16(b: &[u8], off: usize) -> u16 {
 /// `inside`, quoting `inside:port -> remote`, every checksum right (the
 /// quoted L4 one too, when the whole datagram is quoted).
 fn assert_error_restored(pkt: &[u8], inside: Ipv4Addr, port: u16, remote: Ipv4Addr, proto: u8) {
-    use nat_lab::packet::internet_checksum;
     let ihl = usize::from(pkt[0] & 0x0f) * 4;
     assert_eq!(ip_at(pkt, 16), inside, "outer destination");
     assert_eq!(internet_checksum(&pkt[..ihl]), 0, "outer IP checksum");
@@ -529,13 +524,7 @@ fn assert_error_restored(pkt: &[u8], inside: Ipv4Addr, port: u16, remote: Ipv4Ad
     let udp_without_checksum = proto == 17 && be16(l4, 6) == 0;
     if q.len() >= tot && proto != 1 && !udp_without_checksum {
         // The whole datagram is quoted: its L4 checksum must verify.
-        let seg = &q[qihl..tot];
-        let mut pseudo = Vec::new();
-        pseudo.extend_from_slice(&q[12..20]);
-        pseudo.extend_from_slice(&[0, proto]);
-        pseudo.extend_from_slice(&(seg.len() as u16).to_be_bytes());
-        pseudo.extend_from_slice(seg);
-        assert_eq!(internet_checksum(&pseudo), 0, "quoted L4 checksum");
+        assert_eq!(ip_l4_checksum(q), 0, "quoted L4 checksum");
     } else if proto == 1 {
         assert_eq!(
             internet_checksum(&q[qihl..tot.min(q.len())]),
@@ -598,10 +587,7 @@ fn rfc5508_req3_time_exceeded_quote_is_restored_for_udp_tcp_and_echo() {
     // ICMP echo, TTL 2.
     let echo = raw_icmp_socket(&lab, Host::Client1);
     set_ttl(&echo, 2);
-    let mut msg = vec![8u8, 0, 0, 0, 0x51, 0x51, 0, 1];
-    msg.extend_from_slice(b"ttl two");
-    let c = nat_lab::packet::internet_checksum(&msg);
-    msg[2..4].copy_from_slice(&c.to_be_bytes());
+    let msg = echo_message(8, 0x5151, 1, b"ttl two");
     echo.send_to(&msg, &SockAddr::from(sa(SERVER_IP, 0)))
         .expect("send echo");
     let e = loop {
@@ -762,7 +748,6 @@ fn rfc5382_req9_tcp_upload_recovers_through_pmtud_over_a_1400_byte_link() {
 /// A Time Exceeded "from the router" about client1's UDP session, built by
 /// hand: the quote as the router would send it, then `mangle` applied.
 fn forged_error(mapping: SocketAddrV4, dport: u16, mangle: impl Fn(&mut Vec<u8>)) -> Vec<u8> {
-    use nat_lab::packet::internet_checksum;
     let mut quoted = vec![
         0x45, 0, 0, 36, 0, 1, 0x40, 0, 1, 17, 0, 0, 192, 0, 2, 2, 198, 51, 100, 10,
     ];
@@ -835,7 +820,7 @@ fn rfc5508_req3_errors_with_bad_checksums_or_no_session_are_dropped() {
         m[8 + 10] ^= 0x01;
         m[2] = 0;
         m[3] = 0;
-        let c = nat_lab::packet::internet_checksum(m);
+        let c = internet_checksum(m);
         m[2..4].copy_from_slice(&c.to_be_bytes());
     }));
     // No session toward that remote port.
@@ -1119,16 +1104,8 @@ fn rfc5508_req5_icmp_error_from_an_inside_host_is_translated_out() {
     let q = &e[ihl + 8..];
     assert_eq!(ip_at(q, 16), NAT_EXT_IP, "quoted destination = the mapping");
     assert_eq!(be16(q, 22), mapping.port(), "quoted port = the mapping's");
-    assert_eq!(
-        nat_lab::packet::internet_checksum(&e[ihl..]),
-        0,
-        "ICMP checksum"
-    );
-    assert_eq!(
-        nat_lab::packet::internet_checksum(&q[..20]),
-        0,
-        "quoted IP checksum"
-    );
+    assert_eq!(internet_checksum(&e[ihl..]), 0, "ICMP checksum");
+    assert_eq!(internet_checksum(&q[..20]), 0, "quoted IP checksum");
     // And the server's own stack matched it to its socket: the error is
     // pending there, reported by the next call.
     let second_send = server.send(b"anyone?");
@@ -1167,7 +1144,6 @@ fn rfc5508_req7_hairpinned_icmp_error_goes_back_to_the_inside_sender() {
 /// address, TTL 64, both checksums right, quoting `inside:port -> remote`.
 /// Returns the quoted packet.
 fn assert_out_of_ports_error(e: &[u8], inside: SocketAddrV4, remote: SocketAddrV4) -> Vec<u8> {
-    use nat_lab::packet::internet_checksum;
     let ihl = usize::from(e[0] & 0x0f) * 4;
     assert_eq!((e[ihl], e[ihl + 1]), (3, 13), "type 3 code 13");
     assert_eq!(
@@ -1232,16 +1208,7 @@ fn rfc5508_req8_out_of_ports_sends_icmp_unreachable_code_13() {
     assert_eq!(usize::from(be16(&q, 2)), q.len(), "whole datagram quoted");
     assert_eq!(q[8], 64, "quoted TTL as sent");
     assert_eq!(&q[28..], b"no port for me");
-    let mut pseudo = Vec::new();
-    pseudo.extend_from_slice(&q[12..20]);
-    pseudo.extend_from_slice(&[0, 17]);
-    pseudo.extend_from_slice(&((q.len() - 20) as u16).to_be_bytes());
-    pseudo.extend_from_slice(&q[20..]);
-    assert_eq!(
-        nat_lab::packet::internet_checksum(&pseudo),
-        0,
-        "quoted UDP checksum"
-    );
+    assert_eq!(ip_l4_checksum(&q), 0, "quoted UDP checksum");
     // The connected socket learns it as a hard error.
     let mut buf = [0u8; 64];
     let err = c2

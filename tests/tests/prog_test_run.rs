@@ -23,7 +23,8 @@ use nat_lab::{
     CLIENT1_IP, EXT_IF, HOST_IF, Host, INT_IF, Lab, NAT_EXT_IP, NAT_INT_IP, ROUTER_NAT_IF,
     ROUTER_NAT_IP, SERVER_IP, lab,
     packet::{
-        Csum, L4, Packet, TCP_ACK, TCP_SYN, checksum_updated, checksums_valid, l4_checksum_field,
+        Csum, L4, Packet, TCP_ACK, TCP_SYN, checksum_updated, checksums_valid, ip_l4_checksum,
+        l4_checksum_field,
     },
     test_run::test_run,
 };
@@ -640,12 +641,7 @@ fn with_tcp_options(p: &Packet, opts: &[u8]) -> Vec<u8> {
     let tcp = 14 + 20;
     f[tcp + 12] = (((20 + opts.len()) / 4) as u8) << 4;
     f[tcp + 16..tcp + 18].copy_from_slice(&[0, 0]);
-    let mut pseudo = Vec::new();
-    pseudo.extend_from_slice(&f[14 + 12..14 + 20]);
-    pseudo.extend_from_slice(&[0, 6]);
-    pseudo.extend_from_slice(&((f.len() - tcp) as u16).to_be_bytes());
-    pseudo.extend_from_slice(&f[tcp..]);
-    let c = nat_lab::packet::internet_checksum(&pseudo);
+    let c = ip_l4_checksum(&f[14..]);
     f[tcp + 16..tcp + 18].copy_from_slice(&c.to_be_bytes());
     f
 }
