@@ -472,25 +472,8 @@ fn echo_conn(
     {
         m.insert(id, *p.ip());
     }
-    if w.write_all(line.as_bytes()).is_err() {
-        return;
-    }
-    let mut buf = [0u8; 4096];
-    while !stop.load(Ordering::Relaxed) {
-        match r.read(&mut buf) {
-            Ok(0) => return,
-            Ok(n) => {
-                if w.write_all(&buf[..n]).is_err() {
-                    return;
-                }
-            }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(_) => return,
-        }
+    if w.write_all(line.as_bytes()).is_ok() {
+        crate::streams::echo(&mut r, &mut w, stop);
     }
 }
 

@@ -31,6 +31,19 @@ pub fn loader_path() -> Result<PathBuf> {
     Ok(p)
 }
 
+/// Runs the loader in `lab`'s `nat` to its end (killed after 20 s), after
+/// `prefix` (a wrapper such as `setpriv …`, or nothing): whether it
+/// exited 0, and what it wrote to stderr. For invocations that are meant
+/// to end by themselves (bad flags, `teardown`, a refused second loader).
+pub fn run_loader(lab: &Lab, prefix: &[&str], args: &[&str]) -> Result<(bool, String)> {
+    let bin = loader_path()?;
+    let bin = bin.to_string_lossy();
+    let argv = [prefix, &[&*bin], args].concat();
+    let out = lab.exec_timeout(Host::Nat, &argv, Duration::from_secs(20))?;
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    Ok((out.status.success(), stderr))
+}
+
 /// The real loader in `lab`'s `nat`, for a test: `extra` flags, and no
 /// periodic stats unless `extra` sets `--stats-interval` (the counters are
 /// still logged at exit, for [`Gateway::counter`]). Panics, at the

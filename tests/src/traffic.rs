@@ -159,12 +159,32 @@ pub fn tcp_transfer(lab: &Lab, flow: &Flow, bytes: usize) -> Result<TcpReport> {
     })
 }
 
+/// One end of a [`tcp_transfer`]: its addresses, the digest of what it
+/// sent, and the byte count and digest of what it received.
 struct TcpSide {
     local: SocketAddr,
     peer: SocketAddr,
     sent_digest: [u8; 32],
     received: usize,
     received_digest: [u8; 32],
+}
+
+impl TcpSide {
+    /// `ends` are the connection's (local, peer) addresses, taken while it
+    /// is open.
+    fn new(
+        (local, peer): (SocketAddr, SocketAddr),
+        sent_digest: [u8; 32],
+        (received, received_digest): (usize, [u8; 32]),
+    ) -> TcpSide {
+        TcpSide {
+            local,
+            peer,
+            sent_digest,
+            received,
+            received_digest,
+        }
+    }
 }
 
 fn tcp_client(
@@ -176,8 +196,7 @@ fn tcp_client(
 ) -> Result<TcpSide> {
     let mut stream =
         lab.tcp_connect(flow.from, flow.bind_addr(), flow.dst, remaining(deadline)?)?;
-    let local = stream.local_addr()?;
-    let peer = stream.peer_addr()?;
+    let ends = (stream.local_addr()?, stream.peer_addr()?);
     let sent_digest = send_stream(&mut stream, deadline, seed, bytes).context("sending")?;
     stream.shutdown(Shutdown::Write)?;
 
@@ -187,14 +206,8 @@ fn tcp_client(
         echoed == sent_digest,
         "server's digest of the data differs from what was sent"
     );
-    let (received, received_digest) = recv_stream(&mut stream, deadline).context("receiving")?;
-    Ok(TcpSide {
-        local,
-        peer,
-        sent_digest,
-        received,
-        received_digest,
-    })
+    let received = recv_stream(&mut stream, deadline).context("receiving")?;
+    Ok(TcpSide::new(ends, sent_digest, received))
 }
 
 fn tcp_server(
@@ -206,18 +219,12 @@ fn tcp_server(
 ) -> Result<TcpSide> {
     let (mut stream, peer) = accept_until(listener, deadline, abort)?
         .context("no connection arrived before the deadline")?;
-    let local = stream.local_addr()?;
-    let (received, received_digest) = recv_stream(&mut stream, deadline).context("receiving")?;
-    write_until(&mut stream, &received_digest, deadline).context("sending digest")?;
+    let ends = (stream.local_addr()?, peer);
+    let received = recv_stream(&mut stream, deadline).context("receiving")?;
+    write_until(&mut stream, &received.1, deadline).context("sending digest")?;
     let sent_digest = send_stream(&mut stream, deadline, seed, bytes).context("sending")?;
     stream.shutdown(Shutdown::Write)?;
-    Ok(TcpSide {
-        local,
-        peer,
-        sent_digest,
-        received,
-        received_digest,
-    })
+    Ok(TcpSide::new(ends, sent_digest, received))
 }
 
 /// What a successful [`udp_exchange`] saw.

@@ -11,7 +11,7 @@ use aya::programs::{SchedClassifier, TcAttachType};
 use nat_lab::{
     CLIENT1_IP, CLIENT2_IP, EXT_IF, Flow, Gateway, HOST_IF, Host, INT_IF, Lab, LabOptions,
     NAT_EXT_IP, PRIVATE_NET, SERVER_IP, SW_NAT_PORT, accept_within, gateway, lab, lab_with, ping,
-    recv_all_within, tcp_transfer, udp_exchange, udp_send,
+    recv_all_within, run_loader, tcp_transfer, udp_exchange, udp_send,
 };
 
 const MB: usize = 1 << 20;
@@ -323,22 +323,6 @@ fn ip_forward(lab: &Lab) -> String {
         .expect("reading ip_forward")
 }
 
-/// Runs the loader with `args` in `nat`; returns (exit success, stderr).
-fn run_loader(lab: &Lab, prefix: &[&str], args: &[&str]) -> (bool, String) {
-    let bin = nat_lab::loader_path().expect("loader binary");
-    let bin = bin.to_string_lossy().into_owned();
-    let mut argv: Vec<&str> = prefix.to_vec();
-    argv.push(&bin);
-    argv.extend_from_slice(args);
-    let out = lab
-        .exec_timeout(Host::Nat, &argv, Duration::from_secs(20))
-        .expect("running the loader");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[test]
 fn bad_invocations_fail_with_one_clear_line_and_leave_the_host_as_it_was() {
     let lab = lab_with(LabOptions::nat_forwarding_off());
@@ -373,7 +357,7 @@ fn bad_invocations_fail_with_one_clear_line_and_leave_the_host_as_it_was() {
     for (prefix, args, expected) in cases {
         let prefix: Vec<&str> = prefix.split_whitespace().collect();
         let args: Vec<&str> = args.split_whitespace().collect();
-        let (ok, stderr) = run_loader(&lab, &prefix, &args);
+        let (ok, stderr) = run_loader(&lab, &prefix, &args).expect("running the loader");
         assert!(!ok, "{args:?} must fail");
         assert!(
             stderr.contains(expected),

@@ -14,7 +14,7 @@ use std::{
 use aya::programs::{SchedClassifier, TcAttachType};
 use nat_lab::{
     Bpffs, EXT_IF, EchoStreams, Flow, Gateway, Host, INT_IF, Lab, LabOptions, SERVER_IP,
-    StreamReport, lab_with, loader_path, tcp_transfer,
+    StreamReport, lab_with, loader_path, run_loader, tcp_transfer,
 };
 
 const STREAMS: usize = 20;
@@ -23,7 +23,7 @@ fn server(port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(SERVER_IP, port)
 }
 
-fn args(pins: &Path) -> Vec<String> {
+fn loader_args(pins: &Path) -> Vec<String> {
     vec![
         "--stats-interval".into(),
         "0".into(),
@@ -32,19 +32,24 @@ fn args(pins: &Path) -> Vec<String> {
     ]
 }
 
-/// The command line of a loader on the lab's NICs with pin dir `pins`.
-fn loader_argv(pins: &Path, extra: &[&str]) -> Vec<String> {
-    let bin = loader_path().expect("loader binary");
-    let mut argv: Vec<String> = vec![
-        bin.display().to_string(),
-        "--int".into(),
-        INT_IF.into(),
-        "--ext".into(),
-        EXT_IF.into(),
-    ];
-    argv.extend(extra.iter().map(|a| a.to_string()));
-    argv.extend(args(pins));
-    argv
+/// A second loader on the lab's NICs with pin dir `pins`, run to its end
+/// (it is refused): whether it exited 0, and its stderr.
+fn second_loader(lab: &Lab, pins: &Path, extra: &[&str]) -> (bool, String) {
+    let mut args: Vec<String> = ["--int", INT_IF, "--ext", EXT_IF].map(String::from).into();
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args.extend(loader_args(pins));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    run_loader(lab, &[], &args).expect("running a second loader")
+}
+
+/// What most tests here begin with: a bpffs of their own, the lab, and a
+/// loader started with `extra` that pins into the bpffs.
+fn pinned(extra: &[&str]) -> (Bpffs, PathBuf, Lab, Gateway) {
+    let bpffs = Bpffs::new().expect("mounting a bpffs for the pins");
+    let pins = bpffs.pin_dir();
+    let lab = lab_with(LabOptions::nat_forwarding_off());
+    let gw = start(&lab, &pins, extra);
+    (bpffs, pins, lab, gw)
 }
 
 fn start(lab: &Lab, pins: &Path, extra: &[&str]) -> Gateway {
@@ -52,7 +57,7 @@ fn start(lab: &Lab, pins: &Path, extra: &[&str]) -> Gateway {
 }
 
 fn start_with(lab: &Lab, bin: &Path, pins: &Path, extra: &[&str]) -> Gateway {
-    let mut a = args(pins);
+    let mut a = loader_args(pins);
     a.extend(extra.iter().map(|s| s.to_string()));
     let a: Vec<&str> = a.iter().map(String::as_str).collect();
     Gateway::start_bin(lab, bin, &a).expect("starting nat-loader")
@@ -337,10 +342,7 @@ fn upgrade_to_rebuilt_binary_keeps_20_tcp_streams() {
 
 #[test]
 fn sigterm_removes_every_program_and_pin() {
-    let bpffs = Bpffs::new().expect("bpffs");
-    let pins = bpffs.pin_dir();
-    let lab = lab_with(LabOptions::nat_forwarding_off());
-    let mut gw = start(&lab, &pins, &[]);
+    let (bpffs, pins, lab, mut gw) = pinned(&[]);
     assert_pinned_dataplane(&pins);
     tcp_transfer(&lab, &Flow::to_server(Host::Client1, 8091), 64 * 1024)
         .expect("TCP through the gateway");
@@ -365,38 +367,25 @@ fn sigterm_removes_every_program_and_pin() {
     }
 }
 
+/// `nat-loader teardown` for the lab's NICs and pin dir `pins`: whether it
+/// exited 0, and its log.
 fn teardown(lab: &Lab, pins: &Path) -> (bool, String) {
-    let bin = loader_path().expect("loader binary");
-    let bin = bin.to_str().expect("utf-8 path");
     let dir = pins.to_str().expect("utf-8 path");
-    let out = lab
-        .exec_timeout(
-            Host::Nat,
-            &[
-                bin,
-                "teardown",
-                "--ext",
-                EXT_IF,
-                "--int",
-                INT_IF,
-                "--bpffs-dir",
-                dir,
-            ],
-            Duration::from_secs(20),
-        )
-        .expect("running nat-loader teardown");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let args = [
+        "teardown",
+        "--ext",
+        EXT_IF,
+        "--int",
+        INT_IF,
+        "--bpffs-dir",
+        dir,
+    ];
+    run_loader(lab, &[], &args).expect("running nat-loader teardown")
 }
 
 #[test]
 fn teardown_removes_a_crashed_loaders_dataplane() {
-    let bpffs = Bpffs::new().expect("bpffs");
-    let pins = bpffs.pin_dir();
-    let lab = lab_with(LabOptions::nat_forwarding_off());
-    let mut gw = start(&lab, &pins, &[]);
+    let (_bpffs, pins, lab, mut gw) = pinned(&[]);
     gw.signal_and_wait(libc::SIGKILL).expect("SIGKILL");
     assert_pinned_dataplane(&pins);
     program_ids(&lab);
@@ -426,25 +415,14 @@ fn teardown_removes_a_crashed_loaders_dataplane() {
 
 #[test]
 fn adopting_incompatible_pins_fails_clearly_and_changes_nothing() {
-    let bpffs = Bpffs::new().expect("bpffs");
-    let pins = bpffs.pin_dir();
-    let lab = lab_with(LabOptions::nat_forwarding_off());
-    let mut gw = start(&lab, &pins, &["--max-flows", "4096"]);
+    let (_bpffs, pins, lab, mut gw) = pinned(&["--max-flows", "4096"]);
     let streams =
         EchoStreams::start(&lab, Host::Client1, Host::Server, server(7001), 2).expect("streams");
     gw.signal_and_wait(libc::SIGKILL).expect("SIGKILL");
     let before = program_ids(&lab);
 
-    let argv = loader_argv(&pins, &["--max-flows", "8192"]);
-    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-    let out = lab
-        .exec_timeout(Host::Nat, &argv, Duration::from_secs(20))
-        .expect("running the second loader");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success(),
-        "adopted an incompatible table: {stderr}"
-    );
+    let (ok, stderr) = second_loader(&lab, &pins, &["--max-flows", "8192"]);
+    assert!(!ok, "adopted an incompatible table: {stderr}");
     let last = stderr.lines().last().unwrap_or_default();
     assert!(
         last.starts_with("nat-loader: error: cannot adopt the pinned map")
@@ -467,19 +445,11 @@ fn adopting_incompatible_pins_fails_clearly_and_changes_nothing() {
 
 #[test]
 fn a_second_loader_or_teardown_is_refused_while_a_loader_runs() {
-    let bpffs = Bpffs::new().expect("bpffs");
-    let pins = bpffs.pin_dir();
-    let lab = lab_with(LabOptions::nat_forwarding_off());
-    let mut gw = start(&lab, &pins, &[]);
+    let (_bpffs, pins, lab, mut gw) = pinned(&[]);
     let before = program_ids(&lab);
 
-    let argv = loader_argv(&pins, &["--probe-port", "0"]);
-    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-    let out = lab
-        .exec_timeout(Host::Nat, &argv, Duration::from_secs(20))
-        .expect("running a second loader");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "a second loader started: {stderr}");
+    let (ok, stderr) = second_loader(&lab, &pins, &["--probe-port", "0"]);
+    assert!(!ok, "a second loader started: {stderr}");
     assert!(
         stderr.contains("another nat-loader is running"),
         "unclear error: {stderr}"
@@ -520,10 +490,7 @@ fn recreate_int(lab: &Lab) {
 
 #[test]
 fn a_pinned_link_whose_interface_was_recreated_is_replaced_by_a_fresh_one() {
-    let bpffs = Bpffs::new().expect("bpffs");
-    let pins = bpffs.pin_dir();
-    let lab = lab_with(LabOptions::nat_forwarding_off());
-    let mut gw = start(&lab, &pins, &[]);
+    let (_bpffs, pins, lab, mut gw) = pinned(&[]);
     gw.signal_and_wait(libc::SIGKILL).expect("SIGKILL");
     recreate_int(&lab);
     // The old int's links died with it; ext's are still attached.
@@ -587,47 +554,32 @@ fn pin_percpu_array(path: &Path, entries: u32) {
         max_entries: entries,
         map_flags: 0,
     };
-    // SAFETY: a correctly laid out bpf_attr prefix of the given size.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_CREATE,
-            &mut create as *mut MapCreate,
-            size_of::<MapCreate>(),
-        )
-    };
-    assert!(
-        fd >= 0,
-        "BPF_MAP_CREATE: {}",
-        std::io::Error::last_os_error()
-    );
+    let fd = bpf(BPF_MAP_CREATE, &mut create);
+    let err = std::io::Error::last_os_error();
+    assert!(fd >= 0, "BPF_MAP_CREATE: {err}");
     let c = std::ffi::CString::new(path.as_os_str().as_bytes()).expect("path");
     let mut pin = ObjPin {
         pathname: c.as_ptr() as u64,
         bpf_fd: fd as u32,
         file_flags: 0,
     };
-    // SAFETY: as above.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_PIN,
-            &mut pin as *mut ObjPin,
-            size_of::<ObjPin>(),
-        )
-    };
+    let rc = bpf(BPF_OBJ_PIN, &mut pin);
     let err = std::io::Error::last_os_error();
     // SAFETY: our fd; the pin keeps the map.
     unsafe { libc::close(fd as i32) };
     assert_eq!(rc, 0, "BPF_OBJ_PIN {}: {err}", path.display());
 }
 
+/// bpf(2) `cmd` with `attr`, the prefix of `union bpf_attr` it reads.
+fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> libc::c_long {
+    // SAFETY: `attr` is live for the call and its size is passed along;
+    // the kernel reads no further.
+    unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, size_of::<T>()) }
+}
+
 #[test]
 fn counters_of_another_layout_are_replaced_and_the_flows_still_adopted() {
-    let bpffs = Bpffs::new().expect("bpffs");
-    let pins = bpffs.pin_dir();
-    let lab = lab_with(LabOptions::nat_forwarding_off());
-    let mut gw = start(&lab, &pins, &[]);
+    let (_bpffs, pins, lab, mut gw) = pinned(&[]);
     let streams =
         EchoStreams::start(&lab, Host::Client1, Host::Server, server(7002), 2).expect("streams");
     let want_entries = aya::maps::MapInfo::from_pin(pins.join("STATS"))
