@@ -31,6 +31,12 @@ pub fn loader_path() -> Result<PathBuf> {
     Ok(p)
 }
 
+/// The words of `line`: flags written as on a command line, e.g.
+/// `gateway(&lab, &flags("--udp-timeout 1 --sweep-interval 1"))`.
+pub fn flags(line: &str) -> Vec<&str> {
+    line.split_whitespace().collect()
+}
+
 /// Runs the loader in `lab`'s `nat` to its end (killed after 20 s), after
 /// `prefix` (a wrapper such as `setpriv …`, or nothing): whether it
 /// exited 0, and what it wrote to stderr. For invocations that are meant

@@ -56,7 +56,7 @@ mod traffic;
 pub use bpffs::Bpffs;
 pub use streams::{EchoStreams, StreamReport};
 
-pub use gateway::{Gateway, READY, gateway, loader_path, run_loader};
+pub use gateway::{Gateway, READY, flags, gateway, loader_path, run_loader};
 
 pub use lab::{Lab, LabOptions, lab, lab_with};
 pub use netns::LabChild;

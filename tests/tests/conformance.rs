@@ -18,7 +18,8 @@ use std::{
 };
 
 use nat_lab::{
-    CLIENT1_IP, CLIENT2_IP, Gateway, HOST_IF, Host, Lab, NAT_EXT_IP, SERVER_IP, gateway, lab,
+    CLIENT1_IP, CLIENT2_IP, Gateway, HOST_IF, Host, Lab, NAT_EXT_IP, SERVER_IP, flags, gateway,
+    lab,
     packet::{echo_message, internet_checksum, ip_l4_checksum},
     recv_all_within,
 };
@@ -429,14 +430,7 @@ fn rfc5382_req2_tcp_simultaneous_open_works() {
 
 #[test]
 fn rfc6888_released_port_is_held_for_its_endpoint_then_freed() {
-    let hold = [
-        "--udp-timeout",
-        "2",
-        "--sweep-interval",
-        "1",
-        "--port-hold",
-        "6",
-    ];
+    let hold = flags("--udp-timeout 2 --sweep-interval 1 --port-hold 6");
     let (lab, _gw, _m) = stun(&hold);
     // Neighbours resolved first, so the session's first answer is not late
     // (a late answer can miss a session that just expired).
@@ -1039,9 +1033,9 @@ fn next_flow_report(gw: &Gateway) -> (usize, Vec<String>) {
 
 #[test]
 fn rfc7857_a_rst_leaves_the_session_for_the_transitory_timeout_not_zero() {
-    let timers = ["--tcp-transitory-timeout", "4", "--sweep-interval", "1"];
-    let reports = ["--stats-interval", "1", "--show-flows", "10"];
-    let (lab, gw) = nat(&[&timers[..], &reports[..]].concat());
+    let timers = "--tcp-transitory-timeout 4 --sweep-interval 1";
+    let reports = "--stats-interval 1 --show-flows 10";
+    let (lab, gw) = nat(&flags(&format!("{timers} {reports}")));
     let listener = lab
         .tcp_listener(Host::Server, sa(SERVER_IP, 5900))
         .expect("listener");

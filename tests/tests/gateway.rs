@@ -10,8 +10,8 @@ use std::{
 use aya::programs::{SchedClassifier, TcAttachType};
 use nat_lab::{
     CLIENT1_IP, CLIENT2_IP, EXT_IF, Flow, Gateway, HOST_IF, Host, INT_IF, Lab, LabOptions,
-    NAT_EXT_IP, PRIVATE_NET, SERVER_IP, SW_NAT_PORT, accept_within, gateway, lab, lab_with, ping,
-    recv_all_within, run_loader, tcp_transfer, udp_exchange, udp_send,
+    NAT_EXT_IP, PRIVATE_NET, SERVER_IP, SW_NAT_PORT, accept_within, flags, gateway, lab, lab_with,
+    ping, recv_all_within, run_loader, tcp_transfer, udp_exchange, udp_send,
 };
 
 const MB: usize = 1 << 20;
@@ -33,6 +33,14 @@ fn programs_attached(lab: &Lab, ifname: &str) -> (bool, usize) {
     (xdp, tcx)
 }
 
+/// Neither XDP nor TCX programs on either NIC of `nat`.
+fn assert_nothing_attached(lab: &Lab, when: &str) {
+    for ifname in [INT_IF, EXT_IF] {
+        let left = programs_attached(lab, ifname);
+        assert_eq!(left, (false, 0), "{when}: programs left on {ifname}");
+    }
+}
+
 #[test]
 fn tcp_carries_megabytes_through_the_gateway_and_the_server_sees_the_snat_address() {
     let lab = lab();
@@ -45,16 +53,9 @@ fn tcp_carries_megabytes_through_the_gateway_and_the_server_sees_the_snat_addres
     gw.stop().expect("stopping the loader");
     // Sockets send with checksum offload (partial checksums): XDP hands
     // those to TC, which translates them.
-    assert!(
-        gw.counter("tc_int", "tc_out_forwarded") > 0,
-        "{:#?}",
-        gw.log()
-    );
-    assert!(
-        gw.counter("tc_ext", "tc_in_forwarded") > 0,
-        "{:#?}",
-        gw.log()
-    );
+    let log = gw.log();
+    assert!(gw.counter("tc_int", "tc_out_forwarded") > 0, "{log:#?}");
+    assert!(gw.counter("tc_ext", "tc_in_forwarded") > 0, "{log:#?}");
 }
 
 #[test]
@@ -236,16 +237,7 @@ fn without_the_loader_traffic_fails_and_after_it_stops_nothing_of_it_remains() {
         "the health probe port is closed once the loader stopped"
     );
 
-    assert_eq!(
-        programs_attached(&lab, INT_IF),
-        (false, 0),
-        "nothing left on int"
-    );
-    assert_eq!(
-        programs_attached(&lab, EXT_IF),
-        (false, 0),
-        "nothing left on ext"
-    );
+    assert_nothing_attached(&lab, "after the loader stopped");
     let flow = Flow::to_server(Host::Client1, 8086).timeout(Duration::from_secs(3));
     assert!(
         tcp_transfer(&lab, &flow, 64 * 1024).is_err(),
@@ -256,15 +248,8 @@ fn without_the_loader_traffic_fails_and_after_it_stops_nothing_of_it_remains() {
 #[test]
 fn idle_flows_are_swept_after_their_timeout() {
     let lab = lab();
-    let args = [
-        "--udp-timeout",
-        "1",
-        "--icmp-timeout",
-        "1",
-        "--sweep-interval",
-        "1",
-    ];
-    let gw = gateway(&lab, &args);
+    let timeouts = flags("--udp-timeout 1 --icmp-timeout 1 --sweep-interval 1");
+    let gw = gateway(&lab, &timeouts);
     udp_exchange(&lab, &Flow::to_server(Host::Client1, 5305), 3).expect("UDP");
     let r = ping(&lab, Host::Client1, SERVER_IP, 1, Duration::from_secs(3)).expect("ping runs");
     assert!(r.all_replied(), "{}", r.output);
@@ -355,8 +340,7 @@ fn bad_invocations_fail_with_one_clear_line_and_leave_the_host_as_it_was() {
         (as_nobody, "--ext ext --int int", "needs root"),
     ];
     for (prefix, args, expected) in cases {
-        let prefix: Vec<&str> = prefix.split_whitespace().collect();
-        let args: Vec<&str> = args.split_whitespace().collect();
+        let (prefix, args) = (flags(prefix), flags(args));
         let (ok, stderr) = run_loader(&lab, &prefix, &args).expect("running the loader");
         assert!(!ok, "{args:?} must fail");
         assert!(
@@ -369,16 +353,7 @@ fn bad_invocations_fail_with_one_clear_line_and_leave_the_host_as_it_was() {
             error_lines <= 1,
             "{args:?}: one error line expected:\n{stderr}"
         );
-        assert_eq!(
-            programs_attached(&lab, INT_IF),
-            (false, 0),
-            "{args:?} left programs on int"
-        );
-        assert_eq!(
-            programs_attached(&lab, EXT_IF),
-            (false, 0),
-            "{args:?} left programs on ext"
-        );
+        assert_nothing_attached(&lab, &format!("{args:?}"));
         assert_eq!(ip_forward(&lab), "0", "{args:?} changed forwarding");
     }
 }

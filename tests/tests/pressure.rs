@@ -17,8 +17,8 @@ use std::{
 use aya::maps::{HashMap, Map, MapData};
 use nat_common::{CT_F_REPLIED, CtKey, CtValue, IPPROTO_TCP, MAP_CT_FWD, tcp};
 use nat_lab::{
-    Bpffs, CLIENT1_IP, CLIENT2_IP, EchoStreams, Host, Lab, SERVER_IP, flood::syn_flood, gateway,
-    lab, recv_all_within,
+    Bpffs, CLIENT1_IP, CLIENT2_IP, EchoStreams, Host, Lab, SERVER_IP, flags, flood::syn_flood,
+    gateway, lab, recv_all_within,
 };
 
 /// Small enough that the flood overflows it many times over.
@@ -95,11 +95,11 @@ fn syn_flood_of_100k_new_tuples_does_not_break_established_connections() {
         lab.exec(Host::Server, argv)
             .expect("dropping part of the flood at the server");
     }
-    let max_flows = MAX_FLOWS.to_string();
-    let pins_arg = pins.display().to_string();
-    let sweeps = ["--sweep-interval", "1"];
-    let table = ["--max-flows", &max_flows, "--bpffs-dir", &pins_arg];
-    let mut gw = gateway(&lab, &[&table[..], &sweeps[..]].concat());
+    let args = format!(
+        "--max-flows {MAX_FLOWS} --sweep-interval 1 --bpffs-dir {}",
+        pins.display()
+    );
+    let mut gw = gateway(&lab, &flags(&args));
 
     let streams = EchoStreams::start(
         &lab,
@@ -246,14 +246,7 @@ fn seen_port(server: &std::net::UdpSocket, socket: &std::net::UdpSocket) -> u16 
 #[test]
 fn unanswered_binding_is_freed_without_the_port_hold() {
     let lab = lab();
-    let timers = [
-        "--udp-timeout",
-        "1",
-        "--sweep-interval",
-        "1",
-        "--port-hold",
-        "120",
-    ];
+    let timers = flags("--udp-timeout 1 --sweep-interval 1 --port-hold 120");
     let gw = gateway(&lab, &timers);
     // Receives and never answers.
     let server = lab

@@ -97,6 +97,12 @@ impl Fixture {
             .expect("running in the nat namespace")
     }
 
+    /// [`Fixture::run`] with every port free for translation and room for
+    /// 1024 flows: what most fixtures need.
+    fn run_default<R: Send>(&self, f: impl FnOnce(&mut Ebpf) -> R + Send) -> R {
+        self.run(self.config(1024, 65535), 1024, f)
+    }
+
     /// What `p` (outbound, as it arrives on `int`) must look like when it
     /// leaves `ext`: SNAT source, TTL − 1, MACs of ext and the router. The
     /// port is unchanged: fixtures use free ports, which are preserved.
@@ -131,6 +137,19 @@ impl Fixture {
 
     /// A client → server TCP packet as it arrives on `int`.
     fn outbound_tcp(&self, sport: u16, flags: u8, csum: Csum) -> Packet {
+        let tcp = L4::Tcp {
+            sport,
+            dport: 80,
+            flags,
+        };
+        Packet {
+            csum,
+            ..self.outbound(tcp, b"")
+        }
+    }
+
+    /// A client → server packet as it arrives on `int`, complete checksums.
+    fn outbound(&self, l4: L4, payload: &[u8]) -> Packet {
         Packet {
             dst_mac: self.int_mac,
             src_mac: self.client_mac,
@@ -138,14 +157,23 @@ impl Fixture {
             dst: SERVER_IP,
             ttl: 64,
             options: vec![],
-            l4: L4::Tcp {
-                sport,
-                dport: 80,
-                flags,
-            },
-            payload: vec![],
-            csum,
+            l4,
+            payload: payload.to_vec(),
+            csum: Csum::Full,
         }
+    }
+}
+
+fn udp_ports(sport: u16, dport: u16) -> L4 {
+    L4::Udp { sport, dport }
+}
+
+/// An echo request with identifier `id`.
+fn echo_request(id: u16) -> L4 {
+    L4::Echo {
+        kind: 8,
+        id,
+        seq: 1,
     }
 }
 
@@ -216,7 +244,7 @@ fn tcp_syn_out_is_translated_to_the_snat_address_and_redirected_to_ext() {
     let fx = Fixture::new();
     let syn = fx.outbound_tcp(40000, TCP_SYN, Csum::Full);
     let expected = fx.snat_of(&syn).build();
-    let (verdict, out, fwd, bind, bind_rev, st) = fx.run(fx.config(1024, 65535), 1024, |ebpf| {
+    let (verdict, out, fwd, bind, bind_rev, st) = fx.run_default(|ebpf| {
         let (v, out) = run_xdp(ebpf, PROG_XDP_INT, &syn.build());
         (
             v,
@@ -277,7 +305,7 @@ fn each_new_session_stamps_its_binding_so_a_sweep_under_way_keeps_it() {
     if let L4::Tcp { dport, .. } = &mut second.l4 {
         *dport = 81;
     }
-    let (pass1, created, pass2, claimed) = fx.run(fx.config(1024, 65535), 1024, |ebpf| {
+    let (pass1, created, pass2, claimed) = fx.run_default(|ebpf| {
         let pass1 = monotonic_ns();
         let (v, _) = run_xdp(ebpf, PROG_XDP_INT, &first.build());
         assert_eq!(v, XDP_REDIRECT);
@@ -336,7 +364,7 @@ fn reply_is_translated_back_to_the_inside_host_and_redirected_to_int() {
         ..synack.clone()
     }
     .build();
-    let (verdict, out, st, fwd) = fx.run(fx.config(1024, 65535), 1024, |ebpf| {
+    let (verdict, out, st, fwd) = fx.run_default(|ebpf| {
         assert_eq!(run_xdp(ebpf, PROG_XDP_INT, &syn).0, XDP_REDIRECT);
         let (v, out) = run_xdp(ebpf, PROG_XDP_EXT, &synack.build());
         (v, out, stats_of(ebpf), ct(ebpf, MAP_CT_FWD))
@@ -378,7 +406,7 @@ fn unsolicited_inbound_toward_the_inside_is_dropped_and_counted() {
         dst: NAT_EXT_IP,
         ..probe.clone()
     };
-    let (v_inside, v_nat, st) = fx.run(fx.config(1024, 65535), 1024, |ebpf| {
+    let (v_inside, v_nat, st) = fx.run_default(|ebpf| {
         let a = run_xdp(ebpf, PROG_XDP_EXT, &probe.build()).0;
         let b = run_xdp(ebpf, PROG_XDP_EXT, &to_nat.build()).0;
         (a, b, stats_of(ebpf))
@@ -409,7 +437,7 @@ fn truncated_and_malformed_headers_are_dropped_and_counted() {
     bad_ihl[14] = 0x44; // IHL 16 bytes
     cases.push(("IHL below 20 bytes", bad_ihl));
     let n = cases.len() as u64;
-    let (verdicts, st, fwd) = fx.run(fx.config(1024, 65535), 1024, |ebpf| {
+    let (verdicts, st, fwd) = fx.run_default(|ebpf| {
         let v: Vec<(String, u32)> = cases
             .iter()
             .map(|(name, frame)| (name.to_string(), run_xdp(ebpf, PROG_XDP_INT, frame).0))
@@ -430,9 +458,7 @@ fn non_ipv4_frames_go_to_the_kernel() {
     arp.extend_from_slice(&fx.client_mac);
     arp.extend_from_slice(&0x0806u16.to_be_bytes());
     arp.extend_from_slice(&[0; 28]);
-    let (v, st) = fx.run(fx.config(1024, 65535), 1024, |ebpf| {
-        (run_xdp(ebpf, PROG_XDP_INT, &arp).0, stats_of(ebpf))
-    });
+    let (v, st) = fx.run_default(|ebpf| (run_xdp(ebpf, PROG_XDP_INT, &arp).0, stats_of(ebpf)));
     assert_eq!(v, XDP_PASS);
     assert_eq!(st.get(HOOK_XDP_INT, stats::PASS_NOT_IPV4), 1);
 }
@@ -442,19 +468,15 @@ fn ip_options_are_translated_with_offsets_from_the_header_length() {
     let fx = Fixture::new();
     let mut pkt = fx.outbound_tcp(40001, TCP_SYN, Csum::Full);
     pkt.options = vec![1, 1, 1, 0]; // NOP NOP NOP EOL
-    let expected = fx.snat_of(&pkt).build();
-    let (v, out) = fx.run(fx.config(1024, 65535), 1024, |ebpf| {
-        run_xdp(ebpf, PROG_XDP_INT, &pkt.build())
-    });
-    assert_eq!(v, XDP_REDIRECT);
-    assert_eq!(out, expected);
+    let got = fx.run_default(|ebpf| run_xdp(ebpf, PROG_XDP_INT, &pkt.build()));
+    assert_eq!(got, (XDP_REDIRECT, fx.snat_of(&pkt).build()));
 }
 
 #[test]
 fn partial_checksum_packets_are_left_to_tc_which_translates_them() {
     let fx = Fixture::new();
     let pkt = fx.outbound_tcp(40002, TCP_SYN, Csum::Partial);
-    let (xv, xout, tv, tout, st) = fx.run(fx.config(1024, 65535), 1024, |ebpf| {
+    let (xv, xout, tv, tout, st) = fx.run_default(|ebpf| {
         let (xv, xout) = run_xdp(ebpf, PROG_XDP_INT, &pkt.build());
         let (tv, tout) = run_tc(ebpf, PROG_TC_INT, &pkt.build());
         (xv, xout, tv, tout, stats_of(ebpf))
@@ -487,36 +509,19 @@ fn partial_checksum_packets_are_left_to_tc_which_translates_them() {
 fn tc_translation_of_a_complete_checksum_is_valid() {
     let fx = Fixture::new();
     let pkt = fx.outbound_tcp(40003, TCP_SYN, Csum::Full);
-    let expected = fx.snat_of(&pkt).build();
-    let (v, out) = fx.run(fx.config(1024, 65535), 1024, |ebpf| {
-        run_tc(ebpf, PROG_TC_INT, &pkt.build())
-    });
-    assert_eq!(v, TC_ACT_REDIRECT);
-    assert_eq!(out, expected);
+    let got = fx.run_default(|ebpf| run_tc(ebpf, PROG_TC_INT, &pkt.build()));
+    assert_eq!(got, (TC_ACT_REDIRECT, fx.snat_of(&pkt).build()));
 }
 
 #[test]
 fn udp_without_checksum_keeps_zero_and_icmp_echo_id_is_translated() {
     let fx = Fixture::new();
     let udp = Packet {
-        l4: L4::Udp {
-            sport: 5353,
-            dport: 53,
-        },
-        payload: b"query".to_vec(),
         csum: Csum::Zero,
-        ..fx.outbound_tcp(0, 0, Csum::Full)
+        ..fx.outbound(udp_ports(5353, 53), b"query")
     };
-    let echo = Packet {
-        l4: L4::Echo {
-            kind: 8,
-            id: 4242,
-            seq: 1,
-        },
-        payload: b"ping".to_vec(),
-        ..fx.outbound_tcp(0, 0, Csum::Full)
-    };
-    let (uv, uout, ev, eout) = fx.run(fx.config(1024, 65535), 1024, |ebpf| {
+    let echo = fx.outbound(echo_request(4242), b"ping");
+    let (uv, uout, ev, eout) = fx.run_default(|ebpf| {
         let (uv, uout) = run_xdp(ebpf, PROG_XDP_INT, &udp.build());
         let (ev, eout) = run_xdp(ebpf, PROG_XDP_INT, &echo.build());
         (uv, uout, ev, eout)
@@ -535,7 +540,7 @@ fn ttl_expiring_packets_go_to_the_kernel_without_creating_state() {
         ttl: 1,
         ..fx.outbound_tcp(40004, TCP_SYN, Csum::Full)
     };
-    let (v, out, st, fwd) = fx.run(fx.config(1024, 65535), 1024, |ebpf| {
+    let (v, out, st, fwd) = fx.run_default(|ebpf| {
         let (v, out) = run_xdp(ebpf, PROG_XDP_INT, &pkt.build());
         (v, out, stats_of(ebpf), ct(ebpf, MAP_CT_FWD))
     });
@@ -553,7 +558,7 @@ fn colliding_source_ports_get_distinct_external_ports() {
         src: nat_lab::CLIENT2_IP,
         ..a.clone()
     };
-    let (va, oa, vb, ob) = fx.run(fx.config(1024, 65535), 1024, |ebpf| {
+    let (va, oa, vb, ob) = fx.run_default(|ebpf| {
         let (va, oa) = run_xdp(ebpf, PROG_XDP_INT, &a.build());
         let (vb, ob) = run_xdp(ebpf, PROG_XDP_INT, &b.build());
         (va, oa, vb, ob)
@@ -610,7 +615,7 @@ fn the_first_reply_marks_the_session_answered() {
     let syn = fx.outbound_tcp(40000, TCP_SYN, Csum::Full).build();
     let ack = fx.outbound_tcp(40000, TCP_ACK, Csum::Full).build();
     let synack = fx.inbound_tcp(40000, TCP_SYN | TCP_ACK, &[]).build();
-    let (opened, more_out, replied) = fx.run(fx.config(1024, 65535), 1024, |ebpf| {
+    let (opened, more_out, replied) = fx.run_default(|ebpf| {
         assert_eq!(run_xdp(ebpf, PROG_XDP_INT, &syn).0, XDP_REDIRECT);
         let opened = ct(ebpf, MAP_CT_FWD)[0].1.flags;
         assert_eq!(run_xdp(ebpf, PROG_XDP_INT, &ack).0, XDP_REDIRECT);
@@ -720,14 +725,7 @@ fn out_of_ports_packet_becomes_icmp_unreachable_code_13_to_its_sender() {
     let fx = Fixture::new();
     let first = fx.outbound_tcp(41000, TCP_SYN, Csum::Full);
     let tcp = fx.outbound_tcp(41001, TCP_SYN, Csum::Full).build();
-    let udp = Packet {
-        l4: L4::Udp {
-            sport: 41002,
-            dport: 53,
-        },
-        payload: b"query".to_vec(),
-        ..fx.outbound_tcp(0, 0, Csum::Full)
-    };
+    let udp = fx.outbound(udp_ports(41002, 53), b"query");
     // A UDP datagram of one flow, with another flow's UDP as padding so
     // the quote is cut at 548 bytes (RFC 1812's 576 in all).
     let big = Packet {
@@ -735,30 +733,15 @@ fn out_of_ports_packet_becomes_icmp_unreachable_code_13_to_its_sender() {
         ..udp.clone()
     }
     .build();
-    let echo = Packet {
-        l4: L4::Echo {
-            kind: 8,
-            id: 4243,
-            seq: 1,
-        },
-        payload: b"ping".to_vec(),
-        ..fx.outbound_tcp(0, 0, Csum::Full)
-    };
+    let echo = fx.outbound(echo_request(4243), b"ping");
     let taken = Packet {
-        l4: L4::Echo {
-            kind: 8,
-            id: 41000,
-            seq: 1,
-        },
+        l4: echo_request(41000),
         ..echo.clone()
     };
     let (xv, outs, st) = fx.run(fx.config(41000, 41000), 1024, |ebpf| {
         assert_eq!(run_xdp(ebpf, PROG_XDP_INT, &first.build()).0, XDP_REDIRECT);
         let udp_first = Packet {
-            l4: L4::Udp {
-                sport: 41000,
-                dport: 53,
-            },
+            l4: udp_ports(41000, 53),
             ..udp.clone()
         };
         assert_eq!(

@@ -14,7 +14,7 @@ use std::{
 use aya::programs::{SchedClassifier, TcAttachType};
 use nat_lab::{
     Bpffs, EXT_IF, EchoStreams, Flow, Gateway, Host, INT_IF, Lab, LabOptions, SERVER_IP,
-    StreamReport, lab_with, loader_path, run_loader, tcp_transfer,
+    StreamReport, flags, lab_with, loader_path, run_loader, tcp_transfer,
 };
 
 const STREAMS: usize = 20;
@@ -370,17 +370,11 @@ fn sigterm_removes_every_program_and_pin() {
 /// `nat-loader teardown` for the lab's NICs and pin dir `pins`: whether it
 /// exited 0, and its log.
 fn teardown(lab: &Lab, pins: &Path) -> (bool, String) {
-    let dir = pins.to_str().expect("utf-8 path");
-    let args = [
-        "teardown",
-        "--ext",
-        EXT_IF,
-        "--int",
-        INT_IF,
-        "--bpffs-dir",
-        dir,
-    ];
-    run_loader(lab, &[], &args).expect("running nat-loader teardown")
+    let args = format!(
+        "teardown --ext {EXT_IF} --int {INT_IF} --bpffs-dir {}",
+        pins.display()
+    );
+    run_loader(lab, &[], &flags(&args)).expect("running nat-loader teardown")
 }
 
 #[test]
