@@ -12,6 +12,7 @@ use std::{
 };
 
 use aya::programs::{SchedClassifier, TcAttachType};
+use nat_common::{MAP_STATS, PINNED_MAPS};
 use nat_lab::{
     Bpffs, EXT_IF, EchoStreams, Flow, Gateway, Host, INT_IF, Lab, LabOptions, SERVER_IP,
     StreamReport, flags, lab_with, loader_path, run_loader, tcp_transfer,
@@ -124,17 +125,13 @@ fn pins_in(dir: &Path) -> Vec<String> {
 
 fn assert_pinned_dataplane(dir: &Path) {
     let names = pins_in(dir);
-    for want in [
-        "CT_FWD",
-        "NAT_BIND",
-        "NAT_BIND_REV",
-        "CT_ADF",
-        "STATS",
+    let links = [
         "link_xdp_int",
         "link_xdp_ext",
         "link_tcx_int",
         "link_tcx_ext",
-    ] {
+    ];
+    for want in PINNED_MAPS.into_iter().chain(links) {
         assert!(
             names.iter().any(|n| n == want),
             "{want} not pinned in {}: {names:?}",
@@ -576,12 +573,9 @@ fn counters_of_another_layout_are_replaced_and_the_flows_still_adopted() {
     let (_bpffs, pins, lab, mut gw) = pinned(&[]);
     let streams =
         EchoStreams::start(&lab, Host::Client1, Host::Server, server(7002), 2).expect("streams");
-    let want_entries = aya::maps::MapInfo::from_pin(pins.join("STATS"))
-        .expect("pinned STATS")
-        .max_entries();
     gw.signal_and_wait(libc::SIGKILL).expect("SIGKILL");
-    std::fs::remove_file(pins.join("STATS")).expect("unpinning STATS");
-    pin_percpu_array(&pins.join("STATS"), 3);
+    std::fs::remove_file(pins.join(MAP_STATS)).expect("unpinning STATS");
+    pin_percpu_array(&pins.join(MAP_STATS), 3);
 
     let mut gw2 = start(&lab, &pins, &[]);
     let ready = gw2
@@ -598,11 +592,11 @@ fn counters_of_another_layout_are_replaced_and_the_flows_still_adopted() {
         gw2.log()
     );
     assert_eq!(
-        aya::maps::MapInfo::from_pin(pins.join("STATS"))
+        aya::maps::MapInfo::from_pin(pins.join(MAP_STATS))
             .expect("pinned STATS")
             .max_entries(),
-        want_entries,
-        "STATS re-created with this build's layout"
+        nat_common::stats::SLOTS,
+        "STATS re-created with this build's layout (nat_common::stats)"
     );
     streams
         .wait_for_round_trips(20, Duration::from_secs(10))
