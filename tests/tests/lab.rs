@@ -118,8 +118,7 @@ fn lab_without_gateway_forwards_clients_untranslated_and_replies_never_return() 
 
 #[test]
 fn lab_with_nat_forwarding_off_delivers_nothing_to_server() {
-    let lab = Lab::new_with(LabOptions::nat_forwarding_off())
-        .expect("build lab without forwarding in nat");
+    let lab = lab_with(LabOptions::nat_forwarding_off());
     let port = 7003;
     let listener = lab
         .udp_socket(Host::Server, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port))

@@ -77,8 +77,8 @@ pub fn trafgen_config(t: &Topo) -> String {
          {s0}, {s1}, {s2}, {s3},\n  \
          dinc(0x10, 0x16), dinc(0x00, 0xfe), c16({port}), c16(26), csumudp(14, 34),\n  \
          fill(0x00, 18),\n}}\n",
-        dst = mac(t.gw_int_mac),
-        src = mac(t.gen_mac),
+        dst = mac(t.gw_int.mac),
+        src = mac(t.gen_if.mac),
         first = GEN_EXTRA_FIRST,
         last = GEN_EXTRA_FIRST + GEN_EXTRA_COUNT - 1,
         s0 = s[0],

@@ -294,7 +294,7 @@ fn measure_all(
             if !matches!(t.variant, Variant::Gateway | Variant::XdpFwd) {
                 continue;
             }
-            let id = t.gw_xdp_prog_id(&t.gw_int)?;
+            let id = t.gw_xdp_prog_id(&t.gw_int.name)?;
             let a = measure::prog_run_stats(id)?;
             let s = measure::pps(t, &cfgs[i], cpus, plan.pps_warmup_secs, plan.pps_secs)?;
             let b = measure::prog_run_stats(id)?;

@@ -195,7 +195,7 @@ impl Report {
             machine: Machine::detect(),
             interfaces: topos
                 .iter()
-                .map(|t| (t.variant, t.gw_int.clone(), t.gw_ext.clone()))
+                .map(|t| (t.variant, t.gw_int.name.clone(), t.gw_ext.name.clone()))
                 .collect(),
             variants: topos
                 .iter()

@@ -94,8 +94,8 @@ fn synthetic_tuple(i: u32) -> (Ipv4Addr, u16) {
 
 fn frame(t: &Topo, src: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
     Packet {
-        dst_mac: t.gw_int_mac,
-        src_mac: t.gen_mac,
+        dst_mac: t.gw_int.mac,
+        src_mac: t.gen_if.mac,
         src,
         dst: SINK_IP,
         ttl: 64,
@@ -131,10 +131,10 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// with `plan`'s table sizes, rounds and samples.
 pub fn run(t: &Topo, plan: &Plan) -> Result<ScaleResult> {
     // A pinned neighbour: the measured path is the fast path, not ARP.
-    t.pin_neighbour(Role::Gw, SINK_IP, t.sink_mac, &t.gw_ext)?;
+    t.pin_neighbour(Role::Gw, SINK_IP, t.sink_if.mac, &t.gw_ext.name)?;
     // As the loader's defaults (free ports, filtering), with no probe port
     // to skip.
-    let cfg = NatConfig::new(t.gw_int_index, t.gw_ext_index, GW_EXT_IP).with_probe_port(0);
+    let cfg = NatConfig::new(t.gw_int.index, t.gw_ext.index, GW_EXT_IP).with_probe_port(0);
     t.in_ns(Role::Gw, || measure(t, cfg, plan))?
 }
 

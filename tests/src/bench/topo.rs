@@ -47,23 +47,37 @@ impl Role {
     }
 }
 
+/// A NIC of the topology: a veth end whose name is unique on the host
+/// (the NAPI kthreads are named after it, `napi/<ifname>-<id>`, which is
+/// how they are found), with its MAC address and index once built.
+pub struct Nic {
+    pub name: String,
+    pub mac: [u8; 6],
+    pub index: u32,
+}
+
+impl Nic {
+    fn named(name: String) -> Nic {
+        Nic {
+            name,
+            mac: [0; 6],
+            index: 0,
+        }
+    }
+}
+
 pub struct Topo {
     pub variant: Variant,
-    /// Interface names, unique on the host: the NAPI kthreads are named
-    /// after them (`napi/<ifname>-<id>`), which is how they are found.
-    pub gen_if: String,
+    /// The generator's link to the gateway, the gateway's two NICs, the
+    /// sink's link.
+    pub gen_if: Nic,
+    pub gw_int: Nic,
+    pub gw_ext: Nic,
+    pub sink_if: Nic,
     /// The generator's own veth pair: trafgen sends into `gen_raw`, whose
     /// peer `gen_xdp` redirects every frame out of `gen_if` (bench_redirect).
     pub gen_raw: String,
     pub gen_xdp: String,
-    pub gw_int: String,
-    pub gw_ext: String,
-    pub sink_if: String,
-    pub gw_int_mac: [u8; 6],
-    pub gen_mac: [u8; 6],
-    pub sink_mac: [u8; 6],
-    pub gw_int_index: u32,
-    pub gw_ext_index: u32,
     // Fields drop in order: the programs (their links die with their
     // fds), the loader (which detaches its own on SIGTERM), then the
     // namespaces.
@@ -86,17 +100,12 @@ impl Topo {
         let ifname = |r: char| format!("{c}{pid}{r}");
         let mut t = Topo {
             variant,
-            gen_if: ifname('c'),
+            gen_if: Nic::named(ifname('c')),
+            gw_int: Nic::named(ifname('i')),
+            gw_ext: Nic::named(ifname('e')),
+            sink_if: Nic::named(ifname('s')),
             gen_raw: ifname('r'),
             gen_xdp: ifname('w'),
-            gw_int: ifname('i'),
-            gw_ext: ifname('e'),
-            sink_if: ifname('s'),
-            gw_int_mac: [0; 6],
-            gen_mac: [0; 6],
-            sink_mac: [0; 6],
-            gw_int_index: 0,
-            gw_ext_index: 0,
             endpoints: None,
             fwd: None,
             gateway: None,
@@ -148,22 +157,22 @@ impl Topo {
         let ns = &self.ns;
         // Every end gets NAPI (GRO): needed to receive XDP redirects, and
         // what threaded NAPI (the gateway's pinned CPU) runs.
-        ns.veth(generator, &self.gen_if, gw, &self.gw_int)?;
-        ns.veth(gw, &self.gw_ext, sink, &self.sink_if)?;
+        ns.veth(generator, &self.gen_if.name, gw, &self.gw_int.name)?;
+        ns.veth(gw, &self.gw_ext.name, sink, &self.sink_if.name)?;
         ns.veth(generator, &self.gen_raw, generator, &self.gen_xdp)?;
         // Endpoints send complete checksums (no TX offload, hence no TSO):
         // so every variant forwards the same MTU-sized, fully checksummed
         // packets, and the XDP variants take their fast path for TCP too.
-        ns.ethtool(generator, &self.gen_if, &["tx", "off"])?;
-        ns.ethtool(sink, &self.sink_if, &["tx", "off"])?;
-        ns.addr(generator, &self.gen_if, &format!("{GEN_IP}/24"))?;
+        ns.ethtool(generator, &self.gen_if.name, &["tx", "off"])?;
+        ns.ethtool(sink, &self.sink_if.name, &["tx", "off"])?;
+        ns.addr(generator, &self.gen_if.name, &format!("{GEN_IP}/24"))?;
         for i in 0..GEN_EXTRA_COUNT {
             let ip = Ipv4Addr::new(10, 1, 0, GEN_EXTRA_FIRST + i);
-            ns.addr(generator, &self.gen_if, &format!("{ip}/24"))?;
+            ns.addr(generator, &self.gen_if.name, &format!("{ip}/24"))?;
         }
-        ns.addr(gw, &self.gw_int, &format!("{GW_INT_IP}/24"))?;
-        ns.addr(gw, &self.gw_ext, &format!("{GW_EXT_IP}/24"))?;
-        ns.addr(sink, &self.sink_if, &format!("{SINK_IP}/24"))?;
+        ns.addr(gw, &self.gw_int.name, &format!("{GW_INT_IP}/24"))?;
+        ns.addr(gw, &self.gw_ext.name, &format!("{GW_EXT_IP}/24"))?;
+        ns.addr(sink, &self.sink_if.name, &format!("{SINK_IP}/24"))?;
         let gw_int_ip = GW_INT_IP.to_string();
         ns.ip(generator, &["route", "add", "default", "via", &gw_int_ip])?;
         // Replies of the no-NAT variants: the sink routes the inside subnet
@@ -177,11 +186,15 @@ impl Topo {
                 .with_context(|| format!("enabling threaded NAPI on {dev}"))?;
         }
         ns.settle()?;
-        self.gw_int_mac = ns.mac(gw, &self.gw_int)?;
-        self.gen_mac = ns.mac(generator, &self.gen_if)?;
-        self.sink_mac = ns.mac(sink, &self.sink_if)?;
-        self.gw_int_index = ns.ifindex(gw, &self.gw_int)?;
-        self.gw_ext_index = ns.ifindex(gw, &self.gw_ext)?;
+        for (r, nic) in [
+            (Role::Gen, &mut self.gen_if),
+            (Role::Gw, &mut self.gw_int),
+            (Role::Gw, &mut self.gw_ext),
+            (Role::Sink, &mut self.sink_if),
+        ] {
+            nic.mac = ns.mac(r.name(), &nic.name)?;
+            nic.index = ns.ifindex(r.name(), &nic.name)?;
+        }
 
         self.attach_endpoints()?;
         self.configure_variant(work)?;
@@ -191,11 +204,11 @@ impl Topo {
     /// Interfaces with a NAPI thread.
     fn all_ifs(&self) -> [(Role, String); 5] {
         [
-            (Role::Gen, self.gen_if.clone()),
+            (Role::Gen, self.gen_if.name.clone()),
             (Role::Gen, self.gen_xdp.clone()),
-            (Role::Gw, self.gw_int.clone()),
-            (Role::Gw, self.gw_ext.clone()),
-            (Role::Sink, self.sink_if.clone()),
+            (Role::Gw, self.gw_int.name.clone()),
+            (Role::Gw, self.gw_ext.name.clone()),
+            (Role::Sink, self.sink_if.name.clone()),
         ]
     }
 
@@ -210,7 +223,7 @@ impl Topo {
             .try_into()?;
         prog.load()
             .with_context(|| format!("verifying {PROG_BENCH_SINK}"))?;
-        let dev = &self.sink_if;
+        let dev = &self.sink_if.name;
         self.in_ns(Role::Sink, || {
             prog.attach_with_options(
                 dev,
@@ -223,12 +236,15 @@ impl Topo {
         let prog: &mut Xdp = program(&mut ebpf, PROG_BENCH_PASS)?;
         prog.load()
             .with_context(|| format!("verifying {PROG_BENCH_PASS}"))?;
-        for (r, dev) in [(Role::Gen, &self.gen_if), (Role::Sink, &self.sink_if)] {
+        for (r, dev) in [
+            (Role::Gen, &self.gen_if.name),
+            (Role::Sink, &self.sink_if.name),
+        ] {
             let prog: &mut Xdp = program(&mut ebpf, PROG_BENCH_PASS)?;
             self.in_ns(r, || prog.attach(dev, XdpMode::Driver).map(|_| ()))?
                 .with_context(|| format!("attaching {PROG_BENCH_PASS} to {dev}"))?;
         }
-        let gen_index = self.ns.ifindex(Role::Gen.name(), &self.gen_if)?;
+        let gen_index = self.gen_if.index;
         let mut target = Array::<&mut MapData, u32>::try_from(
             ebpf.map_mut(MAP_BENCH_REDIRECT)
                 .context("BENCH_REDIRECT missing from the object")?,
@@ -245,7 +261,7 @@ impl Topo {
     }
 
     fn configure_variant(&mut self, work: &std::path::Path) -> Result<()> {
-        let ext = self.gw_ext.clone();
+        let ext = self.gw_ext.name.clone();
         match self.variant {
             Variant::Kernel => {}
             Variant::Iptables => {
@@ -268,7 +284,7 @@ impl Topo {
                 let rules = format!(
                     "table ip bench_nat {{\n  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n    oifname \"{ext}\" masquerade\n  }}\n}}\n"
                 );
-                let file = work.join(format!("nft-{}.conf", self.gw_ext));
+                let file = work.join(format!("nft-{}.conf", self.gw_ext.name));
                 std::fs::write(&file, rules)?;
                 let r = self.exec(Role::Gw, &["nft", "-f", &file.to_string_lossy()]);
                 let _ = std::fs::remove_file(&file);
@@ -280,7 +296,7 @@ impl Topo {
                 let prog: &mut Xdp = program(&mut ebpf, PROG_XDP_FWD_ONLY)?;
                 prog.load()
                     .with_context(|| format!("verifying {PROG_XDP_FWD_ONLY}"))?;
-                for dev in [&self.gw_int, &self.gw_ext] {
+                for dev in [&self.gw_int.name, &self.gw_ext.name] {
                     let prog: &mut Xdp = program(&mut ebpf, PROG_XDP_FWD_ONLY)?;
                     self.in_ns(Role::Gw, || prog.attach(dev, XdpMode::Driver).map(|_| ()))?
                         .with_context(|| format!("attaching {PROG_XDP_FWD_ONLY} to {dev}"))?;
@@ -292,7 +308,7 @@ impl Topo {
     }
 
     fn start_loader(&mut self) -> Result<()> {
-        let nics = (self.gw_int.as_str(), self.gw_ext.as_str());
+        let nics = (self.gw_int.name.as_str(), self.gw_ext.name.as_str());
         let extra = ["--probe-port", "0", "--xdp-mode", "native"];
         let gw = Gateway::start_in(&self.ns, Role::Gw.name(), &loader_path()?, nics, &extra)?;
         self.gateway = Some(gw);
