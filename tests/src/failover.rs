@@ -32,7 +32,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::netns::{Namespaces, connect};
 use crate::probers::AZURE_PROBE_IP;
-use crate::{Gateway, SERVER_IP, loader_path};
+use crate::{EXT_IF, Gateway, INT_IF, SERVER_IP, loader_path};
 
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 9, 0, 2);
 /// The client's network: an inside prefix beyond the instances' subnet.
@@ -96,34 +96,31 @@ impl FailoverLab {
 
     fn build(&mut self) -> Result<()> {
         let n = self.n;
-        let mut roles = vec![
-            "client".to_string(),
-            "lb".into(),
-            "sw".into(),
-            "router".into(),
-            "server".into(),
-        ];
-        roles.extend((0..n).map(|i| format!("nat{i}")));
-        for r in &roles {
+        let nats: Vec<String> = (0..n).map(|i| format!("nat{i}")).collect();
+        for r in ["client", "lb", "sw", "router", "server"] {
             self.ns.add(r)?;
+        }
+        for nat in &nats {
+            self.ns.add(nat)?;
         }
         let ns = &self.ns;
         ns.veth("client", "eth0", "lb", "lb-c")?;
         ns.veth("lb", "lb-int", "sw", "sw-lb")?;
         ns.veth("router", "r-nat", "sw", "sw-r")?;
         ns.veth("router", "r-srv", "server", "eth0")?;
-        ns.ip("sw", &["link", "add", "br-int", "type", "bridge"])?;
-        ns.ip("sw", &["link", "add", "br-ext", "type", "bridge"])?;
-        for (port, br) in [("sw-lb", "br-int"), ("sw-r", "br-ext")] {
-            ns.ip("sw", &["link", "set", port, "master", br])?;
-        }
-        for i in 0..n {
-            let nat = format!("nat{i}");
+        let (mut int_ports, mut ext_ports) = (vec!["sw-lb".to_string()], vec!["sw-r".to_string()]);
+        for (i, nat) in nats.iter().enumerate() {
             let (pi, px) = (format!("sw-i{i}"), format!("sw-x{i}"));
-            ns.veth(&nat, "int", "sw", &pi)?;
-            ns.veth(&nat, "ext", "sw", &px)?;
-            ns.ip("sw", &["link", "set", &pi, "master", "br-int"])?;
-            ns.ip("sw", &["link", "set", &px, "master", "br-ext"])?;
+            ns.veth(nat, "int", "sw", &pi)?;
+            ns.veth(nat, "ext", "sw", &px)?;
+            int_ports.push(pi);
+            ext_ports.push(px);
+        }
+        for (br, ports) in [("br-int", &int_ports), ("br-ext", &ext_ports)] {
+            let ports: Vec<&str> = ports.iter().map(String::as_str).collect();
+            ns.bridge("sw", br, &ports)?;
+        }
+        for (i, nat) in nats.iter().enumerate() {
             // A cloud network delivers a frame only to the VM it is for.
             // A learning bridge floods a frame for a MAC it has forgotten
             // (a port that went down) to every port, and XDP sees frames
@@ -133,76 +130,64 @@ impl FailoverLab {
             // bridge keeps when a port goes down, so a frame for a stopped
             // instance is dropped and one for a restarted instance
             // arrives without waiting for the bridge to learn its MAC.
-            for (p, dev) in [(&pi, "int"), (&px, "ext")] {
+            for (p, dev) in [(&int_ports[1 + i], "int"), (&ext_ports[1 + i], "ext")] {
                 ns.exec("sw", &["bridge", "link", "set", "dev", p, "flood", "off"])?;
-                let mac = ns.exec(&nat, &["cat", &format!("/sys/class/net/{dev}/address")])?;
-                let mac = String::from_utf8_lossy(&mac.stdout).trim().to_string();
-                ns.exec(
-                    "sw",
-                    &[
-                        "bridge", "fdb", "replace", &mac, "dev", p, "master", "static",
-                    ],
-                )?;
+                let mac = ns.read_sys(nat, dev, "address")?;
+                let fdb = [
+                    "bridge", "fdb", "replace", &mac, "dev", p, "master", "static",
+                ];
+                ns.exec("sw", &fdb)?;
             }
+            ns.addr(nat, "int", &format!("{}/24", int_ip(i)))?;
+            ns.addr(nat, "ext", &format!("{}/24", ext_ip(i)))?;
             ns.ip(
-                &nat,
-                &["addr", "add", &format!("{}/24", int_ip(i)), "dev", "int"],
-            )?;
-            ns.ip(
-                &nat,
-                &["addr", "add", &format!("{}/24", ext_ip(i)), "dev", "ext"],
-            )?;
-            ns.ip(
-                &nat,
+                nat,
                 &["route", "add", "default", "via", "192.0.2.1", "dev", "ext"],
             )?;
-            ns.sysctl(&nat, "net/ipv4/ip_forward", "1")?;
-        }
-        for br in ["br-int", "br-ext"] {
-            ns.ip("sw", &["link", "set", br, "up"])?;
+            ns.sysctl(nat, "net/ipv4/ip_forward", "1")?;
         }
         // Endpoints verify every checksum: the last hop before them
         // completes partial ones in software.
-        ns.exec("lb", &["ethtool", "-K", "lb-c", "tx", "off"])?;
-        ns.exec("router", &["ethtool", "-K", "r-srv", "tx", "off"])?;
+        ns.ethtool("lb", "lb-c", &["tx", "off"])?;
+        ns.ethtool("router", "r-srv", &["tx", "off"])?;
 
-        ns.ip("client", &["addr", "add", "10.9.0.2/24", "dev", "eth0"])?;
+        ns.addr("client", "eth0", "10.9.0.2/24")?;
         ns.ip("client", &["route", "add", "default", "via", "10.9.0.1"])?;
-        ns.ip("lb", &["addr", "add", "10.9.0.1/24", "dev", "lb-c"])?;
-        ns.ip("lb", &["addr", "add", "10.1.0.254/24", "dev", "lb-int"])?;
-        ns.ip("lb", &["addr", "add", "168.63.129.16/32", "dev", "lo"])?;
+        ns.addr("lb", "lb-c", "10.9.0.1/24")?;
+        ns.addr("lb", "lb-int", "10.1.0.254/24")?;
+        ns.addr("lb", "lo", "168.63.129.16/32")?;
         ns.sysctl("lb", "net/ipv4/ip_forward", "1")?;
         ns.sysctl("lb", "net/ipv4/fib_multipath_hash_policy", "1")?;
         // No instance is healthy until probed.
         ns.ip("lb", &["route", "add", "blackhole", "default"])?;
-        // Flow affinity: a new flow's next hop is remembered in its
-        // conntrack mark; later packets from the client follow the mark's
-        // table to the same instance, whatever the ECMP route says now.
+        self.flow_affinity()?;
+
+        ns.addr("router", "r-nat", "192.0.2.1/24")?;
+        ns.addr("router", "r-srv", "198.51.100.1/24")?;
+        ns.sysctl("router", "net/ipv4/ip_forward", "1")?;
+        ns.addr("server", "eth0", "198.51.100.10/24")?;
+        ns.ip(
+            "server",
+            &["route", "add", "default", "via", "198.51.100.1"],
+        )?;
+        ns.settle()
+    }
+
+    /// Flow affinity in `lb`: a new flow's next hop is remembered in its
+    /// conntrack mark; later packets from the client follow the mark's
+    /// table to the same instance, whatever the ECMP route says now.
+    fn flow_affinity(&self) -> Result<()> {
+        let ns = &self.ns;
         let mut elements = Vec::new();
-        for i in 0..n {
+        for i in 0..self.n {
             let table = (101 + i).to_string();
             let mark = (1 + i).to_string();
-            ns.ip(
-                "lb",
-                &[
-                    "route",
-                    "add",
-                    "default",
-                    "via",
-                    &int_ip(i).to_string(),
-                    "dev",
-                    "lb-int",
-                    "table",
-                    &table,
-                ],
-            )?;
-            ns.ip(
-                "lb",
-                &[
-                    "rule", "add", "fwmark", &mark, "lookup", &table, "pref", "100",
-                ],
-            )?;
-            elements.push(format!("{} : {mark}", int_ip(i)));
+            let hop = int_ip(i).to_string();
+            let route = ["route", "add", "default", "via", &hop, "dev", "lb-int"];
+            ns.ip("lb", &[&route[..], &["table", &table]].concat())?;
+            let rule = ["rule", "add", "fwmark", &mark, "lookup", &table];
+            ns.ip("lb", &[&rule[..], &["pref", "100"]].concat())?;
+            elements.push(format!("{hop} : {mark}"));
         }
         let ruleset = format!(
             "table ip lb {{\n\
@@ -217,23 +202,7 @@ impl FailoverLab {
         let r = ns.exec("lb", &["nft", "-f", &path.to_string_lossy()]);
         let _ = std::fs::remove_file(&path);
         r.context("loading the load balancer's nft ruleset (nftables installed?)")?;
-
-        ns.ip("router", &["addr", "add", "192.0.2.1/24", "dev", "r-nat"])?;
-        ns.ip(
-            "router",
-            &["addr", "add", "198.51.100.1/24", "dev", "r-srv"],
-        )?;
-        ns.sysctl("router", "net/ipv4/ip_forward", "1")?;
-        ns.ip(
-            "server",
-            &["addr", "add", "198.51.100.10/24", "dev", "eth0"],
-        )?;
-        ns.ip(
-            "server",
-            &["route", "add", "default", "via", "198.51.100.1"],
-        )?;
-        let names: Vec<String> = roles.iter().map(|r| ns.ns(r)).collect();
-        crate::netns::wait_links_settled(&names.iter().map(String::as_str).collect::<Vec<_>>())
+        Ok(())
     }
 
     pub fn instances(&self) -> usize {
@@ -266,14 +235,9 @@ impl FailoverLab {
     pub fn start_instance(&mut self, i: usize, extra: &[&str]) -> Result<()> {
         let args = FailoverLab::loader_args(extra);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let ns = &self.ns;
-        let gw = Gateway::start_with(
-            ns.command(&format!("nat{i}"), &[]),
-            &loader_path()?,
-            &args,
-            |cmd| ns.spawn_command(cmd),
-        )
-        .with_context(|| format!("starting the loader of nat{i}"))?;
+        let nat = format!("nat{i}");
+        let gw = Gateway::start_in(&self.ns, &nat, &loader_path()?, (INT_IF, EXT_IF), &args)
+            .with_context(|| format!("starting the loader of {nat}"))?;
         self.gateways[i] = Some(gw);
         Ok(())
     }
@@ -508,25 +472,8 @@ fn echo_conn(
     {
         m.insert(id, *p.ip());
     }
-    if w.write_all(line.as_bytes()).is_err() {
-        return;
-    }
-    let mut buf = [0u8; 4096];
-    while !stop.load(Ordering::Relaxed) {
-        match r.read(&mut buf) {
-            Ok(0) => return,
-            Ok(n) => {
-                if w.write_all(&buf[..n]).is_err() {
-                    return;
-                }
-            }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(_) => return,
-        }
+    if w.write_all(line.as_bytes()).is_ok() {
+        crate::streams::echo(&mut r, &mut w, stop);
     }
 }
 
@@ -825,7 +772,7 @@ fn set_route(lb: &str, healthy: &[usize]) -> Result<()> {
             ]);
         }
     }
-    crate::lab::run(std::process::Command::new("ip").args(&args))?;
+    crate::netns::run(std::process::Command::new("ip").args(&args))?;
     Ok(())
 }
 

@@ -11,7 +11,10 @@ use std::{
 use anyhow::{Context, Result, bail};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
-use crate::{Host, Lab, packet::internet_checksum};
+use crate::{
+    Host, Lab,
+    packet::{IPPROTO_TCP, l4_checksum},
+};
 
 /// Source ports the flood uses: above the well-known ones.
 const SPORT_MIN: u32 = 1024;
@@ -66,12 +69,7 @@ fn syn(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, seq: u32) -> [u8; 4
     t[12] = 0x50; // 20-byte header
     t[13] = 0x02; // SYN
     t[14..16].copy_from_slice(&64240u16.to_be_bytes());
-    let mut pseudo = Vec::with_capacity(32);
-    pseudo.extend_from_slice(&src.octets());
-    pseudo.extend_from_slice(&dst.octets());
-    pseudo.extend_from_slice(&[0, 6, 0, 20]);
-    pseudo.extend_from_slice(t);
-    let c = internet_checksum(&pseudo);
+    let c = l4_checksum(src, dst, IPPROTO_TCP, t);
     t[16..18].copy_from_slice(&c.to_be_bytes());
     p
 }
@@ -144,6 +142,7 @@ pub fn syn_flood(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::packet::ip_l4_checksum;
     use std::collections::HashSet;
 
     #[test]
@@ -160,11 +159,6 @@ mod tests {
         let src = Ipv4Addr::new(10, 1, 0, 12);
         let dst = Ipv4Addr::new(198, 51, 100, 10);
         let p = syn(src, dst, 40000, 7001, 1);
-        let mut pseudo = Vec::new();
-        pseudo.extend_from_slice(&src.octets());
-        pseudo.extend_from_slice(&dst.octets());
-        pseudo.extend_from_slice(&[0, 6, 0, 20]);
-        pseudo.extend_from_slice(&p[20..]);
-        assert_eq!(internet_checksum(&pseudo), 0);
+        assert_eq!(ip_l4_checksum(&p), 0);
     }
 }

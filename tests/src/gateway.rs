@@ -2,15 +2,17 @@
 
 use std::{
     io::{BufRead, BufReader},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::Stdio,
     sync::{Arc, Mutex, mpsc},
     time::Duration,
 };
 
 use anyhow::{Context, Result, bail};
+use nat_common::stats;
 
-use crate::{EXT_IF, Host, INT_IF, Lab, LabChild};
+use crate::netns::{LabChild, Namespaces};
+use crate::{EXT_IF, Host, INT_IF, Lab};
 
 /// The loader binary: `NAT_LOADER` if set, else the workspace's release
 /// build (`cargo xtask build` makes it).
@@ -27,6 +29,41 @@ pub fn loader_path() -> Result<PathBuf> {
         );
     }
     Ok(p)
+}
+
+/// The words of `line`: flags written as on a command line, e.g.
+/// `gateway(&lab, &flags("--udp-timeout 1 --sweep-interval 1"))`.
+pub fn flags(line: &str) -> Vec<&str> {
+    line.split_whitespace().collect()
+}
+
+/// Runs the loader in `lab`'s `nat` to its end (killed after 20 s), after
+/// `prefix` (a wrapper such as `setpriv …`, or nothing): whether it
+/// exited 0, and what it wrote to stderr. For invocations that are meant
+/// to end by themselves (bad flags, `teardown`, a refused second loader).
+pub fn run_loader(lab: &Lab, prefix: &[&str], args: &[&str]) -> Result<(bool, String)> {
+    let bin = loader_path()?;
+    let bin = bin.to_string_lossy();
+    let argv = [prefix, &[&*bin], args].concat();
+    let out = lab.exec_timeout(Host::Nat, &argv, Duration::from_secs(20))?;
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    Ok((out.status.success(), stderr))
+}
+
+/// The real loader in `lab`'s `nat`, for a test: `extra` flags, and no
+/// periodic stats unless `extra` sets `--stats-interval` (the counters are
+/// still logged at exit, for [`Gateway::counter`]). Panics, at the
+/// caller's line, when it does not become ready.
+#[track_caller]
+pub fn gateway(lab: &Lab, extra: &[&str]) -> Gateway {
+    let mut args = Vec::from(extra);
+    if !extra.contains(&"--stats-interval") {
+        args.extend(["--stats-interval", "0"]);
+    }
+    match Gateway::start(lab, &args) {
+        Ok(gw) => gw,
+        Err(e) => panic!("starting nat-loader: {e:#}"),
+    }
 }
 
 /// A running loader; stopped (SIGTERM, then SIGKILL after a grace period)
@@ -54,22 +91,23 @@ impl Gateway {
     }
 
     /// [`Gateway::start`] with another loader binary (an upgrade).
-    pub fn start_bin(lab: &Lab, bin: &std::path::Path, extra: &[&str]) -> Result<Gateway> {
-        Gateway::start_with(lab.command(Host::Nat, &[]), bin, extra, |cmd| {
-            lab.spawn_command(cmd)
-        })
+    pub fn start_bin(lab: &Lab, bin: &Path, extra: &[&str]) -> Result<Gateway> {
+        let nics = (INT_IF, EXT_IF);
+        Gateway::start_in(lab.namespaces(), Host::Nat.role(), bin, nics, extra)
     }
 
-    /// Starts `<ns_cmd> <bin> --int int --ext ext <extra>` where `ns_cmd`
-    /// enters a namespace (`ip netns exec NS`) and `spawn` starts it (so the
-    /// namespace's owner tracks the process); waits until ready.
-    pub fn start_with(
-        mut cmd: std::process::Command,
-        bin: &std::path::Path,
+    /// Starts `<bin> --int <int> --ext <ext> <extra>` in namespace `role`
+    /// of `ns` (which kills it at the latest when dropped) and waits until
+    /// it is ready.
+    pub fn start_in(
+        ns: &Namespaces,
+        role: &str,
+        bin: &Path,
+        (int, ext): (&str, &str),
         extra: &[&str],
-        spawn: impl FnOnce(&mut std::process::Command) -> Result<LabChild>,
     ) -> Result<Gateway> {
-        cmd.arg(bin).args(["--int", INT_IF, "--ext", EXT_IF]);
+        let mut cmd = ns.command(role, &[]);
+        cmd.arg(bin).args(["--int", int, "--ext", ext]);
         if !extra.contains(&"--drain-seconds") {
             cmd.args(["--drain-seconds", "0"]);
         }
@@ -77,7 +115,7 @@ impl Gateway {
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        let mut child = spawn(&mut cmd).context("starting nat-loader")?;
+        let mut child = ns.spawn_command(&mut cmd).context("starting nat-loader")?;
         let stderr = child
             .stderr
             .take()
@@ -240,8 +278,11 @@ impl Gateway {
     /// A counter missing from its hook's line is zero (only non-zero ones
     /// are logged), but a log with no stats line at all means the loader
     /// never reported them: that panics with the log, rather than reading
-    /// as zeros.
+    /// as zeros. So does a hook or label no counter has (a typo would
+    /// otherwise read as 0 and pass every `== 0`).
+    #[track_caller]
     pub fn counter(&self, hook: &str, label: &str) -> u64 {
+        known_counter(hook, label);
         let log = self.log();
         if !log.iter().any(|l| l.contains("nat_loader: stats ")) {
             panic!(
@@ -260,5 +301,45 @@ impl Gateway {
                     .find_map(|kv| kv.strip_prefix(&key).and_then(|n| n.parse().ok()))
             })
             .unwrap_or(0)
+    }
+}
+
+/// Panics, naming the known ones, unless `hook` and `label` name a counter
+/// (`nat_common::stats`, the labels the loader logs).
+#[track_caller]
+fn known_counter(hook: &str, label: &str) {
+    if stats::hook(hook).is_none() {
+        let hooks: Vec<&str> = stats::HOOKS.iter().map(|(_, l)| *l).collect();
+        panic!("no hook {hook:?}: the hooks are {hooks:?}");
+    }
+    if stats::reason(label).is_none() {
+        let labels: Vec<&str> = stats::LABELS.iter().map(|(_, l)| *l).collect();
+        panic!("no counter {label:?}: the counters are {labels:?}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::known_counter;
+
+    #[test]
+    fn every_hook_and_counter_label_is_known() {
+        for (_, hook) in nat_common::stats::HOOKS {
+            for (_, label) in nat_common::stats::LABELS {
+                known_counter(hook, label);
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "no counter \"xdp_out_forwarderd\": the counters are [")]
+    fn a_misspelled_counter_label_panics_naming_the_known_ones() {
+        known_counter("xdp_int", "xdp_out_forwarderd");
+    }
+
+    #[test]
+    #[should_panic(expected = "no hook \"xdp_inf\": the hooks are [\"xdp_int\"")]
+    fn a_misspelled_hook_panics_naming_the_known_ones() {
+        known_counter("xdp_inf", "xdp_out_forwarded");
     }
 }

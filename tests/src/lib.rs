@@ -15,10 +15,11 @@
 //! Dropping the [`Lab`] (also while unwinding from a panic) kills every
 //! process left in its namespaces and deletes them.
 //!
-//! For high availability: [`probers`] adds two namespaces holding Azure's
-//! probe address 168.63.129.16 to a lab; [`failover`] builds several
-//! instances behind an emulated internal load balancer with its prober;
-//! [`netns`] is the namespace set both are made of. [`flood`] sends a SYN
+//! Every topology is described with one namespace library, [`netns`]:
+//! the lab, and for high availability [`probers`] (two namespaces holding
+//! Azure's probe address 168.63.129.16, added to a lab) and [`failover`]
+//! (several instances behind an emulated internal load balancer with its
+//! prober), and the benchmark's topology ([`bench`]). [`flood`] sends a SYN
 //! flood of distinct 5-tuples (table-pressure tests).
 //!
 //! Traffic helpers ([`tcp_transfer`], [`udp_exchange`], [`ping`],
@@ -49,14 +50,16 @@ pub mod netns;
 pub mod packet;
 pub mod probers;
 mod streams;
+pub mod test_run;
 mod traffic;
 
 pub use bpffs::Bpffs;
 pub use streams::{EchoStreams, StreamReport};
 
-pub use gateway::{Gateway, READY, loader_path};
+pub use gateway::{Gateway, READY, flags, gateway, loader_path, run_loader};
 
-pub use lab::{Lab, LabChild, LabOptions};
+pub use lab::{Lab, LabOptions, lab, lab_with};
+pub use netns::LabChild;
 pub use traffic::{
     Flow, PingReport, TcpReport, UdpReport, accept_within, ping, recv_all_within,
     tcp_accepts_within, tcp_transfer, udp_exchange, udp_listen_for, udp_send,

@@ -2,7 +2,7 @@
 //! written independently of nat-common's, so a fixture compares the
 //! dataplane's incremental updates against a from-scratch computation.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
@@ -81,6 +81,51 @@ pub fn internet_checksum(data: &[u8]) -> u16 {
     !fold(sum16(data, 0))
 }
 
+/// The TCP/UDP checksum of `segment` (header and payload) from `src` to
+/// `dst`, pseudo-header included: what belongs in the field while it is
+/// zero, and 0 when the segment's own checksum is right.
+pub fn l4_checksum(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, segment: &[u8]) -> u16 {
+    !fold(sum16(segment, pseudo(src, dst, proto, segment.len())))
+}
+
+/// [`l4_checksum`] of the TCP or UDP segment of IPv4 packet `ip` (no
+/// Ethernet header; the segment ends at the total length): 0 when right.
+pub fn ip_l4_checksum(ip: &[u8]) -> u16 {
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    let tot = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    let addr = |at: usize| Ipv4Addr::new(ip[at], ip[at + 1], ip[at + 2], ip[at + 3]);
+    l4_checksum(addr(12), addr(16), ip[9], &ip[ihl..tot])
+}
+
+/// A UDP segment (header and payload) from `src` to `dst`, with its
+/// checksum.
+pub fn udp_segment(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
+    let mut s = Vec::with_capacity(8 + payload.len());
+    s.extend_from_slice(&src.port().to_be_bytes());
+    s.extend_from_slice(&dst.port().to_be_bytes());
+    s.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    s.extend_from_slice(&[0, 0]);
+    s.extend_from_slice(payload);
+    let c = match l4_checksum(*src.ip(), *dst.ip(), IPPROTO_UDP, &s) {
+        // A computed 0 is sent as 0xffff: 0 means "no checksum".
+        0 => 0xffff,
+        c => c,
+    };
+    s[6..8].copy_from_slice(&c.to_be_bytes());
+    s
+}
+
+/// An ICMP echo request (`kind` 8) or reply (0) with its checksum.
+pub fn echo_message(kind: u8, id: u16, seq: u16, payload: &[u8]) -> Vec<u8> {
+    let mut m = vec![kind, 0, 0, 0];
+    m.extend_from_slice(&id.to_be_bytes());
+    m.extend_from_slice(&seq.to_be_bytes());
+    m.extend_from_slice(payload);
+    let c = internet_checksum(&m);
+    m[2..4].copy_from_slice(&c.to_be_bytes());
+    m
+}
+
 fn pseudo(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, len: usize) -> u32 {
     let mut p = Vec::with_capacity(12);
     p.extend_from_slice(&src.octets());
@@ -125,36 +170,25 @@ impl Packet {
                 s.extend_from_slice(&[0, 0]);
                 Some(6)
             }
-            L4::Echo { kind, id, seq } => {
-                s.extend_from_slice(&[kind, 0, 0, 0]);
-                s.extend_from_slice(&id.to_be_bytes());
-                s.extend_from_slice(&seq.to_be_bytes());
-                None
-            }
+            L4::Echo { kind, id, seq } => return echo_message(kind, id, seq, &self.payload),
             L4::Raw { .. } => None,
         };
         s.extend_from_slice(&self.payload);
-        match (check_at, &self.l4) {
-            (Some(at), _) => {
-                let c = match self.csum {
-                    Csum::Zero => 0,
-                    Csum::Partial => fold(pseudo(self.src, self.dst, self.proto(), s.len())),
-                    Csum::Full => {
-                        let c = !fold(sum16(&s, pseudo(self.src, self.dst, self.proto(), s.len())));
-                        if c == 0 && self.proto() == IPPROTO_UDP {
-                            0xffff
-                        } else {
-                            c
-                        }
+        if let Some(at) = check_at {
+            let c = match self.csum {
+                Csum::Zero => 0,
+                Csum::Partial => fold(pseudo(self.src, self.dst, self.proto(), s.len())),
+                Csum::Full => {
+                    let c = l4_checksum(self.src, self.dst, self.proto(), &s);
+                    // UDP sends a computed 0 as 0xffff: 0 means "none".
+                    if c == 0 && self.proto() == IPPROTO_UDP {
+                        0xffff
+                    } else {
+                        c
                     }
-                };
-                s[at..at + 2].copy_from_slice(&c.to_be_bytes());
-            }
-            (None, L4::Echo { .. }) => {
-                let c = internet_checksum(&s);
-                s[2..4].copy_from_slice(&c.to_be_bytes());
-            }
-            _ => {}
+                }
+            };
+            s[at..at + 2].copy_from_slice(&c.to_be_bytes());
         }
         s
     }
@@ -188,6 +222,22 @@ impl Packet {
     }
 }
 
+/// A complete checksum `check` updated incrementally for data whose one's
+/// complement sum went from `old_sum` to `new_sum` (RFC 1624, eqn. 3:
+/// HC' = ~(~HC + ~m + m')). A checksum field that is really a partial
+/// one, updated as if complete, ends up here too.
+pub fn checksum_updated(check: u16, old_sum: u16, new_sum: u16) -> u16 {
+    !fold(u32::from(!check) + u32::from(!old_sum) + u32::from(new_sum))
+}
+
+/// The L4 checksum field of an Ethernet frame with a TCP or UDP packet.
+pub fn l4_checksum_field(frame: &[u8]) -> u16 {
+    let ip = &frame[14..];
+    let l4 = &ip[usize::from(ip[0] & 0x0f) * 4..];
+    let at = if ip[9] == IPPROTO_TCP { 16 } else { 6 };
+    u16::from_be_bytes([l4[at], l4[at + 1]])
+}
+
 /// Whether the IP header checksum and the L4 checksum of an Ethernet frame
 /// are both valid (a partial L4 checksum is not).
 pub fn checksums_valid(frame: &[u8]) -> bool {
@@ -198,12 +248,9 @@ pub fn checksums_valid(frame: &[u8]) -> bool {
         return false;
     }
     let seg = &ip[ihl..tot];
-    let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
-    let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
     match ip[9] {
-        IPPROTO_TCP => fold(sum16(seg, pseudo(src, dst, IPPROTO_TCP, seg.len()))) == 0xffff,
         IPPROTO_UDP if seg[6] == 0 && seg[7] == 0 => true,
-        IPPROTO_UDP => fold(sum16(seg, pseudo(src, dst, IPPROTO_UDP, seg.len()))) == 0xffff,
+        IPPROTO_TCP | IPPROTO_UDP => ip_l4_checksum(ip) == 0,
         IPPROTO_ICMP => internet_checksum(seg) == 0,
         _ => true,
     }
@@ -255,6 +302,29 @@ mod tests {
         ] {
             assert!(checksums_valid(&sample(l4, Csum::Full).build()));
         }
+    }
+
+    #[test]
+    fn an_incremental_update_equals_the_checksum_computed_from_scratch() {
+        let tcp = L4::Tcp {
+            sport: 1,
+            dport: 2,
+            flags: TCP_SYN,
+        };
+        let before = sample(tcp.clone(), Csum::Full);
+        let after = Packet {
+            src: Ipv4Addr::new(192, 0, 2, 2),
+            ..before.clone()
+        };
+        let sum = |p: &Packet| fold(sum16(&p.src.octets(), 0));
+        assert_eq!(
+            checksum_updated(
+                l4_checksum_field(&before.build()),
+                sum(&before),
+                sum(&after)
+            ),
+            l4_checksum_field(&after.build())
+        );
     }
 
     #[test]

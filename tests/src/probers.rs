@@ -39,55 +39,38 @@ impl Probers {
         let mut ns = Namespaces::with_prefix(lab.id().to_string());
         ns.add("probe-int")?;
         ns.add("probe-ext")?;
-        let sw = lab.ns(Host::Sw).to_string();
-        let router = lab.ns(Host::Router).to_string();
-        ns.veth("probe-int", "pi0", &sw, "sw-pi")?;
-        ns.ip(&sw, &["link", "set", "sw-pi", "master", SW_BRIDGE])?;
-        ns.ip("probe-int", &["addr", "add", "10.1.0.254/24", "dev", "pi0"])?;
-        ns.ip(
-            "probe-int",
-            &["addr", "add", "168.63.129.16/32", "dev", "lo"],
-        )?;
+        let (sw, router) = (lab.ns(Host::Sw), lab.ns(Host::Router));
+        let probe_ip = format!("{AZURE_PROBE_IP}/32");
+        ns.veth("probe-int", "pi0", sw, "sw-pi")?;
+        ns.ip(sw, &["link", "set", "sw-pi", "master", SW_BRIDGE])?;
+        ns.addr("probe-int", "pi0", &format!("{PROBE_INT_GW}/24"))?;
+        ns.addr("probe-int", "lo", &probe_ip)?;
 
-        ns.veth("probe-ext", "pe0", &router, "r-pe")?;
-        ns.ip(&router, &["addr", "add", "203.0.113.1/24", "dev", "r-pe"])?;
-        ns.ip(
-            &router,
-            &["route", "add", "168.63.129.16/32", "via", "203.0.113.2"],
-        )?;
-        ns.ip(
-            "probe-ext",
-            &["addr", "add", "203.0.113.2/24", "dev", "pe0"],
-        )?;
-        ns.ip(
-            "probe-ext",
-            &["addr", "add", "168.63.129.16/32", "dev", "lo"],
-        )?;
-        ns.ip(
-            "probe-ext",
-            &["route", "add", "default", "via", "203.0.113.1"],
-        )?;
+        ns.veth("probe-ext", "pe0", router, "r-pe")?;
+        ns.addr(router, "r-pe", &format!("{ROUTER_PROBE_IP}/24"))?;
+        let probe_ext = PROBE_EXT_IP.to_string();
+        ns.ip(router, &["route", "add", &probe_ip, "via", &probe_ext])?;
+        ns.addr("probe-ext", "pe0", &format!("{PROBE_EXT_IP}/24"))?;
+        ns.addr("probe-ext", "lo", &probe_ip)?;
+        let router_ip = ROUTER_PROBE_IP.to_string();
+        ns.ip("probe-ext", &["route", "add", "default", "via", &router_ip])?;
+        ns.settle()?;
         Ok(Probers { ns })
     }
 
     /// A probe from 168.63.129.16 on the internal side to `dst`.
     pub fn probe_int(&self, dst: SocketAddrV4, timeout: Duration) -> Result<TcpStream> {
-        self.ns.tcp_connect(
-            "probe-int",
-            Some(SocketAddrV4::new(AZURE_PROBE_IP, 0)),
-            dst,
-            timeout,
-        )
+        self.probe("probe-int", dst, timeout)
     }
 
     /// A probe from 168.63.129.16 on the external side to `dst`.
     pub fn probe_ext(&self, dst: SocketAddrV4, timeout: Duration) -> Result<TcpStream> {
-        self.ns.tcp_connect(
-            "probe-ext",
-            Some(SocketAddrV4::new(AZURE_PROBE_IP, 0)),
-            dst,
-            timeout,
-        )
+        self.probe("probe-ext", dst, timeout)
+    }
+
+    fn probe(&self, prober: &str, dst: SocketAddrV4, timeout: Duration) -> Result<TcpStream> {
+        let src = SocketAddrV4::new(AZURE_PROBE_IP, 0);
+        self.ns.tcp_connect(prober, Some(src), dst, timeout)
     }
 
     pub fn namespaces(&self) -> &Namespaces {

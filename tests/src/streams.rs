@@ -213,30 +213,12 @@ fn echo_server(listener: TcpListener, stop: Arc<AtomicBool>) {
     let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
-            Ok((mut sock, _)) => {
+            Ok((sock, _)) => {
                 let _ = sock.set_nonblocking(false);
                 let _ = sock.set_read_timeout(Some(Duration::from_millis(200)));
                 let _ = sock.set_nodelay(true);
                 let stop = Arc::clone(&stop);
-                let h = std::thread::spawn(move || {
-                    let mut buf = [0u8; 4096];
-                    while !stop.load(Ordering::Relaxed) {
-                        match sock.read(&mut buf) {
-                            Ok(0) => break,
-                            Ok(n) => {
-                                if sock.write_all(&buf[..n]).is_err() {
-                                    break;
-                                }
-                            }
-                            Err(e)
-                                if matches!(
-                                    e.kind(),
-                                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                                ) => {}
-                            Err(_) => break,
-                        }
-                    }
-                });
+                let h = std::thread::spawn(move || echo(&mut &sock, &mut &sock, &stop));
                 if let Ok(mut c) = conns.lock() {
                     c.push(h);
                 }
@@ -250,6 +232,28 @@ fn echo_server(listener: TcpListener, stop: Arc<AtomicBool>) {
     if let Ok(mut c) = conns.lock() {
         for h in c.drain(..) {
             let _ = h.join();
+        }
+    }
+}
+
+/// Writes back to `w` what arrives from `r`, until the end of the stream,
+/// an error or `stop`. `r` needs a read timeout for `stop` to be noticed.
+pub(crate) fn echo(r: &mut impl Read, w: &mut impl Write, stop: &AtomicBool) {
+    let mut buf = [0u8; 4096];
+    while !stop.load(Ordering::Relaxed) {
+        match r.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                if w.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return,
         }
     }
 }

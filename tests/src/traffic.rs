@@ -1,8 +1,8 @@
 //! Traffic generators and probes. Everything here is bounded by a deadline
 //! and reports a timeout as an error.
 
-use crate::lab::output_with_timeout;
-use crate::{Host, Lab};
+use crate::netns::output_with_timeout;
+use crate::{Host, Lab, SERVER_IP};
 use anyhow::{Context, Result, bail, ensure};
 use sha2::{Digest, Sha256};
 use std::io::{ErrorKind, Read, Write};
@@ -41,6 +41,11 @@ impl Flow {
             listen: None,
             timeout: Duration::from_secs(10),
         }
+    }
+
+    /// A flow from `from` to the server's `port` (the usual one).
+    pub fn to_server(from: Host, port: u16) -> Flow {
+        Flow::new(from, Host::Server, SocketAddrV4::new(SERVER_IP, port))
     }
 
     pub fn src_ip(mut self, ip: Ipv4Addr) -> Flow {
@@ -154,12 +159,32 @@ pub fn tcp_transfer(lab: &Lab, flow: &Flow, bytes: usize) -> Result<TcpReport> {
     })
 }
 
+/// One end of a [`tcp_transfer`]: its addresses, the digest of what it
+/// sent, and the byte count and digest of what it received.
 struct TcpSide {
     local: SocketAddr,
     peer: SocketAddr,
     sent_digest: [u8; 32],
     received: usize,
     received_digest: [u8; 32],
+}
+
+impl TcpSide {
+    /// `ends` are the connection's (local, peer) addresses, taken while it
+    /// is open.
+    fn new(
+        (local, peer): (SocketAddr, SocketAddr),
+        sent_digest: [u8; 32],
+        (received, received_digest): (usize, [u8; 32]),
+    ) -> TcpSide {
+        TcpSide {
+            local,
+            peer,
+            sent_digest,
+            received,
+            received_digest,
+        }
+    }
 }
 
 fn tcp_client(
@@ -171,8 +196,7 @@ fn tcp_client(
 ) -> Result<TcpSide> {
     let mut stream =
         lab.tcp_connect(flow.from, flow.bind_addr(), flow.dst, remaining(deadline)?)?;
-    let local = stream.local_addr()?;
-    let peer = stream.peer_addr()?;
+    let ends = (stream.local_addr()?, stream.peer_addr()?);
     let sent_digest = send_stream(&mut stream, deadline, seed, bytes).context("sending")?;
     stream.shutdown(Shutdown::Write)?;
 
@@ -182,14 +206,8 @@ fn tcp_client(
         echoed == sent_digest,
         "server's digest of the data differs from what was sent"
     );
-    let (received, received_digest) = recv_stream(&mut stream, deadline).context("receiving")?;
-    Ok(TcpSide {
-        local,
-        peer,
-        sent_digest,
-        received,
-        received_digest,
-    })
+    let received = recv_stream(&mut stream, deadline).context("receiving")?;
+    Ok(TcpSide::new(ends, sent_digest, received))
 }
 
 fn tcp_server(
@@ -201,18 +219,12 @@ fn tcp_server(
 ) -> Result<TcpSide> {
     let (mut stream, peer) = accept_until(listener, deadline, abort)?
         .context("no connection arrived before the deadline")?;
-    let local = stream.local_addr()?;
-    let (received, received_digest) = recv_stream(&mut stream, deadline).context("receiving")?;
-    write_until(&mut stream, &received_digest, deadline).context("sending digest")?;
+    let ends = (stream.local_addr()?, peer);
+    let received = recv_stream(&mut stream, deadline).context("receiving")?;
+    write_until(&mut stream, &received.1, deadline).context("sending digest")?;
     let sent_digest = send_stream(&mut stream, deadline, seed, bytes).context("sending")?;
     stream.shutdown(Shutdown::Write)?;
-    Ok(TcpSide {
-        local,
-        peer,
-        sent_digest,
-        received,
-        received_digest,
-    })
+    Ok(TcpSide::new(ends, sent_digest, received))
 }
 
 /// What a successful [`udp_exchange`] saw.

@@ -17,29 +17,83 @@ use std::{
     time::{Duration, Instant},
 };
 
-use nat_lab::{CLIENT1_IP, CLIENT2_IP, Gateway, Host, Lab, NAT_EXT_IP, SERVER_IP, recv_all_within};
+use nat_lab::{
+    CLIENT1_IP, CLIENT2_IP, Gateway, HOST_IF, Host, Lab, NAT_EXT_IP, SERVER_IP, flags, gateway,
+    lab,
+    packet::{echo_message, internet_checksum, ip_l4_checksum},
+    recv_all_within,
+};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 const SERVER2_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 20);
 
-fn lab() -> Lab {
-    let lab = Lab::new().expect("building the lab (needs root)");
-    lab.exec(
-        Host::Server,
-        &["ip", "addr", "add", "198.51.100.20/24", "dev", "eth0"],
-    )
-    .expect("second server address");
-    lab
+/// Where the UDP tests' STUN-like mirror ([`UdpMirror`]) listens.
+const STUN: SocketAddrV4 = SocketAddrV4::new(SERVER_IP, 3478);
+
+/// What every test begins with: the lab, its server with a second address
+/// ([`SERVER2_IP`]), and the gateway started with `extra`.
+fn nat(extra: &[&str]) -> (Lab, Gateway) {
+    nat_after(|_| {}, extra)
 }
 
-fn gateway(lab: &Lab, extra: &[&str]) -> Gateway {
-    let mut args = vec!["--stats-interval", "0"];
-    args.extend_from_slice(extra);
-    Gateway::start(lab, &args).expect("starting nat-loader")
+/// [`nat`], with `prepare` run on the lab before the gateway starts.
+fn nat_after(prepare: impl FnOnce(&Lab), extra: &[&str]) -> (Lab, Gateway) {
+    let lab = lab();
+    let server2 = format!("{SERVER2_IP}/24");
+    lab.namespaces()
+        .addr(Host::Server.role(), HOST_IF, &server2)
+        .expect("second server address");
+    prepare(&lab);
+    let gw = gateway(&lab, extra);
+    (lab, gw)
+}
+
+/// [`nat`] with a mirror at [`STUN`]: what the UDP mapping tests begin with.
+fn stun(extra: &[&str]) -> (Lab, Gateway, UdpMirror) {
+    let (lab, gw) = nat(extra);
+    let mirror = UdpMirror::start(&lab, STUN);
+    (lab, gw, mirror)
 }
 
 fn sa(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(ip, port)
+}
+
+fn client_ip(h: Host) -> Ipv4Addr {
+    match h {
+        Host::Client1 => CLIENT1_IP,
+        Host::Client2 => CLIENT2_IP,
+        other => panic!("{other} is not a client"),
+    }
+}
+
+/// A TCP connection from client `h`'s `port` (0: any) to `dst`, given up
+/// after 3 s.
+fn client_tcp(lab: &Lab, h: Host, port: u16, dst: SocketAddrV4) -> anyhow::Result<TcpStream> {
+    let src = sa(client_ip(h), port);
+    lab.tcp_connect(h, Some(src), dst, Duration::from_secs(3))
+}
+
+/// The next `n` bytes `s` receives, within 3 s.
+fn receive(s: &mut TcpStream, n: usize) -> Vec<u8> {
+    s.set_read_timeout(Some(Duration::from_secs(3)))
+        .expect("timeout");
+    let mut buf = vec![0u8; n];
+    s.read_exact(&mut buf).expect("read");
+    buf
+}
+
+/// A UDP socket of client `h`, bound to the client's address and `port`.
+fn client_udp(lab: &Lab, h: Host, port: u16) -> UdpSocket {
+    lab.udp_socket(h, sa(client_ip(h), port))
+        .expect("client socket")
+}
+
+/// [`client_udp`], and its mapping as the mirror at [`STUN`] reports it.
+fn mapped(lab: &Lab, h: Host, port: u16) -> (UdpSocket, SocketAddrV4) {
+    let socket = client_udp(lab, h, port);
+    let mapping = udp_mapping(&socket, STUN);
+    (socket, mapping)
 }
 
 /// A STUN-like UDP responder: answers every datagram with the source
@@ -104,25 +158,21 @@ fn udp_mapping(socket: &UdpSocket, server: SocketAddrV4) -> SocketAddrV4 {
     panic!("no answer from {server}");
 }
 
-/// A TCP listener in the server namespace that writes each peer's address
-/// and closes.
-fn tcp_mirror(lab: &Lab, bind: SocketAddrV4) -> JoinHandle<()> {
-    let listener = lab.tcp_listener(Host::Server, bind).expect("listener");
-    std::thread::spawn(move || {
+/// The external endpoint of client `h`'s TCP port `port`, as a one-shot
+/// mirror at `server` (in the server namespace) saw the connection come.
+fn tcp_mapping(lab: &Lab, h: Host, port: u16, server: SocketAddrV4) -> SocketAddrV4 {
+    let listener = lab.tcp_listener(Host::Server, server).expect("listener");
+    let mirror = std::thread::spawn(move || {
         if let Ok((mut s, peer)) = listener.accept() {
             let _ = s.write_all(peer.to_string().as_bytes());
         }
-    })
-}
-
-fn tcp_mapping(lab: &Lab, src: SocketAddrV4, server: SocketAddrV4) -> SocketAddrV4 {
-    let mut s = lab
-        .tcp_connect(Host::Client1, Some(src), server, Duration::from_secs(3))
-        .expect("connect through the gateway");
+    });
+    let mut s = client_tcp(lab, h, port, server).expect("connect through the gateway");
     s.set_read_timeout(Some(Duration::from_secs(3)))
         .expect("timeout");
     let mut text = String::new();
     s.read_to_string(&mut text).expect("read mapping");
+    mirror.join().expect("mirror");
     text.parse()
         .unwrap_or_else(|_| panic!("mirror said {text:?}"))
 }
@@ -130,12 +180,7 @@ fn tcp_mapping(lab: &Lab, src: SocketAddrV4, server: SocketAddrV4) -> SocketAddr
 /// Raw ICMP echo request with identifier `id` from `from` to `dst`.
 fn icmp_echo(lab: &Lab, from: Host, dst: Ipv4Addr, id: u16) {
     let socket = raw_icmp_socket(lab, from);
-    let mut msg = vec![8u8, 0, 0, 0];
-    msg.extend_from_slice(&id.to_be_bytes());
-    msg.extend_from_slice(&1u16.to_be_bytes());
-    msg.extend_from_slice(b"conformance");
-    let c = nat_lab::packet::internet_checksum(&msg);
-    msg[2..4].copy_from_slice(&c.to_be_bytes());
+    let msg = echo_message(8, id, 1, b"conformance");
     socket
         .send_to(&msg, &SockAddr::from(sa(dst, 0)))
         .expect("send echo");
@@ -147,34 +192,22 @@ fn echo_ids_seen(lab: &Lab, dst: Ipv4Addr, within: Duration, send: impl FnOnce()
     let socket = raw_icmp_socket(lab, Host::Server);
     let socket: UdpSocket = socket.into();
     send();
-    let deadline = Instant::now() + within;
     let mut ids = Vec::new();
-    let mut buf = [0u8; 1500];
-    while Instant::now() < deadline {
-        socket
-            .set_read_timeout(Some(Duration::from_millis(100)))
-            .expect("timeout");
-        if let Ok(n) = socket.recv(&mut buf) {
-            let ihl = usize::from(buf[0] & 0x0f) * 4;
-            let daddr = Ipv4Addr::new(buf[16], buf[17], buf[18], buf[19]);
-            if n >= ihl + 8 && buf[ihl] == 8 && daddr == dst {
-                ids.push(u16::from_be_bytes([buf[ihl + 4], buf[ihl + 5]]));
-            }
+    receive_raw(&socket, within, |p| {
+        let ihl = usize::from(p[0] & 0x0f) * 4;
+        if p.len() >= ihl + 8 && p[ihl] == 8 && ip_at(p, 16) == dst {
+            ids.push(be16(p, ihl + 4));
         }
-    }
+        None::<()>
+    });
     ids
 }
 
 #[test]
 fn rfc4787_req1_endpoint_independent_mapping_udp() {
-    let lab = lab();
-    let _gw = gateway(&lab, &[]);
-    let _m1 = UdpMirror::start(&lab, sa(SERVER_IP, 3478));
+    let (lab, _gw, _m1) = stun(&[]);
     let _m2 = UdpMirror::start(&lab, sa(SERVER2_IP, 3479));
-    let socket = lab
-        .udp_socket(Host::Client1, sa(CLIENT1_IP, 40000))
-        .expect("client socket");
-    let a = udp_mapping(&socket, sa(SERVER_IP, 3478));
+    let (socket, a) = mapped(&lab, Host::Client1, 40000);
     let b = udp_mapping(&socket, sa(SERVER2_IP, 3479));
     assert_eq!(*a.ip(), NAT_EXT_IP, "translated to the SNAT address");
     assert_eq!(a, b, "one external endpoint whatever the remote");
@@ -183,33 +216,25 @@ fn rfc4787_req1_endpoint_independent_mapping_udp() {
 
 #[test]
 fn rfc5382_req1_endpoint_independent_mapping_tcp() {
-    let lab = lab();
-    let _gw = gateway(&lab, &[]);
-    let t1 = tcp_mirror(&lab, sa(SERVER_IP, 7001));
-    let t2 = tcp_mirror(&lab, sa(SERVER2_IP, 7002));
-    let src = sa(CLIENT1_IP, 40100);
-    let a = tcp_mapping(&lab, src, sa(SERVER_IP, 7001));
-    let b = tcp_mapping(&lab, src, sa(SERVER2_IP, 7002));
-    t1.join().expect("mirror 1");
-    t2.join().expect("mirror 2");
+    let (lab, _gw) = nat(&[]);
+    let a = tcp_mapping(&lab, Host::Client1, 40100, sa(SERVER_IP, 7001));
+    let b = tcp_mapping(&lab, Host::Client1, 40100, sa(SERVER2_IP, 7002));
     assert_eq!(*a.ip(), NAT_EXT_IP);
     assert_eq!(a, b, "one external endpoint whatever the remote");
 }
 
 #[test]
 fn rfc5508_req1a_icmp_query_identifier_is_mapped_endpoint_independently() {
-    let lab = lab();
-    let _gw = gateway(&lab, &[]);
-    let to1 = echo_ids_seen(&lab, SERVER_IP, Duration::from_millis(2500), || {
-        icmp_echo(&lab, Host::Client1, SERVER_IP, 0x4242)
-    });
-    let to2 = echo_ids_seen(&lab, SERVER2_IP, Duration::from_millis(2500), || {
-        icmp_echo(&lab, Host::Client1, SERVER2_IP, 0x4242)
-    });
+    let (lab, _gw) = nat(&[]);
+    // The identifiers arriving at `dst` for an echo with 0x4242 from `from`.
+    let seen = |from: Host, dst: Ipv4Addr| {
+        let within = Duration::from_millis(2500);
+        echo_ids_seen(&lab, dst, within, || icmp_echo(&lab, from, dst, 0x4242))
+    };
+    let to1 = seen(Host::Client1, SERVER_IP);
+    let to2 = seen(Host::Client1, SERVER2_IP);
     // Client2's echo with the same identifier must get another one.
-    let other = echo_ids_seen(&lab, SERVER_IP, Duration::from_millis(2500), || {
-        icmp_echo(&lab, Host::Client2, SERVER_IP, 0x4242)
-    });
+    let other = seen(Host::Client2, SERVER_IP);
     assert_eq!(to1.len(), 1, "{to1:?}");
     assert_eq!(to1, to2, "one external identifier whatever the remote");
     assert_eq!(to1[0], 0x4242, "identifier preserved while free");
@@ -219,57 +244,37 @@ fn rfc5508_req1a_icmp_query_identifier_is_mapped_endpoint_independently() {
 
 #[test]
 fn rfc4787_req3_no_port_overloading_across_inside_hosts() {
-    let lab = lab();
-    let _gw = gateway(&lab, &[]);
-    let _m = UdpMirror::start(&lab, sa(SERVER_IP, 3478));
-    let c1 = lab
-        .udp_socket(Host::Client1, sa(CLIENT1_IP, 40200))
-        .expect("socket");
-    let c2 = lab
-        .udp_socket(Host::Client2, sa(CLIENT2_IP, 40200))
-        .expect("socket");
-    let a = udp_mapping(&c1, sa(SERVER_IP, 3478));
-    let b = udp_mapping(&c2, sa(SERVER_IP, 3478));
+    let (lab, _gw, _m) = stun(&[]);
+    let (_c1, a) = mapped(&lab, Host::Client1, 40200);
+    let (_c2, b) = mapped(&lab, Host::Client2, 40200);
     assert_eq!(a.port(), 40200);
     assert_ne!(a, b, "two inside endpoints never share an external one");
 }
 
 #[test]
 fn rfc4787_req3a_ports_below_1024_map_below_1024() {
-    let lab = lab();
-    let _gw = gateway(&lab, &[]);
-    let _m = UdpMirror::start(&lab, sa(SERVER_IP, 3478));
+    let (lab, _gw, _m) = stun(&[]);
     // 500 is outside the default low range (600-1023), so it cannot be
     // preserved; 700 can.
     for (port, preserved) in [(500u16, false), (700, true)] {
-        let s = lab
-            .udp_socket(Host::Client1, sa(CLIENT1_IP, port))
-            .expect("socket");
-        let m = udp_mapping(&s, sa(SERVER_IP, 3478));
+        let (_s, m) = mapped(&lab, Host::Client1, port);
         assert!(
             (600..1024).contains(&m.port()),
             "inside port {port} mapped to {m}"
         );
         assert_eq!(m.port() == port, preserved, "{port} -> {m}");
     }
-    let s = lab
-        .udp_socket(Host::Client1, sa(CLIENT1_IP, 2000))
-        .expect("socket");
-    assert!(udp_mapping(&s, sa(SERVER_IP, 3478)).port() >= 1024);
+    let (_s, m) = mapped(&lab, Host::Client1, 2000);
+    assert!(m.port() >= 1024, "inside port 2000 mapped to {m}");
 }
 
 #[test]
 fn rfc4787_req4_port_parity_is_preserved() {
-    let lab = lab();
-    let _gw = gateway(&lab, &[]);
-    let _m = UdpMirror::start(&lab, sa(SERVER_IP, 3478));
+    let (lab, _gw, _m) = stun(&[]);
     // Client2 takes each port first, so client1's mapping is a retry.
     let mut sockets = Vec::new();
     for port in 41000u16..41010 {
-        let c2 = lab
-            .udp_socket(Host::Client2, sa(CLIENT2_IP, port))
-            .expect("socket");
-        let m2 = udp_mapping(&c2, sa(SERVER_IP, 3478));
+        let (c2, m2) = mapped(&lab, Host::Client2, port);
         assert_eq!(
             m2.port(),
             port,
@@ -279,10 +284,7 @@ fn rfc4787_req4_port_parity_is_preserved() {
                 .map(|(_, m): &(_, SocketAddrV4)| *m)
                 .collect::<Vec<_>>()
         );
-        let c1 = lab
-            .udp_socket(Host::Client1, sa(CLIENT1_IP, port))
-            .expect("socket");
-        let m = udp_mapping(&c1, sa(SERVER_IP, 3478));
+        let (c1, m) = mapped(&lab, Host::Client1, port);
         assert_ne!(m.port(), port);
         assert_eq!(m.port() % 2, port % 2, "{port} -> {m}: parity lost");
         sockets.push(((c1, c2), m));
@@ -290,30 +292,29 @@ fn rfc4787_req4_port_parity_is_preserved() {
 }
 
 /// Client1 sends from 40300 to the server's 3478; then three remotes send
-/// to the mapping: the same endpoint, the same address from another port,
-/// another address. Returns which of the three arrived.
+/// to the mapping: that same endpoint, the same address from another port,
+/// another address. Returns which of the three arrived, and the packets
+/// the gateway counted as filtered.
 fn filtering_outcome(extra: &[&str]) -> ([bool; 3], u64) {
-    let lab = lab();
-    let mut gw = gateway(&lab, extra);
-    let _m = UdpMirror::start(&lab, sa(SERVER_IP, 3478));
-    let c = lab
-        .udp_socket(Host::Client1, sa(CLIENT1_IP, 40300))
-        .expect("socket");
-    let mapping = udp_mapping(&c, sa(SERVER_IP, 3478));
-    let senders = [sa(SERVER_IP, 3480), sa(SERVER2_IP, 3478)];
-    for (i, src) in senders.iter().enumerate() {
+    let (lab, mut gw) = nat(extra);
+    let (server, c, mapping) = udp_session(&lab, 3478, 40300);
+    let remotes = [
+        sa(SERVER_IP, 3478),
+        sa(SERVER_IP, 3480),
+        sa(SERVER2_IP, 3478),
+    ];
+    server.send_to(b"from-0", mapping).expect("send");
+    for (i, src) in remotes.iter().enumerate().skip(1) {
         let s = lab.udp_socket(Host::Server, *src).expect("sender");
         s.send_to(format!("from-{i}").as_bytes(), mapping)
             .expect("send");
     }
     let got = recv_all_within(&c, Duration::from_millis(800)).expect("recv");
     gw.stop().expect("stop");
-    let arrived = |ip: Ipv4Addr, port: u16| {
-        got.iter()
-            .any(|(from, _)| *from == SocketAddr::V4(sa(ip, port)))
-    };
+    let arrived =
+        |remote: SocketAddrV4| got.iter().any(|(from, _)| *from == SocketAddr::V4(remote));
     (
-        [true, arrived(SERVER_IP, 3480), arrived(SERVER2_IP, 3478)],
+        remotes.map(arrived),
         gw.counter("xdp_ext", "drop_filtered") + gw.counter("tc_ext", "drop_filtered"),
     )
 }
@@ -342,10 +343,9 @@ fn rfc4787_req8_endpoint_independent_filtering_when_configured() {
 /// After one outbound probe from client1, the server pushes a datagram to
 /// it every 200 ms for 5 s (inbound only). Returns how many arrived.
 fn inbound_only_arrivals(extra: &[&str]) -> usize {
-    let lab = lab();
     let mut args = vec!["--udp-timeout", "2", "--sweep-interval", "1"];
     args.extend_from_slice(extra);
-    let _gw = gateway(&lab, &args);
+    let (lab, _gw) = nat(&args);
     let (server, c, mapping) = udp_session(&lab, 3490, 40400);
     let pusher = std::thread::spawn(move || {
         for i in 0..25 {
@@ -376,12 +376,9 @@ fn rfc4787_req6_inbound_refresh_when_configured() {
 
 #[test]
 fn rfc5382_req4_unsolicited_syn_to_a_bound_port_is_silently_dropped() {
-    let lab = lab();
-    let mut gw = gateway(&lab, &[]);
+    let (lab, mut gw) = nat(&[]);
     // Client1's TCP endpoint 40500 gets a binding by talking to port 7003.
-    let t = tcp_mirror(&lab, sa(SERVER_IP, 7003));
-    let m = tcp_mapping(&lab, sa(CLIENT1_IP, 40500), sa(SERVER_IP, 7003));
-    t.join().expect("mirror");
+    let m = tcp_mapping(&lab, Host::Client1, 40500, sa(SERVER_IP, 7003));
     // A SYN from another server port is not answered at all: no RST, so
     // the connect neither succeeds nor is refused for 6 s.
     let started = Instant::now();
@@ -404,12 +401,9 @@ fn rfc5382_req4_unsolicited_syn_to_a_bound_port_is_silently_dropped() {
 
 #[test]
 fn rfc5382_req2_tcp_simultaneous_open_works() {
-    let lab = lab();
-    let _gw = gateway(&lab, &[]);
+    let (lab, _gw) = nat(&[]);
     // A binding for 40600, as a rendezvous server would see it.
-    let t = tcp_mirror(&lab, sa(SERVER_IP, 7005));
-    let m = tcp_mapping(&lab, sa(CLIENT1_IP, 40600), sa(SERVER_IP, 7005));
-    t.join().expect("mirror");
+    let m = tcp_mapping(&lab, Host::Client1, 40600, sa(SERVER_IP, 7005));
     // The server connects to the mapping first (its SYN is held back
     // silently), then the client connects to the server from 40600: the
     // SYNs cross and both ends open.
@@ -431,55 +425,30 @@ fn rfc5382_req2_tcp_simultaneous_open_works() {
     let mut srv: TcpStream = server_side.expect("server side opens");
     let mut cli: TcpStream = client_side.expect("client side opens");
     cli.write_all(b"hello across").expect("write");
-    let mut buf = [0u8; 12];
-    srv.set_read_timeout(Some(Duration::from_secs(3)))
-        .expect("timeout");
-    srv.read_exact(&mut buf).expect("read");
-    assert_eq!(&buf, b"hello across");
+    assert_eq!(receive(&mut srv, 12), b"hello across");
 }
 
 #[test]
 fn rfc6888_released_port_is_held_for_its_endpoint_then_freed() {
-    let lab = lab();
-    let _gw = gateway(
-        &lab,
-        &[
-            "--udp-timeout",
-            "2",
-            "--sweep-interval",
-            "1",
-            "--port-hold",
-            "6",
-        ],
-    );
-    let _m = UdpMirror::start(&lab, sa(SERVER_IP, 3478));
+    let hold = flags("--udp-timeout 2 --sweep-interval 1 --port-hold 6");
+    let (lab, _gw, _m) = stun(&hold);
     // Neighbours resolved first, so the session's first answer is not late
     // (a late answer can miss a session that just expired).
-    let warm = lab
-        .udp_socket(Host::Client1, sa(CLIENT1_IP, 40799))
-        .expect("socket");
-    udp_mapping(&warm, sa(SERVER_IP, 3478));
-    let c1 = lab
-        .udp_socket(Host::Client1, sa(CLIENT1_IP, 40700))
-        .expect("socket");
-    assert_eq!(udp_mapping(&c1, sa(SERVER_IP, 3478)).port(), 40700);
+    let _warm = mapped(&lab, Host::Client1, 40799);
+    let (c1, m1) = mapped(&lab, Host::Client1, 40700);
+    assert_eq!(m1.port(), 40700);
     // Idle: the session expires (2 s, seen by a sweep within 1 s more) and
     // the port is held for 6 s from then.
     std::thread::sleep(Duration::from_secs(4));
-    let c2 = lab
-        .udp_socket(Host::Client2, sa(CLIENT2_IP, 40700))
-        .expect("socket");
-    let during_hold = udp_mapping(&c2, sa(SERVER_IP, 3478));
+    let (c2, during_hold) = mapped(&lab, Host::Client2, 40700);
     assert_ne!(during_hold.port(), 40700, "held port went to another host");
     // The old endpoint takes its port back.
-    assert_eq!(udp_mapping(&c1, sa(SERVER_IP, 3478)).port(), 40700);
+    assert_eq!(udp_mapping(&c1, STUN).port(), 40700);
     drop(c2);
     // Once client1 is idle past timeout + hold, the port is free for others.
     std::thread::sleep(Duration::from_secs(10));
-    let c2 = lab
-        .udp_socket(Host::Client2, sa(CLIENT2_IP, 40700))
-        .expect("socket");
-    assert_eq!(udp_mapping(&c2, sa(SERVER_IP, 3478)).port(), 40700);
+    let (_c2, after_hold) = mapped(&lab, Host::Client2, 40700);
+    assert_eq!(after_hold.port(), 40700);
 }
 
 // ---- ICMP errors (RFC 5508 REQ-3..6, RFC 5382 REQ-9, RFC 4787 REQ-12) ----
@@ -491,17 +460,29 @@ fn raw_icmp(lab: &Lab, h: Host) -> UdpSocket {
 /// The first ICMP error (type 3/11/12) `socket` receives within `within`,
 /// as the whole IP packet.
 fn next_icmp_error(socket: &UdpSocket, within: Duration) -> Option<Vec<u8>> {
+    receive_raw(socket, within, |p| {
+        let ihl = usize::from(p[0] & 0x0f) * 4;
+        (p.len() > ihl && matches!(p[ihl], 3 | 11 | 12)).then(|| p.to_vec())
+    })
+}
+
+/// Hands `each` every packet (the whole IP packet) the raw `socket`
+/// receives within `within`, until it returns something.
+fn receive_raw<T>(
+    socket: &UdpSocket,
+    within: Duration,
+    mut each: impl FnMut(&[u8]) -> Option<T>,
+) -> Option<T> {
     let deadline = Instant::now() + within;
     let mut buf = [0u8; 2048];
     while Instant::now() < deadline {
         socket
             .set_read_timeout(Some(Duration::from_millis(100)))
             .expect("timeout");
-        if let Ok(n) = socket.recv(&mut buf) {
-            let ihl = usize::from(buf[0] & 0x0f) * 4;
-            if n > ihl && matches!(buf[ihl], 3 | 11 | 12) {
-                return Some(buf[..n].to_vec());
-            }
+        if let Ok(n) = socket.recv(&mut buf)
+            && let Some(t) = each(&buf[..n])
+        {
+            return Some(t);
         }
     }
     None
@@ -519,7 +500,6 @@ fn be16(b: &[u8], off: usize) -> u16 {
 /// `inside`, quoting `inside:port -> remote`, every checksum right (the
 /// quoted L4 one too, when the whole datagram is quoted).
 fn assert_error_restored(pkt: &[u8], inside: Ipv4Addr, port: u16, remote: Ipv4Addr, proto: u8) {
-    use nat_lab::packet::internet_checksum;
     let ihl = usize::from(pkt[0] & 0x0f) * 4;
     assert_eq!(ip_at(pkt, 16), inside, "outer destination");
     assert_eq!(internet_checksum(&pkt[..ihl]), 0, "outer IP checksum");
@@ -538,13 +518,7 @@ fn assert_error_restored(pkt: &[u8], inside: Ipv4Addr, port: u16, remote: Ipv4Ad
     let udp_without_checksum = proto == 17 && be16(l4, 6) == 0;
     if q.len() >= tot && proto != 1 && !udp_without_checksum {
         // The whole datagram is quoted: its L4 checksum must verify.
-        let seg = &q[qihl..tot];
-        let mut pseudo = Vec::new();
-        pseudo.extend_from_slice(&q[12..20]);
-        pseudo.extend_from_slice(&[0, proto]);
-        pseudo.extend_from_slice(&(seg.len() as u16).to_be_bytes());
-        pseudo.extend_from_slice(seg);
-        assert_eq!(internet_checksum(&pseudo), 0, "quoted L4 checksum");
+        assert_eq!(ip_l4_checksum(q), 0, "quoted L4 checksum");
     } else if proto == 1 {
         assert_eq!(
             internet_checksum(&q[qihl..tot.min(q.len())]),
@@ -560,12 +534,13 @@ fn set_ttl(socket: &Socket, ttl: u32) {
 
 #[test]
 fn rfc5508_req3_time_exceeded_quote_is_restored_for_udp_tcp_and_echo() {
-    let lab = lab();
     // Checksums complete on the wire (as from a real NIC), so the quote
     // carries a full L4 checksum to verify rather than a partial one.
-    lab.exec(Host::Client1, &["ethtool", "-K", "eth0", "tx", "off"])
-        .expect("ethtool");
-    let mut gw = gateway(&lab, &[]);
+    let tx_off = |lab: &Lab| {
+        lab.ethtool(Host::Client1, HOST_IF, &["tx", "off"])
+            .expect("ethtool")
+    };
+    let (lab, mut gw) = nat_after(tx_off, &[]);
     let errors = raw_icmp(&lab, Host::Client1);
     // UDP, TTL 2: expires at the router, one hop past the gateway.
     let udp = lab
@@ -606,10 +581,7 @@ fn rfc5508_req3_time_exceeded_quote_is_restored_for_udp_tcp_and_echo() {
     // ICMP echo, TTL 2.
     let echo = raw_icmp_socket(&lab, Host::Client1);
     set_ttl(&echo, 2);
-    let mut msg = vec![8u8, 0, 0, 0, 0x51, 0x51, 0, 1];
-    msg.extend_from_slice(b"ttl two");
-    let c = nat_lab::packet::internet_checksum(&msg);
-    msg[2..4].copy_from_slice(&c.to_be_bytes());
+    let msg = echo_message(8, 0x5151, 1, b"ttl two");
     echo.send_to(&msg, &SockAddr::from(sa(SERVER_IP, 0)))
         .expect("send echo");
     let e = loop {
@@ -626,8 +598,7 @@ fn rfc5508_req3_time_exceeded_quote_is_restored_for_udp_tcp_and_echo() {
 
 #[test]
 fn rfc5508_traceroute_through_the_gateway_shows_every_hop() {
-    let lab = lab();
-    let _gw = gateway(&lab, &[]);
+    let (lab, _gw) = nat(&[]);
     let out = lab
         .exec_timeout(
             Host::Client1,
@@ -702,9 +673,7 @@ fn narrow_link(lab: &Lab) {
 
 #[test]
 fn rfc5508_req3_fragmentation_needed_reaches_the_inside_host_so_pmtud_works() {
-    let lab = lab();
-    narrow_link(&lab);
-    let mut gw = gateway(&lab, &[]);
+    let (lab, mut gw) = nat_after(narrow_link, &[]);
     // A 1500-byte DF ping: the router answers Fragmentation Needed (MTU
     // 1400) to the SNAT address; translated, the client learns the MTU.
     assert_df_ping_learns_mtu_1400(&lab);
@@ -738,9 +707,7 @@ fn rfc5508_req3_fragmentation_needed_reaches_the_inside_host_so_pmtud_works() {
 
 #[test]
 fn rfc5382_req9_tcp_upload_recovers_through_pmtud_over_a_1400_byte_link() {
-    let lab = lab();
-    narrow_link(&lab);
-    let _gw = gateway(&lab, &[]);
+    let (lab, _gw) = nat_after(narrow_link, &[]);
     let listener = lab
         .tcp_listener(Host::Server, sa(SERVER_IP, 5601))
         .expect("listener");
@@ -760,14 +727,7 @@ fn rfc5382_req9_tcp_upload_recovers_through_pmtud_over_a_1400_byte_link() {
         let _ = s.write_all(total.to_string().as_bytes());
         total
     });
-    let mut c = lab
-        .tcp_connect(
-            Host::Client1,
-            None,
-            sa(SERVER_IP, 5601),
-            Duration::from_secs(3),
-        )
-        .expect("connect");
+    let mut c = client_tcp(&lab, Host::Client1, 0, sa(SERVER_IP, 5601)).expect("connect");
     let data = vec![0x5au8; 2 << 20];
     c.write_all(&data).expect("upload");
     c.shutdown(std::net::Shutdown::Write).expect("shutdown");
@@ -782,7 +742,6 @@ fn rfc5382_req9_tcp_upload_recovers_through_pmtud_over_a_1400_byte_link() {
 /// A Time Exceeded "from the router" about client1's UDP session, built by
 /// hand: the quote as the router would send it, then `mangle` applied.
 fn forged_error(mapping: SocketAddrV4, dport: u16, mangle: impl Fn(&mut Vec<u8>)) -> Vec<u8> {
-    use nat_lab::packet::internet_checksum;
     let mut quoted = vec![
         0x45, 0, 0, 36, 0, 1, 0x40, 0, 1, 17, 0, 0, 192, 0, 2, 2, 198, 51, 100, 10,
     ];
@@ -811,9 +770,7 @@ fn udp_session(
     let server = lab
         .udp_socket(Host::Server, sa(SERVER_IP, server_port))
         .expect("server");
-    let c = lab
-        .udp_socket(Host::Client1, sa(CLIENT1_IP, client_port))
-        .expect("client");
+    let c = client_udp(lab, Host::Client1, client_port);
     c.send_to(b"hi", sa(SERVER_IP, server_port)).expect("send");
     server
         .set_read_timeout(Some(Duration::from_secs(2)))
@@ -826,6 +783,16 @@ fn udp_session(
     (server, c, mapping)
 }
 
+/// Sends ICMP messages from the router to `mapping`'s address.
+fn from_router(lab: &Lab, mapping: SocketAddrV4) -> impl Fn(&[u8]) {
+    let router = raw_icmp_socket(lab, Host::Router);
+    move |msg| {
+        router
+            .send_to(msg, &SockAddr::from(sa(*mapping.ip(), 0)))
+            .expect("sending an ICMP message from the router");
+    }
+}
+
 fn raw_icmp_socket(lab: &Lab, h: Host) -> Socket {
     lab.in_ns(h, || {
         Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))
@@ -836,16 +803,10 @@ fn raw_icmp_socket(lab: &Lab, h: Host) -> Socket {
 
 #[test]
 fn rfc5508_req3_errors_with_bad_checksums_or_no_session_are_dropped() {
-    let lab = lab();
-    let mut gw = gateway(&lab, &[]);
+    let (lab, mut gw) = nat(&[]);
     let (_server, _c, mapping) = udp_session(&lab, 5700, 40900);
-    let router = raw_icmp_socket(&lab, Host::Router);
+    let send = from_router(&lab, mapping);
     let errors = raw_icmp(&lab, Host::Client1);
-    let send = |msg: &[u8]| {
-        router
-            .send_to(msg, &SockAddr::from(sa(*mapping.ip(), 0)))
-            .expect("send error");
-    };
     // Bad ICMP checksum.
     send(&forged_error(mapping, 5700, |m| m[2] ^= 0x40));
     // Bad quoted IP checksum (ICMP checksum fixed up to match).
@@ -853,7 +814,7 @@ fn rfc5508_req3_errors_with_bad_checksums_or_no_session_are_dropped() {
         m[8 + 10] ^= 0x01;
         m[2] = 0;
         m[3] = 0;
-        let c = nat_lab::packet::internet_checksum(m);
+        let c = internet_checksum(m);
         m[2..4].copy_from_slice(&c.to_be_bytes());
     }));
     // No session toward that remote port.
@@ -873,18 +834,13 @@ fn rfc5508_req3_errors_with_bad_checksums_or_no_session_are_dropped() {
 
 #[test]
 fn rfc5508_req6_icmp_errors_never_end_or_refresh_a_mapping() {
-    let lab = lab();
-    let _gw = gateway(&lab, &["--udp-timeout", "2", "--sweep-interval", "1"]);
+    let (lab, _gw) = nat(&["--udp-timeout", "2", "--sweep-interval", "1"]);
     let (server, c, mapping) = udp_session(&lab, 5710, 40910);
-    let router = raw_icmp_socket(&lab, Host::Router);
+    let send = from_router(&lab, mapping);
+    let error = forged_error(mapping, 5710, |_| {});
     // Errors do not end it: after three, the server still gets through.
     for _ in 0..3 {
-        router
-            .send_to(
-                &forged_error(mapping, 5710, |_| {}),
-                &SockAddr::from(sa(*mapping.ip(), 0)),
-            )
-            .expect("send");
+        send(&error);
     }
     server.send_to(b"still", mapping).expect("send");
     let got = recv_all_within(&c, Duration::from_millis(500)).expect("recv");
@@ -892,12 +848,7 @@ fn rfc5508_req6_icmp_errors_never_end_or_refresh_a_mapping() {
     // Errors every 300 ms for 4 s: were they refreshing the session, the
     // server's datagram at the end would still get in.
     for _ in 0..13 {
-        router
-            .send_to(
-                &forged_error(mapping, 5710, |_| {}),
-                &SockAddr::from(sa(*mapping.ip(), 0)),
-            )
-            .expect("send");
+        send(&error);
         std::thread::sleep(Duration::from_millis(300));
     }
     server.send_to(b"late", mapping).expect("send");
@@ -909,17 +860,9 @@ fn rfc5508_req6_icmp_errors_never_end_or_refresh_a_mapping() {
 
 #[test]
 fn rfc4787_req9_udp_hairpinning_shows_the_external_source() {
-    let lab = lab();
-    let mut gw = gateway(&lab, &[]);
-    let _m = UdpMirror::start(&lab, sa(SERVER_IP, 3478));
-    let c1 = lab
-        .udp_socket(Host::Client1, sa(CLIENT1_IP, 41100))
-        .expect("socket");
-    let c2 = lab
-        .udp_socket(Host::Client2, sa(CLIENT2_IP, 41101))
-        .expect("socket");
-    let m1 = udp_mapping(&c1, sa(SERVER_IP, 3478));
-    let m2 = udp_mapping(&c2, sa(SERVER_IP, 3478));
+    let (lab, mut gw, _m) = stun(&[]);
+    let (c1, m1) = mapped(&lab, Host::Client1, 41100);
+    let (c2, m2) = mapped(&lab, Host::Client2, 41101);
     // Hole punching with the default (strictest) filtering: client2's
     // packet toward client1's mapping is refused by client1's binding, but
     // opens client2's side; client1's then gets through, and the answer.
@@ -947,52 +890,25 @@ fn rfc4787_req9_udp_hairpinning_shows_the_external_source() {
 
 #[test]
 fn rfc5382_req8_tcp_hairpinning_shows_the_external_source() {
-    let lab = lab();
-    let _gw = gateway(&lab, &["--filtering", "endpoint-independent"]);
+    let (lab, _gw) = nat(&["--filtering", "endpoint-independent"]);
     // Client2's endpoint 41200 gets a mapping by talking out, then listens
     // on the same port.
-    let t = tcp_mirror(&lab, sa(SERVER_IP, 7010));
-    let m2 = tcp_mapping_from(
-        &lab,
-        Host::Client2,
-        sa(CLIENT2_IP, 41200),
-        sa(SERVER_IP, 7010),
-    );
-    t.join().expect("mirror");
+    let m2 = tcp_mapping(&lab, Host::Client2, 41200, sa(SERVER_IP, 7010));
     let listener = lab
         .tcp_listener(Host::Client2, sa(CLIENT2_IP, 41200))
         .expect("listener");
-    let t = tcp_mirror(&lab, sa(SERVER_IP, 7011));
-    let m1 = tcp_mapping_from(
-        &lab,
-        Host::Client1,
-        sa(CLIENT1_IP, 41201),
-        sa(SERVER_IP, 7011),
-    );
-    t.join().expect("mirror");
+    let m1 = tcp_mapping(&lab, Host::Client1, 41201, sa(SERVER_IP, 7011));
     let accepted = std::thread::spawn(move || {
         let (mut s, peer) = listener.accept().expect("accept");
-        let mut buf = [0u8; 5];
-        s.read_exact(&mut buf).expect("read");
+        let got = receive(&mut s, 5);
         s.write_all(b"pong!").expect("write");
-        (peer, buf)
+        (peer, got)
     });
-    let mut c = lab
-        .tcp_connect(
-            Host::Client1,
-            Some(sa(CLIENT1_IP, 41201)),
-            m2,
-            Duration::from_secs(3),
-        )
-        .expect("connect to the mapping");
+    let mut c = client_tcp(&lab, Host::Client1, 41201, m2).expect("connect to the mapping");
     c.write_all(b"ping!").expect("write");
-    let mut buf = [0u8; 5];
-    c.set_read_timeout(Some(Duration::from_secs(3)))
-        .expect("timeout");
-    c.read_exact(&mut buf).expect("read");
-    assert_eq!(&buf, b"pong!");
+    assert_eq!(receive(&mut c, 5), b"pong!");
     let (peer, got) = accepted.join().expect("accept thread");
-    assert_eq!(&got, b"ping!");
+    assert_eq!(got, b"ping!");
     assert_eq!(
         peer,
         SocketAddr::V4(m1),
@@ -1014,18 +930,6 @@ fn recv_from(
         .collect()
 }
 
-fn tcp_mapping_from(lab: &Lab, h: Host, src: SocketAddrV4, server: SocketAddrV4) -> SocketAddrV4 {
-    let mut s = lab
-        .tcp_connect(h, Some(src), server, Duration::from_secs(3))
-        .expect("connect through the gateway");
-    s.set_read_timeout(Some(Duration::from_secs(3)))
-        .expect("timeout");
-    let mut text = String::new();
-    s.read_to_string(&mut text).expect("read mapping");
-    text.parse()
-        .unwrap_or_else(|_| panic!("mirror said {text:?}"))
-}
-
 // ---- Fragmentation by the gateway (RFC 4787 REQ-13) ----
 
 /// The gateway's ext link (and the router's side of it) get a 1400-byte MTU,
@@ -1039,17 +943,13 @@ fn narrow_ext(lab: &Lab) {
 
 #[test]
 fn rfc4787_req13_df_packet_too_big_for_the_ext_link_gets_fragmentation_needed() {
-    let lab = lab();
-    narrow_ext(&lab);
-    let _gw = gateway(&lab, &[]);
+    let (lab, _gw) = nat_after(narrow_ext, &[]);
     assert_df_ping_learns_mtu_1400(&lab);
 }
 
 #[test]
 fn rfc4787_req13a_packet_without_df_is_translated_and_fragmented() {
-    let lab = lab();
-    narrow_ext(&lab);
-    let mut gw = gateway(&lab, &[]);
+    let (lab, mut gw) = nat_after(narrow_ext, &[]);
     let server = lab
         .udp_socket(Host::Server, sa(SERVER_IP, 5800))
         .expect("server");
@@ -1133,29 +1033,13 @@ fn next_flow_report(gw: &Gateway) -> (usize, Vec<String>) {
 
 #[test]
 fn rfc7857_a_rst_leaves_the_session_for_the_transitory_timeout_not_zero() {
-    let lab = lab();
-    let args = [
-        "--tcp-transitory-timeout",
-        "4",
-        "--sweep-interval",
-        "1",
-        "--stats-interval",
-        "1",
-        "--show-flows",
-        "10",
-    ];
-    let gw = Gateway::start(&lab, &args).expect("starting nat-loader");
+    let timers = "--tcp-transitory-timeout 4 --sweep-interval 1";
+    let reports = "--stats-interval 1 --show-flows 10";
+    let (lab, gw) = nat(&flags(&format!("{timers} {reports}")));
     let listener = lab
         .tcp_listener(Host::Server, sa(SERVER_IP, 5900))
         .expect("listener");
-    let c = lab
-        .tcp_connect(
-            Host::Client1,
-            None,
-            sa(SERVER_IP, 5900),
-            Duration::from_secs(3),
-        )
-        .expect("connect");
+    let c = client_tcp(&lab, Host::Client1, 0, sa(SERVER_IP, 5900)).expect("connect");
     let (_accepted, _) = listener.accept().expect("accept");
     // SO_LINGER 0: closing sends a RST.
     Socket::from(c)
@@ -1199,8 +1083,7 @@ fn refused_within(socket: &UdpSocket, within: Duration) -> bool {
 
 #[test]
 fn rfc5508_req5_icmp_error_from_an_inside_host_is_translated_out() {
-    let lab = lab();
-    let mut gw = gateway(&lab, &[]);
+    let (lab, mut gw) = nat(&[]);
     let (server, client, mapping) = udp_session(&lab, 5720, 41400);
     // The client goes away: its kernel answers the next datagram with Port
     // Unreachable, quoting server -> 10.1.0.11:41400.
@@ -1215,16 +1098,8 @@ fn rfc5508_req5_icmp_error_from_an_inside_host_is_translated_out() {
     let q = &e[ihl + 8..];
     assert_eq!(ip_at(q, 16), NAT_EXT_IP, "quoted destination = the mapping");
     assert_eq!(be16(q, 22), mapping.port(), "quoted port = the mapping's");
-    assert_eq!(
-        nat_lab::packet::internet_checksum(&e[ihl..]),
-        0,
-        "ICMP checksum"
-    );
-    assert_eq!(
-        nat_lab::packet::internet_checksum(&q[..20]),
-        0,
-        "quoted IP checksum"
-    );
+    assert_eq!(internet_checksum(&e[ihl..]), 0, "ICMP checksum");
+    assert_eq!(internet_checksum(&q[..20]), 0, "quoted IP checksum");
     // And the server's own stack matched it to its socket: the error is
     // pending there, reported by the next call.
     let second_send = server.send(b"anyone?");
@@ -1242,17 +1117,10 @@ fn rfc5508_req5_icmp_error_from_an_inside_host_is_translated_out() {
 
 #[test]
 fn rfc5508_req7_hairpinned_icmp_error_goes_back_to_the_inside_sender() {
-    let lab = lab();
-    let mut gw = gateway(&lab, &["--filtering", "endpoint-independent"]);
-    let _m = UdpMirror::start(&lab, sa(SERVER_IP, 3478));
-    let b = lab
-        .udp_socket(Host::Client2, sa(CLIENT2_IP, 41501))
-        .expect("socket");
-    let m2 = udp_mapping(&b, sa(SERVER_IP, 3478));
+    let (lab, mut gw, _m) = stun(&["--filtering", "endpoint-independent"]);
+    let (b, m2) = mapped(&lab, Host::Client2, 41501);
     drop(b);
-    let a = lab
-        .udp_socket(Host::Client1, sa(CLIENT1_IP, 41500))
-        .expect("socket");
+    let a = client_udp(&lab, Host::Client1, 41500);
     a.connect(m2).expect("connect");
     a.send(b"are you there?").expect("send");
     assert!(
@@ -1270,7 +1138,6 @@ fn rfc5508_req7_hairpinned_icmp_error_goes_back_to_the_inside_sender() {
 /// address, TTL 64, both checksums right, quoting `inside:port -> remote`.
 /// Returns the quoted packet.
 fn assert_out_of_ports_error(e: &[u8], inside: SocketAddrV4, remote: SocketAddrV4) -> Vec<u8> {
-    use nat_lab::packet::internet_checksum;
     let ihl = usize::from(e[0] & 0x0f) * 4;
     assert_eq!((e[ihl], e[ihl + 1]), (3, 13), "type 3 code 13");
     assert_eq!(
@@ -1303,27 +1170,17 @@ fn is_host_unreachable(e: &std::io::Error) -> bool {
 
 #[test]
 fn rfc5508_req8_out_of_ports_sends_icmp_unreachable_code_13() {
-    let lab = lab();
     // One external port, taken by client1 for UDP and for TCP.
-    let mut gw = gateway(&lab, &["--port-range", "41000-41000"]);
-    let server_udp = sa(SERVER_IP, 3478);
+    let (lab, mut gw, _m) = stun(&["--port-range", "41000-41000"]);
+    let server_udp = STUN;
     let server_tcp = sa(SERVER_IP, 5600);
-    let _m = UdpMirror::start(&lab, server_udp);
-    let c1 = lab
-        .udp_socket(Host::Client1, sa(CLIENT1_IP, 41000))
-        .expect("socket");
-    assert_eq!(udp_mapping(&c1, server_udp).port(), 41000);
+    let (_c1, m1) = mapped(&lab, Host::Client1, 41000);
+    assert_eq!(m1.port(), 41000);
     let listener = lab
         .tcp_listener(Host::Server, server_tcp)
         .expect("listener");
-    let holder = lab
-        .tcp_connect(
-            Host::Client1,
-            Some(sa(CLIENT1_IP, 41000)),
-            server_tcp,
-            Duration::from_secs(3),
-        )
-        .expect("client1 takes the TCP port");
+    let holder =
+        client_tcp(&lab, Host::Client1, 41000, server_tcp).expect("client1 takes the TCP port");
     let (_accepted, peer) = listener.accept().expect("accept");
     assert_eq!(peer, SocketAddr::V4(sa(NAT_EXT_IP, 41000)));
 
@@ -1333,7 +1190,7 @@ fn rfc5508_req8_out_of_ports_sends_icmp_unreachable_code_13() {
     lab.exec(Host::Client2, &["ethtool", "-K", "eth0", "tx", "off"])
         .expect("ethtool");
     let c2_udp = sa(CLIENT2_IP, 41000);
-    let c2 = lab.udp_socket(Host::Client2, c2_udp).expect("socket");
+    let c2 = client_udp(&lab, Host::Client2, c2_udp.port());
     c2.connect(server_udp).expect("connect");
     c2.set_read_timeout(Some(Duration::from_secs(3)))
         .expect("timeout");
@@ -1345,16 +1202,7 @@ fn rfc5508_req8_out_of_ports_sends_icmp_unreachable_code_13() {
     assert_eq!(usize::from(be16(&q, 2)), q.len(), "whole datagram quoted");
     assert_eq!(q[8], 64, "quoted TTL as sent");
     assert_eq!(&q[28..], b"no port for me");
-    let mut pseudo = Vec::new();
-    pseudo.extend_from_slice(&q[12..20]);
-    pseudo.extend_from_slice(&[0, 17]);
-    pseudo.extend_from_slice(&((q.len() - 20) as u16).to_be_bytes());
-    pseudo.extend_from_slice(&q[20..]);
-    assert_eq!(
-        nat_lab::packet::internet_checksum(&pseudo),
-        0,
-        "quoted UDP checksum"
-    );
+    assert_eq!(ip_l4_checksum(&q), 0, "quoted UDP checksum");
     // The connected socket learns it as a hard error.
     let mut buf = [0u8; 64];
     let err = c2

@@ -9,18 +9,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use nat_lab::{CLIENT1_IP, Gateway, Host, Lab, NAT_EXT_IP, SERVER_IP};
+use nat_lab::{
+    CLIENT1_IP, Gateway, Host, Lab, NAT_EXT_IP, SERVER_IP, gateway, lab,
+    packet::{echo_message, internet_checksum, udp_segment},
+};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 const DATAGRAM: usize = 4000;
 /// Fragment payload at MTU 1500 with a 20-byte header (a multiple of 8).
 const FRAG_PAYLOAD: usize = 1480;
-
-fn gateway(lab: &Lab, extra: &[&str]) -> Gateway {
-    let mut args = vec!["--stats-interval", "0"];
-    args.extend_from_slice(extra);
-    Gateway::start(lab, &args).expect("starting nat-loader")
-}
 
 fn sa(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(ip, port)
@@ -53,41 +50,6 @@ fn recv(s: &UdpSocket, what: &str) -> (Vec<u8>, SocketAddrV4) {
     (buf, from)
 }
 
-fn sum16(data: &[u8], mut acc: u32) -> u32 {
-    for pair in data.chunks(2) {
-        acc += ((pair[0] as u32) << 8) | pair.get(1).copied().unwrap_or(0) as u32;
-    }
-    acc
-}
-
-fn csum(acc: u32) -> u16 {
-    let mut a = acc;
-    while a > 0xffff {
-        a = (a & 0xffff) + (a >> 16);
-    }
-    !(a as u16)
-}
-
-/// A UDP segment (header + payload) with its checksum.
-fn udp_segment(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
-    let len = 8 + payload.len();
-    let mut s = Vec::with_capacity(len);
-    s.extend_from_slice(&src.port().to_be_bytes());
-    s.extend_from_slice(&dst.port().to_be_bytes());
-    s.extend_from_slice(&(len as u16).to_be_bytes());
-    s.extend_from_slice(&[0, 0]);
-    s.extend_from_slice(payload);
-    let mut pseudo = Vec::new();
-    pseudo.extend_from_slice(&src.ip().octets());
-    pseudo.extend_from_slice(&dst.ip().octets());
-    pseudo.extend_from_slice(&[0, 17]);
-    pseudo.extend_from_slice(&(len as u16).to_be_bytes());
-    let c = csum(sum16(&s, sum16(&pseudo, 0)));
-    let c = if c == 0 { 0xffff } else { c };
-    s[6..8].copy_from_slice(&c.to_be_bytes());
-    s
-}
-
 /// The IP fragments (header included) of `segment`, in order.
 fn fragments(src: Ipv4Addr, dst: Ipv4Addr, id: u16, proto: u8, segment: &[u8]) -> Vec<Vec<u8>> {
     let chunks: Vec<&[u8]> = segment.chunks(FRAG_PAYLOAD).collect();
@@ -105,12 +67,24 @@ fn fragments(src: Ipv4Addr, dst: Ipv4Addr, id: u16, proto: u8, segment: &[u8]) -
             p.extend_from_slice(&[64, proto, 0, 0]);
             p.extend_from_slice(&src.octets());
             p.extend_from_slice(&dst.octets());
-            let c = csum(sum16(&p, 0));
+            let c = internet_checksum(&p);
             p[10..12].copy_from_slice(&c.to_be_bytes());
             p.extend_from_slice(chunk);
             p
         })
         .collect()
+}
+
+/// The fragments (see [`fragments`]) of a UDP datagram with `payload`
+/// from the server's `port` to `external` (a mapping), IP id `id`.
+fn inbound_fragments(port: u16, external: SocketAddrV4, id: u16, payload: &[u8]) -> Vec<Vec<u8>> {
+    let seg = udp_segment(sa(SERVER_IP, port), external, payload);
+    fragments(SERVER_IP, NAT_EXT_IP, id, 17, &seg)
+}
+
+/// `frags` in the order of the indexes in `order`.
+fn in_order<'a>(frags: &'a [Vec<u8>], order: &[usize]) -> Vec<&'a Vec<u8>> {
+    order.iter().map(|&k| &frags[k]).collect()
 }
 
 /// A raw IPv4 socket in `h` whose packets carry our own headers.
@@ -130,23 +104,43 @@ fn send_raw(s: &Socket, dst: Ipv4Addr, packets: &[&Vec<u8>]) {
     }
 }
 
-/// Client1 binds a port and says hello to the server, which learns the
-/// client's external endpoint.
-fn open_mapping(lab: &Lab, port: u16) -> (UdpSocket, UdpSocket, SocketAddrV4) {
-    let client = socket(lab, Host::Client1, sa(CLIENT1_IP, port));
-    let server = socket(lab, Host::Server, sa(SERVER_IP, port));
+/// What the inbound tests begin with: the gateway (started with `extra`)
+/// and a UDP mapping, made by client1's `port` saying hello to the
+/// server's; a raw socket in the server sends fragments to it.
+struct Inbound {
+    client: UdpSocket,
+    server: UdpSocket,
+    /// Client1's external endpoint, as the server learnt it.
+    external: SocketAddrV4,
+    raw: Socket,
+    gw: Gateway,
+    _lab: Lab,
+}
+
+fn inbound(extra: &[&str], port: u16) -> Inbound {
+    let lab = lab();
+    let gw = gateway(&lab, extra);
+    let client = socket(&lab, Host::Client1, sa(CLIENT1_IP, port));
+    let server = socket(&lab, Host::Server, sa(SERVER_IP, port));
     client
         .send_to(b"hello", sa(SERVER_IP, port))
         .expect("client hello");
     let (hello, external) = recv(&server, "hello through the gateway");
     assert_eq!(hello, b"hello");
     assert_eq!(*external.ip(), NAT_EXT_IP, "hello not translated");
-    (client, server, external)
+    Inbound {
+        client,
+        server,
+        external,
+        raw: raw_socket(&lab, Host::Server),
+        gw,
+        _lab: lab,
+    }
 }
 
 #[test]
 fn rfc4787_req14_fragmented_udp_datagram_is_translated_whole_both_ways() {
-    let lab = Lab::new().expect("lab");
+    let lab = lab();
     let mut gw = gateway(&lab, &[]);
     let client = socket(&lab, Host::Client1, sa(CLIENT1_IP, 41000));
     let server = socket(&lab, Host::Server, sa(SERVER_IP, 41000));
@@ -176,20 +170,14 @@ fn rfc4787_req14_fragmented_udp_datagram_is_translated_whole_both_ways() {
     );
 
     gw.stop().expect("stopping the gateway");
-    for hook in ["tc_int", "tc_ext"] {
-        assert!(
-            gw.counter(hook, "tc_fragment_first_forwarded") >= 1,
-            "{hook}"
-        );
-        assert!(gw.counter(hook, "tc_fragment_forwarded") >= 2, "{hook}");
-    }
+    assert_fragments_forwarded_both_ways(&gw, 1, 2);
     assert!(gw.counter("tc_ext", "event_fragment_tracked") >= 1);
     assert_eq!(gw.counter("tc_int", "drop_fragment"), 0);
 }
 
 #[test]
 fn rfc4787_req14_outbound_fragments_in_any_order_are_translated_whole() {
-    let lab = Lab::new().expect("lab");
+    let lab = lab();
     let mut gw = gateway(&lab, &[]);
     let server = socket(&lab, Host::Server, sa(SERVER_IP, 42000));
     let raw = raw_socket(&lab, Host::Client1);
@@ -201,8 +189,7 @@ fn rfc4787_req14_outbound_fragments_in_any_order_are_translated_whole() {
         let seg = udp_segment(src, sa(SERVER_IP, 42000), &payload);
         let frags = fragments(CLIENT1_IP, SERVER_IP, 0x4200 + i as u16, 17, &seg);
         assert_eq!(frags.len(), 3);
-        let ordered: Vec<&Vec<u8>> = order.iter().map(|&k| &frags[k]).collect();
-        send_raw(&raw, SERVER_IP, &ordered);
+        send_raw(&raw, SERVER_IP, &in_order(&frags, order));
         let (got, from) = recv(&server, &format!("datagram sent in order {order:?}"));
         assert_eq!(
             *from.ip(),
@@ -212,36 +199,27 @@ fn rfc4787_req14_outbound_fragments_in_any_order_are_translated_whole() {
         assert!(got == payload, "order {order:?}: datagram differs");
     }
     gw.stop().expect("stopping the gateway");
-    let log = || gw.log().join("\n");
+    let log = gw.log().join("\n");
     assert!(
         gw.counter("tc_int", "tc_fragment_first_forwarded") >= 3,
-        "{}",
-        log()
+        "{log}"
     );
-    assert!(
-        gw.counter("tc_int", "tc_fragment_forwarded") >= 6,
-        "{}",
-        log()
-    );
+    assert!(gw.counter("tc_int", "tc_fragment_forwarded") >= 6, "{log}");
 }
 
 #[test]
 fn rfc4787_req14_inbound_fragments_reordered_after_the_first_are_translated_whole() {
-    let lab = Lab::new().expect("lab");
-    let mut gw = gateway(&lab, &[]);
-    let (client, _server, external) = open_mapping(&lab, 43000);
-    let raw = raw_socket(&lab, Host::Server);
+    let mut t = inbound(&[], 43000);
     let payload = pattern(20, DATAGRAM);
-    let seg = udp_segment(sa(SERVER_IP, 43000), external, &payload);
-    let frags = fragments(SERVER_IP, NAT_EXT_IP, 0x4300, 17, &seg);
+    let frags = inbound_fragments(43000, t.external, 0x4300, &payload);
     // First fragment first, the others swapped.
-    send_raw(&raw, NAT_EXT_IP, &[&frags[0], &frags[2], &frags[1]]);
-    let (got, from) = recv(&client, "inbound datagram, fragments 0 2 1");
+    send_raw(&t.raw, NAT_EXT_IP, &[&frags[0], &frags[2], &frags[1]]);
+    let (got, from) = recv(&t.client, "inbound datagram, fragments 0 2 1");
     assert_eq!(from, sa(SERVER_IP, 43000));
     assert!(got == payload, "inbound datagram differs");
-    gw.stop().expect("stopping the gateway");
-    assert_eq!(gw.counter("tc_ext", "tc_fragment_first_forwarded"), 1);
-    assert_eq!(gw.counter("tc_ext", "tc_fragment_forwarded"), 2);
+    t.gw.stop().expect("stopping the gateway");
+    assert_eq!(t.gw.counter("tc_ext", "tc_fragment_first_forwarded"), 1);
+    assert_eq!(t.gw.counter("tc_ext", "tc_fragment_forwarded"), 2);
 }
 
 /// A fragment ahead of its first fragment cannot be translated yet (the
@@ -249,63 +227,54 @@ fn rfc4787_req14_inbound_fragments_reordered_after_the_first_are_translated_whol
 /// sent once the first fragment has been translated.
 #[test]
 fn rfc4787_req14_inbound_fragments_ahead_of_their_first_are_held_and_translated_whole() {
-    let lab = Lab::new().expect("lab");
-    let mut gw = gateway(&lab, &[]);
-    let (client, _server, external) = open_mapping(&lab, 44000);
-    let raw = raw_socket(&lab, Host::Server);
+    let mut t = inbound(&[], 44000);
     // The first fragment last, and in the middle.
     let orders: [&[usize]; 2] = [&[2, 1, 0], &[1, 0, 2]];
     for (i, order) in orders.iter().enumerate() {
         let payload = pattern(30 + i as u8, DATAGRAM);
-        let seg = udp_segment(sa(SERVER_IP, 44000), external, &payload);
-        let frags = fragments(SERVER_IP, NAT_EXT_IP, 0x4400 + i as u16, 17, &seg);
-        let ordered: Vec<&Vec<u8>> = order.iter().map(|&k| &frags[k]).collect();
-        send_raw(&raw, NAT_EXT_IP, &ordered);
-        let (got, from) = recv(&client, &format!("inbound datagram in order {order:?}"));
+        let frags = inbound_fragments(44000, t.external, 0x4400 + i as u16, &payload);
+        send_raw(&t.raw, NAT_EXT_IP, &in_order(&frags, order));
+        let (got, from) = recv(&t.client, &format!("inbound datagram in order {order:?}"));
         assert_eq!(from, sa(SERVER_IP, 44000));
         assert!(got == payload, "order {order:?}: inbound datagram differs");
     }
-    gw.stop().expect("stopping the gateway");
+    t.gw.stop().expect("stopping the gateway");
     assert_eq!(
-        gw.counter("tc_ext", "tc_fragment_held"),
+        t.gw.counter("tc_ext", "tc_fragment_held"),
         3,
         "{:#?}",
-        gw.log()
+        t.gw.log()
     );
     // Each first fragment and its held ones went round again.
-    assert_eq!(gw.counter("tc_ext", "tc_fragment_reinjected"), 5);
-    assert_eq!(gw.counter("tc_ext", "tc_fragment_first_forwarded"), 2);
-    assert_eq!(gw.counter("tc_ext", "tc_fragment_forwarded"), 4);
-    assert_eq!(gw.counter("tc_ext", "drop_fragment_budget"), 0);
+    assert_eq!(t.gw.counter("tc_ext", "tc_fragment_reinjected"), 5);
+    assert_eq!(t.gw.counter("tc_ext", "tc_fragment_first_forwarded"), 2);
+    assert_eq!(t.gw.counter("tc_ext", "tc_fragment_forwarded"), 4);
+    assert_eq!(t.gw.counter("tc_ext", "drop_fragment_budget"), 0);
 }
 
 #[test]
 fn rfc4787_req14a_fragment_budget_is_bounded_and_exhaustion_counted() {
-    let lab = Lab::new().expect("lab");
     // 32 datagrams tracked, room for 8 fragments held ahead of their first.
-    let mut gw = gateway(&lab, &["--max-fragments", "32"]);
-    let (client, server, external) = open_mapping(&lab, 45000);
-    let raw = raw_socket(&lab, Host::Server);
+    let mut t = inbound(&["--max-fragments", "32"], 45000);
     // 16 datagrams whose 32 following fragments all come first.
     let n = 16u16;
     let sent: Vec<(Vec<u8>, Vec<Vec<u8>>)> = (0..n)
         .map(|i| {
             let payload = pattern(i as u8, DATAGRAM);
-            let seg = udp_segment(sa(SERVER_IP, 45000), external, &payload);
-            let frags = fragments(SERVER_IP, NAT_EXT_IP, 0x4500 + i, 17, &seg);
+            let frags = inbound_fragments(45000, t.external, 0x4500 + i, &payload);
             (payload, frags)
         })
         .collect();
     let firsts: Vec<&Vec<u8>> = sent.iter().map(|(_, f)| &f[0]).collect();
     let rest: Vec<&Vec<u8>> = sent.iter().flat_map(|(_, f)| &f[1..]).collect();
-    send_raw(&raw, NAT_EXT_IP, &rest);
-    send_raw(&raw, NAT_EXT_IP, &firsts);
-    client
+    send_raw(&t.raw, NAT_EXT_IP, &rest);
+    send_raw(&t.raw, NAT_EXT_IP, &firsts);
+    t.client
         .set_read_timeout(Some(Duration::from_millis(700)))
         .expect("timeout");
     let mut whole = 0;
     let mut buf = vec![0u8; 65536];
-    while let Ok((len, _)) = client.recv_from(&mut buf) {
+    while let Ok((len, _)) = t.client.recv_from(&mut buf) {
         assert!(
             sent.iter().any(|(p, _)| p[..] == buf[..len]),
             "a delivered datagram must be one of those sent, intact"
@@ -315,17 +284,17 @@ fn rfc4787_req14a_fragment_budget_is_bounded_and_exhaustion_counted() {
     assert!(whole < n, "8 held fragments cannot complete {n} datagrams");
 
     // The budget recovers: the next datagram goes through whole.
-    client
+    t.client
         .set_read_timeout(Some(Duration::from_secs(3)))
         .expect("timeout");
     let after = pattern(99, DATAGRAM);
-    server.send_to(&after, external).expect("server send");
-    let (got, _) = recv(&client, "datagram after the budget was exhausted");
+    t.server.send_to(&after, t.external).expect("server send");
+    let (got, _) = recv(&t.client, "datagram after the budget was exhausted");
     assert!(got == after, "the datagram after the burst differs");
 
-    gw.stop().expect("stopping the gateway");
-    let held = gw.counter("tc_ext", "tc_fragment_held");
-    let lost = gw.counter("tc_ext", "drop_fragment_budget");
+    t.gw.stop().expect("stopping the gateway");
+    let held = t.gw.counter("tc_ext", "tc_fragment_held");
+    let lost = t.gw.counter("tc_ext", "drop_fragment_budget");
     eprintln!("budget: {whole}/{n} whole, {held} fragments held, {lost} lost to the budget");
     assert_eq!(held, 2 * n as u64, "every early fragment is held");
     assert!(
@@ -390,15 +359,12 @@ fn assert_big_pings_answered(lab: &Lab, from: Host, dst: Ipv4Addr, count: u32) {
 /// in order and not.
 #[test]
 fn fragmented_pings_of_the_gateway_itself_reach_its_kernel_whole() {
-    let lab = Lab::new().expect("lab");
+    let lab = lab();
     let mut gw = gateway(&lab, &[]);
     assert_big_pings_answered(&lab, Host::Server, NAT_EXT_IP, 2);
     // An echo request whose fragments come last first.
     let (reasm, echoes) = reassembled_and_echoes(&lab, Host::Nat);
-    let mut icmp = vec![8, 0, 0, 0, 0x12, 0x34, 0, 1];
-    icmp.extend(pattern(40, DATAGRAM));
-    let c = csum(sum16(&icmp, 0));
-    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let icmp = echo_message(8, 0x1234, 1, &pattern(40, DATAGRAM));
     let frags = fragments(SERVER_IP, NAT_EXT_IP, 0x4600, 1, &icmp);
     let raw = raw_socket(&lab, Host::Server);
     send_raw(&raw, NAT_EXT_IP, &[&frags[2], &frags[1], &frags[0]]);
@@ -417,17 +383,11 @@ fn fragmented_pings_of_the_gateway_itself_reach_its_kernel_whole() {
 
 #[test]
 fn rfc5508_fragmented_icmp_echo_is_translated_whole_both_ways() {
-    let lab = Lab::new().expect("lab");
+    let lab = lab();
     let mut gw = gateway(&lab, &[]);
     assert_big_pings_answered(&lab, Host::Client1, SERVER_IP, 3);
     gw.stop().expect("stopping the gateway");
-    for hook in ["tc_int", "tc_ext"] {
-        assert!(
-            gw.counter(hook, "tc_fragment_first_forwarded") >= 3,
-            "{hook}"
-        );
-        assert!(gw.counter(hook, "tc_fragment_forwarded") >= 6, "{hook}");
-    }
+    assert_fragments_forwarded_both_ways(&gw, 3, 6);
 }
 
 /// At most 8 fragments of one datagram are held before its first one; the
@@ -435,27 +395,34 @@ fn rfc5508_fragmented_icmp_echo_is_translated_whole_both_ways() {
 /// datagram does not reach the inside host incomplete.
 #[test]
 fn early_fragments_beyond_the_per_datagram_hold_limit_are_counted() {
-    let lab = Lab::new().expect("lab");
-    let mut gw = gateway(&lab, &[]);
-    let (client, _server, external) = open_mapping(&lab, 46000);
-    let raw = raw_socket(&lab, Host::Server);
+    let mut t = inbound(&[], 46000);
     // 11 fragments: 10 following ones ahead of the first.
     let payload = pattern(50, 11 * FRAG_PAYLOAD - 8);
-    let seg = udp_segment(sa(SERVER_IP, 46000), external, &payload);
-    let frags = fragments(SERVER_IP, NAT_EXT_IP, 0x4700, 17, &seg);
+    let frags = inbound_fragments(46000, t.external, 0x4700, &payload);
     assert_eq!(frags.len(), 11);
     let reversed: Vec<&Vec<u8>> = frags.iter().rev().collect();
-    send_raw(&raw, NAT_EXT_IP, &reversed);
-    client
+    send_raw(&t.raw, NAT_EXT_IP, &reversed);
+    t.client
         .set_read_timeout(Some(Duration::from_millis(700)))
         .expect("timeout");
     let mut buf = vec![0u8; 65536];
     assert!(
-        client.recv_from(&mut buf).is_err(),
+        t.client.recv_from(&mut buf).is_err(),
         "an incomplete datagram cannot be delivered"
     );
-    gw.stop().expect("stopping the gateway");
-    assert_eq!(gw.counter("tc_ext", "tc_fragment_held"), 8);
-    assert_eq!(gw.counter("tc_ext", "pass_fragment_untracked"), 2);
-    assert_eq!(gw.counter("tc_ext", "tc_fragment_forwarded"), 8);
+    t.gw.stop().expect("stopping the gateway");
+    assert_eq!(t.gw.counter("tc_ext", "tc_fragment_held"), 8);
+    assert_eq!(t.gw.counter("tc_ext", "pass_fragment_untracked"), 2);
+    assert_eq!(t.gw.counter("tc_ext", "tc_fragment_forwarded"), 8);
+}
+
+/// Both directions (TC at both NICs) forwarded at least `firsts` first
+/// fragments and `others` following ones.
+fn assert_fragments_forwarded_both_ways(gw: &Gateway, firsts: u64, others: u64) {
+    for hook in ["tc_int", "tc_ext"] {
+        let first = gw.counter(hook, "tc_fragment_first_forwarded");
+        assert!(first >= firsts, "{hook}: {first} first fragments");
+        let following = gw.counter(hook, "tc_fragment_forwarded");
+        assert!(following >= others, "{hook}: {following} others");
+    }
 }

@@ -10,30 +10,12 @@ use std::{
 
 use aya::programs::{SchedClassifier, TcAttachType};
 use nat_lab::{
-    CLIENT1_IP, CLIENT2_IP, EXT_IF, Flow, Gateway, Host, INT_IF, Lab, LabOptions, NAT_EXT_IP,
-    PRIVATE_NET, SERVER_IP, accept_within, ping, recv_all_within, tcp_transfer, udp_exchange,
-    udp_send,
+    CLIENT1_IP, CLIENT2_IP, EXT_IF, Flow, Gateway, HOST_IF, Host, INT_IF, Lab, LabOptions,
+    NAT_EXT_IP, PRIVATE_NET, SERVER_IP, SW_NAT_PORT, accept_within, flags, gateway, lab, lab_with,
+    ping, recv_all_within, run_loader, tcp_transfer, udp_exchange, udp_send,
 };
 
 const MB: usize = 1 << 20;
-
-fn lab() -> Lab {
-    Lab::new().expect("building the lab (needs root)")
-}
-
-fn start(lab: &Lab) -> Gateway {
-    Gateway::start(lab, &["--stats-interval", "0"]).expect("starting nat-loader")
-}
-
-fn server(port: u16) -> SocketAddrV4 {
-    SocketAddrV4::new(SERVER_IP, port)
-}
-
-fn ethtool(lab: &Lab, h: Host, dev: &str, args: &[&str]) {
-    let mut argv = vec!["ethtool", "-K", dev];
-    argv.extend_from_slice(args);
-    lab.exec(h, &argv).expect("ethtool");
-}
 
 /// Whether anything of ours is still attached to `ifname` in `nat`.
 fn programs_attached(lab: &Lab, ifname: &str) -> (bool, usize) {
@@ -52,57 +34,40 @@ fn programs_attached(lab: &Lab, ifname: &str) -> (bool, usize) {
     (xdp, tcx)
 }
 
+/// Neither XDP nor TCX programs on either NIC of `nat`.
+fn assert_nothing_attached(lab: &Lab, when: &str) {
+    for ifname in [INT_IF, EXT_IF] {
+        let left = programs_attached(lab, ifname);
+        assert_eq!(left, (false, 0), "{when}: programs left on {ifname}");
+    }
+}
+
 #[test]
 fn tcp_carries_megabytes_through_the_gateway_and_the_server_sees_the_snat_address() {
     let lab = lab();
-    let mut gw = start(&lab);
-    let report = tcp_transfer(
-        &lab,
-        &Flow::new(Host::Client1, Host::Server, server(8080)),
-        4 * MB,
-    )
-    .expect("4 MB each way through the gateway, SHA-256 verified");
+    let mut gw = gateway(&lab, &[]);
+    let report = tcp_transfer(&lab, &Flow::to_server(Host::Client1, 8080), 4 * MB)
+        .expect("4 MB each way through the gateway, SHA-256 verified");
     assert_eq!(report.server_saw.ip(), IpAddr::V4(NAT_EXT_IP));
     assert_eq!(report.bytes_to_server, 4 * MB);
     assert_eq!(report.bytes_to_client, 4 * MB);
     gw.stop().expect("stopping the loader");
     // Sockets send with checksum offload (partial checksums): XDP hands
     // those to TC, which translates them.
-    assert!(
-        gw.counter("tc_int", "tc_out_forwarded") > 0,
-        "{:#?}",
-        gw.log()
-    );
-    assert!(
-        gw.counter("tc_ext", "tc_in_forwarded") > 0,
-        "{:#?}",
-        gw.log()
-    );
+    let log = gw.log();
+    assert!(gw.counter("tc_int", "tc_out_forwarded") > 0, "{log:#?}");
+    assert!(gw.counter("tc_ext", "tc_in_forwarded") > 0, "{log:#?}");
 }
 
 #[test]
 fn with_checksum_offload_off_the_xdp_fast_path_translates_and_checksums_stay_valid() {
     let lab = lab();
-    // Complete checksums on the wire, and no GRO re-merging them into
-    // offloaded super-packets before the gateway.
-    ethtool(&lab, Host::Client1, "eth0", &["tx", "off"]);
-    ethtool(&lab, Host::Server, "eth0", &["tx", "off"]);
-    ethtool(&lab, Host::Sw, nat_lab::SW_CLIENT1_PORT, &["gro", "off"]);
-    ethtool(&lab, Host::Router, nat_lab::ROUTER_SRV_IF, &["gro", "off"]);
-    let mut gw = start(&lab);
-    let report = tcp_transfer(
-        &lab,
-        &Flow::new(Host::Client1, Host::Server, server(8081)),
-        2 * MB,
-    )
-    .expect("2 MB each way, SHA-256 verified; the receivers verify every checksum");
+    lab.complete_checksums_on_the_wire().expect("ethtool");
+    let mut gw = gateway(&lab, &[]);
+    let report = tcp_transfer(&lab, &Flow::to_server(Host::Client1, 8081), 2 * MB)
+        .expect("2 MB each way, SHA-256 verified; the receivers verify every checksum");
     assert_eq!(report.server_saw.ip(), IpAddr::V4(NAT_EXT_IP));
-    let udp = udp_exchange(
-        &lab,
-        &Flow::new(Host::Client1, Host::Server, server(5300)),
-        20,
-    )
-    .expect("UDP exchange");
+    let udp = udp_exchange(&lab, &Flow::to_server(Host::Client1, 5300), 20).expect("UDP exchange");
     assert_eq!(udp.answered, 20);
     gw.stop().expect("stopping the loader");
     let out = gw.counter("xdp_int", "xdp_out_forwarded");
@@ -122,13 +87,9 @@ fn with_checksum_offload_off_the_xdp_fast_path_translates_and_checksums_stay_val
 #[test]
 fn udp_exchange_through_the_gateway_uses_the_snat_address() {
     let lab = lab();
-    let _gw = start(&lab);
-    let report = udp_exchange(
-        &lab,
-        &Flow::new(Host::Client1, Host::Server, server(5301)),
-        50,
-    )
-    .expect("UDP exchange through the gateway");
+    let _gw = gateway(&lab, &[]);
+    let report = udp_exchange(&lab, &Flow::to_server(Host::Client1, 5301), 50)
+        .expect("UDP exchange through the gateway");
     assert_eq!(report.answered, 50);
     assert_eq!(
         report.single_source().map(|a| a.ip()),
@@ -141,7 +102,7 @@ fn udp_exchange_through_the_gateway_uses_the_snat_address() {
 #[test]
 fn ping_through_the_gateway_is_answered() {
     let lab = lab();
-    let _gw = start(&lab);
+    let _gw = gateway(&lab, &[]);
     let r = ping(&lab, Host::Client1, SERVER_IP, 5, Duration::from_secs(5)).expect("ping runs");
     assert!(r.all_replied(), "{}", r.output);
 }
@@ -172,7 +133,7 @@ fn a_config_file_sets_port_range_and_filtering_and_a_flag_overrides_it() {
     // A source port outside both ranges, so the gateway must pick one.
     let client = SocketAddrV4::new(CLIENT1_IP, 45100);
     let mapping_to = |port: u16| -> SocketAddrV4 {
-        let flow = Flow::new(Host::Client1, Host::Server, server(port))
+        let flow = Flow::to_server(Host::Client1, port)
             .src_ip(CLIENT1_IP)
             .src_port(client.port());
         let report = udp_exchange(&lab, &flow, 5).expect("UDP exchange through the gateway");
@@ -194,7 +155,7 @@ fn a_config_file_sets_port_range_and_filtering_and_a_flag_overrides_it() {
     udp_send(
         &lab,
         Host::Server,
-        Some(server(5311)),
+        Some(SocketAddrV4::new(SERVER_IP, 5311)),
         mapped,
         b"other port",
         1,
@@ -203,7 +164,7 @@ fn a_config_file_sets_port_range_and_filtering_and_a_flag_overrides_it() {
     let got = recv_all_within(&c, Duration::from_millis(800)).expect("receiving");
     assert!(
         got.iter()
-            .any(|(from, _)| *from == SocketAddr::V4(server(5311))),
+            .any(|(from, _)| *from == SocketAddr::V4(SocketAddrV4::new(SERVER_IP, 5311))),
         "endpoint-independent filtering (the file's) let nothing in: {got:?}\n{:#?}",
         gw.log()
     );
@@ -223,16 +184,16 @@ fn a_config_file_sets_port_range_and_filtering_and_a_flag_overrides_it() {
 #[test]
 fn two_clients_with_the_same_source_port_both_work() {
     let lab = lab();
-    let _gw = start(&lab);
+    let _gw = gateway(&lab, &[]);
     let (a, b) = std::thread::scope(|s| {
         let a = s.spawn(|| {
-            let f = Flow::new(Host::Client1, Host::Server, server(8082))
+            let f = Flow::to_server(Host::Client1, 8082)
                 .src_ip(CLIENT1_IP)
                 .src_port(45000);
             tcp_transfer(&lab, &f, MB)
         });
         let b = s.spawn(|| {
-            let f = Flow::new(Host::Client2, Host::Server, server(8083))
+            let f = Flow::to_server(Host::Client2, 8083)
                 .src_ip(CLIENT2_IP)
                 .src_port(45000);
             tcp_transfer(&lab, &f, MB)
@@ -248,10 +209,10 @@ fn two_clients_with_the_same_source_port_both_work() {
 
     // UDP: both to the same server port at once, so their external ports
     // must differ for the replies to find their way back.
-    let ua = Flow::new(Host::Client1, Host::Server, server(5302))
+    let ua = Flow::to_server(Host::Client1, 5302)
         .src_ip(CLIENT1_IP)
         .src_port(45001);
-    let ub = Flow::new(Host::Client2, Host::Server, server(5303))
+    let ub = Flow::to_server(Host::Client2, 5303)
         .src_ip(CLIENT2_IP)
         .src_port(45001);
     let ra = udp_exchange(&lab, &ua, 10).expect("client1 UDP");
@@ -310,7 +271,7 @@ fn unsolicited_inbound_from_the_internet_reaches_nothing_inside() {
         udp > 0 && tcp,
         "the lab must let it through without the programs: udp {udp} tcp {tcp}"
     );
-    let mut gw = start(&lab);
+    let mut gw = gateway(&lab, &[]);
     let (udp, tcp) = probe(&lab);
     gw.stop().expect("stopping the loader");
     assert_eq!(udp, 0, "no unsolicited datagram reaches the client");
@@ -323,8 +284,8 @@ fn unsolicited_inbound_from_the_internet_reaches_nothing_inside() {
 #[test]
 fn without_the_loader_traffic_fails_and_after_it_stops_nothing_of_it_remains() {
     let lab = lab();
-    let flow = Flow::new(Host::Client1, Host::Server, server(8084)).timeout(Duration::from_secs(3));
-    let udp = Flow::new(Host::Client1, Host::Server, server(5304)).timeout(Duration::from_secs(2));
+    let flow = Flow::to_server(Host::Client1, 8084).timeout(Duration::from_secs(3));
+    let udp = Flow::to_server(Host::Client1, 5304).timeout(Duration::from_secs(2));
     // The kernel forwards (ip_forward is on) but translates nothing, and
     // the Internet has no route back to a private address.
     assert!(
@@ -335,15 +296,11 @@ fn without_the_loader_traffic_fails_and_after_it_stops_nothing_of_it_remains() {
     let r = ping(&lab, Host::Client1, SERVER_IP, 2, Duration::from_secs(2)).expect("ping runs");
     assert_eq!(r.received, 0, "{}", r.output);
 
-    let mut gw = start(&lab);
+    let mut gw = gateway(&lab, &[]);
     assert_eq!(programs_attached(&lab, INT_IF), (true, 1));
     assert_eq!(programs_attached(&lab, EXT_IF), (true, 1));
-    tcp_transfer(
-        &lab,
-        &Flow::new(Host::Client1, Host::Server, server(8085)),
-        64 * 1024,
-    )
-    .expect("TCP works with the gateway");
+    tcp_transfer(&lab, &Flow::to_server(Host::Client1, 8085), 64 * 1024)
+        .expect("TCP works with the gateway");
     let probe = SocketAddrV4::new(nat_lab::NAT_INT_IP, nat_common::DEFAULT_PROBE_PORT);
     lab.tcp_connect(Host::Client1, None, probe, Duration::from_secs(2))
         .expect("the health probe port answers while the gateway runs");
@@ -355,17 +312,8 @@ fn without_the_loader_traffic_fails_and_after_it_stops_nothing_of_it_remains() {
         "the health probe port is closed once the loader stopped"
     );
 
-    assert_eq!(
-        programs_attached(&lab, INT_IF),
-        (false, 0),
-        "nothing left on int"
-    );
-    assert_eq!(
-        programs_attached(&lab, EXT_IF),
-        (false, 0),
-        "nothing left on ext"
-    );
-    let flow = Flow::new(Host::Client1, Host::Server, server(8086)).timeout(Duration::from_secs(3));
+    assert_nothing_attached(&lab, "after the loader stopped");
+    let flow = Flow::to_server(Host::Client1, 8086).timeout(Duration::from_secs(3));
     assert!(
         tcp_transfer(&lab, &flow, 64 * 1024).is_err(),
         "TCP fails again once it stopped"
@@ -375,24 +323,9 @@ fn without_the_loader_traffic_fails_and_after_it_stops_nothing_of_it_remains() {
 #[test]
 fn idle_flows_are_swept_after_their_timeout() {
     let lab = lab();
-    let gw = Gateway::start(
-        &lab,
-        &[
-            "--udp-timeout",
-            "1",
-            "--icmp-timeout",
-            "1",
-            "--sweep-interval",
-            "1",
-        ],
-    )
-    .expect("starting nat-loader");
-    udp_exchange(
-        &lab,
-        &Flow::new(Host::Client1, Host::Server, server(5305)),
-        3,
-    )
-    .expect("UDP");
+    let timeouts = flags("--udp-timeout 1 --icmp-timeout 1 --sweep-interval 1");
+    let gw = gateway(&lab, &timeouts);
+    udp_exchange(&lab, &Flow::to_server(Host::Client1, 5305), 3).expect("UDP");
     let r = ping(&lab, Host::Client1, SERVER_IP, 1, Duration::from_secs(3)).expect("ping runs");
     assert!(r.all_replied(), "{}", r.output);
     // The two flows may expire in one sweep or in two (the UDP one may go
@@ -434,51 +367,25 @@ fn idle_flows_are_swept_after_their_timeout() {
 
 #[test]
 fn loader_enables_ip_forwarding_and_restores_it_on_exit() {
-    let lab = Lab::new_with(LabOptions {
-        nat_ip_forward: false,
-    })
-    .expect("lab");
-    let forwarding = |lab: &Lab| {
-        let out = lab
-            .exec(Host::Nat, &["cat", "/proc/sys/net/ipv4/ip_forward"])
-            .expect("cat");
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
-    assert_eq!(forwarding(&lab), "0");
-    let mut gw = start(&lab);
-    assert_eq!(forwarding(&lab), "1");
-    tcp_transfer(
-        &lab,
-        &Flow::new(Host::Client1, Host::Server, server(8087)),
-        64 * 1024,
-    )
-    .expect("TCP through the gateway");
+    let lab = lab_with(LabOptions::nat_forwarding_off());
+    assert_eq!(ip_forward(&lab), "0");
+    let mut gw = gateway(&lab, &[]);
+    assert_eq!(ip_forward(&lab), "1");
+    tcp_transfer(&lab, &Flow::to_server(Host::Client1, 8087), 64 * 1024)
+        .expect("TCP through the gateway");
     gw.stop().expect("stop");
-    assert_eq!(forwarding(&lab), "0", "restored on exit");
+    assert_eq!(ip_forward(&lab), "0", "restored on exit");
 }
 
-/// Runs the loader with `args` in `nat`; returns (exit success, stderr).
-fn run_loader(lab: &Lab, prefix: &[&str], args: &[&str]) -> (bool, String) {
-    let bin = nat_lab::loader_path().expect("loader binary");
-    let bin = bin.to_string_lossy().into_owned();
-    let mut argv: Vec<&str> = prefix.to_vec();
-    argv.push(&bin);
-    argv.extend_from_slice(args);
-    let out = lab
-        .exec_timeout(Host::Nat, &argv, Duration::from_secs(20))
-        .expect("running the loader");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+/// `net.ipv4.ip_forward` in `nat`.
+fn ip_forward(lab: &Lab) -> String {
+    lab.read_sysctl(Host::Nat, "net/ipv4/ip_forward")
+        .expect("reading ip_forward")
 }
 
 #[test]
 fn bad_invocations_fail_with_one_clear_line_and_leave_the_host_as_it_was() {
-    let lab = Lab::new_with(LabOptions {
-        nat_ip_forward: false,
-    })
-    .expect("lab");
+    let lab = lab_with(LabOptions::nat_forwarding_off());
     lab.exec(
         Host::Nat,
         &[
@@ -486,57 +393,30 @@ fn bad_invocations_fail_with_one_clear_line_and_leave_the_host_as_it_was() {
         ],
     )
     .expect("an interface without an address");
-    let cases: &[(&[&str], &[&str], &str)] = &[
+    // (command prefix, the loader's arguments, what its error must say)
+    let as_nobody = "setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps=-all";
+    let cases = [
+        ("", "--ext eth9 --int int", "interface eth9 not found"),
+        ("", "--ext ext --int nope0", "interface nope0 not found"),
+        ("", "--ext ext --int ext", "are the same interface"),
+        ("", "--ext noaddr --int int", "has no IPv4 address"),
         (
-            &[],
-            &["--ext", "eth9", "--int", "int"],
-            "interface eth9 not found",
-        ),
-        (
-            &[],
-            &["--ext", "ext", "--int", "nope0"],
-            "interface nope0 not found",
-        ),
-        (
-            &[],
-            &["--ext", "ext", "--int", "ext"],
-            "are the same interface",
-        ),
-        (
-            &[],
-            &["--ext", "noaddr", "--int", "int"],
-            "has no IPv4 address",
-        ),
-        (
-            &[],
-            &["--ext", "ext", "--int", "int", "--port-range", "2000-1000"],
+            "",
+            "--ext ext --int int --port-range 2000-1000",
             "MIN <= MAX",
         ),
+        ("", "--ext ext --int int --max-flows 0", "at least one flow"),
         (
-            &[],
-            &["--ext", "ext", "--int", "int", "--max-flows", "0"],
-            "at least one flow",
-        ),
-        (
-            &[],
-            &["--ext", "ext", "--int", "int", "--max-fragments", "0"],
+            "",
+            "--ext ext --int int --max-fragments 0",
             "at least one datagram",
         ),
-        (&[], &["--int", "int"], "--ext"),
-        (
-            &[
-                "setpriv",
-                "--reuid=65534",
-                "--regid=65534",
-                "--clear-groups",
-                "--inh-caps=-all",
-            ],
-            &["--ext", "ext", "--int", "int"],
-            "needs root",
-        ),
+        ("", "--int int", "--ext"),
+        (as_nobody, "--ext ext --int int", "needs root"),
     ];
     for (prefix, args, expected) in cases {
-        let (ok, stderr) = run_loader(&lab, prefix, args);
+        let (prefix, args) = (flags(prefix), flags(args));
+        let (ok, stderr) = run_loader(&lab, &prefix, &args).expect("running the loader");
         assert!(!ok, "{args:?} must fail");
         assert!(
             stderr.contains(expected),
@@ -548,24 +428,8 @@ fn bad_invocations_fail_with_one_clear_line_and_leave_the_host_as_it_was() {
             error_lines <= 1,
             "{args:?}: one error line expected:\n{stderr}"
         );
-        assert_eq!(
-            programs_attached(&lab, INT_IF),
-            (false, 0),
-            "{args:?} left programs on int"
-        );
-        assert_eq!(
-            programs_attached(&lab, EXT_IF),
-            (false, 0),
-            "{args:?} left programs on ext"
-        );
-        let out = lab
-            .exec(Host::Nat, &["cat", "/proc/sys/net/ipv4/ip_forward"])
-            .expect("cat");
-        assert_eq!(
-            String::from_utf8_lossy(&out.stdout).trim(),
-            "0",
-            "{args:?} changed forwarding"
-        );
+        assert_nothing_attached(&lab, &format!("{args:?}"));
+        assert_eq!(ip_forward(&lab), "0", "{args:?} changed forwarding");
     }
 }
 
@@ -573,15 +437,10 @@ fn bad_invocations_fail_with_one_clear_line_and_leave_the_host_as_it_was() {
 /// destination MAC `dst_mac`, from the switch's port toward the gateway
 /// (as a switch flooding the frame would), `count` times.
 fn inject_to_gateway(lab: &Lab, dst_mac: [u8; 6], count: usize) {
-    use nat_lab::packet::{Csum, L4 as PL4, Packet, parse_mac};
-    let read = |h: Host, path: &str| {
-        let out = lab.exec(h, &["cat", path]).expect("cat");
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
-    let src_mac = parse_mac(&read(Host::Client1, "/sys/class/net/eth0/address")).expect("mac");
+    use nat_lab::packet::{Csum, L4 as PL4, Packet};
     let frame = Packet {
         dst_mac,
-        src_mac,
+        src_mac: lab.mac(Host::Client1, HOST_IF).expect("client1's MAC"),
         src: CLIENT1_IP,
         dst: SERVER_IP,
         ttl: 64,
@@ -594,9 +453,7 @@ fn inject_to_gateway(lab: &Lab, dst_mac: [u8; 6], count: usize) {
         csum: Csum::Full,
     }
     .build();
-    let ifindex: i32 = read(Host::Sw, "/sys/class/net/sw-nat/ifindex")
-        .parse()
-        .expect("ifindex");
+    let ifindex = lab.ifindex(Host::Sw, SW_NAT_PORT).expect("ifindex") as i32;
     lab.in_ns(Host::Sw, move || {
         // SAFETY: plain libc calls on a socket this closure owns.
         unsafe {
@@ -624,16 +481,28 @@ fn inject_to_gateway(lab: &Lab, dst_mac: [u8; 6], count: usize) {
     .expect("in the switch namespace");
 }
 
-#[test]
-fn frames_addressed_to_another_machines_mac_are_not_translated() {
+/// In a fresh lab with the gateway: injects 5 frames toward the MAC
+/// `dst_mac` picks (see [`inject_to_gateway`]); the datagrams that reach
+/// the server within `within`, and the stopped gateway.
+fn server_gets_frames_to(
+    dst_mac: impl Fn(&Lab) -> [u8; 6],
+    within: Duration,
+) -> (Vec<(SocketAddr, Vec<u8>)>, Gateway) {
     let lab = lab();
-    let mut gw = start(&lab);
+    let mut gw = gateway(&lab, &[]);
     let server = lab
         .udp_socket(Host::Server, SocketAddrV4::new(SERVER_IP, 6100))
         .expect("server socket");
-    inject_to_gateway(&lab, [0x02, 0, 0, 0, 0, 0x99], 5);
-    let got = recv_all_within(&server, Duration::from_millis(1500)).expect("receiving");
+    inject_to_gateway(&lab, dst_mac(&lab), 5);
+    let got = recv_all_within(&server, within).expect("receiving");
     gw.stop().expect("stop");
+    (got, gw)
+}
+
+#[test]
+fn frames_addressed_to_another_machines_mac_are_not_translated() {
+    let (got, gw) =
+        server_gets_frames_to(|_| [0x02, 0, 0, 0, 0, 0x99], Duration::from_millis(1500));
     assert!(
         got.is_empty(),
         "a frame for another MAC was translated: {got:?}"
@@ -644,23 +513,9 @@ fn frames_addressed_to_another_machines_mac_are_not_translated() {
         "{:#?}",
         gw.log()
     );
-    // The control: the same frames to the gateway's MAC get through.
-    let lab = Lab::new().expect("lab");
-    let _gw = start(&lab);
-    let server = lab
-        .udp_socket(Host::Server, SocketAddrV4::new(SERVER_IP, 6100))
-        .expect("server socket");
-    let out = lab
-        .exec(Host::Nat, &["cat", "/sys/class/net/int/address"])
-        .expect("cat");
-    let int_mac =
-        nat_lab::packet::parse_mac(String::from_utf8_lossy(&out.stdout).trim()).expect("mac");
-    inject_to_gateway(&lab, int_mac, 5);
-    // (The first datagram may wait for neighbour resolution.)
-    assert!(
-        !recv_all_within(&server, Duration::from_secs(3))
-            .expect("receiving")
-            .is_empty(),
-        "the control did not get through"
-    );
+    // The control: the same frames to the gateway's MAC get through (the
+    // first datagram may wait for neighbour resolution).
+    let int_mac = |lab: &Lab| lab.mac(Host::Nat, INT_IF).expect("int's MAC");
+    let (got, _) = server_gets_frames_to(int_mac, Duration::from_secs(3));
+    assert!(!got.is_empty(), "the control did not get through");
 }

@@ -11,11 +11,7 @@ use aya::programs::{SchedClassifier, TcAttachType};
 use nat_lab::failover::{self, FailoverLab, PROBE_PORT, int_ip};
 use nat_lab::netns::{Namespaces, connect};
 use nat_lab::probers::{AZURE_PROBE_IP, PROBE_INT_GW, Probers};
-use nat_lab::{EXT_IF, Gateway, Host, INT_IF, Lab, NAT_EXT_IP, NAT_INT_IP};
-
-fn lab() -> Lab {
-    Lab::new().expect("building the lab (needs root)")
-}
+use nat_lab::{EXT_IF, Gateway, Host, INT_IF, Lab, NAT_EXT_IP, NAT_INT_IP, gateway, lab};
 
 fn stdout(o: std::process::Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
@@ -143,8 +139,7 @@ fn azure_probes_on_both_nics_are_answered_through_the_nic_they_came_in_on_and_th
     // Control: the same loader without our rules. The ext probe works; the
     // int probe's answer follows the default route out of ext and never
     // reaches the prober that asked.
-    let mut gw = Gateway::start(&lab, &["--no-policy-routing", "--stats-interval", "0"])
-        .expect("starting the loader");
+    let mut gw = gateway(&lab, &["--no-policy-routing"]);
     probers
         .probe_ext(ext_probe, t)
         .expect("the ext-side probe is answered without policy routing");
@@ -160,8 +155,7 @@ fn azure_probes_on_both_nics_are_answered_through_the_nic_they_came_in_on_and_th
     gw.stop().expect("stopping");
 
     let gw_arg = PROBE_INT_GW.to_string();
-    let mut gw = Gateway::start(&lab, &["--int-gateway", &gw_arg, "--stats-interval", "0"])
-        .expect("starting the loader");
+    let mut gw = gateway(&lab, &["--int-gateway", &gw_arg]);
     for _ in 0..3 {
         probers
             .probe_int(int_probe, t)
@@ -224,19 +218,6 @@ fn loader_links(pid: u32, link_type: &str, ifindex: u32) -> Vec<u32> {
     ids
 }
 
-fn ifindex(lab: &Lab, ifname: &str) -> u32 {
-    stdout(
-        lab.exec(
-            Host::Nat,
-            &["cat", &format!("/sys/class/net/{ifname}/ifindex")],
-        )
-        .expect("ifindex"),
-    )
-    .trim()
-    .parse()
-    .expect("ifindex number")
-}
-
 fn probe_ok(lab: &Lab) -> bool {
     lab.tcp_connect(
         Host::Client1,
@@ -251,11 +232,15 @@ fn probe_ok(lab: &Lab) -> bool {
 fn probe_is_refused_within_a_second_when_a_program_is_detached_from_outside() {
     let lab = lab();
     for (link_type, ifname) in [("xdp", EXT_IF), ("tcx", INT_IF)] {
-        let mut gw = Gateway::start(&lab, &["--stats-interval", "0"]).expect("starting");
+        let mut gw = gateway(&lab, &[]);
         time_until_accepted(|| probe_ok(&lab), Duration::from_secs(3))
             .expect("the probe answers while healthy");
         let pid = gw.pid().expect("running");
-        let ids = loader_links(pid, link_type, ifindex(&lab, ifname));
+        let ids = loader_links(
+            pid,
+            link_type,
+            lab.ifindex(Host::Nat, ifname).expect("ifindex"),
+        );
         assert_eq!(ids.len(), 1, "one {link_type} link on {ifname}: {ids:?}");
         let t = Instant::now();
         let out = std::process::Command::new("bpftool")
@@ -293,8 +278,7 @@ fn probe_is_refused_within_a_second_when_a_program_is_detached_from_outside() {
 #[test]
 fn probe_is_refused_within_a_second_when_a_link_goes_down_and_answers_again_when_it_is_up() {
     let lab = lab();
-    let mut gw = Gateway::start(&lab, &["--health-port", "8080", "--stats-interval", "0"])
-        .expect("starting");
+    let mut gw = gateway(&lab, &["--health-port", "8080"]);
     // The first connection in a fresh lab waits for ARP.
     time_until_accepted(|| probe_ok(&lab), Duration::from_secs(3))
         .unwrap_or_else(|| panic!("the probe answers while healthy: {:#?}", gw.log()));
@@ -303,11 +287,7 @@ fn probe_is_refused_within_a_second_when_a_link_goes_down_and_answers_again_when
         (200, r#"{"healthy":true}"#.to_string())
     );
 
-    let t = Instant::now();
-    lab.exec(Host::Nat, &["ip", "link", "set", EXT_IF, "down"])
-        .expect("ext down");
-    let took = time_until_refused(|| probe_ok(&lab), Duration::from_secs(3))
-        .map(|_| t.elapsed())
+    let took = probe_changes_after_ext(&lab, "down")
         .expect("probe still accepted 3 s after ext went down");
     eprintln!("probe refused {took:.2?} after ext went down");
     assert!(took < Duration::from_secs(1), "took {took:?}");
@@ -318,11 +298,7 @@ fn probe_is_refused_within_a_second_when_a_link_goes_down_and_answers_again_when
         "{body}"
     );
 
-    let t = Instant::now();
-    lab.exec(Host::Nat, &["ip", "link", "set", EXT_IF, "up"])
-        .expect("ext up");
-    let back = time_until_accepted(|| probe_ok(&lab), Duration::from_secs(3))
-        .map(|_| t.elapsed())
+    let back = probe_changes_after_ext(&lab, "up")
         .expect("probe not accepted again 3 s after ext came back");
     eprintln!("probe accepted again {back:.2?} after ext came back");
     assert_eq!(healthz(&lab, 8080).0, 200);
@@ -334,6 +310,16 @@ fn probe_is_refused_within_a_second_when_a_link_goes_down_and_answers_again_when
     assert!(routes.contains("default via 192.0.2.1"), "{routes}");
     let status = gw.stop().expect("stopping");
     assert!(status.success(), "{:#?}", gw.log());
+}
+
+/// Sets `ext` `state` ("down" or "up"); how long until the probe agrees
+/// (refused while down, accepted again once up), if within 3 s.
+fn probe_changes_after_ext(lab: &Lab, state: &str) -> Option<Duration> {
+    let t = Instant::now();
+    lab.exec(Host::Nat, &["ip", "link", "set", EXT_IF, state])
+        .unwrap_or_else(|e| panic!("ext {state}: {e:#}"));
+    let up = state == "up";
+    time_until_refused(|| probe_ok(lab) != up, Duration::from_secs(3)).map(|_| t.elapsed())
 }
 
 fn failover_lab(drain_first: Option<&str>) -> FailoverLab {
@@ -490,8 +476,7 @@ fn sigterm_drain_fails_the_probe_first_keeps_established_flows_and_then_leaves_n
 #[test]
 fn a_second_sigterm_during_the_drain_stops_at_once_and_cleans_up() {
     let lab = lab();
-    let mut gw = Gateway::start(&lab, &["--drain-seconds", "30", "--stats-interval", "0"])
-        .expect("starting");
+    let mut gw = gateway(&lab, &["--drain-seconds", "30"]);
     time_until_accepted(|| probe_ok(&lab), Duration::from_secs(3)).expect("probe answers");
     gw.signal_term().expect("first SIGTERM");
     time_until_refused(|| probe_ok(&lab), Duration::from_secs(1))
@@ -515,8 +500,7 @@ fn a_second_sigterm_during_the_drain_stops_at_once_and_cleans_up() {
 fn purge_ours_removes_the_rules_and_routes_a_killed_loader_left_and_nothing_else() {
     let lab = lab();
     let gw_arg = PROBE_INT_GW.to_string();
-    let mut gw = Gateway::start(&lab, &["--int-gateway", &gw_arg, "--stats-interval", "0"])
-        .expect("starting");
+    let mut gw = gateway(&lab, &["--int-gateway", &gw_arg]);
     let run = |argv: &[&str]| stdout(lab.exec(Host::Nat, argv).expect("in nat"));
     let main_before = run(&["ip", "route", "show", "table", "main"]);
     // SIGKILL: no cleanup runs, the rules and routes stay.
@@ -715,24 +699,24 @@ fn ping_through(lab: &Lab) -> bool {
     .is_ok()
 }
 
-#[test]
-fn scheduled_terminate_drains_keeps_forwarding_then_approves_and_leaves_nothing_behind() {
+/// A lab whose loader watches the stub metadata service's Scheduled
+/// Events and drains `drain_seconds` before leaving; its probe answers.
+fn watching_scheduled_events(drain_seconds: &str) -> (Lab, StubImds, Gateway) {
     let lab = lab();
     let imds = StubImds::start(&lab);
-    let drain = Duration::from_secs(4);
-    let mut gw = Gateway::start(
+    let url = imds.url();
+    let gw = gateway(
         &lab,
-        &[
-            "--scheduled-events",
-            &imds.url(),
-            "--drain-seconds",
-            "4",
-            "--stats-interval",
-            "0",
-        ],
-    )
-    .expect("starting");
+        &["--scheduled-events", &url, "--drain-seconds", drain_seconds],
+    );
     time_until_accepted(|| probe_ok(&lab), Duration::from_secs(3)).expect("probe answers");
+    (lab, imds, gw)
+}
+
+#[test]
+fn scheduled_terminate_drains_keeps_forwarding_then_approves_and_leaves_nothing_behind() {
+    let drain = Duration::from_secs(4);
+    let (lab, imds, mut gw) = watching_scheduled_events("4");
     assert!(ping_through(&lab), "forwarding before the event");
     imds.set(Some(("9f3c-terminate", "Terminate")));
     let t0 = Instant::now();
@@ -764,21 +748,7 @@ fn scheduled_terminate_drains_keeps_forwarding_then_approves_and_leaves_nothing_
 
 #[test]
 fn a_freeze_is_ignored_and_a_withdrawn_terminate_cancels_the_drain() {
-    let lab = lab();
-    let imds = StubImds::start(&lab);
-    let mut gw = Gateway::start(
-        &lab,
-        &[
-            "--scheduled-events",
-            &imds.url(),
-            "--drain-seconds",
-            "30",
-            "--stats-interval",
-            "0",
-        ],
-    )
-    .expect("starting");
-    time_until_accepted(|| probe_ok(&lab), Duration::from_secs(3)).expect("probe answers");
+    let (lab, imds, mut gw) = watching_scheduled_events("30");
     // A Freeze pauses the VM for seconds; its flows stay, so no drain.
     imds.set(Some(("f1", "Freeze")));
     // Polled every second: after 2.5 s it has been read twice.

@@ -8,7 +8,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use nat_lab::{CLIENT1_IP, Gateway, Host, Lab, NAT_EXT_IP, SERVER_IP, packet::internet_checksum};
+use nat_lab::{
+    CLIENT1_IP, Gateway, HOST_IF, Host, Lab, NAT_EXT_IP, SERVER_IP, gateway, lab,
+    packet::ip_l4_checksum,
+};
 use socket2::{Domain, Protocol, Socket, Type};
 
 /// A raw socket in `h` that receives a copy of every TCP segment arriving
@@ -53,15 +56,10 @@ fn captured_syn(socket: &UdpSocket, sport: u16, dport: u16, ack: bool) -> Vec<u8
 
 /// The MSS option of a captured SYN, after checking its TCP checksum.
 fn mss_of(p: &[u8]) -> u16 {
+    assert_eq!(ip_l4_checksum(p), 0, "TCP checksum of {p:02x?}");
     let ihl = usize::from(p[0] & 0x0f) * 4;
     let tot = usize::from(u16::from_be_bytes([p[2], p[3]]));
     let seg = &p[ihl..tot];
-    let mut pseudo = Vec::new();
-    pseudo.extend_from_slice(&p[12..20]);
-    pseudo.extend_from_slice(&[0, 6]);
-    pseudo.extend_from_slice(&(seg.len() as u16).to_be_bytes());
-    pseudo.extend_from_slice(seg);
-    assert_eq!(internet_checksum(&pseudo), 0, "TCP checksum of {p:02x?}");
     let doff = usize::from(seg[12] >> 4) * 4;
     let opts = &seg[20..doff];
     let mut i = 0;
@@ -97,9 +95,7 @@ fn tcp_maxseg(s: &TcpStream) -> u32 {
 /// `extra`: the MSS options the server saw in the SYN and the client in
 /// the SYN-ACK, and TCP_MAXSEG of both connected sockets.
 fn handshake(lab: &Lab, extra: &[&str], port: u16) -> (u16, u16, u32, u32, Gateway) {
-    let mut args = vec!["--stats-interval", "0"];
-    args.extend_from_slice(extra);
-    let gw = Gateway::start(lab, &args).expect("starting nat-loader");
+    let gw = gateway(lab, extra);
     let at_server = tcp_capture(lab, Host::Server);
     let at_client = tcp_capture(lab, Host::Client1);
     let server = SocketAddrV4::new(SERVER_IP, port);
@@ -123,7 +119,7 @@ fn handshake(lab: &Lab, extra: &[&str], port: u16) -> (u16, u16, u32, u32, Gatew
 
 #[test]
 fn tcp_mss_is_clamped_when_configured() {
-    let lab = Lab::new().expect("building the lab (needs root)");
+    let lab = lab();
 
     // Offloads on: the SYNs reach the gateway with partial checksums.
     let (syn, syn_ack, srv, cli, mut gw) = handshake(&lab, &["--mss-clamp", "1200"], 5700);
@@ -137,9 +133,8 @@ fn tcp_mss_is_clamped_when_configured() {
 
     // Offloads off: complete checksums, which XDP would translate itself;
     // it hands the SYNs to TC to clamp them.
-    for (h, dev) in [(Host::Client1, "eth0"), (Host::Server, "eth0")] {
-        lab.exec(h, &["ethtool", "-K", dev, "tx", "off"])
-            .expect("ethtool");
+    for h in [Host::Client1, Host::Server] {
+        lab.ethtool(h, HOST_IF, &["tx", "off"]).expect("ethtool");
     }
     let (syn, syn_ack, _, _, mut gw) = handshake(&lab, &["--mss-clamp", "1200"], 5701);
     assert_eq!((syn, syn_ack), (1200, 1200));
@@ -156,7 +151,7 @@ fn tcp_mss_is_clamped_when_configured() {
 
 #[test]
 fn tcp_mss_is_untouched_without_mss_clamp() {
-    let lab = Lab::new().expect("building the lab (needs root)");
+    let lab = lab();
     let (syn, syn_ack, srv, cli, mut gw) = handshake(&lab, &[], 5703);
     assert_eq!((syn, syn_ack), (1460, 1460), "a 1500-byte MTU's MSS");
     assert!(srv > 1200 && cli > 1200, "socket MSS {srv} / {cli}");

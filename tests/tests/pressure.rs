@@ -17,8 +17,8 @@ use std::{
 use aya::maps::{HashMap, Map, MapData};
 use nat_common::{CT_F_REPLIED, CtKey, CtValue, IPPROTO_TCP, MAP_CT_FWD, tcp};
 use nat_lab::{
-    Bpffs, CLIENT1_IP, CLIENT2_IP, EchoStreams, Gateway, Host, Lab, SERVER_IP, flood::syn_flood,
-    recv_all_within,
+    Bpffs, CLIENT1_IP, CLIENT2_IP, EchoStreams, Host, Lab, SERVER_IP, flags, flood::syn_flood,
+    gateway, lab, recv_all_within,
 };
 
 /// Small enough that the flood overflows it many times over.
@@ -81,7 +81,7 @@ fn new_connection_works(lab: &Lab, timeout: Duration) -> bool {
 
 #[test]
 fn syn_flood_of_100k_new_tuples_does_not_break_established_connections() {
-    let lab = Lab::new().expect("building the lab (needs root)");
+    let lab = lab();
     let bpffs = Bpffs::new().expect("mounting a bpffs for the pins");
     let pins = bpffs.pin_dir();
     for argv in [
@@ -95,22 +95,11 @@ fn syn_flood_of_100k_new_tuples_does_not_break_established_connections() {
         lab.exec(Host::Server, argv)
             .expect("dropping part of the flood at the server");
     }
-    let max_flows = MAX_FLOWS.to_string();
-    let pins_arg = pins.display().to_string();
-    let mut gw = Gateway::start(
-        &lab,
-        &[
-            "--max-flows",
-            &max_flows,
-            "--sweep-interval",
-            "1",
-            "--stats-interval",
-            "0",
-            "--bpffs-dir",
-            &pins_arg,
-        ],
-    )
-    .expect("starting nat-loader");
+    let args = format!(
+        "--max-flows {MAX_FLOWS} --sweep-interval 1 --bpffs-dir {}",
+        pins.display()
+    );
+    let mut gw = gateway(&lab, &flags(&args));
 
     let streams = EchoStreams::start(
         &lab,
@@ -256,21 +245,9 @@ fn seen_port(server: &std::net::UdpSocket, socket: &std::net::UdpSocket) -> u16 
 /// the hold: conformance.rs `rfc6888_released_port_is_held_...`.
 #[test]
 fn unanswered_binding_is_freed_without_the_port_hold() {
-    let lab = Lab::new().expect("building the lab (needs root)");
-    let gw = Gateway::start(
-        &lab,
-        &[
-            "--udp-timeout",
-            "1",
-            "--sweep-interval",
-            "1",
-            "--port-hold",
-            "120",
-            "--stats-interval",
-            "0",
-        ],
-    )
-    .expect("starting nat-loader");
+    let lab = lab();
+    let timers = flags("--udp-timeout 1 --sweep-interval 1 --port-hold 120");
+    let gw = gateway(&lab, &timers);
     // Receives and never answers.
     let server = lab
         .udp_socket(Host::Server, SocketAddrV4::new(SERVER_IP, 3478))

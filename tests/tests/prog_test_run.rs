@@ -9,31 +9,31 @@ use std::net::Ipv4Addr;
 use aya::{
     Ebpf,
     maps::{HashMap, MapData, PerCpuArray},
-    programs::{
-        Program, ProgramError, SchedClassifier, TestRun, TestRunOptions, TestRunResult, Xdp,
-    },
+    programs::{SchedClassifier, Xdp},
 };
 use nat_common::{
     BIND_F_NO_HOLD, BIND_F_RELEASED, BindKey, BindValue, CT_F_REPLIED, CtKey, CtValue, MAP_BIND,
-    MAP_BIND_REV, MAP_CT_FWD, MAP_STATS, NatConfig, PROG_TC_INT, PROG_XDP_EXT, PROG_XDP_INT,
+    MAP_BIND_REV, MAP_CT_FWD, MAP_STATS, MAPS, NatConfig, PROG_TC_INT, PROG_XDP_EXT, PROG_XDP_INT,
+    PROGRAMS,
     binding::{self, Fate},
-    icmp_rate, stats,
+    icmp_rate,
+    stats::{self, HOOK_TC_INT, HOOK_XDP_EXT, HOOK_XDP_INT},
 };
 use nat_lab::{
-    CLIENT1_IP, EXT_IF, Host, INT_IF, Lab, NAT_EXT_IP, NAT_INT_IP, ROUTER_NAT_IF, ROUTER_NAT_IP,
-    SERVER_IP,
-    packet::{Csum, L4, Packet, TCP_ACK, TCP_SYN, checksums_valid, parse_mac},
+    CLIENT1_IP, EXT_IF, HOST_IF, Host, INT_IF, Lab, NAT_EXT_IP, NAT_INT_IP, ROUTER_NAT_IF,
+    ROUTER_NAT_IP, SERVER_IP, lab,
+    packet::{
+        Csum, L4, Packet, TCP_ACK, TCP_SYN, checksum_updated, checksums_valid, ip_l4_checksum,
+        l4_checksum_field,
+    },
+    test_run::test_run,
 };
-use nat_loader::{dataplane, monotonic_ns, stats::Stats};
+use nat_loader::{dataplane, monotonic_ns};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_REDIRECT: u32 = 4;
 const TC_ACT_REDIRECT: u32 = 7;
-
-const HOOK_XDP_INT: usize = 0;
-const HOOK_XDP_EXT: usize = 1;
-const HOOK_TC_INT: usize = 2;
 
 /// The lab plus what a fixture needs to know about the gateway's NICs.
 struct Fixture {
@@ -46,28 +46,18 @@ struct Fixture {
     client_mac: [u8; 6],
 }
 
-fn read_sys(lab: &Lab, h: Host, ifname: &str, attr: &str) -> String {
-    let out = lab
-        .exec(h, &["cat", &format!("/sys/class/net/{ifname}/{attr}")])
-        .unwrap_or_else(|e| panic!("reading {attr} of {ifname} in {h}: {e:#}"));
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 impl Fixture {
     fn new() -> Fixture {
-        let lab = Lab::new().expect("building the lab (needs root)");
-        let mac = |h, ifname| parse_mac(&read_sys(&lab, h, ifname, "address")).expect("MAC");
+        let lab = lab();
+        let mac = |h, ifname| lab.mac(h, ifname).expect("MAC");
+        let ifindex = |ifname| lab.ifindex(Host::Nat, ifname).expect("ifindex");
         let f = Fixture {
-            int_index: read_sys(&lab, Host::Nat, INT_IF, "ifindex")
-                .parse()
-                .expect("ifindex"),
-            ext_index: read_sys(&lab, Host::Nat, EXT_IF, "ifindex")
-                .parse()
-                .expect("ifindex"),
+            int_index: ifindex(INT_IF),
+            ext_index: ifindex(EXT_IF),
             int_mac: mac(Host::Nat, INT_IF),
             ext_mac: mac(Host::Nat, EXT_IF),
             router_mac: mac(Host::Router, ROUTER_NAT_IF),
-            client_mac: mac(Host::Client1, nat_lab::HOST_IF),
+            client_mac: mac(Host::Client1, HOST_IF),
             lab,
         };
         // Pinned neighbours make the FIB answer (and so the output bytes)
@@ -76,46 +66,20 @@ impl Fixture {
             (ROUTER_NAT_IP, f.router_mac, EXT_IF),
             (CLIENT1_IP, f.client_mac, INT_IF),
         ] {
-            let mac = mac.map(|b| format!("{b:02x}")).join(":");
             f.lab
-                .exec(
-                    Host::Nat,
-                    &[
-                        "ip",
-                        "neigh",
-                        "replace",
-                        &ip.to_string(),
-                        "lladdr",
-                        &mac,
-                        "dev",
-                        dev,
-                        "nud",
-                        "permanent",
-                    ],
-                )
+                .pin_neighbour(Host::Nat, ip, mac, dev)
                 .expect("pinning a neighbour");
         }
         f
     }
 
+    /// The gateway's configuration with external ports `port_min..=port_max`.
     fn config(&self, port_min: u16, port_max: u16) -> NatConfig {
-        NatConfig {
-            int_ifindex: self.int_index,
-            ext_ifindex: self.ext_index,
-            snat_addr: u32::from_ne_bytes(NAT_EXT_IP.octets()),
-            port_min,
-            port_max,
-            low_port_min: 600,
-            low_port_max: 1023,
-            filtering: nat_common::FILTER_ADDRESS_AND_PORT,
-            flags: 0,
-            probe_port: 0,
-            int_mac: self.int_mac,
-            ext_mac: self.ext_mac,
-            int_addr: u32::from_ne_bytes(NAT_INT_IP.octets()),
-            mss_clamp: 0,
-            _pad: [0; 2],
-        }
+        NatConfig::new(self.int_index, self.ext_index, NAT_EXT_IP)
+            .with_ports(port_min, port_max)
+            .with_probe_port(0)
+            .with_macs(self.int_mac, self.ext_mac)
+            .with_int_addr(Some(NAT_INT_IP))
     }
 
     /// Loads the object (not attached anywhere) and runs `f` in `nat`.
@@ -131,6 +95,12 @@ impl Fixture {
                 f(&mut ebpf)
             })
             .expect("running in the nat namespace")
+    }
+
+    /// [`Fixture::run`] with every port free for translation and room for
+    /// 1024 flows: what most fixtures need.
+    fn run_default<R: Send>(&self, f: impl FnOnce(&mut Ebpf) -> R + Send) -> R {
+        self.run(self.config(1024, 65535), 1024, f)
     }
 
     /// What `p` (outbound, as it arrives on `int`) must look like when it
@@ -167,6 +137,19 @@ impl Fixture {
 
     /// A client → server TCP packet as it arrives on `int`.
     fn outbound_tcp(&self, sport: u16, flags: u8, csum: Csum) -> Packet {
+        let tcp = L4::Tcp {
+            sport,
+            dport: 80,
+            flags,
+        };
+        Packet {
+            csum,
+            ..self.outbound(tcp, b"")
+        }
+    }
+
+    /// A client → server packet as it arrives on `int`, complete checksums.
+    fn outbound(&self, l4: L4, payload: &[u8]) -> Packet {
         Packet {
             dst_mac: self.int_mac,
             src_mac: self.client_mac,
@@ -174,49 +157,51 @@ impl Fixture {
             dst: SERVER_IP,
             ttl: 64,
             options: vec![],
-            l4: L4::Tcp {
-                sport,
-                dport: 80,
-                flags,
-            },
-            payload: vec![],
-            csum,
+            l4,
+            payload: payload.to_vec(),
+            csum: Csum::Full,
         }
     }
 }
 
-/// Runs program `prog` (of type `P`: XDP or TC) on `frame`; returns the
-/// verdict and the output frame.
-fn run_prog<P>(ebpf: &mut Ebpf, prog: &str, frame: &[u8]) -> (u32, Vec<u8>)
-where
-    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
-    for<'a> &'a mut P: TryFrom<&'a mut Program, Error = ProgramError>,
-{
-    let p: &mut P = dataplane::program(ebpf, prog).expect("program");
-    let mut out = vec![0u8; frame.len() + 256];
-    let r = p
-        .test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ..Default::default()
-        })
-        .expect("BPF_PROG_TEST_RUN");
-    out.truncate(r.data_size_out as usize);
-    (r.return_value, out)
+fn udp_ports(sport: u16, dport: u16) -> L4 {
+    L4::Udp { sport, dport }
+}
+
+/// An echo request with identifier `id`.
+fn echo_request(id: u16) -> L4 {
+    L4::Echo {
+        kind: 8,
+        id,
+        seq: 1,
+    }
 }
 
 fn run_xdp(ebpf: &mut Ebpf, prog: &str, frame: &[u8]) -> (u32, Vec<u8>) {
-    run_prog::<Xdp>(ebpf, prog, frame)
+    let r = test_run::<Xdp>(ebpf, prog, frame).expect("running the XDP program");
+    (r.verdict, r.out)
 }
 
 fn run_tc(ebpf: &mut Ebpf, prog: &str, frame: &[u8]) -> (u32, Vec<u8>) {
-    run_prog::<SchedClassifier>(ebpf, prog, frame)
+    let r = test_run::<SchedClassifier>(ebpf, prog, frame).expect("running the TC program");
+    (r.verdict, r.out)
 }
 
-fn stats_of(ebpf: &Ebpf) -> Stats {
+/// The counters, summed over CPUs, in the stats map's layout
+/// (`nat_common::stats::slot`).
+struct Counters(Vec<u64>);
+
+impl Counters {
+    fn get(&self, hook: u32, reason: u32) -> u64 {
+        self.0[stats::slot(hook, reason) as usize]
+    }
+}
+
+fn stats_of(ebpf: &Ebpf) -> Counters {
     let map = PerCpuArray::<&MapData, u64>::try_from(ebpf.map(MAP_STATS).expect("stats map"))
         .expect("stats map type");
-    Stats::read(&map).expect("reading stats")
+    let slot = |i: u32| -> u64 { map.get(&i, 0).expect("stats slot").iter().sum() };
+    Counters((0..stats::SLOTS).map(slot).collect())
 }
 
 fn binds(ebpf: &Ebpf, name: &str) -> Vec<(BindKey, BindValue)> {
@@ -235,12 +220,31 @@ fn raw(ip: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(ip.octets())
 }
 
+/// nat-common names every map and program the loader and the tests look
+/// up; a name missing from the object would fail only where it is used.
+#[test]
+fn the_object_has_exactly_the_maps_and_programs_nat_common_names() {
+    let ebpf = dataplane::load(&NatConfig::new(1, 2, NAT_EXT_IP), 1024)
+        .expect("loading the eBPF object (needs root)");
+    let sorted = |names: &mut dyn Iterator<Item = &str>| {
+        let mut v: Vec<String> = names.map(str::to_string).collect();
+        v.sort();
+        v
+    };
+    // Aya names the map of the object's read-only data (the config
+    // global) after its section, `.rodata`.
+    let maps = sorted(&mut ebpf.maps().map(|(n, _)| n).filter(|n| !n.starts_with('.')));
+    assert_eq!(maps, sorted(&mut MAPS.into_iter()), "maps");
+    let programs = sorted(&mut ebpf.programs().map(|(n, _)| n));
+    assert_eq!(programs, sorted(&mut PROGRAMS.into_iter()), "programs");
+}
+
 #[test]
 fn tcp_syn_out_is_translated_to_the_snat_address_and_redirected_to_ext() {
     let fx = Fixture::new();
     let syn = fx.outbound_tcp(40000, TCP_SYN, Csum::Full);
     let expected = fx.snat_of(&syn).build();
-    let (verdict, out, fwd, bind, bind_rev, st) = fx.run(fx.config(1024, 65535), 1024, |ebpf| {
+    let (verdict, out, fwd, bind, bind_rev, st) = fx.run_default(|ebpf| {
         let (v, out) = run_xdp(ebpf, PROG_XDP_INT, &syn.build());
         (
             v,
@@ -301,7 +305,7 @@ fn each_new_session_stamps_its_binding_so_a_sweep_under_way_keeps_it() {
     if let L4::Tcp { dport, .. } = &mut second.l4 {
         *dport = 81;
     }
-    let (pass1, created, pass2, claimed) = fx.run(fx.config(1024, 65535), 1024, |ebpf| {
+    let (pass1, created, pass2, claimed) = fx.run_default(|ebpf| {
         let pass1 = monotonic_ns();
         let (v, _) = run_xdp(ebpf, PROG_XDP_INT, &first.build());
         assert_eq!(v, XDP_REDIRECT);
@@ -360,7 +364,7 @@ fn reply_is_translated_back_to_the_inside_host_and_redirected_to_int() {
         ..synack.clone()
     }
     .build();
-    let (verdict, out, st, fwd) = fx.run(fx.config(1024, 65535), 1024, |ebpf| {
+    let (verdict, out, st, fwd) = fx.run_default(|ebpf| {
         assert_eq!(run_xdp(ebpf, PROG_XDP_INT, &syn).0, XDP_REDIRECT);
         let (v, out) = run_xdp(ebpf, PROG_XDP_EXT, &synack.build());
         (v, out, stats_of(ebpf), ct(ebpf, MAP_CT_FWD))
@@ -402,7 +406,7 @@ fn unsolicited_inbound_toward_the_inside_is_dropped_and_counted() {
         dst: NAT_EXT_IP,
         ..probe.clone()
     };
-    let (v_inside, v_nat, st) = fx.run(fx.config(1024, 65535), 1024, |ebpf| {
+    let (v_inside, v_nat, st) = fx.run_default(|ebpf| {
         let a = run_xdp(ebpf, PROG_XDP_EXT, &probe.build()).0;
         let b = run_xdp(ebpf, PROG_XDP_EXT, &to_nat.build()).0;
         (a, b, stats_of(ebpf))
@@ -433,7 +437,7 @@ fn truncated_and_malformed_headers_are_dropped_and_counted() {
     bad_ihl[14] = 0x44; // IHL 16 bytes
     cases.push(("IHL below 20 bytes", bad_ihl));
     let n = cases.len() as u64;
-    let (verdicts, st, fwd) = fx.run(fx.config(1024, 65535), 1024, |ebpf| {
+    let (verdicts, st, fwd) = fx.run_default(|ebpf| {
         let v: Vec<(String, u32)> = cases
             .iter()
             .map(|(name, frame)| (name.to_string(), run_xdp(ebpf, PROG_XDP_INT, frame).0))
@@ -454,9 +458,7 @@ fn non_ipv4_frames_go_to_the_kernel() {
     arp.extend_from_slice(&fx.client_mac);
     arp.extend_from_slice(&0x0806u16.to_be_bytes());
     arp.extend_from_slice(&[0; 28]);
-    let (v, st) = fx.run(fx.config(1024, 65535), 1024, |ebpf| {
-        (run_xdp(ebpf, PROG_XDP_INT, &arp).0, stats_of(ebpf))
-    });
+    let (v, st) = fx.run_default(|ebpf| (run_xdp(ebpf, PROG_XDP_INT, &arp).0, stats_of(ebpf)));
     assert_eq!(v, XDP_PASS);
     assert_eq!(st.get(HOOK_XDP_INT, stats::PASS_NOT_IPV4), 1);
 }
@@ -466,19 +468,15 @@ fn ip_options_are_translated_with_offsets_from_the_header_length() {
     let fx = Fixture::new();
     let mut pkt = fx.outbound_tcp(40001, TCP_SYN, Csum::Full);
     pkt.options = vec![1, 1, 1, 0]; // NOP NOP NOP EOL
-    let expected = fx.snat_of(&pkt).build();
-    let (v, out) = fx.run(fx.config(1024, 65535), 1024, |ebpf| {
-        run_xdp(ebpf, PROG_XDP_INT, &pkt.build())
-    });
-    assert_eq!(v, XDP_REDIRECT);
-    assert_eq!(out, expected);
+    let got = fx.run_default(|ebpf| run_xdp(ebpf, PROG_XDP_INT, &pkt.build()));
+    assert_eq!(got, (XDP_REDIRECT, fx.snat_of(&pkt).build()));
 }
 
 #[test]
 fn partial_checksum_packets_are_left_to_tc_which_translates_them() {
     let fx = Fixture::new();
     let pkt = fx.outbound_tcp(40002, TCP_SYN, Csum::Partial);
-    let (xv, xout, tv, tout, st) = fx.run(fx.config(1024, 65535), 1024, |ebpf| {
+    let (xv, xout, tv, tout, st) = fx.run_default(|ebpf| {
         let (xv, xout) = run_xdp(ebpf, PROG_XDP_INT, &pkt.build());
         let (tv, tout) = run_tc(ebpf, PROG_TC_INT, &pkt.build());
         (xv, xout, tv, tout, stats_of(ebpf))
@@ -488,12 +486,22 @@ fn partial_checksum_packets_are_left_to_tc_which_translates_them() {
     assert_eq!(st.get(HOOK_XDP_INT, stats::XDP_TO_TC_PARTIAL_CSUM), 1);
     assert_eq!(tv, TC_ACT_REDIRECT);
     assert_eq!(st.get(HOOK_TC_INT, stats::TC_OUT_FWD), 1);
-    // The test-run skb carries no checksum offload state, so the helpers
-    // treat the field as a complete checksum: the expected value is the
-    // input's field updated by the same address and port change.
-    let mut expected = fx.snat_of(&pkt).build();
+    // The input's field is the pseudo-header sum of the old addresses
+    // (P_old), as Linux leaves it for offload. On a CHECKSUM_PARTIAL skb
+    // bpf_l4_csum_replace moves it to the pseudo-header sum of the new
+    // ones (P_new), which the NIC then completes (gateway.rs's TCP test
+    // runs that path end to end). The test-run skb carries no offload
+    // state, so the helper takes the field for a complete checksum and
+    // updates it as one (RFC 1624): P_old - (P_new - P_old). Both sums
+    // come from the packet builder, the update from packet.rs's own
+    // arithmetic, never from the program's output.
+    let translated = fx.snat_of(&pkt);
+    let p_old = l4_checksum_field(&pkt.build());
+    let p_new = l4_checksum_field(&translated.build());
+    let mut expected = translated.build();
     let tcp_check = 14 + 20 + 16;
-    expected[tcp_check..tcp_check + 2].copy_from_slice(&tout[tcp_check..tcp_check + 2]);
+    let field = checksum_updated(p_old, p_old, p_new);
+    expected[tcp_check..tcp_check + 2].copy_from_slice(&field.to_be_bytes());
     assert_eq!(tout, expected);
 }
 
@@ -501,36 +509,19 @@ fn partial_checksum_packets_are_left_to_tc_which_translates_them() {
 fn tc_translation_of_a_complete_checksum_is_valid() {
     let fx = Fixture::new();
     let pkt = fx.outbound_tcp(40003, TCP_SYN, Csum::Full);
-    let expected = fx.snat_of(&pkt).build();
-    let (v, out) = fx.run(fx.config(1024, 65535), 1024, |ebpf| {
-        run_tc(ebpf, PROG_TC_INT, &pkt.build())
-    });
-    assert_eq!(v, TC_ACT_REDIRECT);
-    assert_eq!(out, expected);
+    let got = fx.run_default(|ebpf| run_tc(ebpf, PROG_TC_INT, &pkt.build()));
+    assert_eq!(got, (TC_ACT_REDIRECT, fx.snat_of(&pkt).build()));
 }
 
 #[test]
 fn udp_without_checksum_keeps_zero_and_icmp_echo_id_is_translated() {
     let fx = Fixture::new();
     let udp = Packet {
-        l4: L4::Udp {
-            sport: 5353,
-            dport: 53,
-        },
-        payload: b"query".to_vec(),
         csum: Csum::Zero,
-        ..fx.outbound_tcp(0, 0, Csum::Full)
+        ..fx.outbound(udp_ports(5353, 53), b"query")
     };
-    let echo = Packet {
-        l4: L4::Echo {
-            kind: 8,
-            id: 4242,
-            seq: 1,
-        },
-        payload: b"ping".to_vec(),
-        ..fx.outbound_tcp(0, 0, Csum::Full)
-    };
-    let (uv, uout, ev, eout) = fx.run(fx.config(1024, 65535), 1024, |ebpf| {
+    let echo = fx.outbound(echo_request(4242), b"ping");
+    let (uv, uout, ev, eout) = fx.run_default(|ebpf| {
         let (uv, uout) = run_xdp(ebpf, PROG_XDP_INT, &udp.build());
         let (ev, eout) = run_xdp(ebpf, PROG_XDP_INT, &echo.build());
         (uv, uout, ev, eout)
@@ -549,7 +540,7 @@ fn ttl_expiring_packets_go_to_the_kernel_without_creating_state() {
         ttl: 1,
         ..fx.outbound_tcp(40004, TCP_SYN, Csum::Full)
     };
-    let (v, out, st, fwd) = fx.run(fx.config(1024, 65535), 1024, |ebpf| {
+    let (v, out, st, fwd) = fx.run_default(|ebpf| {
         let (v, out) = run_xdp(ebpf, PROG_XDP_INT, &pkt.build());
         (v, out, stats_of(ebpf), ct(ebpf, MAP_CT_FWD))
     });
@@ -567,7 +558,7 @@ fn colliding_source_ports_get_distinct_external_ports() {
         src: nat_lab::CLIENT2_IP,
         ..a.clone()
     };
-    let (va, oa, vb, ob) = fx.run(fx.config(1024, 65535), 1024, |ebpf| {
+    let (va, oa, vb, ob) = fx.run_default(|ebpf| {
         let (va, oa) = run_xdp(ebpf, PROG_XDP_INT, &a.build());
         let (vb, ob) = run_xdp(ebpf, PROG_XDP_INT, &b.build());
         (va, oa, vb, ob)
@@ -590,10 +581,7 @@ fn exhausted_port_range_and_full_table_are_counted_drops() {
     let first = fx.outbound_tcp(41000, TCP_SYN, Csum::Full);
     let second = fx.outbound_tcp(41001, TCP_SYN, Csum::Full);
     // Without an --int address to answer from, the drop is all there is.
-    let no_int_addr = NatConfig {
-        int_addr: 0,
-        ..fx.config(41000, 41000)
-    };
+    let no_int_addr = fx.config(41000, 41000).with_int_addr(None);
     let (v1, v2, st) = fx.run(no_int_addr, 1024, |ebpf| {
         let v1 = run_xdp(ebpf, PROG_XDP_INT, &first.build()).0;
         let v2 = run_xdp(ebpf, PROG_XDP_INT, &second.build()).0;
@@ -627,7 +615,7 @@ fn the_first_reply_marks_the_session_answered() {
     let syn = fx.outbound_tcp(40000, TCP_SYN, Csum::Full).build();
     let ack = fx.outbound_tcp(40000, TCP_ACK, Csum::Full).build();
     let synack = fx.inbound_tcp(40000, TCP_SYN | TCP_ACK, &[]).build();
-    let (opened, more_out, replied) = fx.run(fx.config(1024, 65535), 1024, |ebpf| {
+    let (opened, more_out, replied) = fx.run_default(|ebpf| {
         assert_eq!(run_xdp(ebpf, PROG_XDP_INT, &syn).0, XDP_REDIRECT);
         let opened = ct(ebpf, MAP_CT_FWD)[0].1.flags;
         assert_eq!(run_xdp(ebpf, PROG_XDP_INT, &ack).0, XDP_REDIRECT);
@@ -658,12 +646,7 @@ fn with_tcp_options(p: &Packet, opts: &[u8]) -> Vec<u8> {
     let tcp = 14 + 20;
     f[tcp + 12] = (((20 + opts.len()) / 4) as u8) << 4;
     f[tcp + 16..tcp + 18].copy_from_slice(&[0, 0]);
-    let mut pseudo = Vec::new();
-    pseudo.extend_from_slice(&f[14 + 12..14 + 20]);
-    pseudo.extend_from_slice(&[0, 6]);
-    pseudo.extend_from_slice(&((f.len() - tcp) as u16).to_be_bytes());
-    pseudo.extend_from_slice(&f[tcp..]);
-    let c = nat_lab::packet::internet_checksum(&pseudo);
+    let c = ip_l4_checksum(&f[14..]);
     f[tcp + 16..tcp + 18].copy_from_slice(&c.to_be_bytes());
     f
 }
@@ -690,10 +673,7 @@ fn syn_mss_option_is_clamped_by_tc_with_a_valid_checksum() {
         },
         &[1, 2, 4, 0x05, 0xb4, 1, 1, 0],
     );
-    let cfg = NatConfig {
-        mss_clamp: 1200,
-        ..fx.config(1024, 65535)
-    };
+    let cfg = fx.config(1024, 65535).with_mss_clamp(1200);
     let (xv, tv1, out1, tv2, out2, st) = fx.run(cfg, 1024, |ebpf| {
         let (xv, _) = run_xdp(ebpf, PROG_XDP_INT, &first);
         let (tv1, out1) = run_tc(ebpf, PROG_TC_INT, &first);
@@ -745,14 +725,7 @@ fn out_of_ports_packet_becomes_icmp_unreachable_code_13_to_its_sender() {
     let fx = Fixture::new();
     let first = fx.outbound_tcp(41000, TCP_SYN, Csum::Full);
     let tcp = fx.outbound_tcp(41001, TCP_SYN, Csum::Full).build();
-    let udp = Packet {
-        l4: L4::Udp {
-            sport: 41002,
-            dport: 53,
-        },
-        payload: b"query".to_vec(),
-        ..fx.outbound_tcp(0, 0, Csum::Full)
-    };
+    let udp = fx.outbound(udp_ports(41002, 53), b"query");
     // A UDP datagram of one flow, with another flow's UDP as padding so
     // the quote is cut at 548 bytes (RFC 1812's 576 in all).
     let big = Packet {
@@ -760,30 +733,15 @@ fn out_of_ports_packet_becomes_icmp_unreachable_code_13_to_its_sender() {
         ..udp.clone()
     }
     .build();
-    let echo = Packet {
-        l4: L4::Echo {
-            kind: 8,
-            id: 4243,
-            seq: 1,
-        },
-        payload: b"ping".to_vec(),
-        ..fx.outbound_tcp(0, 0, Csum::Full)
-    };
+    let echo = fx.outbound(echo_request(4243), b"ping");
     let taken = Packet {
-        l4: L4::Echo {
-            kind: 8,
-            id: 41000,
-            seq: 1,
-        },
+        l4: echo_request(41000),
         ..echo.clone()
     };
     let (xv, outs, st) = fx.run(fx.config(41000, 41000), 1024, |ebpf| {
         assert_eq!(run_xdp(ebpf, PROG_XDP_INT, &first.build()).0, XDP_REDIRECT);
         let udp_first = Packet {
-            l4: L4::Udp {
-                sport: 41000,
-                dport: 53,
-            },
+            l4: udp_ports(41000, 53),
             ..udp.clone()
         };
         assert_eq!(

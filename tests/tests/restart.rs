@@ -1,7 +1,9 @@
 //! Restart and upgrade without losing flows: the maps and program links are
 //! pinned, so the dataplane forwards while no loader runs, and a new loader
 //! (the same binary or another build) adopts it. Each test has its own
-//! bpffs ([`Bpffs`]) so tests in parallel never share pins.
+//! bpffs ([`Bpffs`]) so tests in parallel never share pins, and a lab
+//! whose `nat` starts with forwarding off, so the tests can see that the
+//! final exit restores the true original.
 
 use std::{
     net::SocketAddrV4,
@@ -10,9 +12,10 @@ use std::{
 };
 
 use aya::programs::{SchedClassifier, TcAttachType};
+use nat_common::{MAP_STATS, PINNED_MAPS};
 use nat_lab::{
     Bpffs, EXT_IF, EchoStreams, Flow, Gateway, Host, INT_IF, Lab, LabOptions, SERVER_IP,
-    StreamReport, loader_path, tcp_transfer,
+    StreamReport, flags, lab_with, loader_path, run_loader, tcp_transfer,
 };
 
 const STREAMS: usize = 20;
@@ -21,16 +24,7 @@ fn server(port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(SERVER_IP, port)
 }
 
-/// A lab whose `nat` namespace starts with forwarding off, so the tests
-/// can see that the final exit restores the true original.
-fn lab() -> Lab {
-    Lab::new_with(LabOptions {
-        nat_ip_forward: false,
-    })
-    .expect("building the lab (needs root)")
-}
-
-fn args(pins: &Path) -> Vec<String> {
+fn loader_args(pins: &Path) -> Vec<String> {
     vec![
         "--stats-interval".into(),
         "0".into(),
@@ -39,19 +33,24 @@ fn args(pins: &Path) -> Vec<String> {
     ]
 }
 
-/// The command line of a loader on the lab's NICs with pin dir `pins`.
-fn loader_argv(pins: &Path, extra: &[&str]) -> Vec<String> {
-    let bin = loader_path().expect("loader binary");
-    let mut argv: Vec<String> = vec![
-        bin.display().to_string(),
-        "--int".into(),
-        INT_IF.into(),
-        "--ext".into(),
-        EXT_IF.into(),
-    ];
-    argv.extend(extra.iter().map(|a| a.to_string()));
-    argv.extend(args(pins));
-    argv
+/// A second loader on the lab's NICs with pin dir `pins`, run to its end
+/// (it is refused): whether it exited 0, and its stderr.
+fn second_loader(lab: &Lab, pins: &Path, extra: &[&str]) -> (bool, String) {
+    let mut args: Vec<String> = ["--int", INT_IF, "--ext", EXT_IF].map(String::from).into();
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args.extend(loader_args(pins));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    run_loader(lab, &[], &args).expect("running a second loader")
+}
+
+/// What most tests here begin with: a bpffs of their own, the lab, and a
+/// loader started with `extra` that pins into the bpffs.
+fn pinned(extra: &[&str]) -> (Bpffs, PathBuf, Lab, Gateway) {
+    let bpffs = Bpffs::new().expect("mounting a bpffs for the pins");
+    let pins = bpffs.pin_dir();
+    let lab = lab_with(LabOptions::nat_forwarding_off());
+    let gw = start(&lab, &pins, extra);
+    (bpffs, pins, lab, gw)
 }
 
 fn start(lab: &Lab, pins: &Path, extra: &[&str]) -> Gateway {
@@ -59,7 +58,7 @@ fn start(lab: &Lab, pins: &Path, extra: &[&str]) -> Gateway {
 }
 
 fn start_with(lab: &Lab, bin: &Path, pins: &Path, extra: &[&str]) -> Gateway {
-    let mut a = args(pins);
+    let mut a = loader_args(pins);
     a.extend(extra.iter().map(|s| s.to_string()));
     let a: Vec<&str> = a.iter().map(String::as_str).collect();
     Gateway::start_bin(lab, bin, &a).expect("starting nat-loader")
@@ -126,17 +125,13 @@ fn pins_in(dir: &Path) -> Vec<String> {
 
 fn assert_pinned_dataplane(dir: &Path) {
     let names = pins_in(dir);
-    for want in [
-        "CT_FWD",
-        "NAT_BIND",
-        "NAT_BIND_REV",
-        "CT_ADF",
-        "STATS",
+    let links = [
         "link_xdp_int",
         "link_xdp_ext",
         "link_tcx_int",
         "link_tcx_ext",
-    ] {
+    ];
+    for want in PINNED_MAPS.into_iter().chain(links) {
         assert!(
             names.iter().any(|n| n == want),
             "{want} not pinned in {}: {names:?}",
@@ -146,10 +141,8 @@ fn assert_pinned_dataplane(dir: &Path) {
 }
 
 fn ip_forward(lab: &Lab) -> String {
-    let out = lab
-        .exec(Host::Nat, &["cat", "/proc/sys/net/ipv4/ip_forward"])
-        .expect("cat");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+    lab.read_sysctl(Host::Nat, "net/ipv4/ip_forward")
+        .expect("reading ip_forward")
 }
 
 /// Asserts every stream ran to the end with intact data; prints and
@@ -203,7 +196,7 @@ fn streams_survive_loader_replacement(
 ) {
     let bpffs = Bpffs::new().expect("mounting a bpffs for the pins");
     let pins = bpffs.pin_dir();
-    let lab = lab();
+    let lab = lab_with(LabOptions::nat_forwarding_off());
     let mut gw = start(&lab, &pins, &[]);
     let streams = EchoStreams::start(&lab, Host::Client1, Host::Server, server(7000), STREAMS)
         .expect("20 TCP streams through the gateway");
@@ -230,12 +223,8 @@ fn streams_survive_loader_replacement(
     streams
         .wait_for_round_trips(50, Duration::from_secs(20))
         .expect("established streams keep going while no loader runs");
-    let report_new = tcp_transfer(
-        &lab,
-        &Flow::new(Host::Client2, Host::Server, server(8090)),
-        256 * 1024,
-    )
-    .expect("a new connection is translated while no loader runs");
+    let report_new = tcp_transfer(&lab, &Flow::to_server(Host::Client2, 8090), 256 * 1024)
+        .expect("a new connection is translated while no loader runs");
     assert_eq!(report_new.server_saw.ip(), nat_lab::NAT_EXT_IP);
     assert_eq!(
         ip_forward(&lab),
@@ -342,17 +331,10 @@ fn upgrade_to_rebuilt_binary_keeps_20_tcp_streams() {
 
 #[test]
 fn sigterm_removes_every_program_and_pin() {
-    let bpffs = Bpffs::new().expect("bpffs");
-    let pins = bpffs.pin_dir();
-    let lab = lab();
-    let mut gw = start(&lab, &pins, &[]);
+    let (bpffs, pins, lab, mut gw) = pinned(&[]);
     assert_pinned_dataplane(&pins);
-    tcp_transfer(
-        &lab,
-        &Flow::new(Host::Client1, Host::Server, server(8091)),
-        64 * 1024,
-    )
-    .expect("TCP through the gateway");
+    tcp_transfer(&lab, &Flow::to_server(Host::Client1, 8091), 64 * 1024)
+        .expect("TCP through the gateway");
     let status = gw.stop().expect("SIGTERM");
     assert!(status.success(), "{status:?}\n{:#?}", gw.log());
     assert_nothing_attached(&lab);
@@ -374,38 +356,19 @@ fn sigterm_removes_every_program_and_pin() {
     }
 }
 
+/// `nat-loader teardown` for the lab's NICs and pin dir `pins`: whether it
+/// exited 0, and its log.
 fn teardown(lab: &Lab, pins: &Path) -> (bool, String) {
-    let bin = loader_path().expect("loader binary");
-    let bin = bin.to_str().expect("utf-8 path");
-    let dir = pins.to_str().expect("utf-8 path");
-    let out = lab
-        .exec_timeout(
-            Host::Nat,
-            &[
-                bin,
-                "teardown",
-                "--ext",
-                EXT_IF,
-                "--int",
-                INT_IF,
-                "--bpffs-dir",
-                dir,
-            ],
-            Duration::from_secs(20),
-        )
-        .expect("running nat-loader teardown");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let args = format!(
+        "teardown --ext {EXT_IF} --int {INT_IF} --bpffs-dir {}",
+        pins.display()
+    );
+    run_loader(lab, &[], &flags(&args)).expect("running nat-loader teardown")
 }
 
 #[test]
 fn teardown_removes_a_crashed_loaders_dataplane() {
-    let bpffs = Bpffs::new().expect("bpffs");
-    let pins = bpffs.pin_dir();
-    let lab = lab();
-    let mut gw = start(&lab, &pins, &[]);
+    let (_bpffs, pins, lab, mut gw) = pinned(&[]);
     gw.signal_and_wait(libc::SIGKILL).expect("SIGKILL");
     assert_pinned_dataplane(&pins);
     program_ids(&lab);
@@ -420,7 +383,7 @@ fn teardown_removes_a_crashed_loaders_dataplane() {
     assert!(
         tcp_transfer(
             &lab,
-            &Flow::new(Host::Client1, Host::Server, server(8092)).timeout(Duration::from_secs(3)),
+            &Flow::to_server(Host::Client1, 8092).timeout(Duration::from_secs(3)),
             1024,
         )
         .is_err(),
@@ -435,25 +398,14 @@ fn teardown_removes_a_crashed_loaders_dataplane() {
 
 #[test]
 fn adopting_incompatible_pins_fails_clearly_and_changes_nothing() {
-    let bpffs = Bpffs::new().expect("bpffs");
-    let pins = bpffs.pin_dir();
-    let lab = lab();
-    let mut gw = start(&lab, &pins, &["--max-flows", "4096"]);
+    let (_bpffs, pins, lab, mut gw) = pinned(&["--max-flows", "4096"]);
     let streams =
         EchoStreams::start(&lab, Host::Client1, Host::Server, server(7001), 2).expect("streams");
     gw.signal_and_wait(libc::SIGKILL).expect("SIGKILL");
     let before = program_ids(&lab);
 
-    let argv = loader_argv(&pins, &["--max-flows", "8192"]);
-    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-    let out = lab
-        .exec_timeout(Host::Nat, &argv, Duration::from_secs(20))
-        .expect("running the second loader");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success(),
-        "adopted an incompatible table: {stderr}"
-    );
+    let (ok, stderr) = second_loader(&lab, &pins, &["--max-flows", "8192"]);
+    assert!(!ok, "adopted an incompatible table: {stderr}");
     let last = stderr.lines().last().unwrap_or_default();
     assert!(
         last.starts_with("nat-loader: error: cannot adopt the pinned map")
@@ -476,19 +428,11 @@ fn adopting_incompatible_pins_fails_clearly_and_changes_nothing() {
 
 #[test]
 fn a_second_loader_or_teardown_is_refused_while_a_loader_runs() {
-    let bpffs = Bpffs::new().expect("bpffs");
-    let pins = bpffs.pin_dir();
-    let lab = lab();
-    let mut gw = start(&lab, &pins, &[]);
+    let (_bpffs, pins, lab, mut gw) = pinned(&[]);
     let before = program_ids(&lab);
 
-    let argv = loader_argv(&pins, &["--probe-port", "0"]);
-    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-    let out = lab
-        .exec_timeout(Host::Nat, &argv, Duration::from_secs(20))
-        .expect("running a second loader");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "a second loader started: {stderr}");
+    let (ok, stderr) = second_loader(&lab, &pins, &["--probe-port", "0"]);
+    assert!(!ok, "a second loader started: {stderr}");
     assert!(
         stderr.contains("another nat-loader is running"),
         "unclear error: {stderr}"
@@ -500,12 +444,8 @@ fn a_second_loader_or_teardown_is_refused_while_a_loader_runs() {
 
     assert_eq!(program_ids(&lab), before, "programs changed");
     assert_pinned_dataplane(&pins);
-    tcp_transfer(
-        &lab,
-        &Flow::new(Host::Client1, Host::Server, server(8093)),
-        64 * 1024,
-    )
-    .expect("the running gateway still translates");
+    tcp_transfer(&lab, &Flow::to_server(Host::Client1, 8093), 64 * 1024)
+        .expect("the running gateway still translates");
     assert!(gw.stop().expect("SIGTERM").success());
     assert_nothing_attached(&lab);
     assert!(!pins.exists());
@@ -516,52 +456,24 @@ fn a_second_loader_or_teardown_is_refused_while_a_loader_runs() {
 fn recreate_int(lab: &Lab) {
     lab.exec(Host::Nat, &["ip", "link", "del", INT_IF])
         .expect("deleting int");
-    let (nat, sw) = (lab.ns(Host::Nat), lab.ns(Host::Sw));
-    let out = std::process::Command::new("ip")
-        .args([
-            "link",
-            "add",
-            INT_IF,
-            "netns",
-            nat,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            nat_lab::SW_NAT_PORT,
-            "netns",
-            sw,
-        ])
-        .output()
-        .expect("ip link add");
-    assert!(out.status.success(), "{out:?}");
-    let port = nat_lab::SW_NAT_PORT;
+    let ns = lab.namespaces();
+    let (nat, sw, port) = (Host::Nat.role(), Host::Sw.role(), nat_lab::SW_NAT_PORT);
+    ns.veth(nat, INT_IF, sw, port).expect("a new int");
+    ns.ip(sw, &["link", "set", port, "master", nat_lab::SW_BRIDGE])
+        .expect("int's switch port");
     let addr = format!("{}/{}", nat_lab::NAT_INT_IP, nat_lab::PREFIX_LEN);
-    for (h, argv) in [
-        (
-            Host::Sw,
-            vec!["ip", "link", "set", port, "master", nat_lab::SW_BRIDGE],
-        ),
-        (Host::Sw, vec!["ethtool", "-K", port, "gro", "on"]),
-        (Host::Nat, vec!["ethtool", "-K", INT_IF, "gro", "on"]),
-        (Host::Nat, vec!["ip", "addr", "add", &addr, "dev", INT_IF]),
-        (Host::Nat, vec!["ip", "link", "set", INT_IF, "up"]),
-        (Host::Sw, vec!["ip", "link", "set", port, "up"]),
-        // The clients would keep the old int's MAC for a while.
-        (Host::Client1, vec!["ip", "neigh", "flush", "all"]),
-        (Host::Client2, vec!["ip", "neigh", "flush", "all"]),
-    ] {
-        lab.exec(h, &argv)
-            .unwrap_or_else(|e| panic!("{argv:?}: {e:#}"));
+    ns.addr(nat, INT_IF, &addr).expect("int's address");
+    ns.settle().expect("the new int up");
+    // The clients would keep the old int's MAC for a while.
+    for h in [Host::Client1, Host::Client2] {
+        lab.exec(h, &["ip", "neigh", "flush", "all"])
+            .expect("flushing the neighbours");
     }
 }
 
 #[test]
 fn a_pinned_link_whose_interface_was_recreated_is_replaced_by_a_fresh_one() {
-    let bpffs = Bpffs::new().expect("bpffs");
-    let pins = bpffs.pin_dir();
-    let lab = lab();
-    let mut gw = start(&lab, &pins, &[]);
+    let (_bpffs, pins, lab, mut gw) = pinned(&[]);
     gw.signal_and_wait(libc::SIGKILL).expect("SIGKILL");
     recreate_int(&lab);
     // The old int's links died with it; ext's are still attached.
@@ -585,7 +497,7 @@ fn a_pinned_link_whose_interface_was_recreated_is_replaced_by_a_fresh_one() {
     );
     let report = tcp_transfer(
         &lab,
-        &Flow::new(Host::Client1, Host::Server, server(8094)).timeout(Duration::from_secs(15)),
+        &Flow::to_server(Host::Client1, 8094).timeout(Duration::from_secs(15)),
         256 * 1024,
     )
     .expect("TCP through the recreated int");
@@ -625,55 +537,37 @@ fn pin_percpu_array(path: &Path, entries: u32) {
         max_entries: entries,
         map_flags: 0,
     };
-    // SAFETY: a correctly laid out bpf_attr prefix of the given size.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_CREATE,
-            &mut create as *mut MapCreate,
-            size_of::<MapCreate>(),
-        )
-    };
-    assert!(
-        fd >= 0,
-        "BPF_MAP_CREATE: {}",
-        std::io::Error::last_os_error()
-    );
+    let fd = bpf(BPF_MAP_CREATE, &mut create);
+    let err = std::io::Error::last_os_error();
+    assert!(fd >= 0, "BPF_MAP_CREATE: {err}");
     let c = std::ffi::CString::new(path.as_os_str().as_bytes()).expect("path");
     let mut pin = ObjPin {
         pathname: c.as_ptr() as u64,
         bpf_fd: fd as u32,
         file_flags: 0,
     };
-    // SAFETY: as above.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_PIN,
-            &mut pin as *mut ObjPin,
-            size_of::<ObjPin>(),
-        )
-    };
+    let rc = bpf(BPF_OBJ_PIN, &mut pin);
     let err = std::io::Error::last_os_error();
     // SAFETY: our fd; the pin keeps the map.
     unsafe { libc::close(fd as i32) };
     assert_eq!(rc, 0, "BPF_OBJ_PIN {}: {err}", path.display());
 }
 
+/// bpf(2) `cmd` with `attr`, the prefix of `union bpf_attr` it reads.
+fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> libc::c_long {
+    // SAFETY: `attr` is live for the call and its size is passed along;
+    // the kernel reads no further.
+    unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, size_of::<T>()) }
+}
+
 #[test]
 fn counters_of_another_layout_are_replaced_and_the_flows_still_adopted() {
-    let bpffs = Bpffs::new().expect("bpffs");
-    let pins = bpffs.pin_dir();
-    let lab = lab();
-    let mut gw = start(&lab, &pins, &[]);
+    let (_bpffs, pins, lab, mut gw) = pinned(&[]);
     let streams =
         EchoStreams::start(&lab, Host::Client1, Host::Server, server(7002), 2).expect("streams");
-    let want_entries = aya::maps::MapInfo::from_pin(pins.join("STATS"))
-        .expect("pinned STATS")
-        .max_entries();
     gw.signal_and_wait(libc::SIGKILL).expect("SIGKILL");
-    std::fs::remove_file(pins.join("STATS")).expect("unpinning STATS");
-    pin_percpu_array(&pins.join("STATS"), 3);
+    std::fs::remove_file(pins.join(MAP_STATS)).expect("unpinning STATS");
+    pin_percpu_array(&pins.join(MAP_STATS), 3);
 
     let mut gw2 = start(&lab, &pins, &[]);
     let ready = gw2
@@ -690,11 +584,11 @@ fn counters_of_another_layout_are_replaced_and_the_flows_still_adopted() {
         gw2.log()
     );
     assert_eq!(
-        aya::maps::MapInfo::from_pin(pins.join("STATS"))
+        aya::maps::MapInfo::from_pin(pins.join(MAP_STATS))
             .expect("pinned STATS")
             .max_entries(),
-        want_entries,
-        "STATS re-created with this build's layout"
+        nat_common::stats::SLOTS,
+        "STATS re-created with this build's layout (nat_common::stats)"
     );
     streams
         .wait_for_round_trips(20, Duration::from_secs(10))

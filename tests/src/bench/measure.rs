@@ -77,8 +77,8 @@ pub fn trafgen_config(t: &Topo) -> String {
          {s0}, {s1}, {s2}, {s3},\n  \
          dinc(0x10, 0x16), dinc(0x00, 0xfe), c16({port}), c16(26), csumudp(14, 34),\n  \
          fill(0x00, 18),\n}}\n",
-        dst = mac(t.gw_int_mac),
-        src = mac(t.gen_mac),
+        dst = mac(t.gw_int.mac),
+        src = mac(t.gen_if.mac),
         first = GEN_EXTRA_FIRST,
         last = GEN_EXTRA_FIRST + GEN_EXTRA_COUNT - 1,
         s0 = s[0],
@@ -304,7 +304,7 @@ pub fn conn_rate(t: &Topo, cpus: Cpus, workers: usize, secs: f64) -> Result<f64>
                 let (done, failed, gen_path, first_error) =
                     (&done, &failed, &gen_path, &first_error);
                 s.spawn(move || -> Result<()> {
-                    crate::lab::enter_netns(gen_path)?;
+                    crate::netns::enter_netns(gen_path)?;
                     pin(0, other)?;
                     let mut n = w as u16;
                     while Instant::now() < deadline && super::check_interrupted().is_ok() {

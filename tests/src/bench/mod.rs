@@ -240,8 +240,7 @@ pub fn run(plan: &Plan, out: &Path) -> Result<Report> {
     progress("building the five topologies");
     let topos: Vec<Topo> = Variant::ALL
         .iter()
-        .enumerate()
-        .map(|(k, &v)| Topo::new(v, k, &work.0))
+        .map(|&v| Topo::new(v, &work.0))
         .collect::<Result<_>>()?;
     let mut rep = Report::new(plan, cpus, &topos);
     if let Err(e) = measure_all(plan, cpus, &topos, &work.0, &mut rep) {
@@ -295,7 +294,7 @@ fn measure_all(
             if !matches!(t.variant, Variant::Gateway | Variant::XdpFwd) {
                 continue;
             }
-            let id = t.gw_xdp_prog_id(&t.gw_int)?;
+            let id = t.gw_xdp_prog_id(&t.gw_int.name)?;
             let a = measure::prog_run_stats(id)?;
             let s = measure::pps(t, &cfgs[i], cpus, plan.pps_warmup_secs, plan.pps_secs)?;
             let b = measure::prog_run_stats(id)?;
@@ -350,14 +349,7 @@ fn measure_all(
     ));
     // Any gateway namespace will do; the kernel variant's has nothing
     // attached that could interfere.
-    let scale = scale::run(
-        &topos[0],
-        plan.ct_small,
-        plan.ct_large,
-        plan.ct_rounds,
-        plan.ct_hot_runs,
-        plan.ct_spread_samples,
-    )?;
+    let scale = scale::run(&topos[0], plan)?;
     rep.scale = Some(scale);
     Ok(())
 }

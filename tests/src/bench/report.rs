@@ -98,31 +98,23 @@ pub struct VariantData {
 
 impl VariantData {
     pub fn pps(&self) -> Stat {
-        Stat::of(&self.pps.iter().map(|s| s.pps).collect::<Vec<_>>())
+        self.of_pps(|s| s.pps)
     }
     pub fn offered(&self) -> Stat {
-        Stat::of(&self.pps.iter().map(|s| s.offered_pps).collect::<Vec<_>>())
+        self.of_pps(|s| s.offered_pps)
     }
     pub fn cpu(&self) -> Stat {
-        Stat::of(
-            &self
-                .pps
-                .iter()
-                .map(|s| s.cpu_ns_per_pkt)
-                .collect::<Vec<_>>(),
-        )
+        self.of_pps(|s| s.cpu_ns_per_pkt)
     }
     pub fn busy(&self) -> Stat {
-        Stat::of(&self.pps.iter().map(|s| s.gw_busy).collect::<Vec<_>>())
+        self.of_pps(|s| s.gw_busy)
     }
     pub fn cpu_stat(&self) -> Stat {
-        Stat::of(
-            &self
-                .pps
-                .iter()
-                .map(|s| s.cpu_stat_ns_per_pkt)
-                .collect::<Vec<_>>(),
-        )
+        self.of_pps(|s| s.cpu_stat_ns_per_pkt)
+    }
+    /// One field of the 64-byte UDP windows, over the rounds.
+    fn of_pps(&self, field: impl Fn(&PpsSample) -> f64) -> Stat {
+        Stat::of(&self.pps.iter().map(field).collect::<Vec<_>>())
     }
     pub fn tcp(&self) -> Stat {
         Stat::of(&self.tcp_gbps)
@@ -203,7 +195,7 @@ impl Report {
             machine: Machine::detect(),
             interfaces: topos
                 .iter()
-                .map(|t| (t.variant, t.gw_int.clone(), t.gw_ext.clone()))
+                .map(|t| (t.variant, t.gw_int.name.clone(), t.gw_ext.name.clone()))
                 .collect(),
             variants: topos
                 .iter()
@@ -237,48 +229,37 @@ impl Report {
             return goals;
         };
         let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
+        let mut goal = |name, target: &str, value, met| {
+            goals.push(Goal {
+                name,
+                target: target.into(),
+                value,
+                met,
+            })
+        };
         let r = ratio(gw.pps().median, ipt.pps().median);
-        goals.push(Goal {
-            name: "64-byte pps vs iptables MASQUERADE",
-            target: "≥ 3×".into(),
-            value: format!("{r:.2}×"),
-            met: r >= 3.0,
-        });
+        let name = "64-byte pps vs iptables MASQUERADE";
+        goal(name, "≥ 3×", format!("{r:.2}×"), r >= 3.0);
         let r = ratio(gw.pps().median, xdp.pps().median);
-        goals.push(Goal {
-            name: "64-byte pps vs forward-only XDP",
-            target: "≥ 80 %".into(),
-            value: format!("{:.0} %", r * 100.0),
-            met: r >= 0.8,
-        });
+        let name = "64-byte pps vs forward-only XDP";
+        goal(name, "≥ 80 %", format!("{:.0} %", r * 100.0), r >= 0.8);
         let r = ratio(gw.conn().median, ipt.conn().median);
-        goals.push(Goal {
-            name: "new connections/s vs iptables MASQUERADE",
-            target: "≥ 2×".into(),
-            value: format!("{r:.2}×"),
-            met: r >= 2.0,
-        });
+        let name = "new connections/s vs iptables MASQUERADE";
+        goal(name, "≥ 2×", format!("{r:.2}×"), r >= 2.0);
         if let Some(s) = &self.scale {
             let b = s.bytes_per_flow();
-            goals.push(Goal {
-                name: "map memory per tracked flow",
-                target: "≤ 256 B".into(),
-                value: format!("{b:.0} B (at {} flows)", s.large),
-                met: b <= 256.0,
-            });
+            let value = format!("{b:.0} B (at {} flows)", s.large);
+            goal("map memory per tracked flow", "≤ 256 B", value, b <= 256.0);
             let small = Stat::of(&s.spread_ns[0]).median;
             let large = Stat::of(&s.spread_ns[1]).median;
             let d = ratio(large, small) - 1.0;
-            goals.push(Goal {
-                name: "lookup cost, large vs 1 k flows (many flows, one run each)",
-                target: "within 10 %".into(),
-                value: format!(
-                    "{:+.1} % ({small:.0} → {large:.0} ns at {} flows)",
-                    d * 100.0,
-                    s.large
-                ),
-                met: d.abs() <= 0.10,
-            });
+            let name = "lookup cost, large vs 1 k flows (many flows, one run each)";
+            let value = format!(
+                "{:+.1} % ({small:.0} → {large:.0} ns at {} flows)",
+                d * 100.0,
+                s.large
+            );
+            goal(name, "within 10 %", value, d.abs() <= 0.10);
         }
         goals
     }

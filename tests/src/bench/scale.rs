@@ -11,7 +11,7 @@ use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf,
     maps::{HashMap, MapData},
-    programs::{TestRun, TestRunOptions},
+    programs::Xdp,
 };
 use nat_common::{
     CtKey, CtValue, IPPROTO_UDP, MAP_ADF, MAP_BIND, MAP_BIND_REV, MAP_CT_FWD, NatConfig,
@@ -19,8 +19,14 @@ use nat_common::{
 };
 use nat_loader::dataplane;
 
-use super::topo::{GEN_IP, GW_EXT_IP, Role, SINK_IP, Topo, program};
-use crate::packet::{Csum, L4, Packet};
+use super::{
+    Plan,
+    topo::{GEN_IP, GW_EXT_IP, Role, SINK_IP, Topo},
+};
+use crate::{
+    packet::{Csum, L4, Packet},
+    test_run::test_run,
+};
 
 const XDP_REDIRECT: u32 = 4;
 /// Flows created by real packets through the program, then measured again
@@ -88,8 +94,8 @@ fn synthetic_tuple(i: u32) -> (Ipv4Addr, u16) {
 
 fn frame(t: &Topo, src: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
     Packet {
-        dst_mac: t.gw_int_mac,
-        src_mac: t.gen_mac,
+        dst_mac: t.gw_int.mac,
+        src_mac: t.gen_if.mac,
         src,
         dst: SINK_IP,
         ttl: 64,
@@ -112,16 +118,8 @@ fn memlock(map: &MapData) -> Result<u64> {
 
 /// One BPF_PROG_TEST_RUN of nat_xdp_int on `data`: verdict and run time.
 fn run_once(ebpf: &mut Ebpf, data: &[u8]) -> Result<(u32, f64)> {
-    let prog = program(ebpf, PROG_XDP_INT)?;
-    let mut out = vec![0u8; data.len() + 256];
-    let r = prog
-        .test_run(TestRunOptions {
-            data_in: Some(data),
-            data_out: Some(&mut out),
-            ..Default::default()
-        })
-        .context("BPF_PROG_TEST_RUN")?;
-    Ok((r.return_value, r.duration.as_nanos() as f64))
+    let r = test_run::<Xdp>(ebpf, PROG_XDP_INT, data)?;
+    Ok((r.verdict, r.duration.as_nanos() as f64))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -129,56 +127,19 @@ fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() { 0.0 } else { v[v.len() / 2] }
 }
 
-/// Runs in the gateway namespace of `t` (the FIB answers from its routes).
-pub fn run(
-    t: &Topo,
-    small: u32,
-    large: u32,
-    rounds: usize,
-    hot_runs: u32,
-    spread_samples: u32,
-) -> Result<ScaleResult> {
+/// Runs in the gateway namespace of `t` (the FIB answers from its routes),
+/// with `plan`'s table sizes, rounds and samples.
+pub fn run(t: &Topo, plan: &Plan) -> Result<ScaleResult> {
     // A pinned neighbour: the measured path is the fast path, not ARP.
-    let mac = t.sink_mac.map(|b| format!("{b:02x}")).join(":");
-    t.exec(
-        Role::Gw,
-        &[
-            "ip",
-            "neigh",
-            "replace",
-            &SINK_IP.to_string(),
-            "lladdr",
-            &mac,
-            "dev",
-            &t.gw_ext,
-            "nud",
-            "permanent",
-        ],
-    )?;
-    let cfg = NatConfig {
-        int_ifindex: t.gw_int_index,
-        ext_ifindex: t.gw_ext_index,
-        snat_addr: raw(GW_EXT_IP),
-        port_min: 1024,
-        port_max: 65535,
-        low_port_min: nat_common::DEFAULT_LOW_PORT_MIN,
-        low_port_max: nat_common::DEFAULT_LOW_PORT_MAX,
-        ..NatConfig::default()
-    };
-    t.in_ns(Role::Gw, || {
-        measure(t, cfg, small, large, rounds, hot_runs, spread_samples)
-    })?
+    t.pin_neighbour(Role::Gw, SINK_IP, t.sink_if.mac, &t.gw_ext.name)?;
+    // As the loader's defaults (free ports, filtering), with no probe port
+    // to skip.
+    let cfg = NatConfig::new(t.gw_int.index, t.gw_ext.index, GW_EXT_IP).with_probe_port(0);
+    t.in_ns(Role::Gw, || measure(t, cfg, plan))?
 }
 
-fn measure(
-    t: &Topo,
-    cfg: NatConfig,
-    small: u32,
-    large: u32,
-    rounds: usize,
-    hot_runs: u32,
-    spread_samples: u32,
-) -> Result<ScaleResult> {
+fn measure(t: &Topo, cfg: NatConfig, plan: &Plan) -> Result<ScaleResult> {
+    let (small, large, samples) = (plan.ct_small, plan.ct_large, plan.ct_spread_samples);
     let mut ebpf = dataplane::load(&cfg, large).context("loading the dataplane")?;
     let mut res = ScaleResult {
         max_flows: large,
@@ -230,11 +191,11 @@ fn measure(
     };
     for (slot, total) in [(0usize, small), (1, large)] {
         fill_to(&mut ebpf, total)?;
-        for _ in 0..rounds {
+        for _ in 0..plan.ct_rounds {
             // Single runs: with a repeat count the program would see its
             // own output (rewritten in place) from the second run on.
             let mut runs = Vec::new();
-            for _ in 0..hot_runs {
+            for _ in 0..plan.ct_hot_runs {
                 for f in &hot {
                     let (verdict, ns) = run_once(&mut ebpf, f)?;
                     if verdict != XDP_REDIRECT {
@@ -248,9 +209,9 @@ fn measure(
             let mut single = Vec::new();
             let mut skipped = 0;
             let n = total - HOT_FLOWS as u32;
-            let step = (n / spread_samples.max(1)).max(1);
+            let step = (n / samples.max(1)).max(1);
             let mut i = 7 % n.max(1);
-            for _ in 0..spread_samples.min(n) {
+            for _ in 0..samples.min(n) {
                 let (src, dport) = synthetic_tuple(i);
                 let data = frame(t, src, 40000, dport);
                 let (verdict, ns) = run_once(&mut ebpf, &data)?;
@@ -263,8 +224,8 @@ fn measure(
                 }
                 i = (i + step) % n;
             }
-            if skipped > spread_samples / 100 + 1 {
-                bail!("{skipped} of {spread_samples} tracked flows' packets were not translated");
+            if skipped > samples / 100 + 1 {
+                bail!("{skipped} of {samples} tracked flows' packets were not translated");
             }
             res.spread_ns[slot].push(median(single));
         }

@@ -2,14 +2,7 @@
 //! two veth pairs, with one variant of the gateway configured in the middle.
 //! Dropping it stops everything it started and deletes its namespaces.
 
-use std::{
-    fs::File,
-    net::Ipv4Addr,
-    os::unix::fs::MetadataExt,
-    path::PathBuf,
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
-};
+use std::{net::Ipv4Addr, path::PathBuf, process::Command};
 
 use anyhow::{Context, Result, bail};
 use aya::{
@@ -22,11 +15,7 @@ use nat_common::{
     PROG_XDP_FWD_ONLY,
 };
 
-use crate::{
-    NS_PREFIX,
-    lab::{NETNS_ADD, NETNS_DIR, in_netns, kill_processes_in, run},
-    loader_path,
-};
+use crate::{Gateway, loader_path, netns::Namespaces};
 
 use super::Variant;
 
@@ -58,91 +47,97 @@ impl Role {
     }
 }
 
+/// A NIC of the topology: a veth end whose name is unique on the host
+/// (the NAPI kthreads are named after it, `napi/<ifname>-<id>`, which is
+/// how they are found), with its MAC address and index once built.
+pub struct Nic {
+    pub name: String,
+    pub mac: [u8; 6],
+    pub index: u32,
+}
+
+impl Nic {
+    fn named(name: String) -> Nic {
+        Nic {
+            name,
+            mac: [0; 6],
+            index: 0,
+        }
+    }
+}
+
 pub struct Topo {
     pub variant: Variant,
-    names: [String; 3],
-    created: Vec<Role>,
-    /// Interface names, unique on the host: the NAPI kthreads are named
-    /// after them (`napi/<ifname>-<id>`), which is how they are found.
-    pub gen_if: String,
+    /// The generator's link to the gateway, the gateway's two NICs, the
+    /// sink's link.
+    pub gen_if: Nic,
+    pub gw_int: Nic,
+    pub gw_ext: Nic,
+    pub sink_if: Nic,
     /// The generator's own veth pair: trafgen sends into `gen_raw`, whose
     /// peer `gen_xdp` redirects every frame out of `gen_if` (bench_redirect).
     pub gen_raw: String,
     pub gen_xdp: String,
-    pub gw_int: String,
-    pub gw_ext: String,
-    pub sink_if: String,
-    pub gw_int_mac: [u8; 6],
-    pub gen_mac: [u8; 6],
-    pub sink_mac: [u8; 6],
-    pub gw_int_index: u32,
-    pub gw_ext_index: u32,
+    // Fields drop in order: the programs (their links die with their
+    // fds), the loader (which detaches its own on SIGTERM), then the
+    // namespaces.
     /// `bench_sink` on the generator's and the sink's interface.
     endpoints: Option<Ebpf>,
     /// The forward-only program on both gateway interfaces (variant
     /// `XdpFwd`).
     fwd: Option<Ebpf>,
-    loader: Option<Child>,
-    /// Where the loader's log goes (kept for errors).
-    loader_log: Option<PathBuf>,
+    /// The real loader (variant `Gateway`).
+    gateway: Option<Gateway>,
+    ns: Namespaces,
 }
 
 impl Topo {
-    /// Builds the topology for `variant`; `k` makes its names unique in this
-    /// process. On error everything created so far is removed again.
-    pub fn new(variant: Variant, k: usize, work: &std::path::Path) -> Result<Topo> {
+    /// Builds the topology for `variant`. On error everything created so
+    /// far is removed again.
+    pub fn new(variant: Variant, work: &std::path::Path) -> Result<Topo> {
         let pid = std::process::id();
-        let names = ROLES.map(|r| format!("{NS_PREFIX}{pid}-bench{k}-{}", r.name()));
         let c = variant.letter();
         let ifname = |r: char| format!("{c}{pid}{r}");
         let mut t = Topo {
             variant,
-            names,
-            created: Vec::new(),
-            gen_if: ifname('c'),
+            gen_if: Nic::named(ifname('c')),
+            gw_int: Nic::named(ifname('i')),
+            gw_ext: Nic::named(ifname('e')),
+            sink_if: Nic::named(ifname('s')),
             gen_raw: ifname('r'),
             gen_xdp: ifname('w'),
-            gw_int: ifname('i'),
-            gw_ext: ifname('e'),
-            sink_if: ifname('s'),
-            gw_int_mac: [0; 6],
-            gen_mac: [0; 6],
-            sink_mac: [0; 6],
-            gw_int_index: 0,
-            gw_ext_index: 0,
             endpoints: None,
             fwd: None,
-            loader: None,
-            loader_log: None,
+            gateway: None,
+            ns: Namespaces::new("bench"),
         };
         t.build(work)
             .with_context(|| format!("building the {} topology", variant.key()))?;
         Ok(t)
     }
 
-    pub fn ns(&self, r: Role) -> &str {
-        &self.names[r as usize]
+    pub fn ns(&self, r: Role) -> String {
+        self.ns.ns(r.name())
     }
 
     pub fn ns_path(&self, r: Role) -> PathBuf {
-        PathBuf::from(NETNS_DIR).join(self.ns(r))
+        self.ns.ns_path(r.name())
     }
 
     /// `argv` inside `r`'s namespace (`ip netns exec`, which also gives it
     /// that namespace's /sys).
     pub fn command(&self, r: Role, argv: &[&str]) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", self.ns(r)]).args(argv);
-        cmd
+        self.ns.command(r.name(), argv)
     }
 
     pub fn exec(&self, r: Role, argv: &[&str]) -> Result<String> {
-        let out = run(&mut self.command(r, argv))?;
+        let out = self.ns.exec(r.name(), argv)?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    fn ip(&self, r: Role, args: &[&str]) -> Result<()> {
-        run(Command::new("ip").arg("-n").arg(self.ns(r)).args(args)).map(|_| ())
+    /// A permanent neighbour entry in `r` (see [`Namespaces::pin_neighbour`]).
+    pub fn pin_neighbour(&self, r: Role, ip: Ipv4Addr, mac: [u8; 6], dev: &str) -> Result<()> {
+        self.ns.pin_neighbour(r.name(), ip, mac, dev)
     }
 
     /// Runs `f` on a thread inside `r`'s namespace.
@@ -151,135 +146,55 @@ impl Topo {
         F: FnOnce() -> R + Send,
         R: Send,
     {
-        in_netns(&self.ns_path(r), f)
-    }
-
-    fn sysctl(&self, r: Role, key: &str, value: &str) -> Result<()> {
-        let path = PathBuf::from("/proc/sys").join(key);
-        self.in_ns(r, || std::fs::write(&path, value))?
-            .with_context(|| format!("setting {key}={value} in {}", self.ns(r)))
-    }
-
-    fn sys(&self, r: Role, ifname: &str, attr: &str) -> Result<String> {
-        Ok(self
-            .exec(r, &["cat", &format!("/sys/class/net/{ifname}/{attr}")])?
-            .trim()
-            .to_string())
+        self.ns.in_ns(r.name(), f)
     }
 
     fn build(&mut self, work: &std::path::Path) -> Result<()> {
-        crate::lab::remove_stale_namespaces();
+        let (generator, gw, sink) = (Role::Gen.name(), Role::Gw.name(), Role::Sink.name());
         for r in ROLES {
-            {
-                let _turn = NETNS_ADD.lock().unwrap_or_else(|e| e.into_inner());
-                run(Command::new("ip").args(["netns", "add", self.ns(r)]))?;
-            }
-            self.created.push(r);
-            self.sysctl(r, "net/ipv6/conf/all/disable_ipv6", "1")?;
-            self.sysctl(r, "net/ipv6/conf/default/disable_ipv6", "1")?;
-            self.ip(r, &["link", "set", "lo", "up"])?;
+            self.ns.add(r.name())?;
         }
-        let pairs = [
-            (
-                Role::Gen,
-                self.gen_if.clone(),
-                Role::Gw,
-                self.gw_int.clone(),
-            ),
-            (
-                Role::Gw,
-                self.gw_ext.clone(),
-                Role::Sink,
-                self.sink_if.clone(),
-            ),
-            (
-                Role::Gen,
-                self.gen_raw.clone(),
-                Role::Gen,
-                self.gen_xdp.clone(),
-            ),
-        ];
-        for (a, a_if, b, b_if) in &pairs {
-            run(Command::new("ip").args([
-                "link",
-                "add",
-                "name",
-                a_if,
-                "netns",
-                self.ns(*a),
-                "type",
-                "veth",
-                "peer",
-                "name",
-                b_if,
-                "netns",
-                self.ns(*b),
-            ]))?;
-        }
-        // GRO gives every veth end a NAPI instance: needed to receive XDP
-        // redirects, and what threaded NAPI (the gateway's pinned CPU) runs.
-        for (a, a_if, b, b_if) in &pairs {
-            self.exec(*a, &["ethtool", "-K", a_if, "gro", "on"])?;
-            self.exec(*b, &["ethtool", "-K", b_if, "gro", "on"])?;
-        }
+        let ns = &self.ns;
+        // Every end gets NAPI (GRO): needed to receive XDP redirects, and
+        // what threaded NAPI (the gateway's pinned CPU) runs.
+        ns.veth(generator, &self.gen_if.name, gw, &self.gw_int.name)?;
+        ns.veth(gw, &self.gw_ext.name, sink, &self.sink_if.name)?;
+        ns.veth(generator, &self.gen_raw, generator, &self.gen_xdp)?;
         // Endpoints send complete checksums (no TX offload, hence no TSO):
         // so every variant forwards the same MTU-sized, fully checksummed
         // packets, and the XDP variants take their fast path for TCP too.
-        for (r, dev) in [(Role::Gen, &self.gen_if), (Role::Sink, &self.sink_if)] {
-            self.exec(r, &["ethtool", "-K", dev, "tx", "off"])?;
-        }
-        let gen_if = self.gen_if.clone();
-        self.ip(
-            Role::Gen,
-            &["addr", "add", &format!("{GEN_IP}/24"), "dev", &gen_if],
-        )?;
+        ns.ethtool(generator, &self.gen_if.name, &["tx", "off"])?;
+        ns.ethtool(sink, &self.sink_if.name, &["tx", "off"])?;
+        ns.addr(generator, &self.gen_if.name, &format!("{GEN_IP}/24"))?;
         for i in 0..GEN_EXTRA_COUNT {
             let ip = Ipv4Addr::new(10, 1, 0, GEN_EXTRA_FIRST + i);
-            self.ip(
-                Role::Gen,
-                &["addr", "add", &format!("{ip}/24"), "dev", &gen_if],
-            )?;
+            ns.addr(generator, &self.gen_if.name, &format!("{ip}/24"))?;
         }
-        for (r, dev, ip) in [
-            (Role::Gw, self.gw_int.clone(), GW_INT_IP),
-            (Role::Gw, self.gw_ext.clone(), GW_EXT_IP),
-            (Role::Sink, self.sink_if.clone(), SINK_IP),
-        ] {
-            self.ip(r, &["addr", "add", &format!("{ip}/24"), "dev", &dev])?;
-        }
-        for (a, a_if, b, b_if) in &pairs {
-            self.ip(*a, &["link", "set", a_if, "up"])?;
-            self.ip(*b, &["link", "set", b_if, "up"])?;
-        }
-        self.ip(
-            Role::Gen,
-            &["route", "add", "default", "via", &GW_INT_IP.to_string()],
-        )?;
+        ns.addr(gw, &self.gw_int.name, &format!("{GW_INT_IP}/24"))?;
+        ns.addr(gw, &self.gw_ext.name, &format!("{GW_EXT_IP}/24"))?;
+        ns.addr(sink, &self.sink_if.name, &format!("{SINK_IP}/24"))?;
+        let gw_int_ip = GW_INT_IP.to_string();
+        ns.ip(generator, &["route", "add", "default", "via", &gw_int_ip])?;
         // Replies of the no-NAT variants: the sink routes the inside subnet
         // back through the gateway (the NAT variants never use this route).
-        self.ip(
-            Role::Sink,
-            &["route", "add", "10.1.0.0/24", "via", &GW_EXT_IP.to_string()],
-        )?;
-        self.sysctl(Role::Gw, "net/ipv4/ip_forward", "1")?;
+        let gw_ext_ip = GW_EXT_IP.to_string();
+        ns.ip(sink, &["route", "add", "10.1.0.0/24", "via", &gw_ext_ip])?;
+        ns.sysctl(gw, "net/ipv4/ip_forward", "1")?;
         for (r, dev) in self.all_ifs() {
-            self.exec(
-                r,
-                &[
-                    "sh",
-                    "-c",
-                    &format!("echo 1 > /sys/class/net/{dev}/threaded"),
-                ],
-            )
-            .with_context(|| format!("enabling threaded NAPI on {dev}"))?;
+            let threaded = format!("echo 1 > /sys/class/net/{dev}/threaded");
+            ns.exec(r.name(), &["sh", "-c", &threaded])
+                .with_context(|| format!("enabling threaded NAPI on {dev}"))?;
         }
-        self.gw_int_mac =
-            crate::packet::parse_mac(&self.sys(Role::Gw, &self.gw_int, "address")?)?;
-        self.gen_mac = crate::packet::parse_mac(&self.sys(Role::Gen, &self.gen_if, "address")?)?;
-        self.sink_mac =
-            crate::packet::parse_mac(&self.sys(Role::Sink, &self.sink_if, "address")?)?;
-        self.gw_int_index = self.sys(Role::Gw, &self.gw_int, "ifindex")?.parse()?;
-        self.gw_ext_index = self.sys(Role::Gw, &self.gw_ext, "ifindex")?.parse()?;
+        ns.settle()?;
+        for (r, nic) in [
+            (Role::Gen, &mut self.gen_if),
+            (Role::Gw, &mut self.gw_int),
+            (Role::Gw, &mut self.gw_ext),
+            (Role::Sink, &mut self.sink_if),
+        ] {
+            nic.mac = ns.mac(r.name(), &nic.name)?;
+            nic.index = ns.ifindex(r.name(), &nic.name)?;
+        }
 
         self.attach_endpoints()?;
         self.configure_variant(work)?;
@@ -289,11 +204,11 @@ impl Topo {
     /// Interfaces with a NAPI thread.
     fn all_ifs(&self) -> [(Role, String); 5] {
         [
-            (Role::Gen, self.gen_if.clone()),
+            (Role::Gen, self.gen_if.name.clone()),
             (Role::Gen, self.gen_xdp.clone()),
-            (Role::Gw, self.gw_int.clone()),
-            (Role::Gw, self.gw_ext.clone()),
-            (Role::Sink, self.sink_if.clone()),
+            (Role::Gw, self.gw_int.name.clone()),
+            (Role::Gw, self.gw_ext.name.clone()),
+            (Role::Sink, self.sink_if.name.clone()),
         ]
     }
 
@@ -308,7 +223,7 @@ impl Topo {
             .try_into()?;
         prog.load()
             .with_context(|| format!("verifying {PROG_BENCH_SINK}"))?;
-        let dev = &self.sink_if;
+        let dev = &self.sink_if.name;
         self.in_ns(Role::Sink, || {
             prog.attach_with_options(
                 dev,
@@ -321,12 +236,15 @@ impl Topo {
         let prog: &mut Xdp = program(&mut ebpf, PROG_BENCH_PASS)?;
         prog.load()
             .with_context(|| format!("verifying {PROG_BENCH_PASS}"))?;
-        for (r, dev) in [(Role::Gen, &self.gen_if), (Role::Sink, &self.sink_if)] {
+        for (r, dev) in [
+            (Role::Gen, &self.gen_if.name),
+            (Role::Sink, &self.sink_if.name),
+        ] {
             let prog: &mut Xdp = program(&mut ebpf, PROG_BENCH_PASS)?;
             self.in_ns(r, || prog.attach(dev, XdpMode::Driver).map(|_| ()))?
                 .with_context(|| format!("attaching {PROG_BENCH_PASS} to {dev}"))?;
         }
-        let gen_index: u32 = self.sys(Role::Gen, &self.gen_if, "ifindex")?.parse()?;
+        let gen_index = self.gen_if.index;
         let mut target = Array::<&mut MapData, u32>::try_from(
             ebpf.map_mut(MAP_BENCH_REDIRECT)
                 .context("BENCH_REDIRECT missing from the object")?,
@@ -343,7 +261,7 @@ impl Topo {
     }
 
     fn configure_variant(&mut self, work: &std::path::Path) -> Result<()> {
-        let ext = self.gw_ext.clone();
+        let ext = self.gw_ext.name.clone();
         match self.variant {
             Variant::Kernel => {}
             Variant::Iptables => {
@@ -366,19 +284,19 @@ impl Topo {
                 let rules = format!(
                     "table ip bench_nat {{\n  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n    oifname \"{ext}\" masquerade\n  }}\n}}\n"
                 );
-                let file = work.join(format!("nft-{}.conf", self.gw_ext));
+                let file = work.join(format!("nft-{}.conf", self.gw_ext.name));
                 std::fs::write(&file, rules)?;
                 let r = self.exec(Role::Gw, &["nft", "-f", &file.to_string_lossy()]);
                 let _ = std::fs::remove_file(&file);
                 r?;
             }
-            Variant::Gateway => self.start_loader(work)?,
+            Variant::Gateway => self.start_loader()?,
             Variant::XdpFwd => {
                 let mut ebpf = load_object()?;
                 let prog: &mut Xdp = program(&mut ebpf, PROG_XDP_FWD_ONLY)?;
                 prog.load()
                     .with_context(|| format!("verifying {PROG_XDP_FWD_ONLY}"))?;
-                for dev in [&self.gw_int, &self.gw_ext] {
+                for dev in [&self.gw_int.name, &self.gw_ext.name] {
                     let prog: &mut Xdp = program(&mut ebpf, PROG_XDP_FWD_ONLY)?;
                     self.in_ns(Role::Gw, || prog.attach(dev, XdpMode::Driver).map(|_| ()))?
                         .with_context(|| format!("attaching {PROG_XDP_FWD_ONLY} to {dev}"))?;
@@ -389,34 +307,12 @@ impl Topo {
         Ok(())
     }
 
-    fn start_loader(&mut self, work: &std::path::Path) -> Result<()> {
-        let bin = loader_path()?;
-        let log = work.join(format!("nat-loader-{}.log", self.gw_int));
-        let file = File::create(&log)?;
-        let mut cmd = self.command(Role::Gw, &[]);
-        cmd.arg(&bin)
-            .args(["--int", &self.gw_int, "--ext", &self.gw_ext])
-            .args(["--probe-port", "0", "--xdp-mode", "native"])
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(file);
-        self.loader = Some(cmd.spawn().context("starting nat-loader")?);
-        self.loader_log = Some(log.clone());
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            if text.contains(crate::READY) {
-                return Ok(());
-            }
-            if let Some(Ok(Some(status))) = self.loader.as_mut().map(|c| c.try_wait()) {
-                bail!("nat-loader exited ({status}) before ready:\n{text}");
-            }
-            if Instant::now() > deadline {
-                bail!("nat-loader not ready after 30 s:\n{text}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+    fn start_loader(&mut self) -> Result<()> {
+        let nics = (self.gw_int.name.as_str(), self.gw_ext.name.as_str());
+        let extra = ["--probe-port", "0", "--xdp-mode", "native"];
+        let gw = Gateway::start_in(&self.ns, Role::Gw.name(), &loader_path()?, nics, &extra)?;
+        self.gateway = Some(gw);
+        Ok(())
     }
 
     /// A few pings end to end: resolves the neighbours and proves the
@@ -431,10 +327,9 @@ impl Topo {
             format!(
                 "{} does not forward gen → sink (ping failed){}",
                 self.variant.key(),
-                self.loader_log
+                self.gateway
                     .as_ref()
-                    .and_then(|l| std::fs::read_to_string(l).ok())
-                    .map(|l| format!("; loader log:\n{l}"))
+                    .map(|gw| format!("; loader log:\n{}", gw.log().join("\n")))
                     .unwrap_or_default()
             )
         })?;
@@ -499,45 +394,6 @@ impl Topo {
     }
 }
 
-impl Drop for Topo {
-    fn drop(&mut self) {
-        // Programs first (their links die with their fds), then the
-        // loader, which detaches its own on SIGTERM.
-        self.fwd = None;
-        self.endpoints = None;
-        if let Some(mut child) = self.loader.take() {
-            if let Ok(None) = child.try_wait() {
-                // SAFETY: our unreaped child, its pid cannot be reused.
-                unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-                let deadline = Instant::now() + Duration::from_secs(10);
-                while Instant::now() < deadline {
-                    if let Ok(Some(_)) = child.try_wait() {
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
-        if let Some(log) = self.loader_log.take() {
-            let _ = std::fs::remove_file(log);
-        }
-        let namespaces: Vec<(u64, u64)> = self
-            .created
-            .iter()
-            .filter_map(|&r| std::fs::metadata(self.ns_path(r)).ok())
-            .map(|m| (m.dev(), m.ino()))
-            .collect();
-        kill_processes_in(&namespaces);
-        for &r in &self.created {
-            if let Err(e) = run(Command::new("ip").args(["netns", "del", self.ns(r)])) {
-                eprintln!("nat-bench: could not remove namespace: {e:#}");
-            }
-        }
-    }
-}
-
 /// The benchmark's own eBPF object (`nat-bench-ebpf`, built beside the
 /// gateway's by `cargo xtask build-ebpf`); `NAT_BENCH_EBPF_OBJECT` overrides
 /// the path.
@@ -560,7 +416,7 @@ fn load_object() -> Result<Ebpf> {
     })
 }
 
-pub fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
+fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
     ebpf.program_mut(name)
         .with_context(|| {
             format!(

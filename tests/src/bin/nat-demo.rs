@@ -6,7 +6,7 @@
 //! and prints how long until new connections succeed again. The labs are
 //! removed at the end (also on failure).
 
-use std::{net::SocketAddrV4, thread::sleep, time::Duration};
+use std::{thread::sleep, time::Duration};
 
 use anyhow::{Context, Result, ensure};
 use nat_lab::failover::{self, FailoverLab, PROBE_INTERVAL, PROBE_THRESHOLD};
@@ -51,12 +51,7 @@ fn run() -> Result<()> {
     println!("  the router has no route back to 10.1.0.0/24, as on the Internet");
 
     step("without the gateway: the kernel forwards but nothing translates");
-    let flow = Flow::new(
-        Host::Client1,
-        Host::Server,
-        SocketAddrV4::new(SERVER_IP, 8080),
-    )
-    .timeout(Duration::from_secs(3));
+    let flow = Flow::to_server(Host::Client1, 8080).timeout(Duration::from_secs(3));
     match tcp_transfer(&lab, &flow, 64 * 1024) {
         Ok(_) => println!("  unexpected: TCP worked without the gateway"),
         Err(e) => println!("  TCP client1 -> server fails as expected: {e:#}"),
@@ -87,30 +82,14 @@ fn run() -> Result<()> {
     );
 
     step("TCP client1 -> server, 8 MB each way, SHA-256 verified");
-    let r = tcp_transfer(
-        &lab,
-        &Flow::new(
-            Host::Client1,
-            Host::Server,
-            SocketAddrV4::new(SERVER_IP, 8080),
-        ),
-        8 << 20,
-    )?;
+    let r = tcp_transfer(&lab, &Flow::to_server(Host::Client1, 8080), 8 << 20)?;
     println!(
         "  client {} reached the server, which saw {} (the gateway's address) in {:.2?}",
         r.client_addr, r.server_saw, r.elapsed
     );
 
     step("UDP client2 -> server, 20 datagrams");
-    let u = udp_exchange(
-        &lab,
-        &Flow::new(
-            Host::Client2,
-            Host::Server,
-            SocketAddrV4::new(SERVER_IP, 5300),
-        ),
-        20,
-    )?;
+    let u = udp_exchange(&lab, &Flow::to_server(Host::Client2, 5300), 20)?;
     println!(
         "  {} answered; the server saw {:?}",
         u.answered,
@@ -119,31 +98,14 @@ fn run() -> Result<()> {
 
     step("two clients, same source port 45000, same server port");
     for (host, ip) in [(Host::Client1, CLIENT1_IP), (Host::Client2, CLIENT2_IP)] {
-        let f = Flow::new(host, Host::Server, SocketAddrV4::new(SERVER_IP, 5301))
-            .src_ip(ip)
-            .src_port(45000);
+        let f = Flow::to_server(host, 5301).src_ip(ip).src_port(45000);
         let u = udp_exchange(&lab, &f, 5)?;
         println!("  {ip}:45000 -> server saw {:?}", u.single_source());
     }
 
     step("checksum offload off, as frames arrive from a real NIC: the XDP fast path");
-    for (h, dev, what) in [
-        (Host::Client1, "eth0", "tx"),
-        (Host::Server, "eth0", "tx"),
-        (Host::Sw, nat_lab::SW_CLIENT1_PORT, "gro"),
-        (Host::Router, nat_lab::ROUTER_SRV_IF, "gro"),
-    ] {
-        lab.exec(h, &["ethtool", "-K", dev, what, "off"])?;
-    }
-    let r = tcp_transfer(
-        &lab,
-        &Flow::new(
-            Host::Client1,
-            Host::Server,
-            SocketAddrV4::new(SERVER_IP, 8081),
-        ),
-        8 << 20,
-    )?;
+    lab.complete_checksums_on_the_wire()?;
+    let r = tcp_transfer(&lab, &Flow::to_server(Host::Client1, 8081), 8 << 20)?;
     println!(
         "  8 MB each way in {:.2?}; watch xdp_out_forwarded / xdp_in_forwarded grow",
         r.elapsed
