@@ -9,6 +9,7 @@ pub mod dataplane;
 pub mod egress;
 pub mod events;
 pub mod health;
+pub mod mounts;
 pub mod netif;
 pub mod pins;
 pub mod pressure;

@@ -9,14 +9,14 @@
 //! there. Before attaching, it checks that the kernel's records have the
 //! fields the programs read where they read them.
 
-use std::{ffi::CString, os::unix::ffi::OsStrExt, path::Path};
+use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use aya::{Ebpf, programs::TracePoint};
 use nat_common::trace;
 use tracing::info;
 
-use crate::dataplane::program;
+use crate::{dataplane::program, mounts};
 
 /// Where tracefs is mounted, or will be.
 pub const TRACEFS: &str = "/sys/kernel/tracing";
@@ -65,44 +65,17 @@ pub fn attach(ebpf: &mut Ebpf) -> Result<()> {
 /// Where tracefs is mounted, mounting it at [`TRACEFS`] if nowhere.
 fn tracefs() -> Result<&'static Path> {
     for p in [TRACEFS, TRACEFS_OLD] {
-        if is_tracefs(Path::new(p)) {
+        if mounts::magic(Path::new(p)).is_ok_and(|m| m == TRACEFS_MAGIC) {
             return Ok(Path::new(p));
         }
     }
-    let at = Path::new(TRACEFS);
-    let target = CString::new(at.as_os_str().as_bytes()).context("path with a NUL byte")?;
-    let fstype = c"tracefs";
-    // SAFETY: NUL-terminated strings; no data argument.
-    let rc = unsafe {
-        libc::mount(
-            fstype.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| {
-            format!("mounting tracefs at {TRACEFS} (counting refused XDP redirects needs it)")
-        });
-    }
+    mounts::mount(c"tracefs", Path::new(TRACEFS))
+        .context("counting refused XDP redirects needs tracefs")?;
     info!(
         path = TRACEFS,
         "mounted tracefs (to count refused XDP redirects)"
     );
-    Ok(at)
-}
-
-fn is_tracefs(path: &Path) -> bool {
-    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else {
-        return false;
-    };
-    // SAFETY: zeroed statfs is a valid out-parameter; c is NUL-terminated.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    #[allow(clippy::unnecessary_cast)]
-    let magic = (unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0).then_some(st.f_type as i64);
-    magic == Some(TRACEFS_MAGIC)
+    Ok(Path::new(TRACEFS))
 }
 
 /// Fails unless the tracepoint format `text` (tracefs

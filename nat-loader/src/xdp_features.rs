@@ -221,18 +221,7 @@ impl Netdev {
 
     /// The `xdp-features` of interface `ifindex`.
     pub fn xdp_features(&mut self, ifindex: u32) -> Result<u64> {
-        let msg = GenlMessage::new(
-            GenlHeader {
-                cmd: CMD_DEV_GET,
-                version: 1,
-            },
-            DevMessage {
-                cmd: CMD_DEV_GET,
-                attrs: vec![DevAttr::Ifindex(ifindex)],
-            },
-            self.family,
-        );
-        let answer = self.request(msg)?;
+        let answer = self.request(dev_get(self.family, ifindex))?;
         parse_answer(&answer, ifindex)
             .with_context(|| format!("xdp-features of interface {ifindex}"))
     }
@@ -265,16 +254,11 @@ impl Netdev {
     /// Sends one request and returns the first answer to it, as bytes.
     fn request<F>(&mut self, msg: GenlMessage<F>) -> Result<Vec<u8>>
     where
-        F: GenlFamily + Emitable + std::fmt::Debug + Clone + PartialEq + Eq,
+        F: std::fmt::Debug,
         GenlMessage<F>: netlink_packet_core::NetlinkSerializable,
     {
         self.seq = self.seq.wrapping_add(1);
-        let mut nl = NetlinkMessage::from(msg);
-        nl.header.flags = NLM_F_REQUEST;
-        nl.header.sequence_number = self.seq;
-        nl.finalize();
-        let mut buf = vec![0u8; nl.buffer_len()];
-        nl.serialize(&mut buf);
+        let buf = request_bytes(msg, self.seq);
         self.socket
             .send(&buf, 0)
             .context("sending a generic netlink request")?;
@@ -290,6 +274,37 @@ impl Netdev {
             }
         }
     }
+}
+
+/// `NETDEV_CMD_DEV_GET` about `ifindex`, to the netdev family (id
+/// `family`).
+fn dev_get(family: u16, ifindex: u32) -> GenlMessage<DevMessage> {
+    GenlMessage::new(
+        GenlHeader {
+            cmd: CMD_DEV_GET,
+            version: 1,
+        },
+        DevMessage {
+            cmd: CMD_DEV_GET,
+            attrs: vec![DevAttr::Ifindex(ifindex)],
+        },
+        family,
+    )
+}
+
+/// `msg` as a request with sequence number `seq`, in bytes.
+fn request_bytes<F>(msg: GenlMessage<F>, seq: u32) -> Vec<u8>
+where
+    F: std::fmt::Debug,
+    GenlMessage<F>: netlink_packet_core::NetlinkSerializable,
+{
+    let mut nl = NetlinkMessage::from(msg);
+    nl.header.flags = NLM_F_REQUEST;
+    nl.header.sequence_number = seq;
+    nl.finalize();
+    let mut buf = vec![0u8; nl.buffer_len()];
+    nl.serialize(&mut buf);
+    buf
 }
 
 /// The sequence number of the netlink message at the start of `bytes`.
@@ -357,23 +372,7 @@ mod tests {
 
     #[test]
     fn the_request_is_a_dev_get_with_the_ifindex() {
-        let msg = GenlMessage::new(
-            GenlHeader {
-                cmd: CMD_DEV_GET,
-                version: 1,
-            },
-            DevMessage {
-                cmd: CMD_DEV_GET,
-                attrs: vec![DevAttr::Ifindex(3)],
-            },
-            20,
-        );
-        let mut nl = NetlinkMessage::from(msg);
-        nl.header.flags = NLM_F_REQUEST;
-        nl.header.sequence_number = 2;
-        nl.finalize();
-        let mut buf = vec![0u8; nl.buffer_len()];
-        nl.serialize(&mut buf);
+        let buf = request_bytes(dev_get(20, 3), 2);
         // nlmsghdr (len 28, type = family 20, flags REQUEST, seq 2), genl
         // header (cmd 1, version 1), NETDEV_A_DEV_IFINDEX = 3.
         let want = bytes("1c000000140001000200000000000000010100000800010003000000");
