@@ -181,6 +181,49 @@ pub struct FragHeld {
     pub data: [[u8; 512]; 4],
 }
 
+/// How an XDP program sends what it translated out of the other NIC, and
+/// the kernel's id of that program: [`crate::MAP_XDP_EGRESS`], indexed by
+/// the program's hook (`stats::HOOK_XDP_INT`, `stats::HOOK_XDP_EXT`).
+/// Written by the loader before it attaches the program and whenever a NIC
+/// changes; read by the XDP program for each packet it forwards and by the
+/// tracing programs, which recognise the program's refused redirects by its
+/// id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct XdpEgress {
+    /// One of the `XDP_EGRESS_*` modes.
+    pub mode: u32,
+    /// The XDP program's id (0: not known yet; no refusal is counted).
+    pub prog_id: u32,
+}
+
+/// [`XdpEgress::mode`]: redirect, native XDP. The egress NIC takes the
+/// frame through its `ndo_xdp_xmit`; frames wait in a per-CPU bulk queue
+/// until the end of the NAPI poll, where the NIC may still refuse them (the
+/// tracing programs count those from the queue's flush).
+pub const XDP_EGRESS_REDIRECT: u32 = 0;
+/// Redirect, XDP in generic (skb) mode: the kernel sends the packet as an
+/// skb, which every NIC takes; no `ndo_xdp_xmit`, no bulk queue.
+pub const XDP_EGRESS_REDIRECT_SKB: u32 = 1;
+/// The egress NIC cannot take redirected XDP frames: hand the packet,
+/// untouched, to TC (`XDP_PASS`, `xdp_to_tc_no_xdp_xmit`).
+pub const XDP_EGRESS_TO_TC: u32 = 2;
+/// `(mode, label)` of every mode, as the loader logs them.
+pub const XDP_EGRESS_MODES: [(u32, &str); 3] = [
+    (XDP_EGRESS_REDIRECT, "redirect"),
+    (XDP_EGRESS_REDIRECT_SKB, "redirect_skb"),
+    (XDP_EGRESS_TO_TC, "to_tc"),
+];
+
+/// Label of an [`XdpEgress::mode`].
+pub fn xdp_egress_label(mode: u32) -> &'static str {
+    XDP_EGRESS_MODES
+        .iter()
+        .find(|(m, _)| *m == mode)
+        .map(|(_, l)| *l)
+        .unwrap_or("unknown")
+}
+
 /// How inbound packets that match a binding but no session are treated
 /// (RFC 4787 section 5, `--filtering`).
 pub const FILTER_ADDRESS_AND_PORT: u8 = 0;
@@ -331,6 +374,7 @@ mod user {
     unsafe impl aya::Pod for super::FragValue {}
     unsafe impl aya::Pod for super::FragSlot {}
     unsafe impl aya::Pod for super::FragHeld {}
+    unsafe impl aya::Pod for super::XdpEgress {}
 }
 
 #[cfg(test)]
@@ -427,6 +471,17 @@ mod tests {
             ),
             (600, 1023, FILTER_ADDRESS_AND_PORT, 0, 0)
         );
+    }
+
+    #[test]
+    fn xdp_egress_is_8_bytes_and_zero_means_redirect() {
+        assert_eq!(size_of::<XdpEgress>(), 8);
+        assert_eq!(offset_of!(XdpEgress, prog_id), 4);
+        // A map entry the loader has not written yet redirects, as the
+        // programs did before the map existed.
+        assert_eq!(XdpEgress::default().mode, XDP_EGRESS_REDIRECT);
+        assert_eq!(xdp_egress_label(XDP_EGRESS_TO_TC), "to_tc");
+        assert_eq!(xdp_egress_label(7), "unknown");
     }
 
     #[test]

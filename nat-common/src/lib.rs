@@ -20,6 +20,7 @@ pub mod ports;
 pub mod stats;
 pub mod tcp;
 pub mod timeouts;
+pub mod trace;
 
 pub use layout::*;
 
@@ -63,7 +64,13 @@ pub const PROG_TC_MSS: &str = "nat_tc_mss";
 /// [`PROG_TC_EXT`].
 pub const PROG_TC_FRAG_INT: &str = "nat_tc_frag_int";
 pub const PROG_TC_FRAG_EXT: &str = "nat_tc_frag_ext";
-pub const PROGRAMS: [&str; 10] = [
+/// Not attached to a NIC: tracing programs on the kernel's XDP tracepoints
+/// ([`trace::PROGRAMS`]) that count the redirects the kernel refused our
+/// XDP programs (`drop_redirect_refused`).
+pub const PROG_TRACE_REDIRECT_ERR: &str = "nat_trace_redirect_err";
+pub const PROG_TRACE_DEVMAP_XMIT: &str = "nat_trace_devmap_xmit";
+pub const PROG_TRACE_EXCEPTION: &str = "nat_trace_xdp_exception";
+pub const PROGRAMS: [&str; 13] = [
     PROG_XDP_INT,
     PROG_XDP_EXT,
     PROG_TC_INT,
@@ -74,6 +81,9 @@ pub const PROGRAMS: [&str; 10] = [
     PROG_TC_MSS,
     PROG_TC_FRAG_INT,
     PROG_TC_FRAG_EXT,
+    PROG_TRACE_REDIRECT_ERR,
+    PROG_TRACE_DEVMAP_XMIT,
+    PROG_TRACE_EXCEPTION,
 ];
 /// The tail-call table and its slots.
 pub const MAP_TAILS: &str = "TAILS";
@@ -116,6 +126,16 @@ pub const MAP_FRAG_HELD: &str = "FRAG_HELD";
 /// Scratch room (per-CPU array, one entry) to copy a fragment into
 /// before inserting it into [`MAP_FRAG_HELD`]: too big for the stack.
 pub const MAP_FRAG_SCRATCH: &str = "FRAG_SCRATCH";
+/// How each XDP program forwards (redirect, or hand to TC where the egress
+/// NIC cannot take redirected frames) and its program id: an array of two
+/// [`XdpEgress`], index the XDP hook. Not pinned: each loader writes its
+/// own programs' entries.
+pub const MAP_XDP_EGRESS: &str = "XDP_EGRESS";
+/// Per CPU and XDP hook, how many frames the program redirected (native
+/// mode) that the kernel has neither refused nor flushed from its bulk
+/// queue yet: how the tracing programs tell a flush of our frames from
+/// another namespace's with the same interface indexes. Not pinned.
+pub const MAP_XDP_PENDING: &str = "XDP_PENDING";
 /// Default number of fragmented datagrams tracked at once.
 pub const DEFAULT_MAX_FRAGMENTS: u32 = 4096;
 
@@ -125,7 +145,7 @@ pub const fn frag_held_slots(max_fragments: u32) -> u32 {
     if q < FRAG_HELD_MAX { FRAG_HELD_MAX } else { q }
 }
 /// Every map of the gateway's object.
-pub const MAPS: [&str; 10] = [
+pub const MAPS: [&str; 12] = [
     MAP_CT_FWD,
     MAP_BIND,
     MAP_BIND_REV,
@@ -136,6 +156,8 @@ pub const MAPS: [&str; 10] = [
     MAP_FRAG_TRACK,
     MAP_FRAG_HELD,
     MAP_FRAG_SCRATCH,
+    MAP_XDP_EGRESS,
+    MAP_XDP_PENDING,
 ];
 /// The maps a pin directory keeps, so that a new loader adopts the flows
 /// and the counters. Not the tail-call table (each loader fills its own

@@ -170,6 +170,45 @@ reasons! {
     /// re-injected on `--ext` (counted here once each, then again by what
     /// happens to them as tracked fragments).
     TC_FRAG_REINJECTED = 51, "tc_fragment_reinjected";
+    /// XDP handed the packet to TC: the NIC it must leave by cannot take
+    /// redirected XDP frames (its `xdp-features` lack `ndo-xmit`; the
+    /// loader says so in [`crate::MAP_XDP_EGRESS`]), so TC forwards it as
+    /// an skb: slower, nothing lost.
+    XDP_TO_TC_NO_XMIT = 52, "xdp_to_tc_no_xdp_xmit";
+    /// XDP translated and redirected the packet, and the kernel refused
+    /// the frame (the egress NIC down, unable to take XDP frames, its queue
+    /// full). Counted by the tracing programs at the hook of the XDP
+    /// program that redirected it, and taken off that hook's forwarded
+    /// counter ([`xdp_forwarded`]), which so counts only what the kernel
+    /// took.
+    DROP_REDIRECT_REFUSED = 53, "drop_redirect_refused";
+}
+
+/// The reasons of a packet sent on its way out of a NIC (by a redirect, or
+/// translated and handed to the kernel to fragment and send): the health
+/// check compares what the programs forwarded with what left.
+pub const FORWARDED: [u32; 10] = [
+    XDP_OUT_FWD,
+    XDP_IN_FWD,
+    TC_OUT_FWD,
+    TC_IN_FWD,
+    TC_IN_ICMP_ERROR_FWD,
+    TC_HAIRPIN_FWD,
+    TC_TO_KERNEL_FRAGMENT,
+    TC_OUT_ICMP_ERROR_FWD,
+    TC_FRAG_FIRST_FWD,
+    TC_FRAG_FWD,
+];
+
+/// What XDP hook `hook` counts for a packet it redirected:
+/// [`XDP_OUT_FWD`] on `--int`, [`XDP_IN_FWD`] on `--ext`.
+#[inline(always)]
+pub const fn xdp_forwarded(hook: u32) -> u32 {
+    if hook == HOOK_XDP_INT {
+        XDP_OUT_FWD
+    } else {
+        XDP_IN_FWD
+    }
 }
 
 /// Label of a reason index.

@@ -4,8 +4,9 @@
 //! with the next hop's MAC unknown, redirected with `bpf_redirect_neigh`,
 //! which resolves it like the kernel's own output path (TC only).
 //!
-//! XDP forwards only what it can finish: a resolved neighbour and a
-//! packet that fits the egress MTU. The rest goes to TC untouched.
+//! XDP forwards only what it can finish: a resolved neighbour, a packet
+//! that fits the egress MTU, and an egress NIC that takes redirected XDP
+//! frames (the loader's `XDP_EGRESS`). The rest goes to TC untouched.
 
 use aya_ebpf::{
     EbpfContext,
@@ -16,10 +17,11 @@ use aya_ebpf::{
     helpers::{bpf_check_mtu, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
-use nat_common::{mss, stats};
+use nat_common::{XDP_EGRESS_REDIRECT, XDP_EGRESS_TO_TC, mss, stats};
 
 use crate::{
     fib::Route,
+    maps::{XDP_EGRESS, XDP_PENDING},
     parse::{Frame, TCP_FLAGS, write},
     rewrite::{self, Rewrite},
     tail::MssHandOver,
@@ -73,23 +75,55 @@ pub fn egress(route: Route, expected_ifindex: u32) -> Egress {
     }
 }
 
-/// XDP: forwards a translated packet out of `egress_if`, or hands it to TC
-/// untouched. Returns the XDP action and the reason to count.
+/// XDP hook `hook`: forwards a translated packet out of `egress_if`, or
+/// hands it to TC untouched. Returns the XDP action and the reason to
+/// count.
 #[inline(always)]
-pub fn xdp(f: Frame, rw: &Rewrite, route: Route, egress_if: u32, fwd_reason: u32) -> (u32, u32) {
+pub fn xdp(f: Frame, rw: &Rewrite, route: Route, hook: u32, egress_if: u32) -> (u32, u32) {
     match egress(route, egress_if) {
         Egress::Redirect {
             ifindex,
             smac,
             dmac,
-        } => match rewrite::xdp(f, rw).and_then(|()| xdp_macs(f, smac, dmac)) {
-            Some(()) => (unsafe { bpf_redirect(ifindex, 0) } as u32, fwd_reason),
-            None => (XDP_DROP, stats::DROP_INTERNAL),
-        },
+        } => {
+            let mode = xdp_egress(hook);
+            // A frame the NIC cannot take would be dropped by the kernel:
+            // TC sends it as an skb instead.
+            if mode == XDP_EGRESS_TO_TC {
+                return (XDP_PASS, stats::XDP_TO_TC_NO_XMIT);
+            }
+            match rewrite::xdp(f, rw).and_then(|()| xdp_macs(f, smac, dmac)) {
+                Some(()) => {
+                    if mode == XDP_EGRESS_REDIRECT {
+                        pending(hook);
+                    }
+                    let action = unsafe { bpf_redirect(ifindex, 0) } as u32;
+                    (action, stats::xdp_forwarded(hook))
+                }
+                None => (XDP_DROP, stats::DROP_INTERNAL),
+            }
+        }
         Egress::Neigh { .. } => (XDP_PASS, stats::XDP_TO_TC_NO_NEIGH),
         Egress::TooBig => (XDP_PASS, stats::XDP_TO_TC_FIB),
         Egress::Pass(r) => (XDP_PASS, r),
         Egress::Drop(r) => (XDP_DROP, r),
+    }
+}
+
+/// How XDP hook `hook` forwards (`XDP_EGRESS_*`): redirect until the
+/// loader says otherwise.
+#[inline(always)]
+fn xdp_egress(hook: u32) -> u32 {
+    XDP_EGRESS.get(hook).map_or(XDP_EGRESS_REDIRECT, |e| e.mode)
+}
+
+/// One more frame of `hook` in the kernel's bulk queue, until the tracing
+/// programs see it refused or flushed (refused.rs).
+#[inline(always)]
+fn pending(hook: u32) {
+    if let Some(p) = XDP_PENDING.get_ptr_mut(hook) {
+        // Per-CPU slot: only this CPU's programs touch it.
+        unsafe { *p += 1 };
     }
 }
 

@@ -2,8 +2,10 @@
 //! program on each NIC finishes what XDP cannot do well, with tail-called
 //! programs for the rare and heavy cases. Entry points are in xdp.rs and
 //! tc.rs (and the tail-called programs in their concern's module); every
-//! packet then walks parse → nat (decide) → rewrite → forward. See
-//! docs/packet-flow.md for what each program does to a packet, and why.
+//! packet then walks parse → nat (decide) → rewrite → forward. Beside the
+//! packet path, refused.rs's tracing programs count the redirects the
+//! kernel refused. See docs/packet-flow.md for what each program does to a
+//! packet, and why.
 #![no_std]
 #![no_main]
 
@@ -19,6 +21,7 @@ mod mss;
 mod nat;
 mod no_port;
 mod parse;
+mod refused;
 mod rewrite;
 mod stats;
 mod tail;

@@ -4,11 +4,11 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, ProgramArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray},
 };
 use nat_common::{
     BindKey, BindValue, CtKey, CtValue, DEFAULT_MAX_FLOWS, DEFAULT_MAX_FRAGMENTS, FragHeld,
-    FragKey, FragSlot, FragValue, MAX_BINDINGS, NatConfig, frag_held_slots,
+    FragKey, FragSlot, FragValue, MAX_BINDINGS, NatConfig, XdpEgress, frag_held_slots,
 };
 
 /// Sessions, keyed by the inside tuple as it arrives on `--int`.
@@ -62,6 +62,16 @@ pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(nat_common::s
 /// ([`nat_common::icmp_rate`]).
 #[map(name = "ICMP_RATE")]
 pub static ICMP_RATE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// How each XDP program forwards, and its id (index: its hook). Written by
+/// the loader, at start and whenever a NIC changes what it can take.
+#[map(name = "XDP_EGRESS")]
+pub static XDP_EGRESS: Array<XdpEgress> = Array::with_max_entries(2, 0);
+
+/// Per CPU and XDP hook: frames redirected in native mode and not yet
+/// refused or flushed from the kernel's bulk queue (refused.rs).
+#[map(name = "XDP_PENDING")]
+pub static XDP_PENDING: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
 
 /// Written by the loader at load time (`EbpfLoader::set_global`).
 #[unsafe(no_mangle)]

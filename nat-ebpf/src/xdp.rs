@@ -2,7 +2,8 @@
 //! and redirected here, dropped, passed to the kernel, or passed untouched
 //! to the TC program of the same NIC when finishing it needs the skb (a
 //! possibly partial checksum, an unresolved neighbour, an MTU problem, MSS
-//! clamping, and the rare packets handled by tail-called programs).
+//! clamping, an egress NIC that cannot take redirected XDP frames, and the
+//! rare packets handled by tail-called programs).
 
 use aya_ebpf::{
     EbpfContext,
@@ -48,7 +49,7 @@ fn try_nat_xdp_int(ctx: &XdpContext) -> (u32, u32) {
     let d = nat::outbound(ctx.as_ptr(), f, f.data_end - f.data, cfg, HOOK_XDP_INT);
     match d {
         XdpDecision::Translate(rw, route) => {
-            forward::xdp(f, &rw, route, cfg.ext_ifindex, stats::XDP_OUT_FWD)
+            forward::xdp(f, &rw, route, HOOK_XDP_INT, cfg.ext_ifindex)
         }
         // Out of ports: TC answers with ICMP (RFC 5508 REQ-8) unless the
         // rate limit is spent.
@@ -68,7 +69,7 @@ fn try_nat_xdp_ext(ctx: &XdpContext) -> (u32, u32) {
     let d = nat::inbound(ctx.as_ptr(), f, f.data_end - f.data, cfg, HOOK_XDP_EXT);
     match d {
         XdpDecision::Translate(rw, route) => {
-            forward::xdp(f, &rw, route, cfg.int_ifindex, stats::XDP_IN_FWD)
+            forward::xdp(f, &rw, route, HOOK_XDP_EXT, cfg.int_ifindex)
         }
         XdpDecision::ToTc(r) | XdpDecision::Pass(r) => (XDP_PASS, r),
         XdpDecision::Drop(r) => (XDP_DROP, r),

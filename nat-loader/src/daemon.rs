@@ -149,10 +149,10 @@ impl Gateway {
     async fn new(
         config: Config,
         handle: Handle,
-        attached: Attached,
+        mut attached: Attached,
         mut services: Services,
     ) -> Gateway {
-        let status = health::check(&handle, &services.watched, &attached.dp.stats).await;
+        let status = services.health.check(&handle, &mut attached.dp).await;
         if let Status::Unhealthy(reason) = &status {
             warn!(%reason, "not healthy yet: the probe stays closed until it is");
         }
@@ -315,11 +315,10 @@ impl Gateway {
             Status::Draining
         } else {
             // A check that hangs (netlink) is a failed check.
-            let check = health::check(
-                &self.handle,
-                &self.services.watched,
-                &self.attached.dp.stats,
-            );
+            let check = self
+                .services
+                .health
+                .check(&self.handle, &mut self.attached.dp);
             tokio::time::timeout(health::CHECK_INTERVAL * 3, check)
                 .await
                 .unwrap_or_else(|_| Status::Unhealthy("health check timed out".into()))

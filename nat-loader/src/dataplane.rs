@@ -10,7 +10,7 @@
 use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray, ProgramArray},
+    maps::{Array, HashMap, MapData, PerCpuArray, ProgramArray},
     programs::{
         LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::FdLink,
@@ -20,15 +20,17 @@ use aya::{
 };
 use nat_common::{
     BindKey, BindValue, CtKey, CtValue, DEFAULT_MAX_FRAGMENTS, GLOBAL_CONFIG, MAP_ADF, MAP_BIND,
-    MAP_BIND_REV, MAP_CT_FWD, MAP_FRAG_HELD, MAP_FRAG_TRACK, MAP_STATS, MAP_TAILS, NatConfig,
-    PINNED_MAPS, PROG_TC_EXT, PROG_TC_INT, PROG_XDP_EXT, PROG_XDP_INT, TAIL_PROGRAMS,
-    frag_held_slots,
+    MAP_BIND_REV, MAP_CT_FWD, MAP_FRAG_HELD, MAP_FRAG_TRACK, MAP_STATS, MAP_TAILS, MAP_XDP_EGRESS,
+    NatConfig, PINNED_MAPS, PROG_TC_EXT, PROG_TC_INT, PROG_XDP_EXT, PROG_XDP_INT, TAIL_PROGRAMS,
+    XdpEgress, frag_held_slots,
+    stats::{HOOK_XDP_EXT, HOOK_XDP_INT},
 };
 use tracing::{info, warn};
 
 use crate::{
     ebpf_object,
     pins::{self, LINK_TCX_EXT, LINK_TCX_INT, LINK_XDP_EXT, LINK_XDP_INT, PinDir},
+    refused,
 };
 
 /// How XDP is attached.
@@ -53,6 +55,10 @@ pub struct Settings {
     /// Fragmented datagrams tracked at once (`FRAG_TRACK` size).
     pub max_fragments: u32,
     pub xdp: XdpAttach,
+    /// How each XDP program forwards until the health check has looked
+    /// (`XDP_EGRESS_*`, index the XDP hook): what the NICs' features say
+    /// for the attach mode asked for.
+    pub xdp_egress: [u32; 2],
 }
 
 /// Loads the object with `cfg` patched into its config global and the
@@ -105,6 +111,7 @@ pub fn load_with_pins(
             .with_context(|| format!("verifying program {name}"))?;
     }
     fill_tails(&mut ebpf)?;
+    refused::load(&mut ebpf)?;
     Ok(ebpf)
 }
 
@@ -166,6 +173,10 @@ pub struct Dataplane {
     pub adopted: bool,
     pub maps: CtMaps,
     pub stats: PerCpuArray<MapData, u64>,
+    /// How each XDP program forwards, with its id (`XDP_EGRESS`).
+    xdp_egress: Array<MapData, XdpEgress>,
+    /// The XDP programs' ids, index the XDP hook.
+    xdp_ids: [u32; 2],
 }
 
 /// The conntrack maps, as the control plane owns them.
@@ -218,6 +229,17 @@ impl Dataplane {
 
     fn start_inner(s: &Settings, pins: &PinDir, adopted: bool) -> Result<Dataplane> {
         let mut ebpf = load_with_pins(&s.nat, s.max_flows, s.max_fragments, Some(pins))?;
+        // Before the programs see a packet: how they forward, and the ids
+        // by which the tracing programs, attached next, know them.
+        let xdp_ids = [
+            loaded_id(&ebpf, PROG_XDP_INT)?,
+            loaded_id(&ebpf, PROG_XDP_EXT)?,
+        ];
+        let mut xdp_egress: Array<MapData, XdpEgress> = take_map(&mut ebpf, MAP_XDP_EGRESS)?;
+        for (hook, mode) in [HOOK_XDP_INT, HOOK_XDP_EXT].into_iter().zip(s.xdp_egress) {
+            write_egress(&mut xdp_egress, &xdp_ids, hook, mode)?;
+        }
+        refused::attach(&mut ebpf).context("counting refused XDP redirects")?;
         let mut links = Vec::new();
         // Outbound first: until the ext side is attached, translated flows'
         // replies would be dropped anyway, so order only matters for errors.
@@ -251,21 +273,21 @@ impl Dataplane {
             adopted,
             maps,
             stats,
+            xdp_egress,
+            xdp_ids,
         })
+    }
+
+    /// Tells XDP program `hook` how to forward (`XDP_EGRESS_*`).
+    pub fn set_xdp_egress(&mut self, hook: u32, mode: u32) -> Result<()> {
+        write_egress(&mut self.xdp_egress, &self.xdp_ids, hook, mode)
     }
 
     /// The kernel's id of program `name`: the health check looks for it
     /// among the programs the NICs report attached (after an adoption,
     /// this loader's programs are the ones in the links).
     pub fn program_id(&self, name: &str) -> Result<u32> {
-        let prog = self
-            .ebpf
-            .program(name)
-            .with_context(|| format!("program {name} missing from the eBPF object"))?;
-        Ok(prog
-            .info()
-            .with_context(|| format!("program info of {name}"))?
-            .id())
+        loaded_id(&self.ebpf, name)
     }
 
     /// Exits as `how` says. With [`Exit::Teardown`] the link pins go first
@@ -289,6 +311,30 @@ impl Dataplane {
             }
         }
     }
+}
+
+/// The kernel's id of the loaded program `name`.
+fn loaded_id(ebpf: &Ebpf, name: &str) -> Result<u32> {
+    let prog = ebpf
+        .program(name)
+        .with_context(|| format!("program {name} missing from the eBPF object"))?;
+    Ok(prog
+        .info()
+        .with_context(|| format!("program info of {name}"))?
+        .id())
+}
+
+fn write_egress(
+    map: &mut Array<MapData, XdpEgress>,
+    ids: &[u32; 2],
+    hook: u32,
+    mode: u32,
+) -> Result<()> {
+    let prog_id = *ids
+        .get(hook as usize)
+        .with_context(|| format!("no XDP program at hook {hook}"))?;
+    map.set(hook, XdpEgress { mode, prog_id }, 0)
+        .with_context(|| format!("writing {MAP_XDP_EGRESS}[{hook}]"))
 }
 
 fn pin_link(link: FdLink, pins: &PinDir, name: &str) -> Result<FdLink> {

@@ -1,15 +1,21 @@
 //! Health: whether this instance can really forward, and the two ways a load
 //! balancer asks about it.
 //!
-//! [`check`] asks the kernel, not our own bookkeeping: our XDP programs and
-//! TCX links still attached on both NICs (somebody may have detached them),
-//! the maps answering, both links operationally up, forwarding enabled.
-//! The TCP [`Probe`] listens only while that holds, so a probe gets a
-//! connection refused (RST) as soon as it does not; [`serve_http`] answers
-//! `GET /healthz` with 200 or 503 and the reason, for HTTP probes and a
-//! scale set's application-health extension.
+//! [`Health::check`] asks the kernel, not our own bookkeeping: our XDP
+//! programs and TCX links still attached on both NICs (somebody may have
+//! detached them), the maps answering, both links operationally up,
+//! forwarding enabled, every SNAT address still on `--ext`, and, from the
+//! counters, that the instance forwards what it should
+//! ([`crate::blackhole`]: the kernel refusing our XDP redirects, or packets
+//! to forward with nothing leaving). Each check also re-reads what each
+//! NIC can take and tells XDP ([`crate::egress`]). The TCP [`Probe`]
+//! listens only while all that holds, so a probe gets a connection refused
+//! (RST) as soon as it does not; [`serve_http`] answers `GET /healthz` with
+//! 200 or 503 and the reason, for HTTP probes and a scale set's
+//! application-health extension.
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -18,8 +24,20 @@ use aya::{
     programs::{SchedClassifier, TcAttachType},
 };
 use futures::TryStreamExt;
-use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkXdp, State};
+use nat_common::stats::{self, HOOK_XDP_EXT, HOOK_XDP_INT};
+use netlink_packet_route::link::{
+    LinkAttribute, LinkFlags, LinkMessage, LinkXdp, State, XdpAttached,
+};
 use rtnetlink::Handle;
+
+use crate::{
+    blackhole::{self, Problem},
+    dataplane::Dataplane,
+    egress::{self, XdpRun},
+    netif,
+    stats::Stats,
+    xdp_features::Netdev,
+};
 use tokio::{
     net::{TcpListener, TcpSocket, TcpStream},
     sync::watch,
@@ -88,90 +106,320 @@ pub struct Nic {
     pub tc_prog_id: u32,
 }
 
-/// Checks everything; the first problem found is the reason.
-pub async fn check(handle: &Handle, nics: &[Nic], stats: &PerCpuArray<MapData, u64>) -> Status {
-    match problems(handle, nics, stats).await {
-        Ok(None) => Status::Healthy,
-        Ok(Some(reason)) => Status::Unhealthy(reason),
-        Err(e) => Status::Unhealthy(format!("health check failed: {e:#}")),
+/// The health check, with what it remembers from tick to tick: what each
+/// NIC can take (and so how XDP forwards), the counters' window, which
+/// SNAT addresses were missing.
+pub struct Health {
+    /// `--int`, then `--ext`.
+    nics: [Nic; 2],
+    netdev: Netdev,
+    /// Whether reading the features failed last time (logged once).
+    features_failing: bool,
+    egress: egress::Control,
+    modes: Arc<egress::Modes>,
+    detector: blackhole::Detector,
+    /// The SNAT addresses that must stay configured on `--ext`, and those
+    /// found missing last time.
+    snat: Vec<Ipv4Addr>,
+    snat_missing: Vec<Ipv4Addr>,
+}
+
+impl Health {
+    /// `int` and `ext` with this loader's programs; `snat`, the SNAT
+    /// addresses that were configured on `ext` at start (an address given
+    /// by `--snat-ip` that is not, and whose replies are routed to the
+    /// host, is not required); `modes`, where the XDP forwarding modes in
+    /// force are published.
+    pub fn new(
+        int: Nic,
+        ext: Nic,
+        snat: Vec<Ipv4Addr>,
+        modes: Arc<egress::Modes>,
+    ) -> Result<Health> {
+        Ok(Health {
+            nics: [int, ext],
+            netdev: Netdev::open()?,
+            features_failing: false,
+            egress: egress::Control::default(),
+            modes,
+            detector: blackhole::Detector::default(),
+            snat,
+            snat_missing: Vec::new(),
+        })
+    }
+
+    /// Checks everything; the first problem found is the reason. Whatever
+    /// it finds, XDP is told what each NIC can take now.
+    pub async fn check(&mut self, handle: &Handle, dp: &mut Dataplane) -> Status {
+        match self.problems(handle, dp).await {
+            Ok(None) => Status::Healthy,
+            Ok(Some(reason)) => Status::Unhealthy(reason),
+            Err(e) => Status::Unhealthy(format!("health check failed: {e:#}")),
+        }
+    }
+
+    async fn problems(&mut self, handle: &Handle, dp: &mut Dataplane) -> Result<Option<String>> {
+        if let Err(e) = dp.stats.get(&0, 0) {
+            return Ok(Some(format!("maps unreachable: {e}")));
+        }
+        let mut links = Vec::with_capacity(2);
+        for nic in &self.nics {
+            links.push(link(handle, nic).await?);
+        }
+        // Every tick, whatever else is wrong: the fallback follows the
+        // NICs, and the counters' window stays whole.
+        let settled = self.follow_egress(&links, dp);
+        let flow = self.forwarding(&links, &dp.stats, settled)?;
+        if read_sysctl("net/ipv4/ip_forward")? != "1" {
+            return Ok(Some("net.ipv4.ip_forward is off".into()));
+        }
+        for (nic, link) in self.nics.iter().zip(&links) {
+            if let Some(p) = nic_problem(nic, link.as_ref())? {
+                return Ok(Some(p));
+            }
+        }
+        if let Some(p) = self.snat_problem(handle).await? {
+            return Ok(Some(p));
+        }
+        Ok(flow)
+    }
+
+    /// Reads what each egress NIC can take and tells the XDP program that
+    /// forwards to it, when that changed. Returns, per XDP program, whether
+    /// it was told.
+    fn follow_egress(&mut self, links: &[Option<LinkMessage>], dp: &mut Dataplane) -> [bool; 2] {
+        let mut told = [false; 2];
+        let [int, ext] = &self.nics;
+        let paths = [
+            (HOOK_XDP_INT, int, &links[0], ext),
+            (HOOK_XDP_EXT, ext, &links[1], int),
+        ];
+        for (hook, from, from_link, to) in paths {
+            let features = match self.netdev.xdp_features(to.index) {
+                Ok(f) => {
+                    if std::mem::take(&mut self.features_failing) {
+                        info!("reading the NICs' xdp-features works again");
+                    }
+                    f
+                }
+                Err(e) => {
+                    if !std::mem::replace(&mut self.features_failing, true) {
+                        warn!(error = %format!("{e:#}"),
+                            "cannot read xdp-features; XDP keeps forwarding as it did");
+                    }
+                    return told;
+                }
+            };
+            let path = egress::Path {
+                hook,
+                ingress: &from.name,
+                run: xdp_run(from, from_link.as_ref()),
+                egress: &to.name,
+                features,
+            };
+            if let Some(mode) = self.egress.update(&path, &self.modes) {
+                match dp.set_xdp_egress(hook, mode) {
+                    Ok(()) => told[hook as usize] = true,
+                    Err(e) => warn!(error = %format!("{e:#}"), "telling XDP how to forward"),
+                }
+            }
+        }
+        told
+    }
+
+    /// Samples the counters and the NICs' sent packets; the problem if the
+    /// window shows the instance dropping what it should forward.
+    fn forwarding(
+        &mut self,
+        links: &[Option<LinkMessage>],
+        stats: &PerCpuArray<MapData, u64>,
+        settled: [bool; 2],
+    ) -> Result<Option<String>> {
+        let mut sample = blackhole::Sample::default();
+        for (i, hook) in [HOOK_XDP_INT, HOOK_XDP_EXT].into_iter().enumerate() {
+            sample.refused[i] = Stats::slot_total(stats, hook, stats::DROP_REDIRECT_REFUSED)?;
+            sample.redirected[i] = Stats::slot_total(stats, hook, stats::xdp_forwarded(hook))?;
+        }
+        let refused: u64 = sample.refused.iter().sum();
+        sample.to_forward = Stats::sum(stats, &stats::FORWARDED)? + refused;
+        let sent: u64 = links.iter().flatten().map(tx_packets).sum();
+        sample.left = sent + sample.redirected.iter().sum::<u64>();
+        let before = self.detector.problem().cloned();
+        let egress = [self.nics[1].name.as_str(), self.nics[0].name.as_str()];
+        let Some(problem) = self.detector.observe(sample, settled) else {
+            return Ok(None);
+        };
+        if before.as_ref() != Some(problem) {
+            match problem {
+                Problem::Refused {
+                    refused, attempts, ..
+                } => warn!(
+                    refused,
+                    attempts,
+                    "{}: {refused} of {attempts} in the last second",
+                    problem.reason(egress)
+                ),
+                Problem::NothingLeaves { to_forward } => warn!(
+                    to_forward,
+                    "{}: {to_forward} to forward in the last second",
+                    problem.reason(egress)
+                ),
+            }
+        }
+        Ok(Some(problem.reason(egress)))
+    }
+
+    /// Whether every required SNAT address is still on `--ext`; logs each
+    /// change.
+    async fn snat_problem(&mut self, handle: &Handle) -> Result<Option<String>> {
+        if self.snat.is_empty() {
+            return Ok(None);
+        }
+        let ext = &self.nics[1];
+        let present: Vec<Ipv4Addr> = netif::addresses(handle, ext.index)
+            .await
+            .with_context(|| format!("listing the addresses of {}", ext.name))?
+            .into_iter()
+            .map(|(a, _)| a)
+            .collect();
+        let missing = missing(&self.snat, &present);
+        if missing != self.snat_missing {
+            for a in missing.iter().filter(|a| !self.snat_missing.contains(a)) {
+                warn!(snat = %a, interface = %ext.name, present = ?present,
+                    "the SNAT address was removed from {}: replies to it no longer reach this host", ext.name);
+            }
+            for a in self.snat_missing.iter().filter(|a| !missing.contains(a)) {
+                info!(snat = %a, interface = %ext.name, "the SNAT address is on {} again", ext.name);
+            }
+            self.snat_missing = missing;
+        }
+        Ok(snat_reason(&self.snat_missing, &ext.name))
     }
 }
 
-async fn problems(
-    handle: &Handle,
-    nics: &[Nic],
-    stats: &PerCpuArray<MapData, u64>,
-) -> Result<Option<String>> {
-    if let Err(e) = stats.get(&0, 0) {
-        return Ok(Some(format!("maps unreachable: {e}")));
-    }
-    if read_sysctl("net/ipv4/ip_forward")? != "1" {
-        return Ok(Some("net.ipv4.ip_forward is off".into()));
-    }
-    for nic in nics {
-        let key = format!("net/ipv4/conf/{}/forwarding", nic.name);
-        if read_sysctl(&key)? != "1" {
-            return Ok(Some(format!("forwarding is off on {}", nic.name)));
+/// The link message of `nic` (`None`: the interface is gone).
+async fn link(handle: &Handle, nic: &Nic) -> Result<Option<LinkMessage>> {
+    let mut links = handle.link().get().match_index(nic.index).execute();
+    match links.try_next().await {
+        Ok(l) => Ok(l),
+        Err(rtnetlink::Error::NetlinkError(e)) if e.code.map(|c| c.get()) == Some(-ENODEV) => {
+            Ok(None)
         }
-        let mut links = handle.link().get().match_index(nic.index).execute();
-        let Some(link) = links
-            .try_next()
-            .await
-            .with_context(|| format!("looking up {}", nic.name))?
-        else {
-            return Ok(Some(format!("{} is gone", nic.name)));
-        };
-        if !link.header.flags.contains(LinkFlags::Up) {
-            return Ok(Some(format!("{} is down", nic.name)));
-        }
-        let oper = link.attributes.iter().find_map(|a| match a {
-            LinkAttribute::OperState(s) => Some(*s),
+        Err(e) => Err(e).with_context(|| format!("looking up {}", nic.name)),
+    }
+}
+
+const ENODEV: i32 = 19;
+
+/// How our XDP program runs on `nic`: generic if the link says so.
+fn xdp_run(nic: &Nic, link: Option<&LinkMessage>) -> XdpRun {
+    let generic = link.is_some_and(|l| {
+        xdp_attrs(l).any(|x| matches!(x, LinkXdp::SkbProgId(id) if *id == nic.xdp_prog_id))
+            || xdp_attrs(l).any(|x| matches!(x, LinkXdp::Attached(XdpAttached::SocketBuffer)))
+    });
+    if generic {
+        XdpRun::Generic
+    } else {
+        XdpRun::Native
+    }
+}
+
+fn xdp_attrs(link: &LinkMessage) -> impl Iterator<Item = &LinkXdp> {
+    link.attributes
+        .iter()
+        .filter_map(|a| match a {
+            LinkAttribute::Xdp(x) => Some(x),
             _ => None,
-        });
-        // Unknown is what drivers without carrier reporting say; then the
-        // RUNNING flag (carrier) is all there is.
-        let carrier = link.header.flags.contains(LinkFlags::Running);
-        match oper {
-            Some(State::Up) => {}
-            Some(State::Unknown) | None if carrier => {}
-            other => {
-                return Ok(Some(format!(
-                    "{} has no carrier (operstate {other:?})",
-                    nic.name
-                )));
-            }
-        }
-        let xdp = link
-            .attributes
-            .iter()
-            .filter_map(|a| match a {
-                LinkAttribute::Xdp(x) => Some(x),
-                _ => None,
-            })
-            .flatten()
-            .any(|x| {
-                matches!(x, LinkXdp::ProgId(id) | LinkXdp::DrvProgId(id) | LinkXdp::SkbProgId(id)
-                    if *id == nic.xdp_prog_id)
-            });
-        if !xdp {
+        })
+        .flatten()
+}
+
+/// Packets `link` sent.
+fn tx_packets(link: &LinkMessage) -> u64 {
+    link.attributes
+        .iter()
+        .find_map(|a| match a {
+            LinkAttribute::Stats64(s) => Some(s.tx_packets),
+            _ => None,
+        })
+        .unwrap_or(0)
+}
+
+/// What is wrong with `nic` (its link message `link`, `None` if gone).
+fn nic_problem(nic: &Nic, link: Option<&LinkMessage>) -> Result<Option<String>> {
+    let key = format!("net/ipv4/conf/{}/forwarding", nic.name);
+    if read_sysctl(&key)? != "1" {
+        return Ok(Some(format!("forwarding is off on {}", nic.name)));
+    }
+    let Some(link) = link else {
+        return Ok(Some(format!("{} is gone", nic.name)));
+    };
+    if !link.header.flags.contains(LinkFlags::Up) {
+        return Ok(Some(format!("{} is down", nic.name)));
+    }
+    let oper = link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::OperState(s) => Some(*s),
+        _ => None,
+    });
+    // Unknown is what drivers without carrier reporting say; then the
+    // RUNNING flag (carrier) is all there is.
+    let carrier = link.header.flags.contains(LinkFlags::Running);
+    match oper {
+        Some(State::Up) => {}
+        Some(State::Unknown) | None if carrier => {}
+        other => {
             return Ok(Some(format!(
-                "our XDP program is not attached to {}",
+                "{} has no carrier (operstate {other:?})",
                 nic.name
             )));
         }
-        let tcx = SchedClassifier::query_tcx(&nic.name, TcAttachType::Ingress)
-            .with_context(|| format!("querying TCX ingress of {}", nic.name))?
-            .1
-            .iter()
-            .any(|p| p.id() == nic.tc_prog_id);
-        if !tcx {
-            return Ok(Some(format!(
-                "our TC program is not attached to {}",
-                nic.name
-            )));
-        }
+    }
+    let xdp = xdp_attrs(link).any(|x| {
+        matches!(x, LinkXdp::ProgId(id) | LinkXdp::DrvProgId(id) | LinkXdp::SkbProgId(id)
+            if *id == nic.xdp_prog_id)
+    });
+    if !xdp {
+        return Ok(Some(format!(
+            "our XDP program is not attached to {}",
+            nic.name
+        )));
+    }
+    let tcx = SchedClassifier::query_tcx(&nic.name, TcAttachType::Ingress)
+        .with_context(|| format!("querying TCX ingress of {}", nic.name))?
+        .1
+        .iter()
+        .any(|p| p.id() == nic.tc_prog_id);
+    if !tcx {
+        return Ok(Some(format!(
+            "our TC program is not attached to {}",
+            nic.name
+        )));
     }
     Ok(None)
+}
+
+/// The addresses of `required` that are not in `present`, in order.
+pub fn missing(required: &[Ipv4Addr], present: &[Ipv4Addr]) -> Vec<Ipv4Addr> {
+    required
+        .iter()
+        .filter(|a| !present.contains(a))
+        .copied()
+        .collect()
+}
+
+/// The health reason for SNAT addresses `missing` from `ext`, if any.
+pub fn snat_reason(missing: &[Ipv4Addr], ext: &str) -> Option<String> {
+    match missing {
+        [] => None,
+        [a] => Some(format!("SNAT address {a} is no longer configured on {ext}")),
+        more => Some(format!(
+            "SNAT addresses {} are no longer configured on {ext}",
+            more.iter()
+                .map(Ipv4Addr::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+    }
 }
 
 fn read_sysctl(key: &str) -> Result<String> {
@@ -328,6 +576,24 @@ async fn answer(stream: TcpStream, status: watch::Receiver<Status>) -> std::io::
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_snat_address_missing_from_ext_is_the_reason_naming_it() {
+        let a = Ipv4Addr::new(192, 0, 2, 2);
+        let b = Ipv4Addr::new(192, 0, 2, 3);
+        let c = Ipv4Addr::new(192, 0, 2, 4);
+        assert_eq!(missing(&[a], &[b, a]), Vec::<Ipv4Addr>::new());
+        assert_eq!(snat_reason(&missing(&[a], &[b, a]), "ext"), None);
+        assert_eq!(missing(&[a, c], &[b]), vec![a, c]);
+        assert_eq!(
+            snat_reason(&missing(&[a], &[b]), "ext").as_deref(),
+            Some("SNAT address 192.0.2.2 is no longer configured on ext")
+        );
+        assert_eq!(
+            snat_reason(&[a, c], "ext").as_deref(),
+            Some("SNAT addresses 192.0.2.2, 192.0.2.4 are no longer configured on ext")
+        );
+    }
 
     #[test]
     fn healthz_bodies_are_json_with_escaped_reasons() {

@@ -1,18 +1,23 @@
 //! The NAT gateway's control plane as a library: the binary (`main.rs`) and
 //! the tests drive the same code.
 
+pub mod blackhole;
 pub mod build_id;
 pub mod caps;
 pub mod conntrack;
 pub mod dataplane;
+pub mod egress;
 pub mod events;
 pub mod health;
+pub mod mounts;
 pub mod netif;
 pub mod pins;
 pub mod pressure;
+pub mod refused;
 pub mod routing;
 pub mod stats;
 pub mod sysctl;
+pub mod xdp_features;
 
 /// The eBPF object, embedded at build time; empty when the loader was built
 /// without it (see build.rs), which [`ebpf_object`] turns into an error.

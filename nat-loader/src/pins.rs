@@ -33,6 +33,8 @@ use nat_common::{
 };
 use tracing::{info, warn};
 
+use crate::mounts;
+
 /// Default `--bpffs-dir`.
 pub const DEFAULT_DIR: &str = "/sys/fs/bpf/nat-gateway";
 /// Where bpffs is conventionally mounted; the loader mounts it there if
@@ -431,15 +433,7 @@ fn existing_ancestor(p: &Path) -> PathBuf {
 
 /// Whether `path` is on a BPF file system.
 pub fn is_bpffs(path: &Path) -> Result<bool> {
-    let c = CString::new(path.as_os_str().as_bytes()).context("path with a NUL byte")?;
-    // SAFETY: zeroed statfs is a valid out-parameter; c is NUL-terminated.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(io::Error::last_os_error())
-            .with_context(|| format!("statfs {}", path.display()));
-    }
-    #[allow(clippy::unnecessary_cast)]
-    Ok(st.f_type as i64 == BPF_FS_MAGIC)
+    Ok(mounts::magic(path)? == BPF_FS_MAGIC)
 }
 
 fn private_mount_namespace() -> bool {
@@ -453,23 +447,7 @@ fn private_mount_namespace() -> bool {
 }
 
 fn mount_bpffs(at: &Path) -> Result<()> {
-    let target = CString::new(at.as_os_str().as_bytes()).context("path with a NUL byte")?;
-    let fstype = c"bpf";
-    // SAFETY: NUL-terminated strings; no data argument.
-    let rc = unsafe {
-        libc::mount(
-            fstype.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error())
-            .with_context(|| format!("mounting a BPF file system at {}", at.display()));
-    }
-    Ok(())
+    mounts::mount(c"bpf", at).context("mounting a BPF file system")
 }
 
 // The link's interface is in `bpf_link_info`'s union, which aya 0.14 does

@@ -4,7 +4,10 @@
 //! or the signals.
 
 use std::{
-    sync::mpsc::{self, RecvTimeoutError},
+    sync::{
+        Arc,
+        mpsc::{self, RecvTimeoutError},
+    },
     thread::JoinHandle,
     time::Duration,
 };
@@ -12,7 +15,9 @@ use std::{
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, MapData, PerCpuArray};
 use nat_common::{CtKey, CtValue, MAP_CT_FWD, MAP_STATS};
-use nat_loader::{conntrack, dataplane::pinned_map, monotonic_ns, pins::PinDir, stats::Stats};
+use nat_loader::{
+    conntrack, dataplane::pinned_map, egress::Modes, monotonic_ns, pins::PinDir, stats::Stats,
+};
 use tracing::{info, warn};
 
 /// The log lines' target: `nat_loader`, whatever module logs them (the
@@ -25,19 +30,23 @@ pub struct Reporter {
     stats: PerCpuArray<MapData, u64>,
     sessions: HashMap<MapData, CtKey, CtValue>,
     show_flows: usize,
+    /// How each XDP program forwards (the health check keeps it current).
+    modes: Arc<Modes>,
 }
 
 impl Reporter {
-    pub fn open(pins: &PinDir, show_flows: usize) -> Result<Reporter> {
+    pub fn open(pins: &PinDir, show_flows: usize, modes: Arc<Modes>) -> Result<Reporter> {
         Ok(Reporter {
             stats: pinned_map(pins, MAP_STATS).context("opening the counters for the log")?,
             sessions: pinned_map(pins, MAP_CT_FWD).context("opening the flows for the log")?,
             show_flows,
+            modes,
         })
     }
 
     /// One `stats <hook>: label=n ...` line per hook with a non-zero
-    /// counter; then, with `--show-flows`, the flows.
+    /// counter, one `stats xdp_egress: xdp_int=<mode> xdp_ext=<mode>` line;
+    /// then, with `--show-flows`, the flows.
     pub fn log(&self) {
         match Stats::read(&self.stats) {
             Ok(s) => {
@@ -47,6 +56,7 @@ impl Reporter {
             }
             Err(e) => warn!(target: TARGET, error = %format!("{e:#}"), "reading stats"),
         }
+        info!(target: TARGET, "stats xdp_egress: {}", self.modes.line());
         if self.show_flows > 0 {
             let flows = conntrack::flows(&self.sessions, monotonic_ns());
             info!(target: TARGET, count = flows.len(), "flows");

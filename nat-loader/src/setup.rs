@@ -10,20 +10,24 @@
 use std::net::Ipv4Addr;
 
 use anyhow::{Context, Result, bail};
+use std::sync::Arc;
+
 use nat_common::{
     CFG_F_UDP_INBOUND_REFRESH, MAP_STATS, NatConfig, PROG_TC_EXT, PROG_TC_INT, PROG_XDP_EXT,
     PROG_XDP_INT,
 };
 use nat_loader::{
     conntrack::{self, SweeperThread},
-    dataplane::{self, CtMaps, Dataplane, Exit, Settings},
+    dataplane::{self, CtMaps, Dataplane, Exit, Settings, XdpAttach},
+    egress::{self, XdpRun},
     events, health,
-    health::Probe,
+    health::{Health, Probe},
     monotonic_ns,
     netif::{self, NetIf},
     pins::{self, DirLock, PinDir},
     routing::{self, NicPolicy, Plan, PolicyRoutes},
     sysctl::{self, SysctlGuard},
+    xdp_features::Netdev,
 };
 use rtnetlink::Handle;
 use tokio::{net::TcpListener, sync::oneshot};
@@ -44,6 +48,9 @@ pub struct Host {
     pub int_addr: Option<Ipv4Addr>,
     /// `None`: no policy routing.
     pub plan: Option<Plan>,
+    /// What each NIC can take from XDP (`xdp-features`) at start.
+    pub int_xdp_features: u64,
+    pub ext_xdp_features: u64,
 }
 
 impl Host {
@@ -85,13 +92,27 @@ impl Host {
             warn!(interface = %int.name,
                 "--int has no IPv4 address: new flows that find no free port are dropped without an ICMP error");
         }
+        let mut netdev = Netdev::open().context("reading what the NICs can take from XDP")?;
+        let int_xdp_features = netdev.xdp_features(int.index).context("--int")?;
+        let ext_xdp_features = netdev.xdp_features(ext.index).context("--ext")?;
         Ok(Host {
             ext,
             int,
             snat,
             int_addr,
             plan,
+            int_xdp_features,
+            ext_xdp_features,
         })
+    }
+
+    /// The SNAT addresses that must stay configured on `--ext` while the
+    /// gateway runs: those that were at start.
+    pub fn snat_on_ext(&self) -> Vec<Ipv4Addr> {
+        [self.snat]
+            .into_iter()
+            .filter(|a| self.ext.ipv4.contains(a))
+            .collect()
     }
 
     /// What the dataplane's programs are given.
@@ -113,6 +134,11 @@ impl Host {
             )
             .with_int_addr(self.int_addr)
             .with_mss_clamp(config.mss_clamp);
+        // Until the first health check sees how XDP was really attached.
+        let run = match config.xdp {
+            XdpAttach::Generic => XdpRun::Generic,
+            XdpAttach::Native | XdpAttach::Auto => XdpRun::Native,
+        };
         Settings {
             ext: self.ext.name.clone(),
             int: self.int.name.clone(),
@@ -120,6 +146,11 @@ impl Host {
             max_flows: config.max_flows,
             max_fragments: config.max_fragments,
             xdp: config.xdp,
+            // The program on --int forwards to --ext, and back.
+            xdp_egress: [
+                egress::decide(run, self.ext_xdp_features),
+                egress::decide(run, self.int_xdp_features),
+            ],
         }
     }
 }
@@ -294,8 +325,7 @@ fn prepare_fresh(pins: &PinDir) -> Result<()> {
 /// What runs beside the dataplane.
 pub struct Services {
     pub routes: PolicyRoutes,
-    /// The NICs the health check watches, with this loader's programs.
-    pub watched: [health::Nic; 2],
+    pub health: Health,
     pub probe: Option<Probe>,
     pub http: Option<TcpListener>,
     pub events: Option<events::Watch>,
@@ -321,7 +351,8 @@ impl Services {
                 .context("installing policy routing (--no-policy-routing to do without)")?,
             None => PolicyRoutes::default(),
         };
-        let watched = [
+        let modes = Arc::new(egress::Modes::new(host.settings(config).xdp_egress));
+        let health = Health::new(
             health::Nic {
                 name: host.int.name.clone(),
                 index: host.int.index,
@@ -334,7 +365,10 @@ impl Services {
                 xdp_prog_id: dp.program_id(PROG_XDP_EXT)?,
                 tc_prog_id: dp.program_id(PROG_TC_EXT)?,
             },
-        ];
+            host.snat_on_ext(),
+            Arc::clone(&modes),
+        )
+        .context("starting the health check")?;
         let probe = match config.probe_port {
             0 => None,
             port => Some(Probe::new(port)?),
@@ -366,12 +400,12 @@ impl Services {
             failed_tx,
         )?;
         let reporter = ReporterThread::spawn(
-            Reporter::open(pins, config.show_flows)?,
+            Reporter::open(pins, config.show_flows, modes)?,
             config.stats_interval,
         )?;
         Ok(Services {
             routes,
-            watched,
+            health,
             probe,
             http,
             events,

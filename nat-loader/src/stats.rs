@@ -44,6 +44,20 @@ impl Stats {
         Ok(total)
     }
 
+    /// The count of `reason` at `hook`, summed over CPUs, read from the map
+    /// (one slot).
+    pub fn slot_total<T: std::borrow::Borrow<MapData>>(
+        map: &PerCpuArray<T, u64>,
+        hook: u32,
+        reason: u32,
+    ) -> Result<u64> {
+        let idx = slot(hook, reason);
+        let per_cpu = map
+            .get(&idx, 0)
+            .with_context(|| format!("reading stats slot {idx}"))?;
+        Ok(per_cpu.iter().sum())
+    }
+
     /// The count of `reason` at hook `hook` (an index of nat-common's
     /// `stats::HOOKS`).
     pub fn get(&self, hook: usize, reason: u32) -> u64 {

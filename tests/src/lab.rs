@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
-use crate::netns::{LabChild, Namespaces};
+use crate::netns::{LabChild, Namespaces, PeerNapi};
 use crate::*;
 
 /// Veth pairs: (host, interface, peer host, peer interface).
@@ -45,6 +45,9 @@ pub struct LabOptions {
     /// `net.ipv4.ip_forward` in `nat`. On by default, so the kernel could
     /// forward and only the missing translation makes traffic fail.
     pub nat_ip_forward: bool,
+    /// How the far ends of the gateway's links (`sw-nat`, `r-nat`) get
+    /// NAPI: whether `int` and `ext` can take redirected XDP frames.
+    pub gateway_peers: PeerNapi,
 }
 
 impl LabOptions {
@@ -53,6 +56,17 @@ impl LabOptions {
     pub fn nat_forwarding_off() -> LabOptions {
         LabOptions {
             nat_ip_forward: false,
+            ..LabOptions::default()
+        }
+    }
+
+    /// The lab with the gateway's NICs unable to take redirected XDP
+    /// frames as `peers` makes them ([`PeerNapi::AfterUp`],
+    /// [`PeerNapi::Off`]).
+    pub fn gateway_peers(peers: PeerNapi) -> LabOptions {
+        LabOptions {
+            gateway_peers: peers,
+            ..LabOptions::default()
         }
     }
 }
@@ -61,6 +75,7 @@ impl Default for LabOptions {
     fn default() -> Self {
         LabOptions {
             nat_ip_forward: true,
+            gateway_peers: PeerNapi::Before,
         }
     }
 }
@@ -95,7 +110,12 @@ impl Lab {
         }
         let ns = &self.ns;
         for (a, a_if, b, b_if) in LINKS {
-            ns.veth(a.role(), a_if, b.role(), b_if)?;
+            let napi = if a == Host::Nat {
+                options.gateway_peers
+            } else {
+                PeerNapi::Before
+            };
+            ns.veth_with(a.role(), a_if, b.role(), b_if, napi)?;
         }
         let ports = [SW_CLIENT1_PORT, SW_CLIENT2_PORT, SW_NAT_PORT];
         ns.bridge(Host::Sw.role(), SW_BRIDGE, &ports)?;

@@ -59,7 +59,7 @@ pub use streams::{EchoStreams, StreamReport};
 pub use gateway::{Gateway, READY, flags, gateway, loader_path, run_loader};
 
 pub use lab::{Lab, LabOptions, lab, lab_with};
-pub use netns::LabChild;
+pub use netns::{LabChild, PeerNapi};
 pub use traffic::{
     Flow, PingReport, TcpReport, UdpReport, accept_within, ping, recv_all_within,
     tcp_accepts_within, tcp_transfer, udp_exchange, udp_listen_for, udp_send,

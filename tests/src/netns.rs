@@ -36,6 +36,23 @@ static NEXT_SET: AtomicU32 = AtomicU32::new(0);
 /// this process take turns.
 static NETNS_ADD: Mutex<()> = Mutex::new(());
 
+/// How the far end of a veth pair gets NAPI, which decides whether the
+/// near end can take frames XDP redirects to it (`xdp-features`
+/// `ndo-xmit`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerNapi {
+    /// GRO on before either end is up: the near end takes redirected
+    /// frames, and says so.
+    Before,
+    /// GRO on while the far end is down, after the near end came up: the
+    /// far end runs NAPI, but the near end's features never learn it
+    /// (Linux up to at least 6.18), so the kernel refuses every redirect
+    /// into it.
+    AfterUp,
+    /// GRO off: no NAPI, so no redirect into the near end works.
+    Off,
+}
+
 /// Namespaces created by one lab; removed on drop.
 pub struct Namespaces {
     prefix: String,
@@ -118,15 +135,43 @@ impl Namespaces {
     /// runs NAPI; GRO on gives every end NAPI, as a physical NIC has, and
     /// it is switched on before the link goes up.
     pub fn veth(&self, a: &str, a_if: &str, b: &str, b_if: &str) -> Result<()> {
+        self.veth_with(a, a_if, b, b_if, PeerNapi::Before)
+    }
+
+    /// [`Namespaces::veth`], with `b_if`'s NAPI as `napi` says: whether
+    /// `a_if` can take redirected XDP frames, and says so in its
+    /// `xdp-features` (`ndo-xmit`).
+    pub fn veth_with(
+        &self,
+        a: &str,
+        a_if: &str,
+        b: &str,
+        b_if: &str,
+        napi: PeerNapi,
+    ) -> Result<()> {
         let (an, bn) = (self.ns(a), self.ns(b));
         run(Command::new("ip").args([
             "link", "add", a_if, "netns", &an, "type", "veth", "peer", "name", b_if, "netns", &bn,
         ]))?;
-        for (ns, dev) in [(&an, a_if), (&bn, b_if)] {
-            self.ethtool(ns, dev, &["gro", "on"])?;
-        }
-        for (ns, dev) in [(&an, a_if), (&bn, b_if)] {
-            self.ip(ns, &["link", "set", dev, "up"])?;
+        self.ethtool(&an, a_if, &["gro", "on"])?;
+        match napi {
+            PeerNapi::Before => {
+                self.ethtool(&bn, b_if, &["gro", "on"])?;
+                self.ip(&an, &["link", "set", a_if, "up"])?;
+                self.ip(&bn, &["link", "set", b_if, "up"])?;
+            }
+            // The kernel updates a veth's features when its peer's GRO
+            // changes while the peer is up, not when the peer comes up
+            // with GRO already on.
+            PeerNapi::AfterUp => {
+                self.ip(&an, &["link", "set", a_if, "up"])?;
+                self.ethtool(&bn, b_if, &["gro", "on"])?;
+                self.ip(&bn, &["link", "set", b_if, "up"])?;
+            }
+            PeerNapi::Off => {
+                self.ip(&an, &["link", "set", a_if, "up"])?;
+                self.ip(&bn, &["link", "set", b_if, "up"])?;
+            }
         }
         self.linked
             .lock()

@@ -18,10 +18,10 @@ use std::{
 };
 
 use nat_lab::{
-    CLIENT1_IP, CLIENT2_IP, Gateway, HOST_IF, Host, Lab, NAT_EXT_IP, SERVER_IP, flags, gateway,
-    lab,
+    CLIENT1_IP, CLIENT2_IP, Gateway, HOST_IF, Host, Lab, LabOptions, NAT_EXT_IP, PeerNapi,
+    SERVER_IP, flags, gateway, lab_with,
     packet::{echo_message, internet_checksum, ip_l4_checksum},
-    recv_all_within,
+    ping, recv_all_within,
 };
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
@@ -38,7 +38,12 @@ fn nat(extra: &[&str]) -> (Lab, Gateway) {
 
 /// [`nat`], with `prepare` run on the lab before the gateway starts.
 fn nat_after(prepare: impl FnOnce(&Lab), extra: &[&str]) -> (Lab, Gateway) {
-    let lab = lab();
+    nat_lab_with(LabOptions::default(), prepare, extra)
+}
+
+/// [`nat_after`] in a lab built with `options`.
+fn nat_lab_with(options: LabOptions, prepare: impl FnOnce(&Lab), extra: &[&str]) -> (Lab, Gateway) {
+    let lab = lab_with(options);
     let server2 = format!("{SERVER2_IP}/24");
     lab.namespaces()
         .addr(Host::Server.role(), HOST_IF, &server2)
@@ -599,22 +604,22 @@ fn rfc5508_req3_time_exceeded_quote_is_restored_for_udp_tcp_and_echo() {
 #[test]
 fn rfc5508_traceroute_through_the_gateway_shows_every_hop() {
     let (lab, _gw) = nat(&[]);
+    assert_traceroute_shows_every_hop(&lab, &[]);
+}
+
+/// `traceroute <method>` from client1 to the server shows the gateway, the
+/// router and the server: the probes' Time Exceeded from the router (behind
+/// the NAT) come back translated. `method`: none (UDP), `-I` (ICMP echo),
+/// `-T` (TCP SYN).
+fn assert_traceroute_shows_every_hop(lab: &Lab, method: &[&str]) {
+    let argv = [
+        &["traceroute", "-n", "-q", "1", "-w", "2", "-m", "5"],
+        method,
+        &["198.51.100.10"],
+    ]
+    .concat();
     let out = lab
-        .exec_timeout(
-            Host::Client1,
-            &[
-                "traceroute",
-                "-n",
-                "-q",
-                "1",
-                "-w",
-                "2",
-                "-m",
-                "5",
-                "198.51.100.10",
-            ],
-            Duration::from_secs(30),
-        )
+        .exec_timeout(Host::Client1, &argv, Duration::from_secs(30))
         .expect("traceroute");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let hops: Vec<String> = text
@@ -625,7 +630,7 @@ fn rfc5508_traceroute_through_the_gateway_shows_every_hop() {
     assert_eq!(
         hops,
         ["10.1.0.1", "192.0.2.1", "198.51.100.10"],
-        "traceroute said:\n{text}"
+        "traceroute {method:?} said:\n{text}"
     );
 }
 
@@ -1248,4 +1253,92 @@ fn rfc5508_req8_out_of_ports_sends_icmp_unreachable_code_13() {
     assert!(gw.counter("tc_int", "drop_no_free_port") >= 2);
     assert!(gw.counter("tc_int", "icmp_out_of_ports_sent") >= 2);
     assert_eq!(gw.counter("tc_int", "icmp_out_of_ports_rate_limited"), 0);
+}
+
+// ---- NICs that cannot take redirected XDP frames ----
+
+/// Everything that was lost when the gateway's NICs refused redirected XDP
+/// frames (issue 14) goes through, by the TC fallback: ping, a RST from a
+/// closed port, traceroute with UDP, ICMP and TCP probes, path MTU
+/// discovery. Checksums are complete on the wire, so XDP, not a partial
+/// checksum, decides; the counters say TC carried what XDP would have.
+fn assert_everything_passes_through_the_tc_fallback(peers: PeerNapi) {
+    let prepare = |lab: &Lab| {
+        lab.complete_checksums_on_the_wire()
+            .expect("complete checksums");
+        narrow_link(lab);
+    };
+    let (lab, mut gw) = nat_lab_with(LabOptions::gateway_peers(peers), prepare, &[]);
+    let report = ping(&lab, Host::Client1, SERVER_IP, 3, Duration::from_secs(3)).expect("ping");
+    assert!(report.all_replied(), "{}", report.output);
+    match client_tcp(&lab, Host::Client1, 0, sa(SERVER_IP, 5999)) {
+        Err(e) => assert!(
+            e.downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused),
+            "the server's RST did not come back: {e:#}"
+        ),
+        Ok(_) => panic!("nothing listens on 5999"),
+    }
+    for method in [&[][..], &["-I"], &["-T"]] {
+        assert_traceroute_shows_every_hop(&lab, method);
+    }
+    assert_df_ping_learns_mtu_1400(&lab);
+    gw.stop().expect("stop");
+    for (xdp, tc, xdp_fwd, tc_fwd) in [
+        ("xdp_int", "tc_int", "xdp_out_forwarded", "tc_out_forwarded"),
+        ("xdp_ext", "tc_ext", "xdp_in_forwarded", "tc_in_forwarded"),
+    ] {
+        assert!(gw.counter(xdp, "xdp_to_tc_no_xdp_xmit") >= 3, "{xdp}");
+        assert_eq!(gw.counter(xdp, xdp_fwd), 0, "{xdp}");
+        assert_eq!(gw.counter(xdp, "drop_redirect_refused"), 0, "{xdp}");
+        assert!(gw.counter(tc, tc_fwd) >= 3, "{tc}");
+    }
+    let log = gw.log();
+    for nic in ["ext", "int"] {
+        let warned = format!("{nic} cannot take redirected XDP frames");
+        assert_eq!(
+            log.iter().filter(|l| l.contains(&warned)).count(),
+            1,
+            "one warning names {nic}: {log:#?}"
+        );
+    }
+    assert!(
+        log.iter()
+            .any(|l| l.contains("stats xdp_egress: xdp_int=to_tc xdp_ext=to_tc")),
+        "{log:#?}"
+    );
+}
+
+#[test]
+fn nics_whose_peers_got_napi_after_link_up_pass_everything_through_the_tc_fallback() {
+    assert_everything_passes_through_the_tc_fallback(PeerNapi::AfterUp);
+}
+
+#[test]
+fn nics_whose_peers_run_no_napi_pass_everything_through_the_tc_fallback() {
+    assert_everything_passes_through_the_tc_fallback(PeerNapi::Off);
+}
+
+#[test]
+fn generic_xdp_redirects_into_nics_that_cannot_take_xdp_frames() {
+    // Generic mode sends a redirected packet as an skb: no ndo_xdp_xmit.
+    let lab = lab_with(LabOptions::gateway_peers(PeerNapi::Off));
+    lab.complete_checksums_on_the_wire()
+        .expect("complete checksums");
+    let mut gw = gateway(&lab, &flags("--xdp-mode generic"));
+    let report = ping(&lab, Host::Client1, SERVER_IP, 3, Duration::from_secs(3)).expect("ping");
+    assert!(report.all_replied(), "{}", report.output);
+    gw.stop().expect("stop");
+    assert!(gw.counter("xdp_ext", "xdp_in_forwarded") >= 3);
+    for xdp in ["xdp_int", "xdp_ext"] {
+        assert_eq!(gw.counter(xdp, "xdp_to_tc_no_xdp_xmit"), 0, "{xdp}");
+        assert_eq!(gw.counter(xdp, "drop_redirect_refused"), 0, "{xdp}");
+    }
+    assert!(
+        gw.log()
+            .iter()
+            .any(|l| l.contains("stats xdp_egress: xdp_int=redirect_skb xdp_ext=redirect_skb")),
+        "{:#?}",
+        gw.log()
+    );
 }

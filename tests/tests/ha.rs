@@ -322,6 +322,187 @@ fn probe_changes_after_ext(lab: &Lab, state: &str) -> Option<Duration> {
     time_until_refused(|| probe_ok(lab) != up, Duration::from_secs(3)).map(|_| t.elapsed())
 }
 
+/// ping's "N packets transmitted, M received" from its output.
+fn ping_counts(output: &str) -> (u64, u64) {
+    let summary = output
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap_or_else(|| panic!("no ping summary in {output}"));
+    let n = |i: usize| -> u64 {
+        summary
+            .split(", ")
+            .nth(i)
+            .and_then(|p| p.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("ping summary {summary:?}"))
+    };
+    (n(0), n(1))
+}
+
+/// Starts `ping <args> 198.51.100.10` in client1, its output piped.
+fn ping_server(lab: &Lab, args: &[&str]) -> nat_lab::LabChild {
+    let argv = [&["ping", "-n"], args, &["198.51.100.10"]].concat();
+    let mut cmd = lab.command(Host::Client1, &argv);
+    cmd.stdout(std::process::Stdio::piped());
+    lab.spawn_command(&mut cmd).expect("starting ping")
+}
+
+/// Waits for a `ping_server` to end; its (transmitted, received).
+fn ping_result(mut pinger: nat_lab::LabChild) -> (u64, u64) {
+    let mut out = String::new();
+    pinger
+        .stdout
+        .take()
+        .expect("piped stdout")
+        .read_to_string(&mut out)
+        .expect("reading ping's output");
+    pinger.wait().expect("ping ends");
+    ping_counts(&out)
+}
+
+#[test]
+fn when_ext_stops_taking_xdp_frames_under_a_running_gateway_tc_takes_over_within_a_second_and_only_the_counted_packets_are_lost()
+ {
+    let lab = lab();
+    // Complete checksums: the pings take XDP, not a partial checksum's TC.
+    lab.complete_checksums_on_the_wire()
+        .expect("complete checksums");
+    let mut gw = gateway(&lab, &[]);
+    let (_, answered) = ping_result(ping_server(&lab, &["-c", "2", "-i", "0.2", "-W", "1"]));
+    assert_eq!(answered, 2, "{:#?}", gw.log());
+    let pinger = ping_server(&lab, &["-c", "60", "-i", "0.05", "-W", "1"]);
+    std::thread::sleep(Duration::from_millis(700));
+    // Nothing detached, nothing down: the router's end stops running NAPI,
+    // and ext with it stops taking redirected frames.
+    let t = Instant::now();
+    lab.ethtool(Host::Router, nat_lab::ROUTER_NAT_IF, &["gro", "off"])
+        .expect("gro off");
+    let fallback = gw.wait_for_log(
+        &[
+            "ext cannot take redirected XDP frames",
+            "hands the packets for it to TC",
+        ],
+        Duration::from_secs(2),
+    );
+    let took = t.elapsed();
+    assert!(fallback.is_some(), "{:#?}", gw.log());
+    eprintln!("TC took over {took:.2?} after ext lost ndo-xmit");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    let (sent, answered) = ping_result(pinger);
+    gw.stop().expect("stop");
+    let lost = sent - answered;
+    // Traffic kept flowing; what was lost is what the kernel refused, all
+    // of it counted, none of it as forwarded.
+    assert!(lost < 20, "{lost} of {sent} lost");
+    assert_eq!(gw.counter("xdp_int", "drop_redirect_refused"), lost);
+    assert!(gw.counter("xdp_int", "xdp_to_tc_no_xdp_xmit") >= 30);
+    assert!(gw.counter("tc_int", "tc_out_forwarded") >= 30);
+    let unhealthy: Vec<String> = gw
+        .log()
+        .into_iter()
+        .filter(|l| l.contains("unhealthy"))
+        .collect();
+    eprintln!("probe: {unhealthy:?}");
+}
+
+#[test]
+fn refused_redirects_are_counted_exactly_and_fail_the_probe_within_a_second_until_they_stop() {
+    let lab = lab();
+    lab.complete_checksums_on_the_wire()
+        .expect("complete checksums");
+    let mut gw = gateway(&lab, &["--health-port", "8080"]);
+    time_until_accepted(|| probe_ok(&lab), Duration::from_secs(3))
+        .expect("the probe answers while healthy");
+    let (_, answered) = ping_result(ping_server(&lab, &["-c", "2", "-i", "0.2", "-W", "1"]));
+    assert_eq!(answered, 2);
+    // The router's end takes no frame longer than its MTU; ext's own MTU
+    // (1500) lets XDP redirect a 1438-byte packet, and the kernel drops it
+    // when it flushes its queue to ext: a refusal the features do not
+    // foretell.
+    lab.exec(
+        Host::Router,
+        &["ip", "link", "set", nat_lab::ROUTER_NAT_IF, "mtu", "1400"],
+    )
+    .expect("mtu");
+    let t = Instant::now();
+    let pinger = ping_server(
+        &lab,
+        &["-c", "5", "-i", "0.2", "-W", "1", "-M", "do", "-s", "1410"],
+    );
+    let took = time_until_refused(|| probe_ok(&lab), Duration::from_secs(3))
+        .map(|_| t.elapsed())
+        .unwrap_or_else(|| panic!("probe still accepted 3 s into refusals: {:#?}", gw.log()));
+    eprintln!("probe refused {took:.2?} after the refusals began");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    let (code, body) = healthz(&lab, 8080);
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.contains("the kernel refuses XDP redirects into ext"),
+        "{body}"
+    );
+    assert_eq!(ping_result(pinger), (5, 0));
+    lab.exec(
+        Host::Router,
+        &["ip", "link", "set", nat_lab::ROUTER_NAT_IF, "mtu", "1500"],
+    )
+    .expect("mtu");
+    let back = time_until_accepted(|| probe_ok(&lab), Duration::from_secs(5))
+        .expect("the probe answers again once nothing is refused");
+    eprintln!("probe accepted again {back:.2?} after the refusals stopped");
+    gw.stop().expect("stop");
+    assert_eq!(gw.counter("xdp_int", "drop_redirect_refused"), 5);
+}
+
+#[test]
+fn the_probe_fails_within_a_second_when_the_snat_address_leaves_ext_and_answers_again_once_it_is_back()
+ {
+    let lab = lab();
+    let mut gw = gateway(&lab, &["--health-port", "8080"]);
+    time_until_accepted(|| probe_ok(&lab), Duration::from_secs(3))
+        .expect("the probe answers while healthy");
+    let t = Instant::now();
+    lab.exec(
+        Host::Nat,
+        &["ip", "addr", "del", "192.0.2.2/24", "dev", EXT_IF],
+    )
+    .expect("ip addr del");
+    lab.exec(
+        Host::Nat,
+        &["ip", "addr", "add", "192.0.2.3/24", "dev", EXT_IF],
+    )
+    .expect("ip addr add");
+    let took = time_until_refused(|| probe_ok(&lab), Duration::from_secs(3))
+        .map(|_| t.elapsed())
+        .unwrap_or_else(|| panic!("probe still accepted 3 s later: {:#?}", gw.log()));
+    eprintln!("probe refused {took:.2?} after the SNAT address left ext");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    let (code, body) = healthz(&lab, 8080);
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.contains("SNAT address 192.0.2.2 is no longer configured on ext"),
+        "{body}"
+    );
+    assert!(
+        gw.wait_for_log(
+            &["SNAT address was removed from ext", "192.0.2.2"],
+            Duration::from_secs(1)
+        )
+        .is_some(),
+        "{:#?}",
+        gw.log()
+    );
+    lab.exec(
+        Host::Nat,
+        &["ip", "addr", "add", "192.0.2.2/24", "dev", EXT_IF],
+    )
+    .expect("ip addr add");
+    time_until_accepted(|| probe_ok(&lab), Duration::from_secs(3))
+        .expect("the probe answers again once the address is back");
+    assert_eq!(healthz(&lab, 8080).0, 200);
+    let status = gw.stop().expect("stopping");
+    assert!(status.success(), "{:#?}", gw.log());
+}
+
 fn failover_lab(drain_first: Option<&str>) -> FailoverLab {
     let mut lab = FailoverLab::new(3).expect("building the failover lab (needs root, nft)");
     for i in 0..3 {

@@ -192,6 +192,41 @@ fn lab_turns_gro_on_for_every_veth_and_tx_checksum_off_before_endpoints() {
 }
 
 #[test]
+fn lab_gateway_peers_decide_whether_int_and_ext_take_redirected_xdp_frames() {
+    use nat_loader::xdp_features::{NDO_XMIT, Netdev};
+    for (peers, takes) in [
+        (PeerNapi::Before, true),
+        (PeerNapi::AfterUp, false),
+        (PeerNapi::Off, false),
+    ] {
+        let lab = lab_with(LabOptions::gateway_peers(peers));
+        for nic in [INT_IF, EXT_IF] {
+            let index = lab.ifindex(Host::Nat, nic).expect("ifindex");
+            let features = lab
+                .in_ns(Host::Nat, || Netdev::open()?.xdp_features(index))
+                .expect("in nat")
+                .expect("xdp-features");
+            assert_eq!(
+                features & NDO_XMIT != 0,
+                takes,
+                "{peers:?} {nic}: {features:#x}"
+            );
+        }
+        // The far ends run NAPI (GRO) in both labs but the last.
+        let gro = stdout_of(&lab, Host::Router, &["ethtool", "-k", ROUTER_NAT_IF]);
+        assert_eq!(
+            gro.contains("generic-receive-offload: on"),
+            peers != PeerNapi::Off,
+            "{peers:?}: {gro}"
+        );
+    }
+}
+
+fn stdout_of(lab: &Lab, h: Host, argv: &[&str]) -> String {
+    String::from_utf8_lossy(&lab.exec(h, argv).expect("run").stdout).into_owned()
+}
+
+#[test]
 fn lab_creates_no_interface_in_root_namespace() {
     let _lab = lab();
     let out = Command::new("ip")

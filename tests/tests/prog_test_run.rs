@@ -8,13 +8,14 @@ use std::net::Ipv4Addr;
 
 use aya::{
     Ebpf,
-    maps::{HashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap, MapData, PerCpuArray},
     programs::{SchedClassifier, Xdp},
 };
 use nat_common::{
     BIND_F_NO_HOLD, BIND_F_RELEASED, BindKey, BindValue, CT_F_REPLIED, CtKey, CtValue, MAP_BIND,
-    MAP_BIND_REV, MAP_CT_FWD, MAP_STATS, MAPS, NatConfig, PROG_TC_INT, PROG_XDP_EXT, PROG_XDP_INT,
-    PROGRAMS,
+    MAP_BIND_REV, MAP_CT_FWD, MAP_STATS, MAP_XDP_EGRESS, MAP_XDP_PENDING, MAPS, NatConfig,
+    PROG_TC_INT, PROG_XDP_EXT, PROG_XDP_INT, PROGRAMS, XDP_EGRESS_REDIRECT,
+    XDP_EGRESS_REDIRECT_SKB, XDP_EGRESS_TO_TC, XdpEgress,
     binding::{self, Fate},
     icmp_rate,
     stats::{self, HOOK_TC_INT, HOOK_XDP_EXT, HOOK_XDP_INT},
@@ -291,6 +292,65 @@ fn tcp_syn_out_is_translated_to_the_snat_address_and_redirected_to_ext() {
         (k.src_addr, k.src_port),
         "the binding names the inside endpoint"
     );
+}
+
+/// How the loader's `XDP_EGRESS` decides what XDP does with a packet it
+/// translated: redirect (native mode: one frame pending in the kernel's
+/// bulk queue until it is flushed or refused), redirect as an skb (generic
+/// mode: nothing pending), or hand it to TC untouched, which translates
+/// and redirects it.
+#[test]
+fn xdp_egress_decides_between_redirecting_and_handing_the_packet_to_tc_untouched() {
+    let fx = Fixture::new();
+    let syn = fx.outbound_tcp(40000, TCP_SYN, Csum::Full);
+    let expected = fx.snat_of(&syn).build();
+    for (mode, pending) in [(XDP_EGRESS_REDIRECT, 1), (XDP_EGRESS_REDIRECT_SKB, 0)] {
+        let (verdict, out, st, pend) = fx.run_default(|ebpf| {
+            set_egress(ebpf, HOOK_XDP_INT, mode);
+            let (v, out) = run_xdp(ebpf, PROG_XDP_INT, &syn.build());
+            (v, out, stats_of(ebpf), pending_of(ebpf, HOOK_XDP_INT))
+        });
+        assert_eq!((verdict, pend), (XDP_REDIRECT, pending), "mode {mode}");
+        assert_eq!(out, expected, "mode {mode}");
+        assert_eq!(st.get(HOOK_XDP_INT, stats::XDP_OUT_FWD), 1);
+    }
+    let (xdp, xdp_out, tc, tc_out, st, pend) = fx.run_default(|ebpf| {
+        set_egress(ebpf, HOOK_XDP_INT, XDP_EGRESS_TO_TC);
+        let (xdp, xdp_out) = run_xdp(ebpf, PROG_XDP_INT, &syn.build());
+        let (tc, tc_out) = run_tc(ebpf, PROG_TC_INT, &xdp_out);
+        (
+            xdp,
+            xdp_out,
+            tc,
+            tc_out,
+            stats_of(ebpf),
+            pending_of(ebpf, HOOK_XDP_INT),
+        )
+    });
+    assert_eq!(xdp, XDP_PASS);
+    assert_eq!(xdp_out, syn.build(), "XDP hands the packet over untouched");
+    assert_eq!(tc, TC_ACT_REDIRECT);
+    assert_eq!(tc_out, expected, "TC translates it as XDP would have");
+    assert_eq!(st.get(HOOK_XDP_INT, stats::XDP_TO_TC_NO_XMIT), 1);
+    assert_eq!(st.get(HOOK_XDP_INT, stats::XDP_OUT_FWD), 0);
+    assert_eq!(st.get(HOOK_TC_INT, stats::TC_OUT_FWD), 1);
+    assert_eq!(pend, 0);
+}
+
+fn set_egress(ebpf: &mut Ebpf, hook: u32, mode: u32) {
+    let mut map = Array::<&mut MapData, XdpEgress>::try_from(
+        ebpf.map_mut(MAP_XDP_EGRESS).expect("egress map"),
+    )
+    .expect("egress map type");
+    map.set(hook, XdpEgress { mode, prog_id: 0 }, 0)
+        .expect("writing the egress map");
+}
+
+fn pending_of(ebpf: &Ebpf, hook: u32) -> u64 {
+    let map =
+        PerCpuArray::<&MapData, u64>::try_from(ebpf.map(MAP_XDP_PENDING).expect("pending map"))
+            .expect("pending map type");
+    map.get(&hook, 0).expect("pending slot").iter().sum()
 }
 
 /// The sweeper walks sessions, then bindings: a binding whose session it
