@@ -8,25 +8,23 @@ use std::net::Ipv4Addr;
 
 use aya::{
     Ebpf,
-    maps::{HashMap, MapData, PerCpuArray},
+    maps::{HashMap, MapData},
     programs::{SchedClassifier, Xdp},
 };
 use nat_common::{
     BIND_F_NO_HOLD, BIND_F_RELEASED, BindKey, BindValue, CT_F_REPLIED, CtKey, CtValue, MAP_BIND,
-    MAP_BIND_REV, MAP_CT_FWD, MAP_STATS, MAPS, NatConfig, PROG_TC_INT, PROG_XDP_EXT, PROG_XDP_INT,
-    PROGRAMS,
+    MAP_BIND_REV, MAP_CT_FWD, MAPS, NatConfig, PROG_TC_INT, PROG_XDP_EXT, PROG_XDP_INT, PROGRAMS,
     binding::{self, Fate},
     icmp_rate,
     stats::{self, HOOK_TC_INT, HOOK_XDP_EXT, HOOK_XDP_INT},
 };
 use nat_lab::{
-    CLIENT1_IP, EXT_IF, HOST_IF, Host, INT_IF, Lab, NAT_EXT_IP, NAT_INT_IP, ROUTER_NAT_IF,
-    ROUTER_NAT_IP, SERVER_IP, lab,
+    CLIENT1_IP, Host, Lab, NAT_EXT_IP, NAT_INT_IP, SERVER_IP, lab,
     packet::{
         Csum, L4, Packet, TCP_ACK, TCP_SYN, checksum_updated, checksums_valid, ip_l4_checksum,
         l4_checksum_field,
     },
-    test_run::test_run,
+    test_run::{Counters, Nics, entries, test_run},
 };
 use nat_loader::{dataplane, monotonic_ns};
 
@@ -35,51 +33,25 @@ const XDP_PASS: u32 = 2;
 const XDP_REDIRECT: u32 = 4;
 const TC_ACT_REDIRECT: u32 = 7;
 
-/// The lab plus what a fixture needs to know about the gateway's NICs.
+/// The lab plus what a fixture needs to know about the gateway's NICs
+/// (`fx.int_mac`, ...: [`Nics`]).
 struct Fixture {
     lab: Lab,
-    int_index: u32,
-    ext_index: u32,
-    int_mac: [u8; 6],
-    ext_mac: [u8; 6],
-    router_mac: [u8; 6],
-    client_mac: [u8; 6],
+    nics: Nics,
+}
+
+impl std::ops::Deref for Fixture {
+    type Target = Nics;
+    fn deref(&self) -> &Nics {
+        &self.nics
+    }
 }
 
 impl Fixture {
     fn new() -> Fixture {
         let lab = lab();
-        let mac = |h, ifname| lab.mac(h, ifname).expect("MAC");
-        let ifindex = |ifname| lab.ifindex(Host::Nat, ifname).expect("ifindex");
-        let f = Fixture {
-            int_index: ifindex(INT_IF),
-            ext_index: ifindex(EXT_IF),
-            int_mac: mac(Host::Nat, INT_IF),
-            ext_mac: mac(Host::Nat, EXT_IF),
-            router_mac: mac(Host::Router, ROUTER_NAT_IF),
-            client_mac: mac(Host::Client1, HOST_IF),
-            lab,
-        };
-        // Pinned neighbours make the FIB answer (and so the output bytes)
-        // deterministic.
-        for (ip, mac, dev) in [
-            (ROUTER_NAT_IP, f.router_mac, EXT_IF),
-            (CLIENT1_IP, f.client_mac, INT_IF),
-        ] {
-            f.lab
-                .pin_neighbour(Host::Nat, ip, mac, dev)
-                .expect("pinning a neighbour");
-        }
-        f
-    }
-
-    /// The gateway's configuration with external ports `port_min..=port_max`.
-    fn config(&self, port_min: u16, port_max: u16) -> NatConfig {
-        NatConfig::new(self.int_index, self.ext_index, NAT_EXT_IP)
-            .with_ports(port_min, port_max)
-            .with_probe_port(0)
-            .with_macs(self.int_mac, self.ext_mac)
-            .with_int_addr(Some(NAT_INT_IP))
+        let nics = Nics::of(&lab).expect("the lab's NICs");
+        Fixture { lab, nics }
     }
 
     /// Loads the object (not attached anywhere) and runs `f` in `nat`.
@@ -187,33 +159,16 @@ fn run_tc(ebpf: &mut Ebpf, prog: &str, frame: &[u8]) -> (u32, Vec<u8>) {
     (r.verdict, r.out)
 }
 
-/// The counters, summed over CPUs, in the stats map's layout
-/// (`nat_common::stats::slot`).
-struct Counters(Vec<u64>);
-
-impl Counters {
-    fn get(&self, hook: u32, reason: u32) -> u64 {
-        self.0[stats::slot(hook, reason) as usize]
-    }
-}
-
 fn stats_of(ebpf: &Ebpf) -> Counters {
-    let map = PerCpuArray::<&MapData, u64>::try_from(ebpf.map(MAP_STATS).expect("stats map"))
-        .expect("stats map type");
-    let slot = |i: u32| -> u64 { map.get(&i, 0).expect("stats slot").iter().sum() };
-    Counters((0..stats::SLOTS).map(slot).collect())
+    Counters::of(ebpf).expect("the counters")
 }
 
 fn binds(ebpf: &Ebpf, name: &str) -> Vec<(BindKey, BindValue)> {
-    let map = HashMap::<&MapData, BindKey, BindValue>::try_from(ebpf.map(name).expect("bind map"))
-        .expect("bind map type");
-    map.iter().map(|r| r.expect("bind entry")).collect()
+    entries(ebpf, name).expect("a binding map")
 }
 
 fn ct(ebpf: &Ebpf, name: &str) -> Vec<(CtKey, CtValue)> {
-    let map = HashMap::<&MapData, CtKey, CtValue>::try_from(ebpf.map(name).expect("ct map"))
-        .expect("ct map type");
-    map.iter().map(|r| r.expect("ct entry")).collect()
+    entries(ebpf, name).expect("the session map")
 }
 
 fn raw(ip: Ipv4Addr) -> u32 {
