@@ -186,10 +186,17 @@ reasons! {
     /// missing fragment, with the first fragment: an event of its, the
     /// held fragment's outcome (its verdict was `tc_fragment_held`).
     DROP_FRAG_BUDGET = 50, "drop_fragment_budget", Event;
-    /// A first fragment came for held fragments: it and each of them were
-    /// re-injected on `--ext` (counted here once each, then again by what
-    /// happens to them as tracked fragments).
+    /// A first fragment came for held fragments: it was re-injected on
+    /// `--ext` ahead of them (`event_held_fragment_reinjected`), and is
+    /// counted again by what happens to it when it comes back.
     TC_FRAG_REINJECTED = 51, "tc_fragment_reinjected", Verdict;
+    /// Event, with `tc_fragment_reinjected`: a held fragment was re-injected
+    /// after its first fragment (counted again when it comes back, as a
+    /// tracked fragment).
+    EV_HELD_FRAG_REINJECTED = 52, "event_held_fragment_reinjected", Event;
+    /// Event, with `tc_fragment_reinjected`: a held fragment could not be
+    /// re-injected (a helper failed); it is lost.
+    EV_HELD_FRAG_LOST = 53, "event_held_fragment_lost", Event;
 }
 
 /// Whether reason `idx` is a verdict or an event; `None` for no reason.
@@ -264,6 +271,8 @@ mod tests {
             EV_MSS_CLAMPED,
             EV_FRAG_TRACKED,
             DROP_FRAG_BUDGET,
+            EV_HELD_FRAG_REINJECTED,
+            EV_HELD_FRAG_LOST,
         ] {
             assert_eq!(kind(r), Some(Kind::Event), "{}", label(r));
         }

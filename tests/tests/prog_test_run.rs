@@ -13,16 +13,17 @@ use aya::{
 };
 use nat_common::{
     BIND_F_NO_HOLD, BIND_F_RELEASED, BindKey, BindValue, CT_F_REPLIED, CtKey, CtValue, MAP_BIND,
-    MAP_BIND_REV, MAP_CT_FWD, MAPS, NatConfig, PROG_TC_INT, PROG_XDP_EXT, PROG_XDP_INT, PROGRAMS,
+    MAP_BIND_REV, MAP_CT_FWD, MAPS, NatConfig, PROG_TC_EXT, PROG_TC_INT, PROG_XDP_EXT,
+    PROG_XDP_INT, PROGRAMS,
     binding::{self, Fate},
     icmp_rate,
-    stats::{self, HOOK_TC_INT, HOOK_XDP_EXT, HOOK_XDP_INT},
+    stats::{self, HOOK_TC_EXT, HOOK_TC_INT, HOOK_XDP_EXT, HOOK_XDP_INT},
 };
 use nat_lab::{
     CLIENT1_IP, Host, Lab, NAT_EXT_IP, NAT_INT_IP, SERVER_IP, lab,
     packet::{
-        Csum, L4, Packet, TCP_ACK, TCP_SYN, checksum_updated, checksums_valid, ip_l4_checksum,
-        l4_checksum_field,
+        Csum, L4, Packet, TCP_ACK, TCP_SYN, checksum_updated, checksums_valid, fragments,
+        ip_l4_checksum, l4_checksum_field,
     },
     test_run::{Counters, Nics, entries, test_run},
 };
@@ -31,6 +32,7 @@ use nat_loader::{dataplane, monotonic_ns};
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_REDIRECT: u32 = 4;
+const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
 
 /// The lab plus what a fixture needs to know about the gateway's NICs
@@ -774,4 +776,47 @@ fn out_of_ports_errors_are_rate_limited_per_cpu() {
         tries - sent
     );
     assert_eq!(st.get(HOOK_TC_INT, stats::DROP_NO_PORT), tries);
+}
+
+/// Found by the property test (tests/adversarial.rs): a first fragment
+/// that follows held fragments of its datagram counted its own verdict
+/// and one more verdict per held fragment. It is one packet: one verdict
+/// (`tc_fragment_reinjected`), and an event per held fragment it sends
+/// round again.
+#[test]
+fn a_first_fragment_after_held_ones_counts_one_verdict_and_an_event_per_held_fragment() {
+    let fx = Fixture::new();
+    let reply = Packet {
+        dst_mac: fx.ext_mac,
+        src_mac: fx.router_mac,
+        src: SERVER_IP,
+        dst: NAT_EXT_IP,
+        ttl: 60,
+        options: vec![],
+        l4: udp_ports(53, 40000),
+        payload: vec![0x5a; 100],
+        csum: Csum::Full,
+    }
+    .build();
+    let frags = fragments(&reply, 5, 0x1234);
+    assert_eq!(frags.len(), 3);
+    let (verdicts, st) = fx.run_default(|ebpf| {
+        let held: Vec<u32> = [&frags[2], &frags[1]]
+            .iter()
+            .map(|f| run_tc(ebpf, PROG_TC_EXT, f).0)
+            .collect();
+        let first = run_tc(ebpf, PROG_TC_EXT, &frags[0]).0;
+        ((held, first), stats_of(ebpf))
+    });
+    // Held, then re-injected (the copies go round again): all dropped here.
+    assert_eq!(verdicts, (vec![TC_ACT_SHOT, TC_ACT_SHOT], TC_ACT_SHOT));
+    assert_eq!(st.get(HOOK_TC_EXT, stats::TC_FRAG_HELD), 2);
+    assert_eq!(st.get(HOOK_TC_EXT, stats::TC_FRAG_REINJECTED), 1);
+    assert_eq!(st.get(HOOK_TC_EXT, stats::EV_HELD_FRAG_REINJECTED), 2);
+    let verdicts_counted: u64 = stats::LABELS
+        .iter()
+        .filter(|(r, _)| stats::kind(*r) == Some(stats::Kind::Verdict))
+        .map(|(r, _)| st.get(HOOK_TC_EXT, *r))
+        .sum();
+    assert_eq!(verdicts_counted, 3, "three packets, three verdicts");
 }
