@@ -74,7 +74,9 @@ reasons! {
     XDP_TO_TC_FIB = 6, "xdp_to_tc_fib", Verdict;
     /// Not IPv4 (ARP, IPv6, …): the kernel's business.
     PASS_NOT_IPV4 = 7, "pass_not_ipv4", Verdict;
-    /// Addressed to the gateway itself (probes, SSH, …).
+    /// Addressed to the gateway itself (probes, SSH, …), or to a multicast,
+    /// limited-broadcast or "this network" address, which the kernel
+    /// delivers locally or drops but never forwards (`addr::never_forwarded`).
     PASS_LOCAL = 8, "pass_local", Verdict;
     /// TTL would expire: the kernel sends ICMP Time Exceeded.
     PASS_TTL_EXPIRED = 9, "pass_ttl_expired", Verdict;

@@ -820,3 +820,44 @@ fn a_first_fragment_after_held_ones_counts_one_verdict_and_an_event_per_held_fra
         .sum();
     assert_eq!(verdicts_counted, 3, "three packets, three verdicts");
 }
+
+/// Found by the property test: an inside host's packet to a multicast
+/// group (mDNS), the limited broadcast (DHCP) or 0.0.0.0 matched the FIB's
+/// default route and was translated and sent out of `ext`. The kernel
+/// never forwards these; they are its, untouched, and make no state.
+#[test]
+fn multicast_and_broadcast_from_inside_go_to_the_kernel_untranslated() {
+    let fx = Fixture::new();
+    let frames: Vec<Vec<u8>> = [
+        (
+            [0x01, 0x00, 0x5e, 0, 0, 0xfb],
+            Ipv4Addr::new(224, 0, 0, 251),
+        ),
+        ([0xff; 6], Ipv4Addr::BROADCAST),
+        (fx.int_mac, Ipv4Addr::UNSPECIFIED),
+    ]
+    .into_iter()
+    .map(|(mac, dst)| {
+        Packet {
+            dst_mac: mac,
+            dst,
+            ..fx.outbound(udp_ports(5353, 5353), b"query")
+        }
+        .build()
+    })
+    .collect();
+    let (runs, st, fwd) = fx.run_default(|ebpf| {
+        let runs: Vec<_> = frames
+            .iter()
+            .map(|f| (run_xdp(ebpf, PROG_XDP_INT, f), run_tc(ebpf, PROG_TC_INT, f)))
+            .collect();
+        (runs, stats_of(ebpf), ct(ebpf, MAP_CT_FWD))
+    });
+    for (f, (xdp, tc)) in frames.iter().zip(runs) {
+        assert_eq!(xdp, (XDP_PASS, f.clone()));
+        assert_eq!(tc, (0, f.clone()), "TC_ACT_OK, untouched");
+    }
+    assert_eq!(st.get(HOOK_XDP_INT, stats::PASS_LOCAL), 3);
+    assert_eq!(st.get(HOOK_TC_INT, stats::PASS_LOCAL), 3);
+    assert!(fwd.is_empty(), "no state: {fwd:?}");
+}
