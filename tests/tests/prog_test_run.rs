@@ -861,3 +861,25 @@ fn multicast_and_broadcast_from_inside_go_to_the_kernel_untranslated() {
     assert_eq!(st.get(HOOK_TC_INT, stats::PASS_LOCAL), 3);
     assert!(fwd.is_empty(), "no state: {fwd:?}");
 }
+
+/// Found by the property test: a packet that found no free port after
+/// reaching `int` at a group MAC (a unicast datagram sent to the broadcast
+/// address) was answered from that group MAC, which no frame may carry as
+/// its source. The error comes from `int`'s own MAC.
+#[test]
+fn the_out_of_ports_error_comes_from_the_nics_own_mac() {
+    let fx = Fixture::new();
+    let first = fx.outbound_tcp(41000, TCP_SYN, Csum::Full);
+    let to_broadcast = Packet {
+        dst_mac: [0xff; 6],
+        ..fx.outbound_tcp(41001, TCP_SYN, Csum::Full)
+    }
+    .build();
+    let (v, out) = fx.run(fx.config(41000, 41000), 1024, |ebpf| {
+        assert_eq!(run_xdp(ebpf, PROG_XDP_INT, &first.build()).0, XDP_REDIRECT);
+        run_tc(ebpf, PROG_TC_INT, &to_broadcast)
+    });
+    assert_eq!(v, TC_ACT_REDIRECT);
+    assert_eq!(&out[..6], &fx.client_mac, "back to the sender");
+    assert_eq!(&out[6..12], &fx.int_mac, "from int's own MAC");
+}
