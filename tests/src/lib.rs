@@ -50,6 +50,7 @@ pub mod netns;
 pub mod packet;
 pub mod probers;
 mod streams;
+pub mod tables;
 pub mod test_run;
 mod traffic;
 
