@@ -49,6 +49,7 @@ mod lab;
 pub mod netns;
 pub mod packet;
 pub mod probers;
+pub mod soak;
 mod streams;
 pub mod tables;
 pub mod test_run;

@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask build-ebpf | build | test | demo | bench`.
+//! Project tasks: `cargo xtask build-ebpf | build | test | demo | bench | soak`.
 //!
 //! Every task first runs scripts/bootstrap.sh, which installs (idempotently)
 //! the toolchain the eBPF build needs, so each command works on a fresh
@@ -42,6 +42,16 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
+    /// Build everything and soak the gateway: mixed traffic (TCP streams
+    /// with verified data, new UDP flows, fragments, pings) while the
+    /// loader is handed over, killed and restarted, links flap and the
+    /// table is pressed; then check no stream broke, no map entry leaked
+    /// and the loader's memory stayed flat, and print a summary. Needs root.
+    Soak {
+        /// How long, in minutes.
+        #[arg(long, default_value_t = 30)]
+        minutes: u64,
+    },
 }
 
 fn main() -> Result<()> {
@@ -65,6 +75,12 @@ fn main() -> Result<()> {
             bootstrap(&root)?;
             build(&root)?;
             demo(&root)
+        }
+        Task::Soak { minutes } => {
+            require_root("soak")?;
+            bootstrap(&root)?;
+            build(&root)?;
+            soak(&root, minutes)
         }
         Task::Bench { quick } => {
             require_root("bench")?;
@@ -236,4 +252,18 @@ fn bench(root: &Path, quick: bool) -> Result<()> {
         cmd.arg("--quick");
     }
     run(&mut cmd)
+}
+
+fn soak(root: &Path, minutes: u64) -> Result<()> {
+    run(cargo().current_dir(root).args([
+        "run",
+        "--release",
+        "--package",
+        "nat-tests",
+        "--bin",
+        "nat-soak",
+        "--",
+        "--minutes",
+        &minutes.to_string(),
+    ]))
 }
