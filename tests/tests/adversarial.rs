@@ -1330,40 +1330,48 @@ mod check {
             } else {
                 (iq.sport(), oq.sport(), iq.dport())
             };
-            let (Some(ext), Some(iport), Some(rport)) = (ext, inside_port, rport) else {
-                return Err("let in an error whose quote has no ports".into());
-            };
-            if rev(w, iq.proto, ext) != Some((o.dst, iport)) {
-                return Err(format!(
-                    "let in an error for {}:{iport} about external port {ext}, bound to {:?}",
-                    ip_of(o.dst),
-                    rev(w, iq.proto, ext)
-                ));
-            }
-            let key = CtKey::new(iq.proto, o.dst, iport.to_be(), iq.dst, rport.to_be());
-            return session(w, key)
-                .map(drop)
-                .ok_or_else(|| "let in an error about a packet of no session".into());
+            let ports = (ext, inside_port, rport);
+            return bound_session(w, iq.proto, ports, o.dst, iq.dst, "an error").map(drop);
         }
         let (ext, iport, rport) = match i.proto {
             IPPROTO_ICMP => (i.port(4), o.port(4), Some(0)),
             _ => (i.dport(), o.dport(), i.sport()),
         };
-        let (Some(ext), Some(iport), Some(rport)) = (ext, iport, rport) else {
-            return Err("let in a frame without ports".into());
+        let (ext, v) = bound_session(w, i.proto, (ext, iport, rport), o.dst, i.src, "a frame")?;
+        if v.snat_addr_port() == (snat, ext.to_be()) {
+            Ok(())
+        } else {
+            Err(format!("let in a frame of session {v:?}"))
+        }
+    }
+
+    /// The session that lets in `what` (a frame, or an error about one)
+    /// of protocol `proto` from `remote`, sent to external port `ext` and
+    /// let in to `inside`:`iport` (`ports`: ext, iport, the remote's port):
+    /// the binding of the external port must name that inside endpoint.
+    /// Returns the external port and the session.
+    fn bound_session(
+        w: &World,
+        proto: u8,
+        ports: (Option<u16>, Option<u16>, Option<u16>),
+        inside: u32,
+        remote: u32,
+        what: &str,
+    ) -> Result<(u16, CtValue), String> {
+        let (Some(ext), Some(iport), Some(rport)) = ports else {
+            return Err(format!("let in {what} without ports"));
         };
-        if rev(w, i.proto, ext) != Some((o.dst, iport)) {
+        if rev(w, proto, ext) != Some((inside, iport)) {
             return Err(format!(
-                "let in a frame for {}:{iport} sent to external port {ext}, bound to {:?}",
-                ip_of(o.dst),
-                rev(w, i.proto, ext)
+                "let in {what} for {}:{iport} at external port {ext}, bound to {:?}",
+                ip_of(inside),
+                rev(w, proto, ext)
             ));
         }
-        let key = CtKey::new(i.proto, o.dst, iport.to_be(), i.src, rport.to_be());
-        match session(w, key) {
-            Some(v) if v.snat_addr_port() == (snat, ext.to_be()) => Ok(()),
-            other => Err(format!("let in a frame of session {other:?}")),
-        }
+        let key = CtKey::new(proto, inside, iport.to_be(), remote, rport.to_be());
+        session(w, key)
+            .map(|v| (ext, v))
+            .ok_or_else(|| format!("let in {what} of no session"))
     }
 
     /// A frame from `int` sent back into `int`: a hairpin to the inside

@@ -227,43 +227,29 @@ fn test(root: &Path) -> Result<()> {
 
 fn demo(root: &Path) -> Result<()> {
     require_root("demo")?;
-    run(cargo().current_dir(root).args([
-        "run",
-        "--release",
-        "--package",
-        "nat-tests",
-        "--bin",
-        "nat-demo",
-    ]))
+    run_bin(root, "nat-demo", &[])
 }
 
 fn bench(root: &Path, quick: bool) -> Result<()> {
-    let mut cmd = cargo();
-    cmd.current_dir(root).args([
-        "run",
-        "--release",
-        "--package",
-        "nat-tests",
-        "--bin",
-        "nat-bench",
-        "--",
-    ]);
-    if quick {
-        cmd.arg("--quick");
-    }
-    run(&mut cmd)
+    run_bin(root, "nat-bench", if quick { &["--quick"] } else { &[] })
 }
 
 fn soak(root: &Path, minutes: u64) -> Result<()> {
-    run(cargo().current_dir(root).args([
-        "run",
-        "--release",
-        "--package",
-        "nat-tests",
-        "--bin",
-        "nat-soak",
-        "--",
-        "--minutes",
-        &minutes.to_string(),
-    ]))
+    run_bin(root, "nat-soak", &["--minutes", &minutes.to_string()])
+}
+
+/// Runs binary `bin` of the tests crate (release) with `args`.
+fn run_bin(root: &Path, bin: &str, args: &[&str]) -> Result<()> {
+    run(cargo()
+        .current_dir(root)
+        .args([
+            "run",
+            "--release",
+            "--package",
+            "nat-tests",
+            "--bin",
+            bin,
+            "--",
+        ])
+        .args(args))
 }
