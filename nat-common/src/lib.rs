@@ -11,6 +11,7 @@
 //! the same raw words.
 #![cfg_attr(not(test), no_std)]
 
+pub mod addr;
 pub mod binding;
 pub mod csum;
 pub mod icmp_rate;

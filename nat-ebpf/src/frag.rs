@@ -376,6 +376,8 @@ fn reinject(ctx: &TcContext, key: &FragKey, held: u32, ext_ifindex: u32) -> u32 
     reason
 }
 
+/// Re-injects one held fragment; returns the event to count for it (its
+/// verdict was `tc_fragment_held`; the first fragment's is `reinject`'s).
 #[inline(always)]
 fn reinject_held(ctx: &TcContext, slot: &FragSlot, ext_ifindex: u32) -> u32 {
     let Some(h) = FRAG_HELD.get_ptr(slot) else {
@@ -383,7 +385,7 @@ fn reinject_held(ctx: &TcContext, slot: &FragSlot, ext_ifindex: u32) -> u32 {
     };
     let len = unsafe { (*h).len };
     if len < (ETH_HLEN + 20) as u32 || len as usize > FRAG_HELD_LEN {
-        return stats::DROP_INTERNAL;
+        return stats::EV_HELD_FRAG_LOST;
     }
     let skb = ctx.as_ptr() as *mut _;
     // SAFETY: the map value holds FRAG_HELD_LEN bytes; size is at most that.
@@ -402,11 +404,11 @@ fn reinject_held(ctx: &TcContext, slot: &FragSlot, ext_ifindex: u32) -> u32 {
         }
     };
     if rc < 0 {
-        return stats::DROP_INTERNAL;
+        return stats::EV_HELD_FRAG_LOST;
     }
     match ctx.clone_redirect(ext_ifindex, BPF_F_INGRESS as u64) {
-        Ok(()) => stats::TC_FRAG_REINJECTED,
-        Err(_) => stats::DROP_INTERNAL,
+        Ok(()) => stats::EV_HELD_FRAG_REINJECTED,
+        Err(_) => stats::EV_HELD_FRAG_LOST,
     }
 }
 

@@ -13,7 +13,7 @@ use core::convert::Infallible;
 
 use aya_ebpf::{cty::c_void, helpers::bpf_ktime_get_ns};
 use nat_common::{
-    CtKey, IPPROTO_ICMP, IPPROTO_TCP, NatConfig, csum, mss, stats,
+    CtKey, IPPROTO_ICMP, IPPROTO_TCP, NatConfig, addr, csum, mss, stats,
     tcp::{self, DIR_IN, DIR_OUT},
 };
 
@@ -274,6 +274,9 @@ fn classify<D: Decide>(
             D::drop(reason)
         }
     };
+    if addr::never_forwarded(ip.daddr) {
+        return Err(D::pass(stats::PASS_LOCAL));
+    }
     if ip.frag != 0
         && let Some(d) = D::fragment(ip.frag)
     {

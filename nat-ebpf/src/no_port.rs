@@ -6,7 +6,8 @@
 //! The packet itself becomes the error (TC only, in its own tail-called
 //! program `nat_tc_no_port`, whose stack is its own): cut to the part to
 //! quote, 28 bytes of room made in front of its IP header for the new IP
-//! and ICMP headers, MACs swapped, and sent back out of `--int`. Errors
+//! and ICMP headers, addressed back to the MAC it came from, and sent back
+//! out of `--int`. Errors
 //! are rate-limited per CPU ([`nat_common::icmp_rate`]) so a flood of new
 //! flows while the ports are exhausted is not amplified.
 
@@ -218,9 +219,16 @@ fn try_nat_tc_no_port(ctx: &TcContext, cfg: &NatConfig) -> Result<(i32, Option<u
     h[23] = icmp_check[1];
     ctx.store(ETH_HLEN, &h, BPF_F_RECOMPUTE_CSUM as u64)
         .map_err(|_| stats::DROP_INTERNAL)?;
-    // Back to the previous hop it came from.
+    // Back to the previous hop it came from, from --int's own MAC: the
+    // packet may have come to a group address (a unicast IP datagram sent
+    // to a broadcast MAC), which is no source.
+    let own = if cfg.int_mac == [0; 6] {
+        dmac
+    } else {
+        cfg.int_mac
+    };
     ctx.store(0, &smac, 0).map_err(|_| stats::DROP_INTERNAL)?;
-    ctx.store(6, &dmac, 0).map_err(|_| stats::DROP_INTERNAL)?;
+    ctx.store(6, &own, 0).map_err(|_| stats::DROP_INTERNAL)?;
     let action = unsafe { bpf_redirect(cfg.int_ifindex, 0) } as i32;
     Ok((action, Some(stats::EV_ICMP_NO_PORT_SENT)))
 }

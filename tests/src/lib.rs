@@ -49,7 +49,9 @@ mod lab;
 pub mod netns;
 pub mod packet;
 pub mod probers;
+pub mod soak;
 mod streams;
+pub mod tables;
 pub mod test_run;
 mod traffic;
 

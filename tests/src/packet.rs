@@ -256,6 +256,48 @@ pub fn checksums_valid(frame: &[u8]) -> bool {
     }
 }
 
+/// Recomputes the IP header checksum of an Ethernet frame (if its header
+/// is all there): after changing a field, as a deliberate sender would.
+pub fn set_ip_checksum(frame: &mut [u8]) {
+    if frame.len() < 34 {
+        return;
+    }
+    let ihl = usize::from(frame[14] & 0x0f) * 4;
+    if ihl < 20 || 14 + ihl > frame.len() {
+        return;
+    }
+    frame[24..26].copy_from_slice(&[0, 0]);
+    let c = internet_checksum(&frame[14..14 + ihl]);
+    frame[24..26].copy_from_slice(&c.to_be_bytes());
+}
+
+/// The fragments of a datagram (an Ethernet frame with an IPv4 packet):
+/// its L4 bytes cut in pieces of `chunk` 8-byte units, each behind a copy
+/// of the IP header with its length, offset, MF bit, identification `id`
+/// and checksum, in order (the first one holds the L4 header).
+pub fn fragments(frame: &[u8], chunk: usize, id: u16) -> Vec<Vec<u8>> {
+    let ihl = usize::from(frame[14] & 0x0f) * 4;
+    let head = &frame[..14 + ihl];
+    let body = &frame[14 + ihl..];
+    let step = chunk * 8;
+    let pieces = body.len().div_ceil(step).max(1);
+    (0..pieces)
+        .map(|i| {
+            let part = &body[(i * step).min(body.len())..((i + 1) * step).min(body.len())];
+            let mut f = head.to_vec();
+            f.extend_from_slice(part);
+            let tot = (ihl + part.len()) as u16;
+            f[16..18].copy_from_slice(&tot.to_be_bytes());
+            f[18..20].copy_from_slice(&id.to_be_bytes());
+            let mf = if i + 1 < pieces { 0x2000 } else { 0 };
+            let word = mf | (i * step / 8) as u16;
+            f[20..22].copy_from_slice(&word.to_be_bytes());
+            set_ip_checksum(&mut f);
+            f
+        })
+        .collect()
+}
+
 /// Parses "aa:bb:cc:dd:ee:ff".
 pub fn parse_mac(s: &str) -> anyhow::Result<[u8; 6]> {
     let parts: Vec<&str> = s.trim().split(':').collect();

@@ -245,8 +245,10 @@ fn rfc4787_req14_inbound_fragments_ahead_of_their_first_are_held_and_translated_
         "{:#?}",
         t.gw.log()
     );
-    // Each first fragment and its held ones went round again.
-    assert_eq!(t.gw.counter("tc_ext", "tc_fragment_reinjected"), 5);
+    // Each first fragment and its held ones went round again: one
+    // verdict per first fragment, an event per held fragment.
+    assert_eq!(t.gw.counter("tc_ext", "tc_fragment_reinjected"), 2);
+    assert_eq!(t.gw.counter("tc_ext", "event_held_fragment_reinjected"), 3);
     assert_eq!(t.gw.counter("tc_ext", "tc_fragment_first_forwarded"), 2);
     assert_eq!(t.gw.counter("tc_ext", "tc_fragment_forwarded"), 4);
     assert_eq!(t.gw.counter("tc_ext", "drop_fragment_budget"), 0);

@@ -13,74 +13,48 @@ use aya::{
 };
 use nat_common::{
     BIND_F_NO_HOLD, BIND_F_RELEASED, BindKey, BindValue, CT_F_REPLIED, CtKey, CtValue, MAP_BIND,
-    MAP_BIND_REV, MAP_CT_FWD, MAP_STATS, MAP_XDP_EGRESS, MAP_XDP_PENDING, MAPS, NatConfig,
+    MAP_BIND_REV, MAP_CT_FWD, MAP_XDP_EGRESS, MAP_XDP_PENDING, MAPS, NatConfig, PROG_TC_EXT,
     PROG_TC_INT, PROG_XDP_EXT, PROG_XDP_INT, PROGRAMS, XDP_EGRESS_REDIRECT,
     XDP_EGRESS_REDIRECT_SKB, XDP_EGRESS_TO_TC, XdpEgress,
     binding::{self, Fate},
     icmp_rate,
-    stats::{self, HOOK_TC_INT, HOOK_XDP_EXT, HOOK_XDP_INT},
+    stats::{self, HOOK_TC_EXT, HOOK_TC_INT, HOOK_XDP_EXT, HOOK_XDP_INT},
 };
 use nat_lab::{
-    CLIENT1_IP, EXT_IF, HOST_IF, Host, INT_IF, Lab, NAT_EXT_IP, NAT_INT_IP, ROUTER_NAT_IF,
-    ROUTER_NAT_IP, SERVER_IP, lab,
+    CLIENT1_IP, Host, Lab, NAT_EXT_IP, NAT_INT_IP, SERVER_IP, lab,
     packet::{
-        Csum, L4, Packet, TCP_ACK, TCP_SYN, checksum_updated, checksums_valid, ip_l4_checksum,
-        l4_checksum_field,
+        Csum, L4, Packet, TCP_ACK, TCP_SYN, checksum_updated, checksums_valid, fragments,
+        ip_l4_checksum, l4_checksum_field,
     },
-    test_run::test_run,
+    test_run::{Counters, Nics, entries, test_run},
 };
 use nat_loader::{dataplane, monotonic_ns};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_REDIRECT: u32 = 4;
+const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
 
-/// The lab plus what a fixture needs to know about the gateway's NICs.
+/// The lab plus what a fixture needs to know about the gateway's NICs
+/// (`fx.int_mac`, ...: [`Nics`]).
 struct Fixture {
     lab: Lab,
-    int_index: u32,
-    ext_index: u32,
-    int_mac: [u8; 6],
-    ext_mac: [u8; 6],
-    router_mac: [u8; 6],
-    client_mac: [u8; 6],
+    nics: Nics,
+}
+
+impl std::ops::Deref for Fixture {
+    type Target = Nics;
+    fn deref(&self) -> &Nics {
+        &self.nics
+    }
 }
 
 impl Fixture {
     fn new() -> Fixture {
         let lab = lab();
-        let mac = |h, ifname| lab.mac(h, ifname).expect("MAC");
-        let ifindex = |ifname| lab.ifindex(Host::Nat, ifname).expect("ifindex");
-        let f = Fixture {
-            int_index: ifindex(INT_IF),
-            ext_index: ifindex(EXT_IF),
-            int_mac: mac(Host::Nat, INT_IF),
-            ext_mac: mac(Host::Nat, EXT_IF),
-            router_mac: mac(Host::Router, ROUTER_NAT_IF),
-            client_mac: mac(Host::Client1, HOST_IF),
-            lab,
-        };
-        // Pinned neighbours make the FIB answer (and so the output bytes)
-        // deterministic.
-        for (ip, mac, dev) in [
-            (ROUTER_NAT_IP, f.router_mac, EXT_IF),
-            (CLIENT1_IP, f.client_mac, INT_IF),
-        ] {
-            f.lab
-                .pin_neighbour(Host::Nat, ip, mac, dev)
-                .expect("pinning a neighbour");
-        }
-        f
-    }
-
-    /// The gateway's configuration with external ports `port_min..=port_max`.
-    fn config(&self, port_min: u16, port_max: u16) -> NatConfig {
-        NatConfig::new(self.int_index, self.ext_index, NAT_EXT_IP)
-            .with_ports(port_min, port_max)
-            .with_probe_port(0)
-            .with_macs(self.int_mac, self.ext_mac)
-            .with_int_addr(Some(NAT_INT_IP))
+        let nics = Nics::of(&lab).expect("the lab's NICs");
+        Fixture { lab, nics }
     }
 
     /// Loads the object (not attached anywhere) and runs `f` in `nat`.
@@ -188,33 +162,16 @@ fn run_tc(ebpf: &mut Ebpf, prog: &str, frame: &[u8]) -> (u32, Vec<u8>) {
     (r.verdict, r.out)
 }
 
-/// The counters, summed over CPUs, in the stats map's layout
-/// (`nat_common::stats::slot`).
-struct Counters(Vec<u64>);
-
-impl Counters {
-    fn get(&self, hook: u32, reason: u32) -> u64 {
-        self.0[stats::slot(hook, reason) as usize]
-    }
-}
-
 fn stats_of(ebpf: &Ebpf) -> Counters {
-    let map = PerCpuArray::<&MapData, u64>::try_from(ebpf.map(MAP_STATS).expect("stats map"))
-        .expect("stats map type");
-    let slot = |i: u32| -> u64 { map.get(&i, 0).expect("stats slot").iter().sum() };
-    Counters((0..stats::SLOTS).map(slot).collect())
+    Counters::of(ebpf).expect("the counters")
 }
 
 fn binds(ebpf: &Ebpf, name: &str) -> Vec<(BindKey, BindValue)> {
-    let map = HashMap::<&MapData, BindKey, BindValue>::try_from(ebpf.map(name).expect("bind map"))
-        .expect("bind map type");
-    map.iter().map(|r| r.expect("bind entry")).collect()
+    entries(ebpf, name).expect("a binding map")
 }
 
 fn ct(ebpf: &Ebpf, name: &str) -> Vec<(CtKey, CtValue)> {
-    let map = HashMap::<&MapData, CtKey, CtValue>::try_from(ebpf.map(name).expect("ct map"))
-        .expect("ct map type");
-    map.iter().map(|r| r.expect("ct entry")).collect()
+    entries(ebpf, name).expect("the session map")
 }
 
 fn raw(ip: Ipv4Addr) -> u32 {
@@ -879,4 +836,110 @@ fn out_of_ports_errors_are_rate_limited_per_cpu() {
         tries - sent
     );
     assert_eq!(st.get(HOOK_TC_INT, stats::DROP_NO_PORT), tries);
+}
+
+/// Found by the property test (tests/adversarial.rs): a first fragment
+/// that follows held fragments of its datagram counted its own verdict
+/// and one more verdict per held fragment. It is one packet: one verdict
+/// (`tc_fragment_reinjected`), and an event per held fragment it sends
+/// round again.
+#[test]
+fn a_first_fragment_after_held_ones_counts_one_verdict_and_an_event_per_held_fragment() {
+    let fx = Fixture::new();
+    let reply = Packet {
+        dst_mac: fx.ext_mac,
+        src_mac: fx.router_mac,
+        src: SERVER_IP,
+        dst: NAT_EXT_IP,
+        ttl: 60,
+        options: vec![],
+        l4: udp_ports(53, 40000),
+        payload: vec![0x5a; 100],
+        csum: Csum::Full,
+    }
+    .build();
+    let frags = fragments(&reply, 5, 0x1234);
+    assert_eq!(frags.len(), 3);
+    let (verdicts, st) = fx.run_default(|ebpf| {
+        let held: Vec<u32> = [&frags[2], &frags[1]]
+            .iter()
+            .map(|f| run_tc(ebpf, PROG_TC_EXT, f).0)
+            .collect();
+        let first = run_tc(ebpf, PROG_TC_EXT, &frags[0]).0;
+        ((held, first), stats_of(ebpf))
+    });
+    // Held, then re-injected (the copies go round again): all dropped here.
+    assert_eq!(verdicts, (vec![TC_ACT_SHOT, TC_ACT_SHOT], TC_ACT_SHOT));
+    assert_eq!(st.get(HOOK_TC_EXT, stats::TC_FRAG_HELD), 2);
+    assert_eq!(st.get(HOOK_TC_EXT, stats::TC_FRAG_REINJECTED), 1);
+    assert_eq!(st.get(HOOK_TC_EXT, stats::EV_HELD_FRAG_REINJECTED), 2);
+    let verdicts_counted: u64 = stats::LABELS
+        .iter()
+        .filter(|(r, _)| stats::kind(*r) == Some(stats::Kind::Verdict))
+        .map(|(r, _)| st.get(HOOK_TC_EXT, *r))
+        .sum();
+    assert_eq!(verdicts_counted, 3, "three packets, three verdicts");
+}
+
+/// Found by the property test: an inside host's packet to a multicast
+/// group (mDNS), the limited broadcast (DHCP) or 0.0.0.0 matched the FIB's
+/// default route and was translated and sent out of `ext`. The kernel
+/// never forwards these; they are its, untouched, and make no state.
+#[test]
+fn multicast_and_broadcast_from_inside_go_to_the_kernel_untranslated() {
+    let fx = Fixture::new();
+    let frames: Vec<Vec<u8>> = [
+        (
+            [0x01, 0x00, 0x5e, 0, 0, 0xfb],
+            Ipv4Addr::new(224, 0, 0, 251),
+        ),
+        ([0xff; 6], Ipv4Addr::BROADCAST),
+        (fx.int_mac, Ipv4Addr::UNSPECIFIED),
+    ]
+    .into_iter()
+    .map(|(mac, dst)| {
+        Packet {
+            dst_mac: mac,
+            dst,
+            ..fx.outbound(udp_ports(5353, 5353), b"query")
+        }
+        .build()
+    })
+    .collect();
+    let (runs, st, fwd) = fx.run_default(|ebpf| {
+        let runs: Vec<_> = frames
+            .iter()
+            .map(|f| (run_xdp(ebpf, PROG_XDP_INT, f), run_tc(ebpf, PROG_TC_INT, f)))
+            .collect();
+        (runs, stats_of(ebpf), ct(ebpf, MAP_CT_FWD))
+    });
+    for (f, (xdp, tc)) in frames.iter().zip(runs) {
+        assert_eq!(xdp, (XDP_PASS, f.clone()));
+        assert_eq!(tc, (0, f.clone()), "TC_ACT_OK, untouched");
+    }
+    assert_eq!(st.get(HOOK_XDP_INT, stats::PASS_LOCAL), 3);
+    assert_eq!(st.get(HOOK_TC_INT, stats::PASS_LOCAL), 3);
+    assert!(fwd.is_empty(), "no state: {fwd:?}");
+}
+
+/// Found by the property test: a packet that found no free port after
+/// reaching `int` at a group MAC (a unicast datagram sent to the broadcast
+/// address) was answered from that group MAC, which no frame may carry as
+/// its source. The error comes from `int`'s own MAC.
+#[test]
+fn the_out_of_ports_error_comes_from_the_nics_own_mac() {
+    let fx = Fixture::new();
+    let first = fx.outbound_tcp(41000, TCP_SYN, Csum::Full);
+    let to_broadcast = Packet {
+        dst_mac: [0xff; 6],
+        ..fx.outbound_tcp(41001, TCP_SYN, Csum::Full)
+    }
+    .build();
+    let (v, out) = fx.run(fx.config(41000, 41000), 1024, |ebpf| {
+        assert_eq!(run_xdp(ebpf, PROG_XDP_INT, &first.build()).0, XDP_REDIRECT);
+        run_tc(ebpf, PROG_TC_INT, &to_broadcast)
+    });
+    assert_eq!(v, TC_ACT_REDIRECT);
+    assert_eq!(&out[..6], &fx.client_mac, "back to the sender");
+    assert_eq!(&out[6..12], &fx.int_mac, "from int's own MAC");
 }

@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask build-ebpf | build | test | demo | bench`.
+//! Project tasks: `cargo xtask build-ebpf | build | test | demo | bench | soak`.
 //!
 //! Every task first runs scripts/bootstrap.sh, which installs (idempotently)
 //! the toolchain the eBPF build needs, so each command works on a fresh
@@ -42,6 +42,16 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
+    /// Build everything and soak the gateway: mixed traffic (TCP streams
+    /// with verified data, new UDP flows, fragments, pings) while the
+    /// loader is handed over, killed and restarted, links flap and the
+    /// table is pressed; then check no stream broke, no map entry leaked
+    /// and the loader's memory stayed flat, and print a summary. Needs root.
+    Soak {
+        /// How long, in minutes.
+        #[arg(long, default_value_t = 30)]
+        minutes: u64,
+    },
 }
 
 fn main() -> Result<()> {
@@ -65,6 +75,12 @@ fn main() -> Result<()> {
             bootstrap(&root)?;
             build(&root)?;
             demo(&root)
+        }
+        Task::Soak { minutes } => {
+            require_root("soak")?;
+            bootstrap(&root)?;
+            build(&root)?;
+            soak(&root, minutes)
         }
         Task::Bench { quick } => {
             require_root("bench")?;
@@ -211,29 +227,29 @@ fn test(root: &Path) -> Result<()> {
 
 fn demo(root: &Path) -> Result<()> {
     require_root("demo")?;
-    run(cargo().current_dir(root).args([
-        "run",
-        "--release",
-        "--package",
-        "nat-tests",
-        "--bin",
-        "nat-demo",
-    ]))
+    run_bin(root, "nat-demo", &[])
 }
 
 fn bench(root: &Path, quick: bool) -> Result<()> {
-    let mut cmd = cargo();
-    cmd.current_dir(root).args([
-        "run",
-        "--release",
-        "--package",
-        "nat-tests",
-        "--bin",
-        "nat-bench",
-        "--",
-    ]);
-    if quick {
-        cmd.arg("--quick");
-    }
-    run(&mut cmd)
+    run_bin(root, "nat-bench", if quick { &["--quick"] } else { &[] })
+}
+
+fn soak(root: &Path, minutes: u64) -> Result<()> {
+    run_bin(root, "nat-soak", &["--minutes", &minutes.to_string()])
+}
+
+/// Runs binary `bin` of the tests crate (release) with `args`.
+fn run_bin(root: &Path, bin: &str, args: &[&str]) -> Result<()> {
+    run(cargo()
+        .current_dir(root)
+        .args([
+            "run",
+            "--release",
+            "--package",
+            "nat-tests",
+            "--bin",
+            bin,
+            "--",
+        ])
+        .args(args))
 }
