@@ -12,7 +12,12 @@ use nat_common::{
 };
 use nat_loader::{dataplane::XdpAttach, events, pins, routing};
 
-use crate::values::{Filtering, MssClamp, PortRange, RouteTable, ScheduledEvents};
+use nat_common::policy::Verdict;
+
+use crate::values::{
+    Filtering, MssClamp, PortRange, RouteTable, ScheduledEvents,
+    policy::{PolicyDefault, RuleSpec as PolicyRuleSpec},
+};
 
 /// XDP/eBPF NAT gateway: source NAT from the --int NIC out of the --ext NIC.
 ///
@@ -176,6 +181,26 @@ pub struct GatewayArgs {
     /// With each stats line, also log up to this many translated flows.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub show_flows: usize,
+    /// Do not drop new flows from --int whose source is outside --int's
+    /// subnets and the --internal-cidr prefixes (anti-spoofing, BCP 38).
+    #[arg(long)]
+    pub no_anti_spoofing: bool,
+    /// Deny new flows matching `[PROTO:][DEST][:PORTS]` (e.g. `tcp:25`),
+    /// silently. Repeatable; checked before --allow and the config file's
+    /// `[[policy.rule]]`s.
+    #[arg(long, value_name = "RULE")]
+    pub deny: Vec<PolicyRuleSpec>,
+    /// Allow new flows matching `[PROTO:][DEST][:PORTS]` (e.g.
+    /// `tcp:198.51.100.0/24:443`). Repeatable; checked after --deny.
+    #[arg(long, value_name = "RULE")]
+    pub allow: Vec<PolicyRuleSpec>,
+    /// What new flows no rule matches get: allow, drop, icmp-prohibited
+    /// or tcp-reset.
+    #[arg(long, value_name = "VERDICT", default_value_t = PolicyDefault(Verdict::Allow))]
+    pub policy_default: PolicyDefault,
+    /// The config file's `[[policy.rule]]`s (no flag).
+    #[arg(skip)]
+    pub policy_rules: Vec<nat_common::policy::Rule>,
 }
 
 /// `--filtering`'s values (RFC 4787 section 5).

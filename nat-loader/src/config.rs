@@ -20,13 +20,19 @@ use std::{
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::ValueEnum;
-use nat_common::timeouts::Timeouts;
+use nat_common::{
+    policy::{ANSWER_DROP, PROTO_ANY, Policy, Prefix, Rule, Verdict},
+    timeouts::Timeouts,
+};
 use nat_loader::{dataplane::XdpAttach, routing::Cidr};
 use serde::{Deserialize, Deserializer, de};
 
 use crate::{
     cli::{self, FilteringArg, GatewayArgs, Given, XdpModeArg},
-    values::{self, Filtering, MssClamp, PortRange, RouteTable, ScheduledEvents},
+    values::{
+        self, Filtering, MssClamp, PortRange, RouteTable, ScheduledEvents,
+        policy::{PolicyDefault, RuleSpec},
+    },
 };
 
 const SEC: u64 = 1_000_000_000;
@@ -62,6 +68,11 @@ pub struct Config {
     /// `None`: the counters are logged at exit only.
     pub stats_interval: Option<Duration>,
     pub show_flows: usize,
+    /// Drop new flows from sources outside the inside prefixes (BCP 38).
+    pub anti_spoofing: bool,
+    /// The egress policy: `--deny`, then `--allow`, then the file's
+    /// `[[policy.rule]]`s, and `--policy-default`.
+    pub policy: Policy,
 }
 
 /// Policy routing as configured (the gateways may still be discovered).
@@ -178,6 +189,17 @@ impl TryFrom<GatewayArgs> for Config {
             sweep_interval: Duration::from_secs(a.sweep_interval),
             stats_interval: (a.stats_interval > 0).then(|| Duration::from_secs(a.stats_interval)),
             show_flows: a.show_flows,
+            anti_spoofing: !a.no_anti_spoofing,
+            policy: Policy {
+                rules: a
+                    .deny
+                    .iter()
+                    .map(|r| r.rule("deny", Verdict::Deny(ANSWER_DROP)))
+                    .chain(a.allow.iter().map(|r| r.rule("allow", Verdict::Allow)))
+                    .chain(a.policy_rules)
+                    .collect(),
+                default: a.policy_default.0,
+            },
         })
     }
 }
@@ -220,6 +242,86 @@ pub struct File {
     sweep_interval: Option<NonZeroU64>,
     stats_interval: Option<u64>,
     show_flows: Option<usize>,
+    no_anti_spoofing: Option<bool>,
+    deny: Option<Vec<RuleSpec>>,
+    allow: Option<Vec<RuleSpec>>,
+    policy_default: Option<PolicyDefault>,
+    /// `[policy]`, with its `[[policy.rule]]` list.
+    policy: Option<PolicyFile>,
+}
+
+/// `[policy]`: settings of the egress policy that have no flag.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct PolicyFile {
+    /// The rules, in order: the first that matches decides.
+    #[serde(default)]
+    rule: Vec<RuleFile>,
+}
+
+/// One `[[policy.rule]]`, checked as a whole when it is read (an error
+/// names its line).
+#[derive(Debug, Deserialize)]
+#[serde(try_from = "RawRule")]
+struct RuleFile(Rule);
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawRule {
+    name: String,
+    /// Inside prefix [default: any].
+    inside: Option<String>,
+    /// Destination prefix [default: any].
+    destination: Option<String>,
+    /// any, tcp, udp, icmp [default: any].
+    protocol: Option<String>,
+    /// Destination port or range [default: all].
+    ports: Option<String>,
+    /// allow or deny.
+    action: String,
+    /// For deny: drop, icmp-prohibited, tcp-reset [default: drop].
+    answer: Option<String>,
+}
+
+impl TryFrom<RawRule> for RuleFile {
+    type Error = String;
+    fn try_from(r: RawRule) -> Result<RuleFile, String> {
+        use values::policy as v;
+        let name = r.name;
+        let ctx = |e: String| format!("rule {name:?}: {e}");
+        let prefix = |s: &Option<String>| match s {
+            Some(s) => v::prefix(s).map_err(ctx),
+            None => Ok(Prefix::ANY),
+        };
+        let inside = prefix(&r.inside)?;
+        let dst = prefix(&r.destination)?;
+        let proto = match &r.protocol {
+            Some(p) => v::protocol(p).map_err(ctx)?,
+            None => PROTO_ANY,
+        };
+        let ports = match &r.ports {
+            Some(p) => v::ports(p).map_err(ctx)?,
+            None => (0, u16::MAX),
+        };
+        let verdict = match (r.action.as_str(), &r.answer) {
+            ("allow", None) => Verdict::Allow,
+            ("allow", Some(_)) => return Err(ctx("an answer is for action \"deny\" only".into())),
+            ("deny", a) => Verdict::Deny(match a {
+                Some(a) => v::answer(a).map_err(ctx)?,
+                None => ANSWER_DROP,
+            }),
+            (a, _) => return Err(ctx(format!("{a:?} is not an action (allow, deny)"))),
+        };
+        v::check(proto, ports, verdict).map_err(ctx)?;
+        Ok(RuleFile(Rule {
+            name,
+            inside,
+            dst,
+            proto,
+            ports,
+            verdict,
+        }))
+    }
 }
 
 impl File {
@@ -298,7 +400,14 @@ impl File {
             sweep_interval as |s: NonZeroU64| s.get(),
             stats_interval,
             show_flows,
+            no_anti_spoofing,
+            deny,
+            allow,
+            policy_default,
         );
+        if let Some(p) = self.policy {
+            flags.policy_rules = p.rule.into_iter().map(|r| r.0).collect();
+        }
         flags
     }
 }

@@ -30,6 +30,7 @@ use tracing::{info, warn};
 use crate::{
     ebpf_object,
     pins::{self, LINK_TCX_EXT, LINK_TCX_INT, LINK_XDP_EXT, LINK_XDP_INT, PinDir},
+    policy::PolicyMaps,
     refused,
 };
 
@@ -59,6 +60,11 @@ pub struct Settings {
     /// (`XDP_EGRESS_*`, index the XDP hook): what the NICs' features say
     /// for the attach mode asked for.
     pub xdp_egress: [u32; 2],
+    /// The egress policy new flows are judged by.
+    pub policy: nat_common::policy::Policy,
+    /// Anti-spoofing: the prefixes new flows' sources must be in (checked
+    /// when `nat` has `CFG_F_ANTI_SPOOFING`).
+    pub inside_nets: Vec<(std::net::Ipv4Addr, u8)>,
 }
 
 /// Loads the object with `cfg` patched into its config global and the
@@ -177,6 +183,8 @@ pub struct Dataplane {
     xdp_egress: Array<MapData, XdpEgress>,
     /// The XDP programs' ids, index the XDP hook.
     xdp_ids: [u32; 2],
+    /// The egress policy and anti-spoofing maps (hot reload: `install`).
+    pub policy: PolicyMaps,
 }
 
 /// The conntrack maps, as the control plane owns them.
@@ -239,6 +247,10 @@ impl Dataplane {
         for (hook, mode) in [HOOK_XDP_INT, HOOK_XDP_EXT].into_iter().zip(s.xdp_egress) {
             write_egress(&mut xdp_egress, &xdp_ids, hook, mode)?;
         }
+        // And which new flows they may create.
+        let mut policy = PolicyMaps::take(&mut ebpf)?;
+        policy.set_inside_nets(&s.inside_nets)?;
+        policy.install(&s.policy)?;
         refused::attach(&mut ebpf).context("counting refused XDP redirects")?;
         let mut links = Vec::new();
         // Outbound first: until the ext side is attached, translated flows'
@@ -275,6 +287,7 @@ impl Dataplane {
             stats,
             xdp_egress,
             xdp_ids,
+            policy,
         })
     }
 

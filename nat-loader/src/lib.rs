@@ -12,6 +12,7 @@ pub mod health;
 pub mod mounts;
 pub mod netif;
 pub mod pins;
+pub mod policy;
 pub mod pressure;
 pub mod refused;
 pub mod routing;

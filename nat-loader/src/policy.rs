@@ -1,0 +1,152 @@
+//! The egress policy and the anti-spoofing prefixes in the dataplane's
+//! maps (nat_common::policy explains the layout). A policy is compiled,
+//! written into the generation the programs do not read, and made active
+//! with one write of `POLICY_STATE`: a packet sees the old policy or the
+//! new one, never a mix. The old generation's entries stay until the next
+//! install overwrites them.
+
+use std::net::Ipv4Addr;
+
+use anyhow::{Context, Result, anyhow};
+use aya::{
+    Ebpf,
+    maps::{Array, MapData, PerCpuArray, lpm_trie::Key, lpm_trie::LpmTrie},
+};
+use nat_common::{
+    MAP_INSIDE_NETS, MAP_POLICY_DST, MAP_POLICY_HITS, MAP_POLICY_RULES, MAP_POLICY_STATE,
+    policy::{
+        self, Compiled, Policy, PolicyList, PolicyRule, RULE_STRIDE, STATE_NONE, dst_key,
+        dst_key_len, state_for,
+    },
+};
+
+use crate::dataplane::take_map;
+
+/// The policy maps of a loaded object, and the policy they hold.
+pub struct PolicyMaps {
+    dst: LpmTrie<MapData, [u32; 2], PolicyList>,
+    rules: Array<MapData, PolicyRule>,
+    state: Array<MapData, u32>,
+    hits: PerCpuArray<MapData, u64>,
+    inside: LpmTrie<MapData, u32, u8>,
+    /// The active policy (what the programs read), if any was installed.
+    active: Option<Policy>,
+}
+
+impl PolicyMaps {
+    /// Takes the maps out of a loaded object.
+    pub fn take(ebpf: &mut Ebpf) -> Result<PolicyMaps> {
+        Ok(PolicyMaps {
+            dst: take_map(ebpf, MAP_POLICY_DST)?,
+            rules: take_map(ebpf, MAP_POLICY_RULES)?,
+            state: take_map(ebpf, MAP_POLICY_STATE)?,
+            hits: take_map(ebpf, MAP_POLICY_HITS)?,
+            inside: take_map(ebpf, MAP_INSIDE_NETS)?,
+            active: None,
+        })
+    }
+
+    /// Makes `p` the policy new flows are judged by, atomically. A policy
+    /// that allows everything turns the lookup off. On an error the old
+    /// policy stays in force.
+    pub fn install(&mut self, p: &Policy) -> Result<()> {
+        if p.allows_all() && p.rules.is_empty() {
+            self.state
+                .set(0, STATE_NONE, 0)
+                .with_context(|| format!("writing {MAP_POLICY_STATE}"))?;
+            self.active = Some(p.clone());
+            return Ok(());
+        }
+        let compiled = policy::compile(p).map_err(|e| anyhow!("policy: {e}"))?;
+        let current = self
+            .state
+            .get(&0, 0)
+            .with_context(|| format!("reading {MAP_POLICY_STATE}"))?;
+        // The generation the programs do not read.
+        let generation = if current == state_for(0) { 1 } else { 0 };
+        self.write(generation, &compiled)?;
+        self.state
+            .set(0, state_for(generation), 0)
+            .with_context(|| format!("writing {MAP_POLICY_STATE}"))?;
+        self.active = Some(p.clone());
+        Ok(())
+    }
+
+    fn write(&mut self, generation: u32, c: &Compiled) -> Result<()> {
+        let gen_be = generation.to_be();
+        let stale: Vec<Key<[u32; 2]>> = self
+            .dst
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| k.data()[0] == gen_be)
+            .collect();
+        for k in stale {
+            self.dst
+                .remove(&k)
+                .with_context(|| format!("clearing {MAP_POLICY_DST}"))?;
+        }
+        let base = generation * RULE_STRIDE;
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+        let zero = || aya::maps::PerCpuValues::try_from(vec![0u64; cpus]);
+        for (i, r) in c.rules.iter().enumerate() {
+            let idx = base + i as u32;
+            self.rules
+                .set(idx, *r, 0)
+                .with_context(|| format!("writing {MAP_POLICY_RULES}[{idx}]"))?;
+            self.hits
+                .set(idx, zero().context("per-CPU zeros")?, 0)
+                .with_context(|| format!("clearing {MAP_POLICY_HITS}[{idx}]"))?;
+        }
+        for (prefix, list) in &c.lists {
+            let key = Key::new(dst_key_len(prefix.len), dst_key(generation, prefix.raw()));
+            self.dst
+                .insert(&key, *list, 0)
+                .with_context(|| format!("writing {MAP_POLICY_DST} entry {prefix}"))?;
+        }
+        Ok(())
+    }
+
+    /// The flows each rule of the active policy decided since it was
+    /// installed: `(rule name, verdict, count)`, the default last.
+    pub fn hits(&self) -> Result<Vec<(String, policy::Verdict, u64)>> {
+        let Some(p) = &self.active else {
+            return Ok(Vec::new());
+        };
+        let state = self
+            .state
+            .get(&0, 0)
+            .with_context(|| format!("reading {MAP_POLICY_STATE}"))?;
+        if state == STATE_NONE {
+            return Ok(Vec::new());
+        }
+        let base = (state - 1) * RULE_STRIDE;
+        let names = p
+            .rules
+            .iter()
+            .map(|r| (r.name.clone(), r.verdict))
+            .chain(std::iter::once(("default".to_string(), p.default)));
+        let mut out = Vec::new();
+        for (i, (name, verdict)) in names.enumerate() {
+            let idx = base + i as u32;
+            let n: u64 = self
+                .hits
+                .get(&idx, 0)
+                .with_context(|| format!("reading {MAP_POLICY_HITS}[{idx}]"))?
+                .iter()
+                .sum();
+            out.push((name, verdict, n));
+        }
+        Ok(out)
+    }
+
+    /// The prefixes new flows' sources must be in (anti-spoofing).
+    pub fn set_inside_nets(&mut self, nets: &[(Ipv4Addr, u8)]) -> Result<()> {
+        for (addr, len) in nets {
+            let p = policy::Prefix::new(*addr, *len);
+            self.inside
+                .insert(&Key::new(p.len as u32, p.raw()), 1, 0)
+                .with_context(|| format!("writing {MAP_INSIDE_NETS} entry {p}"))?;
+        }
+        Ok(())
+    }
+}
