@@ -646,7 +646,7 @@ mod tests {
         );
     }
 
-    mod prop {
+    mod property {
         use super::*;
         use proptest::prelude::*;
 

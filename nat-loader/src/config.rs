@@ -601,9 +601,9 @@ mod tests {
                  names without the dashes, see nat-loader --help)"
             )
         );
-        let e = err(&format!("{NICS}[policy]\nrule = []\n"), &[]);
+        let e = err(&format!("{NICS}[policy]\nrule = []\ncolour = 1\n"), &[]);
         assert!(
-            e.contains("line 3") && e.contains("unknown key `policy`"),
+            e.contains("line 5") && e.contains("unknown key `colour`"),
             "{e}"
         );
     }
@@ -805,7 +805,8 @@ mod tests {
             int-table = 20\next-table = 21\n\
             int-gateway = \"10.0.0.1\"\next-gateway = \"10.0.1.1\"\n\
             internal-cidr = [\"10.9.0.0/16\"]\nsweep-interval = 22\nstats-interval = 23\n\
-            show-flows = 24\n";
+            show-flows = 24\nno-anti-spoofing = true\ndeny = [\"tcp:25\"]\n\
+            allow = [\"192.0.2.0/24\"]\npolicy-default = \"tcp-reset\"\n";
         let c = config(toml, &[]).expect("config");
         let expected = Config {
             ext: "a".into(),
@@ -844,6 +845,28 @@ mod tests {
             sweep_interval: Duration::from_secs(22),
             stats_interval: Some(Duration::from_secs(23)),
             show_flows: 24,
+            anti_spoofing: false,
+            policy: Policy {
+                rules: vec![
+                    Rule {
+                        name: "--deny tcp:25".into(),
+                        inside: Prefix::ANY,
+                        dst: Prefix::ANY,
+                        proto: nat_common::IPPROTO_TCP,
+                        ports: (25, 25),
+                        verdict: Verdict::Deny(ANSWER_DROP),
+                    },
+                    Rule {
+                        name: "--allow 192.0.2.0/24".into(),
+                        inside: Prefix::ANY,
+                        dst: Prefix::new(Ipv4Addr::new(192, 0, 2, 0), 24),
+                        proto: PROTO_ANY,
+                        ports: (0, u16::MAX),
+                        verdict: Verdict::Allow,
+                    },
+                ],
+                default: Verdict::Deny(nat_common::policy::ANSWER_RST),
+            },
         };
         assert_eq!(c, expected);
         let off = config(
@@ -856,5 +879,82 @@ mod tests {
         assert_eq!(off.routing, None);
         // Every key counted: a new flag must be added here and to File.
         assert_eq!(toml.lines().count(), packaged_keys(true).lines().count());
+    }
+
+    const POLICY: &str = "[policy]\n\
+        [[policy.rule]]\nname = \"https-mirrors\"\ninside = \"10.1.0.0/16\"\n\
+        destination = \"198.51.100.0/24\"\nprotocol = \"tcp\"\nports = \"443\"\naction = \"allow\"\n\
+        [[policy.rule]]\nname = \"no-smtp\"\nprotocol = \"tcp\"\nports = \"25-26\"\n\
+        action = \"deny\"\nanswer = \"icmp-prohibited\"\n";
+
+    #[test]
+    fn policy_rules_come_from_the_file_after_the_flags_in_order() {
+        let c = config(&format!("{NICS}{POLICY}"), &["--deny", "udp:53"]).expect("config");
+        let names: Vec<&str> = c.policy.rules.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["--deny udp:53", "https-mirrors", "no-smtp"]);
+        let r = &c.policy.rules[1];
+        assert_eq!(r.inside, Prefix::new(Ipv4Addr::new(10, 1, 0, 0), 16));
+        assert_eq!(r.dst, Prefix::new(Ipv4Addr::new(198, 51, 100, 0), 24));
+        assert_eq!(
+            (r.proto, r.ports, r.verdict),
+            (6, (443, 443), Verdict::Allow)
+        );
+        let r = &c.policy.rules[2];
+        assert_eq!(r.inside, Prefix::ANY);
+        assert_eq!(
+            (r.ports, r.verdict),
+            ((25, 26), Verdict::Deny(nat_common::policy::ANSWER_ICMP))
+        );
+        assert_eq!(c.policy.default, Verdict::Allow);
+        assert!(c.anti_spoofing);
+    }
+
+    #[test]
+    fn a_bad_rule_is_an_error_naming_the_file_line_and_rule() {
+        for (bad, line, expected) in [
+            ("action = \"allow\"", "line 3", "is not an action"),
+            (
+                "answer = \"icmp-prohibited\"",
+                "line 3",
+                "for action \"deny\" only",
+            ),
+            (
+                "protocol = \"icmp\"\nports = \"80\"",
+                "line 3",
+                "ports need protocol",
+            ),
+            (
+                "protocol = \"udp\"\nanswer = \"tcp-reset\"",
+                "line 3",
+                "tcp-reset needs",
+            ),
+            ("destination = \"10.0.0.1/8\"", "line 3", "host bits set"),
+            ("colour = \"red\"", "line 6", "unknown key `colour`"),
+        ] {
+            let action = if bad.starts_with("action") {
+                "action = \"permit\""
+            } else {
+                "action = \"deny\""
+            };
+            let action = if bad.starts_with("answer") {
+                "action = \"allow\""
+            } else {
+                action
+            };
+            let toml = format!(
+                "{NICS}[[policy.rule]]\nname = \"r1\"\n{action}\n{}\n",
+                if bad.starts_with("action") { "" } else { bad }
+            );
+            let e = err(&toml, &[]);
+            assert!(
+                e.contains(FILE) && e.contains(line) && e.contains(expected),
+                "{bad}: {e}"
+            );
+            if !expected.starts_with("unknown key") {
+                assert!(e.contains("rule \"r1\""), "{e}");
+            }
+        }
+        let e = err(NICS, &["--deny", "tcp:10.0.0.0/8:80:90"]);
+        assert!(e.contains("is not [PROTO:][DEST][:PORTS]"), "{e}");
     }
 }
