@@ -75,6 +75,27 @@ pub struct Config {
     pub policy: Policy,
 }
 
+/// How to read the configuration again, for a reload (SIGHUP): the same
+/// command line over the file as it is now.
+pub struct Reload {
+    args: GatewayArgs,
+    given: Given,
+}
+
+impl Reload {
+    pub fn new(args: &GatewayArgs, given: &Given) -> Reload {
+        Reload {
+            args: args.clone(),
+            given: given.clone(),
+        }
+    }
+
+    /// The configuration now, checked as at start.
+    pub fn config(&self) -> Result<Config> {
+        Config::load(self.args.clone(), &self.given)
+    }
+}
+
 /// Policy routing as configured (the gateways may still be discovered).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Routing {

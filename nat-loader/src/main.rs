@@ -28,7 +28,7 @@ use anyhow::Result;
 
 use crate::{
     cli::{Cli, Command},
-    config::Config,
+    config::{Config, Reload},
 };
 
 fn main() -> ExitCode {
@@ -60,7 +60,10 @@ fn main() -> ExitCode {
             }) => teardown::teardown(&ext, &int, &bpffs_dir)
                 .await
                 .map(|()| ExitCode::SUCCESS),
-            None => daemon::run(Config::load(cli.gateway, &given)?).await,
+            None => {
+                let reload = Reload::new(&cli.gateway, &given);
+                daemon::run(Config::load(cli.gateway, &given)?, reload).await
+            }
         }
     });
     match result {
