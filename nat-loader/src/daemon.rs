@@ -412,6 +412,7 @@ impl Gateway {
             h.abort();
         }
         reporter.stop();
+        log_policy_hits(&attached.dp.policy);
         let Attached { dp, sysctls, .. } = attached;
         match how {
             Exit::Teardown => {
@@ -436,6 +437,19 @@ impl Gateway {
             }
         }
         Ok(())
+    }
+}
+
+/// One line per rule of the egress policy in force: the new flows it
+/// decided since it was installed (denied ones: its drops).
+fn log_policy_hits(policy: &nat_loader::policy::PolicyMaps) {
+    match policy.hits() {
+        Ok(hits) => {
+            for (rule, verdict, flows) in hits {
+                info!(%rule, %verdict, flows, "policy hits");
+            }
+        }
+        Err(e) => warn!(error = %format!("{e:#}"), "reading the policy's hit counters"),
     }
 }
 
