@@ -275,15 +275,18 @@ pub struct File {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct PolicyFile {
-    /// The rules, in order: the first that matches decides.
+    /// The rules, in order: the first that matches decides. Each is
+    /// checked as a whole once the file is read ([`File::parse`]), its
+    /// span giving the line for an error.
     #[serde(default)]
-    rule: Vec<RuleFile>,
+    rule: Vec<toml::Spanned<RawRule>>,
+    /// The checked rules.
+    #[serde(skip)]
+    rules: Vec<Rule>,
 }
 
-/// One `[[policy.rule]]`, checked as a whole when it is read (an error
-/// names its line).
-#[derive(Debug, Deserialize)]
-#[serde(try_from = "RawRule")]
+/// One `[[policy.rule]]`, checked.
+#[derive(Debug)]
 struct RuleFile(Rule);
 
 #[derive(Debug, Deserialize)]
@@ -355,7 +358,7 @@ impl File {
     /// Parses `text`, the contents of `path`; an error names the file, the
     /// line and the key.
     pub fn parse(text: &str, path: &Path) -> Result<File> {
-        toml::from_str(text).map_err(|e| {
+        let mut file: File = toml::from_str(text).map_err(|e| {
             let place = match e.span() {
                 Some(span) => {
                     let line = text[..span.start].matches('\n').count() + 1;
@@ -373,7 +376,16 @@ impl File {
                 path.display(),
                 explain(e.message())
             )
-        })
+        })?;
+        if let Some(p) = &mut file.policy {
+            for raw in std::mem::take(&mut p.rule) {
+                let line = text[..raw.span().start].matches('\n').count() + 1;
+                let rule = RuleFile::try_from(raw.into_inner())
+                    .map_err(|e| anyhow!("config file {}, line {line}: {e}", path.display()))?;
+                p.rules.push(rule.0);
+            }
+        }
+        Ok(file)
     }
 
     /// `flags` with every value this file sets that the command line did
@@ -427,7 +439,7 @@ impl File {
             policy_default,
         );
         if let Some(p) = self.policy {
-            flags.policy_rules = p.rule.into_iter().map(|r| r.0).collect();
+            flags.policy_rules = p.rules;
         }
         flags
     }
