@@ -55,6 +55,51 @@ pub enum Command {
         #[arg(long, value_name = "DIR", default_value = pins::DEFAULT_DIR)]
         bpffs_dir: PathBuf,
     },
+    /// The egress policy: reload the running gateway's, or try one.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PolicyCommand {
+    /// Make the running gateway (the loader holding --bpffs-dir) read its
+    /// config file again and apply its egress policy to new flows, as
+    /// SIGHUP and `systemctl reload` do.
+    Apply {
+        /// Also end the established flows the new policy denies.
+        #[arg(long)]
+        recheck: bool,
+        /// The gateway's pin directory.
+        #[arg(long, value_name = "DIR", default_value = pins::DEFAULT_DIR)]
+        bpffs_dir: PathBuf,
+    },
+    /// Say which rule of a config file's policy (with its flags) decides a
+    /// flow, the way the dataplane does.
+    Test {
+        /// The config file (its `[[policy.rule]]`s, `allow`, `deny` and
+        /// `policy-default` keys).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Inside source address.
+        #[arg(long, value_name = "IPV4")]
+        src: Ipv4Addr,
+        /// Destination address.
+        #[arg(long, value_name = "IPV4")]
+        dst: Ipv4Addr,
+        /// tcp, udp or icmp.
+        #[arg(long, value_name = "PROTO", value_parser = crate::values::policy::protocol)]
+        proto: u8,
+        /// Destination port (TCP, UDP).
+        #[arg(long, value_name = "PORT", default_value_t = 0)]
+        port: u16,
+        /// Rules as on the gateway's command line.
+        #[arg(long, value_name = "RULE")]
+        deny: Vec<PolicyRuleSpec>,
+        #[arg(long, value_name = "RULE")]
+        allow: Vec<PolicyRuleSpec>,
+        #[arg(long, value_name = "VERDICT")]
+        policy_default: Option<PolicyDefault>,
+    },
 }
 
 /// The flags of a gateway run. Each but `--config` has a key of the same

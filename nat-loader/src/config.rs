@@ -133,6 +133,7 @@ impl TryFrom<GatewayArgs> for Config {
     type Error = anyhow::Error;
 
     fn try_from(a: GatewayArgs) -> Result<Config> {
+        let policy = policy_of(&a);
         let (Some(ext), Some(int)) = (a.ext, a.int) else {
             bail!("--ext and --int are required (or `ext` and `int` in the config file)");
         };
@@ -211,18 +212,41 @@ impl TryFrom<GatewayArgs> for Config {
             stats_interval: (a.stats_interval > 0).then(|| Duration::from_secs(a.stats_interval)),
             show_flows: a.show_flows,
             anti_spoofing: !a.no_anti_spoofing,
-            policy: Policy {
-                rules: a
-                    .deny
-                    .iter()
-                    .map(|r| r.rule("deny", Verdict::Deny(ANSWER_DROP)))
-                    .chain(a.allow.iter().map(|r| r.rule("allow", Verdict::Allow)))
-                    .chain(a.policy_rules)
-                    .collect(),
-                default: a.policy_default.0,
-            },
+            policy,
         })
     }
+}
+
+/// The egress policy of a run's settings: `--deny`, then `--allow`, then
+/// the file's `[[policy.rule]]`s, and the default.
+fn policy_of(a: &GatewayArgs) -> Policy {
+    Policy {
+        rules: a
+            .deny
+            .iter()
+            .map(|r| r.rule("deny", Verdict::Deny(ANSWER_DROP)))
+            .chain(a.allow.iter().map(|r| r.rule("allow", Verdict::Allow)))
+            .chain(a.policy_rules.iter().cloned())
+            .collect(),
+        default: a.policy_default.0,
+    }
+}
+
+/// The policy `nat-loader policy test` tries: the file's over the
+/// defaults, the given rules flags first, as a gateway run would have it.
+pub fn test_policy(file: Option<&Path>, flags: &[String]) -> Result<Policy> {
+    // The interfaces are not needed: the file stands in for them, as for
+    // a run.
+    let path = file.unwrap_or(Path::new("/dev/null")).display().to_string();
+    let argv = ["nat-loader".to_string(), "--config".to_string(), path]
+        .into_iter()
+        .chain(flags.iter().cloned());
+    let (cli, given) = cli::Cli::try_parse_args(argv).map_err(|e| anyhow!("{e}"))?;
+    let file = match file {
+        Some(path) => File::read(path)?,
+        None => File::default(),
+    };
+    Ok(policy_of(&file.under(cli.gateway, &given)))
 }
 
 /// The config file: every key optional, each a flag's name and type.
@@ -989,5 +1013,20 @@ mod tests {
         }
         let e = err(NICS, &["--deny", "tcp:10.0.0.0/8:80:90"]);
         assert!(e.contains("is not [PROTO:][DEST][:PORTS]"), "{e}");
+    }
+
+    #[test]
+    fn policy_test_builds_the_policy_a_run_would_have() {
+        let flags: Vec<String> = ["--deny", "tcp:25", "--policy-default", "tcp-reset"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let p = test_policy(None, &flags).expect("policy");
+        assert_eq!(p.rules.len(), 1);
+        assert_eq!(p.rules[0].name, "--deny tcp:25");
+        assert_eq!(p.default, Verdict::Deny(nat_common::policy::ANSWER_RST));
+        let e =
+            test_policy(None, &["--deny".to_string(), "sctp:1".to_string()]).expect_err("bad rule");
+        assert!(format!("{e:#}").contains("--deny"), "{e:#}");
     }
 }

@@ -80,6 +80,7 @@ struct Signals {
     term: Signal,
     usr2: Signal,
     hup: Signal,
+    usr1: Signal,
 }
 
 impl Signals {
@@ -89,6 +90,7 @@ impl Signals {
             term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
             usr2: signal(SignalKind::user_defined2()).context("installing the SIGUSR2 handler")?,
             hup: signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
+            usr1: signal(SignalKind::user_defined1()).context("installing the SIGUSR1 handler")?,
         })
     }
 }
@@ -125,8 +127,11 @@ enum Event {
     Stop(&'static str),
     /// SIGUSR2.
     Handover,
-    /// SIGHUP: read the egress policy again.
-    Reload,
+    /// SIGHUP: read the egress policy again; SIGUSR1 (`nat-loader policy
+    /// apply --recheck`): and end the established flows it denies.
+    Reload {
+        recheck: bool,
+    },
     DrainOver,
     /// The event that takes this VM away changed (`None`: withdrawn).
     Notice(Option<Departure>),
@@ -208,7 +213,8 @@ impl Gateway {
             _ = signals.int.recv() => Event::Stop("SIGINT"),
             _ = signals.term.recv() => Event::Stop("SIGTERM"),
             _ = signals.usr2.recv() => Event::Handover,
-            _ = signals.hup.recv() => Event::Reload,
+            _ = signals.hup.recv() => Event::Reload { recheck: false },
+            _ = signals.usr1.recv() => Event::Reload { recheck: true },
             _ = sleep_until(drain_until), if drain_until.is_some() => Event::DrainOver,
             notice = next_notice(&mut s.events) => Event::Notice(notice),
             _ = health_tick.tick() => Event::HealthCheck,
@@ -232,7 +238,7 @@ impl Gateway {
                 self.end_drain().await;
                 return ControlFlow::Break((Exit::Teardown, Ok(())));
             }
-            Event::Reload => self.on_reload(),
+            Event::Reload { recheck } => self.on_reload(recheck),
             Event::Notice(notice) => self.on_notice(notice),
             Event::HealthCheck => self.check_health().await,
             Event::SweepFailed(e) => {
@@ -255,25 +261,42 @@ impl Gateway {
 
     /// SIGHUP: the configuration is read again and its egress policy
     /// replaces the running one atomically; new flows follow it,
-    /// established ones are not judged again. A file that does not check
+    /// established ones are not judged again unless `recheck` (SIGUSR1):
+    /// then those it denies are ended. A file that does not check
     /// (or a policy that does not compile) changes nothing: one line says
     /// why, with the file's line.
-    fn on_reload(&mut self) {
+    fn on_reload(&mut self, recheck: bool) {
+        let signal = if recheck { "SIGUSR1" } else { "SIGHUP" };
         let result = self
             .reload
             .config()
             .and_then(|c| self.attached.dp.policy.install(&c.policy).map(|()| c));
-        match result {
-            Ok(c) => {
-                info!(
-                    rules = c.policy.rules.len(),
-                    default = %c.policy.default,
-                    "SIGHUP: egress policy reloaded (new flows follow it)"
-                );
-                self.config.policy = c.policy;
+        let c = match result {
+            Ok(c) => c,
+            Err(e) => {
+                warn!("{signal}: egress policy not reloaded, the one in force stays: {e:#}");
+                return;
             }
-            Err(e) => warn!("SIGHUP: egress policy not reloaded, the one in force stays: {e:#}"),
-        }
+        };
+        let ended = if recheck {
+            match nat_loader::policy::recheck(&mut self.attached.dp.maps.sessions, &c.policy) {
+                Ok(n) => n,
+                Err(e) => {
+                    warn!("{signal}: rechecking the established flows: {e:#}");
+                    0
+                }
+            }
+        } else {
+            0
+        };
+        info!(
+            rules = c.policy.rules.len(),
+            default = %c.policy.default,
+            recheck,
+            ended,
+            "{signal}: egress policy reloaded (new flows follow it)"
+        );
+        self.config.policy = c.policy;
     }
 
     /// The first SIGTERM/SIGINT drains (unless --drain-seconds is 0); one

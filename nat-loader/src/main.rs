@@ -27,7 +27,7 @@ use std::{io::IsTerminal, process::ExitCode};
 use anyhow::Result;
 
 use crate::{
-    cli::{Cli, Command},
+    cli::{Cli, Command, PolicyCommand},
     config::{Config, Reload},
 };
 
@@ -60,6 +60,7 @@ fn main() -> ExitCode {
             }) => teardown::teardown(&ext, &int, &bpffs_dir)
                 .await
                 .map(|()| ExitCode::SUCCESS),
+            Some(Command::Policy(cmd)) => policy(cmd).map(|()| ExitCode::SUCCESS),
             None => {
                 let reload = Reload::new(&cli.gateway, &given);
                 daemon::run(Config::load(cli.gateway, &given)?, reload).await
@@ -72,6 +73,70 @@ fn main() -> ExitCode {
             // One line: the chain of contexts, outermost first.
             eprintln!("nat-loader: error: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// `nat-loader policy ...`.
+fn policy(cmd: PolicyCommand) -> Result<()> {
+    use anyhow::{Context, bail};
+    use nat_common::policy::compile;
+    match cmd {
+        PolicyCommand::Apply { recheck, bpffs_dir } => {
+            let Some(pid) = nat_loader::policy::lock_holder(&bpffs_dir)? else {
+                bail!(
+                    "no nat-loader is running on {} (nobody holds its lock)",
+                    bpffs_dir.display()
+                );
+            };
+            let (sig, name) = if recheck {
+                (libc::SIGUSR1, "SIGUSR1 (reload and recheck)")
+            } else {
+                (libc::SIGHUP, "SIGHUP (reload)")
+            };
+            // SAFETY: a plain kill(2) to the pid holding the lock.
+            if unsafe { libc::kill(pid as i32, sig) } != 0 {
+                return Err(std::io::Error::last_os_error())
+                    .with_context(|| format!("signalling nat-loader (pid {pid})"));
+            }
+            println!("sent {name} to nat-loader (pid {pid}); its log says what it applied");
+            Ok(())
+        }
+        PolicyCommand::Test {
+            config,
+            src,
+            dst,
+            proto,
+            port,
+            deny,
+            allow,
+            policy_default,
+        } => {
+            let mut flags = Vec::new();
+            for r in &deny {
+                flags.extend(["--deny".to_string(), r.spec.clone()]);
+            }
+            for r in &allow {
+                flags.extend(["--allow".to_string(), r.spec.clone()]);
+            }
+            if let Some(d) = policy_default {
+                flags.extend(["--policy-default".to_string(), d.to_string()]);
+            }
+            let p = config::test_policy(config.as_deref(), &flags)?;
+            let port = if proto == nat_common::IPPROTO_ICMP {
+                0
+            } else {
+                port
+            };
+            let compiled = compile(&p).map_err(|e| anyhow::anyhow!("policy: {e}"))?;
+            let (idx, verdict) = compiled
+                .lookup(src, dst, proto, port)
+                .context("the compiled policy decided nothing")?;
+            match p.rules.get(idx) {
+                Some(r) => println!("rule {} {:?}: {verdict}", idx + 1, r.name),
+                None => println!("default: {verdict}"),
+            }
+            Ok(())
         }
     }
 }

@@ -5,15 +5,16 @@
 //! new one, never a mix. The old generation's entries stay until the next
 //! install overwrites them.
 
-use std::net::Ipv4Addr;
+use std::{net::Ipv4Addr, path::Path};
 
 use anyhow::{Context, Result, anyhow};
 use aya::{
     Ebpf,
-    maps::{Array, MapData, PerCpuArray, lpm_trie::Key, lpm_trie::LpmTrie},
+    maps::{Array, HashMap, MapData, PerCpuArray, lpm_trie::Key, lpm_trie::LpmTrie},
 };
 use nat_common::{
-    MAP_INSIDE_NETS, MAP_POLICY_DST, MAP_POLICY_HITS, MAP_POLICY_RULES, MAP_POLICY_STATE,
+    CT_F_INBOUND, CtKey, CtValue, IPPROTO_ICMP, MAP_INSIDE_NETS, MAP_POLICY_DST, MAP_POLICY_HITS,
+    MAP_POLICY_RULES, MAP_POLICY_STATE,
     policy::{
         self, Compiled, Policy, PolicyList, PolicyRule, RULE_STRIDE, STATE_NONE, dst_key,
         dst_key_len, state_for,
@@ -149,4 +150,62 @@ impl PolicyMaps {
         }
         Ok(())
     }
+}
+
+/// Ends the established flows `p` denies (`nat-loader policy apply
+/// --recheck`): their sessions are removed, so their next packet is judged
+/// as a new flow's (and answered as its rule says) and replies find no
+/// session; the sweeper releases their bindings as usual. Flows opened
+/// from outside (through the filtering policy) are not egress and are
+/// left alone. Returns how many ended.
+pub fn recheck(sessions: &mut HashMap<MapData, CtKey, CtValue>, p: &Policy) -> Result<usize> {
+    let all: Vec<(CtKey, CtValue)> = sessions.iter().filter_map(|r| r.ok()).collect();
+    let mut ended = 0;
+    for (k, v) in all {
+        if v.flags & CT_F_INBOUND != 0 {
+            continue;
+        }
+        let src = Ipv4Addr::from(k.src_addr.to_ne_bytes());
+        let dst = Ipv4Addr::from(k.dst_addr.to_ne_bytes());
+        let port = if k.proto == IPPROTO_ICMP {
+            0
+        } else {
+            u16::from_be(k.dst_port)
+        };
+        if let (_, policy::Verdict::Deny(_)) = p.decide(src, dst, k.proto, port) {
+            // Gone already (expired meanwhile) is fine.
+            if sessions.remove(&k).is_ok() {
+                ended += 1;
+            }
+        }
+    }
+    Ok(ended)
+}
+
+/// The process holding the lock of pin directory `dir` (the running
+/// loader: `PinDir::lock`), read from `/proc/locks`; `None` if nobody
+/// holds it.
+pub fn lock_holder(dir: &Path) -> Result<Option<u32>> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
+    let (major, minor) = (libc::major(m.dev()), libc::minor(m.dev()));
+    let locks = std::fs::read_to_string("/proc/locks").context("reading /proc/locks")?;
+    for line in locks.lines() {
+        // "1: FLOCK  ADVISORY  WRITE 1234 00:1f:5678 0 EOF"
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 6 || f[1] != "FLOCK" {
+            continue;
+        }
+        let mut id = f[5].split(':');
+        let (Some(ma), Some(mi), Some(ino)) = (id.next(), id.next(), id.next()) else {
+            continue;
+        };
+        let same = u32::from_str_radix(ma, 16).is_ok_and(|v| v == major)
+            && u32::from_str_radix(mi, 16).is_ok_and(|v| v == minor)
+            && ino.parse::<u64>().is_ok_and(|v| v == m.ino());
+        if same && let Ok(pid) = f[4].parse() {
+            return Ok(Some(pid));
+        }
+    }
+    Ok(None)
 }

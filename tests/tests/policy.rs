@@ -391,3 +391,51 @@ fn thousands_of_rules_load_and_decide_by_first_match() {
     assert_eq!(hits(&gw, "server-7100"), 1);
     assert_eq!(hits(&gw, "server"), 1);
 }
+
+#[test]
+fn policy_apply_recheck_ends_the_established_flows_the_new_policy_denies_and_keeps_the_others() {
+    let bpffs = nat_lab::Bpffs::new().expect("mounting a bpffs for the pins");
+    let pins = bpffs.pin_dir();
+    let pins = pins.to_str().expect("utf-8 path");
+    let lab = lab();
+    let file = ConfigFile::new("");
+    let gw = gateway_with(&lab, &file, &["--bpffs-dir", pins]);
+    let doomed =
+        EchoStreams::start(&lab, Host::Client1, Host::Server, server(7200), 3).expect("streams");
+    let kept =
+        EchoStreams::start(&lab, Host::Client1, Host::Server, server(7210), 3).expect("streams");
+    file.write(&rule(
+        "no-7200",
+        "protocol = \"tcp\"\nports = \"7200\"\naction = \"deny\"\nanswer = \"tcp-reset\"",
+    ));
+    let before = gw.log().len();
+    let (ok, stderr) = nat_lab::run_loader(
+        &lab,
+        &[],
+        &["policy", "apply", "--recheck", "--bpffs-dir", pins],
+    )
+    .expect("nat-loader policy apply");
+    assert!(ok, "policy apply failed: {stderr}");
+    let line = gw
+        .wait_for_log(
+            &["SIGUSR1", "egress policy reloaded"],
+            Duration::from_secs(10),
+        )
+        .unwrap_or_else(|| panic!("no reload: {:#?}", &gw.log()[before..]));
+    assert!(line.contains("ended=3"), "{line}");
+    // The next packet of each denied stream finds no session and is
+    // answered with a reset; meanwhile the others go on (50 round trips
+    // take the denied ones well past their next packet).
+    kept.wait_for_round_trips(50, Duration::from_secs(30))
+        .expect("the allowed streams go on");
+    let doomed = doomed.finish();
+    assert!(
+        doomed.iter().all(|r| r.error.is_some()),
+        "every denied stream ended: {doomed:#?}"
+    );
+    let kept = kept.finish();
+    assert!(
+        kept.iter().all(|r| r.error.is_none()),
+        "no allowed stream broke: {kept:#?}"
+    );
+}
