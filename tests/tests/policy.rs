@@ -439,3 +439,35 @@ fn policy_apply_recheck_ends_the_established_flows_the_new_policy_denies_and_kee
         "no allowed stream broke: {kept:#?}"
     );
 }
+
+#[test]
+fn on_the_xdp_fast_path_a_silent_deny_drops_in_xdp_and_answers_are_left_to_tc() {
+    let lab = lab();
+    // Complete checksums: XDP, not TC, sees the new flows first.
+    lab.complete_checksums_on_the_wire().expect("ethtool");
+    let file = ConfigFile::new(&format!(
+        "{}{}",
+        rule(
+            "drop-7300",
+            "protocol = \"tcp\"\nports = \"7300\"\naction = \"deny\""
+        ),
+        rule(
+            "reset-7301",
+            "protocol = \"tcp\"\nports = \"7301\"\naction = \"deny\"\nanswer = \"tcp-reset\""
+        ),
+    ));
+    let mut gw = gateway_with(&lab, &file, &[]);
+    assert_silently_dropped(&lab, 7300);
+    let (r, took) = connect(&lab, 7301, Duration::from_secs(5));
+    assert_eq!(r.expect_err("denied").kind(), ErrorKind::ConnectionRefused);
+    assert!(took < Duration::from_secs(1), "refused in {took:?}");
+    assert_connects(&lab, 7302);
+    gw.stop().expect("stop");
+    assert!(gw.counter("xdp_int", "drop_policy_denied") >= 1);
+    assert_eq!(gw.counter("tc_int", "drop_policy_denied"), 0);
+    assert!(gw.counter("xdp_int", "xdp_to_tc_policy_answer") >= 1);
+    assert!(gw.counter("tc_int", "event_policy_rst_sent") >= 1);
+    // One hit per flow decision: XDP's hand-over counted none.
+    assert_eq!(hits(&gw, "reset-7301"), 1);
+    assert!(hits(&gw, "drop-7300") >= 1);
+}
