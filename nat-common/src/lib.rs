@@ -149,7 +149,8 @@ pub const MAP_XDP_PENDING: &str = "XDP_PENDING";
 /// Egress policy ([`policy`]): the destination trie (key
 /// [`policy::dst_key`], value [`policy::PolicyList`]), the rules
 /// ([`policy::PolicyRule`], by generation and index), which generation is
-/// active (one u32, [`policy::STATE_NONE`]: no policy) and the per-CPU hit
+/// active (u32 at index 0, [`policy::STATE_NONE`]: no policy; at 1 + g,
+/// generation g's rule count with the default) and the per-CPU hit
 /// count of each rule (same index as the rules). Not pinned: every loader
 /// writes its policy before its programs see a packet.
 pub const MAP_POLICY_DST: &str = "POLICY_DST";

@@ -85,9 +85,10 @@ pub static POLICY_DST: LpmTrie<[u32; 2], PolicyList> =
 #[map(name = "POLICY_RULES")]
 pub static POLICY_RULES: Array<PolicyRule> = Array::with_max_entries(2 * policy::RULE_STRIDE, 0);
 
-/// Which generation is active (nat_common::policy::state_for), or none.
+/// Which generation is active (nat_common::policy::state_for), or none;
+/// then each generation's rule count (for `nat-loader policy show`).
 #[map(name = "POLICY_STATE")]
-pub static POLICY_STATE: Array<u32> = Array::with_max_entries(1, 0);
+pub static POLICY_STATE: Array<u32> = Array::with_max_entries(3, 0);
 
 /// Flows each rule decided, per CPU (same index as POLICY_RULES).
 #[map(name = "POLICY_HITS")]

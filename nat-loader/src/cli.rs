@@ -73,6 +73,18 @@ pub enum PolicyCommand {
         #[arg(long, value_name = "DIR", default_value = pins::DEFAULT_DIR)]
         bpffs_dir: PathBuf,
     },
+    /// Print the running gateway's egress policy (the loader holding
+    /// --bpffs-dir) as its maps hold it, with each rule's hits since it
+    /// was installed.
+    Show {
+        /// The gateway's pin directory.
+        #[arg(long, value_name = "DIR", default_value = pins::DEFAULT_DIR)]
+        bpffs_dir: PathBuf,
+        /// The config file the gateway read, for the rules' names (the
+        /// maps hold no names).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
     /// Say which rule of a config file's policy (with its flags) decides a
     /// flow, the way the dataplane does.
     Test {

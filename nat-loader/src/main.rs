@@ -102,6 +102,74 @@ fn policy(cmd: PolicyCommand) -> Result<()> {
             println!("sent {name} to nat-loader (pid {pid}); its log says what it applied");
             Ok(())
         }
+        PolicyCommand::Show { bpffs_dir, config } => {
+            use nat_common::policy::{Prefix, Verdict};
+            let pins = nat_loader::pins::PinDir::new(&bpffs_dir);
+            let maps = nat_loader::policy::PolicyMaps::of_running(&pins).with_context(|| {
+                format!("no running gateway's policy in {}", bpffs_dir.display())
+            })?;
+            let Some(rules) = maps.show()? else {
+                println!("no egress policy: every new flow is allowed");
+                return Ok(());
+            };
+            let names: Vec<String> = match &config {
+                Some(path) => config::test_policy(Some(path), &[])?
+                    .rules
+                    .into_iter()
+                    .map(|r| r.name)
+                    .collect(),
+                None => Vec::new(),
+            };
+            let named = names.len() + 1 == rules.len();
+            if config.is_some() && !named {
+                eprintln!(
+                    "nat-loader: the config file has {} rules, the gateway {}: names left out",
+                    names.len(),
+                    rules.len() - 1
+                );
+            }
+            println!(
+                "{:>5}  {:<24} {:<18} {:<18} {:<5} {:<11} {:<24} {:>10}",
+                "#", "name", "inside", "destination", "proto", "ports", "verdict", "hits"
+            );
+            let last = rules.len() - 1;
+            for (i, s) in rules.iter().enumerate() {
+                let r = &s.rule;
+                let inside = Prefix::new(
+                    std::net::Ipv4Addr::from(r.src.to_ne_bytes()),
+                    r.src_mask.count_ones() as u8,
+                );
+                let proto = match r.proto {
+                    0 => "any",
+                    6 => "tcp",
+                    17 => "udp",
+                    1 => "icmp",
+                    _ => "?",
+                };
+                let ports = if (r.port_min, r.port_max) == (0, u16::MAX) {
+                    "any".to_string()
+                } else if r.port_min == r.port_max {
+                    r.port_min.to_string()
+                } else {
+                    format!("{}-{}", r.port_min, r.port_max)
+                };
+                let dst = s.dst.map_or("(shadowed)".to_string(), |d| d.to_string());
+                let (num, name) = if i == last {
+                    (String::new(), "default".to_string())
+                } else if named {
+                    ((i + 1).to_string(), names[i].clone())
+                } else {
+                    ((i + 1).to_string(), String::new())
+                };
+                println!(
+                    "{num:>5}  {name:<24} {:<18} {dst:<18} {proto:<5} {ports:<11} {:<24} {:>10}",
+                    inside.to_string(),
+                    Verdict::decode(r.action, r.answer).to_string(),
+                    s.hits
+                );
+            }
+            Ok(())
+        }
         PolicyCommand::Test {
             config,
             src,

@@ -21,7 +21,21 @@ use nat_common::{
     },
 };
 
-use crate::dataplane::take_map;
+use aya::programs::links::{FdLink, PinnedLink};
+
+use crate::{
+    dataplane::take_map,
+    pins::{LINK_TCX_INT, PinDir},
+};
+
+/// A rule of the active policy as the maps hold it.
+pub struct Shown {
+    /// `None`: on no destination's list (a rule before it matches every
+    /// flow it could).
+    pub dst: Option<policy::Prefix>,
+    pub rule: PolicyRule,
+    pub hits: u64,
+}
 
 /// The policy maps of a loaded object, and the policy they hold.
 pub struct PolicyMaps {
@@ -104,7 +118,89 @@ impl PolicyMaps {
                 .insert(&key, *list, 0)
                 .with_context(|| format!("writing {MAP_POLICY_DST} entry {prefix}"))?;
         }
-        Ok(())
+        self.state
+            .set(1 + generation, c.rules.len() as u32, 0)
+            .with_context(|| format!("writing {MAP_POLICY_STATE}"))
+    }
+
+    /// The policy maps of the gateway whose links are pinned in `pins`
+    /// (found through the program of its `--int` TCX link), for
+    /// `nat-loader policy show`.
+    pub fn of_running(pins: &PinDir) -> Result<PolicyMaps> {
+        let path = pins.pin(LINK_TCX_INT);
+        let link = PinnedLink::from_pin(&path)
+            .with_context(|| format!("opening the pinned link {}", path.display()))?;
+        let prog_id = FdLink::from(link)
+            .info()
+            .context("reading the pinned link")?
+            .program_id();
+        let prog = aya::programs::loaded_programs()
+            .filter_map(|p| p.ok())
+            .find(|p| p.id() == prog_id)
+            .with_context(|| format!("program {prog_id} of the pinned link not found"))?;
+        let mut found: std::collections::HashMap<String, MapData> = Default::default();
+        for id in prog.map_ids()?.unwrap_or_default() {
+            let data = MapData::from_id(id)?;
+            if let Some(name) = data.info()?.name_as_str() {
+                found.insert(name.to_string(), data);
+            }
+        }
+        let mut take = |name: &str| -> Result<aya::maps::Map> {
+            let data = found
+                .remove(name)
+                .with_context(|| format!("the running gateway's program has no map {name}"))?;
+            Ok(aya::maps::Map::from_map_data(data)?)
+        };
+        Ok(PolicyMaps {
+            dst: take(MAP_POLICY_DST)?.try_into()?,
+            rules: take(MAP_POLICY_RULES)?.try_into()?,
+            state: take(MAP_POLICY_STATE)?.try_into()?,
+            hits: take(MAP_POLICY_HITS)?.try_into()?,
+            inside: take(MAP_INSIDE_NETS)?.try_into()?,
+            active: None,
+        })
+    }
+
+    /// The active policy as the maps hold it, in order, the default last
+    /// (`None`: no policy, everything allowed).
+    pub fn show(&self) -> Result<Option<Vec<Shown>>> {
+        let state = self
+            .state
+            .get(&0, 0)
+            .with_context(|| format!("reading {MAP_POLICY_STATE}"))?;
+        if state == STATE_NONE {
+            return Ok(None);
+        }
+        let generation = (state - 1) & 1;
+        let count = self.state.get(&(1 + generation), 0)?;
+        let base = generation * RULE_STRIDE;
+        let gen_be = generation.to_be();
+        // A rule's destination is the shortest prefix whose list holds it
+        // (it is on the lists of its own prefix and of those inside it).
+        let mut dst: Vec<Option<policy::Prefix>> = vec![None; count as usize];
+        for entry in self.dst.iter() {
+            let (k, list) = entry.context("reading the destination trie")?;
+            if k.data()[0] != gen_be {
+                continue;
+            }
+            let len = (k.prefix_len() - 32) as u8;
+            let prefix = policy::Prefix::new(Ipv4Addr::from(k.data()[1].to_ne_bytes()), len);
+            for &i in &list.rules[..(list.len as usize).min(policy::MAX_CANDIDATES)] {
+                if let Some(d) = dst.get_mut(i as usize)
+                    && d.is_none_or(|d| d.len > prefix.len)
+                {
+                    *d = Some(prefix);
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(count as usize);
+        for (i, dst) in dst.into_iter().enumerate() {
+            let idx = base + i as u32;
+            let rule = self.rules.get(&idx, 0)?;
+            let hits = self.hits.get(&idx, 0)?.iter().sum();
+            out.push(Shown { dst, rule, hits });
+        }
+        Ok(Some(out))
     }
 
     /// The flows each rule of the active policy decided since it was

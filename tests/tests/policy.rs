@@ -471,3 +471,95 @@ fn on_the_xdp_fast_path_a_silent_deny_drops_in_xdp_and_answers_are_left_to_tc() 
     assert_eq!(hits(&gw, "reset-7301"), 1);
     assert!(hits(&gw, "drop-7300") >= 1);
 }
+
+#[test]
+fn policy_show_prints_the_running_policy_with_names_destinations_and_hits() {
+    let bpffs = nat_lab::Bpffs::new().expect("mounting a bpffs for the pins");
+    let pins = bpffs.pin_dir();
+    let pins = pins.to_str().expect("utf-8 path");
+    let lab = lab();
+    let file = ConfigFile::new(&format!(
+        "policy-default = \"icmp-prohibited\"\n{}{}",
+        rule(
+            "web",
+            "destination = \"198.51.100.0/24\"\nprotocol = \"tcp\"\nports = \"8000-8100\"\n\
+             action = \"allow\""
+        ),
+        rule(
+            "no-7400",
+            "inside = \"10.1.0.0/24\"\nprotocol = \"tcp\"\nports = \"7400\"\naction = \"deny\"\n\
+             answer = \"tcp-reset\""
+        ),
+    ));
+    let _gw = gateway_with(&lab, &file, &["--bpffs-dir", pins]);
+    assert_connects(&lab, 8050);
+    let (r, _) = connect(&lab, 7400, Duration::from_secs(5));
+    assert_eq!(r.expect_err("denied").kind(), ErrorKind::ConnectionRefused);
+    let bin = nat_lab::loader_path().expect("loader");
+    let bin = bin.to_str().expect("utf-8 path");
+    let out = lab
+        .exec(
+            Host::Nat,
+            &[
+                bin,
+                "policy",
+                "show",
+                "--bpffs-dir",
+                pins,
+                "--config",
+                file.path(),
+            ],
+        )
+        .expect("nat-loader policy show");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let row = |name: &str| {
+        text.lines()
+            .find(|l| l.split_whitespace().any(|w| w == name))
+            .unwrap_or_else(|| panic!("no row for {name}:\n{text}"))
+            .split_whitespace()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        row("web"),
+        [
+            "1",
+            "web",
+            "0.0.0.0/0",
+            "198.51.100.0/24",
+            "tcp",
+            "8000-8100",
+            "allow",
+            "1"
+        ],
+        "{text}"
+    );
+    assert_eq!(
+        row("no-7400"),
+        [
+            "2",
+            "no-7400",
+            "10.1.0.0/24",
+            "0.0.0.0/0",
+            "tcp",
+            "7400",
+            "deny",
+            "(tcp-reset)",
+            "1"
+        ],
+        "{text}"
+    );
+    assert_eq!(
+        row("default"),
+        [
+            "default",
+            "0.0.0.0/0",
+            "0.0.0.0/0",
+            "any",
+            "any",
+            "deny",
+            "(icmp-prohibited)",
+            "0"
+        ],
+        "{text}"
+    );
+}
