@@ -563,3 +563,43 @@ fn policy_show_prints_the_running_policy_with_names_destinations_and_hits() {
         "{text}"
     );
 }
+
+#[test]
+fn a_flow_opened_from_outside_on_an_endpoint_independent_binding_is_judged_as_egress() {
+    let lab = lab();
+    let file = ConfigFile::new(&rule(
+        "no-udp-with-6000",
+        "destination = \"198.51.100.10\"\nprotocol = \"udp\"\nports = \"6000\"\n\
+         action = \"deny\"\nanswer = \"icmp-prohibited\"",
+    ));
+    let mut gw = gateway_with(&lab, &file, &["--filtering", "endpoint-independent"]);
+    let client = lab
+        .udp_socket(Host::Client1, SocketAddrV4::new(nat_lab::CLIENT1_IP, 5555))
+        .expect("client socket");
+    let first = lab
+        .udp_socket(Host::Server, server(5500))
+        .expect("server socket");
+    client.send_to(b"hello", server(5500)).expect("send");
+    let got = recv_all_within(&first, Duration::from_secs(2)).expect("receive");
+    let mapped = match got.first() {
+        Some((std::net::SocketAddr::V4(a), _)) => *a,
+        other => panic!("the server got {other:?}"),
+    };
+    assert_eq!(*mapped.ip(), NAT_EXT_IP);
+    // The binding lets anyone in, but the policy denies the inside's
+    // talking with the server's port 6000.
+    let denied = lab.udp_socket(Host::Server, server(6000)).expect("socket");
+    let allowed = lab.udp_socket(Host::Server, server(6001)).expect("socket");
+    for _ in 0..3 {
+        denied.send_to(b"denied", mapped).expect("send");
+    }
+    allowed.send_to(b"allowed", mapped).expect("send");
+    let got = recv_all_within(&client, Duration::from_secs(2)).expect("receive");
+    let from: Vec<_> = got.iter().map(|(a, _)| a.to_string()).collect();
+    assert_eq!(from, ["198.51.100.10:6001"]);
+    gw.stop().expect("stop");
+    let dropped =
+        gw.counter("xdp_ext", "drop_policy_denied") + gw.counter("tc_ext", "drop_policy_denied");
+    assert_eq!(dropped, 3);
+    assert_eq!(hits(&gw, "no-udp-with-6000"), 3);
+}
