@@ -134,6 +134,8 @@ impl TryFrom<GatewayArgs> for Config {
 
     fn try_from(a: GatewayArgs) -> Result<Config> {
         let policy = policy_of(&a);
+        // What the dataplane cannot hold is refused before anything changes.
+        nat_common::policy::compile(&policy).map_err(|e| anyhow!("egress policy: {e}"))?;
         let (Some(ext), Some(int)) = (a.ext, a.int) else {
             bail!("--ext and --int are required (or `ext` and `int` in the config file)");
         };
@@ -1028,5 +1030,21 @@ mod tests {
         let e =
             test_policy(None, &["--deny".to_string(), "sctp:1".to_string()]).expect_err("bad rule");
         assert!(format!("{e:#}").contains("--deny"), "{e:#}");
+    }
+
+    #[test]
+    fn a_policy_the_dataplane_cannot_hold_is_refused_with_the_reason() {
+        let rules: String = (0..=nat_common::policy::MAX_CANDIDATES)
+            .map(|i| {
+                format!(
+                    "[[policy.rule]]\nname = \"r{i}\"\ninside = \"10.9.{i}.0/24\"\naction = \"deny\"\n"
+                )
+            })
+            .collect();
+        let e = err(&format!("{NICS}{rules}"), &[]);
+        assert!(
+            e.contains("egress policy") && e.contains("destination 0.0.0.0/0"),
+            "{e}"
+        );
     }
 }
