@@ -233,6 +233,10 @@ pub const FILTER_ENDPOINT_INDEPENDENT: u8 = 2;
 /// `NatConfig::flags`: inbound UDP packets refresh the session's timer too
 /// (RFC 4787 REQ-6 allows it; outbound refresh is always on).
 pub const CFG_F_UDP_INBOUND_REFRESH: u8 = 1;
+/// `NatConfig::flags`: anti-spoofing (BCP 38): a new outbound flow whose
+/// source is in none of [`crate::MAP_INSIDE_NETS`]'s prefixes is dropped
+/// (`drop_spoofed_source`).
+pub const CFG_F_ANTI_SPOOFING: u8 = 2;
 
 /// Load-time configuration, written by the loader into the read-only global
 /// [`crate::GLOBAL_CONFIG`] of the eBPF object.

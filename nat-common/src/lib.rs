@@ -17,7 +17,9 @@ pub mod csum;
 pub mod icmp_rate;
 pub mod layout;
 pub mod mss;
+pub mod policy;
 pub mod ports;
+pub mod rst;
 pub mod stats;
 pub mod tcp;
 pub mod timeouts;
@@ -65,13 +67,17 @@ pub const PROG_TC_MSS: &str = "nat_tc_mss";
 /// [`PROG_TC_EXT`].
 pub const PROG_TC_FRAG_INT: &str = "nat_tc_frag_int";
 pub const PROG_TC_FRAG_EXT: &str = "nat_tc_frag_ext";
+/// Not attached: tail-called from [`PROG_TC_INT`] with the packet of a
+/// new TCP flow the egress policy denies with a reset: it goes back to the
+/// sender as a RST from the destination.
+pub const PROG_TC_POLICY_RST: &str = "nat_tc_policy_rst";
 /// Not attached to a NIC: tracing programs on the kernel's XDP tracepoints
 /// ([`trace::PROGRAMS`]) that count the redirects the kernel refused our
 /// XDP programs (`drop_redirect_refused`).
 pub const PROG_TRACE_REDIRECT_ERR: &str = "nat_trace_redirect_err";
 pub const PROG_TRACE_DEVMAP_XMIT: &str = "nat_trace_devmap_xmit";
 pub const PROG_TRACE_EXCEPTION: &str = "nat_trace_xdp_exception";
-pub const PROGRAMS: [&str; 13] = [
+pub const PROGRAMS: [&str; 14] = [
     PROG_XDP_INT,
     PROG_XDP_EXT,
     PROG_TC_INT,
@@ -85,6 +91,7 @@ pub const PROGRAMS: [&str; 13] = [
     PROG_TRACE_REDIRECT_ERR,
     PROG_TRACE_DEVMAP_XMIT,
     PROG_TRACE_EXCEPTION,
+    PROG_TC_POLICY_RST,
 ];
 /// The tail-call table and its slots.
 pub const MAP_TAILS: &str = "TAILS";
@@ -94,15 +101,17 @@ pub const TAIL_NO_PORT: u32 = 2;
 pub const TAIL_MSS: u32 = 3;
 pub const TAIL_FRAG_INT: u32 = 4;
 pub const TAIL_FRAG_EXT: u32 = 5;
-pub const TAIL_COUNT: u32 = 6;
+pub const TAIL_POLICY_RST: u32 = 6;
+pub const TAIL_COUNT: u32 = 7;
 /// (slot, program) of every tail call.
-pub const TAIL_PROGRAMS: [(u32, &str); 6] = [
+pub const TAIL_PROGRAMS: [(u32, &str); 7] = [
     (TAIL_HAIRPIN, PROG_TC_HAIRPIN),
     (TAIL_ICMP_ERROR_OUT, PROG_TC_ICMP_OUT),
     (TAIL_NO_PORT, PROG_TC_NO_PORT),
     (TAIL_MSS, PROG_TC_MSS),
     (TAIL_FRAG_INT, PROG_TC_FRAG_INT),
     (TAIL_FRAG_EXT, PROG_TC_FRAG_EXT),
+    (TAIL_POLICY_RST, PROG_TC_POLICY_RST),
 ];
 
 /// Map names as they appear in the eBPF object.
@@ -137,6 +146,21 @@ pub const MAP_XDP_EGRESS: &str = "XDP_EGRESS";
 /// queue yet: how the tracing programs tell a flush of our frames from
 /// another namespace's with the same interface indexes. Not pinned.
 pub const MAP_XDP_PENDING: &str = "XDP_PENDING";
+/// Egress policy ([`policy`]): the destination trie (key
+/// [`policy::dst_key`], value [`policy::PolicyList`]), the rules
+/// ([`policy::PolicyRule`], by generation and index), which generation is
+/// active (u32 at index 0, [`policy::STATE_NONE`]: no policy; at 1 + g,
+/// generation g's rule count with the default) and the per-CPU hit
+/// count of each rule (same index as the rules). Not pinned: every loader
+/// writes its policy before its programs see a packet.
+pub const MAP_POLICY_DST: &str = "POLICY_DST";
+pub const MAP_POLICY_RULES: &str = "POLICY_RULES";
+pub const MAP_POLICY_STATE: &str = "POLICY_STATE";
+pub const MAP_POLICY_HITS: &str = "POLICY_HITS";
+/// Anti-spoofing (BCP 38): the prefixes a new flow's inside source must be
+/// in (`--int`'s subnets and `--internal-cidr`s), an LPM trie keyed by
+/// the address (network order), value unused. Checked when [`CFG_F_ANTI_SPOOFING`] is set.
+pub const MAP_INSIDE_NETS: &str = "INSIDE_NETS";
 /// Default number of fragmented datagrams tracked at once.
 pub const DEFAULT_MAX_FRAGMENTS: u32 = 4096;
 
@@ -146,7 +170,7 @@ pub const fn frag_held_slots(max_fragments: u32) -> u32 {
     if q < FRAG_HELD_MAX { FRAG_HELD_MAX } else { q }
 }
 /// Every map of the gateway's object.
-pub const MAPS: [&str; 12] = [
+pub const MAPS: [&str; 17] = [
     MAP_CT_FWD,
     MAP_BIND,
     MAP_BIND_REV,
@@ -159,6 +183,11 @@ pub const MAPS: [&str; 12] = [
     MAP_FRAG_SCRATCH,
     MAP_XDP_EGRESS,
     MAP_XDP_PENDING,
+    MAP_POLICY_DST,
+    MAP_POLICY_RULES,
+    MAP_POLICY_STATE,
+    MAP_POLICY_HITS,
+    MAP_INSIDE_NETS,
 ];
 /// The maps a pin directory keeps, so that a new loader adopts the flows
 /// and the counters. Not the tail-call table (each loader fills its own

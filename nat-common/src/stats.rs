@@ -211,6 +211,31 @@ reasons! {
     /// counter ([`xdp_forwarded`]), which so counts only what the kernel
     /// took: the packet's verdict moves, it is not counted twice.
     DROP_REDIRECT_REFUSED = 55, "drop_redirect_refused", Verdict;
+    // Issue 12 (egress policy, anti-spoofing). Numbered from 56 on this
+    // branch; the range set aside for it is 60..=69.
+    /// A new flow denied by the egress policy, whose rule answers with a
+    /// silent drop ([`crate::policy::ANSWER_DROP`]).
+    DROP_POLICY_DENIED = 56, "drop_policy_denied", Verdict;
+    /// A new flow denied by the egress policy, answered with ICMP
+    /// Destination Unreachable code 13 (the answer is counted by
+    /// `event_policy_icmp_sent` or `event_policy_answer_rate_limited`).
+    DROP_POLICY_PROHIBITED = 57, "drop_policy_prohibited", Verdict;
+    /// A new TCP flow denied by the egress policy, answered with a RST
+    /// (`event_policy_rst_sent`).
+    DROP_POLICY_RESET = 58, "drop_policy_reset", Verdict;
+    /// A new flow from `--int` whose source is in none of the inside
+    /// prefixes (anti-spoofing, BCP 38).
+    DROP_SPOOFED_SOURCE = 59, "drop_spoofed_source", Verdict;
+    /// XDP handed a denied flow's packet to TC, which answers it.
+    XDP_TO_TC_POLICY = 60, "xdp_to_tc_policy_answer", Verdict;
+    /// Event: an ICMP "administratively prohibited" was sent for a denied
+    /// flow.
+    EV_POLICY_ICMP_SENT = 61, "event_policy_icmp_sent", Event;
+    /// Event: a TCP RST was sent for a denied flow.
+    EV_POLICY_RST_SENT = 62, "event_policy_rst_sent", Event;
+    /// Event: a denied flow's answer was not sent, the rate limit (shared
+    /// with the out-of-ports errors) being spent.
+    EV_POLICY_ANSWER_RATE_LIMITED = 63, "event_policy_answer_rate_limited", Event;
 }
 
 /// The reasons of a packet sent on its way out of a NIC (by a redirect, or
@@ -314,6 +339,9 @@ mod tests {
             DROP_FRAG_BUDGET,
             EV_HELD_FRAG_REINJECTED,
             EV_HELD_FRAG_LOST,
+            EV_POLICY_ICMP_SENT,
+            EV_POLICY_RST_SENT,
+            EV_POLICY_ANSWER_RATE_LIMITED,
         ] {
             assert_eq!(kind(r), Some(Kind::Event), "{}", label(r));
         }

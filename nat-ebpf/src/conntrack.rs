@@ -10,7 +10,10 @@ use nat_common::{
     tcp::{self, DIR_IN, DIR_OUT, TCP_SYN},
 };
 
-use crate::maps::{CT_ADF, CT_FWD, NAT_BIND, NAT_BIND_REV};
+use crate::{
+    maps::{CT_ADF, CT_FWD, NAT_BIND, NAT_BIND_REV},
+    policy,
+};
 
 const EEXIST: i32 = 17;
 /// Refresh `last_seen` at most this often: writing it on every packet would
@@ -207,6 +210,14 @@ pub fn inbound(
         };
     if !allowed {
         return Err(Some(stats::DROP_FILTERED));
+    }
+    // The egress policy judges such a flow as if the inside endpoint had
+    // opened it (to the remote's address and port): the inside would talk
+    // to the remote all the same. Denied, whatever the rule's answer, it is
+    // dropped silently: the answers go inside, and this came from outside.
+    let flow = policy::flow(reply.proto, u16::from_be(reply.src_port));
+    if policy::admit(addr, reply.src_addr, flow, policy::options(0, true)) != policy::ALLOWED {
+        return Err(Some(stats::DROP_POLICY_DENIED));
     }
     let session = CtValue {
         peer: *reply,

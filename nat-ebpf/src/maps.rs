@@ -4,11 +4,12 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
 };
 use nat_common::{
     BindKey, BindValue, CtKey, CtValue, DEFAULT_MAX_FLOWS, DEFAULT_MAX_FRAGMENTS, FragHeld,
     FragKey, FragSlot, FragValue, MAX_BINDINGS, NatConfig, XdpEgress, frag_held_slots,
+    policy::{self, PolicyList, PolicyRule},
 };
 
 /// Sessions, keyed by the inside tuple as it arrives on `--int`.
@@ -72,6 +73,31 @@ pub static XDP_EGRESS: Array<XdpEgress> = Array::with_max_entries(2, 0);
 /// refused or flushed from the kernel's bulk queue (refused.rs).
 #[map(name = "XDP_PENDING")]
 pub static XDP_PENDING: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
+
+/// Egress policy (nat_common::policy): destination trie of both
+/// generations (key data: `policy::dst_key`). LPM tries are never
+/// preallocated.
+#[map(name = "POLICY_DST")]
+pub static POLICY_DST: LpmTrie<[u32; 2], PolicyList> =
+    LpmTrie::with_max_entries(policy::DST_ENTRIES, BPF_F_NO_PREALLOC);
+
+/// The rules of both generations (index: generation * RULE_STRIDE + rule).
+#[map(name = "POLICY_RULES")]
+pub static POLICY_RULES: Array<PolicyRule> = Array::with_max_entries(2 * policy::RULE_STRIDE, 0);
+
+/// Which generation is active (nat_common::policy::state_for), or none;
+/// then each generation's rule count (for `nat-loader policy show`).
+#[map(name = "POLICY_STATE")]
+pub static POLICY_STATE: Array<u32> = Array::with_max_entries(3, 0);
+
+/// Flows each rule decided, per CPU (same index as POLICY_RULES).
+#[map(name = "POLICY_HITS")]
+pub static POLICY_HITS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(2 * policy::RULE_STRIDE, 0);
+
+/// Anti-spoofing: the inside prefixes (key: the address, network order).
+#[map(name = "INSIDE_NETS")]
+pub static INSIDE_NETS: LpmTrie<u32, u8> = LpmTrie::with_max_entries(256, BPF_F_NO_PREALLOC);
 
 /// Written by the loader at load time (`EbpfLoader::set_global`).
 #[unsafe(no_mangle)]

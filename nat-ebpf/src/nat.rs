@@ -25,6 +25,7 @@ use crate::{
         self, FRAG_OFFSET, Frame, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, IP_DADDR, IP_SADDR, Ipv4, L4,
         Stop,
     },
+    policy,
     rewrite::Rewrite,
     stats::count,
 };
@@ -85,6 +86,9 @@ pub trait Decide: Sized {
     /// Whether the FIB lookup checks the IP length against the egress MTU
     /// (XDP). TC lets the kernel check the skb, which understands GSO.
     const FIB_MTU: bool;
+    /// Whether the program sends the answers the egress policy asks for
+    /// (ICMP, RST): TC does; XDP hands such packets to TC.
+    const ANSWERS: bool;
     fn pass(reason: u32) -> Self;
     fn drop(reason: u32) -> Self;
     fn translate(rw: Rewrite, route: Route) -> Self;
@@ -111,6 +115,7 @@ pub trait DecideOut: Decide {
 
 impl Decide for XdpDecision {
     const FIB_MTU: bool = true;
+    const ANSWERS: bool = false;
     #[inline(always)]
     fn pass(reason: u32) -> Self {
         XdpDecision::Pass(reason)
@@ -158,6 +163,7 @@ macro_rules! decide_tc {
     ($t:ident, |$frag:pat_param| $fragment:expr) => {
         impl Decide for $t {
             const FIB_MTU: bool = false;
+            const ANSWERS: bool = true;
             #[inline(always)]
             fn pass(reason: u32) -> Self {
                 $t::Pass(reason)
@@ -406,6 +412,22 @@ pub fn outbound<D: DecideOut>(
             // No state for a packet that will not be forwarded.
             if p.ip.ttl <= 1 {
                 return D::pass(stats::PASS_TTL_EXPIRED);
+            }
+            // Anti-spoofing and the egress policy: once per flow, here.
+            match policy::admit(
+                p.ip.saddr,
+                p.ip.daddr,
+                policy::flow(p.ip.proto, u16::from_be(dport)),
+                policy::options(cfg.flags, D::ANSWERS),
+            ) {
+                policy::ALLOWED => {}
+                policy::HAND_OVER => {
+                    if let Some(d) = D::to_tc(|| Some(stats::XDP_TO_TC_POLICY)) {
+                        return d;
+                    }
+                    return D::drop(stats::DROP_POLICY_DENIED);
+                }
+                reason => return D::drop(reason),
             }
             match conntrack::create(&key, cfg, now, p.l4.tcp_flags) {
                 Ok((v, bind_event, event)) => {

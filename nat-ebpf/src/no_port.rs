@@ -10,6 +10,10 @@
 //! out of `--int`. Errors
 //! are rate-limited per CPU ([`nat_common::icmp_rate`]) so a flood of new
 //! flows while the ports are exhausted is not amplified.
+//!
+//! The egress policy's "icmp-prohibited" answer is the same error, so a
+//! denied flow comes here too ([`hand_over_policy`]), sharing the rate
+//! limit; only the events counted differ.
 
 use aya_ebpf::{
     bindings::{
@@ -52,7 +56,18 @@ const IP_TOS: u8 = 0xc0;
 /// `nat_tc_int`'s hook: the drop was counted there.
 #[classifier]
 pub fn nat_tc_no_port(ctx: TcContext) -> i32 {
-    let (action, event) = match try_nat_tc_no_port(&ctx, config()) {
+    let events = if tail::why(&ctx) == WHY_POLICY {
+        (
+            stats::EV_POLICY_ICMP_SENT,
+            stats::EV_POLICY_ANSWER_RATE_LIMITED,
+        )
+    } else {
+        (
+            stats::EV_ICMP_NO_PORT_SENT,
+            stats::EV_ICMP_NO_PORT_RATE_LIMITED,
+        )
+    };
+    let (action, event) = match try_nat_tc_no_port(&ctx, config(), events) {
         Ok(r) => r,
         Err(reason) => (TC_ACT_SHOT, Some(reason)),
     };
@@ -92,8 +107,26 @@ pub fn xdp(cfg: &NatConfig, hook: u32) -> (u32, u32) {
 #[inline(always)]
 pub fn hand_over(ctx: &TcContext) -> (i32, u32) {
     count(HOOK_TC_INT, stats::DROP_NO_PORT);
-    (TC_ACT_SHOT, tail::call(ctx, TAIL_NO_PORT))
+    (
+        TC_ACT_SHOT,
+        tail::call_with_why(ctx, TAIL_NO_PORT, WHY_NO_PORT),
+    )
 }
+
+/// [`hand_over`] for a flow the egress policy denies with
+/// "icmp-prohibited".
+#[inline(always)]
+pub fn hand_over_policy(ctx: &TcContext) -> (i32, u32) {
+    count(HOOK_TC_INT, stats::DROP_POLICY_PROHIBITED);
+    (
+        TC_ACT_SHOT,
+        tail::call_with_why(ctx, TAIL_NO_PORT, WHY_POLICY),
+    )
+}
+
+/// Why `nat_tc_no_port` answers (the control buffer's word).
+const WHY_NO_PORT: u32 = 0;
+const WHY_POLICY: u32 = 1;
 
 #[inline(always)]
 fn load<T>(ctx: &TcContext, off: usize) -> Result<T, u32> {
@@ -103,7 +136,13 @@ fn load<T>(ctx: &TcContext, off: usize) -> Result<T, u32> {
 /// Turns the packet into the ICMP error and redirects it; `(verdict,
 /// event to count)`, or the reason to count for dropping it.
 #[inline(always)]
-fn try_nat_tc_no_port(ctx: &TcContext, cfg: &NatConfig) -> Result<(i32, Option<u32>), u32> {
+/// `(sent, limited)`: the events to count for an error sent, and for one
+/// the rate limit refused.
+fn try_nat_tc_no_port(
+    ctx: &TcContext,
+    cfg: &NatConfig,
+    (sent, limited): (u32, u32),
+) -> Result<(i32, Option<u32>), u32> {
     let f = Frame::tc(ctx);
     let ip = parse::ipv4(f, ctx.len() as usize).map_err(|_| stats::DROP_MALFORMED)?;
     let first = ip.saddr.to_ne_bytes()[0];
@@ -123,7 +162,7 @@ fn try_nat_tc_no_port(ctx: &TcContext, cfg: &NatConfig) -> Result<(i32, Option<u
     let tat = ICMP_RATE.get_ptr_mut(0).ok_or(stats::DROP_INTERNAL)?;
     match icmp_rate::admit(unsafe { *tat }, now) {
         Some(next) => unsafe { *tat = next },
-        None => return Ok((TC_ACT_SHOT, Some(stats::EV_ICMP_NO_PORT_RATE_LIMITED))),
+        None => return Ok((TC_ACT_SHOT, Some(limited))),
     }
     let ihl = ip.l4_off - ETH_HLEN;
     // The parser checked the L4 header (8 bytes at least) is inside
@@ -230,5 +269,5 @@ fn try_nat_tc_no_port(ctx: &TcContext, cfg: &NatConfig) -> Result<(i32, Option<u
     ctx.store(0, &smac, 0).map_err(|_| stats::DROP_INTERNAL)?;
     ctx.store(6, &own, 0).map_err(|_| stats::DROP_INTERNAL)?;
     let action = unsafe { bpf_redirect(cfg.int_ifindex, 0) } as i32;
-    Ok((action, Some(stats::EV_ICMP_NO_PORT_SENT)))
+    Ok((action, Some(sent)))
 }

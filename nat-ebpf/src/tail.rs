@@ -8,7 +8,8 @@
 //! Every called program parses the packet again, except `nat_tc_mss`,
 //! which finishes a forward its caller started: what it needs crosses the
 //! call in the skb's control buffer, written and read only here
-//! ([`MssHandOver`]).
+//! ([`MssHandOver`]; and for `nat_tc_no_port`, why it answers:
+//! [`call_with_why`]).
 
 use aya_ebpf::programs::TcContext;
 use nat_common::stats;
@@ -23,6 +24,22 @@ pub fn call(ctx: &TcContext, slot: u32) -> u32 {
     // either does not return or leaves the context as it was.
     unsafe { TAILS.tail_call(ctx, slot) };
     stats::DROP_INTERNAL
+}
+
+/// Hands the packet to the program in `slot` with `why` in the control
+/// buffer (read back with [`why`]), as [`call`].
+#[inline(always)]
+pub fn call_with_why(ctx: &TcContext, slot: u32, why: u32) -> u32 {
+    // SAFETY: the context pointer is the program's own skb; cb is
+    // writable from TC programs.
+    unsafe { (*ctx.skb.skb).cb[CB_WHY] = why };
+    call(ctx, slot)
+}
+
+/// What [`call_with_why`] said.
+#[inline(always)]
+pub fn why(ctx: &TcContext) -> u32 {
+    ctx.skb.cb()[CB_WHY]
 }
 
 /// What `nat_tc_mss` needs to finish forwarding a translated SYN: where
@@ -45,6 +62,8 @@ const CB_NEXTHOP: usize = 1;
 const CB_L4_OFF: usize = 2;
 const CB_HOOK: usize = 3;
 const CB_REASON: usize = 4;
+/// [`call_with_why`]'s word (its callees are not `nat_tc_mss`).
+const CB_WHY: usize = 0;
 
 impl MssHandOver {
     /// Writes the hand-over into the control buffer and tail-calls

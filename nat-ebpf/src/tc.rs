@@ -21,6 +21,7 @@ use crate::{
     nat::{self, TcIn, TcOut},
     no_port,
     parse::{self, Frame},
+    reset,
     stats::count,
     tail,
 };
@@ -67,6 +68,11 @@ fn try_nat_tc_int(ctx: &TcContext) -> (i32, u32) {
         // Out of ports: the sender is told, if --int has an address to
         // tell it from (RFC 5508 REQ-8).
         TcOut::Drop(stats::DROP_NO_PORT) if cfg.int_addr != 0 => no_port::hand_over(ctx),
+        // Denied by the egress policy with an answer (nat_common::policy).
+        TcOut::Drop(stats::DROP_POLICY_PROHIBITED) if cfg.int_addr != 0 => {
+            no_port::hand_over_policy(ctx)
+        }
+        TcOut::Drop(stats::DROP_POLICY_RESET) => reset::hand_over(ctx),
         TcOut::Pass(r) => (TC_ACT_OK, r),
         TcOut::Drop(r) => (TC_ACT_SHOT, r),
     }

@@ -12,7 +12,12 @@ use nat_common::{
 };
 use nat_loader::{dataplane::XdpAttach, events, pins, routing};
 
-use crate::values::{Filtering, MssClamp, PortRange, RouteTable, ScheduledEvents};
+use nat_common::policy::Verdict;
+
+use crate::values::{
+    Filtering, MssClamp, PortRange, RouteTable, ScheduledEvents,
+    policy::{PolicyDefault, RuleSpec as PolicyRuleSpec},
+};
 
 /// XDP/eBPF NAT gateway: source NAT from the --int NIC out of the --ext NIC.
 ///
@@ -49,6 +54,63 @@ pub enum Command {
         /// The gateway's pin directory.
         #[arg(long, value_name = "DIR", default_value = pins::DEFAULT_DIR)]
         bpffs_dir: PathBuf,
+    },
+    /// The egress policy: reload the running gateway's, or try one.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PolicyCommand {
+    /// Make the running gateway (the loader holding --bpffs-dir) read its
+    /// config file again and apply its egress policy to new flows, as
+    /// SIGHUP and `systemctl reload` do.
+    Apply {
+        /// Also end the established flows the new policy denies.
+        #[arg(long)]
+        recheck: bool,
+        /// The gateway's pin directory.
+        #[arg(long, value_name = "DIR", default_value = pins::DEFAULT_DIR)]
+        bpffs_dir: PathBuf,
+    },
+    /// Print the running gateway's egress policy (the loader holding
+    /// --bpffs-dir) as its maps hold it, with each rule's hits since it
+    /// was installed.
+    Show {
+        /// The gateway's pin directory.
+        #[arg(long, value_name = "DIR", default_value = pins::DEFAULT_DIR)]
+        bpffs_dir: PathBuf,
+        /// The config file the gateway read, for the rules' names (the
+        /// maps hold no names).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Say which rule of a config file's policy (with its flags) decides a
+    /// flow, the way the dataplane does.
+    Test {
+        /// The config file (its `[[policy.rule]]`s, `allow`, `deny` and
+        /// `policy-default` keys).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Inside source address.
+        #[arg(long, value_name = "IPV4")]
+        src: Ipv4Addr,
+        /// Destination address.
+        #[arg(long, value_name = "IPV4")]
+        dst: Ipv4Addr,
+        /// tcp, udp or icmp.
+        #[arg(long, value_name = "PROTO", value_parser = crate::values::policy::protocol)]
+        proto: u8,
+        /// Destination port (TCP, UDP).
+        #[arg(long, value_name = "PORT", default_value_t = 0)]
+        port: u16,
+        /// Rules as on the gateway's command line.
+        #[arg(long, value_name = "RULE")]
+        deny: Vec<PolicyRuleSpec>,
+        #[arg(long, value_name = "RULE")]
+        allow: Vec<PolicyRuleSpec>,
+        #[arg(long, value_name = "VERDICT")]
+        policy_default: Option<PolicyDefault>,
     },
 }
 
@@ -176,6 +238,26 @@ pub struct GatewayArgs {
     /// With each stats line, also log up to this many translated flows.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub show_flows: usize,
+    /// Do not drop new flows from --int whose source is outside --int's
+    /// subnets and the --internal-cidr prefixes (anti-spoofing, BCP 38).
+    #[arg(long)]
+    pub no_anti_spoofing: bool,
+    /// Deny new flows matching `[PROTO:][DEST][:PORTS]` (e.g. `tcp:25`),
+    /// silently. Repeatable; checked before --allow and the config file's
+    /// `[[policy.rule]]`s.
+    #[arg(long, value_name = "RULE")]
+    pub deny: Vec<PolicyRuleSpec>,
+    /// Allow new flows matching `[PROTO:][DEST][:PORTS]` (e.g.
+    /// `tcp:198.51.100.0/24:443`). Repeatable; checked after --deny.
+    #[arg(long, value_name = "RULE")]
+    pub allow: Vec<PolicyRuleSpec>,
+    /// What new flows no rule matches get: allow, drop, icmp-prohibited
+    /// or tcp-reset.
+    #[arg(long, value_name = "VERDICT", default_value_t = PolicyDefault(Verdict::Allow))]
+    pub policy_default: PolicyDefault,
+    /// The config file's `[[policy.rule]]`s (no flag).
+    #[arg(skip)]
+    pub policy_rules: Vec<nat_common::policy::Rule>,
 }
 
 /// `--filtering`'s values (RFC 4787 section 5).

@@ -20,13 +20,19 @@ use std::{
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::ValueEnum;
-use nat_common::timeouts::Timeouts;
+use nat_common::{
+    policy::{ANSWER_DROP, PROTO_ANY, Policy, Prefix, Rule, Verdict},
+    timeouts::Timeouts,
+};
 use nat_loader::{dataplane::XdpAttach, routing::Cidr};
 use serde::{Deserialize, Deserializer, de};
 
 use crate::{
     cli::{self, FilteringArg, GatewayArgs, Given, XdpModeArg},
-    values::{self, Filtering, MssClamp, PortRange, RouteTable, ScheduledEvents},
+    values::{
+        self, Filtering, MssClamp, PortRange, RouteTable, ScheduledEvents,
+        policy::{PolicyDefault, RuleSpec},
+    },
 };
 
 const SEC: u64 = 1_000_000_000;
@@ -62,6 +68,32 @@ pub struct Config {
     /// `None`: the counters are logged at exit only.
     pub stats_interval: Option<Duration>,
     pub show_flows: usize,
+    /// Drop new flows from sources outside the inside prefixes (BCP 38).
+    pub anti_spoofing: bool,
+    /// The egress policy: `--deny`, then `--allow`, then the file's
+    /// `[[policy.rule]]`s, and `--policy-default`.
+    pub policy: Policy,
+}
+
+/// How to read the configuration again, for a reload (SIGHUP): the same
+/// command line over the file as it is now.
+pub struct Reload {
+    args: GatewayArgs,
+    given: Given,
+}
+
+impl Reload {
+    pub fn new(args: &GatewayArgs, given: &Given) -> Reload {
+        Reload {
+            args: args.clone(),
+            given: given.clone(),
+        }
+    }
+
+    /// The configuration now, checked as at start.
+    pub fn config(&self) -> Result<Config> {
+        Config::load(self.args.clone(), &self.given)
+    }
 }
 
 /// Policy routing as configured (the gateways may still be discovered).
@@ -101,6 +133,9 @@ impl TryFrom<GatewayArgs> for Config {
     type Error = anyhow::Error;
 
     fn try_from(a: GatewayArgs) -> Result<Config> {
+        let policy = policy_of(&a);
+        // What the dataplane cannot hold is refused before anything changes.
+        nat_common::policy::compile(&policy).map_err(|e| anyhow!("egress policy: {e}"))?;
         let (Some(ext), Some(int)) = (a.ext, a.int) else {
             bail!("--ext and --int are required (or `ext` and `int` in the config file)");
         };
@@ -178,8 +213,42 @@ impl TryFrom<GatewayArgs> for Config {
             sweep_interval: Duration::from_secs(a.sweep_interval),
             stats_interval: (a.stats_interval > 0).then(|| Duration::from_secs(a.stats_interval)),
             show_flows: a.show_flows,
+            anti_spoofing: !a.no_anti_spoofing,
+            policy,
         })
     }
+}
+
+/// The egress policy of a run's settings: `--deny`, then `--allow`, then
+/// the file's `[[policy.rule]]`s, and the default.
+fn policy_of(a: &GatewayArgs) -> Policy {
+    Policy {
+        rules: a
+            .deny
+            .iter()
+            .map(|r| r.rule("deny", Verdict::Deny(ANSWER_DROP)))
+            .chain(a.allow.iter().map(|r| r.rule("allow", Verdict::Allow)))
+            .chain(a.policy_rules.iter().cloned())
+            .collect(),
+        default: a.policy_default.0,
+    }
+}
+
+/// The policy `nat-loader policy test` tries: the file's over the
+/// defaults, the given rules flags first, as a gateway run would have it.
+pub fn test_policy(file: Option<&Path>, flags: &[String]) -> Result<Policy> {
+    // The interfaces are not needed: the file stands in for them, as for
+    // a run.
+    let path = file.unwrap_or(Path::new("/dev/null")).display().to_string();
+    let argv = ["nat-loader".to_string(), "--config".to_string(), path]
+        .into_iter()
+        .chain(flags.iter().cloned());
+    let (cli, given) = cli::Cli::try_parse_args(argv).map_err(|e| anyhow!("{e}"))?;
+    let file = match file {
+        Some(path) => File::read(path)?,
+        None => File::default(),
+    };
+    Ok(policy_of(&file.under(cli.gateway, &given)))
 }
 
 /// The config file: every key optional, each a flag's name and type.
@@ -220,6 +289,89 @@ pub struct File {
     sweep_interval: Option<NonZeroU64>,
     stats_interval: Option<u64>,
     show_flows: Option<usize>,
+    no_anti_spoofing: Option<bool>,
+    deny: Option<Vec<RuleSpec>>,
+    allow: Option<Vec<RuleSpec>>,
+    policy_default: Option<PolicyDefault>,
+    /// `[policy]`, with its `[[policy.rule]]` list.
+    policy: Option<PolicyFile>,
+}
+
+/// `[policy]`: settings of the egress policy that have no flag.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct PolicyFile {
+    /// The rules, in order: the first that matches decides. Each is
+    /// checked as a whole once the file is read ([`File::parse`]), its
+    /// span giving the line for an error.
+    #[serde(default)]
+    rule: Vec<toml::Spanned<RawRule>>,
+    /// The checked rules.
+    #[serde(skip)]
+    rules: Vec<Rule>,
+}
+
+/// One `[[policy.rule]]`, checked.
+#[derive(Debug)]
+struct RuleFile(Rule);
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawRule {
+    name: String,
+    /// Inside prefix [default: any].
+    inside: Option<String>,
+    /// Destination prefix [default: any].
+    destination: Option<String>,
+    /// any, tcp, udp, icmp [default: any].
+    protocol: Option<String>,
+    /// Destination port or range [default: all].
+    ports: Option<String>,
+    /// allow or deny.
+    action: String,
+    /// For deny: drop, icmp-prohibited, tcp-reset [default: drop].
+    answer: Option<String>,
+}
+
+impl TryFrom<RawRule> for RuleFile {
+    type Error = String;
+    fn try_from(r: RawRule) -> Result<RuleFile, String> {
+        use values::policy as v;
+        let name = r.name;
+        let ctx = |e: String| format!("rule {name:?}: {e}");
+        let prefix = |s: &Option<String>| match s {
+            Some(s) => v::prefix(s).map_err(ctx),
+            None => Ok(Prefix::ANY),
+        };
+        let inside = prefix(&r.inside)?;
+        let dst = prefix(&r.destination)?;
+        let proto = match &r.protocol {
+            Some(p) => v::protocol(p).map_err(ctx)?,
+            None => PROTO_ANY,
+        };
+        let ports = match &r.ports {
+            Some(p) => v::ports(p).map_err(ctx)?,
+            None => (0, u16::MAX),
+        };
+        let verdict = match (r.action.as_str(), &r.answer) {
+            ("allow", None) => Verdict::Allow,
+            ("allow", Some(_)) => return Err(ctx("an answer is for action \"deny\" only".into())),
+            ("deny", a) => Verdict::Deny(match a {
+                Some(a) => v::answer(a).map_err(ctx)?,
+                None => ANSWER_DROP,
+            }),
+            (a, _) => return Err(ctx(format!("{a:?} is not an action (allow, deny)"))),
+        };
+        v::check(proto, ports, verdict).map_err(ctx)?;
+        Ok(RuleFile(Rule {
+            name,
+            inside,
+            dst,
+            proto,
+            ports,
+            verdict,
+        }))
+    }
 }
 
 impl File {
@@ -232,7 +384,7 @@ impl File {
     /// Parses `text`, the contents of `path`; an error names the file, the
     /// line and the key.
     pub fn parse(text: &str, path: &Path) -> Result<File> {
-        toml::from_str(text).map_err(|e| {
+        let mut file: File = toml::from_str(text).map_err(|e| {
             let place = match e.span() {
                 Some(span) => {
                     let line = text[..span.start].matches('\n').count() + 1;
@@ -250,7 +402,16 @@ impl File {
                 path.display(),
                 explain(e.message())
             )
-        })
+        })?;
+        if let Some(p) = &mut file.policy {
+            for raw in std::mem::take(&mut p.rule) {
+                let line = text[..raw.span().start].matches('\n').count() + 1;
+                let rule = RuleFile::try_from(raw.into_inner())
+                    .map_err(|e| anyhow!("config file {}, line {line}: {e}", path.display()))?;
+                p.rules.push(rule.0);
+            }
+        }
+        Ok(file)
     }
 
     /// `flags` with every value this file sets that the command line did
@@ -298,7 +459,14 @@ impl File {
             sweep_interval as |s: NonZeroU64| s.get(),
             stats_interval,
             show_flows,
+            no_anti_spoofing,
+            deny,
+            allow,
+            policy_default,
         );
+        if let Some(p) = self.policy {
+            flags.policy_rules = p.rules;
+        }
         flags
     }
 }
@@ -492,9 +660,9 @@ mod tests {
                  names without the dashes, see nat-loader --help)"
             )
         );
-        let e = err(&format!("{NICS}[policy]\nrule = []\n"), &[]);
+        let e = err(&format!("{NICS}[policy]\nrule = []\ncolour = 1\n"), &[]);
         assert!(
-            e.contains("line 3") && e.contains("unknown key `policy`"),
+            e.contains("line 5") && e.contains("unknown key `colour`"),
             "{e}"
         );
     }
@@ -696,7 +864,8 @@ mod tests {
             int-table = 20\next-table = 21\n\
             int-gateway = \"10.0.0.1\"\next-gateway = \"10.0.1.1\"\n\
             internal-cidr = [\"10.9.0.0/16\"]\nsweep-interval = 22\nstats-interval = 23\n\
-            show-flows = 24\n";
+            show-flows = 24\nno-anti-spoofing = true\ndeny = [\"tcp:25\"]\n\
+            allow = [\"192.0.2.0/24\"]\npolicy-default = \"tcp-reset\"\n";
         let c = config(toml, &[]).expect("config");
         let expected = Config {
             ext: "a".into(),
@@ -735,6 +904,28 @@ mod tests {
             sweep_interval: Duration::from_secs(22),
             stats_interval: Some(Duration::from_secs(23)),
             show_flows: 24,
+            anti_spoofing: false,
+            policy: Policy {
+                rules: vec![
+                    Rule {
+                        name: "--deny tcp:25".into(),
+                        inside: Prefix::ANY,
+                        dst: Prefix::ANY,
+                        proto: nat_common::IPPROTO_TCP,
+                        ports: (25, 25),
+                        verdict: Verdict::Deny(ANSWER_DROP),
+                    },
+                    Rule {
+                        name: "--allow 192.0.2.0/24".into(),
+                        inside: Prefix::ANY,
+                        dst: Prefix::new(Ipv4Addr::new(192, 0, 2, 0), 24),
+                        proto: PROTO_ANY,
+                        ports: (0, u16::MAX),
+                        verdict: Verdict::Allow,
+                    },
+                ],
+                default: Verdict::Deny(nat_common::policy::ANSWER_RST),
+            },
         };
         assert_eq!(c, expected);
         let off = config(
@@ -747,5 +938,113 @@ mod tests {
         assert_eq!(off.routing, None);
         // Every key counted: a new flag must be added here and to File.
         assert_eq!(toml.lines().count(), packaged_keys(true).lines().count());
+    }
+
+    const POLICY: &str = "[policy]\n\
+        [[policy.rule]]\nname = \"https-mirrors\"\ninside = \"10.1.0.0/16\"\n\
+        destination = \"198.51.100.0/24\"\nprotocol = \"tcp\"\nports = \"443\"\naction = \"allow\"\n\
+        [[policy.rule]]\nname = \"no-smtp\"\nprotocol = \"tcp\"\nports = \"25-26\"\n\
+        action = \"deny\"\nanswer = \"icmp-prohibited\"\n";
+
+    #[test]
+    fn policy_rules_come_from_the_file_after_the_flags_in_order() {
+        let c = config(&format!("{NICS}{POLICY}"), &["--deny", "udp:53"]).expect("config");
+        let names: Vec<&str> = c.policy.rules.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["--deny udp:53", "https-mirrors", "no-smtp"]);
+        let r = &c.policy.rules[1];
+        assert_eq!(r.inside, Prefix::new(Ipv4Addr::new(10, 1, 0, 0), 16));
+        assert_eq!(r.dst, Prefix::new(Ipv4Addr::new(198, 51, 100, 0), 24));
+        assert_eq!(
+            (r.proto, r.ports, r.verdict),
+            (6, (443, 443), Verdict::Allow)
+        );
+        let r = &c.policy.rules[2];
+        assert_eq!(r.inside, Prefix::ANY);
+        assert_eq!(
+            (r.ports, r.verdict),
+            ((25, 26), Verdict::Deny(nat_common::policy::ANSWER_ICMP))
+        );
+        assert_eq!(c.policy.default, Verdict::Allow);
+        assert!(c.anti_spoofing);
+    }
+
+    #[test]
+    fn a_bad_rule_is_an_error_naming_the_file_line_and_rule() {
+        for (bad, line, expected) in [
+            ("action = \"allow\"", "line 3", "is not an action"),
+            (
+                "answer = \"icmp-prohibited\"",
+                "line 3",
+                "for action \"deny\" only",
+            ),
+            (
+                "protocol = \"icmp\"\nports = \"80\"",
+                "line 3",
+                "ports need protocol",
+            ),
+            (
+                "protocol = \"udp\"\nanswer = \"tcp-reset\"",
+                "line 3",
+                "tcp-reset needs",
+            ),
+            ("destination = \"10.0.0.1/8\"", "line 3", "host bits set"),
+            ("colour = \"red\"", "line 6", "unknown key `colour`"),
+        ] {
+            let action = if bad.starts_with("action") {
+                "action = \"permit\""
+            } else {
+                "action = \"deny\""
+            };
+            let action = if bad.starts_with("answer") {
+                "action = \"allow\""
+            } else {
+                action
+            };
+            let toml = format!(
+                "{NICS}[[policy.rule]]\nname = \"r1\"\n{action}\n{}\n",
+                if bad.starts_with("action") { "" } else { bad }
+            );
+            let e = err(&toml, &[]);
+            assert!(
+                e.contains(FILE) && e.contains(line) && e.contains(expected),
+                "{bad}: {e}"
+            );
+            if !expected.starts_with("unknown key") {
+                assert!(e.contains("rule \"r1\""), "{e}");
+            }
+        }
+        let e = err(NICS, &["--deny", "tcp:10.0.0.0/8:80:90"]);
+        assert!(e.contains("is not [PROTO:][DEST][:PORTS]"), "{e}");
+    }
+
+    #[test]
+    fn policy_test_builds_the_policy_a_run_would_have() {
+        let flags: Vec<String> = ["--deny", "tcp:25", "--policy-default", "tcp-reset"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let p = test_policy(None, &flags).expect("policy");
+        assert_eq!(p.rules.len(), 1);
+        assert_eq!(p.rules[0].name, "--deny tcp:25");
+        assert_eq!(p.default, Verdict::Deny(nat_common::policy::ANSWER_RST));
+        let e =
+            test_policy(None, &["--deny".to_string(), "sctp:1".to_string()]).expect_err("bad rule");
+        assert!(format!("{e:#}").contains("--deny"), "{e:#}");
+    }
+
+    #[test]
+    fn a_policy_the_dataplane_cannot_hold_is_refused_with_the_reason() {
+        let rules: String = (0..=nat_common::policy::MAX_CANDIDATES)
+            .map(|i| {
+                format!(
+                    "[[policy.rule]]\nname = \"r{i}\"\ninside = \"10.9.{i}.0/24\"\naction = \"deny\"\n"
+                )
+            })
+            .collect();
+        let e = err(&format!("{NICS}{rules}"), &[]);
+        assert!(
+            e.contains("egress policy") && e.contains("destination 0.0.0.0/0"),
+            "{e}"
+        );
     }
 }

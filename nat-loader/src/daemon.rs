@@ -2,7 +2,7 @@
 //! health checks, probe connections and Scheduled Events until it is time
 //! to go, then shut down: remove everything (SIGTERM, SIGINT, after the
 //! drain) or leave the pinned dataplane forwarding (SIGUSR2, a failing
-//! sweeper).
+//! sweeper). SIGHUP reloads the egress policy.
 
 use std::{ops::ControlFlow, process::ExitCode, time::Duration};
 
@@ -24,7 +24,7 @@ use tokio::{
 use tracing::{info, warn};
 
 use crate::{
-    config::Config,
+    config::{Config, Reload},
     setup::{Attached, Host, Services},
 };
 
@@ -35,7 +35,7 @@ const EXIT_HANDOVER: u8 = 75;
 /// How the run ends: how the dataplane is left, and whether with an error.
 type End = (Exit, Result<()>);
 
-pub async fn run(config: Config) -> Result<ExitCode> {
+pub async fn run(config: Config, reload: Reload) -> Result<ExitCode> {
     // Caught from the very start: a SIGTERM while the dataplane is being
     // set up (or the moment the ready line is out, before the loop runs)
     // would otherwise kill the process by default, leaving programs, rules
@@ -58,7 +58,7 @@ pub async fn run(config: Config) -> Result<ExitCode> {
         Ok(s) => s,
         Err(e) => return Err(attached.abandon(e)),
     };
-    let mut gw = Gateway::new(config, handle, attached, services).await;
+    let mut gw = Gateway::new(config, handle, attached, services, reload).await;
     info!(
         ext = %host.ext.name, int = %host.int.name, snat = %host.snat,
         ports = %gw.config.ports, low_ports = %gw.config.low_ports,
@@ -79,6 +79,8 @@ struct Signals {
     int: Signal,
     term: Signal,
     usr2: Signal,
+    hup: Signal,
+    usr1: Signal,
 }
 
 impl Signals {
@@ -87,6 +89,8 @@ impl Signals {
             int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
             term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
             usr2: signal(SignalKind::user_defined2()).context("installing the SIGUSR2 handler")?,
+            hup: signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
+            usr1: signal(SignalKind::user_defined1()).context("installing the SIGUSR1 handler")?,
         })
     }
 }
@@ -123,6 +127,11 @@ enum Event {
     Stop(&'static str),
     /// SIGUSR2.
     Handover,
+    /// SIGHUP: read the egress policy again; SIGUSR1 (`nat-loader policy
+    /// apply --recheck`): and end the established flows it denies.
+    Reload {
+        recheck: bool,
+    },
     DrainOver,
     /// The event that takes this VM away changed (`None`: withdrawn).
     Notice(Option<Departure>),
@@ -141,6 +150,8 @@ struct Gateway {
     status: Status,
     status_tx: watch::Sender<Status>,
     drain: Drain,
+    /// How to read the configuration again (SIGHUP).
+    reload: Reload,
 }
 
 impl Gateway {
@@ -151,6 +162,7 @@ impl Gateway {
         handle: Handle,
         mut attached: Attached,
         mut services: Services,
+        reload: Reload,
     ) -> Gateway {
         let status = services.health.check(&handle, &mut attached.dp).await;
         if let Status::Unhealthy(reason) = &status {
@@ -173,6 +185,7 @@ impl Gateway {
             status,
             status_tx,
             drain: Drain::Off,
+            reload,
         }
     }
 
@@ -200,6 +213,8 @@ impl Gateway {
             _ = signals.int.recv() => Event::Stop("SIGINT"),
             _ = signals.term.recv() => Event::Stop("SIGTERM"),
             _ = signals.usr2.recv() => Event::Handover,
+            _ = signals.hup.recv() => Event::Reload { recheck: false },
+            _ = signals.usr1.recv() => Event::Reload { recheck: true },
             _ = sleep_until(drain_until), if drain_until.is_some() => Event::DrainOver,
             notice = next_notice(&mut s.events) => Event::Notice(notice),
             _ = health_tick.tick() => Event::HealthCheck,
@@ -223,6 +238,7 @@ impl Gateway {
                 self.end_drain().await;
                 return ControlFlow::Break((Exit::Teardown, Ok(())));
             }
+            Event::Reload { recheck } => self.on_reload(recheck),
             Event::Notice(notice) => self.on_notice(notice),
             Event::HealthCheck => self.check_health().await,
             Event::SweepFailed(e) => {
@@ -241,6 +257,46 @@ impl Gateway {
             }
         }
         ControlFlow::Continue(())
+    }
+
+    /// SIGHUP: the configuration is read again and its egress policy
+    /// replaces the running one atomically; new flows follow it,
+    /// established ones are not judged again unless `recheck` (SIGUSR1):
+    /// then those it denies are ended. A file that does not check
+    /// (or a policy that does not compile) changes nothing: one line says
+    /// why, with the file's line.
+    fn on_reload(&mut self, recheck: bool) {
+        let signal = if recheck { "SIGUSR1" } else { "SIGHUP" };
+        let result = self
+            .reload
+            .config()
+            .and_then(|c| self.attached.dp.policy.install(&c.policy).map(|()| c));
+        let c = match result {
+            Ok(c) => c,
+            Err(e) => {
+                warn!("{signal}: egress policy not reloaded, the one in force stays: {e:#}");
+                return;
+            }
+        };
+        let ended = if recheck {
+            match nat_loader::policy::recheck(&mut self.attached.dp.maps.sessions, &c.policy) {
+                Ok(n) => n,
+                Err(e) => {
+                    warn!("{signal}: rechecking the established flows: {e:#}");
+                    0
+                }
+            }
+        } else {
+            0
+        };
+        info!(
+            rules = c.policy.rules.len(),
+            default = %c.policy.default,
+            recheck,
+            ended,
+            "{signal}: egress policy reloaded (new flows follow it)"
+        );
+        self.config.policy = c.policy;
     }
 
     /// The first SIGTERM/SIGINT drains (unless --drain-seconds is 0); one
@@ -379,6 +435,7 @@ impl Gateway {
             h.abort();
         }
         reporter.stop();
+        log_policy_hits(&attached.dp.policy);
         let Attached { dp, sysctls, .. } = attached;
         match how {
             Exit::Teardown => {
@@ -403,6 +460,19 @@ impl Gateway {
             }
         }
         Ok(())
+    }
+}
+
+/// One line per rule of the egress policy in force: the new flows it
+/// decided since it was installed (denied ones: its drops).
+fn log_policy_hits(policy: &nat_loader::policy::PolicyMaps) {
+    match policy.hits() {
+        Ok(hits) => {
+            for (rule, verdict, flows) in hits {
+                info!(%rule, %verdict, flows, "policy hits");
+            }
+        }
+        Err(e) => warn!(error = %format!("{e:#}"), "reading the policy's hit counters"),
     }
 }
 

@@ -30,7 +30,8 @@ use tracing::{info, warn};
 use crate::{
     ebpf_object,
     pins::{self, LINK_TCX_EXT, LINK_TCX_INT, LINK_XDP_EXT, LINK_XDP_INT, PinDir},
-    program, refused,
+    policy::PolicyMaps,
+    program, refused, take_map,
 };
 
 /// How XDP is attached.
@@ -59,6 +60,11 @@ pub struct Settings {
     /// (`XDP_EGRESS_*`, index the XDP hook): what the NICs' features say
     /// for the attach mode asked for.
     pub xdp_egress: [u32; 2],
+    /// The egress policy new flows are judged by.
+    pub policy: nat_common::policy::Policy,
+    /// Anti-spoofing: the prefixes new flows' sources must be in (checked
+    /// when `nat` has `CFG_F_ANTI_SPOOFING`).
+    pub inside_nets: Vec<(std::net::Ipv4Addr, u8)>,
 }
 
 /// Loads the object with `cfg` patched into its config global and the
@@ -166,6 +172,8 @@ pub struct Dataplane {
     xdp_egress: Array<MapData, XdpEgress>,
     /// The XDP programs' ids, index the XDP hook.
     xdp_ids: [u32; 2],
+    /// The egress policy and anti-spoofing maps (hot reload: `install`).
+    pub policy: PolicyMaps,
 }
 
 /// The conntrack maps, as the control plane owns them.
@@ -228,6 +236,10 @@ impl Dataplane {
         for (hook, mode) in [HOOK_XDP_INT, HOOK_XDP_EXT].into_iter().zip(s.xdp_egress) {
             write_egress(&mut xdp_egress, &xdp_ids, hook, mode)?;
         }
+        // And which new flows they may create.
+        let mut policy = PolicyMaps::take(&mut ebpf)?;
+        policy.set_inside_nets(&s.inside_nets)?;
+        policy.install(&s.policy)?;
         refused::attach(&mut ebpf).context("counting refused XDP redirects")?;
         let mut links = Vec::new();
         // Outbound first: until the ext side is attached, translated flows'
@@ -264,6 +276,7 @@ impl Dataplane {
             stats,
             xdp_egress,
             xdp_ids,
+            policy,
         })
     }
 
@@ -378,17 +391,6 @@ where
         .with_context(|| format!("pinned map {} has an unknown type", path.display()))?;
     T::try_from(map)
         .with_context(|| format!("pinned map {} has an unexpected type", path.display()))
-}
-
-/// Takes a map out of the object so the control plane can own it.
-pub fn take_map<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
-where
-    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
-{
-    let map = ebpf
-        .take_map(name)
-        .with_context(|| format!("map {name} missing from the eBPF object"))?;
-    T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
 }
 
 fn attach_xdp(ebpf: &mut Ebpf, name: &str, ifname: &str, mode: XdpAttach) -> Result<FdLink> {

@@ -12,6 +12,7 @@ pub mod health;
 pub mod mounts;
 pub mod netif;
 pub mod pins;
+pub mod policy;
 pub mod pressure;
 pub mod refused;
 pub mod routing;
@@ -45,6 +46,18 @@ where
         .with_context(|| format!("program {name} missing from the eBPF object"))?
         .try_into()
         .with_context(|| format!("program {name} has an unexpected type"))
+}
+
+/// Takes a map out of the loaded object so the control plane can own it.
+pub fn take_map<T>(ebpf: &mut aya::Ebpf, name: &str) -> anyhow::Result<T>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    use anyhow::Context;
+    let map = ebpf
+        .take_map(name)
+        .with_context(|| format!("map {name} missing from the eBPF object"))?;
+    T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns()`, which

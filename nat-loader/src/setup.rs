@@ -13,8 +13,8 @@ use anyhow::{Context, Result, bail};
 use std::sync::Arc;
 
 use nat_common::{
-    CFG_F_UDP_INBOUND_REFRESH, MAP_STATS, NatConfig, PROG_TC_EXT, PROG_TC_INT, PROG_XDP_EXT,
-    PROG_XDP_INT,
+    CFG_F_ANTI_SPOOFING, CFG_F_UDP_INBOUND_REFRESH, MAP_STATS, NatConfig, PROG_TC_EXT, PROG_TC_INT,
+    PROG_XDP_EXT, PROG_XDP_INT,
 };
 use nat_loader::{
     conntrack::{self, SweeperThread},
@@ -46,6 +46,8 @@ pub struct Host {
     /// Source of the out-of-ports ICMP errors (RFC 5508 REQ-8: the address
     /// the inside hosts know the gateway by).
     pub int_addr: Option<Ipv4Addr>,
+    /// `--int`'s subnets (address, prefix length): inside sources.
+    pub int_nets: Vec<(Ipv4Addr, u8)>,
     /// `None`: no policy routing.
     pub plan: Option<Plan>,
     /// What each NIC can take from XDP (`xdp-features`) at start.
@@ -88,6 +90,9 @@ impl Host {
             None => None,
         };
         let int_addr = int.ipv4.first().copied();
+        let int_nets = netif::addresses(handle, int.index)
+            .await
+            .context("--int's subnets")?;
         if int_addr.is_none() {
             warn!(interface = %int.name,
                 "--int has no IPv4 address: new flows that find no free port are dropped without an ICMP error");
@@ -100,6 +105,7 @@ impl Host {
             int,
             snat,
             int_addr,
+            int_nets,
             plan,
             int_xdp_features,
             ext_xdp_features,
@@ -117,11 +123,14 @@ impl Host {
 
     /// What the dataplane's programs are given.
     pub fn settings(&self, config: &Config) -> Settings {
-        let flags = if config.udp_inbound_refresh {
+        let mut flags = if config.udp_inbound_refresh {
             CFG_F_UDP_INBOUND_REFRESH
         } else {
             0
         };
+        if config.anti_spoofing {
+            flags |= CFG_F_ANTI_SPOOFING;
+        }
         let nat = NatConfig::new(self.int.index, self.ext.index, self.snat)
             .with_ports(config.ports.min, config.ports.max)
             .with_low_ports(config.low_ports.min, config.low_ports.max)
@@ -151,7 +160,19 @@ impl Host {
                 egress::decide(run, self.ext_xdp_features),
                 egress::decide(run, self.int_xdp_features),
             ],
+            policy: config.policy.clone(),
+            inside_nets: self.inside_nets(config),
         }
+    }
+
+    /// Where new flows' sources may be (anti-spoofing): `--int`'s subnets
+    /// and the `--internal-cidr`s.
+    pub fn inside_nets(&self, config: &Config) -> Vec<(Ipv4Addr, u8)> {
+        let cidrs = config
+            .routing
+            .iter()
+            .flat_map(|r| r.internal_cidrs.iter().map(|c| (c.addr, c.len)));
+        self.int_nets.iter().copied().chain(cidrs).collect()
     }
 }
 

@@ -256,3 +256,199 @@ mod tests {
         }
     }
 }
+
+/// The egress policy's values (`--allow`, `--deny`, `--policy-default`,
+/// `[[policy.rule]]`), parsed here for the flags and the file alike.
+pub mod policy {
+    use std::{net::Ipv4Addr, str::FromStr};
+
+    use nat_common::{
+        IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
+        policy::{ANSWER_DROP, ANSWER_ICMP, ANSWER_RST, PROTO_ANY, Prefix, Rule, Verdict},
+    };
+    use serde::Deserialize;
+
+    /// `any`, `tcp`, `udp` or `icmp`.
+    pub fn protocol(s: &str) -> Result<u8, String> {
+        match s {
+            "any" => Ok(PROTO_ANY),
+            "tcp" => Ok(IPPROTO_TCP),
+            "udp" => Ok(IPPROTO_UDP),
+            "icmp" => Ok(IPPROTO_ICMP),
+            _ => Err(format!("{s:?} is not a protocol (any, tcp, udp, icmp)")),
+        }
+    }
+
+    /// A prefix `A.B.C.D/LEN`, or an address alone (`/32`); host bits must
+    /// be clear.
+    pub fn prefix(s: &str) -> Result<Prefix, String> {
+        let (a, len) = match s.split_once('/') {
+            Some((a, l)) => (
+                a,
+                l.parse::<u8>()
+                    .ok()
+                    .filter(|l| *l <= 32)
+                    .ok_or_else(|| format!("{l:?} is not a prefix length (0-32)"))?,
+            ),
+            None => (s, 32),
+        };
+        let addr: Ipv4Addr = a
+            .parse()
+            .map_err(|_| format!("{a:?} is not an IPv4 address or prefix"))?;
+        let p = Prefix::new(addr, len);
+        if p.addr != addr {
+            return Err(format!("{s}: host bits set (did you mean {p}?)"));
+        }
+        Ok(p)
+    }
+
+    /// A destination port `P` or range `MIN-MAX` (0-65535).
+    pub fn ports(s: &str) -> Result<(u16, u16), String> {
+        let (a, b) = s.split_once('-').unwrap_or((s, s));
+        let p = |x: &str| {
+            x.trim()
+                .parse::<u16>()
+                .map_err(|_| format!("{x:?} is not a port number"))
+        };
+        let (min, max) = (p(a)?, p(b)?);
+        if min > max {
+            return Err(format!("{s:?}: need MIN <= MAX"));
+        }
+        Ok((min, max))
+    }
+
+    /// `drop`, `icmp-prohibited` or `tcp-reset`.
+    pub fn answer(s: &str) -> Result<u8, String> {
+        match s {
+            "drop" => Ok(ANSWER_DROP),
+            "icmp-prohibited" => Ok(ANSWER_ICMP),
+            "tcp-reset" => Ok(ANSWER_RST),
+            _ => Err(format!(
+                "{s:?} is not an answer (drop, icmp-prohibited, tcp-reset)"
+            )),
+        }
+    }
+
+    /// Whether the rest of a rule fits its protocol: ports need TCP or
+    /// UDP (or any, which then matches TCP and UDP only), a reset TCP.
+    pub fn check(proto: u8, ports: (u16, u16), verdict: Verdict) -> Result<(), String> {
+        if ports != (0, u16::MAX) && !matches!(proto, PROTO_ANY | IPPROTO_TCP | IPPROTO_UDP) {
+            return Err("ports need protocol tcp, udp or any".into());
+        }
+        if verdict == Verdict::Deny(ANSWER_RST) && !matches!(proto, PROTO_ANY | IPPROTO_TCP) {
+            return Err("answer tcp-reset needs protocol tcp or any".into());
+        }
+        Ok(())
+    }
+
+    /// A rule of `--allow`/`--deny`: `[PROTO:][DEST][:PORTS]`, e.g.
+    /// `tcp:25`, `203.0.113.0/24`, `tcp:198.51.100.0/24:443`,
+    /// `udp:192.0.2.53:53`. From any inside source; a denied flow is
+    /// dropped silently.
+    #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+    #[serde(try_from = "String")]
+    pub struct RuleSpec {
+        pub spec: String,
+        pub proto: u8,
+        pub dst: Prefix,
+        pub ports: (u16, u16),
+    }
+
+    impl FromStr for RuleSpec {
+        type Err = String;
+        fn from_str(s: &str) -> Result<RuleSpec, String> {
+            let mut parts: Vec<&str> = s.split(':').collect();
+            let mut proto = PROTO_ANY;
+            if let Some(first) = parts.first()
+                && let Ok(p) = protocol(first)
+            {
+                proto = p;
+                parts.remove(0);
+            }
+            let mut dst = Prefix::ANY;
+            if let Some(first) = parts.first()
+                && first.contains('.')
+            {
+                dst = prefix(first)?;
+                parts.remove(0);
+            }
+            let mut range = (0, u16::MAX);
+            match parts.as_slice() {
+                [] => {}
+                [p] if !p.is_empty() => range = ports(p)?,
+                _ => {
+                    return Err(format!(
+                        "{s:?} is not [PROTO:][DEST][:PORTS] (e.g. tcp:25, 203.0.113.0/24, \
+                         tcp:198.51.100.0/24:443)"
+                    ));
+                }
+            }
+            check(proto, range, Verdict::Allow)?;
+            Ok(RuleSpec {
+                spec: s.to_string(),
+                proto,
+                dst,
+                ports: range,
+            })
+        }
+    }
+
+    impl TryFrom<String> for RuleSpec {
+        type Error = String;
+        fn try_from(s: String) -> Result<RuleSpec, String> {
+            s.parse()
+        }
+    }
+
+    impl RuleSpec {
+        /// The rule, named after its flag (`--deny tcp:25`).
+        pub fn rule(&self, flag: &str, verdict: Verdict) -> Rule {
+            Rule {
+                name: format!("--{flag} {}", self.spec),
+                inside: Prefix::ANY,
+                dst: self.dst,
+                proto: self.proto,
+                ports: self.ports,
+                verdict,
+            }
+        }
+    }
+
+    /// `--policy-default`: `allow`, or deny with an answer (`drop`,
+    /// `icmp-prohibited`, `tcp-reset`).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+    #[serde(try_from = "String")]
+    pub struct PolicyDefault(pub Verdict);
+
+    impl FromStr for PolicyDefault {
+        type Err = String;
+        fn from_str(s: &str) -> Result<PolicyDefault, String> {
+            if s == "allow" {
+                return Ok(PolicyDefault(Verdict::Allow));
+            }
+            answer(s)
+                .map(|a| PolicyDefault(Verdict::Deny(a)))
+                .map_err(|_| {
+                    format!("{s:?} is not a default (allow, drop, icmp-prohibited, tcp-reset)")
+                })
+        }
+    }
+
+    impl TryFrom<String> for PolicyDefault {
+        type Error = String;
+        fn try_from(s: String) -> Result<PolicyDefault, String> {
+            s.parse()
+        }
+    }
+
+    impl std::fmt::Display for PolicyDefault {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(match self.0 {
+                Verdict::Allow => "allow",
+                Verdict::Deny(ANSWER_ICMP) => "icmp-prohibited",
+                Verdict::Deny(ANSWER_RST) => "tcp-reset",
+                Verdict::Deny(_) => "drop",
+            })
+        }
+    }
+}

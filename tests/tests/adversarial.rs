@@ -51,6 +51,12 @@
 
 use std::{collections::HashSet, fmt::Write as _, net::Ipv4Addr};
 
+use nat_common::{
+    CFG_F_ANTI_SPOOFING,
+    policy::{ANSWER_DROP, Policy, Prefix, Rule, Verdict},
+};
+use nat_loader::policy::PolicyMaps;
+
 use aya::{
     Ebpf,
     maps::{HashMap, MapData},
@@ -1547,11 +1553,30 @@ fn with_rig<R: Send>(
     max_flows: u32,
     f: impl FnOnce(&mut Rig) -> R + Send,
 ) -> R {
+    with_rig_policy(cfg_of, max_flows, None, f)
+}
+
+/// The egress policy and the inside prefixes (anti-spoofing) a rig's
+/// programs are given.
+type RigPolicy = (Policy, Vec<(Ipv4Addr, u8)>);
+
+/// [`with_rig`], the programs given `policy` before the first frame.
+fn with_rig_policy<R: Send>(
+    cfg_of: impl Fn(&Nics) -> NatConfig,
+    max_flows: u32,
+    policy: Option<RigPolicy>,
+    f: impl FnOnce(&mut Rig) -> R + Send,
+) -> R {
     let (lab, nics, routes) = rig_lab();
     let cfg = cfg_of(&nics);
     let routes = &routes;
     lab.in_ns(Host::Nat, move || {
-        let ebpf = dataplane::load(&cfg, max_flows).expect("loading the eBPF object");
+        let mut ebpf = dataplane::load(&cfg, max_flows).expect("loading the eBPF object");
+        if let Some((policy, nets)) = policy {
+            let mut maps = PolicyMaps::take(&mut ebpf).expect("the policy maps");
+            maps.set_inside_nets(&nets).expect("the inside prefixes");
+            maps.install(&policy).expect("installing the policy");
+        }
         let counters = Counters::of(&ebpf).expect("counters");
         let mut rig = Rig {
             ebpf,
@@ -1583,7 +1608,17 @@ fn rig_lab() -> (Lab, Nics, Routes) {
 /// Runs the generated cases against the programs loaded with `cfg`, and
 /// fails unless every `hook/reason` of `reached` was counted at least once.
 fn property(cfg_of: impl Fn(&Nics) -> NatConfig, max_flows: u32, reached: &[&str]) {
-    let counters = with_rig(cfg_of, max_flows, |rig| {
+    property_with(cfg_of, max_flows, None, reached)
+}
+
+/// [`property`] with an egress policy and anti-spoofing prefixes.
+fn property_with(
+    cfg_of: impl Fn(&Nics) -> NatConfig,
+    max_flows: u32,
+    policy: Option<RigPolicy>,
+    reached: &[&str],
+) {
+    let counters = with_rig_policy(cfg_of, max_flows, policy, |rig| {
         let rig = std::cell::RefCell::new(rig);
         let config = Config {
             cases: cases(),
@@ -1708,6 +1743,46 @@ fn generated_frames_keep_every_invariant_with_open_filtering_and_mss_clamping() 
         |n| n.config(1024, 65535).with_filtering(FILTER_ADDRESS),
         1024,
         &[&REACHED[..], &["xdp_ext/event_inbound_session"]].concat(),
+    );
+}
+
+/// An egress policy whose denials drop (its answers leave `int` as new
+/// packets: the fixtures and lab tests check those) and anti-spoofing
+/// with a prefix that leaves three of the inside hosts out; open filtering,
+/// so that sessions opened from outside are judged too.
+#[test]
+fn generated_frames_keep_every_invariant_with_an_egress_policy_and_anti_spoofing() {
+    let rule = |dst: Ipv4Addr, proto, ports| Rule {
+        name: String::new(),
+        inside: Prefix::ANY,
+        dst: Prefix::new(dst, 32),
+        proto,
+        ports,
+        verdict: Verdict::Deny(ANSWER_DROP),
+    };
+    let policy = Policy {
+        rules: vec![
+            rule(Ipv4Addr::new(203, 0, 113, 9), IPPROTO_TCP, (0, 65535)),
+            rule(SERVER_IP, IPPROTO_UDP, (40000, 40001)),
+            rule(SERVER_IP, IPPROTO_UDP, (53, 53)),
+        ],
+        default: Verdict::Allow,
+    };
+    // 10.1.0.0/28: client1 and client2 (.11, .12) in, .20, .21, .30 out.
+    let nets = vec![(Ipv4Addr::new(10, 1, 0, 0), 28)];
+    property_with(
+        |n| {
+            n.config(1024, 65535)
+                .with_filtering(FILTER_ENDPOINT_INDEPENDENT)
+                .with_flags(CFG_F_ANTI_SPOOFING)
+        },
+        1024,
+        Some((policy, nets)),
+        &[
+            &REACHED[..],
+            &["xdp_int/drop_spoofed_source", "xdp_int/drop_policy_denied"],
+        ]
+        .concat(),
     );
 }
 

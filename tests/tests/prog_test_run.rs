@@ -943,3 +943,129 @@ fn the_out_of_ports_error_comes_from_the_nics_own_mac() {
     assert_eq!(&out[..6], &fx.client_mac, "back to the sender");
     assert_eq!(&out[6..12], &fx.int_mac, "from int's own MAC");
 }
+
+/// The RST `nat_tc_policy_rst` must make of client1's SYN to the server's
+/// `port` from `sport` (seq 0x01020304, the packet builder's): from the
+/// server, RST+ACK acknowledging the SYN, back to client1's MAC from
+/// `int`'s. Built here byte by byte.
+fn expected_reset(fx: &Fixture, sport: u16, port: u16) -> Vec<u8> {
+    let mut tcp = Vec::new();
+    tcp.extend_from_slice(&port.to_be_bytes());
+    tcp.extend_from_slice(&sport.to_be_bytes());
+    tcp.extend_from_slice(&0u32.to_be_bytes());
+    tcp.extend_from_slice(&0x0102_0305u32.to_be_bytes());
+    tcp.extend_from_slice(&[0x50, 0x14, 0, 0, 0, 0, 0, 0]);
+    let c = nat_lab::packet::l4_checksum(SERVER_IP, CLIENT1_IP, 6, &tcp);
+    tcp[16..18].copy_from_slice(&c.to_be_bytes());
+    let mut ip = vec![0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0];
+    ip.extend_from_slice(&SERVER_IP.octets());
+    ip.extend_from_slice(&CLIENT1_IP.octets());
+    let c = nat_lab::packet::internet_checksum(&ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut f = Vec::new();
+    f.extend_from_slice(&fx.client_mac);
+    f.extend_from_slice(&fx.int_mac);
+    f.extend_from_slice(&[0x08, 0x00]);
+    f.extend(ip);
+    f.extend(tcp);
+    f
+}
+
+#[test]
+fn the_egress_policy_decides_new_flows_among_10000_rules_and_answers_a_syn_with_a_reset() {
+    use nat_common::policy::{ANSWER_DROP, ANSWER_RST, Policy, Prefix, Rule, Verdict};
+    let fx = Fixture::new();
+    let tcp_to = |sport: u16, dport: u16| {
+        fx.outbound(
+            L4::Tcp {
+                sport,
+                dport,
+                flags: TCP_SYN,
+            },
+            b"",
+        )
+        .build()
+    };
+    let (allowed, dropped, handed, reset, st, hits, sessions) = fx.run_default(|ebpf| {
+        let mut policy = nat_loader::policy::PolicyMaps::take(ebpf).expect("the policy maps");
+        let rule = |name: String, dst: Prefix, ports: (u16, u16), verdict: Verdict| Rule {
+            name,
+            inside: Prefix::ANY,
+            dst,
+            proto: 6,
+            ports,
+            verdict,
+        };
+        // 9,998 rules for other destinations, then the two that decide.
+        let mut rules: Vec<Rule> = (0..9998u32)
+            .map(|i| {
+                let dst = Prefix::new(Ipv4Addr::from(0x0ac8_0000 + i), 32);
+                rule(
+                    format!("other-{i}"),
+                    dst,
+                    (0, 65535),
+                    Verdict::Deny(ANSWER_DROP),
+                )
+            })
+            .collect();
+        let server = Prefix::new(SERVER_IP, 32);
+        rules.push(rule(
+            "reset-81".into(),
+            server,
+            (81, 81),
+            Verdict::Deny(ANSWER_RST),
+        ));
+        rules.push(rule(
+            "drop-82".into(),
+            Prefix::ANY,
+            (82, 82),
+            Verdict::Deny(ANSWER_DROP),
+        ));
+        policy
+            .install(&Policy {
+                rules,
+                default: Verdict::Allow,
+            })
+            .expect("installing 10,000 rules");
+        let allowed = run_xdp(ebpf, PROG_XDP_INT, &tcp_to(40001, 80)).0;
+        let dropped = run_xdp(ebpf, PROG_XDP_INT, &tcp_to(40002, 82)).0;
+        let handed = run_xdp(ebpf, PROG_XDP_INT, &tcp_to(40003, 81)).0;
+        let reset = run_tc(ebpf, PROG_TC_INT, &tcp_to(40003, 81));
+        let hits: Vec<(String, u64)> = policy
+            .hits()
+            .expect("hits")
+            .into_iter()
+            .filter(|(_, _, n)| *n > 0)
+            .map(|(name, _, n)| (name, n))
+            .collect();
+        let sessions = entries::<CtKey, CtValue>(ebpf, MAP_CT_FWD).expect("sessions");
+        (
+            allowed,
+            dropped,
+            handed,
+            reset,
+            stats_of(ebpf),
+            hits,
+            sessions,
+        )
+    });
+    assert_eq!(allowed, XDP_REDIRECT, "no rule matches: the default allows");
+    assert_eq!(dropped, XDP_DROP, "denied silently, in XDP");
+    assert_eq!(st.get(HOOK_XDP_INT, stats::DROP_POLICY_DENIED), 1);
+    assert_eq!(handed, XDP_PASS, "an answer is TC's");
+    assert_eq!(st.get(HOOK_XDP_INT, stats::XDP_TO_TC_POLICY), 1);
+    assert_eq!(reset, (TC_ACT_REDIRECT, expected_reset(&fx, 40003, 81)));
+    assert_eq!(st.get(HOOK_TC_INT, stats::DROP_POLICY_RESET), 1);
+    assert_eq!(st.get(HOOK_TC_INT, stats::EV_POLICY_RST_SENT), 1);
+    // One hit per decision: XDP's hand-over counted none.
+    assert_eq!(
+        hits,
+        [
+            ("reset-81".to_string(), 1),
+            ("drop-82".to_string(), 1),
+            ("default".to_string(), 1)
+        ]
+    );
+    assert_eq!(sessions.len(), 1, "only the allowed flow has a session");
+    assert_eq!(u16::from_be(sessions[0].0.dst_port), 80);
+}

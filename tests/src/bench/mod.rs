@@ -15,6 +15,7 @@
 //! on failure.
 
 mod measure;
+mod policy_cost;
 mod report;
 mod scale;
 mod topo;
@@ -351,5 +352,18 @@ fn measure_all(
     // attached that could interfere.
     let scale = scale::run(&topos[0], plan)?;
     rep.scale = Some(scale);
+
+    progress("egress policy cost: 0, 100 and 10000 rules");
+    rep.policy = Some(policy_cost::run(&topos[0], plan)?);
     Ok(())
+}
+
+/// The egress policy's cost alone (`nat-bench --policy-cost`): one
+/// topology, the measurement, its table. Needs no traffic tools.
+pub fn policy_cost_only(plan: &Plan) -> Result<String> {
+    let work = TempDir(std::env::temp_dir().join(format!("nat-bench-{}", std::process::id())));
+    std::fs::create_dir_all(&work.0)?;
+    let topo = Topo::new(Variant::Kernel, &work.0)?;
+    let cost = policy_cost::run(&topo, plan)?;
+    Ok(report::policy_table(&cost))
 }

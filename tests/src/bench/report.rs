@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 use super::{
     Plan, Variant,
     measure::{Cpus, PpsSample},
+    policy_cost::{self, PolicyCost},
     scale::ScaleResult,
     topo::Topo,
 };
@@ -146,6 +147,8 @@ pub struct Report {
     pub interfaces: Vec<(Variant, String, String)>,
     pub variants: Vec<VariantData>,
     pub scale: Option<ScaleResult>,
+    /// The egress policy's cost (`policy_cost`).
+    pub policy: Option<PolicyCost>,
     pub duration_secs: f64,
 }
 
@@ -211,6 +214,7 @@ impl Report {
                 })
                 .collect(),
             scale: None,
+            policy: None,
             duration_secs: 0.0,
         }
     }
@@ -260,6 +264,26 @@ impl Report {
                 s.large
             );
             goal(name, "within 10 %", value, d.abs() <= 0.10);
+        }
+        if let Some(p) = &self.policy {
+            let last = policy_cost::RULES.len() - 1;
+            let est = [&p.established_ns[0], &p.established_ns[last]].map(|v| Stat::of(v));
+            let d = ratio(est[1].median, est[0].median) - 1.0;
+            let value = format!(
+                "{:+.1} % ({:.0} → {:.0} ns)",
+                d * 100.0,
+                est[0].median,
+                est[1].median
+            );
+            // Within noise: the spread of the measurement itself.
+            let noise = est[0].spread().max(est[1].spread()).max(0.05);
+            let name = "established-flow cost, 10000 rules vs none";
+            goal(name, "unchanged (within noise)", value, d.abs() <= noise);
+            let new = [&p.new_flow_ns[0], &p.new_flow_ns[last]].map(|v| Stat::of(v));
+            let r = ratio(new[1].median, new[0].median);
+            let value = format!("{r:.2}× ({:.0} → {:.0} ns)", new[0].median, new[1].median);
+            let name = "new-session cost, 10000 rules vs none";
+            goal(name, "≤ 2×", value, r <= 2.0);
         }
         goals
     }
@@ -368,6 +392,10 @@ impl Report {
             }
             md.push('\n');
         }
+        if let Some(p) = &self.policy {
+            md.push_str(&policy_table(p));
+            md.push('\n');
+        }
         let _ = writeln!(md, "| goal | target | measured | |");
         let _ = writeln!(md, "|---|---|---|---|");
         for g in self.goals() {
@@ -445,6 +473,11 @@ impl Report {
                 "spread_ns": [Stat::of(&s.spread_ns[0]).json(), Stat::of(&s.spread_ns[1]).json()],
                 "hot_ns": [Stat::of(&s.hot_ns[0]).json(), Stat::of(&s.hot_ns[1]).json()],
             })),
+            "egress_policy": self.policy.as_ref().map(|p| json!({
+                "rules": policy_cost::RULES,
+                "new_flow_ns": p.new_flow_ns.iter().map(|v| Stat::of(v).json()).collect::<Vec<_>>(),
+                "established_ns": p.established_ns.iter().map(|v| Stat::of(v).json()).collect::<Vec<_>>(),
+            })),
             "goals": self.goals().iter().map(|g| json!({
                 "name": g.name,
                 "target": g.target,
@@ -520,4 +553,33 @@ fn chart(json: &Path, png: &Path) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The egress policy's cost as a markdown table.
+pub fn policy_table(p: &PolicyCost) -> String {
+    let mut md = String::new();
+    let head: Vec<String> = policy_cost::RULES
+        .iter()
+        .map(|n| format!("{n} rules"))
+        .collect();
+    let _ = writeln!(
+        md,
+        "| egress policy: nat_xdp_int (BPF_PROG_TEST_RUN, one run per call), ns/packet | {} |",
+        head.join(" | ")
+    );
+    let _ = writeln!(md, "|---|{}", "---|".repeat(head.len()));
+    for (name, rows) in [
+        (
+            "first packet of a new flow (verdict taken, session created)",
+            &p.new_flow_ns,
+        ),
+        (
+            "packet of an established flow (policy not consulted)",
+            &p.established_ns,
+        ),
+    ] {
+        let cells: Vec<String> = rows.iter().map(|v| Stat::of(v).cell(1.0, 0)).collect();
+        let _ = writeln!(md, "| {name} | {} |", cells.join(" | "));
+    }
+    md
 }

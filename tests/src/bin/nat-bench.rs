@@ -1,5 +1,6 @@
 //! `nat-bench [--quick] [--out DIR]`: the benchmark of issue 6 (see
-//! `nat_lab::bench`). Run it through `cargo xtask bench`, which installs the
+//! `nat_lab::bench`). `--policy-cost` measures only the egress policy's
+//! cost and prints its table. Run it through `cargo xtask bench`, which installs the
 //! tools and builds the loader first. Needs root.
 
 use std::path::PathBuf;
@@ -9,14 +10,18 @@ use nat_lab::bench::{self, Plan};
 
 fn main() -> Result<()> {
     let mut quick = false;
+    let mut policy_only = false;
     let mut out = bench::default_out_dir();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--quick" => quick = true,
+            "--policy-cost" => policy_only = true,
             "--out" => out = PathBuf::from(args.next().context("--out needs a directory")?),
             "-h" | "--help" => {
-                println!("usage: nat-bench [--quick] [--out DIR]   (default DIR: target/bench)");
+                println!(
+                    "usage: nat-bench [--quick] [--out DIR] [--policy-cost]   (default DIR: target/bench)"
+                );
                 return Ok(());
             }
             other => bail!("unknown argument {other:?} (usage: nat-bench [--quick] [--out DIR])"),
@@ -24,6 +29,10 @@ fn main() -> Result<()> {
     }
     bench::handle_signals()?;
     let plan = if quick { Plan::quick() } else { Plan::full() };
+    if policy_only {
+        print!("{}", bench::policy_cost_only(&plan)?);
+        return Ok(());
+    }
     let report = bench::run(&plan, &out)?;
     println!("{}", report.markdown());
     println!(
