@@ -167,6 +167,10 @@ verify_unit() {
     # The units the service refers to (network-online.target, ...): the host's.
     cp -an /lib/systemd/system/. "$r/usr/lib/systemd/system/"
     ln -sfn usr/lib "$r/lib"
+    # ExecReload's /bin/kill comes from an essential package (procps), on
+    # every host the .deb installs on: the host's, as for the units.
+    mkdir -p "$r/bin"
+    cp -a /bin/kill "$r/bin/kill"
     # Verified against the package's own files: ExecStart's binary must exist
     # and be executable inside the root.
     out=$(systemd-analyze verify --root="$r" "$r/usr/lib/systemd/system/nat-loader.service" 2>&1) \
