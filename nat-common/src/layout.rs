@@ -74,6 +74,30 @@ impl CtValue {
     pub const fn snat_addr_port(&self) -> (u32, u16) {
         (self.peer.dst_addr, self.peer.dst_port)
     }
+
+    // Readers outside the dataplane (the conntrack CLI, the sweeper's
+    // summary) decode a session through these, so that the value's layout
+    // can change without them.
+
+    /// CLOCK_MONOTONIC ns of the last packet translated.
+    pub const fn last_seen(&self) -> u64 {
+        self.last_seen_ns
+    }
+
+    /// TCP state bits ([`crate::tcp`]); 0 for other protocols.
+    pub const fn tcp_bits(&self) -> u8 {
+        self.tcp_state
+    }
+
+    /// Opened by an inbound packet ([`CT_F_INBOUND`]).
+    pub const fn inbound(&self) -> bool {
+        self.flags & CT_F_INBOUND != 0
+    }
+
+    /// Answered ([`CT_F_REPLIED`]).
+    pub const fn replied(&self) -> bool {
+        self.flags & CT_F_REPLIED != 0
+    }
 }
 
 /// An endpoint: the key of both binding maps. In [`crate::MAP_BIND`] it is
@@ -130,6 +154,19 @@ pub struct BindValue {
     /// does not release a binding claimed during its pass; see
     /// [`crate::binding`]).
     pub stamp_ns: u64,
+}
+
+impl BindValue {
+    /// The other end: (address, port), network order.
+    pub const fn addr_port(&self) -> (u32, u16) {
+        (self.addr, self.port)
+    }
+
+    /// Released: no session uses it, held for its endpoint
+    /// ([`BIND_F_RELEASED`]).
+    pub const fn released(&self) -> bool {
+        self.flags & BIND_F_RELEASED != 0
+    }
 }
 
 /// A fragmented datagram as its fragments carry it on `--ext`: the IP

@@ -50,6 +50,102 @@ pub enum Command {
         #[arg(long, value_name = "DIR", default_value = pins::DEFAULT_DIR)]
         bpffs_dir: PathBuf,
     },
+    /// Print the counters of a running gateway (every hook and reason,
+    /// summed over CPUs), read-only from its pinned maps.
+    Stats {
+        #[command(flatten)]
+        read: ReadArgs,
+    },
+    /// Inspect the sessions of a running gateway (the `conntrack -L` of
+    /// this gateway), read-only from its pinned maps.
+    Conntrack {
+        #[command(subcommand)]
+        what: ConntrackCommand,
+    },
+}
+
+/// Where and how the read-only commands read and print.
+#[derive(Args, Debug, Clone)]
+pub struct ReadArgs {
+    /// The running gateway's pin directory.
+    #[arg(long, value_name = "DIR", default_value = pins::DEFAULT_DIR)]
+    pub bpffs_dir: PathBuf,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ConntrackCommand {
+    /// The sessions, one per line (or a JSON array), that match the filters.
+    List {
+        #[command(flatten)]
+        filter: FilterArgs,
+        #[command(flatten)]
+        read: ReadArgs,
+    },
+    /// How many sessions match the filters.
+    Count {
+        #[command(flatten)]
+        filter: FilterArgs,
+        #[command(flatten)]
+        read: ReadArgs,
+    },
+    /// Who holds external port PORT: its bindings (held ones too) and
+    /// sessions.
+    Get {
+        /// The external (translated) port or ICMP identifier.
+        #[arg(value_name = "PORT")]
+        port: u16,
+        /// Only this protocol.
+        #[arg(long, value_enum)]
+        proto: Option<ProtoArg>,
+        #[command(flatten)]
+        read: ReadArgs,
+    },
+}
+
+/// Session filters; each given one must match.
+#[derive(Args, Debug, Clone, Default)]
+pub struct FilterArgs {
+    #[arg(long, value_enum)]
+    pub proto: Option<ProtoArg>,
+    /// Inside host address.
+    #[arg(long, value_name = "IPV4")]
+    pub inside: Option<Ipv4Addr>,
+    /// Outside (remote) host address.
+    #[arg(long, value_name = "IPV4")]
+    pub outside: Option<Ipv4Addr>,
+    /// A port at any end (inside, external or remote).
+    #[arg(long, value_name = "PORT")]
+    pub port: Option<u16>,
+    /// State: opening, established, closing (TCP); answered, unanswered
+    /// (UDP, ICMP).
+    #[arg(long, value_parser = ["opening", "established", "closing", "answered", "unanswered"])]
+    pub state: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ProtoArg {
+    Tcp,
+    Udp,
+    Icmp,
+}
+
+impl ProtoArg {
+    pub fn number(self) -> u8 {
+        match self {
+            ProtoArg::Tcp => nat_common::IPPROTO_TCP,
+            ProtoArg::Udp => nat_common::IPPROTO_UDP,
+            ProtoArg::Icmp => nat_common::IPPROTO_ICMP,
+        }
+    }
 }
 
 /// The flags of a gateway run. Each but `--config` has a key of the same
@@ -176,6 +272,16 @@ pub struct GatewayArgs {
     /// With each stats line, also log up to this many translated flows.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub show_flows: usize,
+    /// Serve Prometheus metrics (`GET /metrics`) on this address and TCP
+    /// port, e.g. 10.0.1.4:9100 or 0.0.0.0:9100 [default: none]. Not
+    /// reachable from the --ext side: an --ext address is refused, and any
+    /// other but loopback is bound to --int (SO_BINDTODEVICE).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics_listen: Option<std::net::SocketAddrV4>,
+    /// Let --metrics-listen take connections from the --ext side too (no
+    /// --int binding; an --ext address allowed).
+    #[arg(long)]
+    pub metrics_allow_ext: bool,
 }
 
 /// `--filtering`'s values (RFC 4787 section 5).

@@ -62,6 +62,9 @@ pub struct Config {
     /// `None`: the counters are logged at exit only.
     pub stats_interval: Option<Duration>,
     pub show_flows: usize,
+    /// `--metrics-listen`.
+    pub metrics_listen: Option<std::net::SocketAddrV4>,
+    pub metrics_allow_ext: bool,
 }
 
 /// Policy routing as configured (the gateways may still be discovered).
@@ -178,6 +181,8 @@ impl TryFrom<GatewayArgs> for Config {
             sweep_interval: Duration::from_secs(a.sweep_interval),
             stats_interval: (a.stats_interval > 0).then(|| Duration::from_secs(a.stats_interval)),
             show_flows: a.show_flows,
+            metrics_listen: a.metrics_listen,
+            metrics_allow_ext: a.metrics_allow_ext,
         })
     }
 }
@@ -220,6 +225,8 @@ pub struct File {
     sweep_interval: Option<NonZeroU64>,
     stats_interval: Option<u64>,
     show_flows: Option<usize>,
+    metrics_listen: Option<std::net::SocketAddrV4>,
+    metrics_allow_ext: Option<bool>,
 }
 
 impl File {
@@ -298,6 +305,8 @@ impl File {
             sweep_interval as |s: NonZeroU64| s.get(),
             stats_interval,
             show_flows,
+            metrics_listen as Some,
+            metrics_allow_ext,
         );
         flags
     }
@@ -696,7 +705,7 @@ mod tests {
             int-table = 20\next-table = 21\n\
             int-gateway = \"10.0.0.1\"\next-gateway = \"10.0.1.1\"\n\
             internal-cidr = [\"10.9.0.0/16\"]\nsweep-interval = 22\nstats-interval = 23\n\
-            show-flows = 24\n";
+            show-flows = 24\nmetrics-listen = \"10.0.0.4:9100\"\nmetrics-allow-ext = true\n";
         let c = config(toml, &[]).expect("config");
         let expected = Config {
             ext: "a".into(),
@@ -735,6 +744,8 @@ mod tests {
             sweep_interval: Duration::from_secs(22),
             stats_interval: Some(Duration::from_secs(23)),
             show_flows: 24,
+            metrics_listen: Some("10.0.0.4:9100".parse().expect("addr")),
+            metrics_allow_ext: true,
         };
         assert_eq!(c, expected);
         let off = config(

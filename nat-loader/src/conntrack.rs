@@ -3,7 +3,7 @@
 //! ones ([`crate::pressure`] decides which).
 
 use std::{
-    collections::HashSet,
+    collections::{BTreeMap, HashSet},
     fmt,
     net::{Ipv4Addr, SocketAddrV4},
     time::Duration,
@@ -12,8 +12,7 @@ use std::{
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, MapData, PerCpuArray};
 use nat_common::{
-    BIND_F_RELEASED, BindKey, BindValue, CT_F_INBOUND, CtKey, CtValue, IPPROTO_ICMP, IPPROTO_TCP,
-    IPPROTO_UDP,
+    BIND_F_RELEASED, BindKey, BindValue, CtKey, CtValue, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
     binding::{self, Fate},
     stats, tcp,
     timeouts::Timeouts,
@@ -39,6 +38,8 @@ pub struct Flow {
     /// Opened by an inbound packet (a filtering mode other than the
     /// default let it in).
     pub inbound: bool,
+    /// Answered: a packet went against the opening direction.
+    pub replied: bool,
     pub idle: Duration,
 }
 
@@ -58,21 +59,54 @@ impl Flow {
             inside: sock(key.src_addr, key.src_port),
             external: sock(ext_addr, ext_port),
             remote: sock(key.dst_addr, key.dst_port),
-            tcp_state: v.tcp_state,
-            inbound: v.flags & CT_F_INBOUND != 0,
-            idle: Duration::from_nanos(now_ns.saturating_sub(v.last_seen_ns)),
+            tcp_state: v.tcp_bits(),
+            inbound: v.inbound(),
+            replied: v.replied(),
+            idle: Duration::from_nanos(now_ns.saturating_sub(v.last_seen())),
         }
+    }
+
+    pub fn proto_name(&self) -> &'static str {
+        proto_name(self.proto)
+    }
+
+    /// [`state`] of this session.
+    pub fn state(&self) -> &'static str {
+        state(self.proto, self.tcp_state, self.replied)
     }
 }
 
+/// `tcp`, `udp`, `icmp` (`?` for another number).
+pub fn proto_name(proto: u8) -> &'static str {
+    match proto {
+        IPPROTO_TCP => "tcp",
+        IPPROTO_UDP => "udp",
+        IPPROTO_ICMP => "icmp",
+        _ => "?",
+    }
+}
+
+/// What the CLI and the metrics call a session's state: TCP's phase
+/// (`opening`, `established`, `closing`); for UDP and ICMP whether a
+/// reply was seen (`answered`, `unanswered`).
+pub fn state(proto: u8, tcp_bits: u8, replied: bool) -> &'static str {
+    match (proto, replied) {
+        (IPPROTO_TCP, _) => tcp::phase_name(tcp_bits),
+        (_, true) => "answered",
+        (_, false) => "unanswered",
+    }
+}
+
+/// Every state [`state`] can give, per protocol.
+pub const STATES: [(u8, &[&str]); 3] = [
+    (IPPROTO_TCP, &["opening", "established", "closing"]),
+    (IPPROTO_UDP, &["answered", "unanswered"]),
+    (IPPROTO_ICMP, &["answered", "unanswered"]),
+];
+
 impl fmt::Display for Flow {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let (proto, state) = match self.proto {
-            IPPROTO_TCP => ("tcp", tcp::phase_name(self.tcp_state)),
-            IPPROTO_UDP => ("udp", ""),
-            IPPROTO_ICMP => ("icmp", ""),
-            _ => ("?", ""),
-        };
+        let (proto, state) = (self.proto_name(), self.state());
         let opened = if self.inbound { " opened-inbound" } else { "" };
         write!(
             f,
@@ -95,7 +129,7 @@ pub fn flows(fwd: &CtMap, now_ns: u64) -> Vec<Flow> {
 }
 
 /// What a sweep did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Sweep {
     /// Sessions removed for being idle longer than their timeout.
     pub expired: usize,
@@ -116,6 +150,32 @@ pub struct Sweep {
     pub freed: usize,
     /// Half-bindings or filter entries with nothing behind them.
     pub orphans: usize,
+    /// What the table holds after the pass (for the metrics: a scrape
+    /// never walks the table).
+    pub summary: Summary,
+}
+
+/// The table as a pass left it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// Sessions by (protocol, [`state`]).
+    pub sessions: BTreeMap<(u8, &'static str), u64>,
+    /// Bindings by (protocol, external address (network order), held):
+    /// each holds one external port of that address.
+    pub bindings: BTreeMap<(u8, u32, bool), u64>,
+}
+
+impl Summary {
+    fn session(&mut self, proto: u8, v: &CtValue) {
+        *self
+            .sessions
+            .entry((proto, state(proto, v.tcp_bits(), v.replied())))
+            .or_default() += 1;
+    }
+
+    fn binding(&mut self, ek: &BindKey, held: bool) {
+        *self.bindings.entry((ek.proto, ek.addr, held)).or_default() += 1;
+    }
 }
 
 /// Removes idle sessions and, under pressure (`refused`: new flows were
@@ -176,6 +236,7 @@ pub fn sweep(
             continue;
         }
         out.remaining += 1;
+        out.summary.session(k.proto, v);
         if pressure::standing(k.proto, v) != Standing::Kept {
             out.unanswered += 1;
         }
@@ -187,11 +248,12 @@ pub fn sweep(
     for (ek, v) in &bindings {
         let in_use = live_ports.contains(ek);
         match binding::fate(v, in_use, answered_ports.contains(ek), now_ns, hold_ns) {
-            Fate::Keep => {}
+            Fate::Keep => out.summary.binding(ek, v.released()),
             // Taken back by a session (an inbound-opened one, or one
             // created just as the last pass released the binding).
             Fate::Restore => {
                 let _ = m.bind_rev.insert(ek, binding::claimed(v, now_ns), 0);
+                out.summary.binding(ek, false);
             }
             Fate::Release { no_hold } => {
                 let _ = m
@@ -199,6 +261,7 @@ pub fn sweep(
                     .insert(ek, binding::released(v, no_hold, now_ns), 0);
                 out.released += 1;
                 out.released_unanswered += no_hold as usize;
+                out.summary.binding(ek, true);
             }
             Fate::Free => {
                 // Read again: an outbound packet of the endpoint may have
@@ -209,6 +272,7 @@ pub fn sweep(
                     .get(ek, 0)
                     .is_ok_and(|r| r.flags & BIND_F_RELEASED != 0);
                 if !still_released {
+                    out.summary.binding(ek, false);
                     continue;
                 }
                 let ik = BindKey::new(ek.proto, v.addr, v.port);
@@ -257,6 +321,8 @@ pub struct Sweeper {
     pub interval: Duration,
     refusals: Option<u64>,
     episode: Option<Episode>,
+    /// Where each pass's summary goes (the metrics).
+    published: Option<std::sync::Arc<crate::metrics::Published>>,
 }
 
 /// One stretch of passes under pressure.
@@ -275,7 +341,14 @@ impl Sweeper {
             interval,
             refusals: None,
             episode: None,
+            published: None,
         }
+    }
+
+    /// Publishes each pass's summary there.
+    pub fn publish_to(mut self, p: std::sync::Arc<crate::metrics::Published>) -> Sweeper {
+        self.published = Some(p);
+        self
     }
 
     /// Whether the last pass was under pressure.
@@ -357,6 +430,15 @@ impl Sweeper {
                 orphans = s.orphans,
                 ms = started.elapsed().as_millis() as u64,
                 "swept conntrack"
+            );
+        }
+        if let Some(p) = &self.published {
+            p.pass(
+                s.summary.clone(),
+                s.expired,
+                s.evicted,
+                s.pressed,
+                started.elapsed(),
             );
         }
         Ok(s)

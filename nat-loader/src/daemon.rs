@@ -12,7 +12,7 @@ use nat_loader::{
     dataplane::Exit,
     events::{self, Departure},
     health::{self, Probe, Status},
-    netif,
+    metrics, netif,
 };
 use rtnetlink::Handle;
 use tokio::{
@@ -138,6 +138,7 @@ struct Gateway {
     attached: Attached,
     services: Services,
     http: Option<JoinHandle<()>>,
+    metrics: Option<JoinHandle<()>>,
     status: Status,
     status_tx: watch::Sender<Status>,
     drain: Drain,
@@ -159,10 +160,16 @@ impl Gateway {
         if let Some(p) = &mut services.probe {
             p.set_open(status.is_healthy());
         }
-        let (status_tx, status_rx) = watch::channel(status.clone());
+        let status_tx = services.status_tx.clone();
+        status_tx.send_replace(status.clone());
+        let status_rx = status_tx.subscribe();
         let http = services.http.take().map(|l| {
             info!(port = config.health_port, "serving GET /healthz");
             tokio::spawn(health::serve_http(l, status_rx))
+        });
+        let metrics = services.metrics.take().map(|(l, sources)| {
+            info!(listen = ?config.metrics_listen, "serving GET /metrics");
+            tokio::spawn(metrics::serve(l, sources))
         });
         Gateway {
             config,
@@ -170,6 +177,7 @@ impl Gateway {
             attached,
             services,
             http,
+            metrics,
             status,
             status_tx,
             drain: Drain::Off,
@@ -360,6 +368,7 @@ impl Gateway {
             attached,
             services,
             http,
+            metrics,
             ..
         } = self;
         let Services {
@@ -376,6 +385,9 @@ impl Gateway {
         // Probes fail before the programs go.
         drop(probe);
         if let Some(h) = http {
+            h.abort();
+        }
+        if let Some(h) = metrics {
             h.abort();
         }
         reporter.stop();

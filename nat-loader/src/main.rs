@@ -19,6 +19,7 @@ mod config;
 mod daemon;
 mod report;
 mod setup;
+mod show;
 mod teardown;
 mod values;
 
@@ -60,6 +61,8 @@ fn main() -> ExitCode {
             }) => teardown::teardown(&ext, &int, &bpffs_dir)
                 .await
                 .map(|()| ExitCode::SUCCESS),
+            Some(Command::Stats { read }) => show::stats(&read).map(|()| ExitCode::SUCCESS),
+            Some(Command::Conntrack { what }) => show::conntrack(&what).map(|()| ExitCode::SUCCESS),
             None => daemon::run(Config::load(cli.gateway, &given)?).await,
         }
     });

@@ -17,12 +17,13 @@ use nat_common::{
     PROG_XDP_INT,
 };
 use nat_loader::{
+    build_id,
     conntrack::{self, SweeperThread},
     dataplane::{self, CtMaps, Dataplane, Exit, Settings, XdpAttach},
     egress::{self, XdpRun},
     events, health,
-    health::{Health, Probe},
-    monotonic_ns,
+    health::{Health, Probe, Status},
+    metrics, monotonic_ns,
     netif::{self, NetIf},
     pins::{self, DirLock, PinDir},
     routing::{self, NicPolicy, Plan, PolicyRoutes},
@@ -30,7 +31,10 @@ use nat_loader::{
     xdp_features::Netdev,
 };
 use rtnetlink::Handle;
-use tokio::{net::TcpListener, sync::oneshot};
+use tokio::{
+    net::TcpListener,
+    sync::{oneshot, watch},
+};
 use tracing::{info, warn};
 
 use crate::{
@@ -333,6 +337,10 @@ pub struct Services {
     /// Fires if the sweeper fails.
     pub sweep_failed: oneshot::Receiver<anyhow::Error>,
     pub reporter: ReporterThread,
+    /// The health verdict, for `/healthz` and the metrics.
+    pub status_tx: watch::Sender<Status>,
+    /// `--metrics-listen`: the socket and what a scrape reads.
+    pub metrics: Option<(TcpListener, Arc<metrics::Sources>)>,
 }
 
 impl Services {
@@ -386,6 +394,34 @@ impl Services {
             None => None,
         };
         let pins = &attached.pins;
+        let (status_tx, status_rx) = watch::channel(Status::Unhealthy("starting".into()));
+        let published = Arc::new(metrics::Published::default());
+        let metrics = match config.metrics_listen {
+            Some(addr) => {
+                let listener = metrics::listener(
+                    addr,
+                    &host.int.name,
+                    &host.ext.ipv4,
+                    config.metrics_allow_ext,
+                )?;
+                let ports = |r: &crate::values::PortRange| u64::from(r.max - r.min) + 1;
+                let sources = metrics::Sources {
+                    stats: dataplane::pinned_map(pins, MAP_STATS)
+                        .context("opening the counters for the metrics")?,
+                    published: Arc::clone(&published),
+                    status: status_rx,
+                    modes: Arc::clone(&modes),
+                    adopted: dp.adopted,
+                    max_flows: config.max_flows,
+                    snat: vec![(host.snat, ports(&config.ports) + ports(&config.low_ports))],
+                    nics: (host.int.name.clone(), host.ext.name.clone()),
+                    version: env!("CARGO_PKG_VERSION"),
+                    build: build_id::current(),
+                };
+                Some((listener, Arc::new(sources)))
+            }
+            None => None,
+        };
         let (failed_tx, sweep_failed) = oneshot::channel();
         let sweeper = SweeperThread::spawn(
             conntrack::Sweeper::new(
@@ -393,7 +429,8 @@ impl Services {
                 config.port_hold.as_nanos() as u64,
                 config.max_flows,
                 config.sweep_interval,
-            ),
+            )
+            .publish_to(published),
             CtMaps::from_pins(pins).context("opening the conntrack maps for the sweeper")?,
             dataplane::pinned_map(pins, MAP_STATS)
                 .context("opening the counters for the sweeper")?,
@@ -412,6 +449,8 @@ impl Services {
             sweeper,
             sweep_failed,
             reporter,
+            status_tx,
+            metrics,
         })
     }
 }
