@@ -160,9 +160,10 @@ pub struct Sweep {
 pub struct Summary {
     /// Sessions by (protocol, [`state`]).
     pub sessions: BTreeMap<(u8, &'static str), u64>,
-    /// Bindings by (protocol, external address (network order), held):
-    /// each holds one external port of that address.
-    pub bindings: BTreeMap<(u8, u32, bool), u64>,
+    /// Bindings by (protocol, external address (network order), external
+    /// port below 1024 (`--low-port-range`), held): each holds one
+    /// external port of that address.
+    pub bindings: BTreeMap<(u8, u32, bool, bool), u64>,
 }
 
 impl Summary {
@@ -174,7 +175,11 @@ impl Summary {
     }
 
     fn binding(&mut self, ek: &BindKey, held: bool) {
-        *self.bindings.entry((ek.proto, ek.addr, held)).or_default() += 1;
+        let low = u16::from_be(ek.port) < 1024;
+        *self
+            .bindings
+            .entry((ek.proto, ek.addr, low, held))
+            .or_default() += 1;
     }
 }
 

@@ -103,8 +103,8 @@ pub struct Sources {
     pub adopted: bool,
     pub max_flows: u32,
     /// SNAT addresses and how many external ports (or ICMP identifiers)
-    /// each has per protocol.
-    pub snat: Vec<(Ipv4Addr, u64)>,
+    /// each has per protocol: (address, `--port-range`'s, `--low-port-range`'s).
+    pub snat: Vec<(Ipv4Addr, u64, u64)>,
     /// NIC names by XDP hook: (int, ext).
     pub nics: (String, String),
     pub version: &'static str,
@@ -253,13 +253,14 @@ impl Sources {
             reg,
             "nat_external_ports_in_use",
             "External ports (ICMP: identifiers) bound at the sweeper's last pass, held ones \
-             included, by SNAT address and protocol",
+             included, by SNAT address, protocol and range (main: --port-range, for inside \
+             ports from 1024; low: --low-port-range)",
         );
         let free = gauge_family(
             reg,
             "nat_external_ports_free",
             "External ports (ICMP: identifiers) free at the sweeper's last pass, by SNAT \
-             address and protocol",
+             address, protocol and range (main, low)",
         );
         let summary = last.unwrap_or_default();
         let mut total_sessions = 0u64;
@@ -272,13 +273,13 @@ impl Sources {
                     .set(n as i64);
             }
         }
-        let mut per_addr: BTreeMap<(u32, u8), u64> = BTreeMap::new();
+        let mut per_addr: BTreeMap<(u32, u8, bool), u64> = BTreeMap::new();
         for proto in [IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMP] {
             for (held, state) in [(false, "active"), (true, "held")] {
                 let n: u64 = summary
                     .bindings
                     .iter()
-                    .filter(|((p, _, h), _)| *p == proto && *h == held)
+                    .filter(|((p, _, _, h), _)| *p == proto && *h == held)
                     .map(|(_, n)| n)
                     .sum();
                 bindings
@@ -286,18 +287,24 @@ impl Sources {
                     .set(n as i64);
             }
         }
-        for ((proto, addr, _), n) in &summary.bindings {
-            *per_addr.entry((*addr, *proto)).or_default() += n;
+        for ((proto, addr, low, _), n) in &summary.bindings {
+            *per_addr.entry((*addr, *proto, *low)).or_default() += n;
         }
-        for (addr, ports) in &self.snat {
+        for (addr, main_ports, low_ports) in &self.snat {
             let raw = u32::from_ne_bytes(addr.octets());
+            let a = addr.to_string();
             for proto in [IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMP] {
-                let used = per_addr.get(&(raw, proto)).copied().unwrap_or(0);
-                let a = addr.to_string();
-                let labels = l(&[("snat_address", &a), ("protocol", proto_name(proto))]);
-                in_use.get_or_create(&labels).set(used as i64);
-                free.get_or_create(&labels)
-                    .set(ports.saturating_sub(used) as i64);
+                for (low, range, ports) in [(false, "main", main_ports), (true, "low", low_ports)] {
+                    let used = per_addr.get(&(raw, proto, low)).copied().unwrap_or(0);
+                    let labels = l(&[
+                        ("snat_address", &a),
+                        ("protocol", proto_name(proto)),
+                        ("range", range),
+                    ]);
+                    in_use.get_or_create(&labels).set(used as i64);
+                    free.get_or_create(&labels)
+                        .set(ports.saturating_sub(used) as i64);
+                }
             }
         }
         gauge(

@@ -413,7 +413,7 @@ impl Services {
                     modes: Arc::clone(&modes),
                     adopted: dp.adopted,
                     max_flows: config.max_flows,
-                    snat: vec![(host.snat, ports(&config.ports) + ports(&config.low_ports))],
+                    snat: vec![(host.snat, ports(&config.ports), ports(&config.low_ports))],
                     nics: (host.int.name.clone(), host.ext.name.clone()),
                     version: env!("CARGO_PKG_VERSION"),
                     build: build_id::current(),
