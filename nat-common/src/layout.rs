@@ -169,6 +169,15 @@ impl BindValue {
     }
 }
 
+/// One entry of [`crate::MAP_TRAFFIC`]: packets forwarded and their bytes
+/// (whole frames as they left).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Traffic {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
 /// A fragmented datagram as its fragments carry it on `--ext`: the IP
 /// identification is the same in every fragment (RFC 791). Network order.
 #[repr(C)]
@@ -412,6 +421,7 @@ mod user {
     unsafe impl aya::Pod for super::FragSlot {}
     unsafe impl aya::Pod for super::FragHeld {}
     unsafe impl aya::Pod for super::XdpEgress {}
+    unsafe impl aya::Pod for super::Traffic {}
 }
 
 #[cfg(test)]

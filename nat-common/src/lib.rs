@@ -137,6 +137,10 @@ pub const MAP_XDP_EGRESS: &str = "XDP_EGRESS";
 /// queue yet: how the tracing programs tell a flush of our frames from
 /// another namespace's with the same interface indexes. Not pinned.
 pub const MAP_XDP_PENDING: &str = "XDP_PENDING";
+/// Packets and bytes forwarded, by direction and protocol: a per-CPU
+/// array of [`stats::TRAFFIC_SLOTS`] [`Traffic`], index
+/// [`stats::traffic_slot`]. Pinned, like the counters.
+pub const MAP_TRAFFIC: &str = "TRAFFIC";
 /// Default number of fragmented datagrams tracked at once.
 pub const DEFAULT_MAX_FRAGMENTS: u32 = 4096;
 
@@ -146,7 +150,7 @@ pub const fn frag_held_slots(max_fragments: u32) -> u32 {
     if q < FRAG_HELD_MAX { FRAG_HELD_MAX } else { q }
 }
 /// Every map of the gateway's object.
-pub const MAPS: [&str; 12] = [
+pub const MAPS: [&str; 13] = [
     MAP_CT_FWD,
     MAP_BIND,
     MAP_BIND_REV,
@@ -159,13 +163,21 @@ pub const MAPS: [&str; 12] = [
     MAP_FRAG_SCRATCH,
     MAP_XDP_EGRESS,
     MAP_XDP_PENDING,
+    MAP_TRAFFIC,
 ];
 /// The maps a pin directory keeps, so that a new loader adopts the flows
 /// and the counters. Not the tail-call table (each loader fills its own
 /// with its own programs), the rate limiter (a new loader starts with a
 /// full bucket) nor the fragment tables (datagrams in flight, which a
 /// restart merely makes the receivers discard).
-pub const PINNED_MAPS: [&str; 5] = [MAP_CT_FWD, MAP_BIND, MAP_BIND_REV, MAP_ADF, MAP_STATS];
+pub const PINNED_MAPS: [&str; 6] = [
+    MAP_CT_FWD,
+    MAP_BIND,
+    MAP_BIND_REV,
+    MAP_ADF,
+    MAP_STATS,
+    MAP_TRAFFIC,
+];
 /// The programs the loader attaches, one XDP and one TC program per NIC.
 pub const ATTACHED_PROGRAMS: [&str; 4] = [PROG_XDP_INT, PROG_XDP_EXT, PROG_TC_INT, PROG_TC_EXT];
 /// Name of the read-only global holding [`NatConfig`].

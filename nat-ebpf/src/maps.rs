@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use nat_common::{
     BindKey, BindValue, CtKey, CtValue, DEFAULT_MAX_FLOWS, DEFAULT_MAX_FRAGMENTS, FragHeld,
-    FragKey, FragSlot, FragValue, MAX_BINDINGS, NatConfig, XdpEgress, frag_held_slots,
+    FragKey, FragSlot, FragValue, MAX_BINDINGS, NatConfig, Traffic, XdpEgress, frag_held_slots,
 };
 
 /// Sessions, keyed by the inside tuple as it arrives on `--int`.
@@ -62,6 +62,12 @@ pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(nat_common::s
 /// ([`nat_common::icmp_rate`]).
 #[map(name = "ICMP_RATE")]
 pub static ICMP_RATE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Packets and bytes forwarded, by direction and protocol: index
+/// `nat_common::stats::traffic_slot(dir, proto)`.
+#[map(name = "TRAFFIC")]
+pub static TRAFFIC: PerCpuArray<Traffic> =
+    PerCpuArray::with_max_entries(nat_common::stats::TRAFFIC_SLOTS, 0);
 
 /// How each XDP program forwards, and its id (index: its hook). Written by
 /// the loader, at start and whenever a NIC changes what it can take.

@@ -18,8 +18,8 @@ use std::{
 use anyhow::{Context, Result};
 use nat_common::{
     BindKey, BindValue, CtKey, CtValue, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, MAP_BIND_REV,
-    MAP_CT_FWD, MAP_STATS,
-    stats::{COUNT, HOOKS, slot},
+    MAP_CT_FWD, MAP_STATS, MAP_TRAFFIC, Traffic,
+    stats::{COUNT, DIRECTIONS, HOOKS, TRAFFIC_PROTOS, slot, traffic_slot},
 };
 use serde_json::{Value, json};
 
@@ -117,9 +117,48 @@ pub fn read_stats(fd: &OwnedFd) -> Result<Stats> {
     Ok(Stats { totals })
 }
 
+/// Packets and bytes forwarded, by (direction, protocol), from the per-CPU
+/// array behind `fd`.
+pub fn read_traffic(fd: &OwnedFd) -> Result<Vec<(&'static str, &'static str, Traffic)>> {
+    let cpus = aya::util::nr_cpus()
+        .map_err(|(_, e)| e)
+        .context("counting the possible CPUs")?;
+    let mut out = Vec::new();
+    let mut per_cpu = vec![Traffic::default(); cpus];
+    for (dir, dir_label) in DIRECTIONS {
+        for (proto, proto_label) in TRAFFIC_PROTOS {
+            let idx = traffic_slot(dir, proto);
+            let mut attr = ElemAttr {
+                map_fd: fd.as_raw_fd() as u32,
+                key: &idx as *const u32 as u64,
+                value: per_cpu.as_mut_ptr() as u64,
+                ..Default::default()
+            };
+            bpf(BPF_MAP_LOOKUP_ELEM, &mut attr)
+                .with_context(|| format!("reading traffic slot {idx}"))?;
+            let sum = per_cpu.iter().fold(Traffic::default(), |a, t| Traffic {
+                packets: a.packets.wrapping_add(t.packets),
+                bytes: a.bytes.wrapping_add(t.bytes),
+            });
+            out.push((dir_label, proto_label, sum));
+        }
+    }
+    Ok(out)
+}
+
+/// The traffic of a running gateway (none if its dataplane predates the
+/// traffic counters).
+pub fn traffic(pins: &PinDir) -> Result<Vec<(&'static str, &'static str, Traffic)>> {
+    if !pins.pin(MAP_TRAFFIC).exists() {
+        return Ok(Vec::new());
+    }
+    read_traffic(&open_map(pins, MAP_TRAFFIC)?)
+}
+
 /// `nat-loader stats -o json`: every counter of every hook, zeros
-/// included, by the labels of `nat_common::stats`.
-pub fn stats_json(s: &Stats) -> Value {
+/// included, by the labels of `nat_common::stats`, and the traffic by
+/// direction and protocol.
+pub fn stats_json(s: &Stats, traffic: &[(&str, &str, Traffic)]) -> Value {
     let mut hooks = serde_json::Map::new();
     for (h, (_, hook)) in HOOKS.iter().enumerate() {
         let mut counters = serde_json::Map::new();
@@ -128,7 +167,19 @@ pub fn stats_json(s: &Stats) -> Value {
         }
         hooks.insert((*hook).to_string(), Value::Object(counters));
     }
-    json!({ "counters": hooks })
+    let mut t = serde_json::Map::new();
+    for (dir, proto, v) in traffic {
+        let d = t
+            .entry(dir.to_string())
+            .or_insert_with(|| Value::Object(serde_json::Map::new()));
+        if let Value::Object(d) = d {
+            d.insert(
+                proto.to_string(),
+                json!({ "packets": v.packets, "bytes": v.bytes }),
+            );
+        }
+    }
+    json!({ "counters": hooks, "traffic": t })
 }
 
 /// The gateway's sessions, through batched reads.

@@ -97,6 +97,7 @@ impl Published {
 /// Everything a scrape reads.
 pub struct Sources {
     pub stats: PerCpuArray<MapData, u64>,
+    pub traffic: PerCpuArray<MapData, nat_common::Traffic>,
     pub published: Arc<Published>,
     pub status: watch::Receiver<Status>,
     pub modes: Arc<Modes>,
@@ -228,6 +229,22 @@ impl Sources {
         forwarded
             .get_or_create(&l(&[("direction", "inbound")]))
             .inc_by(inb);
+        let packets = counter_family(
+            &mut reg,
+            "nat_traffic_packets",
+            "Packets translated and sent on by the main paths (XDP and TC redirects, first \
+             fragments, packets the kernel fragments), by direction and protocol",
+        );
+        let bytes = counter_family(
+            &mut reg,
+            "nat_traffic_bytes",
+            "Bytes (whole frames as they left) of nat_traffic_packets, by direction and protocol",
+        );
+        for (dir, proto, t) in crate::stats::read_traffic(&self.traffic)? {
+            let labels = l(&[("direction", dir), ("protocol", proto)]);
+            packets.get_or_create(&labels).inc_by(t.packets);
+            bytes.get_or_create(&labels).inc_by(t.bytes);
+        }
         self.sweeper_metrics(&mut reg);
         self.state_metrics(&mut reg);
         let mut text = String::new();

@@ -408,6 +408,8 @@ impl Services {
                 let sources = metrics::Sources {
                     stats: dataplane::pinned_map(pins, MAP_STATS)
                         .context("opening the counters for the metrics")?,
+                    traffic: dataplane::pinned_map(pins, nat_common::MAP_TRAFFIC)
+                        .context("opening the traffic counters for the metrics")?,
                     published: Arc::clone(&published),
                     status: status_rx,
                     modes: Arc::clone(&modes),

@@ -15,12 +15,20 @@ use serde_json::json;
 use crate::cli::{ConntrackCommand, FilterArgs, Output, ReadArgs};
 
 pub fn stats(read: &ReadArgs) -> Result<()> {
-    let s = inspect::stats(&PinDir::new(&read.bpffs_dir))?;
+    let pins = PinDir::new(&read.bpffs_dir);
+    let s = inspect::stats(&pins)?;
+    let traffic = inspect::traffic(&pins)?;
     match read.output {
-        Output::Json => println!("{}", inspect::stats_json(&s)),
+        Output::Json => println!("{}", inspect::stats_json(&s, &traffic)),
         Output::Text => {
             for line in s.lines() {
                 println!("{line}");
+            }
+            for (dir, proto, t) in &traffic {
+                println!(
+                    "traffic {dir} {proto}: packets={} bytes={}",
+                    t.packets, t.bytes
+                );
             }
         }
     }

@@ -50,6 +50,11 @@ fn value(prom: &Prometheus, lab: &Lab, promql: &str) -> f64 {
         .unwrap_or_else(|e| panic!("{promql}: {e:#}\nprometheus log:\n{}", prom.log()))
 }
 
+/// `nat_traffic_<what>_total` of one direction and protocol.
+fn traffic(what: &str, dir: &str, proto: &str) -> String {
+    format!(r#"nat_traffic_{what}_total{{direction="{dir}",protocol="{proto}"}}"#)
+}
+
 const OUT: &str = r#"sum(nat_forwarded_packets_total{direction="outbound"})"#;
 const IN: &str = r#"sum(nat_forwarded_packets_total{direction="inbound"})"#;
 const ATTEMPTS: &str = "sum(nat_connection_attempts_total)";
@@ -80,6 +85,8 @@ fn prometheus_sees_tcp_udp_icmp_drops_port_exhaustion_health_and_drain_move_by_w
     expect_value(&prom, &lab, OUT, out0 + 20.0);
     expect_value(&prom, &lab, IN, in0 + 20.0);
     expect_value(&prom, &lab, ATTEMPTS, att0 + 1.0);
+    expect_value(&prom, &lab, &traffic("packets", "outbound", "udp"), 20.0);
+    expect_value(&prom, &lab, &traffic("packets", "inbound", "udp"), 20.0);
     expect_value(
         &prom,
         &lab,
@@ -98,6 +105,12 @@ fn prometheus_sees_tcp_udp_icmp_drops_port_exhaustion_health_and_drain_move_by_w
     expect_value(&prom, &lab, OUT, out0 + 3.0);
     expect_value(&prom, &lab, IN, in0 + 3.0);
     expect_value(&prom, &lab, ATTEMPTS, att0 + 1.0);
+    // ping's default: 56 bytes of data, in ICMP (8), IPv4 (20), Ethernet (14).
+    let frame = f64::from(56 + 8 + 20 + 14);
+    for dir in ["outbound", "inbound"] {
+        expect_value(&prom, &lab, &traffic("packets", dir, "icmp"), 3.0);
+        expect_value(&prom, &lab, &traffic("bytes", dir, "icmp"), 3.0 * frame);
+    }
     expect_value(
         &prom,
         &lab,
@@ -114,6 +127,13 @@ fn prometheus_sees_tcp_udp_icmp_drops_port_exhaustion_health_and_drain_move_by_w
     prom.wait_for(&lab, OUT, |v| v >= out0 + 3.0, WAIT)
         .expect("TCP segments forwarded out");
     expect_value(&prom, &lab, r#"sum(nat_sessions{protocol="tcp"})"#, 1.0);
+    prom.wait_for(
+        &lab,
+        &traffic("packets", "outbound", "tcp"),
+        |v| v >= 3.0,
+        WAIT,
+    )
+    .expect("TCP traffic counted");
 
     // Drops by reason: 5 unsolicited datagrams from outside.
     let unsolicited = r#"sum(nat_dropped_packets_total{reason="drop_unsolicited"})"#;
