@@ -169,6 +169,29 @@ impl BindValue {
     }
 }
 
+/// [`TranslogEvent::kind`]: an inside endpoint got an external port.
+pub const TRANSLOG_CREATED: u8 = 1;
+/// [`TranslogEvent::kind`]: a new flow found no free external port
+/// (`ext_*` are 0).
+pub const TRANSLOG_NO_PORT: u8 = 2;
+
+/// One record of [`crate::MAP_TRANSLOG`]. Addresses and ports in network
+/// order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct TranslogEvent {
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC).
+    pub ts_ns: u64,
+    pub inside_addr: u32,
+    pub ext_addr: u32,
+    pub inside_port: u16,
+    pub ext_port: u16,
+    /// `TRANSLOG_*`.
+    pub kind: u8,
+    pub proto: u8,
+    pub _pad: [u8; 2],
+}
+
 /// One entry of [`crate::MAP_TRAFFIC`]: packets forwarded and their bytes
 /// (whole frames as they left).
 #[repr(C)]
@@ -279,6 +302,10 @@ pub const FILTER_ENDPOINT_INDEPENDENT: u8 = 2;
 /// `NatConfig::flags`: inbound UDP packets refresh the session's timer too
 /// (RFC 4787 REQ-6 allows it; outbound refresh is always on).
 pub const CFG_F_UDP_INBOUND_REFRESH: u8 = 1;
+/// `NatConfig::flags`: emit translation-log events into
+/// [`crate::MAP_TRANSLOG`] (`--translation-log`). The top bit, so that
+/// flags added elsewhere in the meantime stay clear of it.
+pub const CFG_F_TRANSLOG: u8 = 0x80;
 
 /// Load-time configuration, written by the loader into the read-only global
 /// [`crate::GLOBAL_CONFIG`] of the eBPF object.
@@ -422,6 +449,7 @@ mod user {
     unsafe impl aya::Pod for super::FragHeld {}
     unsafe impl aya::Pod for super::XdpEgress {}
     unsafe impl aya::Pod for super::Traffic {}
+    unsafe impl aya::Pod for super::TranslogEvent {}
 }
 
 #[cfg(test)]
@@ -518,6 +546,14 @@ mod tests {
             ),
             (600, 1023, FILTER_ADDRESS_AND_PORT, 0, 0)
         );
+    }
+
+    #[test]
+    fn translog_event_is_24_bytes_with_explicit_padding() {
+        assert_eq!(size_of::<TranslogEvent>(), 24);
+        assert_eq!(offset_of!(TranslogEvent, inside_port), 16);
+        assert_eq!(offset_of!(TranslogEvent, kind), 20);
+        assert_eq!(offset_of!(TranslogEvent, _pad), 22);
     }
 
     #[test]

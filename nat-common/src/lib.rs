@@ -141,6 +141,13 @@ pub const MAP_XDP_PENDING: &str = "XDP_PENDING";
 /// array of [`stats::TRAFFIC_SLOTS`] [`Traffic`], index
 /// [`stats::traffic_slot`]. Pinned, like the counters.
 pub const MAP_TRAFFIC: &str = "TRAFFIC";
+/// The translation log's ring buffer (`--translation-log`): a
+/// [`TranslogEvent`] per binding created and per new flow refused for want
+/// of a port. Not pinned: each loader reads its own programs' events.
+pub const MAP_TRANSLOG: &str = "TRANSLOG";
+/// Its size in bytes (a power of two, a multiple of the page size): room
+/// for about 10 000 events between two reads.
+pub const TRANSLOG_BYTES: u32 = 256 * 1024;
 /// Default number of fragmented datagrams tracked at once.
 pub const DEFAULT_MAX_FRAGMENTS: u32 = 4096;
 
@@ -150,7 +157,7 @@ pub const fn frag_held_slots(max_fragments: u32) -> u32 {
     if q < FRAG_HELD_MAX { FRAG_HELD_MAX } else { q }
 }
 /// Every map of the gateway's object.
-pub const MAPS: [&str; 13] = [
+pub const MAPS: [&str; 14] = [
     MAP_CT_FWD,
     MAP_BIND,
     MAP_BIND_REV,
@@ -164,6 +171,7 @@ pub const MAPS: [&str; 13] = [
     MAP_XDP_EGRESS,
     MAP_XDP_PENDING,
     MAP_TRAFFIC,
+    MAP_TRANSLOG,
 ];
 /// The maps a pin directory keeps, so that a new loader adopts the flows
 /// and the counters. Not the tail-call table (each loader fills its own

@@ -211,6 +211,9 @@ reasons! {
     /// counter ([`xdp_forwarded`]), which so counts only what the kernel
     /// took: the packet's verdict moves, it is not counted twice.
     DROP_REDIRECT_REFUSED = 55, "drop_redirect_refused", Verdict;
+    /// Event: a translation-log record (`--translation-log`) was lost,
+    /// its ring buffer full (the loader reading too slowly, or gone).
+    EV_TRANSLOG_LOST = 56, "event_translog_lost", Event;
 }
 
 /// The reasons of a packet sent on its way out of a NIC (by a redirect, or

@@ -282,6 +282,11 @@ pub struct GatewayArgs {
     /// --int binding; an --ext address allowed).
     #[arg(long)]
     pub metrics_allow_ext: bool,
+    /// Append a JSON line to this file for every binding created, released
+    /// and freed, and for new flows refused for want of a port: which
+    /// inside endpoint had which external port when [default: none].
+    #[arg(long, value_name = "PATH")]
+    pub translation_log: Option<PathBuf>,
 }
 
 /// `--filtering`'s values (RFC 4787 section 5).

@@ -65,6 +65,8 @@ pub struct Config {
     /// `--metrics-listen`.
     pub metrics_listen: Option<std::net::SocketAddrV4>,
     pub metrics_allow_ext: bool,
+    /// `--translation-log`.
+    pub translation_log: Option<PathBuf>,
 }
 
 /// Policy routing as configured (the gateways may still be discovered).
@@ -183,6 +185,7 @@ impl TryFrom<GatewayArgs> for Config {
             show_flows: a.show_flows,
             metrics_listen: a.metrics_listen,
             metrics_allow_ext: a.metrics_allow_ext,
+            translation_log: a.translation_log,
         })
     }
 }
@@ -227,6 +230,7 @@ pub struct File {
     show_flows: Option<usize>,
     metrics_listen: Option<std::net::SocketAddrV4>,
     metrics_allow_ext: Option<bool>,
+    translation_log: Option<PathBuf>,
 }
 
 impl File {
@@ -307,6 +311,7 @@ impl File {
             show_flows,
             metrics_listen as Some,
             metrics_allow_ext,
+            translation_log as Some,
         );
         flags
     }
@@ -705,7 +710,8 @@ mod tests {
             int-table = 20\next-table = 21\n\
             int-gateway = \"10.0.0.1\"\next-gateway = \"10.0.1.1\"\n\
             internal-cidr = [\"10.9.0.0/16\"]\nsweep-interval = 22\nstats-interval = 23\n\
-            show-flows = 24\nmetrics-listen = \"10.0.0.4:9100\"\nmetrics-allow-ext = true\n";
+            show-flows = 24\nmetrics-listen = \"10.0.0.4:9100\"\nmetrics-allow-ext = true\n\
+            translation-log = \"/var/log/nat-translations.jsonl\"\n";
         let c = config(toml, &[]).expect("config");
         let expected = Config {
             ext: "a".into(),
@@ -746,6 +752,7 @@ mod tests {
             show_flows: 24,
             metrics_listen: Some("10.0.0.4:9100".parse().expect("addr")),
             metrics_allow_ext: true,
+            translation_log: Some("/var/log/nat-translations.jsonl".into()),
         };
         assert_eq!(c, expected);
         let off = config(

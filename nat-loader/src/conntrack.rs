@@ -153,6 +153,9 @@ pub struct Sweep {
     /// What the table holds after the pass (for the metrics: a scrape
     /// never walks the table).
     pub summary: Summary,
+    /// Bindings released (held) and freed by this pass, for the
+    /// translation log.
+    pub binding_changes: Vec<crate::translog::SweepRecord>,
 }
 
 /// The table as a pass left it.
@@ -267,6 +270,8 @@ pub fn sweep(
                 out.released += 1;
                 out.released_unanswered += no_hold as usize;
                 out.summary.binding(ek, true);
+                out.binding_changes
+                    .push((crate::translog::Change::Released, *ek, *v));
             }
             Fate::Free => {
                 // Read again: an outbound packet of the endpoint may have
@@ -286,6 +291,8 @@ pub fn sweep(
                 }
                 let _ = m.bind_rev.remove(ek);
                 out.freed += 1;
+                out.binding_changes
+                    .push((crate::translog::Change::Freed, *ek, *v));
             }
         }
     }
@@ -328,6 +335,8 @@ pub struct Sweeper {
     episode: Option<Episode>,
     /// Where each pass's summary goes (the metrics).
     published: Option<std::sync::Arc<crate::metrics::Published>>,
+    /// Where the bindings released and freed go (the translation log).
+    binding_log: Option<std::sync::mpsc::Sender<crate::translog::SweepRecord>>,
 }
 
 /// One stretch of passes under pressure.
@@ -347,7 +356,17 @@ impl Sweeper {
             refusals: None,
             episode: None,
             published: None,
+            binding_log: None,
         }
+    }
+
+    /// Sends the bindings each pass releases and frees there.
+    pub fn log_bindings_to(
+        mut self,
+        log: Option<std::sync::mpsc::Sender<crate::translog::SweepRecord>>,
+    ) -> Sweeper {
+        self.binding_log = log;
+        self
     }
 
     /// Publishes each pass's summary there.
@@ -436,6 +455,11 @@ impl Sweeper {
                 ms = started.elapsed().as_millis() as u64,
                 "swept conntrack"
             );
+        }
+        if let Some(log) = &self.binding_log {
+            for r in &s.binding_changes {
+                let _ = log.send(*r);
+            }
         }
         if let Some(p) = &self.published {
             p.pass(

@@ -52,9 +52,9 @@ pub async fn run(config: Config) -> Result<ExitCode> {
     let build = build_id::current();
     info!(build = %build, version = env!("CARGO_PKG_VERSION"), pins = %config.bpffs_dir.display(), "nat-loader starting");
     // From here on every change is owned by a guard that undoes it.
-    let attached = Attached::attach(&config, &host)?;
+    let mut attached = Attached::attach(&config, &host)?;
     attached.report_adoption(&config, &host);
-    let services = match Services::start(&config, &host, &handle, &attached).await {
+    let services = match Services::start(&config, &host, &handle, &mut attached).await {
         Ok(s) => s,
         Err(e) => return Err(attached.abandon(e)),
     };
@@ -377,10 +377,13 @@ impl Gateway {
             events,
             mut sweeper,
             reporter,
+            translog,
             ..
         } = services;
         // A pass under way would only find the maps going away.
         sweeper.stop(Duration::from_secs(2));
+        // After the sweeper: its last records are written too.
+        drop(translog);
         drop(events);
         // Probes fail before the programs go.
         drop(probe);

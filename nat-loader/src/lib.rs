@@ -20,6 +20,7 @@ pub mod refused;
 pub mod routing;
 pub mod stats;
 pub mod sysctl;
+pub mod translog;
 pub mod xdp_features;
 
 /// The eBPF object, embedded at build time; empty when the loader was built

@@ -28,6 +28,7 @@ use nat_loader::{
     pins::{self, DirLock, PinDir},
     routing::{self, NicPolicy, Plan, PolicyRoutes},
     sysctl::{self, SysctlGuard},
+    translog,
     xdp_features::Netdev,
 };
 use rtnetlink::Handle;
@@ -121,11 +122,14 @@ impl Host {
 
     /// What the dataplane's programs are given.
     pub fn settings(&self, config: &Config) -> Settings {
-        let flags = if config.udp_inbound_refresh {
+        let mut flags = if config.udp_inbound_refresh {
             CFG_F_UDP_INBOUND_REFRESH
         } else {
             0
         };
+        if config.translation_log.is_some() {
+            flags |= nat_common::CFG_F_TRANSLOG;
+        }
         let nat = NatConfig::new(self.int.index, self.ext.index, self.snat)
             .with_ports(config.ports.min, config.ports.max)
             .with_low_ports(config.low_ports.min, config.low_ports.max)
@@ -341,6 +345,8 @@ pub struct Services {
     pub status_tx: watch::Sender<Status>,
     /// `--metrics-listen`: the socket and what a scrape reads.
     pub metrics: Option<(TcpListener, Arc<metrics::Sources>)>,
+    /// `--translation-log`.
+    pub translog: Option<translog::TranslogThread>,
 }
 
 impl Services {
@@ -350,8 +356,25 @@ impl Services {
         config: &Config,
         host: &Host,
         handle: &Handle,
-        attached: &Attached,
+        attached: &mut Attached,
     ) -> Result<Services> {
+        let (translog, binding_log) = match &config.translation_log {
+            Some(path) => {
+                let (tx, rx) = translog::channel();
+                let ring = dataplane::take_map(attached.dp.ebpf_mut(), nat_common::MAP_TRANSLOG)
+                    .context("the translation log's ring buffer")?;
+                let t = translog::TranslogThread::spawn(
+                    path,
+                    ring,
+                    rx,
+                    dataplane::pinned_map(&attached.pins, MAP_STATS)
+                        .context("opening the counters for the translation log")?,
+                )?;
+                info!(path = %path.display(), "writing the translation log");
+                (Some(t), Some(tx))
+            }
+            None => (None, None),
+        };
         let dp = &attached.dp;
         let routes = match &host.plan {
             Some(p) => PolicyRoutes::install(handle, p)
@@ -432,7 +455,8 @@ impl Services {
                 config.max_flows,
                 config.sweep_interval,
             )
-            .publish_to(published),
+            .publish_to(published)
+            .log_bindings_to(binding_log),
             CtMaps::from_pins(pins).context("opening the conntrack maps for the sweeper")?,
             dataplane::pinned_map(pins, MAP_STATS)
                 .context("opening the counters for the sweeper")?,
@@ -453,6 +477,7 @@ impl Services {
             reporter,
             status_tx,
             metrics,
+            translog,
         })
     }
 }

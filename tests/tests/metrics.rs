@@ -324,3 +324,76 @@ fn conntrack_list_shows_the_flows_with_their_inside_external_and_remote_tuples()
         "{get:#}"
     );
 }
+
+#[test]
+fn the_translation_log_holds_each_binding_with_the_external_port_the_server_saw() {
+    let lab = lab();
+    let path = std::env::temp_dir().join(format!("natlab-{}-translog.jsonl", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    struct Remove(std::path::PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let _remove = Remove(path.clone());
+    // One external port: a second inside endpoint finds none. Short
+    // timeouts: the binding is released and freed within seconds.
+    let args = format!(
+        "--translation-log {} --port-range 40000-40000 --udp-timeout 1 --port-hold 1 \
+         --sweep-interval 1",
+        path.display()
+    );
+    let mut gw = gateway(&lab, &flags(&args));
+    let udp = udp_exchange(&lab, &Flow::to_server(Host::Client1, 5300), 3).expect("UDP");
+    let ext = udp.single_source().expect("one source");
+    assert_eq!(ext.port(), 40000);
+    // Another endpoint: refused for want of a port.
+    let other = lab
+        .udp_socket(Host::Client2, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0))
+        .expect("socket");
+    let other_addr = other.local_addr().expect("addr");
+    other
+        .send_to(b"x", SocketAddrV4::new(SERVER_IP, 5301))
+        .expect("send");
+    let lines = |want: &dyn Fn(&serde_json::Value) -> bool| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .filter(|v| want(v))
+            .collect()
+    };
+    let inside = udp.client_addr.to_string();
+    let of_flow = |event: &'static str| {
+        let inside = inside.clone();
+        move |v: &serde_json::Value| {
+            v["event"] == event && v["protocol"] == "udp" && v["inside"] == inside
+        }
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while lines(&of_flow("binding_freed")).is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    gw.stop().expect("stop");
+    let log = std::fs::read_to_string(&path).unwrap_or_default();
+    let created = lines(&of_flow("binding_created"));
+    assert_eq!(created.len(), 1, "{log}");
+    assert_eq!(created[0]["external"], ext.to_string(), "{log}");
+    assert!(
+        created[0]["time"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z') && t.len() == 27),
+        "RFC 3339 time: {log}"
+    );
+    for event in ["binding_released", "binding_freed"] {
+        let l = lines(&of_flow(event));
+        assert_eq!(l.len(), 1, "{event}: {log}");
+        assert_eq!(l[0]["external"], ext.to_string(), "{event}: {log}");
+    }
+    let refused = lines(&|v| {
+        v["event"] == "port_exhausted"
+            && v["inside"] == format!("{}:{}", nat_lab::CLIENT2_IP, other_addr.port())
+    });
+    assert_eq!(refused.len(), 1, "{log}");
+}
