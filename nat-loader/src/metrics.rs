@@ -212,12 +212,15 @@ impl Sources {
         let forwarded = counter_family(
             &mut reg,
             "nat_forwarded_packets",
-            "Packets translated and sent on, by direction (outbound: --int to --ext)",
+            "Packets translated and sent on (every forwarded verdict), by direction: outbound \
+             what the --int programs sent on (hairpinned packets included), inbound the --ext ones'",
         );
+        // By the hook that sent it on: the --int hooks send outbound
+        // (hairpinned packets too), the --ext hooks inbound.
         let (mut out, mut inb) = (0, 0);
-        for r in stats::FORWARDED {
-            let n = total(&[r]);
-            if outbound_reason(r) {
+        for (h, (hook, _)) in HOOKS.iter().enumerate() {
+            let n: u64 = stats::FORWARDED.iter().map(|r| s.get(h, *r)).sum();
+            if stats::direction(*hook) == stats::DIR_OUTBOUND {
                 out += n;
             } else {
                 inb += n;
@@ -419,14 +422,6 @@ impl Sources {
         info.get_or_create(&l(&[("version", self.version), ("build", &self.build)]))
             .set(1);
     }
-}
-
-/// Whether a forwarded reason is outbound (`--int` to `--ext`).
-fn outbound_reason(r: u32) -> bool {
-    matches!(
-        r,
-        stats::XDP_OUT_FWD | stats::TC_OUT_FWD | stats::TC_OUT_ICMP_ERROR_FWD
-    ) || (r == stats::TC_HAIRPIN_FWD)
 }
 
 /// The metrics socket for `addr`: see the module doc.
