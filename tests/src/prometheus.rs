@@ -14,7 +14,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use crate::{Host, Lab, LabChild};
+use crate::{Host, Lab, LabChild, netns::Namespaces};
 
 /// Where Prometheus serves its API, inside its namespace.
 const API: SocketAddrV4 = SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 9090);
@@ -24,13 +24,19 @@ const API: SocketAddrV4 = SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 9090)
 pub struct Prometheus {
     child: Option<LabChild>,
     dir: PathBuf,
-    host: Host,
+    role: String,
 }
 
 impl Prometheus {
     /// Starts Prometheus in `host` scraping `target`'s `/metrics` every
     /// second, and waits until its API answers.
     pub fn start(lab: &Lab, host: Host, target: SocketAddrV4) -> Result<Prometheus> {
+        Prometheus::start_in(lab.namespaces(), host.role(), &[target])
+    }
+
+    /// Starts Prometheus in namespace `role` of `ns`, scraping every one
+    /// of `targets` every second (as `instance="<addr:port>"`).
+    pub fn start_in(ns: &Namespaces, role: &str, targets: &[SocketAddrV4]) -> Result<Prometheus> {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let dir = std::env::temp_dir().join(format!(
             "{}{}-prometheus-{}",
@@ -44,17 +50,19 @@ impl Prometheus {
         let mut p = Prometheus {
             child: None,
             dir,
-            host,
+            role: role.to_string(),
         };
+        let targets: Vec<String> = targets.iter().map(|t| format!("'{t}'")).collect();
+        let targets = targets.join(", ");
         let config = format!(
             "global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\n  evaluation_interval: 1s\n\
-             scrape_configs:\n  - job_name: nat\n    static_configs:\n      - targets: ['{target}']\n"
+             scrape_configs:\n  - job_name: nat\n    static_configs:\n      - targets: [{targets}]\n"
         );
         let config_path = p.dir.join("prometheus.yml");
         std::fs::write(&config_path, config).context("writing prometheus.yml")?;
         let log = std::fs::File::create(p.dir.join("log")).context("prometheus log")?;
-        let mut cmd = lab.command(
-            host,
+        let mut cmd = ns.command(
+            role,
             &[
                 "prometheus",
                 &format!("--config.file={}", config_path.display()),
@@ -63,10 +71,10 @@ impl Prometheus {
             ],
         );
         cmd.stdout(Stdio::null()).stderr(log);
-        p.child = Some(lab.spawn_command(&mut cmd).context("starting prometheus")?);
+        p.child = Some(ns.spawn_command(&mut cmd).context("starting prometheus")?);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if http_get(lab, host, API, "/-/ready").is_ok_and(|(code, _)| code == 200) {
+            if http_get_in(ns, role, API, "/-/ready").is_ok_and(|(code, _)| code == 200) {
                 return Ok(p);
             }
             if Instant::now() > deadline {
@@ -84,8 +92,14 @@ impl Prometheus {
     /// The value of instant query `promql`: the first series' value, or
     /// `None` when the result is empty.
     pub fn query(&self, lab: &Lab, promql: &str) -> Result<Option<f64>> {
+        self.query_in(lab.namespaces(), promql)
+    }
+
+    /// [`Prometheus::query`] for a Prometheus started with
+    /// [`Prometheus::start_in`] in `ns`.
+    pub fn query_in(&self, ns: &Namespaces, promql: &str) -> Result<Option<f64>> {
         let path = format!("/api/v1/query?query={}", urlencode(promql));
-        let (code, body) = http_get(lab, self.host, API, &path)?;
+        let (code, body) = http_get_in(ns, &self.role, API, &path)?;
         let v: serde_json::Value = serde_json::from_str(&body)
             .with_context(|| format!("prometheus answered {code}: {body}"))?;
         if v["status"] != "success" {
@@ -115,9 +129,20 @@ impl Prometheus {
         ok: impl Fn(f64) -> bool,
         timeout: Duration,
     ) -> Result<f64> {
+        self.wait_for_in(lab.namespaces(), promql, ok, timeout)
+    }
+
+    /// [`Prometheus::wait_for`] in `ns`.
+    pub fn wait_for_in(
+        &self,
+        ns: &Namespaces,
+        promql: &str,
+        ok: impl Fn(f64) -> bool,
+        timeout: Duration,
+    ) -> Result<f64> {
         let deadline = Instant::now() + timeout;
         loop {
-            let last = match self.query(lab, promql) {
+            let last = match self.query_in(ns, promql) {
                 Ok(Some(v)) if ok(v) => return Ok(v),
                 Ok(v) => format!("{v:?}"),
                 Err(e) => format!("{e:#}"),
@@ -153,8 +178,18 @@ fn urlencode(s: &str) -> String {
 /// `GET path` from `host` to `to` (HTTP/1.0, 5 s at most): the status
 /// code and the body.
 pub fn http_get(lab: &Lab, host: Host, to: SocketAddrV4, path: &str) -> Result<(u16, String)> {
+    http_get_in(lab.namespaces(), host.role(), to, path)
+}
+
+/// [`http_get`] from namespace `role` of `ns`.
+pub fn http_get_in(
+    ns: &Namespaces,
+    role: &str,
+    to: SocketAddrV4,
+    path: &str,
+) -> Result<(u16, String)> {
     let path = path.to_string();
-    lab.in_ns(host, move || -> Result<(u16, String)> {
+    ns.in_ns(role, move || -> Result<(u16, String)> {
         let mut s = TcpStream::connect_timeout(&to.into(), Duration::from_secs(2))
             .with_context(|| format!("connecting to {to}"))?;
         s.set_read_timeout(Some(Duration::from_secs(5)))?;

@@ -506,3 +506,58 @@ fn at_a_million_sessions_a_scrape_answers_within_50_ms_and_conntrack_reads_them_
     );
     gw.stop().expect("stop");
 }
+
+/// Two instances behind the emulated internal load balancer, scraped by one
+/// Prometheus: when one "stops" (its links down), Prometheus sees it go,
+/// the load balancer takes it out, and the other instance's counters take
+/// every new connection; when it comes back it is scraped healthy again.
+#[test]
+fn prometheus_sees_a_failover_the_stopped_instance_gone_and_new_flows_on_the_other() {
+    use nat_lab::failover::{FailoverLab, int_ip};
+
+    let mut lab = FailoverLab::new(2).expect("building the failover lab (needs root, nft)");
+    for i in 0..2 {
+        lab.start_instance(i, &flags("--metrics-listen 0.0.0.0:9100"))
+            .expect("starting an instance");
+    }
+    lab.start_services().expect("echo server and prober");
+    lab.wait_in_rotation(&[0, 1], Duration::from_secs(10))
+        .expect("both in rotation");
+    let targets = [metrics_at(int_ip(0)), metrics_at(int_ip(1))];
+    let prom = Prometheus::start_in(lab.namespaces(), "lb", &targets).expect("prometheus in lb");
+    let ns = lab.namespaces();
+    let wait = |promql: &str, ok: &dyn Fn(f64) -> bool| -> f64 {
+        prom.wait_for_in(ns, promql, ok, WAIT)
+            .unwrap_or_else(|e| panic!("{e:#}\nprometheus log:\n{}", prom.log()))
+    };
+    let of = |metric: &str, i: usize| format!(r#"{metric}{{instance="{}"}}"#, targets[i]);
+    for i in 0..2 {
+        wait(&of("up", i), &|v| v == 1.0);
+        wait(&of("nat_healthy", i), &|v| v == 1.0);
+    }
+
+    // Instance 1 stops: Prometheus loses it, the load balancer takes it out.
+    lab.links_down(1).expect("links down");
+    wait(&of("up", 1), &|v| v == 0.0);
+    lab.wait_in_rotation(&[0], Duration::from_secs(10))
+        .expect("instance 1 out of rotation");
+    // Every new connection now goes through instance 0, and its counter
+    // moves by exactly that many.
+    let before = wait(&of("nat_connection_attempts_total", 0), &|_| true);
+    let mut carried = 0;
+    for _ in 0..10 {
+        let via = lab
+            .new_connection(Duration::from_secs(2))
+            .expect("a new connection");
+        assert_eq!(via, 0, "instance 1 is out of rotation");
+        carried += 1;
+    }
+    wait(&of("nat_connection_attempts_total", 0), &|v| {
+        v == before + f64::from(carried)
+    });
+
+    // Back: scraped and healthy again.
+    lab.links_up(1).expect("links up");
+    wait(&of("up", 1), &|v| v == 1.0);
+    wait(&of("nat_healthy", 1), &|v| v == 1.0);
+}
