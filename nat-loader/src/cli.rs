@@ -503,6 +503,67 @@ mod tests {
     }
 
     #[test]
+    fn stats_and_conntrack_are_read_only_subcommands_with_filters_and_json() {
+        let (a, _) = Cli::try_parse_args(["nat-loader", "stats", "-o", "json"]).expect("stats");
+        match a.command {
+            Some(Command::Stats { read }) => {
+                assert_eq!(read.output, Output::Json);
+                assert_eq!(read.bpffs_dir, PathBuf::from(pins::DEFAULT_DIR));
+            }
+            other => panic!("{other:?}"),
+        }
+        let (a, _) = Cli::try_parse_args([
+            "nat-loader",
+            "conntrack",
+            "list",
+            "--proto",
+            "udp",
+            "--inside",
+            "10.1.0.11",
+            "--state",
+            "answered",
+            "--bpffs-dir",
+            "/x",
+        ])
+        .expect("list");
+        match a.command {
+            Some(Command::Conntrack {
+                what: ConntrackCommand::List { filter, read },
+            }) => {
+                assert_eq!(filter.proto, Some(ProtoArg::Udp));
+                assert_eq!(filter.inside, Some(Ipv4Addr::new(10, 1, 0, 11)));
+                assert_eq!(filter.state.as_deref(), Some("answered"));
+                assert_eq!((read.output, read.bpffs_dir), (Output::Text, "/x".into()));
+            }
+            other => panic!("{other:?}"),
+        }
+        let (a, _) = Cli::try_parse_args(["nat-loader", "conntrack", "get", "40000"]).expect("get");
+        assert!(matches!(
+            a.command,
+            Some(Command::Conntrack {
+                what: ConntrackCommand::Get { port: 40000, .. }
+            })
+        ));
+        for bad in [
+            &["nat-loader", "conntrack", "list", "--state", "half-open"][..],
+            &["nat-loader", "conntrack", "get"],
+            &["nat-loader", "stats", "-o", "yaml"],
+        ] {
+            assert!(Cli::try_parse_args(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn metrics_listen_takes_an_ipv4_socket_address() {
+        let (a, _) = parse(&["--metrics-listen", "10.0.0.4:9100"]).expect("ok");
+        assert_eq!(
+            a.gateway.metrics_listen,
+            Some("10.0.0.4:9100".parse().expect("addr"))
+        );
+        assert!(parse(&["--metrics-listen", "9100"]).is_err());
+    }
+
+    #[test]
     fn the_value_enums_map_every_word_to_its_own_value() {
         assert_eq!(
             value_enum::<FilteringArg>("endpoint-independent"),

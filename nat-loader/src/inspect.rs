@@ -250,3 +250,141 @@ pub fn flow_json(f: &Flow) -> Value {
         "idle_seconds": f.idle.as_secs(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn flow(proto: u8, inside: &str, external: &str, remote: &str, replied: bool) -> Flow {
+        Flow {
+            proto,
+            inside: inside.parse().expect("inside"),
+            external: external.parse().expect("external"),
+            remote: remote.parse().expect("remote"),
+            tcp_state: 0,
+            inbound: false,
+            replied,
+            idle: Duration::ZERO,
+        }
+    }
+
+    #[test]
+    fn every_given_filter_must_match() {
+        let f = flow(
+            IPPROTO_UDP,
+            "10.1.0.11:5000",
+            "192.0.2.2:40000",
+            "198.51.100.10:53",
+            true,
+        );
+        assert!(Filter::default().matches(&f));
+        let inside = Some(Ipv4Addr::new(10, 1, 0, 11));
+        let yes = [
+            Filter {
+                proto: Some(IPPROTO_UDP),
+                ..Filter::default()
+            },
+            Filter {
+                inside,
+                ..Filter::default()
+            },
+            Filter {
+                outside: Some(Ipv4Addr::new(198, 51, 100, 10)),
+                ..Filter::default()
+            },
+            Filter {
+                port: Some(5000),
+                ..Filter::default()
+            },
+            Filter {
+                port: Some(40000),
+                ..Filter::default()
+            },
+            Filter {
+                port: Some(53),
+                ..Filter::default()
+            },
+            Filter {
+                external_port: Some(40000),
+                ..Filter::default()
+            },
+            Filter {
+                state: Some("answered".into()),
+                ..Filter::default()
+            },
+        ];
+        for y in yes {
+            assert!(y.matches(&f), "{y:?}");
+        }
+        let no = [
+            Filter {
+                proto: Some(IPPROTO_TCP),
+                ..Filter::default()
+            },
+            Filter {
+                inside,
+                port: Some(1),
+                ..Filter::default()
+            },
+            Filter {
+                outside: inside,
+                ..Filter::default()
+            },
+            Filter {
+                external_port: Some(5000),
+                ..Filter::default()
+            },
+            Filter {
+                state: Some("unanswered".into()),
+                ..Filter::default()
+            },
+        ];
+        for n in no {
+            assert!(!n.matches(&f), "{n:?}");
+        }
+    }
+
+    #[test]
+    fn a_flow_prints_as_json_with_both_tuples() {
+        let f = flow(
+            IPPROTO_ICMP,
+            "10.1.0.11:7",
+            "192.0.2.2:40000",
+            "198.51.100.10:0",
+            false,
+        );
+        let v = flow_json(&f);
+        assert_eq!(v["protocol"], "icmp");
+        assert_eq!(v["inside"], "10.1.0.11:7");
+        assert_eq!(v["external"], "192.0.2.2:40000");
+        assert_eq!(v["remote"], "198.51.100.10:0");
+        assert_eq!(v["state"], "unanswered");
+    }
+
+    #[test]
+    fn stats_json_names_every_counter_of_every_hook() {
+        let mut s = Stats {
+            totals: vec![vec![0; COUNT as usize]; HOOKS.len()],
+        };
+        s.totals[2][nat_common::stats::TC_OUT_FWD as usize] = 7;
+        let traffic = [(
+            "outbound",
+            "udp",
+            Traffic {
+                packets: 3,
+                bytes: 300,
+            },
+        )];
+        let v = stats_json(&s, &traffic);
+        assert_eq!(v["counters"]["tc_int"]["tc_out_forwarded"], 7);
+        assert_eq!(v["counters"]["xdp_ext"]["drop_unsolicited"], 0);
+        assert_eq!(v["traffic"]["outbound"]["udp"]["bytes"], 300);
+        for (_, hook) in HOOKS {
+            assert_eq!(
+                v["counters"][hook].as_object().map(|o| o.len()),
+                Some(COUNT as usize)
+            );
+        }
+    }
+}
