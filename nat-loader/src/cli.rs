@@ -284,7 +284,8 @@ pub struct GatewayArgs {
     pub metrics_allow_ext: bool,
     /// Append a JSON line to this file for every binding created, released
     /// and freed, and for new flows refused for want of a port: which
-    /// inside endpoint had which external port when [default: none].
+    /// inside endpoint had which external port when; `journal`: to the
+    /// loader's log (target nat_translog) instead [default: none].
     #[arg(long, value_name = "PATH")]
     pub translation_log: Option<PathBuf>,
 }

@@ -13,7 +13,9 @@
 //! the port may go to another endpoint. `port_exhausted`: a new flow of
 //! that inside endpoint found no free port (at most one line per endpoint
 //! and second). Records lost to a full ring are counted
-//! (`event_translog_lost`) and logged.
+//! (`event_translog_lost`) and logged. `--translation-log journal` writes
+//! the same lines to the loader's log instead (target `nat_translog`,
+//! which systemd puts in the journal).
 
 use std::{
     collections::HashMap,
@@ -112,8 +114,41 @@ fn wall_time(ts_ns: u64) -> SystemTime {
     SystemTime::now() - Duration::from_nanos(ago)
 }
 
+/// Where the lines go: the file, or the log (`journal`).
+enum Out {
+    File(BufWriter<File>),
+    Journal(Vec<u8>),
+}
+
+impl Write for Out {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Out::File(f) => f.write(buf),
+            Out::Journal(pending) => {
+                pending.extend_from_slice(buf);
+                while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+                    let l: Vec<u8> = pending.drain(..=end).collect();
+                    let l = String::from_utf8_lossy(&l[..l.len() - 1]).into_owned();
+                    tracing::info!(target: "nat_translog", "{l}");
+                }
+                Ok(buf.len())
+            }
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Out::File(f) => f.flush(),
+            Out::Journal(_) => Ok(()),
+        }
+    }
+}
+
+/// The path that means "the loader's log".
+pub const JOURNAL: &str = "journal";
+
 struct Writer {
-    out: BufWriter<File>,
+    out: Out,
     path: PathBuf,
     /// When each inside endpoint's last `port_exhausted` line was written.
     exhausted: HashMap<(u8, u32, u16), Instant>,
@@ -201,13 +236,18 @@ impl TranslogThread {
         sweeps: Receiver<SweepRecord>,
         stats_map: PerCpuArray<MapData, u64>,
     ) -> Result<TranslogThread> {
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .with_context(|| format!("opening the translation log {}", path.display()))?;
+        let out = if path == Path::new(JOURNAL) {
+            Out::Journal(Vec::new())
+        } else {
+            let file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("opening the translation log {}", path.display()))?;
+            Out::File(BufWriter::new(file))
+        };
         let mut w = Writer {
-            out: BufWriter::new(file),
+            out,
             path: path.to_path_buf(),
             exhausted: HashMap::new(),
             lost: Stats::sum(&stats_map, &[stats::EV_TRANSLOG_LOST]).unwrap_or(0),

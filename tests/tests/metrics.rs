@@ -396,6 +396,17 @@ fn the_translation_log_holds_each_binding_with_the_external_port_the_server_saw(
             && v["inside"] == format!("{}:{}", nat_lab::CLIENT2_IP, other_addr.port())
     });
     assert_eq!(refused.len(), 1, "{log}");
+
+    // `journal`: the same lines in the loader's log.
+    let gw = gateway(&lab, &flags("--translation-log journal"));
+    let udp = udp_exchange(&lab, &Flow::to_server(Host::Client1, 5302), 1).expect("UDP");
+    let ext = udp.single_source().expect("one source").to_string();
+    let inside = udp.client_addr.to_string();
+    let found = gw.wait_for_log(
+        &["nat_translog", "binding_created", &ext, &inside],
+        Duration::from_secs(5),
+    );
+    assert!(found.is_some(), "{:#?}", gw.log());
 }
 
 /// A million sessions: `conntrack count` and `list` read them in batches,
