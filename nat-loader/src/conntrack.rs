@@ -3,7 +3,7 @@
 //! ones ([`crate::pressure`] decides which).
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::HashSet,
     fmt,
     net::{Ipv4Addr, SocketAddrV4},
     time::Duration,
@@ -12,9 +12,9 @@ use std::{
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, MapData, PerCpuArray};
 use nat_common::{
-    BIND_F_RELEASED, BindKey, BindValue, CtKey, CtValue, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
+    BIND_F_RELEASED, BindKey, BindValue, CtKey, CtValue,
     binding::{self, Fate},
-    stats, tcp,
+    stats,
     timeouts::Timeouts,
 };
 use tracing::{info, warn};
@@ -23,6 +23,7 @@ use crate::{
     dataplane::CtMaps,
     pressure::{self, Limits, Standing},
     stats::Stats,
+    summary::{Summary, proto_name, state},
 };
 
 type CtMap = HashMap<MapData, CtKey, CtValue>;
@@ -76,34 +77,6 @@ impl Flow {
     }
 }
 
-/// `tcp`, `udp`, `icmp` (`?` for another number).
-pub fn proto_name(proto: u8) -> &'static str {
-    match proto {
-        IPPROTO_TCP => "tcp",
-        IPPROTO_UDP => "udp",
-        IPPROTO_ICMP => "icmp",
-        _ => "?",
-    }
-}
-
-/// What the CLI and the metrics call a session's state: TCP's phase
-/// (`opening`, `established`, `closing`); for UDP and ICMP whether a
-/// reply was seen (`answered`, `unanswered`).
-pub fn state(proto: u8, tcp_bits: u8, replied: bool) -> &'static str {
-    match (proto, replied) {
-        (IPPROTO_TCP, _) => tcp::phase_name(tcp_bits),
-        (_, true) => "answered",
-        (_, false) => "unanswered",
-    }
-}
-
-/// Every state [`state`] can give, per protocol.
-pub const STATES: [(u8, &[&str]); 3] = [
-    (IPPROTO_TCP, &["opening", "established", "closing"]),
-    (IPPROTO_UDP, &["answered", "unanswered"]),
-    (IPPROTO_ICMP, &["answered", "unanswered"]),
-];
-
 impl fmt::Display for Flow {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (proto, state) = (self.proto_name(), self.state());
@@ -155,35 +128,7 @@ pub struct Sweep {
     pub summary: Summary,
     /// Bindings released (held) and freed by this pass, for the
     /// translation log.
-    pub binding_changes: Vec<crate::translog::SweepRecord>,
-}
-
-/// The table as a pass left it.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Summary {
-    /// Sessions by (protocol, [`state`]).
-    pub sessions: BTreeMap<(u8, &'static str), u64>,
-    /// Bindings by (protocol, external address (network order), external
-    /// port below 1024 (`--low-port-range`), held): each holds one
-    /// external port of that address.
-    pub bindings: BTreeMap<(u8, u32, bool, bool), u64>,
-}
-
-impl Summary {
-    fn session(&mut self, proto: u8, v: &CtValue) {
-        *self
-            .sessions
-            .entry((proto, state(proto, v.tcp_bits(), v.replied())))
-            .or_default() += 1;
-    }
-
-    fn binding(&mut self, ek: &BindKey, held: bool) {
-        let low = u16::from_be(ek.port) < 1024;
-        *self
-            .bindings
-            .entry((ek.proto, ek.addr, low, held))
-            .or_default() += 1;
-    }
+    pub binding_changes: Vec<crate::summary::SweepRecord>,
 }
 
 /// Removes idle sessions and, under pressure (`refused`: new flows were
@@ -271,7 +216,7 @@ pub fn sweep(
                 out.released_unanswered += no_hold as usize;
                 out.summary.binding(ek, true);
                 out.binding_changes
-                    .push((crate::translog::Change::Released, *ek, *v));
+                    .push((crate::summary::Change::Released, *ek, *v));
             }
             Fate::Free => {
                 // Read again: an outbound packet of the endpoint may have
@@ -292,7 +237,7 @@ pub fn sweep(
                 let _ = m.bind_rev.remove(ek);
                 out.freed += 1;
                 out.binding_changes
-                    .push((crate::translog::Change::Freed, *ek, *v));
+                    .push((crate::summary::Change::Freed, *ek, *v));
             }
         }
     }
@@ -334,9 +279,9 @@ pub struct Sweeper {
     refusals: Option<u64>,
     episode: Option<Episode>,
     /// Where each pass's summary goes (the metrics).
-    published: Option<std::sync::Arc<crate::metrics::Published>>,
+    published: Option<std::sync::Arc<crate::summary::Published>>,
     /// Where the bindings released and freed go (the translation log).
-    binding_log: Option<std::sync::mpsc::Sender<crate::translog::SweepRecord>>,
+    binding_log: Option<std::sync::mpsc::Sender<crate::summary::SweepRecord>>,
 }
 
 /// One stretch of passes under pressure.
@@ -363,14 +308,14 @@ impl Sweeper {
     /// Sends the bindings each pass releases and frees there.
     pub fn log_bindings_to(
         mut self,
-        log: Option<std::sync::mpsc::Sender<crate::translog::SweepRecord>>,
+        log: Option<std::sync::mpsc::Sender<crate::summary::SweepRecord>>,
     ) -> Sweeper {
         self.binding_log = log;
         self
     }
 
     /// Publishes each pass's summary there.
-    pub fn publish_to(mut self, p: std::sync::Arc<crate::metrics::Published>) -> Sweeper {
+    pub fn publish_to(mut self, p: std::sync::Arc<crate::summary::Published>) -> Sweeper {
         self.published = Some(p);
         self
     }

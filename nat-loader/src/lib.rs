@@ -19,6 +19,7 @@ pub mod pressure;
 pub mod refused;
 pub mod routing;
 pub mod stats;
+pub mod summary;
 pub mod sysctl;
 pub mod translog;
 pub mod xdp_features;

@@ -13,10 +13,7 @@
 use std::{
     collections::BTreeMap,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, AtomicU64, Ordering},
-    },
+    sync::{Arc, atomic::Ordering},
     time::Duration,
 };
 
@@ -28,7 +25,7 @@ use nat_common::{
 };
 use prometheus_client::{
     encoding::prometheus_text,
-    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
 use tokio::{
@@ -39,60 +36,11 @@ use tokio::{
 use tracing::warn;
 
 use crate::{
-    conntrack::{STATES, Summary, proto_name},
     egress::Modes,
     health::Status,
     stats::Stats,
+    summary::{Published, STATES, proto_name},
 };
-
-/// What the sweeper tells the metrics: its last pass's summary and
-/// running totals since this loader started.
-#[derive(Debug)]
-pub struct Published {
-    pub last: Mutex<Option<Summary>>,
-    /// Sessions removed for being idle past their timeout.
-    pub expired: AtomicU64,
-    /// Sessions evicted under table pressure.
-    pub evicted: AtomicU64,
-    pub pressed: AtomicBool,
-    pub sweep_seconds: Histogram,
-}
-
-impl Default for Published {
-    fn default() -> Published {
-        Published {
-            last: Mutex::new(None),
-            expired: AtomicU64::new(0),
-            evicted: AtomicU64::new(0),
-            pressed: AtomicBool::new(false),
-            // 1 ms .. ~16 s: a pass over 32 k sessions takes about 0.1 s,
-            // over a million several seconds.
-            sweep_seconds: Histogram::new(
-                prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 15),
-            ),
-        }
-    }
-}
-
-impl Published {
-    /// Records a pass.
-    pub fn pass(
-        &self,
-        summary: Summary,
-        expired: usize,
-        evicted: usize,
-        pressed: bool,
-        took: Duration,
-    ) {
-        self.expired.fetch_add(expired as u64, Ordering::Relaxed);
-        self.evicted.fetch_add(evicted as u64, Ordering::Relaxed);
-        self.pressed.store(pressed, Ordering::Relaxed);
-        self.sweep_seconds.observe(took.as_secs_f64());
-        if let Ok(mut l) = self.last.lock() {
-            *l = Some(summary);
-        }
-    }
-}
 
 /// Everything a scrape reads.
 pub struct Sources {

@@ -418,7 +418,7 @@ impl Services {
         };
         let pins = &attached.pins;
         let (status_tx, status_rx) = watch::channel(Status::Unhealthy("starting".into()));
-        let published = Arc::new(metrics::Published::default());
+        let published = Arc::new(nat_loader::summary::Published::default());
         let metrics = match config.metrics_listen {
             Some(addr) => {
                 let listener = metrics::listener(

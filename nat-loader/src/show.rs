@@ -5,10 +5,11 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 use anyhow::Result;
 use nat_loader::{
-    conntrack::{Flow, proto_name},
+    conntrack::Flow,
     inspect::{self, Filter},
     monotonic_ns,
     pins::PinDir,
+    summary::proto_name,
 };
 use serde_json::json;
 

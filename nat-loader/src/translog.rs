@@ -35,21 +35,13 @@ use std::{
 
 use anyhow::{Context, Result};
 use aya::maps::{MapData, PerCpuArray, RingBuf};
-use nat_common::{BindKey, BindValue, TRANSLOG_CREATED, TRANSLOG_NO_PORT, TranslogEvent, stats};
+use nat_common::{TRANSLOG_CREATED, TRANSLOG_NO_PORT, TranslogEvent, stats};
 use tracing::warn;
 
-use crate::{conntrack::proto_name, stats::Stats};
-
-/// A binding change the sweeper saw.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Change {
-    Released,
-    Freed,
-}
-
-/// What the sweeper sends: the binding by external endpoint, and its
-/// inside endpoint.
-pub type SweepRecord = (Change, BindKey, BindValue);
+use crate::{
+    stats::Stats,
+    summary::{Change, SweepRecord, proto_name},
+};
 
 /// The writer thread.
 pub struct TranslogThread {
