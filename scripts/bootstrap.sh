@@ -23,6 +23,9 @@ APT_PACKAGES=(
     # The benchmark (`cargo xtask bench`): trafgen, the iptables baseline,
     # the chart.
     netsniff-ng iptables python3-matplotlib
+    # The metrics test: a real Prometheus scrapes the lab gateway; promtool
+    # checks the exposition.
+    prometheus
 )
 
 missing=()

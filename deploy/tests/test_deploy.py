@@ -114,6 +114,22 @@ class Template(unittest.TestCase):
         self.assertEqual((health["protocol"], health["port"]), ("tcp", port))
         self.assertIn(f"--probe-port {port}", ev.variable("installCommand"))
 
+    def test_metrics_port_is_passed_to_the_loader_and_open_to_the_virtual_network_only(self):
+        ev, res = evaluated(metricsPort=9200)
+        self.assertIn("--metrics-listen 0.0.0.0:9200", ev.variable("installCommand"))
+        nsgs = [r for r in res if r["type"] == "Microsoft.Network/networkSecurityGroups"]
+        allowing = []
+        for nsg in nsgs:
+            rules = ev.resolve(nsg["properties"]["securityRules"])
+            for rule in rules:
+                p = rule["properties"]
+                if p["access"] == "Allow" and p["direction"] == "Inbound" \
+                        and p["destinationPortRange"] in ("9200", "*"):
+                    allowing.append(p["sourceAddressPrefix"])
+        self.assertIn("VirtualNetwork", allowing)
+        self.assertTrue(set(allowing) <= {"VirtualNetwork", "AzureLoadBalancer"},
+                        f"the metrics port is open to {allowing}")
+
     def test_http_probe_uses_healthz_on_health_port(self):
         ev, res = evaluated(healthProbeProtocol="Http", healthPort=8081)
         probe = one(res, "Microsoft.Network/loadBalancers", "int-lb")["properties"]["probes"][0]["properties"]

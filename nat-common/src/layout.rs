@@ -74,6 +74,30 @@ impl CtValue {
     pub const fn snat_addr_port(&self) -> (u32, u16) {
         (self.peer.dst_addr, self.peer.dst_port)
     }
+
+    // Readers outside the dataplane (the conntrack CLI, the sweeper's
+    // summary) decode a session through these, so that the value's layout
+    // can change without them.
+
+    /// CLOCK_MONOTONIC ns of the last packet translated.
+    pub const fn last_seen(&self) -> u64 {
+        self.last_seen_ns
+    }
+
+    /// TCP state bits ([`crate::tcp`]); 0 for other protocols.
+    pub const fn tcp_bits(&self) -> u8 {
+        self.tcp_state
+    }
+
+    /// Opened by an inbound packet ([`CT_F_INBOUND`]).
+    pub const fn inbound(&self) -> bool {
+        self.flags & CT_F_INBOUND != 0
+    }
+
+    /// Answered ([`CT_F_REPLIED`]).
+    pub const fn replied(&self) -> bool {
+        self.flags & CT_F_REPLIED != 0
+    }
 }
 
 /// An endpoint: the key of both binding maps. In [`crate::MAP_BIND`] it is
@@ -130,6 +154,51 @@ pub struct BindValue {
     /// does not release a binding claimed during its pass; see
     /// [`crate::binding`]).
     pub stamp_ns: u64,
+}
+
+impl BindValue {
+    /// The other end: (address, port), network order.
+    pub const fn addr_port(&self) -> (u32, u16) {
+        (self.addr, self.port)
+    }
+
+    /// Released: no session uses it, held for its endpoint
+    /// ([`BIND_F_RELEASED`]).
+    pub const fn released(&self) -> bool {
+        self.flags & BIND_F_RELEASED != 0
+    }
+}
+
+/// [`TranslogEvent::kind`]: an inside endpoint got an external port.
+pub const TRANSLOG_CREATED: u8 = 1;
+/// [`TranslogEvent::kind`]: a new flow found no free external port
+/// (`ext_*` are 0).
+pub const TRANSLOG_NO_PORT: u8 = 2;
+
+/// One record of [`crate::MAP_TRANSLOG`]. Addresses and ports in network
+/// order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct TranslogEvent {
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC).
+    pub ts_ns: u64,
+    pub inside_addr: u32,
+    pub ext_addr: u32,
+    pub inside_port: u16,
+    pub ext_port: u16,
+    /// `TRANSLOG_*`.
+    pub kind: u8,
+    pub proto: u8,
+    pub _pad: [u8; 2],
+}
+
+/// One entry of [`crate::MAP_TRAFFIC`]: packets forwarded and their bytes
+/// (whole frames as they left).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Traffic {
+    pub packets: u64,
+    pub bytes: u64,
 }
 
 /// A fragmented datagram as its fragments carry it on `--ext`: the IP
@@ -237,6 +306,10 @@ pub const CFG_F_UDP_INBOUND_REFRESH: u8 = 1;
 /// source is in none of [`crate::MAP_INSIDE_NETS`]'s prefixes is dropped
 /// (`drop_spoofed_source`).
 pub const CFG_F_ANTI_SPOOFING: u8 = 2;
+/// `NatConfig::flags`: emit translation-log events into
+/// [`crate::MAP_TRANSLOG`] (`--translation-log`). The top bit, so that
+/// flags added elsewhere in the meantime stay clear of it.
+pub const CFG_F_TRANSLOG: u8 = 0x80;
 
 /// Load-time configuration, written by the loader into the read-only global
 /// [`crate::GLOBAL_CONFIG`] of the eBPF object.
@@ -379,6 +452,8 @@ mod user {
     unsafe impl aya::Pod for super::FragSlot {}
     unsafe impl aya::Pod for super::FragHeld {}
     unsafe impl aya::Pod for super::XdpEgress {}
+    unsafe impl aya::Pod for super::Traffic {}
+    unsafe impl aya::Pod for super::TranslogEvent {}
 }
 
 #[cfg(test)]
@@ -475,6 +550,14 @@ mod tests {
             ),
             (600, 1023, FILTER_ADDRESS_AND_PORT, 0, 0)
         );
+    }
+
+    #[test]
+    fn translog_event_is_24_bytes_with_explicit_padding() {
+        assert_eq!(size_of::<TranslogEvent>(), 24);
+        assert_eq!(offset_of!(TranslogEvent, inside_port), 16);
+        assert_eq!(offset_of!(TranslogEvent, kind), 20);
+        assert_eq!(offset_of!(TranslogEvent, _pad), 22);
     }
 
     #[test]

@@ -161,6 +161,17 @@ pub const MAP_POLICY_HITS: &str = "POLICY_HITS";
 /// in (`--int`'s subnets and `--internal-cidr`s), an LPM trie keyed by
 /// the address (network order), value unused. Checked when [`CFG_F_ANTI_SPOOFING`] is set.
 pub const MAP_INSIDE_NETS: &str = "INSIDE_NETS";
+/// Packets and bytes forwarded, by direction and protocol: a per-CPU
+/// array of [`stats::TRAFFIC_SLOTS`] [`Traffic`], index
+/// [`stats::traffic_slot`]. Pinned, like the counters.
+pub const MAP_TRAFFIC: &str = "TRAFFIC";
+/// The translation log's ring buffer (`--translation-log`): a
+/// [`TranslogEvent`] per binding created and per new flow refused for want
+/// of a port. Not pinned: each loader reads its own programs' events.
+pub const MAP_TRANSLOG: &str = "TRANSLOG";
+/// Its size in bytes (a power of two, a multiple of the page size): room
+/// for about 10 000 events between two reads.
+pub const TRANSLOG_BYTES: u32 = 256 * 1024;
 /// Default number of fragmented datagrams tracked at once.
 pub const DEFAULT_MAX_FRAGMENTS: u32 = 4096;
 
@@ -170,7 +181,7 @@ pub const fn frag_held_slots(max_fragments: u32) -> u32 {
     if q < FRAG_HELD_MAX { FRAG_HELD_MAX } else { q }
 }
 /// Every map of the gateway's object.
-pub const MAPS: [&str; 17] = [
+pub const MAPS: [&str; 19] = [
     MAP_CT_FWD,
     MAP_BIND,
     MAP_BIND_REV,
@@ -188,13 +199,22 @@ pub const MAPS: [&str; 17] = [
     MAP_POLICY_STATE,
     MAP_POLICY_HITS,
     MAP_INSIDE_NETS,
+    MAP_TRAFFIC,
+    MAP_TRANSLOG,
 ];
 /// The maps a pin directory keeps, so that a new loader adopts the flows
 /// and the counters. Not the tail-call table (each loader fills its own
 /// with its own programs), the rate limiter (a new loader starts with a
 /// full bucket) nor the fragment tables (datagrams in flight, which a
 /// restart merely makes the receivers discard).
-pub const PINNED_MAPS: [&str; 5] = [MAP_CT_FWD, MAP_BIND, MAP_BIND_REV, MAP_ADF, MAP_STATS];
+pub const PINNED_MAPS: [&str; 6] = [
+    MAP_CT_FWD,
+    MAP_BIND,
+    MAP_BIND_REV,
+    MAP_ADF,
+    MAP_STATS,
+    MAP_TRAFFIC,
+];
 /// The programs the loader attaches, one XDP and one TC program per NIC.
 pub const ATTACHED_PROGRAMS: [&str; 4] = [PROG_XDP_INT, PROG_XDP_EXT, PROG_TC_INT, PROG_TC_EXT];
 /// Name of the read-only global holding [`NatConfig`].

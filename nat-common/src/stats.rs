@@ -211,8 +211,6 @@ reasons! {
     /// counter ([`xdp_forwarded`]), which so counts only what the kernel
     /// took: the packet's verdict moves, it is not counted twice.
     DROP_REDIRECT_REFUSED = 55, "drop_redirect_refused", Verdict;
-    // Issue 12 (egress policy, anti-spoofing). Numbered from 56 on this
-    // branch; the range set aside for it is 60..=69.
     /// A new flow denied by the egress policy, whose rule answers with a
     /// silent drop ([`crate::policy::ANSWER_DROP`]).
     DROP_POLICY_DENIED = 56, "drop_policy_denied", Verdict;
@@ -236,6 +234,9 @@ reasons! {
     /// Event: a denied flow's answer was not sent, the rate limit (shared
     /// with the out-of-ports errors) being spent.
     EV_POLICY_ANSWER_RATE_LIMITED = 63, "event_policy_answer_rate_limited", Event;
+    /// Event: a translation-log record (`--translation-log`) was lost,
+    /// its ring buffer full (the loader reading too slowly, or gone).
+    EV_TRANSLOG_LOST = 64, "event_translog_lost", Event;
 }
 
 /// The reasons of a packet sent on its way out of a NIC (by a redirect, or
@@ -262,6 +263,44 @@ pub const fn xdp_forwarded(hook: u32) -> u32 {
         XDP_OUT_FWD
     } else {
         XDP_IN_FWD
+    }
+}
+
+/// [`crate::MAP_TRAFFIC`]'s directions: what `--int` sent out of `--ext`,
+/// and what came back in.
+pub const DIR_OUTBOUND: u32 = 0;
+pub const DIR_INBOUND: u32 = 1;
+/// `(direction, label)` of both directions.
+pub const DIRECTIONS: [(u32, &str); 2] = [(DIR_OUTBOUND, "outbound"), (DIR_INBOUND, "inbound")];
+/// The protocols forwarded, in [`crate::MAP_TRAFFIC`]'s order.
+pub const TRAFFIC_PROTOS: [(u8, &str); 3] = [
+    (crate::IPPROTO_TCP, "tcp"),
+    (crate::IPPROTO_UDP, "udp"),
+    (crate::IPPROTO_ICMP, "icmp"),
+];
+/// Entries of [`crate::MAP_TRAFFIC`].
+pub const TRAFFIC_SLOTS: u32 = 2 * TRAFFIC_PROTOS.len() as u32;
+
+/// Index in [`crate::MAP_TRAFFIC`] of protocol `proto` (TCP, UDP, else
+/// ICMP: the only ones translated) in direction `dir`.
+#[inline(always)]
+pub const fn traffic_slot(dir: u32, proto: u8) -> u32 {
+    let p = match proto {
+        crate::IPPROTO_TCP => 0,
+        crate::IPPROTO_UDP => 1,
+        _ => 2,
+    };
+    dir * TRAFFIC_PROTOS.len() as u32 + p
+}
+
+/// The direction of what hook `hook` forwards: the `--int` hooks send
+/// outbound, the `--ext` ones inbound.
+#[inline(always)]
+pub const fn direction(hook: u32) -> u32 {
+    if hook == HOOK_XDP_INT || hook == HOOK_TC_INT {
+        DIR_OUTBOUND
+    } else {
+        DIR_INBOUND
     }
 }
 
@@ -353,6 +392,19 @@ mod tests {
                 assert_eq!(kind(*idx), Some(Kind::Event), "{l}");
             }
         }
+    }
+
+    #[test]
+    fn traffic_slots_are_dense_per_direction_and_protocol() {
+        let mut seen = Vec::new();
+        for (d, _) in DIRECTIONS {
+            for (p, _) in TRAFFIC_PROTOS {
+                seen.push(traffic_slot(d, p));
+            }
+        }
+        assert_eq!(seen, (0..TRAFFIC_SLOTS).collect::<Vec<_>>());
+        assert_eq!(direction(HOOK_TC_INT), DIR_OUTBOUND);
+        assert_eq!(direction(HOOK_XDP_EXT), DIR_INBOUND);
     }
 
     #[test]

@@ -98,6 +98,7 @@ pub fn xdp(f: Frame, rw: &Rewrite, route: Route, hook: u32, egress_if: u32) -> (
                         pending(hook);
                     }
                     let action = unsafe { bpf_redirect(ifindex, 0) } as u32;
+                    crate::stats::traffic(hook, rw.proto, (f.data_end - f.data) as u64);
                     (action, stats::xdp_forwarded(hook))
                 }
                 None => (XDP_DROP, stats::DROP_INTERNAL),
@@ -170,11 +171,19 @@ pub fn tc(
         // here, then routed and fragmented by the kernel, which also
         // decrements the TTL (so this rewrite does not).
         Egress::TooBig => match rewrite::addr_port(ctx, rw) {
-            Ok(()) => (TC_ACT_OK, stats::TC_TO_KERNEL_FRAGMENT),
+            Ok(()) => {
+                crate::stats::traffic(hook, rw.proto, ctx.len() as u64);
+                (TC_ACT_OK, stats::TC_TO_KERNEL_FRAGMENT)
+            }
             Err(_) => (TC_ACT_SHOT, stats::DROP_INTERNAL),
         },
         e => match send(ctx, e, fwd_reason, || rewrite::skb(ctx, rw), clamp) {
-            Ok(r) => r,
+            Ok(r) => {
+                if r.1 == fwd_reason {
+                    crate::stats::traffic(hook, rw.proto, ctx.len() as u64);
+                }
+                r
+            }
             Err(reason) => (TC_ACT_SHOT, reason),
         },
     }

@@ -28,6 +28,7 @@ mod rewrite;
 mod stats;
 mod tail;
 mod tc;
+mod translog;
 mod xdp;
 
 // Only for the BPF target: host builds (clippy) get std's handler through

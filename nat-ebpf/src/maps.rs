@@ -4,11 +4,11 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use nat_common::{
     BindKey, BindValue, CtKey, CtValue, DEFAULT_MAX_FLOWS, DEFAULT_MAX_FRAGMENTS, FragHeld,
-    FragKey, FragSlot, FragValue, MAX_BINDINGS, NatConfig, XdpEgress, frag_held_slots,
+    FragKey, FragSlot, FragValue, MAX_BINDINGS, NatConfig, Traffic, XdpEgress, frag_held_slots,
     policy::{self, PolicyList, PolicyRule},
 };
 
@@ -63,6 +63,17 @@ pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(nat_common::s
 /// ([`nat_common::icmp_rate`]).
 #[map(name = "ICMP_RATE")]
 pub static ICMP_RATE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Packets and bytes forwarded, by direction and protocol: index
+/// `nat_common::stats::traffic_slot(dir, proto)`.
+#[map(name = "TRAFFIC")]
+pub static TRAFFIC: PerCpuArray<Traffic> =
+    PerCpuArray::with_max_entries(nat_common::stats::TRAFFIC_SLOTS, 0);
+
+/// The translation log (`--translation-log`): bindings created and new
+/// flows refused for want of a port (translog.rs).
+#[map(name = "TRANSLOG")]
+pub static TRANSLOG: RingBuf = RingBuf::with_byte_size(nat_common::TRANSLOG_BYTES, 0);
 
 /// How each XDP program forwards, and its id (index: its hook). Written by
 /// the loader, at start and whenever a NIC changes what it can take.

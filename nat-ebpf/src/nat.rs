@@ -13,7 +13,8 @@ use core::convert::Infallible;
 
 use aya_ebpf::{cty::c_void, helpers::bpf_ktime_get_ns};
 use nat_common::{
-    CtKey, IPPROTO_ICMP, IPPROTO_TCP, NatConfig, addr, csum, mss, stats,
+    CFG_F_TRANSLOG, CtKey, IPPROTO_ICMP, IPPROTO_TCP, NatConfig, TRANSLOG_CREATED,
+    TRANSLOG_NO_PORT, addr, csum, mss, stats,
     tcp::{self, DIR_IN, DIR_OUT},
 };
 
@@ -28,6 +29,7 @@ use crate::{
     policy,
     rewrite::Rewrite,
     stats::count,
+    translog,
 };
 
 /// The XDP programs' decision.
@@ -433,11 +435,30 @@ pub fn outbound<D: DecideOut>(
                 Ok((v, bind_event, event)) => {
                     if let Some(e) = bind_event {
                         count(stat_hook, e);
+                        if e == stats::EV_NEW_BINDING && cfg.flags & CFG_F_TRANSLOG != 0 {
+                            let (ext_addr, ext_port) = unsafe { (*v).snat_addr_port() };
+                            translog::emit(
+                                translog::head(stat_hook, TRANSLOG_CREATED, key.proto),
+                                key.src_addr,
+                                ext_addr,
+                                translog::ports(key.src_port, ext_port),
+                            );
+                        }
                     }
                     count(stat_hook, event);
                     v
                 }
-                Err(reason) => return D::drop(reason),
+                Err(reason) => {
+                    if reason == stats::DROP_NO_PORT && cfg.flags & CFG_F_TRANSLOG != 0 {
+                        translog::emit(
+                            translog::head(stat_hook, TRANSLOG_NO_PORT, key.proto),
+                            key.src_addr,
+                            0,
+                            translog::ports(key.src_port, 0),
+                        );
+                    }
+                    return D::drop(reason);
+                }
             }
         }
     };

@@ -1,14 +1,29 @@
 //! Per-CPU verdict counters: `STATS[slot(hook, reason)]`, the hooks and
 //! reasons being `nat_common::stats`'s.
 
-use crate::maps::STATS;
-use nat_common::stats::slot;
+use crate::maps::{STATS, TRAFFIC};
+use nat_common::stats::{direction, slot, traffic_slot};
 
 #[inline(always)]
 pub fn count(hook: u32, reason: u32) {
     if let Some(c) = STATS.get_ptr_mut(slot(hook, reason)) {
         // Per-CPU slot: no other CPU writes it.
         unsafe { *c += 1 };
+    }
+}
+
+/// One more packet of `bytes` forwarded by hook `hook`, protocol `proto`.
+/// Only where a packet really leaves (a redirect, or translated and handed
+/// to the kernel to fragment), once per packet; not inlined, to keep the
+/// callers' stacks as they were.
+#[inline(never)]
+pub fn traffic(hook: u32, proto: u8, bytes: u64) {
+    if let Some(t) = TRAFFIC.get_ptr_mut(traffic_slot(direction(hook), proto)) {
+        // Per-CPU slot: no other CPU writes it.
+        unsafe {
+            (*t).packets += 1;
+            (*t).bytes += bytes;
+        }
     }
 }
 

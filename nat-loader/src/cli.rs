@@ -58,6 +58,102 @@ pub enum Command {
     /// The egress policy: reload the running gateway's, or try one.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Print the counters of a running gateway (every hook and reason,
+    /// summed over CPUs), read-only from its pinned maps.
+    Stats {
+        #[command(flatten)]
+        read: ReadArgs,
+    },
+    /// Inspect the sessions of a running gateway (the `conntrack -L` of
+    /// this gateway), read-only from its pinned maps.
+    Conntrack {
+        #[command(subcommand)]
+        what: ConntrackCommand,
+    },
+}
+
+/// Where and how the read-only commands read and print.
+#[derive(Args, Debug, Clone)]
+pub struct ReadArgs {
+    /// The running gateway's pin directory.
+    #[arg(long, value_name = "DIR", default_value = pins::DEFAULT_DIR)]
+    pub bpffs_dir: PathBuf,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ConntrackCommand {
+    /// The sessions, one per line (or a JSON array), that match the filters.
+    List {
+        #[command(flatten)]
+        filter: FilterArgs,
+        #[command(flatten)]
+        read: ReadArgs,
+    },
+    /// How many sessions match the filters.
+    Count {
+        #[command(flatten)]
+        filter: FilterArgs,
+        #[command(flatten)]
+        read: ReadArgs,
+    },
+    /// Who holds external port PORT: its bindings (held ones too) and
+    /// sessions.
+    Get {
+        /// The external (translated) port or ICMP identifier.
+        #[arg(value_name = "PORT")]
+        port: u16,
+        /// Only this protocol.
+        #[arg(long, value_enum)]
+        proto: Option<ProtoArg>,
+        #[command(flatten)]
+        read: ReadArgs,
+    },
+}
+
+/// Session filters; each given one must match.
+#[derive(Args, Debug, Clone, Default)]
+pub struct FilterArgs {
+    #[arg(long, value_enum)]
+    pub proto: Option<ProtoArg>,
+    /// Inside host address.
+    #[arg(long, value_name = "IPV4")]
+    pub inside: Option<Ipv4Addr>,
+    /// Outside (remote) host address.
+    #[arg(long, value_name = "IPV4")]
+    pub outside: Option<Ipv4Addr>,
+    /// A port at any end (inside, external or remote).
+    #[arg(long, value_name = "PORT")]
+    pub port: Option<u16>,
+    /// State: opening, established, closing (TCP); answered, unanswered
+    /// (UDP, ICMP).
+    #[arg(long, value_parser = ["opening", "established", "closing", "answered", "unanswered"])]
+    pub state: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ProtoArg {
+    Tcp,
+    Udp,
+    Icmp,
+}
+
+impl ProtoArg {
+    pub fn number(self) -> u8 {
+        match self {
+            ProtoArg::Tcp => nat_common::IPPROTO_TCP,
+            ProtoArg::Udp => nat_common::IPPROTO_UDP,
+            ProtoArg::Icmp => nat_common::IPPROTO_ICMP,
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -258,6 +354,22 @@ pub struct GatewayArgs {
     /// The config file's `[[policy.rule]]`s (no flag).
     #[arg(skip)]
     pub policy_rules: Vec<nat_common::policy::Rule>,
+    /// Serve Prometheus metrics (`GET /metrics`) on this address and TCP
+    /// port, e.g. 10.0.1.4:9100 or 0.0.0.0:9100 [default: none]. Not
+    /// reachable from the --ext side: an --ext address is refused, and any
+    /// other but loopback is bound to --int (SO_BINDTODEVICE).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics_listen: Option<std::net::SocketAddrV4>,
+    /// Let --metrics-listen take connections from the --ext side too (no
+    /// --int binding; an --ext address allowed).
+    #[arg(long)]
+    pub metrics_allow_ext: bool,
+    /// Append a JSON line to this file for every binding created, released
+    /// and freed, and for new flows refused for want of a port: which
+    /// inside endpoint had which external port when; `journal`: to the
+    /// loader's log (target nat_translog) instead [default: none].
+    #[arg(long, value_name = "PATH")]
+    pub translation_log: Option<PathBuf>,
 }
 
 /// `--filtering`'s values (RFC 4787 section 5).
@@ -471,6 +583,67 @@ mod tests {
             .is_err(),
             "gateway flags do not mix with a subcommand"
         );
+    }
+
+    #[test]
+    fn stats_and_conntrack_are_read_only_subcommands_with_filters_and_json() {
+        let (a, _) = Cli::try_parse_args(["nat-loader", "stats", "-o", "json"]).expect("stats");
+        match a.command {
+            Some(Command::Stats { read }) => {
+                assert_eq!(read.output, Output::Json);
+                assert_eq!(read.bpffs_dir, PathBuf::from(pins::DEFAULT_DIR));
+            }
+            other => panic!("{other:?}"),
+        }
+        let (a, _) = Cli::try_parse_args([
+            "nat-loader",
+            "conntrack",
+            "list",
+            "--proto",
+            "udp",
+            "--inside",
+            "10.1.0.11",
+            "--state",
+            "answered",
+            "--bpffs-dir",
+            "/x",
+        ])
+        .expect("list");
+        match a.command {
+            Some(Command::Conntrack {
+                what: ConntrackCommand::List { filter, read },
+            }) => {
+                assert_eq!(filter.proto, Some(ProtoArg::Udp));
+                assert_eq!(filter.inside, Some(Ipv4Addr::new(10, 1, 0, 11)));
+                assert_eq!(filter.state.as_deref(), Some("answered"));
+                assert_eq!((read.output, read.bpffs_dir), (Output::Text, "/x".into()));
+            }
+            other => panic!("{other:?}"),
+        }
+        let (a, _) = Cli::try_parse_args(["nat-loader", "conntrack", "get", "40000"]).expect("get");
+        assert!(matches!(
+            a.command,
+            Some(Command::Conntrack {
+                what: ConntrackCommand::Get { port: 40000, .. }
+            })
+        ));
+        for bad in [
+            &["nat-loader", "conntrack", "list", "--state", "half-open"][..],
+            &["nat-loader", "conntrack", "get"],
+            &["nat-loader", "stats", "-o", "yaml"],
+        ] {
+            assert!(Cli::try_parse_args(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn metrics_listen_takes_an_ipv4_socket_address() {
+        let (a, _) = parse(&["--metrics-listen", "10.0.0.4:9100"]).expect("ok");
+        assert_eq!(
+            a.gateway.metrics_listen,
+            Some("10.0.0.4:9100".parse().expect("addr"))
+        );
+        assert!(parse(&["--metrics-listen", "9100"]).is_err());
     }
 
     #[test]

@@ -68,6 +68,11 @@ pub struct Config {
     /// `None`: the counters are logged at exit only.
     pub stats_interval: Option<Duration>,
     pub show_flows: usize,
+    /// `--metrics-listen`.
+    pub metrics_listen: Option<std::net::SocketAddrV4>,
+    pub metrics_allow_ext: bool,
+    /// `--translation-log`.
+    pub translation_log: Option<PathBuf>,
     /// Drop new flows from sources outside the inside prefixes (BCP 38).
     pub anti_spoofing: bool,
     /// The egress policy: `--deny`, then `--allow`, then the file's
@@ -215,6 +220,9 @@ impl TryFrom<GatewayArgs> for Config {
             show_flows: a.show_flows,
             anti_spoofing: !a.no_anti_spoofing,
             policy,
+            metrics_listen: a.metrics_listen,
+            metrics_allow_ext: a.metrics_allow_ext,
+            translation_log: a.translation_log,
         })
     }
 }
@@ -289,6 +297,9 @@ pub struct File {
     sweep_interval: Option<NonZeroU64>,
     stats_interval: Option<u64>,
     show_flows: Option<usize>,
+    metrics_listen: Option<std::net::SocketAddrV4>,
+    metrics_allow_ext: Option<bool>,
+    translation_log: Option<PathBuf>,
     no_anti_spoofing: Option<bool>,
     deny: Option<Vec<RuleSpec>>,
     allow: Option<Vec<RuleSpec>>,
@@ -463,6 +474,9 @@ impl File {
             deny,
             allow,
             policy_default,
+            metrics_listen as Some,
+            metrics_allow_ext,
+            translation_log as Some,
         );
         if let Some(p) = self.policy {
             flags.policy_rules = p.rules;
@@ -865,7 +879,9 @@ mod tests {
             int-gateway = \"10.0.0.1\"\next-gateway = \"10.0.1.1\"\n\
             internal-cidr = [\"10.9.0.0/16\"]\nsweep-interval = 22\nstats-interval = 23\n\
             show-flows = 24\nno-anti-spoofing = true\ndeny = [\"tcp:25\"]\n\
-            allow = [\"192.0.2.0/24\"]\npolicy-default = \"tcp-reset\"\n";
+            allow = [\"192.0.2.0/24\"]\npolicy-default = \"tcp-reset\"\n\
+            metrics-listen = \"10.0.0.4:9100\"\nmetrics-allow-ext = true\n\
+            translation-log = \"/var/log/nat-translations.jsonl\"\n";
         let c = config(toml, &[]).expect("config");
         let expected = Config {
             ext: "a".into(),
@@ -926,6 +942,9 @@ mod tests {
                 ],
                 default: Verdict::Deny(nat_common::policy::ANSWER_RST),
             },
+            metrics_listen: Some("10.0.0.4:9100".parse().expect("addr")),
+            metrics_allow_ext: true,
+            translation_log: Some("/var/log/nat-translations.jsonl".into()),
         };
         assert_eq!(c, expected);
         let off = config(

@@ -12,10 +12,9 @@ use std::{
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, MapData, PerCpuArray};
 use nat_common::{
-    BIND_F_RELEASED, BindKey, BindValue, CT_F_INBOUND, CtKey, CtValue, IPPROTO_ICMP, IPPROTO_TCP,
-    IPPROTO_UDP,
+    BIND_F_RELEASED, BindKey, BindValue, CtKey, CtValue,
     binding::{self, Fate},
-    stats, tcp,
+    stats,
     timeouts::Timeouts,
 };
 use tracing::{info, warn};
@@ -24,6 +23,7 @@ use crate::{
     dataplane::CtMaps,
     pressure::{self, Limits, Standing},
     stats::Stats,
+    summary::{Summary, proto_name, state},
 };
 
 type CtMap = HashMap<MapData, CtKey, CtValue>;
@@ -39,6 +39,8 @@ pub struct Flow {
     /// Opened by an inbound packet (a filtering mode other than the
     /// default let it in).
     pub inbound: bool,
+    /// Answered: a packet went against the opening direction.
+    pub replied: bool,
     pub idle: Duration,
 }
 
@@ -58,21 +60,26 @@ impl Flow {
             inside: sock(key.src_addr, key.src_port),
             external: sock(ext_addr, ext_port),
             remote: sock(key.dst_addr, key.dst_port),
-            tcp_state: v.tcp_state,
-            inbound: v.flags & CT_F_INBOUND != 0,
-            idle: Duration::from_nanos(now_ns.saturating_sub(v.last_seen_ns)),
+            tcp_state: v.tcp_bits(),
+            inbound: v.inbound(),
+            replied: v.replied(),
+            idle: Duration::from_nanos(now_ns.saturating_sub(v.last_seen())),
         }
+    }
+
+    pub fn proto_name(&self) -> &'static str {
+        proto_name(self.proto)
+    }
+
+    /// [`state`] of this session.
+    pub fn state(&self) -> &'static str {
+        state(self.proto, self.tcp_state, self.replied)
     }
 }
 
 impl fmt::Display for Flow {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let (proto, state) = match self.proto {
-            IPPROTO_TCP => ("tcp", tcp::phase_name(self.tcp_state)),
-            IPPROTO_UDP => ("udp", ""),
-            IPPROTO_ICMP => ("icmp", ""),
-            _ => ("?", ""),
-        };
+        let (proto, state) = (self.proto_name(), self.state());
         let opened = if self.inbound { " opened-inbound" } else { "" };
         write!(
             f,
@@ -95,7 +102,7 @@ pub fn flows(fwd: &CtMap, now_ns: u64) -> Vec<Flow> {
 }
 
 /// What a sweep did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Sweep {
     /// Sessions removed for being idle longer than their timeout.
     pub expired: usize,
@@ -116,6 +123,12 @@ pub struct Sweep {
     pub freed: usize,
     /// Half-bindings or filter entries with nothing behind them.
     pub orphans: usize,
+    /// What the table holds after the pass (for the metrics: a scrape
+    /// never walks the table).
+    pub summary: Summary,
+    /// Bindings released (held) and freed by this pass, for the
+    /// translation log.
+    pub binding_changes: Vec<crate::summary::SweepRecord>,
 }
 
 /// Removes idle sessions and, under pressure (`refused`: new flows were
@@ -176,6 +189,7 @@ pub fn sweep(
             continue;
         }
         out.remaining += 1;
+        out.summary.session(k.proto, v);
         if pressure::standing(k.proto, v) != Standing::Kept {
             out.unanswered += 1;
         }
@@ -187,11 +201,12 @@ pub fn sweep(
     for (ek, v) in &bindings {
         let in_use = live_ports.contains(ek);
         match binding::fate(v, in_use, answered_ports.contains(ek), now_ns, hold_ns) {
-            Fate::Keep => {}
+            Fate::Keep => out.summary.binding(ek, v.released()),
             // Taken back by a session (an inbound-opened one, or one
             // created just as the last pass released the binding).
             Fate::Restore => {
                 let _ = m.bind_rev.insert(ek, binding::claimed(v, now_ns), 0);
+                out.summary.binding(ek, false);
             }
             Fate::Release { no_hold } => {
                 let _ = m
@@ -199,6 +214,9 @@ pub fn sweep(
                     .insert(ek, binding::released(v, no_hold, now_ns), 0);
                 out.released += 1;
                 out.released_unanswered += no_hold as usize;
+                out.summary.binding(ek, true);
+                out.binding_changes
+                    .push((crate::summary::Change::Released, *ek, *v));
             }
             Fate::Free => {
                 // Read again: an outbound packet of the endpoint may have
@@ -209,6 +227,7 @@ pub fn sweep(
                     .get(ek, 0)
                     .is_ok_and(|r| r.flags & BIND_F_RELEASED != 0);
                 if !still_released {
+                    out.summary.binding(ek, false);
                     continue;
                 }
                 let ik = BindKey::new(ek.proto, v.addr, v.port);
@@ -217,6 +236,8 @@ pub fn sweep(
                 }
                 let _ = m.bind_rev.remove(ek);
                 out.freed += 1;
+                out.binding_changes
+                    .push((crate::summary::Change::Freed, *ek, *v));
             }
         }
     }
@@ -257,6 +278,10 @@ pub struct Sweeper {
     pub interval: Duration,
     refusals: Option<u64>,
     episode: Option<Episode>,
+    /// Where each pass's summary goes (the metrics).
+    published: Option<std::sync::Arc<crate::summary::Published>>,
+    /// Where the bindings released and freed go (the translation log).
+    binding_log: Option<std::sync::mpsc::Sender<crate::summary::SweepRecord>>,
 }
 
 /// One stretch of passes under pressure.
@@ -275,7 +300,24 @@ impl Sweeper {
             interval,
             refusals: None,
             episode: None,
+            published: None,
+            binding_log: None,
         }
+    }
+
+    /// Sends the bindings each pass releases and frees there.
+    pub fn log_bindings_to(
+        mut self,
+        log: Option<std::sync::mpsc::Sender<crate::summary::SweepRecord>>,
+    ) -> Sweeper {
+        self.binding_log = log;
+        self
+    }
+
+    /// Publishes each pass's summary there.
+    pub fn publish_to(mut self, p: std::sync::Arc<crate::summary::Published>) -> Sweeper {
+        self.published = Some(p);
+        self
     }
 
     /// Whether the last pass was under pressure.
@@ -357,6 +399,20 @@ impl Sweeper {
                 orphans = s.orphans,
                 ms = started.elapsed().as_millis() as u64,
                 "swept conntrack"
+            );
+        }
+        if let Some(log) = &self.binding_log {
+            for r in &s.binding_changes {
+                let _ = log.send(*r);
+            }
+        }
+        if let Some(p) = &self.published {
+            p.pass(
+                s.summary.clone(),
+                s.expired,
+                s.evicted,
+                s.pressed,
+                started.elapsed(),
             );
         }
         Ok(s)

@@ -12,7 +12,7 @@ use nat_loader::{
     dataplane::Exit,
     events::{self, Departure},
     health::{self, Probe, Status},
-    netif,
+    metrics, netif,
 };
 use rtnetlink::Handle;
 use tokio::{
@@ -52,9 +52,9 @@ pub async fn run(config: Config, reload: Reload) -> Result<ExitCode> {
     let build = build_id::current();
     info!(build = %build, version = env!("CARGO_PKG_VERSION"), pins = %config.bpffs_dir.display(), "nat-loader starting");
     // From here on every change is owned by a guard that undoes it.
-    let attached = Attached::attach(&config, &host)?;
+    let mut attached = Attached::attach(&config, &host)?;
     attached.report_adoption(&config, &host);
-    let services = match Services::start(&config, &host, &handle, &attached).await {
+    let services = match Services::start(&config, &host, &handle, &mut attached).await {
         Ok(s) => s,
         Err(e) => return Err(attached.abandon(e)),
     };
@@ -147,6 +147,7 @@ struct Gateway {
     attached: Attached,
     services: Services,
     http: Option<JoinHandle<()>>,
+    metrics: Option<JoinHandle<()>>,
     status: Status,
     status_tx: watch::Sender<Status>,
     drain: Drain,
@@ -171,10 +172,16 @@ impl Gateway {
         if let Some(p) = &mut services.probe {
             p.set_open(status.is_healthy());
         }
-        let (status_tx, status_rx) = watch::channel(status.clone());
+        let status_tx = services.status_tx.clone();
+        status_tx.send_replace(status.clone());
+        let status_rx = status_tx.subscribe();
         let http = services.http.take().map(|l| {
             info!(port = config.health_port, "serving GET /healthz");
             tokio::spawn(health::serve_http(l, status_rx))
+        });
+        let metrics = services.metrics.take().map(|(l, sources)| {
+            info!(listen = ?config.metrics_listen, "serving GET /metrics");
+            tokio::spawn(metrics::serve(l, sources))
         });
         Gateway {
             config,
@@ -182,6 +189,7 @@ impl Gateway {
             attached,
             services,
             http,
+            metrics,
             status,
             status_tx,
             drain: Drain::Off,
@@ -416,6 +424,7 @@ impl Gateway {
             attached,
             services,
             http,
+            metrics,
             ..
         } = self;
         let Services {
@@ -424,14 +433,20 @@ impl Gateway {
             events,
             mut sweeper,
             reporter,
+            translog,
             ..
         } = services;
         // A pass under way would only find the maps going away.
         sweeper.stop(Duration::from_secs(2));
+        // After the sweeper: its last records are written too.
+        drop(translog);
         drop(events);
         // Probes fail before the programs go.
         drop(probe);
         if let Some(h) = http {
+            h.abort();
+        }
+        if let Some(h) = metrics {
             h.abort();
         }
         reporter.stop();

@@ -280,6 +280,12 @@ impl Dataplane {
         })
     }
 
+    /// The loaded object, e.g. to take a map that only this loader uses
+    /// (the translation log's ring buffer).
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
     /// Tells XDP program `hook` how to forward (`XDP_EGRESS_*`).
     pub fn set_xdp_egress(&mut self, hook: u32, mode: u32) -> Result<()> {
         write_egress(&mut self.xdp_egress, &self.xdp_ids, hook, mode)

@@ -1,6 +1,7 @@
 //! The NAT gateway's control plane as a library: the binary (`main.rs`) and
 //! the tests drive the same code.
 
+pub mod batch;
 pub mod blackhole;
 pub mod build_id;
 pub mod caps;
@@ -9,6 +10,8 @@ pub mod dataplane;
 pub mod egress;
 pub mod events;
 pub mod health;
+pub mod inspect;
+pub mod metrics;
 pub mod mounts;
 pub mod netif;
 pub mod pins;
@@ -17,7 +20,9 @@ pub mod pressure;
 pub mod refused;
 pub mod routing;
 pub mod stats;
+pub mod summary;
 pub mod sysctl;
+pub mod translog;
 pub mod xdp_features;
 
 /// The eBPF object, embedded at build time; empty when the loader was built

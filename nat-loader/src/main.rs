@@ -19,6 +19,7 @@ mod config;
 mod daemon;
 mod report;
 mod setup;
+mod show;
 mod teardown;
 mod values;
 
@@ -61,6 +62,8 @@ fn main() -> ExitCode {
                 .await
                 .map(|()| ExitCode::SUCCESS),
             Some(Command::Policy(cmd)) => policy(cmd).map(|()| ExitCode::SUCCESS),
+            Some(Command::Stats { read }) => show::stats(&read).map(|()| ExitCode::SUCCESS),
+            Some(Command::Conntrack { what }) => show::conntrack(&what).map(|()| ExitCode::SUCCESS),
             None => {
                 let reload = Reload::new(&cli.gateway, &given);
                 daemon::run(Config::load(cli.gateway, &given)?, reload).await

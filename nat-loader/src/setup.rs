@@ -17,20 +17,25 @@ use nat_common::{
     PROG_XDP_EXT, PROG_XDP_INT,
 };
 use nat_loader::{
+    build_id,
     conntrack::{self, SweeperThread},
     dataplane::{self, CtMaps, Dataplane, Exit, Settings, XdpAttach},
     egress::{self, XdpRun},
     events, health,
-    health::{Health, Probe},
-    monotonic_ns,
+    health::{Health, Probe, Status},
+    metrics, monotonic_ns,
     netif::{self, NetIf},
     pins::{self, DirLock, PinDir},
     routing::{self, NicPolicy, Plan, PolicyRoutes},
     sysctl::{self, SysctlGuard},
+    translog,
     xdp_features::Netdev,
 };
 use rtnetlink::Handle;
-use tokio::{net::TcpListener, sync::oneshot};
+use tokio::{
+    net::TcpListener,
+    sync::{oneshot, watch},
+};
 use tracing::{info, warn};
 
 use crate::{
@@ -130,6 +135,9 @@ impl Host {
         };
         if config.anti_spoofing {
             flags |= CFG_F_ANTI_SPOOFING;
+        }
+        if config.translation_log.is_some() {
+            flags |= nat_common::CFG_F_TRANSLOG;
         }
         let nat = NatConfig::new(self.int.index, self.ext.index, self.snat)
             .with_ports(config.ports.min, config.ports.max)
@@ -354,6 +362,12 @@ pub struct Services {
     /// Fires if the sweeper fails.
     pub sweep_failed: oneshot::Receiver<anyhow::Error>,
     pub reporter: ReporterThread,
+    /// The health verdict, for `/healthz` and the metrics.
+    pub status_tx: watch::Sender<Status>,
+    /// `--metrics-listen`: the socket and what a scrape reads.
+    pub metrics: Option<(TcpListener, Arc<metrics::Sources>)>,
+    /// `--translation-log`.
+    pub translog: Option<translog::TranslogThread>,
 }
 
 impl Services {
@@ -363,8 +377,25 @@ impl Services {
         config: &Config,
         host: &Host,
         handle: &Handle,
-        attached: &Attached,
+        attached: &mut Attached,
     ) -> Result<Services> {
+        let (translog, binding_log) = match &config.translation_log {
+            Some(path) => {
+                let (tx, rx) = translog::channel();
+                let ring = nat_loader::take_map(attached.dp.ebpf_mut(), nat_common::MAP_TRANSLOG)
+                    .context("the translation log's ring buffer")?;
+                let t = translog::TranslogThread::spawn(
+                    path,
+                    ring,
+                    rx,
+                    dataplane::pinned_map(&attached.pins, MAP_STATS)
+                        .context("opening the counters for the translation log")?,
+                )?;
+                info!(path = %path.display(), "writing the translation log");
+                (Some(t), Some(tx))
+            }
+            None => (None, None),
+        };
         let dp = &attached.dp;
         let routes = match &host.plan {
             Some(p) => PolicyRoutes::install(handle, p)
@@ -407,6 +438,36 @@ impl Services {
             None => None,
         };
         let pins = &attached.pins;
+        let (status_tx, status_rx) = watch::channel(Status::Unhealthy("starting".into()));
+        let published = Arc::new(nat_loader::summary::Published::default());
+        let metrics = match config.metrics_listen {
+            Some(addr) => {
+                let listener = metrics::listener(
+                    addr,
+                    &host.int.name,
+                    &host.ext.ipv4,
+                    config.metrics_allow_ext,
+                )?;
+                let ports = |r: &crate::values::PortRange| u64::from(r.max - r.min) + 1;
+                let sources = metrics::Sources {
+                    stats: dataplane::pinned_map(pins, MAP_STATS)
+                        .context("opening the counters for the metrics")?,
+                    traffic: dataplane::pinned_map(pins, nat_common::MAP_TRAFFIC)
+                        .context("opening the traffic counters for the metrics")?,
+                    published: Arc::clone(&published),
+                    status: status_rx,
+                    modes: Arc::clone(&modes),
+                    adopted: dp.adopted,
+                    max_flows: config.max_flows,
+                    snat: vec![(host.snat, ports(&config.ports), ports(&config.low_ports))],
+                    nics: (host.int.name.clone(), host.ext.name.clone()),
+                    version: env!("CARGO_PKG_VERSION"),
+                    build: build_id::current(),
+                };
+                Some((listener, Arc::new(sources)))
+            }
+            None => None,
+        };
         let (failed_tx, sweep_failed) = oneshot::channel();
         let sweeper = SweeperThread::spawn(
             conntrack::Sweeper::new(
@@ -414,7 +475,9 @@ impl Services {
                 config.port_hold.as_nanos() as u64,
                 config.max_flows,
                 config.sweep_interval,
-            ),
+            )
+            .publish_to(published)
+            .log_bindings_to(binding_log),
             CtMaps::from_pins(pins).context("opening the conntrack maps for the sweeper")?,
             dataplane::pinned_map(pins, MAP_STATS)
                 .context("opening the counters for the sweeper")?,
@@ -433,6 +496,9 @@ impl Services {
             sweeper,
             sweep_failed,
             reporter,
+            status_tx,
+            metrics,
+            translog,
         })
     }
 }

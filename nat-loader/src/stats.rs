@@ -2,7 +2,10 @@
 
 use anyhow::{Context, Result};
 use aya::maps::{MapData, PerCpuArray};
-use nat_common::stats::{COUNT, HOOKS, LABELS, slot};
+use nat_common::{
+    Traffic,
+    stats::{COUNT, DIRECTIONS, HOOKS, LABELS, TRAFFIC_PROTOS, slot, traffic_slot},
+};
 
 /// Counters summed over CPUs: `totals[hook][reason]`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -83,4 +86,26 @@ impl Stats {
         }
         out
     }
+}
+
+/// Packets and bytes forwarded by (direction, protocol), summed over
+/// CPUs, in `DIRECTIONS` x `TRAFFIC_PROTOS` order.
+pub fn read_traffic<T: std::borrow::Borrow<MapData>>(
+    map: &PerCpuArray<T, Traffic>,
+) -> Result<Vec<(&'static str, &'static str, Traffic)>> {
+    let mut out = Vec::new();
+    for (dir, dir_label) in DIRECTIONS {
+        for (proto, proto_label) in TRAFFIC_PROTOS {
+            let idx = traffic_slot(dir, proto);
+            let per_cpu = map
+                .get(&idx, 0)
+                .with_context(|| format!("reading traffic slot {idx}"))?;
+            let sum = per_cpu.iter().fold(Traffic::default(), |a, t| Traffic {
+                packets: a.packets.wrapping_add(t.packets),
+                bytes: a.bytes.wrapping_add(t.bytes),
+            });
+            out.push((dir_label, proto_label, sum));
+        }
+    }
+    Ok(out)
 }

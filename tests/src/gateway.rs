@@ -51,8 +51,7 @@ pub fn run_loader(lab: &Lab, prefix: &[&str], args: &[&str]) -> Result<(bool, St
 }
 
 /// The real loader in `lab`'s `nat`, for a test: `extra` flags, and no
-/// periodic stats unless `extra` sets `--stats-interval` (the counters are
-/// still logged at exit, for [`Gateway::counter`]). Panics, at the
+/// periodic stats log unless `extra` sets `--stats-interval`. Panics, at the
 /// caller's line, when it does not become ready.
 #[track_caller]
 pub fn gateway(lab: &Lab, extra: &[&str]) -> Gateway {
@@ -75,6 +74,13 @@ pub struct Gateway {
     reader: Option<std::thread::JoinHandle<()>>,
     /// How [`Gateway::stop`] found the loader ending, for failure messages.
     stopped: Option<std::process::ExitStatus>,
+    /// The loader binary and its pin directory, for `nat-loader stats`.
+    bin: PathBuf,
+    bpffs_dir: PathBuf,
+    /// The counters as `nat-loader stats -o json` last gave them before
+    /// the loader was signalled to stop: what [`Gateway::counter`] reads
+    /// once it is gone.
+    last_stats: Mutex<Option<serde_json::Value>>,
 }
 
 /// The log line the loader prints once everything is attached.
@@ -133,11 +139,22 @@ impl Gateway {
                 }
             }
         });
+        let bpffs_dir = extra
+            .iter()
+            .position(|a| *a == "--bpffs-dir")
+            .and_then(|i| extra.get(i + 1))
+            .map_or_else(
+                || PathBuf::from(nat_loader::pins::DEFAULT_DIR),
+                PathBuf::from,
+            );
         let mut gw = Gateway {
             child: Some(child),
             log,
             reader: Some(reader),
             stopped: None,
+            bin: bin.to_path_buf(),
+            bpffs_dir,
+            last_stats: Mutex::new(None),
         };
         match ready_rx.recv_timeout(Duration::from_secs(30)) {
             Ok(()) => Ok(gw),
@@ -179,6 +196,7 @@ impl Gateway {
     /// drains first. [`Gateway::wait`] or [`Gateway::stop`] finish it.
     pub fn signal_term(&self) -> Result<()> {
         let pid = self.pid().context("the loader was already stopped")?;
+        self.snapshot_stats();
         // SAFETY: kill(2); the child is unreaped, so the pid is still ours.
         if unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) } != 0 {
             return Err(std::io::Error::last_os_error()).context("SIGTERM to the loader");
@@ -213,6 +231,7 @@ impl Gateway {
 
     /// Stops the loader with SIGTERM and waits for it to clean up.
     pub fn stop(&mut self) -> Result<std::process::ExitStatus> {
+        self.snapshot_stats();
         let mut child = self
             .child
             .take()
@@ -248,6 +267,12 @@ impl Gateway {
         if let Some(status) = child.try_wait()? {
             return Ok(status);
         }
+        self.child = Some(child);
+        self.snapshot_stats();
+        let mut child = self
+            .child
+            .take()
+            .context("the loader was already stopped")?;
         // The child is ours and not yet reaped, so its pid is not reused.
         unsafe { libc::kill(child.id() as libc::pid_t, signal) };
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -272,35 +297,73 @@ impl Drop for Gateway {
 }
 
 impl Gateway {
-    /// A counter from the last stats line the loader logged for `hook`
-    /// (it logs them at exit): e.g. `counter("xdp_int", "xdp_out_forwarded")`.
+    /// A counter of the running loader's dataplane, from `nat-loader stats
+    /// -o json` run in the loader's mount namespace (where its pins are):
+    /// e.g. `counter("xdp_int", "xdp_out_forwarded")`. Once the loader is
+    /// stopped, the counters as they were just before it was signalled.
     ///
-    /// A counter missing from its hook's line is zero (only non-zero ones
-    /// are logged), but a log with no stats line at all means the loader
-    /// never reported them: that panics with the log, rather than reading
-    /// as zeros. So does a hook or label no counter has (a typo would
+    /// Panics when the counters cannot be read (rather than reading as
+    /// zeros), and for a hook or label no counter has (a typo would
     /// otherwise read as 0 and pass every `== 0`).
     #[track_caller]
     pub fn counter(&self, hook: &str, label: &str) -> u64 {
         known_counter(hook, label);
-        let log = self.log();
-        if !log.iter().any(|l| l.contains("nat_loader: stats ")) {
+        let stats = if self.child.is_some() {
+            self.read_stats().map_err(|e| format!("{e:#}"))
+        } else {
+            self.last_stats
+                .lock()
+                .ok()
+                .and_then(|s| s.clone())
+                .ok_or_else(|| "the loader stopped before its counters were read".to_string())
+        };
+        let stats = stats.unwrap_or_else(|e| {
             panic!(
-                "asked for counter {hook}/{label}, but the loader logged no stats (stopped: {:?}); its log:\n{}",
+                "asked for counter {hook}/{label}, but: {e} (stopped: {:?}); the loader's log:\n{}",
                 self.stopped,
-                log.join("\n")
+                self.log().join("\n")
+            )
+        });
+        stats["counters"][hook][label]
+            .as_u64()
+            .unwrap_or_else(|| panic!("nat-loader stats has no {hook}/{label}: {stats}"))
+    }
+
+    /// `nat-loader stats -o json` of this loader's pins.
+    pub fn read_stats(&self) -> Result<serde_json::Value> {
+        let out = self.inspect(&["stats", "-o", "json"])?;
+        serde_json::from_str(&out).context("parsing nat-loader stats -o json")
+    }
+
+    /// Runs `nat-loader <args> --bpffs-dir <its pins>` (a read-only
+    /// subcommand: `stats`, `conntrack list`, ...) in the running loader's
+    /// mount namespace, where its pins are; its stdout.
+    pub fn inspect(&self, args: &[&str]) -> Result<String> {
+        let pid = self.pid().context("the loader is not running")?;
+        let out = std::process::Command::new("nsenter")
+            .args(["--target", &pid.to_string(), "--mount", "--"])
+            .arg(&self.bin)
+            .args(args)
+            .arg("--bpffs-dir")
+            .arg(&self.bpffs_dir)
+            .output()
+            .context("running nsenter")?;
+        if !out.status.success() {
+            bail!(
+                "nat-loader {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
             );
         }
-        let prefix = format!("stats {hook}: ");
-        let key = format!("{label}=");
-        log.iter()
-            .rev()
-            .find_map(|line| line.split_once(&prefix).map(|(_, rest)| rest.to_string()))
-            .and_then(|rest| {
-                rest.split_whitespace()
-                    .find_map(|kv| kv.strip_prefix(&key).and_then(|n| n.parse().ok()))
-            })
-            .unwrap_or(0)
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Keeps the counters for [`Gateway::counter`] once the loader is gone.
+    fn snapshot_stats(&self) {
+        if let Ok(s) = self.read_stats()
+            && let Ok(mut last) = self.last_stats.lock()
+        {
+            *last = Some(s);
+        }
     }
 }
 

@@ -49,6 +49,7 @@ mod lab;
 pub mod netns;
 pub mod packet;
 pub mod probers;
+pub mod prometheus;
 pub mod soak;
 mod streams;
 pub mod tables;

@@ -1069,3 +1069,58 @@ fn the_egress_policy_decides_new_flows_among_10000_rules_and_answers_a_syn_with_
     assert_eq!(sessions.len(), 1, "only the allowed flow has a session");
     assert_eq!(u16::from_be(sessions[0].0.dst_port), 80);
 }
+
+/// With `--translation-log`, each new binding puts a record in the ring
+/// buffer, and nothing reads it here: once the ring is full the programs
+/// go on translating, and each record they could not write is counted
+/// (`event_translog_lost`). Records plus lost ones are exactly the
+/// bindings created.
+#[test]
+fn translation_log_records_each_new_binding_and_a_full_ring_counts_what_it_loses() {
+    use aya::maps::RingBuf;
+    use nat_common::{CFG_F_TRANSLOG, MAP_TRANSLOG, TRANSLOG_CREATED, TranslogEvent};
+
+    let fx = Fixture::new();
+    // More records than 256 KiB holds (24 bytes each, 8 more of header).
+    const FLOWS: u16 = 9000;
+    let frames: Vec<Vec<u8>> = (0..FLOWS)
+        .map(|i| fx.outbound_tcp(20000 + i, TCP_SYN, Csum::Full).build())
+        .collect();
+    let cfg = fx.config(1024, 65535).with_flags(CFG_F_TRANSLOG);
+    let (records, st, bindings) = fx.run(cfg, 16384, |ebpf| {
+        for f in &frames {
+            assert_eq!(run_xdp(ebpf, PROG_XDP_INT, f).0, XDP_REDIRECT);
+        }
+        let st = stats_of(ebpf);
+        let bindings = binds(ebpf, MAP_BIND);
+        let mut ring =
+            RingBuf::try_from(ebpf.take_map(MAP_TRANSLOG).expect("the ring")).expect("a ring");
+        let mut records = Vec::new();
+        while let Some(item) = ring.next() {
+            let len = std::mem::size_of::<TranslogEvent>();
+            records.push(bytemuck::pod_read_unaligned::<TranslogEvent>(&item[..len]));
+        }
+        (records, st, bindings)
+    });
+    let created = st.get(HOOK_XDP_INT, stats::EV_NEW_BINDING);
+    let lost = st.get(HOOK_XDP_INT, stats::EV_TRANSLOG_LOST);
+    assert_eq!(created, u64::from(FLOWS));
+    assert!(lost > 0, "the ring never filled: {} records", records.len());
+    assert_eq!(records.len() as u64 + lost, created);
+    // Each record is the binding the map holds.
+    for r in &records {
+        assert_eq!(
+            (r.kind, r.proto),
+            (TRANSLOG_CREATED, nat_common::IPPROTO_TCP)
+        );
+        let b = bindings
+            .iter()
+            .find(|(k, _)| k.addr == r.inside_addr && k.port == r.inside_port)
+            .unwrap_or_else(|| panic!("no binding for record {r:?}"));
+        assert_eq!((r.ext_addr, r.ext_port), b.1.addr_port(), "{r:?}");
+        assert_eq!(r.ext_addr, raw(NAT_EXT_IP));
+        assert_eq!(r.inside_addr, raw(CLIENT1_IP));
+    }
+    // The first flow's record came first.
+    assert_eq!(records[0].inside_port, 20000u16.to_be());
+}
