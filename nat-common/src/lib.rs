@@ -137,6 +137,17 @@ pub const MAP_XDP_EGRESS: &str = "XDP_EGRESS";
 /// queue yet: how the tracing programs tell a flush of our frames from
 /// another namespace's with the same interface indexes. Not pinned.
 pub const MAP_XDP_PENDING: &str = "XDP_PENDING";
+/// The SNAT address pool: one [`PoolInfo`] (how many addresses are
+/// active, the range they span).
+pub const MAP_POOL: &str = "NAT_POOL";
+/// The pool's addresses: an array of [`POOL_MAX`] [`PoolAddr`] slots,
+/// active or draining; sessions and bindings name their external address
+/// by its slot.
+pub const MAP_POOL_ADDRS: &str = "NAT_POOL_ADDRS";
+/// Paired pooling (RFC 4787 REQ-2): [`PAIR_BUCKETS`] slots of the pool,
+/// indexed by [`pair_bucket`] of the inside address; the loader spreads
+/// the active addresses over them.
+pub const MAP_POOL_PAIR: &str = "NAT_PAIR";
 /// Default number of fragmented datagrams tracked at once.
 pub const DEFAULT_MAX_FRAGMENTS: u32 = 4096;
 
@@ -146,7 +157,7 @@ pub const fn frag_held_slots(max_fragments: u32) -> u32 {
     if q < FRAG_HELD_MAX { FRAG_HELD_MAX } else { q }
 }
 /// Every map of the gateway's object.
-pub const MAPS: [&str; 12] = [
+pub const MAPS: [&str; 15] = [
     MAP_CT_FWD,
     MAP_BIND,
     MAP_BIND_REV,
@@ -159,13 +170,26 @@ pub const MAPS: [&str; 12] = [
     MAP_FRAG_SCRATCH,
     MAP_XDP_EGRESS,
     MAP_XDP_PENDING,
+    MAP_POOL,
+    MAP_POOL_ADDRS,
+    MAP_POOL_PAIR,
 ];
 /// The maps a pin directory keeps, so that a new loader adopts the flows
 /// and the counters. Not the tail-call table (each loader fills its own
 /// with its own programs), the rate limiter (a new loader starts with a
 /// full bucket) nor the fragment tables (datagrams in flight, which a
-/// restart merely makes the receivers discard).
-pub const PINNED_MAPS: [&str; 5] = [MAP_CT_FWD, MAP_BIND, MAP_BIND_REV, MAP_ADF, MAP_STATS];
+/// restart merely makes the receivers discard). The pool, since sessions
+/// and bindings name their address by its slot.
+pub const PINNED_MAPS: [&str; 8] = [
+    MAP_CT_FWD,
+    MAP_BIND,
+    MAP_BIND_REV,
+    MAP_ADF,
+    MAP_STATS,
+    MAP_POOL,
+    MAP_POOL_ADDRS,
+    MAP_POOL_PAIR,
+];
 /// The programs the loader attaches, one XDP and one TC program per NIC.
 pub const ATTACHED_PROGRAMS: [&str; 4] = [PROG_XDP_INT, PROG_XDP_EXT, PROG_TC_INT, PROG_TC_EXT];
 /// Name of the read-only global holding [`NatConfig`].

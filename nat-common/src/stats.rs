@@ -211,6 +211,10 @@ reasons! {
     /// counter ([`xdp_forwarded`]), which so counts only what the kernel
     /// took: the packet's verdict moves, it is not counted twice.
     DROP_REDIRECT_REFUSED = 55, "drop_redirect_refused", Verdict;
+    /// A new flow found no active address in the SNAT pool (every address
+    /// draining, or none given yet: `--snat-ip auto` on an `--ext` without
+    /// addresses).
+    DROP_NO_SNAT_ADDRESS = 56, "drop_no_snat_address", Verdict;
 }
 
 /// The reasons of a packet sent on its way out of a NIC (by a redirect, or

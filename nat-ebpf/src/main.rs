@@ -21,6 +21,7 @@ mod mss;
 mod nat;
 mod no_port;
 mod parse;
+mod pool;
 mod refused;
 mod rewrite;
 mod stats;

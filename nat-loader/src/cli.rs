@@ -12,7 +12,7 @@ use nat_common::{
 };
 use nat_loader::{dataplane::XdpAttach, events, pins, routing};
 
-use crate::values::{Filtering, MssClamp, PortRange, RouteTable, ScheduledEvents};
+use crate::values::{Filtering, MssClamp, PortRange, RouteTable, ScheduledEvents, SnatPool};
 
 /// XDP/eBPF NAT gateway: source NAT from the --int NIC out of the --ext NIC.
 ///
@@ -50,6 +50,13 @@ pub enum Command {
         #[arg(long, value_name = "DIR", default_value = pins::DEFAULT_DIR)]
         bpffs_dir: PathBuf,
     },
+    /// Tell whether a loader with these flags (or `--config FILE`) could
+    /// adopt the dataplane pinned in --bpffs-dir, keeping its flows: exit
+    /// status 0 if it could (or nothing is pinned), 1 with the reason if
+    /// not (another layout version of the maps, another --max-flows...).
+    /// Changes nothing. Packaging restarts the service instead of handing
+    /// over when a new build cannot adopt.
+    CheckAdoption(GatewayArgs),
 }
 
 /// The flags of a gateway run. Each but `--config` has a key of the same
@@ -72,9 +79,14 @@ pub struct GatewayArgs {
     /// /sys/fs/bpf if needed. One directory per gateway.
     #[arg(long, value_name = "DIR", default_value = pins::DEFAULT_DIR)]
     pub bpffs_dir: PathBuf,
-    /// Source address of translated traffic [default: the primary IPv4 address of --ext].
-    #[arg(long, value_name = "IPV4")]
-    pub snat_ip: Option<Ipv4Addr>,
+    /// The SNAT address pool: source addresses of translated traffic, a
+    /// comma-separated list of addresses, ranges A-B and prefixes A/N (up
+    /// to 64 addresses), or `auto` for every IPv4 address on --ext,
+    /// followed while the gateway runs. Each inside host gets one of them
+    /// for all its flows (paired pooling) [default: the primary IPv4
+    /// address of --ext, followed].
+    #[arg(long, value_name = "LIST")]
+    pub snat_ip: Option<SnatPool>,
     /// External ports (and ICMP identifiers) to translate inside ports >= 1024 to, inclusive.
     #[arg(long, value_name = "MIN-MAX", default_value_t = PortRange::DEFAULT)]
     pub port_range: PortRange,
@@ -255,6 +267,10 @@ impl Cli {
     ) -> Result<(Cli, Given), clap::Error> {
         let matches = Cli::command().try_get_matches_from(argv)?;
         let cli = Cli::from_arg_matches(&matches)?;
+        // A subcommand that takes the gateway's flags: what was given to it.
+        let matches = matches
+            .subcommand_matches("check-adoption")
+            .unwrap_or(&matches);
         let given = matches
             .ids()
             .filter(|id| matches.value_source(id.as_str()) == Some(ValueSource::CommandLine))

@@ -26,7 +26,7 @@ use serde::{Deserialize, Deserializer, de};
 
 use crate::{
     cli::{self, FilteringArg, GatewayArgs, Given, XdpModeArg},
-    values::{self, Filtering, MssClamp, PortRange, RouteTable, ScheduledEvents},
+    values::{self, Filtering, MssClamp, PortRange, RouteTable, ScheduledEvents, SnatPool},
 };
 
 const SEC: u64 = 1_000_000_000;
@@ -37,8 +37,8 @@ pub struct Config {
     pub ext: String,
     pub int: String,
     pub bpffs_dir: PathBuf,
-    /// `None`: the primary IPv4 address of `ext`.
-    pub snat_ip: Option<Ipv4Addr>,
+    /// `None`: the primary IPv4 address of `ext`, followed.
+    pub snat_ip: Option<SnatPool>,
     pub ports: PortRange,
     pub low_ports: PortRange,
     pub filtering: Filtering,
@@ -189,7 +189,7 @@ pub struct File {
     ext: Option<String>,
     int: Option<String>,
     bpffs_dir: Option<PathBuf>,
-    snat_ip: Option<Ipv4Addr>,
+    snat_ip: Option<SnatPool>,
     port_range: Option<PortRange>,
     low_port_range: Option<PortRange>,
     #[serde(default, deserialize_with = "word")]
@@ -702,7 +702,7 @@ mod tests {
             ext: "a".into(),
             int: "b".into(),
             bpffs_dir: "/sys/fs/bpf/x".into(),
-            snat_ip: Some(Ipv4Addr::new(192, 0, 2, 9)),
+            snat_ip: Some(SnatPool::Addrs(vec![Ipv4Addr::new(192, 0, 2, 9)])),
             ports: PortRange {
                 min: 2000,
                 max: 2999,

@@ -12,8 +12,8 @@ use std::{
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, MapData, PerCpuArray};
 use nat_common::{
-    BIND_F_RELEASED, BindKey, BindValue, CT_F_INBOUND, CtKey, CtValue, IPPROTO_ICMP, IPPROTO_TCP,
-    IPPROTO_UDP,
+    BIND_F_RELEASED, BindExt, BindKey, BindValue, CT_F_INBOUND, CtKey, CtValue, IPPROTO_ICMP,
+    IPPROTO_TCP, IPPROTO_UDP, PoolAddr, age_ns,
     binding::{self, Fate},
     stats, tcp,
     timeouts::Timeouts,
@@ -21,6 +21,7 @@ use nat_common::{
 use tracing::{info, warn};
 
 use crate::{
+    batch,
     dataplane::CtMaps,
     pressure::{self, Limits, Standing},
     stats::Stats,
@@ -51,18 +52,24 @@ fn sock(raw_addr: u32, raw_port: u16) -> SocketAddrV4 {
 }
 
 impl Flow {
-    pub fn from_entry(key: &CtKey, v: &CtValue, now_ns: u64) -> Flow {
-        let (ext_addr, ext_port) = v.snat_addr_port();
+    /// The flow of session `(key, v)`, its external address taken from
+    /// the pool's slots.
+    pub fn from_entry(key: &CtKey, v: &CtValue, pool: &[PoolAddr], now_ns: u64) -> Flow {
         Flow {
             proto: key.proto,
             inside: sock(key.src_addr, key.src_port),
-            external: sock(ext_addr, ext_port),
+            external: sock(slot_addr(pool, v.pool()), v.ext_port),
             remote: sock(key.dst_addr, key.dst_port),
             tcp_state: v.tcp_state,
             inbound: v.flags & CT_F_INBOUND != 0,
-            idle: Duration::from_nanos(now_ns.saturating_sub(v.last_seen_ns)),
+            idle: Duration::from_nanos(age_ns(v.last_seen, now_ns).unwrap_or(0)),
         }
     }
+}
+
+/// The address (network order) of pool slot `slot` (0 if none).
+fn slot_addr(pool: &[PoolAddr], slot: u32) -> u32 {
+    pool.get(slot as usize).map(|a| a.addr).unwrap_or(0)
 }
 
 impl fmt::Display for Flow {
@@ -86,16 +93,17 @@ impl fmt::Display for Flow {
     }
 }
 
-/// Every flow in the forward table.
-pub fn flows(fwd: &CtMap, now_ns: u64) -> Vec<Flow> {
-    fwd.iter()
-        .filter_map(|r| r.ok())
-        .map(|(k, v)| Flow::from_entry(&k, &v, now_ns))
-        .collect()
+/// Every flow in the forward table (`pool`: the pool's slots).
+pub fn flows(fwd: &CtMap, pool: &[PoolAddr], now_ns: u64) -> Result<Vec<Flow>> {
+    Ok(batch::entries(fwd)
+        .context("reading the sessions")?
+        .iter()
+        .map(|(k, v)| Flow::from_entry(k, v, pool, now_ns))
+        .collect())
 }
 
 /// What a sweep did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Sweep {
     /// Sessions removed for being idle longer than their timeout.
     pub expired: usize,
@@ -116,6 +124,8 @@ pub struct Sweep {
     pub freed: usize,
     /// Half-bindings or filter entries with nothing behind them.
     pub orphans: usize,
+    /// Bindings per pool address.
+    pub per_address: Vec<AddressUse>,
 }
 
 /// Removes idle sessions and, under pressure (`refused`: new flows were
@@ -127,10 +137,10 @@ pub struct Sweep {
 /// pass: the hold keeps a port someone outside may still be talking to
 /// from going to another host, and nobody outside ever talked to these.
 /// Drops address-filter entries of remotes no session talks to any more.
-/// Keys are collected first: deleting while walking a BPF hash map
-/// restarts the walk.
+/// Maps are read and sessions deleted in batches ([`crate::batch`]).
 pub fn sweep(
     m: &mut CtMaps,
+    pool: &[PoolAddr],
     t: &Timeouts,
     hold_ns: u64,
     limits: &Limits,
@@ -143,19 +153,26 @@ pub fn sweep(
     // Bindings that lost a session somebody outside answered: those keep
     // the hold.
     let mut answered_ports: HashSet<BindKey> = HashSet::new();
-    let port_of = |v: &CtValue| BindKey::new(v.peer.proto, v.peer.dst_addr, v.peer.dst_port);
+    let port_of =
+        |k: &CtKey, v: &CtValue| BindKey::new(k.proto, slot_addr(pool, v.pool()), v.ext_port);
     // Walked before the sessions: the dataplane adds a remote's filter
     // entry after its session, so every entry seen here has its session in
     // the walk below, and one added later is left for the next pass.
-    let remotes: Vec<CtKey> = m.adf.keys().filter_map(|r| r.ok()).collect();
-    let sessions: Vec<(CtKey, CtValue)> = m.sessions.iter().filter_map(|r| r.ok()).collect();
+    let remotes: Vec<CtKey> = batch::entries(&m.adf)
+        .context("reading the address filter")?
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    let sessions: Vec<(CtKey, CtValue)> =
+        batch::entries(&m.sessions).context("reading the sessions")?;
     let mut alive = Vec::with_capacity(sessions.len());
+    let mut gone: Vec<CtKey> = Vec::new();
     for (k, v) in sessions {
-        if t.expired(k.proto, v.tcp_state, v.last_seen_ns, now_ns) {
-            let _ = m.sessions.remove(&k);
+        if t.expired_tick(k.proto, v.tcp_state, v.last_seen, now_ns) {
+            gone.push(k);
             out.expired += 1;
             if pressure::standing(k.proto, &v) != Standing::Unanswered {
-                answered_ports.insert(port_of(&v));
+                answered_ports.insert(port_of(&k, &v));
             }
         } else {
             alive.push((k, v));
@@ -165,11 +182,11 @@ pub fn sweep(
     let victims = pressure::victims(&alive, limits, now_ns, out.pressed);
     let mut evicted = vec![false; alive.len()];
     for &i in &victims {
-        let (k, _) = &alive[i];
-        // Gone already (another sweeper of an adopted table) is fine.
-        let _ = m.sessions.remove(k);
+        gone.push(alive[i].0);
         evicted[i] = true;
     }
+    // Gone already (another sweeper of an adopted table) is fine.
+    batch::delete(&m.sessions, &gone).context("deleting sessions")?;
     out.evicted = victims.len();
     for ((k, v), gone) in alive.iter().zip(evicted) {
         if gone {
@@ -179,11 +196,13 @@ pub fn sweep(
         if pressure::standing(k.proto, v) != Standing::Kept {
             out.unanswered += 1;
         }
-        let p = &v.peer;
-        live_ports.insert(port_of(v));
-        live_remotes.insert(CtKey::new(p.proto, p.src_addr, 0, p.dst_addr, p.dst_port));
+        let ext = port_of(k, v);
+        live_ports.insert(ext);
+        live_remotes.insert(CtKey::new(k.proto, k.dst_addr, 0, ext.addr, ext.port));
     }
-    let bindings: Vec<(BindKey, BindValue)> = m.bind_rev.iter().filter_map(|r| r.ok()).collect();
+    let bindings: Vec<(BindKey, BindValue)> =
+        batch::entries(&m.bind_rev).context("reading the bindings")?;
+    let mut freed: Vec<BindKey> = Vec::new();
     for (ek, v) in &bindings {
         let in_use = live_ports.contains(ek);
         match binding::fate(v, in_use, answered_ports.contains(ek), now_ns, hold_ns) {
@@ -212,35 +231,80 @@ pub fn sweep(
                     continue;
                 }
                 let ik = BindKey::new(ek.proto, v.addr, v.port);
-                if m.bind.get(&ik, 0).is_ok_and(|b| b.port == ek.port) {
+                if m.bind
+                    .get(&ik, 0)
+                    .is_ok_and(|b| b.port == ek.port && slot_addr(pool, b.pool as u32) == ek.addr)
+                {
                     let _ = m.bind.remove(&ik);
                 }
-                let _ = m.bind_rev.remove(ek);
+                freed.push(*ek);
                 out.freed += 1;
             }
         }
     }
+    batch::delete(&m.bind_rev, &freed).context("freeing bindings")?;
     // Inside halves whose external half is gone (an insert race lost, or
     // freed above).
-    let inside: Vec<(BindKey, BindValue)> = m.bind.iter().filter_map(|r| r.ok()).collect();
+    let inside: Vec<(BindKey, BindExt)> =
+        batch::entries(&m.bind).context("reading the bindings' inside halves")?;
+    let mut orphans: Vec<BindKey> = Vec::new();
     for (ik, v) in &inside {
-        let ek = BindKey::new(ik.proto, v.addr, v.port);
+        let ek = BindKey::new(ik.proto, slot_addr(pool, v.pool as u32), v.port);
         let owned = m
             .bind_rev
             .get(&ek, 0)
             .is_ok_and(|r| r.addr == ik.addr && r.port == ik.port);
         if !owned {
-            let _ = m.bind.remove(ik);
-            out.orphans += 1;
+            orphans.push(*ik);
         }
     }
-    for k in &remotes {
-        if !live_remotes.contains(k) {
-            let _ = m.adf.remove(k);
-            out.orphans += 1;
-        }
-    }
+    out.orphans += batch::delete(&m.bind, &orphans).context("deleting orphan bindings")?;
+    let stale: Vec<CtKey> = remotes
+        .into_iter()
+        .filter(|k| !live_remotes.contains(k))
+        .collect();
+    out.orphans += batch::delete(&m.adf, &stale).context("deleting filter entries")?;
+    out.per_address = per_address(pool, &bindings);
     Ok(out)
+}
+
+/// Bindings per pool address and protocol: (address, state, [tcp, udp,
+/// icmp]) for every used slot.
+pub fn per_address(pool: &[PoolAddr], bindings: &[(BindKey, BindValue)]) -> Vec<AddressUse> {
+    let mut out: Vec<AddressUse> = pool
+        .iter()
+        .filter(|a| a.state != nat_common::POOL_FREE)
+        .map(|a| AddressUse {
+            addr: a.ip(),
+            state: a.state,
+            bindings: [0; 3],
+        })
+        .collect();
+    for (ek, _) in bindings {
+        let Some(u) = out
+            .iter_mut()
+            .find(|u| u.addr.octets() == ek.addr.to_ne_bytes())
+        else {
+            continue;
+        };
+        match ek.proto {
+            IPPROTO_TCP => u.bindings[0] += 1,
+            IPPROTO_UDP => u.bindings[1] += 1,
+            IPPROTO_ICMP => u.bindings[2] += 1,
+            _ => {}
+        }
+    }
+    out
+}
+
+/// How many bindings (external ports in use or held) one pool address has.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AddressUse {
+    pub addr: Ipv4Addr,
+    /// `POOL_ACTIVE` or `POOL_DRAINING`.
+    pub state: u32,
+    /// TCP, UDP, ICMP.
+    pub bindings: [usize; 3],
 }
 
 /// Drops that evicting unanswered sessions can cure: a full session or
@@ -307,8 +371,10 @@ impl Sweeper {
         // counters are from before).
         let refused = self.refusals.is_some_and(|before| total > before);
         self.refusals = Some(total);
+        let pool = m.pool_slots()?;
         let s = sweep(
             m,
+            &pool,
             &self.timeouts,
             self.hold_ns,
             &self.limits,

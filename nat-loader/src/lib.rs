@@ -1,6 +1,7 @@
 //! The NAT gateway's control plane as a library: the binary (`main.rs`) and
 //! the tests drive the same code.
 
+pub mod batch;
 pub mod blackhole;
 pub mod build_id;
 pub mod caps;
@@ -12,6 +13,7 @@ pub mod health;
 pub mod mounts;
 pub mod netif;
 pub mod pins;
+pub mod pool;
 pub mod pressure;
 pub mod refused;
 pub mod routing;

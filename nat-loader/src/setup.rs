@@ -36,13 +36,15 @@ use tracing::{info, warn};
 use crate::{
     config::Config,
     report::{Reporter, ReporterThread},
+    values::SnatPool,
 };
 
 /// What the host says about the configured interfaces.
 pub struct Host {
     pub ext: NetIf,
     pub int: NetIf,
-    pub snat: Ipv4Addr,
+    /// The SNAT pool's addresses (`--snat-ip`, resolved).
+    pub pool: Vec<Ipv4Addr>,
     /// Source of the out-of-ports ICMP errors (RFC 5508 REQ-8: the address
     /// the inside hosts know the gateway by).
     pub int_addr: Option<Ipv4Addr>,
@@ -69,19 +71,31 @@ impl Host {
                 );
             }
         }
-        let snat = match config.snat_ip {
-            Some(a) => {
-                if !ext.ipv4.contains(&a) {
+        let pool = match &config.snat_ip {
+            Some(SnatPool::Addrs(addrs)) => {
+                for a in addrs.iter().filter(|a| !ext.ipv4.contains(a)) {
                     warn!(snat_ip = %a, interface = %ext.name, "SNAT address is not configured on --ext; replies must be routed to it");
                 }
-                a
+                addrs.clone()
             }
-            None => *ext.ipv4.first().with_context(|| {
+            Some(SnatPool::Auto) => {
+                if ext.ipv4.is_empty() {
+                    bail!(
+                        "--snat-ip auto: --ext {} has no IPv4 address (configure one or give \
+                         --snat-ip addresses)",
+                        ext.name
+                    );
+                }
+                let mut all = ext.ipv4.clone();
+                all.truncate(nat_common::POOL_MAX as usize);
+                all
+            }
+            None => vec![*ext.ipv4.first().with_context(|| {
                 format!(
                     "--ext {} has no IPv4 address to use as the SNAT address (configure one or give --snat-ip)",
                     ext.name
                 )
-            })?,
+            })?],
         };
         let plan = match &config.routing {
             Some(r) => Some(plan(handle, r, &int, &ext).await?),
@@ -98,7 +112,7 @@ impl Host {
         Ok(Host {
             ext,
             int,
-            snat,
+            pool,
             int_addr,
             plan,
             int_xdp_features,
@@ -109,8 +123,9 @@ impl Host {
     /// The SNAT addresses that must stay configured on `--ext` while the
     /// gateway runs: those that were at start.
     pub fn snat_on_ext(&self) -> Vec<Ipv4Addr> {
-        [self.snat]
-            .into_iter()
+        self.pool
+            .iter()
+            .copied()
             .filter(|a| self.ext.ipv4.contains(a))
             .collect()
     }
@@ -122,7 +137,10 @@ impl Host {
         } else {
             0
         };
-        let nat = NatConfig::new(self.int.index, self.ext.index, self.snat)
+        // The pool is in maps; the config's address is the first, for the
+        // logs.
+        let first = self.pool.first().copied().unwrap_or(Ipv4Addr::UNSPECIFIED);
+        let nat = NatConfig::new(self.int.index, self.ext.index, first)
             .with_ports(config.ports.min, config.ports.max)
             .with_low_ports(config.low_ports.min, config.low_ports.max)
             .with_filtering(config.filtering.code())
@@ -143,6 +161,7 @@ impl Host {
             ext: self.ext.name.clone(),
             int: self.int.name.clone(),
             nat,
+            pool: self.pool.clone(),
             max_flows: config.max_flows,
             max_fragments: config.max_fragments,
             xdp: config.xdp,
@@ -220,7 +239,7 @@ impl Attached {
         let adopting = pins.has_maps();
         if adopting {
             // Refuse an incompatible dataplane before touching anything.
-            pins.check_maps(config.max_flows)?;
+            pins.check_maps(config.max_flows, config.filtering.code())?;
         } else if let Err(e) = prepare_fresh(&pins) {
             // The pin directory may be ours alone: remove it again.
             let _ = pins.remove_all();
@@ -264,12 +283,23 @@ impl Attached {
         if !self.dp.adopted {
             return;
         }
-        let flows = conntrack::flows(&self.dp.maps.sessions, monotonic_ns());
+        let flows = match self
+            .dp
+            .maps
+            .pool_slots()
+            .and_then(|pool| conntrack::flows(&self.dp.maps.sessions, &pool, monotonic_ns()))
+        {
+            Ok(f) => f,
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "reading the adopted flows");
+                return;
+            }
+        };
         let foreign = flows
             .iter()
             .filter(|f| {
                 let p = f.external.port();
-                *f.external.ip() != host.snat
+                !host.pool.contains(f.external.ip())
                     || !(config.ports.contains(p) || config.low_ports.contains(p))
             })
             .count();
@@ -280,9 +310,9 @@ impl Attached {
         if foreign > 0 {
             warn!(
                 flows = foreign,
-                snat = %host.snat, ports = %config.ports,
-                "adopted flows use another SNAT address or port range than these flags; \
-                 they keep their mapping until they expire"
+                pool = ?host.pool, ports = %config.ports,
+                "adopted flows use another SNAT address (draining) or port range than these \
+                 flags; they keep their mapping until they expire"
             );
         }
     }
@@ -400,7 +430,12 @@ impl Services {
             failed_tx,
         )?;
         let reporter = ReporterThread::spawn(
-            Reporter::open(pins, config.show_flows, modes)?,
+            Reporter::open(
+                pins,
+                config.show_flows,
+                config.ports.size() + config.low_ports.size(),
+                modes,
+            )?,
             config.stats_interval,
         )?;
         Ok(Services {
