@@ -19,6 +19,7 @@ pub mod refused;
 pub mod routing;
 pub mod stats;
 pub mod sysctl;
+pub mod tables;
 pub mod xdp_features;
 
 /// The eBPF object, embedded at build time; empty when the loader was built

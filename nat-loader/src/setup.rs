@@ -27,6 +27,7 @@ use nat_loader::{
     pins::{self, DirLock, PinDir},
     routing::{self, NicPolicy, Plan, PolicyRoutes},
     sysctl::{self, SysctlGuard},
+    tables,
     xdp_features::Netdev,
 };
 use rtnetlink::Handle;
@@ -237,9 +238,26 @@ impl Attached {
             }
         };
         let adopting = pins.has_maps();
+        let estimate = tables::estimate(
+            config.max_flows,
+            config.max_fragments,
+            config.filtering.code(),
+            tables::possible_cpus(),
+        );
+        info!(
+            "map memory: {}",
+            tables::describe(&estimate, config.max_flows)
+        );
         if adopting {
             // Refuse an incompatible dataplane before touching anything.
             pins.check_maps(config.max_flows, config.filtering.code())?;
+        } else if let Err(e) = tables::mem_available()
+            .and_then(|avail| tables::check(&estimate, config.max_flows, avail))
+        {
+            if created {
+                let _ = std::fs::remove_dir(pins.path());
+            }
+            return Err(e);
         } else if let Err(e) = prepare_fresh(&pins) {
             // The pin directory may be ours alone: remove it again.
             let _ = pins.remove_all();
