@@ -141,3 +141,35 @@ where
     }
     Ok(deleted)
 }
+
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+
+/// Inserts or replaces `entries` in hash map `map` in batches.
+pub fn update<K, V, M>(map: &M, entries: &[(K, V)]) -> io::Result<()>
+where
+    K: Pod + aya::Pod,
+    V: Pod,
+    M: IterableMap<K, V>,
+{
+    let fd = fd_of(map);
+    for chunk in entries.chunks(CHUNK) {
+        let keys: Vec<K> = chunk.iter().map(|(k, _)| *k).collect();
+        let values: Vec<V> = chunk.iter().map(|(_, v)| *v).collect();
+        let mut attr = BatchAttr {
+            keys: keys.as_ptr() as u64,
+            values: values.as_ptr() as u64,
+            count: keys.len() as u32,
+            map_fd: fd,
+            ..Default::default()
+        };
+        bpf(BPF_MAP_UPDATE_BATCH, &mut attr)?;
+        if attr.count as usize != keys.len() {
+            return Err(io::Error::other(format!(
+                "batch update stopped after {} of {} entries",
+                attr.count,
+                keys.len()
+            )));
+        }
+    }
+    Ok(())
+}

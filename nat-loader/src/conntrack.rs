@@ -3,8 +3,9 @@
 //! ones ([`crate::pressure`] decides which).
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap as StdHashMap, HashSet},
     fmt,
+    hash::{BuildHasher, Hasher},
     net::{Ipv4Addr, SocketAddrV4},
     time::Duration,
 };
@@ -128,6 +129,57 @@ pub struct Sweep {
     pub per_address: Vec<AddressUse>,
 }
 
+/// A hasher for the sweeper's sets of map keys (a million entries at
+/// 1 M sessions): std's SipHash costs more than the kernel's batch read.
+/// Multiply-rotate over the key's words, seeded at random per sweep so
+/// that flows chosen from outside cannot be made to collide on purpose.
+#[derive(Clone, Copy)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0 ^ (self.0 >> 29)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for c in bytes.chunks(8) {
+            let mut w = [0u8; 8];
+            w[..c.len()].copy_from_slice(c);
+            self.write_u64(u64::from_ne_bytes(w));
+        }
+    }
+    fn write_u8(&mut self, n: u8) {
+        self.write_u64(n as u64)
+    }
+    fn write_u16(&mut self, n: u16) {
+        self.write_u64(n as u64)
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.write_u64(n as u64)
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(23) ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+/// Builds [`KeyHasher`]s from one random seed.
+#[derive(Clone, Copy)]
+struct KeyHash(u64);
+
+impl KeyHash {
+    fn new() -> KeyHash {
+        KeyHash(std::collections::hash_map::RandomState::new().hash_one(0u64))
+    }
+}
+
+impl BuildHasher for KeyHash {
+    type Hasher = KeyHasher;
+    fn build_hasher(&self) -> KeyHasher {
+        KeyHasher(self.0)
+    }
+}
+
+type KeySet<K> = HashSet<K, KeyHash>;
+
 /// Removes idle sessions and, under pressure (`refused`: new flows were
 /// dropped for a full table since the last pass, or the table is above
 /// `limits.high`), evicts unanswered and reset ones down to `limits.low`
@@ -148,11 +200,12 @@ pub fn sweep(
     now_ns: u64,
 ) -> Result<Sweep> {
     let mut out = Sweep::default();
-    let mut live_ports: HashSet<BindKey> = HashSet::new();
-    let mut live_remotes: HashSet<CtKey> = HashSet::new();
+    let hash = KeyHash::new();
+    let mut live_ports: KeySet<BindKey> = KeySet::with_hasher(hash);
+    let mut live_remotes: KeySet<CtKey> = KeySet::with_hasher(hash);
     // Bindings that lost a session somebody outside answered: those keep
     // the hold.
-    let mut answered_ports: HashSet<BindKey> = HashSet::new();
+    let mut answered_ports: KeySet<BindKey> = KeySet::with_hasher(hash);
     let port_of =
         |k: &CtKey, v: &CtValue| BindKey::new(k.proto, slot_addr(pool, v.pool()), v.ext_port);
     // Walked before the sessions: the dataplane adds a remote's filter
@@ -198,24 +251,24 @@ pub fn sweep(
         }
         let ext = port_of(k, v);
         live_ports.insert(ext);
-        live_remotes.insert(CtKey::new(k.proto, k.dst_addr, 0, ext.addr, ext.port));
+        if !remotes.is_empty() {
+            live_remotes.insert(CtKey::new(k.proto, k.dst_addr, 0, ext.addr, ext.port));
+        }
     }
     let bindings: Vec<(BindKey, BindValue)> =
         batch::entries(&m.bind_rev).context("reading the bindings")?;
     let mut freed: Vec<BindKey> = Vec::new();
+    // Bindings to write back (restored or released), in one batch.
+    let mut changed: Vec<(BindKey, BindValue)> = Vec::new();
     for (ek, v) in &bindings {
         let in_use = live_ports.contains(ek);
         match binding::fate(v, in_use, answered_ports.contains(ek), now_ns, hold_ns) {
             Fate::Keep => {}
             // Taken back by a session (an inbound-opened one, or one
             // created just as the last pass released the binding).
-            Fate::Restore => {
-                let _ = m.bind_rev.insert(ek, binding::claimed(v, now_ns), 0);
-            }
+            Fate::Restore => changed.push((*ek, binding::claimed(v, now_ns))),
             Fate::Release { no_hold } => {
-                let _ = m
-                    .bind_rev
-                    .insert(ek, binding::released(v, no_hold, now_ns), 0);
+                changed.push((*ek, binding::released(v, no_hold, now_ns)));
                 out.released += 1;
                 out.released_unanswered += no_hold as usize;
             }
@@ -242,19 +295,35 @@ pub fn sweep(
             }
         }
     }
+    batch::update(&m.bind_rev, &changed).context("releasing bindings")?;
     batch::delete(&m.bind_rev, &freed).context("freeing bindings")?;
     // Inside halves whose external half is gone (an insert race lost, or
-    // freed above).
+    // freed above). Judged on the external halves read above: one the
+    // dataplane added since is read again before its inside half goes
+    // (it adds the external half first).
+    let mut owners: StdHashMap<BindKey, (u32, u16), KeyHash> =
+        StdHashMap::with_capacity_and_hasher(bindings.len(), hash);
+    owners.extend(bindings.iter().map(|(ek, v)| (*ek, (v.addr, v.port))));
+    let mut freed_set: KeySet<BindKey> = KeySet::with_hasher(hash);
+    freed_set.extend(freed);
+    let freed = freed_set;
     let inside: Vec<(BindKey, BindExt)> =
         batch::entries(&m.bind).context("reading the bindings' inside halves")?;
     let mut orphans: Vec<BindKey> = Vec::new();
     for (ik, v) in &inside {
         let ek = BindKey::new(ik.proto, slot_addr(pool, v.pool as u32), v.port);
-        let owned = m
+        let owned = !freed.contains(&ek)
+            && owners
+                .get(&ek)
+                .is_some_and(|&(a, p)| a == ik.addr && p == ik.port);
+        if owned {
+            continue;
+        }
+        let owned_now = m
             .bind_rev
             .get(&ek, 0)
             .is_ok_and(|r| r.addr == ik.addr && r.port == ik.port);
-        if !owned {
+        if !owned_now {
             orphans.push(*ik);
         }
     }

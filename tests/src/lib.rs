@@ -51,6 +51,7 @@ pub mod packet;
 pub mod probers;
 pub mod soak;
 mod streams;
+pub mod sweep_scale;
 pub mod tables;
 pub mod test_run;
 mod traffic;

@@ -117,13 +117,22 @@ fn one_inside_host_keeps_one_external_address_across_destinations_and_hosts_spre
         "{HOSTS} hosts on too few addresses: {by_addr:?}"
     );
     gw.stop().expect("stopping the loader");
-    // Port use per address, in the stats at exit.
+    // Port use per address, in the stats at exit: each address the hosts
+    // used has UDP bindings.
     for a in by_addr.keys() {
-        let line = format!("stats pool {a}: state=active udp=");
-        assert!(
-            gw.log().iter().any(|l| l.contains(&line)),
-            "no `{line}` line in the log"
-        );
+        let head = format!("stats pool {a}: state=active ");
+        let log = gw.log();
+        let line = log
+            .iter()
+            .find(|l| l.contains(&head))
+            .unwrap_or_else(|| panic!("no `{head}` line in the log"));
+        let udp: usize = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("udp="))
+            .and_then(|v| v.split('/').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no udp=<in use>/<free> in `{line}`"));
+        assert!(udp > 0, "{a} shows no UDP binding: {line}");
     }
 }
 
