@@ -112,7 +112,9 @@ pub struct GatewayArgs {
     /// MTU than the hosts' own (0: off).
     #[arg(long, value_name = "BYTES", default_value_t = MssClamp::OFF)]
     pub mss_clamp: MssClamp,
-    /// Conntrack table size, in flows.
+    /// Conntrack table size, in flows (preallocated; up to 16777216). The
+    /// loader logs the memory it takes and refuses more than 90% of
+    /// MemAvailable.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_FLOWS)]
     pub max_flows: u32,
     /// Fragment budget: how many fragmented datagrams from --ext are

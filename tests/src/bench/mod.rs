@@ -16,7 +16,7 @@
 
 mod measure;
 mod report;
-mod scale;
+pub mod scale;
 mod topo;
 
 use std::{

@@ -104,7 +104,7 @@ fn frame(t: &Topo, src: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
     .build()
 }
 
-fn map_data(map: &aya::maps::Map) -> &MapData {
+pub fn map_data(map: &aya::maps::Map) -> &MapData {
     use aya::maps::Map;
     match map {
         Map::Array(d)
@@ -140,7 +140,7 @@ fn map_data(map: &aya::maps::Map) -> &MapData {
     }
 }
 
-fn memlock(map: &MapData) -> Result<u64> {
+pub fn memlock(map: &MapData) -> Result<u64> {
     let fd = map.fd().as_fd().as_raw_fd();
     let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))?;
     info.lines()

@@ -10,7 +10,10 @@
 use std::{process::ExitCode, time::Duration};
 
 use anyhow::{Context, Result};
-use nat_lab::sweep_scale::{self, fill, load, sweep, walk_entry_by_entry};
+use nat_lab::{
+    bench::scale::{map_data, memlock},
+    sweep_scale::{self, fill, load, sweep, walk_entry_by_entry},
+};
 use nat_loader::dataplane::CtMaps;
 
 fn main() -> ExitCode {
@@ -31,6 +34,21 @@ fn run() -> Result<()> {
     let max_flows = sessions.next_power_of_two();
     let idle = Duration::from_secs(100_000);
     println!("{sessions} sessions in a table of {max_flows} (--max-flows)");
+    {
+        // Map memory as the kernel charges it (memlock), every map of the
+        // object the loader loads with these sizes.
+        let ebpf = load(max_flows)?;
+        let mut total = 0;
+        for (name, map) in ebpf.maps() {
+            let bytes = memlock(map_data(map))?;
+            total += bytes;
+            println!("  map {name:<16} {bytes:>12} bytes");
+        }
+        println!(
+            "  all maps         {total:>12} bytes = {:.1} bytes per flow",
+            total as f64 / max_flows as f64
+        );
+    }
     for (what, expire_all) in [("nothing to remove", false), ("remove all", true)] {
         for batched in [false, true] {
             let mut ebpf = load(max_flows)?;
