@@ -56,7 +56,7 @@ pub enum Command {
     /// not (another layout version of the maps, another --max-flows...).
     /// Changes nothing. Packaging restarts the service instead of handing
     /// over when a new build cannot adopt.
-    CheckAdoption(GatewayArgs),
+    CheckAdoption(Box<GatewayArgs>),
 }
 
 /// The flags of a gateway run. Each but `--config` has a key of the same

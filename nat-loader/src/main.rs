@@ -61,7 +61,7 @@ fn main() -> ExitCode {
                 .await
                 .map(|()| ExitCode::SUCCESS),
             Some(Command::CheckAdoption(args)) => {
-                let config = Config::load(args, &given)?;
+                let config = Config::load(*args, &given)?;
                 let pins = nat_loader::pins::PinDir::new(&config.bpffs_dir);
                 match pins.can_adopt(config.max_flows, config.filtering.code()) {
                     Ok(true) => println!(

@@ -99,23 +99,22 @@ pub fn fill(
             },
         ));
     }
-    let map = |ebpf: &mut Ebpf, name: &str| -> Result<*mut aya::maps::Map> {
-        Ok(ebpf.map_mut(name).with_context(|| format!("{name}"))? as *mut _)
-    };
-    let (ct, b, r) = (
-        map(ebpf, nat_common::MAP_CT_FWD)?,
-        map(ebpf, nat_common::MAP_BIND)?,
-        map(ebpf, nat_common::MAP_BIND_REV)?,
-    );
-    // SAFETY: three distinct maps of the object, each borrowed once here.
-    let (ct, b, r) = unsafe { (&mut *ct, &mut *b, &mut *r) };
-    let ct = HashMap::<&mut MapData, CtKey, CtValue>::try_from(ct)?;
-    let b = HashMap::<&mut MapData, BindKey, BindExt>::try_from(b)?;
-    let r = HashMap::<&mut MapData, BindKey, BindValue>::try_from(r)?;
-    batch::update(&ct, &s).context("filling the sessions")?;
-    batch::update(&b, &out).context("filling the bindings")?;
-    batch::update(&r, &rev).context("filling the bindings' external halves")?;
+    put(ebpf, nat_common::MAP_CT_FWD, &s).context("filling the sessions")?;
+    put(ebpf, nat_common::MAP_BIND, &out).context("filling the bindings")?;
+    put(ebpf, nat_common::MAP_BIND_REV, &rev).context("filling the bindings' external halves")?;
     Ok(endpoints)
+}
+
+/// Writes `entries` into hash map `name` of `ebpf`.
+fn put<K, V>(ebpf: &mut Ebpf, name: &str, entries: &[(K, V)]) -> Result<()>
+where
+    K: aya::Pod + bytemuck::Pod,
+    V: aya::Pod + bytemuck::Pod,
+{
+    let map = ebpf.map_mut(name).with_context(|| name.to_string())?;
+    let map = HashMap::<&mut MapData, K, V>::try_from(map)?;
+    batch::update(&map, entries)?;
+    Ok(())
 }
 
 /// CPU time (user + system) of this process so far.

@@ -1,6 +1,6 @@
-//! A large conntrack table: the real programs loaded with room for 2^20
-//! sessions (the 4 M at a size the suite runs quickly), filled
-//! through the maps with a million sessions of 125,000 inside endpoints,
+//! A large conntrack table: the real programs loaded with room for 2^22
+//! (4 M) sessions, filled through the maps with a million sessions (a
+//! size the suite runs quickly) of 125,000 inside endpoints,
 //! a third of them idle past their timeout; one sweeper pass removes
 //! exactly those and keeps the rest, bindings included. `nat-sweep-bench`
 //! measures the same pass's CPU time.
@@ -11,15 +11,15 @@ use nat_lab::sweep_scale::{PER_ENDPOINT, fill, load, session_number, sessions_le
 use nat_loader::dataplane::CtMaps;
 
 const SESSIONS: u32 = 1_000_000;
-const MAX_FLOWS: u32 = 1 << 20;
+const MAX_FLOWS: u32 = 1 << 22;
 
 fn expired(i: u32) -> bool {
-    i % 3 == 0
+    i.is_multiple_of(3)
 }
 
 #[test]
-fn a_million_session_table_loads_and_one_sweep_removes_exactly_the_expired_sessions() {
-    let mut ebpf = load(MAX_FLOWS).expect("loading the programs with a 2^20-session table");
+fn a_4m_session_table_loads_and_one_sweep_removes_exactly_the_expired_sessions() {
+    let mut ebpf = load(MAX_FLOWS).expect("loading the programs with a 2^22-session table");
     let now = nat_loader::monotonic_ns();
     // Idle longer than any default timeout (TCP established: 7440 s).
     let idle = Duration::from_secs(10_000);
