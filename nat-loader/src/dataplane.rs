@@ -288,7 +288,11 @@ impl Dataplane {
         let mut xdp_egress: Array<MapData, XdpEgress> = take_map(&mut ebpf, MAP_XDP_EGRESS)?;
         // The pool before any program runs: a fresh one is empty.
         let mut pool = PoolMaps::from_pins(pins)?;
-        pool.apply(&s.pool)?;
+        let bind: HashMap<MapData, BindKey, BindExt> = pinned_map(pins, MAP_BIND)?;
+        let keep = crate::pool::occupied(
+            &crate::batch::entries(&bind).context("reading the bindings' inside halves")?,
+        );
+        pool.apply(&s.pool, &keep)?;
         pins.write_layout_version()?;
         for (hook, mode) in [HOOK_XDP_INT, HOOK_XDP_EXT].into_iter().zip(s.xdp_egress) {
             write_egress(&mut xdp_egress, &xdp_ids, hook, mode)?;

@@ -63,10 +63,18 @@ pub fn info(slots: &[PoolAddr], generation: u32) -> PoolInfo {
 /// so hosts spread evenly; with none active, slot 0 (whose address the
 /// dataplane finds inactive: `drop_no_snat_address`).
 pub fn pairing(slots: &[PoolAddr]) -> Vec<u32> {
+    pairing_keeping(slots, &[])
+}
+
+/// [`pairing`], except that each `(bucket, slot)` of `keep` whose slot is
+/// still active stays: the buckets of inside hosts that have bindings, so
+/// that a pool that changes does not give a host a second address while
+/// it has flows on the first (RFC 4787 REQ-2).
+pub fn pairing_keeping(slots: &[PoolAddr], keep: &[(u32, u32)]) -> Vec<u32> {
     let active: Vec<u32> = (0..slots.len() as u32)
         .filter(|i| slots[*i as usize].state == POOL_ACTIVE)
         .collect();
-    (0..PAIR_BUCKETS)
+    let mut out: Vec<u32> = (0..PAIR_BUCKETS)
         .map(|b| {
             if active.is_empty() {
                 0
@@ -74,7 +82,27 @@ pub fn pairing(slots: &[PoolAddr]) -> Vec<u32> {
                 active[b as usize % active.len()]
             }
         })
-        .collect()
+        .collect();
+    for &(bucket, slot) in keep {
+        if active.contains(&slot)
+            && let Some(b) = out.get_mut(bucket as usize)
+        {
+            *b = slot;
+        }
+    }
+    out
+}
+
+/// `(bucket, slot)` of every inside host that has a binding (`bind`: the
+/// inside halves, `NAT_BIND`'s entries).
+pub fn occupied(bind: &[(nat_common::BindKey, nat_common::BindExt)]) -> Vec<(u32, u32)> {
+    let mut v: Vec<(u32, u32)> = bind
+        .iter()
+        .map(|(k, b)| (nat_common::pair_bucket(k.addr), b.pool as u32))
+        .collect();
+    v.sort_unstable();
+    v.dedup_by_key(|(bucket, _)| *bucket);
+    v
 }
 
 /// The pool's three maps.
@@ -112,10 +140,12 @@ impl PoolMaps {
             .collect()
     }
 
-    /// Makes `wanted` the active addresses ([`plan`]). The slots first,
-    /// then the pairing, then the summary: a new flow never pairs with a
-    /// slot that has no address yet. Logs what changed. Returns the slots.
-    pub fn apply(&mut self, wanted: &[Ipv4Addr]) -> Result<Vec<PoolAddr>> {
+    /// Makes `wanted` the active addresses ([`plan`]), keeping the buckets
+    /// of `keep` ([`occupied`]: hosts with bindings) on their address while
+    /// it stays active. The slots first, then the pairing, then the
+    /// summary: a new flow never pairs with a slot that has no address
+    /// yet. Logs what changed. Returns the slots.
+    pub fn apply(&mut self, wanted: &[Ipv4Addr], keep: &[(u32, u32)]) -> Result<Vec<PoolAddr>> {
         let before = self.slots()?;
         let after = plan(&before, wanted)?;
         if after == before && self.info.get(&0, 0).is_ok_and(|i| i.generation > 0) {
@@ -134,7 +164,7 @@ impl PoolMaps {
                 info!(slot = i, address = %a.ip(), state, "SNAT pool address");
             }
         }
-        for (b, slot) in pairing(&after).into_iter().enumerate() {
+        for (b, slot) in pairing_keeping(&after, keep).into_iter().enumerate() {
             self.pair
                 .set(b as u32, slot, 0)
                 .with_context(|| format!("writing {MAP_POOL_PAIR}[{b}]"))?;
@@ -194,6 +224,41 @@ mod tests {
         let s = plan(&[], &many).expect("full");
         let e = plan(&s, &[ip(9)]).expect_err("no room");
         assert!(e.to_string().contains("192.0.2.9"), "{e}");
+    }
+
+    #[test]
+    fn a_growing_pool_keeps_the_hosts_with_bindings_on_their_address() {
+        let one = plan(&[], &[ip(1)]).expect("one");
+        let four = plan(&one, &[ip(1), ip(2), ip(3), ip(4)]).expect("four");
+        // Bucket 1 would go to slot 1; its host has a binding on slot 0.
+        let p = pairing_keeping(&four, &[(1, 0), (5, 9)]);
+        assert_eq!(
+            (p[1], p[2], p[5]),
+            (0, 2, 1),
+            "kept, balanced, a stale slot ignored"
+        );
+        // A kept slot that drains is not kept.
+        let drained = plan(&four, &[ip(2), ip(3), ip(4)]).expect("drain 1");
+        assert_ne!(pairing_keeping(&drained, &[(1, 0)])[1], 0);
+        let bind = [
+            (
+                nat_common::BindKey::new(17, 7, 1),
+                nat_common::BindExt {
+                    port: 1,
+                    pool: 3,
+                    _pad: 0,
+                },
+            ),
+            (
+                nat_common::BindKey::new(6, 7, 2),
+                nat_common::BindExt {
+                    port: 2,
+                    pool: 3,
+                    _pad: 0,
+                },
+            ),
+        ];
+        assert_eq!(occupied(&bind), vec![(nat_common::pair_bucket(7), 3)]);
     }
 
     #[test]

@@ -416,7 +416,12 @@ impl Services {
             host.snat_on_ext(),
             Arc::clone(&modes),
         )
-        .context("starting the health check")?;
+        .context("starting the health check")?
+        .following(match config.snat_ip {
+            None => Some(health::Follow::Primary),
+            Some(SnatPool::Auto) => Some(health::Follow::All),
+            Some(SnatPool::Addrs(_)) => None,
+        });
         let probe = match config.probe_port {
             0 => None,
             port => Some(Probe::new(port)?),

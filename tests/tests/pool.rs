@@ -202,3 +202,55 @@ fn a_drained_address_keeps_its_flows_and_takes_no_new_ones() {
     drop(served);
     gw.stop().expect("stopping the loader");
 }
+
+#[test]
+fn with_auto_an_address_added_to_ext_joins_the_pool_and_new_hosts_get_it() {
+    let lab = lab();
+    let bpffs = Bpffs::new().expect("bpffs");
+    let mut gw = start(&lab, &bpffs.pin_dir(), "auto", &[]);
+    for i in 0..HOSTS {
+        let cidr = format!("{}/{PREFIX_LEN}", inside_host(i));
+        lab.exec(Host::Client1, &["ip", "addr", "add", &cidr, "dev", HOST_IF])
+            .expect("adding an inside host address");
+    }
+    // One address on ext: everybody has it.
+    let before: BTreeSet<Ipv4Addr> = (0..4)
+        .map(|i| seen_from(&lab, inside_host(i), 5700))
+        .collect();
+    assert_eq!(before, BTreeSet::from([NAT_EXT_IP]));
+    for a in &POOL[1..] {
+        let cidr = format!("{a}/{PREFIX_LEN}");
+        lab.exec(Host::Nat, &["ip", "addr", "add", &cidr, "dev", EXT_IF])
+            .expect("adding an address to ext");
+    }
+    let joined = format!("address={}", POOL[3]);
+    assert!(
+        gw.wait_for_log(
+            &["SNAT pool address", &joined, "state=active"],
+            Duration::from_secs(5)
+        )
+        .is_some(),
+        "the new addresses did not join the pool"
+    );
+    // Hosts with bindings keep their address for new ones (paired
+    // pooling); the others pair as the four-address pool says.
+    let bucket = |h: Ipv4Addr| pair_bucket(u32::from_ne_bytes(h.octets()));
+    let bound: Vec<u32> = (0..4).map(|i| bucket(inside_host(i))).collect();
+    let mut spread = BTreeSet::new();
+    for i in 0..HOSTS {
+        let h = inside_host(i);
+        let want = if bound.contains(&bucket(h)) {
+            NAT_EXT_IP
+        } else {
+            paired_with(h, &POOL)
+        };
+        let got = seen_from(&lab, h, 5701);
+        assert_eq!(got, want, "host {h}");
+        spread.insert(got);
+    }
+    assert!(
+        spread.len() >= 3,
+        "the new addresses are not used: {spread:?}"
+    );
+    gw.stop().expect("stopping the loader");
+}
