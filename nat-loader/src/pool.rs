@@ -161,7 +161,7 @@ impl PoolMaps {
                     POOL_DRAINING => "draining",
                     _ => "free",
                 };
-                info!(slot = i, address = %a.ip(), state, "SNAT pool address");
+                info!(slot = i, address = %a.ip(), state = %state, "SNAT pool address");
             }
         }
         for (b, slot) in pairing_keeping(&after, keep).into_iter().enumerate() {

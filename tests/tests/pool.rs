@@ -65,7 +65,8 @@ fn start(lab: &Lab, pins: &Path, pool: &str, extra: &[&str]) -> Gateway {
 /// port) to `port` come from.
 fn seen_from(lab: &Lab, src: Ipv4Addr, port: u16) -> Ipv4Addr {
     let flow = Flow::to_server(Host::Client1, port).src_ip(src);
-    let r = udp_exchange(lab, &flow, 3).expect("UDP exchange through the gateway");
+    let r = udp_exchange(lab, &flow, 3)
+        .unwrap_or_else(|e| panic!("UDP exchange {src} -> :{port} through the gateway: {e:#}"));
     match r.single_source().map(|a| a.ip()) {
         Some(IpAddr::V4(a)) => a,
         other => panic!(
@@ -175,8 +176,10 @@ fn a_drained_address_keeps_its_flows_and_takes_no_new_ones() {
     let flag: Vec<String> = rest.iter().map(|a| a.to_string()).collect();
     let mut gw = start(&lab, &pins, &flag.join(","), &["--stats-interval", "1"]);
     assert!(
-        gw.log().iter().any(|l| l.contains("adopted=true")),
-        "not adopted"
+        gw.wait_for_log(&["adopted=true"], Duration::from_secs(5))
+            .is_some(),
+        "not adopted: {:#?}",
+        gw.log()
     );
 
     // The old connection goes on, still from the drained address (the
@@ -230,7 +233,11 @@ fn with_auto_an_address_added_to_ext_joins_the_pool_and_new_hosts_get_it() {
             Duration::from_secs(5)
         )
         .is_some(),
-        "the new addresses did not join the pool"
+        "the new addresses did not join the pool: {:#?}",
+        gw.log()
+            .into_iter()
+            .filter(|l| l.contains("SNAT"))
+            .collect::<Vec<_>>()
     );
     // Hosts with bindings keep their address for new ones (paired
     // pooling); the others pair as the four-address pool says.
