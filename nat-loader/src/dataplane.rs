@@ -287,7 +287,7 @@ impl Dataplane {
         ];
         let mut xdp_egress: Array<MapData, XdpEgress> = take_map(&mut ebpf, MAP_XDP_EGRESS)?;
         // The pool before any program runs: a fresh one is empty.
-        let mut pool = PoolMaps::from_pins(pins)?;
+        let mut pool = pool_maps(pins)?;
         let bind: HashMap<MapData, BindKey, BindExt> = pinned_map(pins, MAP_BIND)?;
         let keep = crate::pool::occupied(
             &crate::batch::entries(&bind).context("reading the bindings' inside halves")?,
@@ -433,6 +433,15 @@ fn replace_tc(ebpf: &mut Ebpf, name: &str, ifname: &str, link: FdLink) -> Result
         "replaced the program of the pinned TCX link"
     );
     FdLink::try_from(link).context("the TCX link is not an fd link")
+}
+
+/// Opens the SNAT pool's pinned maps.
+pub fn pool_maps(pins: &PinDir) -> Result<PoolMaps> {
+    Ok(PoolMaps {
+        info: pinned_map(pins, nat_common::MAP_POOL)?,
+        addrs: pinned_map(pins, nat_common::MAP_POOL_ADDRS)?,
+        pair: pinned_map(pins, nat_common::MAP_POOL_PAIR)?,
+    })
 }
 
 /// Opens the pinned map `name` in `pins`: a handle of its own, e.g. for a

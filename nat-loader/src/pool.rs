@@ -105,7 +105,7 @@ pub fn occupied(bind: &[(nat_common::BindKey, nat_common::BindExt)]) -> Vec<(u32
     v
 }
 
-/// The pool's three maps.
+/// The pool's three maps (opened by `dataplane::pool_maps`).
 pub struct PoolMaps {
     pub info: Array<MapData, PoolInfo>,
     pub addrs: Array<MapData, PoolAddr>,
@@ -113,22 +113,6 @@ pub struct PoolMaps {
 }
 
 impl PoolMaps {
-    pub fn take(ebpf: &mut aya::Ebpf) -> Result<PoolMaps> {
-        Ok(PoolMaps {
-            info: crate::dataplane::take_map(ebpf, MAP_POOL)?,
-            addrs: crate::dataplane::take_map(ebpf, MAP_POOL_ADDRS)?,
-            pair: crate::dataplane::take_map(ebpf, MAP_POOL_PAIR)?,
-        })
-    }
-
-    pub fn from_pins(pins: &crate::pins::PinDir) -> Result<PoolMaps> {
-        Ok(PoolMaps {
-            info: crate::dataplane::pinned_map(pins, MAP_POOL)?,
-            addrs: crate::dataplane::pinned_map(pins, MAP_POOL_ADDRS)?,
-            pair: crate::dataplane::pinned_map(pins, MAP_POOL_PAIR)?,
-        })
-    }
-
     /// Every slot, as the dataplane sees it.
     pub fn slots(&self) -> Result<Vec<PoolAddr>> {
         (0..POOL_MAX)
