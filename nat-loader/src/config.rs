@@ -116,6 +116,13 @@ impl TryFrom<GatewayArgs> for Config {
         if a.max_flows == 0 {
             bail!("--max-flows: the conntrack table needs room for at least one flow");
         }
+        if a.max_flows > nat_loader::tables::MAX_FLOWS_LIMIT {
+            bail!(
+                "--max-flows {} is above the largest table, {} flows",
+                a.max_flows,
+                nat_loader::tables::MAX_FLOWS_LIMIT
+            );
+        }
         if a.max_fragments == 0 {
             bail!(
                 "--max-fragments: the fragment tracking table needs room for at least one datagram"

@@ -498,9 +498,9 @@ impl Sweeper {
     }
 }
 
-/// The sweeper on a thread of its own. A pass walks every session and
-/// binding through syscalls, about a second at 262 144 sessions and more
-/// at a million; on the runtime's one thread it would hold up the health
+/// The sweeper on a thread of its own. A pass reads every session and
+/// binding (in batches: about a third of a second of CPU at a million
+/// sessions); on the runtime's one thread it would hold up the health
 /// checks, the `/healthz` answers and signal handling for that long.
 pub struct SweeperThread {
     stop: std::sync::mpsc::Sender<()>,
