@@ -14,7 +14,7 @@ use anyhow::{Context, Result};
 use aya::maps::{HashMap, MapData, PerCpuArray};
 use nat_common::{
     BIND_F_RELEASED, BindExt, BindKey, BindValue, CT_F_INBOUND, CtKey, CtValue, IPPROTO_ICMP,
-    IPPROTO_TCP, IPPROTO_UDP, PoolAddr, age_ns,
+    IPPROTO_TCP, IPPROTO_UDP, POOL_DRAINING, PoolAddr, age_ns,
     binding::{self, Fate},
     stats, tcp,
     timeouts::Timeouts,
@@ -127,6 +127,8 @@ pub struct Sweep {
     pub orphans: usize,
     /// Bindings per pool address.
     pub per_address: Vec<AddressUse>,
+    /// Draining addresses that had no binding left: their slots are free.
+    pub drained: Vec<Ipv4Addr>,
 }
 
 /// A hasher for the sweeper's sets of map keys (a million entries at
@@ -333,7 +335,24 @@ pub fn sweep(
         .filter(|k| !live_remotes.contains(k))
         .collect();
     out.orphans += batch::delete(&m.adf, &stale).context("deleting filter entries")?;
-    out.per_address = per_address(pool, &bindings);
+    let left: Vec<(BindKey, BindValue)> = bindings
+        .into_iter()
+        .filter(|(ek, _)| !freed.contains(ek))
+        .collect();
+    out.per_address = per_address(pool, &left);
+    // A draining address without bindings has no flow left (a session
+    // keeps its binding, and no new one goes to a draining address): its
+    // slot is free for another address.
+    for (slot, u) in pool.iter().zip(0u32..).filter_map(|(a, i)| {
+        let u = out.per_address.iter().find(|u| u.addr == a.ip())?;
+        (a.state == POOL_DRAINING && u.bindings == [0; 3]).then_some((i, u.addr))
+    }) {
+        m.pool
+            .set(slot, PoolAddr::default(), 0)
+            .with_context(|| format!("freeing pool slot {slot}"))?;
+        info!(slot, address = %u, "the SNAT address has drained: no flow uses it any more");
+        out.drained.push(u);
+    }
     Ok(out)
 }
 

@@ -62,7 +62,9 @@ fn start(lab: &Lab, pins: &Path, pool: &str, extra: &[&str]) -> Gateway {
 }
 
 /// The one address the server saw a UDP exchange of `src` (ephemeral
-/// port) to `port` come from.
+/// port) to `port` come from. Each exchange has a server port of its own:
+/// a child another test thread forks may hold a closed socket's port for
+/// a moment (until its exec closes the fd).
 fn seen_from(lab: &Lab, src: Ipv4Addr, port: u16) -> Ipv4Addr {
     let flow = Flow::to_server(Host::Client1, port).src_ip(src);
     let r = udp_exchange(lab, &flow, 3)
@@ -108,9 +110,13 @@ fn one_inside_host_keeps_one_external_address_across_destinations_and_hosts_spre
     let mut by_addr: BTreeMap<Ipv4Addr, usize> = BTreeMap::new();
     for i in 0..HOSTS {
         let h = inside_host(i);
-        let a = seen_from(&lab, h, 5500);
+        let a = seen_from(&lab, h, 5500 + i as u16);
         assert_eq!(a, paired_with(h, &POOL), "host {h}");
-        assert_eq!(seen_from(&lab, h, 5501), a, "host {h}, second flow");
+        assert_eq!(
+            seen_from(&lab, h, 5520 + i as u16),
+            a,
+            "host {h}, second flow"
+        );
         *by_addr.entry(a).or_default() += 1;
     }
     assert!(
@@ -174,7 +180,19 @@ fn a_drained_address_keeps_its_flows_and_takes_no_new_ones() {
     gw.signal_and_wait(libc::SIGKILL).expect("SIGKILL");
     let rest: Vec<Ipv4Addr> = POOL.iter().copied().filter(|a| *a != drained).collect();
     let flag: Vec<String> = rest.iter().map(|a| a.to_string()).collect();
-    let mut gw = start(&lab, &pins, &flag.join(","), &["--stats-interval", "1"]);
+    // Short timers, so that the drained address's last flow ends soon
+    // after its connection closes.
+    let timers = [
+        "--stats-interval",
+        "1",
+        "--sweep-interval",
+        "1",
+        "--tcp-transitory-timeout",
+        "1",
+        "--port-hold",
+        "1",
+    ];
+    let mut gw = start(&lab, &pins, &flag.join(","), &timers);
     assert!(
         gw.wait_for_log(&["adopted=true"], Duration::from_secs(5))
             .is_some(),
@@ -192,7 +210,7 @@ fn a_drained_address_keeps_its_flows_and_takes_no_new_ones() {
     assert_ne!(now, drained, "a new flow got the drained address");
     assert_eq!(now, paired_with(client, &rest));
     for i in 0..HOSTS {
-        let a = seen_from(&lab, inside_host(i), 5601);
+        let a = seen_from(&lab, inside_host(i), 5610 + i as u16);
         assert!(rest.contains(&a), "host {i}: {a} is not active");
     }
     let draining = format!("stats pool {drained}: state=draining tcp=1/");
@@ -201,8 +219,19 @@ fn a_drained_address_keeps_its_flows_and_takes_no_new_ones() {
             .is_some(),
         "no `{draining}` line: the drained address's binding is not shown"
     );
+    // Its last flow over, the drained address leaves the pool.
     drop(conn);
     drop(served);
+    let gone = format!("address={drained}");
+    assert!(
+        gw.wait_for_log(&["has drained", &gone], Duration::from_secs(20))
+            .is_some(),
+        "the drained address's slot was not freed after its last flow: {:#?}",
+        gw.log()
+            .into_iter()
+            .filter(|l| l.contains("swept") || l.contains("pool"))
+            .collect::<Vec<_>>()
+    );
     gw.stop().expect("stopping the loader");
 }
 
@@ -218,7 +247,7 @@ fn with_auto_an_address_added_to_ext_joins_the_pool_and_new_hosts_get_it() {
     }
     // One address on ext: everybody has it.
     let before: BTreeSet<Ipv4Addr> = (0..4)
-        .map(|i| seen_from(&lab, inside_host(i), 5700))
+        .map(|i| seen_from(&lab, inside_host(i), 5700 + i as u16))
         .collect();
     assert_eq!(before, BTreeSet::from([NAT_EXT_IP]));
     for a in &POOL[1..] {
@@ -251,7 +280,7 @@ fn with_auto_an_address_added_to_ext_joins_the_pool_and_new_hosts_get_it() {
         } else {
             paired_with(h, &POOL)
         };
-        let got = seen_from(&lab, h, 5701);
+        let got = seen_from(&lab, h, 5720 + i as u16);
         assert_eq!(got, want, "host {h}");
         spread.insert(got);
     }
