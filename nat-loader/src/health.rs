@@ -127,13 +127,14 @@ pub struct Health {
     follow: Option<Follow>,
 }
 
-/// What the SNAT pool follows while the gateway runs.
+/// What the SNAT pool follows while the gateway runs. (Without
+/// `--snat-ip` the pool is the primary address at start, which the health
+/// check requires to stay on `--ext`: a new primary is not taken up, the
+/// probe fails instead.)
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Follow {
     /// `--snat-ip auto`: every IPv4 address of `--ext`.
     All,
-    /// No `--snat-ip`: the primary (first) IPv4 address of `--ext`.
-    Primary,
 }
 
 /// The pool's addresses for `follow`, given `--ext`'s addresses in the
@@ -145,7 +146,6 @@ pub fn followed(follow: Follow, present: &[Ipv4Addr]) -> Option<Vec<Ipv4Addr>> {
             .copied()
             .take(nat_common::POOL_MAX as usize)
             .collect(),
-        Follow::Primary => present.iter().copied().take(1).collect(),
     };
     (!wanted.is_empty()).then_some(wanted)
 }
@@ -632,12 +632,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_pool_follows_every_address_or_the_primary_and_keeps_itself_when_none_is_left() {
+    fn the_pool_follows_every_address_and_keeps_itself_when_none_is_left() {
         let (a, b) = (Ipv4Addr::new(192, 0, 2, 2), Ipv4Addr::new(192, 0, 2, 3));
         assert_eq!(followed(Follow::All, &[a, b]), Some(vec![a, b]));
-        assert_eq!(followed(Follow::Primary, &[b, a]), Some(vec![b]));
         assert_eq!(followed(Follow::All, &[]), None);
-        assert_eq!(followed(Follow::Primary, &[]), None);
         let many: Vec<Ipv4Addr> = (0..100).map(|i| Ipv4Addr::new(10, 0, 0, i)).collect();
         assert_eq!(
             followed(Follow::All, &many).map(|v| v.len()),

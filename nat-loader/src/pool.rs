@@ -148,15 +148,20 @@ impl PoolMaps {
                 info!(slot = i, address = %a.ip(), state = %state, "SNAT pool address");
             }
         }
-        for (b, slot) in pairing_keeping(&after, keep).into_iter().enumerate() {
-            self.pair
-                .set(b as u32, slot, 0)
-                .with_context(|| format!("writing {MAP_POOL_PAIR}[{b}]"))?;
-        }
+        // All 65,536 buckets in one batch.
+        let pairs: Vec<(u32, u32)> = pairing_keeping(&after, keep)
+            .into_iter()
+            .zip(0u32..)
+            .map(|(slot, b)| (b, slot))
+            .collect();
+        crate::batch::update(&self.pair, &pairs)
+            .with_context(|| format!("writing {MAP_POOL_PAIR}"))?;
         let generation = self.info.get(&0, 0).map(|i| i.generation).unwrap_or(0) + 1;
+        let summary = info(&after, generation);
         self.info
-            .set(0, info(&after, generation), 0)
+            .set(0, summary, 0)
             .with_context(|| format!("writing {MAP_POOL}"))?;
+        info!(active = summary.active, generation, "SNAT pool updated");
         Ok(after)
     }
 }

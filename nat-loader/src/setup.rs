@@ -418,9 +418,8 @@ impl Services {
         )
         .context("starting the health check")?
         .following(match config.snat_ip {
-            None => Some(health::Follow::Primary),
             Some(SnatPool::Auto) => Some(health::Follow::All),
-            Some(SnatPool::Addrs(_)) => None,
+            Some(SnatPool::Addrs(_)) | None => None,
         });
         let probe = match config.probe_port {
             0 => None,
