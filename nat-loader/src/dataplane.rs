@@ -31,7 +31,7 @@ use crate::{
     ebpf_object,
     pins::{self, LINK_TCX_EXT, LINK_TCX_INT, LINK_XDP_EXT, LINK_XDP_INT, PinDir},
     pool::PoolMaps,
-    refused,
+    program, refused,
 };
 
 /// How XDP is attached.
@@ -171,17 +171,6 @@ fn fill_tails(ebpf: &mut Ebpf) -> Result<()> {
             .with_context(|| format!("putting {name} in the tail-call table"))?;
     }
     Ok(())
-}
-
-/// A program of the object by name and type.
-pub fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T>
-where
-    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
-{
-    ebpf.program_mut(name)
-        .with_context(|| format!("program {name} missing from the eBPF object"))?
-        .try_into()
-        .with_context(|| format!("program {name} has an unexpected type"))
 }
 
 /// How the loader leaves the dataplane when it exits.

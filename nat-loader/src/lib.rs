@@ -37,6 +37,19 @@ pub fn ebpf_object() -> anyhow::Result<&'static [u8]> {
     Ok(EBPF_OBJECT)
 }
 
+/// A program of the loaded object by name and type: here, below the
+/// modules that load (`dataplane`) and attach (`refused`) programs.
+pub fn program<'a, T>(ebpf: &'a mut aya::Ebpf, name: &str) -> anyhow::Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    use anyhow::Context;
+    ebpf.program_mut(name)
+        .with_context(|| format!("program {name} missing from the eBPF object"))?
+        .try_into()
+        .with_context(|| format!("program {name} has an unexpected type"))
+}
+
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns()`, which
 /// stamps conntrack entries.
 pub fn monotonic_ns() -> u64 {

@@ -16,7 +16,7 @@ use aya::{Ebpf, programs::TracePoint};
 use nat_common::trace;
 use tracing::info;
 
-use crate::{dataplane::program, mounts};
+use crate::{mounts, program};
 
 /// Where tracefs is mounted, or will be.
 pub const TRACEFS: &str = "/sys/kernel/tracing";

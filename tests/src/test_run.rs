@@ -36,7 +36,7 @@ where
     P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
     for<'a> &'a mut P: TryFrom<&'a mut Program, Error = ProgramError>,
 {
-    let p: &mut P = nat_loader::dataplane::program(ebpf, prog)?;
+    let p: &mut P = nat_loader::program(ebpf, prog)?;
     // Room for programs that grow the frame (ICMP errors quote it).
     let mut out = vec![0u8; frame.len() + 256];
     let r = p

@@ -674,6 +674,19 @@ fn with_df(mut frame: Vec<u8>, df: bool) -> Vec<u8> {
     frame
 }
 
+/// What an ICMP error quotes of `frame`: its IP packet, whole or cut at
+/// `quote`, with its IP header checksum broken when `corrupt` is 2.
+fn quoted(frame: &[u8], quote: Option<Index>, corrupt: u8) -> Vec<u8> {
+    let mut q = frame[14..].to_vec();
+    if corrupt == 2 {
+        q[10] ^= 0x40;
+    }
+    if let Some(at) = quote {
+        q.truncate(at.index(q.len() + 1));
+    }
+    q
+}
+
 /// An ICMP error frame from `src` to `dst` quoting `quote`.
 fn icmp_error(
     macs: ([u8; 6], [u8; 6]),
@@ -936,13 +949,7 @@ impl Rig<'_> {
                     csum: Csum::Full,
                 }
                 .build();
-                let mut q = sent[14..].to_vec();
-                if *corrupt == 2 {
-                    q[10] ^= 0x40;
-                }
-                if let Some(at) = quote {
-                    q.truncate(at.index(q.len() + 1));
-                }
+                let q = quoted(&sent, *quote, *corrupt);
                 let src = if *from_router {
                     ROUTER_NAT_IP
                 } else {
@@ -977,13 +984,7 @@ impl Rig<'_> {
                     csum: Csum::Full,
                 }
                 .build();
-                let mut q = got[14..].to_vec();
-                if *corrupt == 2 {
-                    q[10] ^= 0x40;
-                }
-                if let Some(at) = quote {
-                    q.truncate(at.index(q.len() + 1));
-                }
+                let q = quoted(&got, *quote, *corrupt);
                 icmp_error(
                     (self.nics.int_mac, self.inside_mac(f.inside)),
                     (f.inside, f.remote),
