@@ -41,6 +41,7 @@ readonly CONFIG_FILE=/etc/nat-loader/nat-loader.toml
 readonly STATE_DIR=/var/lib/nat-loader-install
 readonly CACHE_DIR=/var/cache/nat-loader-install
 readonly NETPLAN_FILE=/etc/netplan/60-nat-loader-int.yaml
+readonly NETPLAN_EXT_FILE=/etc/netplan/60-nat-loader-ext.yaml
 readonly IMDS=${NAT_IMDS_URL:-http://169.254.169.254}/metadata/instance/network/interface
 readonly IMDS_API=api-version=2021-02-01
 
@@ -299,6 +300,38 @@ EOF
         rm -f "$new_plan"
         log "wrote $NETPLAN_FILE (from $int_ip via $int_gw, table 200); applying"
         netplan apply
+    fi
+fi
+
+# --- 5b. the external NIC's further IP configurations: the SNAT pool -----------
+# Azure's DHCP configures only a NIC's primary address; the template's further
+# IP configurations (publicIpConfigsPerInstance) each have a private address
+# with a public IP of its own, which the loader's `--snat-ip auto` pools once
+# they are on the interface.
+if [ -n "$imds_json" ]; then
+    ext_extra=$(printf '%s' "$imds_json" | python3 -c '
+import json, sys
+v4 = json.load(sys.stdin)[0]["ipv4"]
+prefix = v4["subnet"][0]["prefix"]
+for a in v4["ipAddress"][1:]:
+    print(a["privateIpAddress"] + "/" + str(prefix))')
+    if [ -n "$ext_extra" ]; then
+        new_plan=$(mktemp)
+        {
+            printf '%s\n' "# Written by nat-loader's install.sh: the external NIC's further addresses" \
+                "# (the SNAT pool of --snat-ip auto)." "network:" "  version: 2" "  ethernets:" \
+                "    $ext_if:" "      addresses:"
+            printf '%s\n' "$ext_extra" | sed 's/^/        - /'
+        } >"$new_plan"
+        if cmp -s "$new_plan" "$NETPLAN_EXT_FILE"; then
+            log "$NETPLAN_EXT_FILE already up to date"
+            rm -f "$new_plan"
+        else
+            install -D -m 0600 "$new_plan" "$NETPLAN_EXT_FILE"
+            rm -f "$new_plan"
+            log "wrote $NETPLAN_EXT_FILE ($(printf '%s' "$ext_extra" | tr '\n' ' ')); applying"
+            netplan apply
+        fi
     fi
 fi
 

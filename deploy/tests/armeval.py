@@ -46,6 +46,7 @@ class Evaluator:
         self.values = dict(values)
         self._var_cache: dict[str, Any] = {}
         self._param_cache: dict[str, Any] = {}
+        self._indexes: dict[str, int] = {}
 
     # ----- public --------------------------------------------------------
     def resolve(self, value: Any) -> Any:
@@ -79,8 +80,24 @@ class Evaluator:
 
     def variable(self, name: str) -> Any:
         if name not in self._var_cache:
-            self._var_cache[name] = self.resolve(self.template["variables"][name])
+            variables = self.template["variables"]
+            loops = {c["name"]: c for c in variables.get("copy", [])}
+            if name in loops:
+                self._var_cache[name] = self._copy(loops[name])
+            else:
+                self._var_cache[name] = self.resolve(variables[name])
         return self._var_cache[name]
+
+    def _copy(self, loop: dict) -> list:
+        """A variable copy loop: its input resolved once per index, with
+        copyIndex(name) answering that index."""
+        count = self.resolve(loop["count"])
+        out = []
+        for i in range(count):
+            self._indexes[loop["name"]] = i
+            out.append(self.resolve(loop["input"]))
+        self._indexes.pop(loop["name"], None)
+        return out
 
     # ----- parser ----------------------------------------------------------
     def _parse(self, toks, pos):
@@ -154,6 +171,14 @@ class Evaluator:
             if all(isinstance(a, list) for a in args):
                 return [x for a in args for x in a]
             return "".join(_str(a) for a in args)
+        if n == "add":
+            return args[0] + args[1]
+        if n == "sub":
+            return args[0] - args[1]
+        if n == "copyindex":
+            if args[0] not in self._indexes:
+                raise Unresolvable(f"copyIndex({args[0]}) outside its loop")
+            return self._indexes[args[0]]
         if n == "equals":
             return args[0] == args[1]
         if n == "string":

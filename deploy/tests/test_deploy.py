@@ -243,6 +243,27 @@ class Template(unittest.TestCase):
                 else:
                     self.assertEqual((pools, nic_pools), ([], []))
 
+    def test_extra_ip_configurations_each_have_a_public_ip_and_the_loader_pools_them_all(self):
+        for n in (1, 4, 16):
+            with self.subTest(ip_configs=n):
+                ev, res = evaluated(publicIpConfigsPerInstance=n)
+                ext = self._vmss(res)["properties"]["virtualMachineProfile"]["networkProfile"][
+                    "networkInterfaceConfigurations"][0]["properties"]
+                configs = ext["ipConfigurations"]
+                self.assertEqual(len(configs), n)
+                self.assertEqual(len({c["name"] for c in configs}), n, "ip configuration names repeat")
+                primary, *extra = configs
+                self.assertIs(primary["properties"]["primary"], True)
+                self.assertNotIn("publicIPAddressConfiguration", primary["properties"])
+                for c in extra:
+                    p = c["properties"]
+                    self.assertIs(p["primary"], False)
+                    self.assertEqual(p["subnet"]["id"], ev.variable("frontendSubnetId"))
+                    self.assertEqual(p["publicIPAddressConfiguration"]["sku"]["name"], "Standard")
+                self.assertIn("--snat-ip auto", ev.variable("loaderArgs"))
+        spec = TEMPLATE["parameters"]["publicIpConfigsPerInstance"]
+        self.assertEqual((spec["minValue"], spec["maxValue"]), (1, 16))
+
     def test_nsgs_let_in_only_probes_and_vnet(self):
         for ssh in (False, True):
             with self.subTest(ssh_pool=ssh):

@@ -9,10 +9,10 @@
 //! no session in the pass's view, though it has one in the table. Judged
 //! on that view, it would be released and refuse every new inbound
 //! session until the next pass. The dataplane therefore stamps a binding
-//! each time a session claims it ([`BindValue::stamp_ns`]), and a pass does
+//! each time a session claims it ([`BindValue::stamp`], in ticks), and a pass does
 //! not judge a binding claimed after the pass began.
 
-use crate::{BIND_F_NO_HOLD, BIND_F_RELEASED, BindValue};
+use crate::{BIND_F_NO_HOLD, BIND_F_RELEASED, BindValue, age_ns, ticks};
 
 /// The sweeper's verdict on one binding.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,12 +49,16 @@ pub const fn fate(
     if !released {
         // Claimed while this pass was walking: its session may be one the
         // walk did not see.
-        if v.stamp_ns >= pass_start_ns {
+        if age_ns(v.stamp, pass_start_ns).is_none() || v.stamp == ticks(pass_start_ns) {
             return Fate::Keep;
         }
         return Fate::Release { no_hold: !answered };
     }
-    if v.flags & BIND_F_NO_HOLD != 0 || pass_start_ns.saturating_sub(v.stamp_ns) > hold_ns {
+    let held_for = match age_ns(v.stamp, pass_start_ns) {
+        Some(a) => a,
+        None => 0,
+    };
+    if v.flags & BIND_F_NO_HOLD != 0 || held_for > hold_ns {
         Fate::Free
     } else {
         Fate::Keep
@@ -65,7 +69,7 @@ pub const fn fate(
 pub const fn released(v: &BindValue, no_hold: bool, now_ns: u64) -> BindValue {
     BindValue {
         flags: BIND_F_RELEASED | if no_hold { BIND_F_NO_HOLD } else { 0 },
-        stamp_ns: now_ns,
+        stamp: ticks(now_ns),
         ..*v
     }
 }
@@ -76,7 +80,7 @@ pub const fn released(v: &BindValue, no_hold: bool, now_ns: u64) -> BindValue {
 pub const fn claimed(v: &BindValue, now_ns: u64) -> BindValue {
     BindValue {
         flags: 0,
-        stamp_ns: now_ns,
+        stamp: ticks(now_ns),
         ..*v
     }
 }
@@ -85,7 +89,10 @@ pub const fn claimed(v: &BindValue, now_ns: u64) -> BindValue {
 mod tests {
     use super::*;
 
-    const SEC: u64 = 1_000_000_000;
+    use crate::TICK_NS;
+
+    // Whole ticks, the resolution of the stamps.
+    const SEC: u64 = 60 * TICK_NS;
     const HOLD: u64 = 120 * SEC;
     const PASS: u64 = 1_000 * SEC;
 
@@ -93,7 +100,7 @@ mod tests {
         BindValue {
             addr: 0x0a00_0001,
             port: 4000u16.to_be(),
-            stamp_ns,
+            stamp: ticks(stamp_ns),
             ..BindValue::default()
         }
     }
@@ -122,7 +129,7 @@ mod tests {
         // session in the pass's view, one in the table.
         assert_eq!(fate(&bound(PASS), false, false, PASS, HOLD), Fate::Keep);
         assert_eq!(
-            fate(&bound(PASS + 3_000), false, false, PASS, HOLD),
+            fate(&bound(PASS + 3 * TICK_NS), false, false, PASS, HOLD),
             Fate::Keep
         );
     }
@@ -147,9 +154,9 @@ mod tests {
         let v = released(&bound(0), false, PASS - HOLD);
         assert_eq!(fate(&v, false, false, PASS, HOLD), Fate::Keep);
         assert_eq!(
-            fate(&v, false, false, PASS + 1, HOLD),
+            fate(&v, false, false, PASS + TICK_NS, HOLD),
             Fate::Free,
-            "one ns past the hold"
+            "one tick past the hold"
         );
     }
 
@@ -161,9 +168,9 @@ mod tests {
 
     #[test]
     fn a_claim_clears_the_release_and_stamps() {
-        let v = claimed(&released(&bound(0), true, 5), 9);
+        let v = claimed(&released(&bound(0), true, 5 * TICK_NS), 9 * TICK_NS);
         assert_eq!(v.flags, 0);
-        assert_eq!(v.stamp_ns, 9);
-        assert_eq!(fate(&v, false, false, 9, HOLD), Fate::Keep);
+        assert_eq!(v.stamp, 9);
+        assert_eq!(fate(&v, false, false, 9 * TICK_NS, HOLD), Fate::Keep);
     }
 }

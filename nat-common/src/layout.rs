@@ -43,6 +43,43 @@ impl CtKey {
     }
 }
 
+/// Version of the layouts of the pinned maps (keys, values, what their
+/// fields mean). Recorded in the pin directory; a loader finding pins of
+/// another version refuses to adopt them (`nat-loader check-adoption`
+/// tells beforehand). Raise it with every change of a pinned map's layout
+/// or encoding.
+///
+/// 2: 8-byte sessions (coarse time, pool index), 12-byte external binding
+/// halves and 4-byte inside halves, the SNAT address pool.
+pub const LAYOUT_VERSION: u32 = 2;
+
+/// Time in the maps: CLOCK_MONOTONIC in ticks of 2^[`TICK_SHIFT`] ns
+/// (16.8 ms), as a wrapping `u32` (wraps every 2.3 years of uptime; ages
+/// are computed with wrapping arithmetic, so a wrap is harmless while
+/// entries live less than half that). Coarse on purpose: it halves a
+/// session's value, and no timeout needs finer.
+pub const TICK_SHIFT: u32 = 24;
+/// One tick, in ns.
+pub const TICK_NS: u64 = 1 << TICK_SHIFT;
+
+/// The tick of CLOCK_MONOTONIC time `ns`.
+#[inline(always)]
+pub const fn ticks(ns: u64) -> u32 {
+    (ns >> TICK_SHIFT) as u32
+}
+
+/// How long ago (ns) tick `then` was at `now_ns`, or `None` if it is after
+/// it (a packet stamped the entry after the caller read its clock).
+#[inline(always)]
+pub const fn age_ns(then: u32, now_ns: u64) -> Option<u64> {
+    let d = ticks(now_ns).wrapping_sub(then) as i32;
+    if d < 0 {
+        None
+    } else {
+        Some((d as u64) << TICK_SHIFT)
+    }
+}
+
 /// `CtValue::flags`: the session was opened from outside (endpoint- or
 /// address-dependent filtering let an inbound packet in).
 pub const CT_F_INBOUND: u8 = 1;
@@ -52,36 +89,57 @@ pub const CT_F_INBOUND: u8 = 1;
 /// sweeper evicts under table pressure, and the bindings they alone used
 /// are freed without the RFC 6888 hold (nobody outside ever talked to them).
 pub const CT_F_REPLIED: u8 = 2;
+/// `CtValue::flags` above these bits: the index of the session's external
+/// address in the pool ([`crate::MAP_POOL_ADDRS`]).
+pub const CT_POOL_SHIFT: u32 = 2;
+/// The flag bits of `CtValue::flags` (the rest is the pool index).
+pub const CT_F_MASK: u8 = (1 << CT_POOL_SHIFT) - 1;
 
-/// A session (one inside endpoint talking to one remote endpoint). `peer` is
-/// the reply tuple expected on `--ext`, so it says which address and port to
-/// write as the new source (`peer.dst_*`).
+/// A session (one inside endpoint talking to one remote endpoint), keyed by
+/// the inside tuple ([`CtKey`]); the reply tuple expected on `--ext` is
+/// that key's remote with the external address and port. 8 bytes: at
+/// millions of flows the session table is most of the gateway's memory.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct CtValue {
-    pub peer: CtKey,
-    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the last packet this
-    /// direction translated.
-    pub last_seen_ns: u64,
+    /// Tick ([`ticks`]) of the last packet that refreshed the session.
+    pub last_seen: u32,
+    /// External port (or ICMP identifier), network order.
+    pub ext_port: u16,
     /// TCP state bits ([`crate::tcp`]).
     pub tcp_state: u8,
+    /// `CT_F_*` bits, and the pool index above [`CT_POOL_SHIFT`].
     pub flags: u8,
-    pub _pad: [u8; 6],
 }
 
 impl CtValue {
-    /// Source address and port an outbound packet is rewritten to.
-    pub const fn snat_addr_port(&self) -> (u32, u16) {
-        (self.peer.dst_addr, self.peer.dst_port)
+    /// A session translated to pool address `pool` and port `ext_port`
+    /// (network order), last seen at tick `last_seen`.
+    pub const fn new(pool: u32, ext_port: u16, last_seen: u32, tcp_state: u8, flags: u8) -> Self {
+        CtValue {
+            last_seen,
+            ext_port,
+            tcp_state,
+            flags: (flags & CT_F_MASK) | ((pool as u8) << CT_POOL_SHIFT),
+        }
+    }
+
+    /// Index of the external address in the pool.
+    pub const fn pool(&self) -> u32 {
+        (self.flags >> CT_POOL_SHIFT) as u32
     }
 
     // Readers outside the dataplane (the conntrack CLI, the sweeper's
     // summary) decode a session through these, so that the value's layout
     // can change without them.
 
-    /// CLOCK_MONOTONIC ns of the last packet translated.
-    pub const fn last_seen(&self) -> u64 {
-        self.last_seen_ns
+    /// How long (ns, to a tick) the session has been idle at
+    /// CLOCK_MONOTONIC time `now_ns` (0 if a packet came after `now_ns`).
+    pub const fn idle_ns(&self, now_ns: u64) -> u64 {
+        match age_ns(self.last_seen, now_ns) {
+            Some(ns) => ns,
+            None => 0,
+        }
     }
 
     /// TCP state bits ([`crate::tcp`]); 0 for other protocols.
@@ -136,8 +194,9 @@ pub const BIND_F_RELEASED: u8 = 1;
 /// endpoint takes the binding back.
 pub const BIND_F_NO_HOLD: u8 = 2;
 
-/// The other end of a binding: the external endpoint in [`crate::MAP_BIND`],
-/// the inside one in [`crate::MAP_BIND_REV`].
+/// The external half of a binding, value of [`crate::MAP_BIND_REV`] (key:
+/// the external endpoint): the inside endpoint that owns the port, and the
+/// binding's state.
 ///
 /// A binding (RFC 4787's "mapping") is endpoint-independent: one inside
 /// endpoint has one external port whatever the remote, so every session of
@@ -145,15 +204,102 @@ pub const BIND_F_NO_HOLD: u8 = 2;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct BindValue {
+    /// The inside endpoint, network order.
     pub addr: u32,
     pub port: u16,
     pub flags: u8,
     pub _pad: u8,
-    /// CLOCK_MONOTONIC ns: with [`BIND_F_RELEASED`], when the sweeper
+    /// Tick ([`ticks`]): with [`BIND_F_RELEASED`], when the sweeper
     /// released it; without, when a session last claimed it (the sweeper
     /// does not release a binding claimed during its pass; see
     /// [`crate::binding`]).
-    pub stamp_ns: u64,
+    pub stamp: u32,
+}
+
+/// The inside half of a binding, value of [`crate::MAP_BIND`] (key: the
+/// inside endpoint): its external port and address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct BindExt {
+    /// External port, network order.
+    pub port: u16,
+    /// Index of the external address in the pool.
+    pub pool: u8,
+    pub _pad: u8,
+}
+
+/// Most addresses in the SNAT pool: the pool index has 6 bits in a
+/// session ([`CT_POOL_SHIFT`]).
+pub const POOL_MAX: u32 = 64;
+/// [`PoolAddr::state`]: the slot is unused.
+pub const POOL_FREE: u32 = 0;
+/// [`PoolAddr::state`]: new flows may get this address.
+pub const POOL_ACTIVE: u32 = 1;
+/// [`PoolAddr::state`]: removed from the pool; the flows that have it keep
+/// it until they end, no new flow gets it.
+pub const POOL_DRAINING: u32 = 2;
+
+/// One slot of the SNAT address pool ([`crate::MAP_POOL_ADDRS`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct PoolAddr {
+    /// Network order.
+    pub addr: u32,
+    /// `POOL_FREE`, `POOL_ACTIVE` or `POOL_DRAINING`.
+    pub state: u32,
+}
+
+impl PoolAddr {
+    pub const fn new(addr: Ipv4Addr, state: u32) -> PoolAddr {
+        PoolAddr {
+            addr: u32::from_ne_bytes(addr.octets()),
+            state,
+        }
+    }
+
+    pub const fn ip(&self) -> Ipv4Addr {
+        let o = self.addr.to_ne_bytes();
+        Ipv4Addr::new(o[0], o[1], o[2], o[3])
+    }
+}
+
+/// The pool as a whole ([`crate::MAP_POOL`], one entry), written by the
+/// loader after the slots.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct PoolInfo {
+    /// Active addresses (0: new flows are dropped, `drop_no_snat_address`).
+    pub active: u32,
+    /// Lowest and highest address of any used slot, host order: a packet
+    /// to an address outside that range is to none of ours, decided
+    /// without a lookup.
+    pub lo: u32,
+    pub hi: u32,
+    /// Raised at each change, for the logs.
+    pub generation: u32,
+}
+
+impl PoolInfo {
+    /// Whether `addr` (network order) may be one of the pool's.
+    #[inline(always)]
+    pub const fn may_own(&self, addr: u32) -> bool {
+        let h = u32::from_be(addr);
+        h >= self.lo && h <= self.hi && self.hi != 0
+    }
+}
+
+/// How many buckets inside addresses are hashed into to pick their
+/// external address ([`crate::MAP_POOL_PAIR`]).
+pub const PAIR_BUCKETS: u32 = 65_536;
+
+/// The bucket of inside address `addr` (network order) in
+/// [`crate::MAP_POOL_PAIR`]: every endpoint of one inside host lands in
+/// the same bucket, so all its bindings get one external address (paired
+/// pooling, RFC 4787 REQ-2).
+#[inline(always)]
+pub const fn pair_bucket(addr: u32) -> u32 {
+    // Fibonacci hashing: neighbouring addresses spread over the buckets.
+    u32::from_be(addr).wrapping_mul(0x9E37_79B9) >> 16
 }
 
 impl BindValue {
@@ -447,6 +593,9 @@ mod user {
     unsafe impl aya::Pod for super::NatConfig {}
     unsafe impl aya::Pod for super::BindKey {}
     unsafe impl aya::Pod for super::BindValue {}
+    unsafe impl aya::Pod for super::BindExt {}
+    unsafe impl aya::Pod for super::PoolAddr {}
+    unsafe impl aya::Pod for super::PoolInfo {}
     unsafe impl aya::Pod for super::FragKey {}
     unsafe impl aya::Pod for super::FragValue {}
     unsafe impl aya::Pod for super::FragSlot {}
@@ -474,14 +623,47 @@ mod tests {
     }
 
     #[test]
-    fn ct_value_layout_is_32_bytes_with_explicit_padding() {
-        assert_eq!(size_of::<CtValue>(), 32);
-        assert_eq!(align_of::<CtValue>(), 8);
-        assert_eq!(offset_of!(CtValue, peer), 0);
-        assert_eq!(offset_of!(CtValue, last_seen_ns), 16);
-        assert_eq!(offset_of!(CtValue, tcp_state), 24);
-        assert_eq!(offset_of!(CtValue, flags), 25);
-        assert_eq!(offset_of!(CtValue, _pad), 26);
+    fn ct_value_is_8_bytes_with_the_pool_index_above_the_flags() {
+        assert_eq!(size_of::<CtValue>(), 8);
+        assert_eq!(align_of::<CtValue>(), 4);
+        assert_eq!(offset_of!(CtValue, last_seen), 0);
+        assert_eq!(offset_of!(CtValue, ext_port), 4);
+        assert_eq!(offset_of!(CtValue, tcp_state), 6);
+        assert_eq!(offset_of!(CtValue, flags), 7);
+        let v = CtValue::new(POOL_MAX - 1, 4000u16.to_be(), 77, 3, CT_F_REPLIED);
+        assert_eq!(v.pool(), POOL_MAX - 1);
+        assert_eq!(v.flags & CT_F_MASK, CT_F_REPLIED);
+        assert_eq!(
+            (v.ext_port, v.last_seen, v.tcp_state),
+            (4000u16.to_be(), 77, 3)
+        );
+        // Setting a flag keeps the index.
+        let w = CtValue {
+            flags: v.flags | CT_F_INBOUND,
+            ..v
+        };
+        assert_eq!(w.pool(), POOL_MAX - 1);
+        assert_eq!(
+            CtValue::new(5, 0, 0, 0, 0xff).pool(),
+            5,
+            "flags cannot spill"
+        );
+    }
+
+    #[test]
+    fn ticks_are_16ms_and_ages_survive_the_wrap() {
+        assert_eq!(TICK_NS, 16_777_216);
+        assert_eq!(ticks(3 * TICK_NS + 5), 3);
+        assert_eq!(age_ns(3, 10 * TICK_NS), Some(7 * TICK_NS));
+        assert_eq!(
+            age_ns(11, 10 * TICK_NS),
+            None,
+            "stamped after the clock read"
+        );
+        // The tick counter wraps after 2^32 ticks: an entry stamped just
+        // before the wrap is still 2 ticks old just after it.
+        let after_wrap = (1u64 << 32) * TICK_NS + TICK_NS;
+        assert_eq!(age_ns(u32::MAX, after_wrap), Some(2 * TICK_NS));
     }
 
     #[test]
@@ -501,12 +683,50 @@ mod tests {
     }
 
     #[test]
-    fn binding_layouts_are_8_and_16_bytes() {
+    fn binding_layouts_are_8_12_and_4_bytes() {
         assert_eq!(size_of::<BindKey>(), 8);
         assert_eq!(offset_of!(BindKey, proto), 6);
-        assert_eq!(size_of::<BindValue>(), 16);
-        assert_eq!(offset_of!(BindValue, stamp_ns), 8);
+        assert_eq!(size_of::<BindValue>(), 12);
+        assert_eq!(offset_of!(BindValue, stamp), 8);
+        assert_eq!(size_of::<BindExt>(), 4);
+        assert_eq!(offset_of!(BindExt, pool), 2);
         assert_eq!(bytemuck::bytes_of(&BindKey::new(17, 1, 2))[7], 0);
+    }
+
+    #[test]
+    fn pool_layouts_and_the_range_test() {
+        assert_eq!(size_of::<PoolAddr>(), 8);
+        assert_eq!(size_of::<PoolInfo>(), 16);
+        let a = PoolAddr::new(Ipv4Addr::new(192, 0, 2, 7), POOL_ACTIVE);
+        assert_eq!(a.addr.to_ne_bytes(), [192, 0, 2, 7]);
+        assert_eq!(a.ip(), Ipv4Addr::new(192, 0, 2, 7));
+        let info = PoolInfo {
+            active: 1,
+            lo: u32::from(Ipv4Addr::new(192, 0, 2, 5)),
+            hi: u32::from(Ipv4Addr::new(192, 0, 2, 8)),
+            generation: 1,
+        };
+        let raw = |a: Ipv4Addr| u32::from_ne_bytes(a.octets());
+        assert!(info.may_own(raw(Ipv4Addr::new(192, 0, 2, 5))));
+        assert!(info.may_own(raw(Ipv4Addr::new(192, 0, 2, 8))));
+        assert!(!info.may_own(raw(Ipv4Addr::new(192, 0, 2, 9))));
+        assert!(!info.may_own(raw(Ipv4Addr::new(10, 0, 2, 6))));
+        assert!(
+            !PoolInfo::default().may_own(0),
+            "an empty pool owns nothing"
+        );
+    }
+
+    #[test]
+    fn pair_buckets_spread_neighbouring_hosts_and_stay_in_range() {
+        let raw = |a: Ipv4Addr| u32::from_ne_bytes(a.octets());
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..=255u8 {
+            let b = pair_bucket(raw(Ipv4Addr::new(10, 1, 0, i)));
+            assert!(b < PAIR_BUCKETS);
+            seen.insert(b % 4);
+        }
+        assert_eq!(seen.len(), 4, "256 hosts reach every one of 4 addresses");
     }
 
     #[test]
@@ -575,14 +795,5 @@ mod tests {
     fn ct_key_new_zeroes_padding() {
         let k = CtKey::new(6, 1, 2, 3, 4);
         assert_eq!(bytemuck::bytes_of(&k)[13..16], [0, 0, 0]);
-    }
-
-    #[test]
-    fn ct_value_peer_gives_translation_addresses() {
-        let fwd = CtValue {
-            peer: CtKey::new(17, 0x0a, 53, 0xc0, 40000),
-            ..Default::default()
-        };
-        assert_eq!(fwd.snat_addr_port(), (0xc0, 40000));
     }
 }

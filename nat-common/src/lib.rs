@@ -172,6 +172,17 @@ pub const MAP_TRANSLOG: &str = "TRANSLOG";
 /// Its size in bytes (a power of two, a multiple of the page size): room
 /// for about 10 000 events between two reads.
 pub const TRANSLOG_BYTES: u32 = 256 * 1024;
+/// The SNAT address pool: one [`PoolInfo`] (how many addresses are
+/// active, the range they span).
+pub const MAP_POOL: &str = "NAT_POOL";
+/// The pool's addresses: an array of [`POOL_MAX`] [`PoolAddr`] slots,
+/// active or draining; sessions and bindings name their external address
+/// by its slot.
+pub const MAP_POOL_ADDRS: &str = "NAT_POOL_ADDRS";
+/// Paired pooling (RFC 4787 REQ-2): [`PAIR_BUCKETS`] slots of the pool,
+/// indexed by [`pair_bucket`] of the inside address; the loader spreads
+/// the active addresses over them.
+pub const MAP_POOL_PAIR: &str = "NAT_PAIR";
 /// Default number of fragmented datagrams tracked at once.
 pub const DEFAULT_MAX_FRAGMENTS: u32 = 4096;
 
@@ -181,7 +192,7 @@ pub const fn frag_held_slots(max_fragments: u32) -> u32 {
     if q < FRAG_HELD_MAX { FRAG_HELD_MAX } else { q }
 }
 /// Every map of the gateway's object.
-pub const MAPS: [&str; 19] = [
+pub const MAPS: [&str; 22] = [
     MAP_CT_FWD,
     MAP_BIND,
     MAP_BIND_REV,
@@ -201,19 +212,26 @@ pub const MAPS: [&str; 19] = [
     MAP_INSIDE_NETS,
     MAP_TRAFFIC,
     MAP_TRANSLOG,
+    MAP_POOL,
+    MAP_POOL_ADDRS,
+    MAP_POOL_PAIR,
 ];
 /// The maps a pin directory keeps, so that a new loader adopts the flows
 /// and the counters. Not the tail-call table (each loader fills its own
 /// with its own programs), the rate limiter (a new loader starts with a
 /// full bucket) nor the fragment tables (datagrams in flight, which a
-/// restart merely makes the receivers discard).
-pub const PINNED_MAPS: [&str; 6] = [
+/// restart merely makes the receivers discard). The pool, since sessions
+/// and bindings name their address by its slot.
+pub const PINNED_MAPS: [&str; 9] = [
     MAP_CT_FWD,
     MAP_BIND,
     MAP_BIND_REV,
     MAP_ADF,
     MAP_STATS,
     MAP_TRAFFIC,
+    MAP_POOL,
+    MAP_POOL_ADDRS,
+    MAP_POOL_PAIR,
 ];
 /// The programs the loader attaches, one XDP and one TC program per NIC.
 pub const ATTACHED_PROGRAMS: [&str; 4] = [PROG_XDP_INT, PROG_XDP_EXT, PROG_TC_INT, PROG_TC_EXT];

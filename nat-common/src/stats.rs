@@ -237,6 +237,10 @@ reasons! {
     /// Event: a translation-log record (`--translation-log`) was lost,
     /// its ring buffer full (the loader reading too slowly, or gone).
     EV_TRANSLOG_LOST = 64, "event_translog_lost", Event;
+    /// A new flow found no active address in the SNAT pool (every address
+    /// draining, or none given yet: `--snat-ip auto` on an `--ext` without
+    /// addresses).
+    DROP_NO_SNAT_ADDRESS = 65, "drop_no_snat_address", Verdict;
 }
 
 /// The reasons of a packet sent on its way out of a NIC (by a redirect, or

@@ -47,6 +47,21 @@ impl Timeouts {
     pub const fn expired(&self, proto: u8, tcp_state: u8, last_seen_ns: u64, now_ns: u64) -> bool {
         now_ns > last_seen_ns && now_ns - last_seen_ns > self.for_entry(proto, tcp_state)
     }
+
+    /// [`Self::expired`] for an entry stamped in ticks ([`crate::ticks`]),
+    /// as sessions are.
+    pub const fn expired_tick(
+        &self,
+        proto: u8,
+        tcp_state: u8,
+        last_seen: u32,
+        now_ns: u64,
+    ) -> bool {
+        match crate::age_ns(last_seen, now_ns) {
+            Some(age) => age > self.for_entry(proto, tcp_state),
+            None => false,
+        }
+    }
 }
 
 impl Default for Timeouts {
@@ -85,6 +100,18 @@ mod tests {
         let t = Timeouts::DEFAULT;
         assert!(!t.expired(IPPROTO_UDP, 0, 1000, 1000 + t.udp_ns));
         assert!(t.expired(IPPROTO_UDP, 0, 1000, 1001 + t.udp_ns));
+    }
+
+    #[test]
+    fn a_session_stamped_in_ticks_expires_a_tick_after_its_timeout() {
+        let t = Timeouts::DEFAULT;
+        let tick = crate::TICK_NS;
+        let now = 1_000_000 * tick;
+        let at = now - t.udp_ns;
+        // Its tick is at most one tick older than the ns it stands for.
+        assert!(!t.expired_tick(IPPROTO_UDP, 0, crate::ticks(at + tick), now));
+        assert!(t.expired_tick(IPPROTO_UDP, 0, crate::ticks(at - 2 * tick), now));
+        assert!(!t.expired_tick(IPPROTO_UDP, 0, crate::ticks(now + tick), now));
     }
 
     #[test]

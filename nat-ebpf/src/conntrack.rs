@@ -4,25 +4,35 @@
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_get_prandom_u32};
 use nat_common::{
-    BIND_F_RELEASED, BindKey, BindValue, CFG_F_UDP_INBOUND_REFRESH, CT_F_INBOUND, CT_F_REPLIED,
-    CtKey, CtValue, FILTER_ADDRESS, FILTER_ENDPOINT_INDEPENDENT, IPPROTO_TCP, IPPROTO_UDP,
-    NatConfig, binding, ports, stats,
+    BIND_F_RELEASED, BindExt, BindKey, BindValue, CFG_F_UDP_INBOUND_REFRESH, CT_F_INBOUND,
+    CT_F_REPLIED, CtKey, CtValue, FILTER_ADDRESS, FILTER_ENDPOINT_INDEPENDENT, IPPROTO_TCP,
+    IPPROTO_UDP, NatConfig, POOL_ACTIVE, binding, ports, stats,
     tcp::{self, DIR_IN, DIR_OUT, TCP_SYN},
+    ticks,
 };
 
 use crate::{
-    maps::{CT_ADF, CT_FWD, NAT_BIND, NAT_BIND_REV},
-    policy,
+    maps::{CT_ADF, CT_FWD, NAT_BIND, NAT_BIND_REV, NAT_POOL_ADDRS},
+    policy, pool,
 };
 
 const EEXIST: i32 = 17;
-/// Refresh `last_seen` at most this often: writing it on every packet would
-/// bounce the entry's cache line between CPUs.
-const REFRESH_NS: u64 = 1_000_000_000;
+/// Refresh `last_seen` at most every this many ticks (about 1 s): writing
+/// it on every packet would bounce the entry's cache line between CPUs.
+const REFRESH_TICKS: u32 = 60;
 
-/// The external port (network order) of inside endpoint `(addr, port)`,
-/// creating the binding if there is none. The second value is the event to
-/// count when one was created.
+/// A binding: the pool slot, external address and external port (both
+/// network order) of an inside endpoint.
+#[derive(Clone, Copy)]
+pub struct Bound {
+    pub slot: u32,
+    pub addr: u32,
+    pub port: u16,
+}
+
+/// The binding of inside endpoint `(addr, port)`, creating one if there is
+/// none or if its address is draining (the sessions that have the old one
+/// keep it). The second value is the event to count when one was created.
 #[inline(always)]
 fn bind(
     proto: u8,
@@ -30,26 +40,38 @@ fn bind(
     port: u16,
     cfg: &NatConfig,
     now: u64,
-) -> Result<(u16, Option<u32>), u32> {
+) -> Result<(Bound, Option<u32>), u32> {
     let ik = BindKey::new(proto, addr, port);
     if let Some(b) = unsafe { NAT_BIND.get(ik) } {
-        let ext_port = b.port;
-        let ek = BindKey::new(proto, cfg.snat_addr, ext_port);
-        if let Some(r) = NAT_BIND_REV.get_ptr_mut(ek) {
-            unsafe {
-                if (*r).addr == addr && (*r).port == port {
-                    // Taken back if released (within its hold time), and
-                    // stamped either way: a sweep walking right now may
-                    // not see the new session (nat_common::binding).
-                    *r = binding::claimed(&*r, now);
-                    return Ok((ext_port, None));
+        let (slot, ext_port) = (b.pool as u32, b.port);
+        if let Some(a) = NAT_POOL_ADDRS.get(slot)
+            && a.state == POOL_ACTIVE
+        {
+            let ext_addr = a.addr;
+            let ek = BindKey::new(proto, ext_addr, ext_port);
+            if let Some(r) = NAT_BIND_REV.get_ptr_mut(ek) {
+                unsafe {
+                    if (*r).addr == addr && (*r).port == port {
+                        // Taken back if released (within its hold time),
+                        // and stamped either way: a sweep walking right
+                        // now may not see the new session
+                        // (nat_common::binding).
+                        *r = binding::claimed(&*r, now);
+                        let b = Bound {
+                            slot,
+                            addr: ext_addr,
+                            port: ext_port,
+                        };
+                        return Ok((b, None));
+                    }
                 }
             }
         }
-        // The reverse half was swept (or the SNAT address changed across a
-        // restart): start over.
+        // The external half was swept, or its address left the pool (the
+        // old half stays for the sessions that use it): start over.
         let _ = NAT_BIND.remove(ik);
     }
+    let (slot, ext_addr) = pool::pick(addr)?;
     let rnd = unsafe { bpf_get_prandom_u32() };
     let preferred = u16::from_be(port);
     let (min, max) = ports::range_for(
@@ -62,7 +84,7 @@ fn bind(
         port,
         flags: 0,
         _pad: 0,
-        stamp_ns: now,
+        stamp: ticks(now),
     };
     let mut attempt = 0;
     while attempt < ports::MAX_PORT_ATTEMPTS {
@@ -71,23 +93,26 @@ fn bind(
         if ext_port == cfg.probe_port {
             continue;
         }
-        let ek = BindKey::new(proto, cfg.snat_addr, ext_port);
-        // The reverse half first, with no-overwrite: two endpoints can never
-        // claim the same external port, held ports included.
+        let ek = BindKey::new(proto, ext_addr, ext_port);
+        // The external half first, with no-overwrite: two endpoints can
+        // never claim the same external port, held ports included.
         match NAT_BIND_REV.insert(ek, inside, BPF_NOEXIST as u64) {
             Ok(()) => {}
             Err(e) if e == -EEXIST => continue,
             Err(_) => return Err(stats::DROP_TABLE_FULL),
         }
-        let external = BindValue {
-            addr: cfg.snat_addr,
+        let external = BindExt {
             port: ext_port,
-            flags: 0,
+            pool: slot as u8,
             _pad: 0,
-            stamp_ns: now,
+        };
+        let bound = Bound {
+            slot,
+            addr: ext_addr,
+            port: ext_port,
         };
         return match NAT_BIND.insert(ik, external, BPF_NOEXIST as u64) {
-            Ok(()) => Ok((ext_port, Some(stats::EV_NEW_BINDING))),
+            Ok(()) => Ok((bound, Some(stats::EV_NEW_BINDING))),
             Err(e) => {
                 let _ = NAT_BIND_REV.remove(ek);
                 if e != -EEXIST {
@@ -95,7 +120,15 @@ fn bind(
                 }
                 // Another CPU bound this endpoint meanwhile: use its port.
                 match unsafe { NAT_BIND.get(ik) } {
-                    Some(b) => Ok((b.port, Some(stats::EV_INSERT_RACE))),
+                    Some(b) => {
+                        let slot = b.pool as u32;
+                        let b = Bound {
+                            slot,
+                            addr: pool::addr(slot),
+                            port: b.port,
+                        };
+                        Ok((b, Some(stats::EV_INSERT_RACE)))
+                    }
                     None => Err(stats::DROP_INTERNAL),
                 }
             }
@@ -131,30 +164,18 @@ fn create_entries(
     now: u64,
     tcp_flags: u8,
 ) -> Result<(Option<u32>, u32), u32> {
-    let (ext_port, bind_event) = bind(key.proto, key.src_addr, key.src_port, cfg, now)?;
-    let reply = CtKey::new(
-        key.proto,
-        key.dst_addr,
-        key.dst_port,
-        cfg.snat_addr,
-        ext_port,
-    );
-    let session = CtValue {
-        peer: reply,
-        last_seen_ns: now,
-        tcp_state: if key.proto == IPPROTO_TCP {
-            tcp::update(0, DIR_OUT, tcp_flags)
-        } else {
-            0
-        },
-        flags: 0,
-        _pad: [0; 6],
+    let (b, bind_event) = bind(key.proto, key.src_addr, key.src_port, cfg, now)?;
+    let tcp_state = if key.proto == IPPROTO_TCP {
+        tcp::update(0, DIR_OUT, tcp_flags)
+    } else {
+        0
     };
+    let session = CtValue::new(b.slot, b.port, ticks(now), tcp_state, 0);
     let event = insert_session(key, &session)?;
     if cfg.filtering == FILTER_ADDRESS {
         // Remember the remote address for address-dependent filtering;
         // a full table only narrows what may come in.
-        let adf = CtKey::new(key.proto, key.dst_addr, 0, cfg.snat_addr, ext_port);
+        let adf = CtKey::new(key.proto, key.dst_addr, 0, b.addr, b.port);
         let _ = CT_ADF.insert(adf, 0, 0);
     }
     Ok((bind_event, event))
@@ -169,6 +190,13 @@ fn insert_session(key: &CtKey, v: &CtValue) -> Result<u32, u32> {
         // The binding stays; the sweeper releases it if no session uses it.
         Err(_) => Err(stats::DROP_TABLE_FULL),
     }
+}
+
+/// The external address and port (network order) a session translates to.
+#[inline(always)]
+pub fn external(s: *const CtValue) -> (u32, u16) {
+    let (slot, port) = unsafe { ((*s).pool(), (*s).ext_port) };
+    (pool::addr(slot), port)
 }
 
 /// An inbound packet's session: the binding of its destination port gives
@@ -192,6 +220,15 @@ pub fn inbound(
     if let Some(s) = CT_FWD.get_ptr_mut(key) {
         return Ok((s, addr, port, None));
     }
+    // The binding's inside half: its slot, for the new session (and a
+    // binding whose inside half moved to another address, being drained,
+    // opens nothing new).
+    let slot = match unsafe { NAT_BIND.get(BindKey::new(reply.proto, addr, port)) } {
+        Some(i) if i.port == reply.dst_port && pool::addr(i.pool as u32) == reply.dst_addr => {
+            i.pool as u32
+        }
+        _ => return Err(Some(stats::DROP_FILTERED)),
+    };
     let allowed = !released
         && match cfg.filtering {
             FILTER_ENDPOINT_INDEPENDENT => true,
@@ -219,17 +256,12 @@ pub fn inbound(
     if policy::admit(addr, reply.src_addr, flow, policy::options(0, true)) != policy::ALLOWED {
         return Err(Some(stats::DROP_POLICY_DENIED));
     }
-    let session = CtValue {
-        peer: *reply,
-        last_seen_ns: now,
-        tcp_state: if reply.proto == IPPROTO_TCP {
-            tcp::update(0, DIR_IN, tcp_flags)
-        } else {
-            0
-        },
-        flags: CT_F_INBOUND,
-        _pad: [0; 6],
+    let tcp_state = if reply.proto == IPPROTO_TCP {
+        tcp::update(0, DIR_IN, tcp_flags)
+    } else {
+        0
     };
+    let session = CtValue::new(slot, reply.dst_port, ticks(now), tcp_state, CT_F_INBOUND);
     insert_session(&key, &session).map_err(Some)?;
     CT_FWD
         .get_ptr_mut(key)
@@ -263,9 +295,10 @@ pub fn touch(v: *mut CtValue, now: u64, proto: u8, dir: u8, cfg: &NatConfig) {
     if dir == DIR_IN && proto == IPPROTO_UDP && cfg.flags & CFG_F_UDP_INBOUND_REFRESH == 0 {
         return;
     }
+    let now = ticks(now);
     unsafe {
-        if now.wrapping_sub((*v).last_seen_ns) > REFRESH_NS {
-            (*v).last_seen_ns = now;
+        if now.wrapping_sub((*v).last_seen) > REFRESH_TICKS {
+            (*v).last_seen = now;
         }
     }
 }

@@ -54,7 +54,7 @@ use crate::{
     maps::{FRAG_HELD, FRAG_SCRATCH, FRAG_TRACK, config},
     nat::{self, FirstFragment},
     parse::{self, ETH_HLEN, FRAG_OFFSET, Frame, IP_DADDR, IP_ID, IP_SADDR, Ipv4},
-    rewrite,
+    pool, rewrite,
     stats::count,
     tail,
 };
@@ -91,9 +91,9 @@ fn try_nat_tc_frag_int(ctx: &TcContext) -> (i32, u32) {
         Ok(ip) => ip,
         Err(_) => return (TC_ACT_SHOT, stats::DROP_MALFORMED),
     };
-    // To the SNAT address: the gateway's own (a hairpinned datagram is
+    // To a pool address: the gateway's own (a hairpinned datagram is
     // not translated in fragments).
-    if ip.daddr == cfg.snat_addr {
+    if pool::may_own(ip.daddr) {
         return (TC_ACT_OK, stats::PASS_LOCAL);
     }
     if ip.frag & FRAG_OFFSET != 0 {
@@ -238,20 +238,16 @@ fn following_out(ctx: &TcContext, ip: &Ipv4, cfg: &NatConfig) -> (i32, u32) {
     if ip.ttl <= 1 {
         return (TC_ACT_OK, stats::PASS_TTL_EXPIRED);
     }
-    let route = fib::lookup(
-        c,
-        cfg.int_ifindex,
-        ip.proto,
-        cfg.snat_addr,
-        0,
-        ip.daddr,
-        0,
-        0,
-    );
+    // The inside host's paired address, as its first fragment got.
+    let snat = match pool::pick(ip.saddr) {
+        Ok((_, a)) => a,
+        Err(reason) => return (TC_ACT_SHOT, reason),
+    };
+    let route = fib::lookup(c, cfg.int_ifindex, ip.proto, snat, 0, ip.daddr, 0, 0);
     let rw = AddrRewrite {
         off: ETH_HLEN + IP_SADDR,
         old: ip.saddr,
-        new: cfg.snat_addr,
+        new: snat,
         ttl: ip.ttl,
     };
     forward_following(ctx, &rw, route, cfg.ext_ifindex)
@@ -277,7 +273,7 @@ fn following_in(
         return (TC_ACT_OK, stats::PASS_LOCAL);
     }
     if inside == 0 {
-        if ip.daddr != cfg.snat_addr {
+        if !pool::may_own(ip.daddr) {
             return if fib::is_local(c, cfg.ext_ifindex, ip.saddr, ip.daddr) {
                 (TC_ACT_OK, stats::PASS_LOCAL)
             } else {

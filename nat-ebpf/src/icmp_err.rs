@@ -26,11 +26,12 @@ use nat_common::{
 };
 
 use crate::{
+    conntrack,
     csum::skb_sum,
     fib, forward,
     maps::{CT_FWD, NAT_BIND_REV, config},
     parse::{self, ETH_HLEN, Frame, ICMP_ECHO_REQUEST, IP_CHECK, IP_DADDR, IP_SADDR, Ipv4},
-    rewrite,
+    pool, rewrite,
     stats::count,
 };
 
@@ -157,7 +158,7 @@ fn try_inbound(ctx: &TcContext, ip: &Ipv4, cfg: &NatConfig) -> Result<(i32, u32)
     let q = quoted(ctx, ip)?;
     let snat: u32 = load(ctx, q.ip + IP_SADDR)?;
     // About the gateway's own traffic (or another address): the kernel's.
-    if snat != cfg.snat_addr {
+    if !pool::may_own(snat) {
         return Ok((TC_ACT_OK, stats::PASS_LOCAL));
     }
     let Some(b) = (unsafe { NAT_BIND_REV.get(BindKey::new(q.proto, snat, q.ext_port)) }) else {
@@ -249,17 +250,15 @@ fn outbound(ctx: &TcContext, ip: &Ipv4, cfg: &NatConfig) -> Result<(i32, u32), u
     let Some(s) = (unsafe { CT_FWD.get(session) }) else {
         return Err(stats::DROP_ICMP_ERROR_UNTRACKED);
     };
-    let (snat, ext_port) = s.snat_addr_port();
+    let (snat, ext_port) = conntrack::external(s);
     // Hairpinned: the "remote" is another inside host's external endpoint.
-    let hairpin = remote == cfg.snat_addr;
-    let (sender, sender_port) = if hairpin {
-        match unsafe { NAT_BIND_REV.get(BindKey::new(q.proto, remote, rport)) } {
-            Some(b) => (b.addr, b.port),
-            None => return Err(stats::DROP_ICMP_ERROR_UNTRACKED),
-        }
+    let owner = if pool::may_own(remote) {
+        unsafe { NAT_BIND_REV.get(BindKey::new(q.proto, remote, rport)) }.map(|b| (b.addr, b.port))
     } else {
-        (remote, rport)
+        None
     };
+    let hairpin = owner.is_some();
+    let (sender, sender_port) = owner.unwrap_or((remote, rport));
     verify(ctx, ip, &q)?;
     let (dst, egress_if, from) = if hairpin {
         // No source for the lookup: the SNAT address's policy rule would

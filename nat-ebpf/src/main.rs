@@ -22,6 +22,7 @@ mod nat;
 mod no_port;
 mod parse;
 mod policy;
+mod pool;
 mod refused;
 mod reset;
 mod rewrite;

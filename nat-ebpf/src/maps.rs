@@ -7,8 +7,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use nat_common::{
-    BindKey, BindValue, CtKey, CtValue, DEFAULT_MAX_FLOWS, DEFAULT_MAX_FRAGMENTS, FragHeld,
-    FragKey, FragSlot, FragValue, MAX_BINDINGS, NatConfig, Traffic, XdpEgress, frag_held_slots,
+    BindExt, BindKey, BindValue, CtKey, CtValue, DEFAULT_MAX_FLOWS, DEFAULT_MAX_FRAGMENTS,
+    FragHeld, FragKey, FragSlot, FragValue, MAX_BINDINGS, NatConfig, PAIR_BUCKETS, POOL_MAX,
+    PoolAddr, PoolInfo, Traffic, XdpEgress, frag_held_slots,
     policy::{self, PolicyList, PolicyRule},
 };
 
@@ -18,11 +19,23 @@ pub static CT_FWD: HashMap<CtKey, CtValue> = HashMap::with_max_entries(DEFAULT_M
 
 /// Bindings by inside endpoint: which external port it has.
 #[map(name = "NAT_BIND")]
-pub static NAT_BIND: HashMap<BindKey, BindValue> = HashMap::with_max_entries(MAX_BINDINGS, 0);
+pub static NAT_BIND: HashMap<BindKey, BindExt> = HashMap::with_max_entries(MAX_BINDINGS, 0);
 
 /// Bindings by external endpoint: which inside endpoint owns the port.
 #[map(name = "NAT_BIND_REV")]
 pub static NAT_BIND_REV: HashMap<BindKey, BindValue> = HashMap::with_max_entries(MAX_BINDINGS, 0);
+
+/// The SNAT pool as a whole (one entry): written by the loader.
+#[map(name = "NAT_POOL")]
+pub static NAT_POOL: Array<PoolInfo> = Array::with_max_entries(1, 0);
+
+/// The pool's addresses, by slot: active or draining.
+#[map(name = "NAT_POOL_ADDRS")]
+pub static NAT_POOL_ADDRS: Array<PoolAddr> = Array::with_max_entries(POOL_MAX, 0);
+
+/// Paired pooling: the slot of each bucket of inside addresses.
+#[map(name = "NAT_PAIR")]
+pub static NAT_PAIR: Array<u32> = Array::with_max_entries(PAIR_BUCKETS, 0);
 
 /// Address-dependent filtering: remotes each external port has sent to.
 /// Not preallocated: only `--filtering address-dependent` fills it, so in

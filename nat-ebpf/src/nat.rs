@@ -26,7 +26,7 @@ use crate::{
         self, FRAG_OFFSET, Frame, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, IP_DADDR, IP_SADDR, Ipv4, L4,
         Stop,
     },
-    policy,
+    policy, pool,
     rewrite::Rewrite,
     stats::count,
     translog,
@@ -245,10 +245,11 @@ struct Side {
     wanted_icmp: u8,
     /// The drop reason for a packet of no protocol we translate.
     not_ours: u32,
-    /// Inbound: ICMP errors addressed here are ours to translate (else 0).
-    icmp_errors_for: u32,
-    /// Outbound: the SNAT address, for ICMP errors from inside (else 0).
-    icmp_errors_out_snat: u32,
+    /// Inbound: ICMP errors addressed to a pool address are ours to
+    /// translate.
+    icmp_errors_in: bool,
+    /// Outbound: ICMP errors from inside are ours to translate.
+    icmp_errors_out: bool,
 }
 
 /// Parses the packet and sorts out those that are not for translation
@@ -264,8 +265,8 @@ fn classify<D: Decide>(
         iif,
         wanted_icmp,
         not_ours,
-        icmp_errors_for,
-        icmp_errors_out_snat,
+        icmp_errors_in,
+        icmp_errors_out,
     } = *side;
     let ip = match parse::ipv4(f, pkt_len) {
         Ok(ip) => ip,
@@ -297,14 +298,13 @@ fn classify<D: Decide>(
     };
     if ip.proto == IPPROTO_ICMP && l4.icmp_type != wanted_icmp {
         if parse::icmp_is_error(l4.icmp_type) {
-            if icmp_errors_for != 0 && ip.daddr == icmp_errors_for {
+            if icmp_errors_in && pool::may_own(ip.daddr) {
                 return Err(D::icmp_error());
             }
-            // From inside: to a remote, or hairpinned to the SNAT address;
+            // From inside: to a remote, or hairpinned to a pool address;
             // an error for the gateway itself is the kernel's.
-            if icmp_errors_out_snat != 0
-                && (ip.daddr == icmp_errors_out_snat
-                    || !fib::is_local(ctx, iif, ip.saddr, ip.daddr))
+            if icmp_errors_out
+                && (pool::may_own(ip.daddr) || !fib::is_local(ctx, iif, ip.saddr, ip.daddr))
             {
                 return Err(D::icmp_error());
             }
@@ -342,19 +342,19 @@ pub fn outbound<D: DecideOut>(
         iif: cfg.int_ifindex,
         wanted_icmp: ICMP_ECHO_REQUEST,
         not_ours: stats::DROP_UNSUPPORTED,
-        icmp_errors_for: 0,
-        icmp_errors_out_snat: cfg.snat_addr,
+        icmp_errors_in: false,
+        icmp_errors_out: true,
     };
     let p = match classify::<D>(ctx, f, pkt_len, &side) {
         Ok(p) => p,
         Err(d) => return d,
     };
-    // To another inside host's mapping (hairpinning): ICMP to the SNAT
+    // To another inside host's mapping (hairpinning): ICMP to a pool
     // address is for the gateway itself (an echo has no destination port to
     // find a binding by), and so is a port nobody inside is bound to.
-    let hairpin = if p.ip.daddr == cfg.snat_addr
-        && p.ip.proto != IPPROTO_ICMP
-        && conntrack::is_bound(p.ip.proto, cfg.snat_addr, p.l4.dport)
+    let hairpin = if p.ip.proto != IPPROTO_ICMP
+        && pool::may_own(p.ip.daddr)
+        && conntrack::is_bound(p.ip.proto, p.ip.daddr, p.l4.dport)
     {
         match D::hairpin() {
             Ok(how) => Some(how),
@@ -436,7 +436,7 @@ pub fn outbound<D: DecideOut>(
                     if let Some(e) = bind_event {
                         count(stat_hook, e);
                         if e == stats::EV_NEW_BINDING && cfg.flags & CFG_F_TRANSLOG != 0 {
-                            let (ext_addr, ext_port) = unsafe { (*v).snat_addr_port() };
+                            let (ext_addr, ext_port) = conntrack::external(v);
                             translog::emit(
                                 translog::head(stat_hook, TRANSLOG_CREATED, key.proto),
                                 key.src_addr,
@@ -466,7 +466,11 @@ pub fn outbound<D: DecideOut>(
         return D::pass(stats::PASS_TTL_EXPIRED);
     }
     conntrack::touch(fwd, now, p.ip.proto, DIR_OUT, cfg);
-    let (snat_addr, snat_port) = unsafe { (*fwd).snat_addr_port() };
+    let (snat_addr, snat_port) = conntrack::external(fwd);
+    if snat_addr == 0 {
+        // A slot the loader emptied: nothing to translate to.
+        return D::drop(stats::DROP_NO_SNAT_ADDRESS);
+    }
     let rw = Rewrite {
         proto: p.ip.proto,
         addr_off: parse::ETH_HLEN + IP_SADDR,
@@ -516,8 +520,8 @@ pub fn inbound<D: Decide>(
         iif: cfg.ext_ifindex,
         wanted_icmp: ICMP_ECHO_REPLY,
         not_ours: stats::DROP_UNSOLICITED,
-        icmp_errors_for: cfg.snat_addr,
-        icmp_errors_out_snat: 0,
+        icmp_errors_in: true,
+        icmp_errors_out: false,
     };
     let p = match classify::<D>(ctx, f, pkt_len, &side) {
         Ok(p) => p,

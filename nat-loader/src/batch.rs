@@ -1,34 +1,26 @@
-//! Reading a whole BPF hash map in few syscalls: `BPF_MAP_LOOKUP_BATCH`
-//! hands over up to `batch` entries per call, where walking with
-//! `get_next_key` + `lookup` takes two syscalls per entry (a million
-//! sessions: two million syscalls). Kernels or maps without batch support
-//! (EINVAL, ENOTSUPP) get the per-entry walk.
+//! Batched reads and deletes of a BPF hash map (`BPF_MAP_LOOKUP_BATCH`,
+//! `BPF_MAP_DELETE_BATCH`, kernel >= 5.6), which aya 0.14 lacks: a few
+//! hundred syscalls for a million entries instead of two per entry. Keys
+//! and values are nat-common's `Pod` layouts, copied as the kernel lays
+//! them out.
 
 use std::{
     io,
-    mem::size_of,
-    os::fd::{AsRawFd, BorrowedFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
 };
 
-const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
-const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+use aya::maps::{IterableMap, MapData};
+use bytemuck::Pod;
+
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
-/// The kernel's ENOTSUPP (not the libc ENOTSUP): a map type without batch
-/// operations.
-const ENOTSUPP: i32 = 524;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 
-/// `bpf_attr` for the element commands.
-#[repr(C)]
-#[derive(Default)]
-struct ElemAttr {
-    map_fd: u32,
-    _pad: u32,
-    key: u64,
-    value_or_next_key: u64,
-    flags: u64,
-}
+/// Entries asked for per lookup call. A hash map answers a whole bucket at
+/// a time, so the chunk must hold the largest bucket (ENOSPC otherwise:
+/// the chunk grows and the call is repeated).
+const CHUNK: usize = 8192;
 
-/// `bpf_attr` for the batch commands.
+/// The `batch` member of `union bpf_attr`.
 #[repr(C)]
 #[derive(Default)]
 struct BatchAttr {
@@ -42,16 +34,15 @@ struct BatchAttr {
     flags: u64,
 }
 
-fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<()> {
-    // SAFETY: attr is a live, correctly laid out bpf_attr prefix of
-    // size_of::<T>() bytes; the pointers in it point at buffers that
-    // outlive the call and are as large as the kernel writes.
+fn bpf(cmd: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {
+    // SAFETY: attr is a live, correctly laid out bpf_attr prefix; the
+    // pointers in it point at buffers of the sizes its count says.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,
             cmd,
-            attr as *mut T as *mut u8,
-            size_of::<T>(),
+            attr as *mut BatchAttr,
+            size_of::<BatchAttr>(),
         )
     };
     if rc < 0 {
@@ -61,97 +52,131 @@ fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<()> {
     }
 }
 
-/// Every entry of the hash map `map` (keys `K`, values `V`, as the map was
-/// created with), `batch` entries per syscall. An entry added or deleted
-/// during the read may or may not be in the result; none is returned
-/// twice.
-pub fn read_all<K: bytemuck::Pod, V: bytemuck::Pod>(
-    map: BorrowedFd<'_>,
-    batch: u32,
-) -> io::Result<Vec<(K, V)>> {
-    match read_batched(map, batch.max(1)) {
-        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(ENOTSUPP)) => {
-            read_one_by_one(map)
-        }
-        r => r,
-    }
+fn fd_of<K: aya::Pod, V>(map: &impl IterableMap<K, V>) -> u32 {
+    let data: &MapData = map.map();
+    data.fd().as_fd().as_raw_fd() as u32
 }
 
-fn read_batched<K: bytemuck::Pod, V: bytemuck::Pod>(
-    map: BorrowedFd<'_>,
-    mut batch: u32,
-) -> io::Result<Vec<(K, V)>> {
+/// Every entry of hash map `map`, read in batches. Entries added or removed
+/// meanwhile may or may not be in it (as with a walk by key).
+pub fn entries<K, V, M>(map: &M) -> io::Result<Vec<(K, V)>>
+where
+    K: Pod + aya::Pod,
+    V: Pod,
+    M: IterableMap<K, V>,
+{
+    entries_of(map.map().fd().as_fd())
+}
+
+/// [`entries`] of the hash map behind `fd` (keys `K`, values `V`, as the
+/// map was created with): for maps opened from their pins read-only, which
+/// aya does not wrap (`nat-loader conntrack`).
+pub fn entries_of<K: Pod, V: Pod>(fd: BorrowedFd<'_>) -> io::Result<Vec<(K, V)>> {
+    let fd = fd.as_raw_fd() as u32;
     let mut out = Vec::new();
-    // The position token: a bucket index for hash maps, a key for arrays.
-    let token_len = size_of::<K>().max(8);
-    let mut token_in = vec![0u8; token_len];
-    let mut token_out = vec![0u8; token_len];
+    let mut chunk = CHUNK;
+    let mut keys: Vec<K> = vec![K::zeroed(); chunk];
+    let mut values: Vec<V> = vec![V::zeroed(); chunk];
+    // The bucket cursor of a hash map is a u32.
+    let mut cursor: u32 = 0;
     let mut first = true;
     loop {
-        let mut keys = vec![K::zeroed(); batch as usize];
-        let mut values = vec![V::zeroed(); batch as usize];
+        let mut next: u32 = 0;
         let mut attr = BatchAttr {
-            in_batch: if first { 0 } else { token_in.as_ptr() as u64 },
-            out_batch: token_out.as_mut_ptr() as u64,
+            in_batch: if first {
+                0
+            } else {
+                &cursor as *const u32 as u64
+            },
+            out_batch: &mut next as *mut u32 as u64,
             keys: keys.as_mut_ptr() as u64,
             values: values.as_mut_ptr() as u64,
-            count: batch,
-            map_fd: map.as_raw_fd() as u32,
+            count: chunk as u32,
+            map_fd: fd,
             ..Default::default()
         };
         let r = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
-        let got = (attr.count as usize).min(keys.len());
+        let n = attr.count as usize;
+        out.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
         match r {
             Ok(()) => {}
-            // The end of the map; the last entries came with it.
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                out.extend(keys.into_iter().zip(values).take(got));
-                return Ok(out);
-            }
-            // One bucket holds more entries than a batch: a bigger one.
-            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && got == 0 => {
-                batch = batch.saturating_mul(2);
+            // The end of the map (the last entries, if any, came with it).
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
+            // A bucket larger than the chunk: grow it and ask again.
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && n == 0 => {
+                chunk *= 2;
+                keys.resize(chunk, K::zeroed());
+                values.resize(chunk, V::zeroed());
                 continue;
             }
             Err(e) => return Err(e),
         }
-        out.extend(keys.into_iter().zip(values).take(got));
-        std::mem::swap(&mut token_in, &mut token_out);
+        cursor = next;
         first = false;
     }
 }
 
-fn read_one_by_one<K: bytemuck::Pod, V: bytemuck::Pod>(
-    map: BorrowedFd<'_>,
-) -> io::Result<Vec<(K, V)>> {
-    let mut out = Vec::new();
-    let mut key: Option<K> = None;
-    loop {
-        let mut next = K::zeroed();
-        let mut attr = ElemAttr {
-            map_fd: map.as_raw_fd() as u32,
-            key: key.as_ref().map_or(0, |k| k as *const K as u64),
-            value_or_next_key: &mut next as *mut K as u64,
+/// Deletes `keys` from hash map `map` in batches; keys already gone are
+/// skipped. Returns how many it deleted.
+pub fn delete<K, V, M>(map: &M, keys: &[K]) -> io::Result<usize>
+where
+    K: Pod + aya::Pod,
+    M: IterableMap<K, V>,
+{
+    let fd = fd_of(map);
+    let mut done = 0;
+    let mut deleted = 0;
+    while done < keys.len() {
+        let rest = &keys[done..];
+        let mut attr = BatchAttr {
+            keys: rest.as_ptr() as u64,
+            count: rest.len().min(u32::MAX as usize) as u32,
+            map_fd: fd,
             ..Default::default()
         };
-        match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
+        let r = bpf(BPF_MAP_DELETE_BATCH, &mut attr);
+        let n = attr.count as usize;
+        done += n;
+        deleted += n;
+        match r {
             Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
+            // Stopped at a key that is gone (the dataplane or another
+            // sweeper removed it): skip it.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => done += 1,
             Err(e) => return Err(e),
         }
-        let mut value = V::zeroed();
-        let mut attr = ElemAttr {
-            map_fd: map.as_raw_fd() as u32,
-            key: &next as *const K as u64,
-            value_or_next_key: &mut value as *mut V as u64,
+    }
+    Ok(deleted)
+}
+
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+
+/// Inserts or replaces `entries` in hash map `map` in batches.
+pub fn update<K, V, M>(map: &M, entries: &[(K, V)]) -> io::Result<()>
+where
+    K: Pod + aya::Pod,
+    V: Pod,
+    M: IterableMap<K, V>,
+{
+    let fd = fd_of(map);
+    for chunk in entries.chunks(CHUNK) {
+        let keys: Vec<K> = chunk.iter().map(|(k, _)| *k).collect();
+        let values: Vec<V> = chunk.iter().map(|(_, v)| *v).collect();
+        let mut attr = BatchAttr {
+            keys: keys.as_ptr() as u64,
+            values: values.as_ptr() as u64,
+            count: keys.len() as u32,
+            map_fd: fd,
             ..Default::default()
         };
-        match bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
-            Ok(()) => out.push((next, value)),
-            // Deleted between the two calls.
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-            Err(e) => return Err(e),
+        bpf(BPF_MAP_UPDATE_BATCH, &mut attr)?;
+        if attr.count as usize != keys.len() {
+            return Err(io::Error::other(format!(
+                "batch update stopped after {} of {} entries",
+                attr.count,
+                keys.len()
+            )));
         }
-        key = Some(next);
     }
+    Ok(())
 }

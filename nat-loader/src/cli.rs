@@ -15,7 +15,7 @@ use nat_loader::{dataplane::XdpAttach, events, pins, routing};
 use nat_common::policy::Verdict;
 
 use crate::values::{
-    Filtering, MssClamp, PortRange, RouteTable, ScheduledEvents,
+    Filtering, MssClamp, PortRange, RouteTable, ScheduledEvents, SnatPool,
     policy::{PolicyDefault, RuleSpec as PolicyRuleSpec},
 };
 
@@ -55,6 +55,13 @@ pub enum Command {
         #[arg(long, value_name = "DIR", default_value = pins::DEFAULT_DIR)]
         bpffs_dir: PathBuf,
     },
+    /// Tell whether a loader with these flags (or `--config FILE`) could
+    /// adopt the dataplane pinned in --bpffs-dir, keeping its flows: exit
+    /// status 0 if it could (or nothing is pinned), 1 with the reason if
+    /// not (another layout version of the maps, another --max-flows...).
+    /// Changes nothing. Packaging restarts the service instead of handing
+    /// over when a new build cannot adopt.
+    CheckAdoption(Box<GatewayArgs>),
     /// The egress policy: reload the running gateway's, or try one.
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -230,9 +237,14 @@ pub struct GatewayArgs {
     /// /sys/fs/bpf if needed. One directory per gateway.
     #[arg(long, value_name = "DIR", default_value = pins::DEFAULT_DIR)]
     pub bpffs_dir: PathBuf,
-    /// Source address of translated traffic [default: the primary IPv4 address of --ext].
-    #[arg(long, value_name = "IPV4")]
-    pub snat_ip: Option<Ipv4Addr>,
+    /// The SNAT address pool: source addresses of translated traffic, a
+    /// comma-separated list of addresses, ranges A-B and prefixes A/N (up
+    /// to 64 addresses), or `auto` for every IPv4 address on --ext,
+    /// followed while the gateway runs. Each inside host gets one of them
+    /// for all its flows (paired pooling) [default: the primary IPv4
+    /// address of --ext, followed].
+    #[arg(long, value_name = "LIST")]
+    pub snat_ip: Option<SnatPool>,
     /// External ports (and ICMP identifiers) to translate inside ports >= 1024 to, inclusive.
     #[arg(long, value_name = "MIN-MAX", default_value_t = PortRange::DEFAULT)]
     pub port_range: PortRange,
@@ -258,7 +270,9 @@ pub struct GatewayArgs {
     /// MTU than the hosts' own (0: off).
     #[arg(long, value_name = "BYTES", default_value_t = MssClamp::OFF)]
     pub mss_clamp: MssClamp,
-    /// Conntrack table size, in flows.
+    /// Conntrack table size, in flows (preallocated; up to 16777216). The
+    /// loader logs the memory it takes and refuses more than 90% of
+    /// MemAvailable.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_FLOWS)]
     pub max_flows: u32,
     /// Fragment budget: how many fragmented datagrams from --ext are
@@ -449,6 +463,10 @@ impl Cli {
     ) -> Result<(Cli, Given), clap::Error> {
         let matches = Cli::command().try_get_matches_from(argv)?;
         let cli = Cli::from_arg_matches(&matches)?;
+        // A subcommand that takes the gateway's flags: what was given to it.
+        let matches = matches
+            .subcommand_matches("check-adoption")
+            .unwrap_or(&matches);
         let given = matches
             .ids()
             .filter(|id| matches.value_source(id.as_str()) == Some(ValueSource::CommandLine))

@@ -30,7 +30,7 @@ use serde::{Deserialize, Deserializer, de};
 use crate::{
     cli::{self, FilteringArg, GatewayArgs, Given, XdpModeArg},
     values::{
-        self, Filtering, MssClamp, PortRange, RouteTable, ScheduledEvents,
+        self, Filtering, MssClamp, PortRange, RouteTable, ScheduledEvents, SnatPool,
         policy::{PolicyDefault, RuleSpec},
     },
 };
@@ -43,8 +43,8 @@ pub struct Config {
     pub ext: String,
     pub int: String,
     pub bpffs_dir: PathBuf,
-    /// `None`: the primary IPv4 address of `ext`.
-    pub snat_ip: Option<Ipv4Addr>,
+    /// `None`: the primary IPv4 address of `ext`, followed.
+    pub snat_ip: Option<SnatPool>,
     pub ports: PortRange,
     pub low_ports: PortRange,
     pub filtering: Filtering,
@@ -156,6 +156,13 @@ impl TryFrom<GatewayArgs> for Config {
         if a.max_flows == 0 {
             bail!("--max-flows: the conntrack table needs room for at least one flow");
         }
+        if a.max_flows > nat_loader::tables::MAX_FLOWS_LIMIT {
+            bail!(
+                "--max-flows {} is above the largest table, {} flows",
+                a.max_flows,
+                nat_loader::tables::MAX_FLOWS_LIMIT
+            );
+        }
         if a.max_fragments == 0 {
             bail!(
                 "--max-fragments: the fragment tracking table needs room for at least one datagram"
@@ -266,7 +273,7 @@ pub struct File {
     ext: Option<String>,
     int: Option<String>,
     bpffs_dir: Option<PathBuf>,
-    snat_ip: Option<Ipv4Addr>,
+    snat_ip: Option<SnatPool>,
     port_range: Option<PortRange>,
     low_port_range: Option<PortRange>,
     #[serde(default, deserialize_with = "word")]
@@ -887,7 +894,7 @@ mod tests {
             ext: "a".into(),
             int: "b".into(),
             bpffs_dir: "/sys/fs/bpf/x".into(),
-            snat_ip: Some(Ipv4Addr::new(192, 0, 2, 9)),
+            snat_ip: Some(SnatPool::Addrs(vec![Ipv4Addr::new(192, 0, 2, 9)])),
             ports: PortRange {
                 min: 2000,
                 max: 2999,

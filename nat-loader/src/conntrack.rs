@@ -3,8 +3,9 @@
 //! ones ([`crate::pressure`] decides which).
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap as StdHashMap, HashSet},
     fmt,
+    hash::{BuildHasher, Hasher},
     net::{Ipv4Addr, SocketAddrV4},
     time::Duration,
 };
@@ -12,7 +13,8 @@ use std::{
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, MapData, PerCpuArray};
 use nat_common::{
-    BIND_F_RELEASED, BindKey, BindValue, CtKey, CtValue,
+    BIND_F_RELEASED, BindExt, BindKey, BindValue, CtKey, CtValue, IPPROTO_ICMP, IPPROTO_TCP,
+    IPPROTO_UDP, POOL_DRAINING, PoolAddr,
     binding::{self, Fate},
     stats,
     timeouts::Timeouts,
@@ -20,6 +22,7 @@ use nat_common::{
 use tracing::{info, warn};
 
 use crate::{
+    batch,
     dataplane::CtMaps,
     pressure::{self, Limits, Standing},
     stats::Stats,
@@ -53,17 +56,18 @@ fn sock(raw_addr: u32, raw_port: u16) -> SocketAddrV4 {
 }
 
 impl Flow {
-    pub fn from_entry(key: &CtKey, v: &CtValue, now_ns: u64) -> Flow {
-        let (ext_addr, ext_port) = v.snat_addr_port();
+    /// The flow of session `(key, v)`, its external address taken from
+    /// the pool's slots.
+    pub fn from_entry(key: &CtKey, v: &CtValue, pool: &[PoolAddr], now_ns: u64) -> Flow {
         Flow {
             proto: key.proto,
             inside: sock(key.src_addr, key.src_port),
-            external: sock(ext_addr, ext_port),
+            external: sock(slot_addr(pool, v.pool()), v.ext_port),
             remote: sock(key.dst_addr, key.dst_port),
             tcp_state: v.tcp_bits(),
             inbound: v.inbound(),
             replied: v.replied(),
-            idle: Duration::from_nanos(now_ns.saturating_sub(v.last_seen())),
+            idle: Duration::from_nanos(v.idle_ns(now_ns)),
         }
     }
 
@@ -75,6 +79,11 @@ impl Flow {
     pub fn state(&self) -> &'static str {
         state(self.proto, self.tcp_state, self.replied)
     }
+}
+
+/// The address (network order) of pool slot `slot` (0 if none).
+fn slot_addr(pool: &[PoolAddr], slot: u32) -> u32 {
+    pool.get(slot as usize).map(|a| a.addr).unwrap_or(0)
 }
 
 impl fmt::Display for Flow {
@@ -93,12 +102,13 @@ impl fmt::Display for Flow {
     }
 }
 
-/// Every flow in the forward table.
-pub fn flows(fwd: &CtMap, now_ns: u64) -> Vec<Flow> {
-    fwd.iter()
-        .filter_map(|r| r.ok())
-        .map(|(k, v)| Flow::from_entry(&k, &v, now_ns))
-        .collect()
+/// Every flow in the forward table (`pool`: the pool's slots).
+pub fn flows(fwd: &CtMap, pool: &[PoolAddr], now_ns: u64) -> Result<Vec<Flow>> {
+    Ok(batch::entries(fwd)
+        .context("reading the sessions")?
+        .iter()
+        .map(|(k, v)| Flow::from_entry(k, v, pool, now_ns))
+        .collect())
 }
 
 /// What a sweep did.
@@ -129,7 +139,62 @@ pub struct Sweep {
     /// Bindings released (held) and freed by this pass, for the
     /// translation log.
     pub binding_changes: Vec<crate::summary::SweepRecord>,
+    /// Bindings per pool address.
+    pub per_address: Vec<AddressUse>,
+    /// Draining addresses that had no binding left: their slots are free.
+    pub drained: Vec<Ipv4Addr>,
 }
+
+/// A hasher for the sweeper's sets of map keys (a million entries at
+/// 1 M sessions): std's SipHash costs more than the kernel's batch read.
+/// Multiply-rotate over the key's words, seeded at random per sweep so
+/// that flows chosen from outside cannot be made to collide on purpose.
+#[derive(Clone, Copy)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0 ^ (self.0 >> 29)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for c in bytes.chunks(8) {
+            let mut w = [0u8; 8];
+            w[..c.len()].copy_from_slice(c);
+            self.write_u64(u64::from_ne_bytes(w));
+        }
+    }
+    fn write_u8(&mut self, n: u8) {
+        self.write_u64(n as u64)
+    }
+    fn write_u16(&mut self, n: u16) {
+        self.write_u64(n as u64)
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.write_u64(n as u64)
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(23) ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+/// Builds [`KeyHasher`]s from one random seed.
+#[derive(Clone, Copy)]
+struct KeyHash(u64);
+
+impl KeyHash {
+    fn new() -> KeyHash {
+        KeyHash(std::collections::hash_map::RandomState::new().hash_one(0u64))
+    }
+}
+
+impl BuildHasher for KeyHash {
+    type Hasher = KeyHasher;
+    fn build_hasher(&self) -> KeyHasher {
+        KeyHasher(self.0)
+    }
+}
+
+type KeySet<K> = HashSet<K, KeyHash>;
 
 /// Removes idle sessions and, under pressure (`refused`: new flows were
 /// dropped for a full table since the last pass, or the table is above
@@ -140,10 +205,10 @@ pub struct Sweep {
 /// pass: the hold keeps a port someone outside may still be talking to
 /// from going to another host, and nobody outside ever talked to these.
 /// Drops address-filter entries of remotes no session talks to any more.
-/// Keys are collected first: deleting while walking a BPF hash map
-/// restarts the walk.
+/// Maps are read and sessions deleted in batches ([`crate::batch`]).
 pub fn sweep(
     m: &mut CtMaps,
+    pool: &[PoolAddr],
     t: &Timeouts,
     hold_ns: u64,
     limits: &Limits,
@@ -151,24 +216,32 @@ pub fn sweep(
     now_ns: u64,
 ) -> Result<Sweep> {
     let mut out = Sweep::default();
-    let mut live_ports: HashSet<BindKey> = HashSet::new();
-    let mut live_remotes: HashSet<CtKey> = HashSet::new();
+    let hash = KeyHash::new();
+    let mut live_ports: KeySet<BindKey> = KeySet::with_hasher(hash);
+    let mut live_remotes: KeySet<CtKey> = KeySet::with_hasher(hash);
     // Bindings that lost a session somebody outside answered: those keep
     // the hold.
-    let mut answered_ports: HashSet<BindKey> = HashSet::new();
-    let port_of = |v: &CtValue| BindKey::new(v.peer.proto, v.peer.dst_addr, v.peer.dst_port);
+    let mut answered_ports: KeySet<BindKey> = KeySet::with_hasher(hash);
+    let port_of =
+        |k: &CtKey, v: &CtValue| BindKey::new(k.proto, slot_addr(pool, v.pool()), v.ext_port);
     // Walked before the sessions: the dataplane adds a remote's filter
     // entry after its session, so every entry seen here has its session in
     // the walk below, and one added later is left for the next pass.
-    let remotes: Vec<CtKey> = m.adf.keys().filter_map(|r| r.ok()).collect();
-    let sessions: Vec<(CtKey, CtValue)> = m.sessions.iter().filter_map(|r| r.ok()).collect();
+    let remotes: Vec<CtKey> = batch::entries(&m.adf)
+        .context("reading the address filter")?
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    let sessions: Vec<(CtKey, CtValue)> =
+        batch::entries(&m.sessions).context("reading the sessions")?;
     let mut alive = Vec::with_capacity(sessions.len());
+    let mut gone: Vec<CtKey> = Vec::new();
     for (k, v) in sessions {
-        if t.expired(k.proto, v.tcp_state, v.last_seen_ns, now_ns) {
-            let _ = m.sessions.remove(&k);
+        if t.expired_tick(k.proto, v.tcp_state, v.last_seen, now_ns) {
+            gone.push(k);
             out.expired += 1;
             if pressure::standing(k.proto, &v) != Standing::Unanswered {
-                answered_ports.insert(port_of(&v));
+                answered_ports.insert(port_of(&k, &v));
             }
         } else {
             alive.push((k, v));
@@ -178,11 +251,11 @@ pub fn sweep(
     let victims = pressure::victims(&alive, limits, now_ns, out.pressed);
     let mut evicted = vec![false; alive.len()];
     for &i in &victims {
-        let (k, _) = &alive[i];
-        // Gone already (another sweeper of an adopted table) is fine.
-        let _ = m.sessions.remove(k);
+        gone.push(alive[i].0);
         evicted[i] = true;
     }
+    // Gone already (another sweeper of an adopted table) is fine.
+    batch::delete(&m.sessions, &gone).context("deleting sessions")?;
     out.evicted = victims.len();
     for ((k, v), gone) in alive.iter().zip(evicted) {
         if gone {
@@ -193,11 +266,17 @@ pub fn sweep(
         if pressure::standing(k.proto, v) != Standing::Kept {
             out.unanswered += 1;
         }
-        let p = &v.peer;
-        live_ports.insert(port_of(v));
-        live_remotes.insert(CtKey::new(p.proto, p.src_addr, 0, p.dst_addr, p.dst_port));
+        let ext = port_of(k, v);
+        live_ports.insert(ext);
+        if !remotes.is_empty() {
+            live_remotes.insert(CtKey::new(k.proto, k.dst_addr, 0, ext.addr, ext.port));
+        }
     }
-    let bindings: Vec<(BindKey, BindValue)> = m.bind_rev.iter().filter_map(|r| r.ok()).collect();
+    let bindings: Vec<(BindKey, BindValue)> =
+        batch::entries(&m.bind_rev).context("reading the bindings")?;
+    let mut freed: Vec<BindKey> = Vec::new();
+    // Bindings to write back (restored or released), in one batch.
+    let mut changed: Vec<(BindKey, BindValue)> = Vec::new();
     for (ek, v) in &bindings {
         let in_use = live_ports.contains(ek);
         match binding::fate(v, in_use, answered_ports.contains(ek), now_ns, hold_ns) {
@@ -205,13 +284,11 @@ pub fn sweep(
             // Taken back by a session (an inbound-opened one, or one
             // created just as the last pass released the binding).
             Fate::Restore => {
-                let _ = m.bind_rev.insert(ek, binding::claimed(v, now_ns), 0);
+                changed.push((*ek, binding::claimed(v, now_ns)));
                 out.summary.binding(ek, false);
             }
             Fate::Release { no_hold } => {
-                let _ = m
-                    .bind_rev
-                    .insert(ek, binding::released(v, no_hold, now_ns), 0);
+                changed.push((*ek, binding::released(v, no_hold, now_ns)));
                 out.released += 1;
                 out.released_unanswered += no_hold as usize;
                 out.summary.binding(ek, true);
@@ -231,37 +308,115 @@ pub fn sweep(
                     continue;
                 }
                 let ik = BindKey::new(ek.proto, v.addr, v.port);
-                if m.bind.get(&ik, 0).is_ok_and(|b| b.port == ek.port) {
+                if m.bind
+                    .get(&ik, 0)
+                    .is_ok_and(|b| b.port == ek.port && slot_addr(pool, b.pool as u32) == ek.addr)
+                {
                     let _ = m.bind.remove(&ik);
                 }
-                let _ = m.bind_rev.remove(ek);
+                freed.push(*ek);
                 out.freed += 1;
                 out.binding_changes
                     .push((crate::summary::Change::Freed, *ek, *v));
             }
         }
     }
+    batch::update(&m.bind_rev, &changed).context("releasing bindings")?;
+    batch::delete(&m.bind_rev, &freed).context("freeing bindings")?;
     // Inside halves whose external half is gone (an insert race lost, or
-    // freed above).
-    let inside: Vec<(BindKey, BindValue)> = m.bind.iter().filter_map(|r| r.ok()).collect();
+    // freed above). Judged on the external halves read above: one the
+    // dataplane added since is read again before its inside half goes
+    // (it adds the external half first).
+    let mut owners: StdHashMap<BindKey, (u32, u16), KeyHash> =
+        StdHashMap::with_capacity_and_hasher(bindings.len(), hash);
+    owners.extend(bindings.iter().map(|(ek, v)| (*ek, (v.addr, v.port))));
+    let mut freed_set: KeySet<BindKey> = KeySet::with_hasher(hash);
+    freed_set.extend(freed);
+    let freed = freed_set;
+    let inside: Vec<(BindKey, BindExt)> =
+        batch::entries(&m.bind).context("reading the bindings' inside halves")?;
+    let mut orphans: Vec<BindKey> = Vec::new();
     for (ik, v) in &inside {
-        let ek = BindKey::new(ik.proto, v.addr, v.port);
-        let owned = m
+        let ek = BindKey::new(ik.proto, slot_addr(pool, v.pool as u32), v.port);
+        let owned = !freed.contains(&ek)
+            && owners
+                .get(&ek)
+                .is_some_and(|&(a, p)| a == ik.addr && p == ik.port);
+        if owned {
+            continue;
+        }
+        let owned_now = m
             .bind_rev
             .get(&ek, 0)
             .is_ok_and(|r| r.addr == ik.addr && r.port == ik.port);
-        if !owned {
-            let _ = m.bind.remove(ik);
-            out.orphans += 1;
+        if !owned_now {
+            orphans.push(*ik);
         }
     }
-    for k in &remotes {
-        if !live_remotes.contains(k) {
-            let _ = m.adf.remove(k);
-            out.orphans += 1;
-        }
+    out.orphans += batch::delete(&m.bind, &orphans).context("deleting orphan bindings")?;
+    let stale: Vec<CtKey> = remotes
+        .into_iter()
+        .filter(|k| !live_remotes.contains(k))
+        .collect();
+    out.orphans += batch::delete(&m.adf, &stale).context("deleting filter entries")?;
+    let left: Vec<(BindKey, BindValue)> = bindings
+        .into_iter()
+        .filter(|(ek, _)| !freed.contains(ek))
+        .collect();
+    out.per_address = per_address(pool, &left);
+    // A draining address without bindings has no flow left (a session
+    // keeps its binding, and no new one goes to a draining address): its
+    // slot is free for another address.
+    for (slot, u) in pool.iter().zip(0u32..).filter_map(|(a, i)| {
+        let u = out.per_address.iter().find(|u| u.addr == a.ip())?;
+        (a.state == POOL_DRAINING && u.bindings == [0; 3]).then_some((i, u.addr))
+    }) {
+        m.pool
+            .set(slot, PoolAddr::default(), 0)
+            .with_context(|| format!("freeing pool slot {slot}"))?;
+        info!(slot, address = %u, "the SNAT address has drained: no flow uses it any more");
+        out.drained.push(u);
     }
     Ok(out)
+}
+
+/// Bindings per pool address and protocol: (address, state, [tcp, udp,
+/// icmp]) for every used slot.
+pub fn per_address(pool: &[PoolAddr], bindings: &[(BindKey, BindValue)]) -> Vec<AddressUse> {
+    let mut out: Vec<AddressUse> = pool
+        .iter()
+        .filter(|a| a.state != nat_common::POOL_FREE)
+        .map(|a| AddressUse {
+            addr: a.ip(),
+            state: a.state,
+            bindings: [0; 3],
+        })
+        .collect();
+    for (ek, _) in bindings {
+        let Some(u) = out
+            .iter_mut()
+            .find(|u| u.addr.octets() == ek.addr.to_ne_bytes())
+        else {
+            continue;
+        };
+        match ek.proto {
+            IPPROTO_TCP => u.bindings[0] += 1,
+            IPPROTO_UDP => u.bindings[1] += 1,
+            IPPROTO_ICMP => u.bindings[2] += 1,
+            _ => {}
+        }
+    }
+    out
+}
+
+/// How many bindings (external ports in use or held) one pool address has.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AddressUse {
+    pub addr: Ipv4Addr,
+    /// `POOL_ACTIVE` or `POOL_DRAINING`.
+    pub state: u32,
+    /// TCP, UDP, ICMP.
+    pub bindings: [usize; 3],
 }
 
 /// Drops that evicting unanswered sessions can cure: a full session or
@@ -349,8 +504,10 @@ impl Sweeper {
         // counters are from before).
         let refused = self.refusals.is_some_and(|before| total > before);
         self.refusals = Some(total);
+        let pool = m.pool_slots()?;
         let s = sweep(
             m,
+            &pool,
             &self.timeouts,
             self.hold_ns,
             &self.limits,
@@ -419,9 +576,9 @@ impl Sweeper {
     }
 }
 
-/// The sweeper on a thread of its own. A pass walks every session and
-/// binding through syscalls, about a second at 262 144 sessions and more
-/// at a million; on the runtime's one thread it would hold up the health
+/// The sweeper on a thread of its own. A pass reads every session and
+/// binding (in batches: about a third of a second of CPU at a million
+/// sessions); on the runtime's one thread it would hold up the health
 /// checks, the `/healthz` answers and signal handling for that long.
 pub struct SweeperThread {
     stop: std::sync::mpsc::Sender<()>,

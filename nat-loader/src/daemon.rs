@@ -60,7 +60,7 @@ pub async fn run(config: Config, reload: Reload) -> Result<ExitCode> {
     };
     let mut gw = Gateway::new(config, handle, attached, services, reload).await;
     info!(
-        ext = %host.ext.name, int = %host.int.name, snat = %host.snat,
+        ext = %host.ext.name, int = %host.int.name, snat = ?host.pool,
         ports = %gw.config.ports, low_ports = %gw.config.low_ports,
         filtering = ?gw.config.filtering, max_flows = gw.config.max_flows,
         adopted = gw.attached.dp.adopted, build = %build,

@@ -19,10 +19,10 @@ use aya::{
     },
 };
 use nat_common::{
-    BindKey, BindValue, CtKey, CtValue, DEFAULT_MAX_FRAGMENTS, GLOBAL_CONFIG, MAP_ADF, MAP_BIND,
-    MAP_BIND_REV, MAP_CT_FWD, MAP_FRAG_HELD, MAP_FRAG_TRACK, MAP_STATS, MAP_TAILS, MAP_XDP_EGRESS,
-    NatConfig, PINNED_MAPS, PROG_TC_EXT, PROG_TC_INT, PROG_XDP_EXT, PROG_XDP_INT, TAIL_PROGRAMS,
-    XdpEgress, frag_held_slots,
+    BindExt, BindKey, BindValue, CtKey, CtValue, DEFAULT_MAX_FRAGMENTS, GLOBAL_CONFIG, MAP_ADF,
+    MAP_BIND, MAP_BIND_REV, MAP_CT_FWD, MAP_FRAG_HELD, MAP_FRAG_TRACK, MAP_STATS, MAP_TAILS,
+    MAP_XDP_EGRESS, NatConfig, PINNED_MAPS, PROG_TC_EXT, PROG_TC_INT, PROG_XDP_EXT, PROG_XDP_INT,
+    TAIL_PROGRAMS, XdpEgress, frag_held_slots,
     stats::{HOOK_XDP_EXT, HOOK_XDP_INT},
 };
 use tracing::{info, warn};
@@ -31,6 +31,7 @@ use crate::{
     ebpf_object,
     pins::{self, LINK_TCX_EXT, LINK_TCX_INT, LINK_XDP_EXT, LINK_XDP_INT, PinDir},
     policy::PolicyMaps,
+    pool::PoolMaps,
     program, refused, take_map,
 };
 
@@ -52,6 +53,9 @@ pub struct Settings {
     pub int: String,
     /// What the programs read: NICs, SNAT address, ports, filtering...
     pub nat: NatConfig,
+    /// The SNAT pool's active addresses (those of an adopted pool that
+    /// are not among them drain).
+    pub pool: Vec<std::net::Ipv4Addr>,
     pub max_flows: u32,
     /// Fragmented datagrams tracked at once (`FRAG_TRACK` size).
     pub max_fragments: u32,
@@ -67,11 +71,41 @@ pub struct Settings {
     pub inside_nets: Vec<(std::net::Ipv4Addr, u8)>,
 }
 
-/// Loads the object with `cfg` patched into its config global and the
-/// conntrack maps sized for `max_flows` sessions, and runs every program
-/// through the verifier. Attaches nothing.
+/// Loads the object with `cfg` patched into its config global, the
+/// conntrack maps sized for `max_flows` sessions and a pool of one
+/// address, `cfg`'s SNAT address, and runs every program through the
+/// verifier. Attaches nothing.
 pub fn load(cfg: &NatConfig, max_flows: u32) -> Result<Ebpf> {
-    load_with_pins(cfg, max_flows, DEFAULT_MAX_FRAGMENTS, None)
+    let mut ebpf = load_with_pins(cfg, max_flows, DEFAULT_MAX_FRAGMENTS, None)?;
+    set_pool(&mut ebpf, &[cfg.snat()])?;
+    Ok(ebpf)
+}
+
+/// Makes `addrs` the active addresses of a loaded object's pool (its maps
+/// stay in the object).
+pub fn set_pool(ebpf: &mut Ebpf, addrs: &[std::net::Ipv4Addr]) -> Result<()> {
+    use nat_common::{MAP_POOL, MAP_POOL_ADDRS, MAP_POOL_PAIR, POOL_MAX, PoolAddr, PoolInfo};
+    fn array<'a, V: aya::Pod>(ebpf: &'a mut Ebpf, name: &str) -> Result<Array<&'a mut MapData, V>> {
+        let map = ebpf
+            .map_mut(name)
+            .with_context(|| format!("map {name} missing from the eBPF object"))?;
+        Array::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+    }
+    let mut slots = array::<PoolAddr>(ebpf, MAP_POOL_ADDRS)?;
+    let before: Vec<PoolAddr> = (0..POOL_MAX)
+        .map(|i| slots.get(&i, 0))
+        .collect::<Result<_, _>>()?;
+    let after = crate::pool::plan(&before, addrs)?;
+    for (i, v) in after.iter().enumerate() {
+        slots.set(i as u32, *v, 0)?;
+    }
+    let mut pair = array::<u32>(ebpf, MAP_POOL_PAIR)?;
+    for (b, slot) in crate::pool::pairing(&after).into_iter().enumerate() {
+        pair.set(b as u32, slot, 0)?;
+    }
+    let mut info = array::<PoolInfo>(ebpf, MAP_POOL)?;
+    info.set(0, crate::pool::info(&after, 1), 0)?;
+    Ok(())
 }
 
 /// [`load`], with the maps taken from (or created and pinned in) `pins`:
@@ -93,7 +127,7 @@ pub fn load_with_pins(
     }
     let mut loader = EbpfLoader::new();
     loader.override_global(GLOBAL_CONFIG, cfg, true);
-    for (name, entries) in pins::map_sizes(max_flows) {
+    for (name, entries) in pins::map_sizes(max_flows, cfg.filtering) {
         loader.map_max_entries(name, entries);
     }
     loader.map_max_entries(MAP_FRAG_TRACK, max_fragments);
@@ -167,6 +201,7 @@ pub struct Dataplane {
     /// Whether the maps were pinned by an earlier loader.
     pub adopted: bool,
     pub maps: CtMaps,
+    pub pool: PoolMaps,
     pub stats: PerCpuArray<MapData, u64>,
     /// How each XDP program forwards, with its id (`XDP_EGRESS`).
     xdp_egress: Array<MapData, XdpEgress>,
@@ -179,9 +214,11 @@ pub struct Dataplane {
 /// The conntrack maps, as the control plane owns them.
 pub struct CtMaps {
     pub sessions: HashMap<MapData, CtKey, CtValue>,
-    pub bind: HashMap<MapData, BindKey, BindValue>,
+    pub bind: HashMap<MapData, BindKey, BindExt>,
     pub bind_rev: HashMap<MapData, BindKey, BindValue>,
     pub adf: HashMap<MapData, CtKey, u8>,
+    /// The pool's slots: sessions and bindings name their address by slot.
+    pub pool: Array<MapData, nat_common::PoolAddr>,
 }
 
 impl CtMaps {
@@ -192,6 +229,7 @@ impl CtMaps {
             bind: pinned_map(pins, MAP_BIND)?,
             bind_rev: pinned_map(pins, MAP_BIND_REV)?,
             adf: pinned_map(pins, MAP_ADF)?,
+            pool: pinned_map(pins, nat_common::MAP_POOL_ADDRS)?,
         })
     }
 
@@ -202,7 +240,19 @@ impl CtMaps {
             bind: take_map(ebpf, MAP_BIND)?,
             bind_rev: take_map(ebpf, MAP_BIND_REV)?,
             adf: take_map(ebpf, MAP_ADF)?,
+            pool: take_map(ebpf, nat_common::MAP_POOL_ADDRS)?,
         })
+    }
+
+    /// The pool's slots, as the dataplane sees them now.
+    pub fn pool_slots(&self) -> Result<Vec<nat_common::PoolAddr>> {
+        (0..nat_common::POOL_MAX)
+            .map(|i| {
+                self.pool
+                    .get(&i, 0)
+                    .with_context(|| format!("reading {}[{i}]", nat_common::MAP_POOL_ADDRS))
+            })
+            .collect()
     }
 }
 
@@ -213,7 +263,7 @@ impl Dataplane {
     /// created so far is removed; when adopting, the pinned dataplane is
     /// left forwarding.
     pub fn start(s: &Settings, pins: &PinDir) -> Result<Dataplane> {
-        let adopted = pins.check_maps(s.max_flows)?;
+        let adopted = pins.check_maps(s.max_flows, s.nat.filtering)?;
         let result = Self::start_inner(s, pins, adopted);
         if result.is_err() && !adopted {
             // Nothing of an earlier dataplane existed: undo it all.
@@ -233,6 +283,14 @@ impl Dataplane {
             loaded_id(&ebpf, PROG_XDP_EXT)?,
         ];
         let mut xdp_egress: Array<MapData, XdpEgress> = take_map(&mut ebpf, MAP_XDP_EGRESS)?;
+        // The pool before any program runs: a fresh one is empty.
+        let mut pool = pool_maps(pins)?;
+        let bind: HashMap<MapData, BindKey, BindExt> = pinned_map(pins, MAP_BIND)?;
+        let keep = crate::pool::occupied(
+            &crate::batch::entries(&bind).context("reading the bindings' inside halves")?,
+        );
+        pool.apply(&s.pool, &keep)?;
+        pins.write_layout_version()?;
         for (hook, mode) in [HOOK_XDP_INT, HOOK_XDP_EXT].into_iter().zip(s.xdp_egress) {
             write_egress(&mut xdp_egress, &xdp_ids, hook, mode)?;
         }
@@ -273,6 +331,7 @@ impl Dataplane {
             pins: pins.clone(),
             adopted,
             maps,
+            pool,
             stats,
             xdp_egress,
             xdp_ids,
@@ -382,6 +441,15 @@ fn replace_tc(ebpf: &mut Ebpf, name: &str, ifname: &str, link: FdLink) -> Result
         "replaced the program of the pinned TCX link"
     );
     FdLink::try_from(link).context("the TCX link is not an fd link")
+}
+
+/// Opens the SNAT pool's pinned maps.
+pub fn pool_maps(pins: &PinDir) -> Result<PoolMaps> {
+    Ok(PoolMaps {
+        info: pinned_map(pins, nat_common::MAP_POOL)?,
+        addrs: pinned_map(pins, nat_common::MAP_POOL_ADDRS)?,
+        pair: pinned_map(pins, nat_common::MAP_POOL_PAIR)?,
+    })
 }
 
 /// Opens the pinned map `name` in `pins`: a handle of its own, e.g. for a

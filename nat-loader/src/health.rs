@@ -122,6 +122,32 @@ pub struct Health {
     /// found missing last time.
     snat: Vec<Ipv4Addr>,
     snat_missing: Vec<Ipv4Addr>,
+    /// How the SNAT pool follows `--ext`'s addresses (`None`: a fixed
+    /// list).
+    follow: Option<Follow>,
+}
+
+/// What the SNAT pool follows while the gateway runs. (Without
+/// `--snat-ip` the pool is the primary address at start, which the health
+/// check requires to stay on `--ext`: a new primary is not taken up, the
+/// probe fails instead.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Follow {
+    /// `--snat-ip auto`: every IPv4 address of `--ext`.
+    All,
+}
+
+/// The pool's addresses for `follow`, given `--ext`'s addresses in the
+/// kernel's order (`None`: keep the pool as it is, `--ext` has none).
+pub fn followed(follow: Follow, present: &[Ipv4Addr]) -> Option<Vec<Ipv4Addr>> {
+    let wanted: Vec<Ipv4Addr> = match follow {
+        Follow::All => present
+            .iter()
+            .copied()
+            .take(nat_common::POOL_MAX as usize)
+            .collect(),
+    };
+    (!wanted.is_empty()).then_some(wanted)
 }
 
 impl Health {
@@ -145,7 +171,14 @@ impl Health {
             detector: blackhole::Detector::default(),
             snat,
             snat_missing: Vec::new(),
+            follow: None,
         })
+    }
+
+    /// Makes the SNAT pool follow `--ext`'s addresses.
+    pub fn following(mut self, follow: Option<Follow>) -> Health {
+        self.follow = follow;
+        self
     }
 
     /// Checks everything; the first problem found is the reason. Whatever
@@ -178,7 +211,7 @@ impl Health {
                 return Ok(Some(p));
             }
         }
-        if let Some(p) = self.snat_problem(handle).await? {
+        if let Some(p) = self.snat_problem(handle, dp).await? {
             return Ok(Some(p));
         }
         Ok(flow)
@@ -270,9 +303,13 @@ impl Health {
     }
 
     /// Whether every required SNAT address is still on `--ext`; logs each
-    /// change.
-    async fn snat_problem(&mut self, handle: &Handle) -> Result<Option<String>> {
-        if self.snat.is_empty() {
+    /// change. A pool that follows `--ext` is updated first.
+    async fn snat_problem(
+        &mut self,
+        handle: &Handle,
+        dp: &mut Dataplane,
+    ) -> Result<Option<String>> {
+        if self.snat.is_empty() && self.follow.is_none() {
             return Ok(None);
         }
         let ext = &self.nics[1];
@@ -282,6 +319,23 @@ impl Health {
             .into_iter()
             .map(|(a, _)| a)
             .collect();
+        // The pool follows --ext: an address that came is active at once,
+        // one that went drains (its flows keep it until they end).
+        let same =
+            |a: &[Ipv4Addr], b: &[Ipv4Addr]| a.len() == b.len() && a.iter().all(|x| b.contains(x));
+        if let Some(wanted) = self.follow.and_then(|f| followed(f, &present))
+            && !same(&wanted, &self.snat)
+        {
+            info!(interface = %ext.name, before = ?self.snat, now = ?wanted,
+                "the SNAT pool follows the addresses of {}", ext.name);
+            let keep = crate::pool::occupied(
+                &crate::batch::entries(&dp.maps.bind).context("reading the bindings")?,
+            );
+            dp.pool
+                .apply(&wanted, &keep)
+                .context("updating the SNAT pool")?;
+            self.snat = wanted;
+        }
         let missing = missing(&self.snat, &present);
         if missing != self.snat_missing {
             for a in missing.iter().filter(|a| !self.snat_missing.contains(a)) {
@@ -576,6 +630,18 @@ async fn answer(stream: TcpStream, status: watch::Receiver<Status>) -> std::io::
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_pool_follows_every_address_and_keeps_itself_when_none_is_left() {
+        let (a, b) = (Ipv4Addr::new(192, 0, 2, 2), Ipv4Addr::new(192, 0, 2, 3));
+        assert_eq!(followed(Follow::All, &[a, b]), Some(vec![a, b]));
+        assert_eq!(followed(Follow::All, &[]), None);
+        let many: Vec<Ipv4Addr> = (0..100).map(|i| Ipv4Addr::new(10, 0, 0, i)).collect();
+        assert_eq!(
+            followed(Follow::All, &many).map(|v| v.len()),
+            Some(nat_common::POOL_MAX as usize)
+        );
+    }
 
     #[test]
     fn a_snat_address_missing_from_ext_is_the_reason_naming_it() {

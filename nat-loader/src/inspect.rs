@@ -18,7 +18,7 @@ use std::{
 use anyhow::{Context, Result};
 use nat_common::{
     BindKey, BindValue, CtKey, CtValue, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, MAP_BIND_REV,
-    MAP_CT_FWD, MAP_STATS, MAP_TRAFFIC, Traffic,
+    MAP_CT_FWD, MAP_POOL_ADDRS, MAP_STATS, MAP_TRAFFIC, PoolAddr, Traffic,
     stats::{COUNT, DIRECTIONS, HOOKS, TRAFFIC_PROTOS, slot, traffic_slot},
 };
 use serde_json::{Value, json};
@@ -28,9 +28,6 @@ use crate::{batch, conntrack::Flow, pins::PinDir, stats::Stats};
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_F_RDONLY: u32 = 1 << 3;
-
-/// Entries per `BPF_MAP_LOOKUP_BATCH` call.
-pub const BATCH: u32 = 8192;
 
 #[repr(C)]
 #[derive(Default)]
@@ -185,13 +182,23 @@ pub fn stats_json(s: &Stats, traffic: &[(&str, &str, Traffic)]) -> Value {
 /// The gateway's sessions, through batched reads.
 pub fn sessions(pins: &PinDir) -> Result<Vec<(CtKey, CtValue)>> {
     let fd = open_map(pins, MAP_CT_FWD)?;
-    batch::read_all(fd.as_fd(), BATCH).context("reading the sessions")
+    batch::entries_of(fd.as_fd()).context("reading the sessions")
+}
+
+/// The gateway's SNAT pool, slot by slot (sessions name their external
+/// address by its slot).
+pub fn pool(pins: &PinDir) -> Result<Vec<PoolAddr>> {
+    let fd = open_map(pins, MAP_POOL_ADDRS)?;
+    let mut slots: Vec<(u32, PoolAddr)> =
+        batch::entries_of(fd.as_fd()).context("reading the SNAT pool")?;
+    slots.sort_by_key(|(i, _)| *i);
+    Ok(slots.into_iter().map(|(_, a)| a).collect())
 }
 
 /// The gateway's bindings by external endpoint.
 pub fn bindings(pins: &PinDir) -> Result<Vec<(BindKey, BindValue)>> {
     let fd = open_map(pins, MAP_BIND_REV)?;
-    batch::read_all(fd.as_fd(), BATCH).context("reading the bindings")
+    batch::entries_of(fd.as_fd()).context("reading the bindings")
 }
 
 /// The stats of a running gateway.

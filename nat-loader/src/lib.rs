@@ -16,12 +16,14 @@ pub mod mounts;
 pub mod netif;
 pub mod pins;
 pub mod policy;
+pub mod pool;
 pub mod pressure;
 pub mod refused;
 pub mod routing;
 pub mod stats;
 pub mod summary;
 pub mod sysctl;
+pub mod tables;
 pub mod translog;
 pub mod xdp_features;
 

@@ -63,6 +63,22 @@ fn main() -> ExitCode {
             }) => teardown::teardown(&ext, &int, &bpffs_dir)
                 .await
                 .map(|()| ExitCode::SUCCESS),
+            Some(Command::CheckAdoption(args)) => {
+                let config = Config::load(*args, &given)?;
+                let pins = nat_loader::pins::PinDir::new(&config.bpffs_dir);
+                match pins.can_adopt(config.max_flows, config.filtering.code()) {
+                    Ok(true) => println!(
+                        "adoptable: the dataplane pinned in {} fits this build and these flags",
+                        pins.path().display()
+                    ),
+                    Ok(false) => println!("nothing pinned in {}", pins.path().display()),
+                    Err(e) => {
+                        println!("not adoptable: {e:#}");
+                        return Ok(ExitCode::FAILURE);
+                    }
+                }
+                Ok(ExitCode::SUCCESS)
+            }
             Some(Command::Policy(cmd)) => policy_cmd::run(cmd).map(|()| ExitCode::SUCCESS),
             Some(Command::Stats { read }) => show::stats(&read).map(|()| ExitCode::SUCCESS),
             Some(Command::Conntrack { what }) => show::conntrack(&what).map(|()| ExitCode::SUCCESS),

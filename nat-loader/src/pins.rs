@@ -28,8 +28,9 @@ use aya::{
     programs::links::{FdLink, PinnedLink},
 };
 use nat_common::{
-    BindKey, BindValue, CtKey, CtValue, MAP_ADF, MAP_BIND, MAP_BIND_REV, MAP_CT_FWD, MAP_STATS,
-    MAX_BINDINGS,
+    BindExt, BindKey, BindValue, CtKey, CtValue, FILTER_ADDRESS, LAYOUT_VERSION, MAP_ADF, MAP_BIND,
+    MAP_BIND_REV, MAP_CT_FWD, MAP_POOL, MAP_POOL_ADDRS, MAP_POOL_PAIR, MAP_STATS, MAX_BINDINGS,
+    PAIR_BUCKETS, POOL_MAX, PoolAddr, PoolInfo,
 };
 use tracing::{info, warn};
 
@@ -45,6 +46,8 @@ pub const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// Name of the symlink holding the original sysctl values (bpffs refuses
 /// names with a dot).
 pub const SYSCTL_RECORD: &str = "sysctl_originals";
+/// Name of the symlink holding the [`LAYOUT_VERSION`] of the pinned maps.
+pub const LAYOUT_RECORD: &str = "layout_version";
 
 /// The pinned links, one per program: (pin name, program).
 pub const LINK_XDP_INT: &str = "link_xdp_int";
@@ -53,20 +56,26 @@ pub const LINK_TCX_INT: &str = "link_tcx_int";
 pub const LINK_TCX_EXT: &str = "link_tcx_ext";
 pub const LINKS: [&str; 4] = [LINK_XDP_INT, LINK_TCX_INT, LINK_XDP_EXT, LINK_TCX_EXT];
 
-/// The size of each conntrack map for a table of `max_flows` sessions: what
-/// the loader creates them with, and what a pinned map must have to be
-/// adopted.
-pub fn map_sizes(max_flows: u32) -> [(&'static str, u32); 4] {
+/// The size of each conntrack map for a table of `max_flows` sessions
+/// with filtering mode `filtering` (`FILTER_*`): what the loader creates
+/// them with, and what a pinned map must have to be adopted.
+pub fn map_sizes(max_flows: u32, filtering: u8) -> [(&'static str, u32); 4] {
     // A binding needs at least one session, and there are at most as many
     // as there are external ports per protocol.
     let bindings = max_flows.min(MAX_BINDINGS);
+    // One remote per session at most, allocated on demand; but its hash
+    // buckets (16 bytes per entry of the size) are allocated up front, so
+    // it has room only where `--filtering address-dependent` fills it.
+    let remotes = if filtering == FILTER_ADDRESS {
+        max_flows
+    } else {
+        1
+    };
     [
         (MAP_CT_FWD, max_flows),
         (MAP_BIND, bindings),
         (MAP_BIND_REV, bindings),
-        // One remote per session at most; allocated on demand, so it costs
-        // nothing unless --filtering address-dependent fills it.
-        (MAP_ADF, max_flows),
+        (MAP_ADF, remotes),
     ]
 }
 
@@ -189,8 +198,19 @@ impl PinDir {
     /// The counters are not worth refusing an upgrade for (a new build may
     /// well count one more reason): a pinned `STATS` of another shape is
     /// unpinned, with a warning, and the new programs get a fresh one.
-    pub fn check_maps(&self, max_flows: u32) -> Result<bool> {
-        let sizes = map_sizes(max_flows);
+    pub fn check_maps(&self, max_flows: u32, filtering: u8) -> Result<bool> {
+        self.check(max_flows, filtering, true)
+    }
+
+    /// [`Self::check_maps`] without changing anything (a pinned `STATS`
+    /// of another shape is left where it is): whether a loader with these
+    /// flags could adopt what is pinned.
+    pub fn can_adopt(&self, max_flows: u32, filtering: u8) -> Result<bool> {
+        self.check(max_flows, filtering, false)
+    }
+
+    fn check(&self, max_flows: u32, filtering: u8, fix_stats: bool) -> Result<bool> {
+        let sizes = map_sizes(max_flows, filtering);
         let entries = |name: &str| {
             sizes
                 .iter()
@@ -205,14 +225,24 @@ impl PinDir {
             value_size: value_size as u32,
             max_entries: entries(name),
         };
+        let array = |name: &'static str, value_size: usize, max_entries: u32| MapShape {
+            name,
+            map_type: MapType::Array,
+            key_size: 4,
+            value_size: value_size as u32,
+            max_entries,
+        };
         let shapes = [
             shape(MAP_CT_FWD, size_of::<CtKey>(), size_of::<CtValue>()),
-            shape(MAP_BIND, size_of::<BindKey>(), size_of::<BindValue>()),
+            shape(MAP_BIND, size_of::<BindKey>(), size_of::<BindExt>()),
             shape(MAP_BIND_REV, size_of::<BindKey>(), size_of::<BindValue>()),
             shape(MAP_ADF, size_of::<CtKey>(), size_of::<u8>()),
+            array(MAP_POOL, size_of::<PoolInfo>(), 1),
+            array(MAP_POOL_ADDRS, size_of::<PoolAddr>(), POOL_MAX),
+            array(MAP_POOL_PAIR, size_of::<u32>(), PAIR_BUCKETS),
         ];
         let pinned: Vec<bool> = shapes.iter().map(|s| self.pin(s.name).exists()).collect();
-        if pinned.iter().all(|p| !p) {
+        if !self.has_maps() {
             return Ok(false);
         }
         let fix = format!(
@@ -220,6 +250,21 @@ impl PinDir {
              (its flows are lost), or start with flags that match it",
             self.path.display()
         );
+        let version = self.layout_version()?;
+        if version != Some(LAYOUT_VERSION) {
+            let found = match version {
+                Some(v) => format!("layout version {v}"),
+                None => "no layout version (a build from before layout versions)".to_string(),
+            };
+            bail!(
+                "cannot adopt the pinned dataplane in {}: its maps have {found}, this build \
+                 uses layout version {LAYOUT_VERSION}; a restart keeping flows is impossible \
+                 across a layout change: run `nat-loader teardown --ext .. --int .. \
+                 --bpffs-dir {}` (its flows are lost) and start again",
+                self.path.display(),
+                self.path.display()
+            );
+        }
         for (shape, pinned) in shapes.iter().zip(pinned) {
             if !pinned {
                 bail!(
@@ -244,7 +289,7 @@ impl PinDir {
             value_size: 8,
             max_entries: nat_common::stats::SLOTS,
         };
-        if self.pin(MAP_STATS).exists() {
+        if fix_stats && self.pin(MAP_STATS).exists() {
             let diffs = self.shape_differences(&stats)?;
             if !diffs.is_empty() {
                 warn!(
@@ -288,6 +333,11 @@ impl PinDir {
                 ""
             } else {
                 " (--max-flows)"
+            };
+            let hint = if shape.name == MAP_ADF {
+                " (--max-flows, --filtering)"
+            } else {
+                hint
             };
             diffs.push(format!(
                 "{} entries{hint}, expected {}",
@@ -335,6 +385,33 @@ impl PinDir {
             return Ok(None);
         }
         Ok(Some(link.into()))
+    }
+
+    /// The layout version recorded with the maps (`None`: no record).
+    pub fn layout_version(&self) -> Result<Option<u32>> {
+        let path = self.pin(LAYOUT_RECORD);
+        match fs::read_link(&path) {
+            Ok(t) => {
+                let text = String::from_utf8_lossy(t.as_os_str().as_bytes()).into_owned();
+                text.trim()
+                    .parse()
+                    .map(Some)
+                    .with_context(|| format!("{}: not a layout version: {text:?}", path.display()))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    /// Records this build's [`LAYOUT_VERSION`] beside the maps.
+    pub fn write_layout_version(&self) -> Result<()> {
+        if self.layout_version()? == Some(LAYOUT_VERSION) {
+            return Ok(());
+        }
+        let path = self.pin(LAYOUT_RECORD);
+        let _ = fs::remove_file(&path);
+        std::os::unix::fs::symlink(LAYOUT_VERSION.to_string(), &path)
+            .with_context(|| format!("writing {}", path.display()))
     }
 
     /// Reads the recorded original sysctl values (path below /proc/sys,

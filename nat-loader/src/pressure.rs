@@ -123,8 +123,10 @@ pub fn victims(
             let st = standing(k.proto, v);
             // A stamp in the future (a packet raced our clock read) is
             // within the grace period too.
-            let quiet = now_ns.checked_sub(v.last_seen_ns)? >= limits.grace_ns;
-            (st != Standing::Kept && quiet).then_some((st, v.last_seen_ns, i))
+            let age = nat_common::age_ns(v.last_seen, now_ns)?;
+            let quiet = age >= limits.grace_ns;
+            // Oldest first: the largest age, so its complement sorts first.
+            (st != Standing::Kept && quiet).then_some((st, u64::MAX - age, i))
         })
         .collect();
     if cands.len() > need {
@@ -143,18 +145,14 @@ mod tests {
         tcp::{DIR_IN, DIR_OUT, TCP_RST, TCP_SYN, update},
     };
 
-    const S: u64 = 1_000_000_000;
+    // About a second, in whole ticks (the resolution of `last_seen`).
+    const S: u64 = 60 * nat_common::TICK_NS;
     const ACK: u8 = 0x10;
 
     fn entry(proto: u8, n: u32, tcp_state: u8, flags: u8, last_seen_ns: u64) -> (CtKey, CtValue) {
         (
             CtKey::new(proto, n, 1000, 0x0a0a_0a0a, 80),
-            CtValue {
-                tcp_state,
-                flags,
-                last_seen_ns,
-                ..Default::default()
-            },
+            CtValue::new(0, 0, nat_common::ticks(last_seen_ns), tcp_state, flags),
         )
     }
 

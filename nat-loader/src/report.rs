@@ -13,10 +13,14 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use aya::maps::{HashMap, MapData, PerCpuArray};
-use nat_common::{CtKey, CtValue, MAP_CT_FWD, MAP_STATS};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray};
+use nat_common::{
+    BindKey, BindValue, CtKey, CtValue, MAP_BIND_REV, MAP_CT_FWD, MAP_POOL_ADDRS, MAP_STATS,
+    POOL_MAX, PoolAddr,
+};
 use nat_loader::{
-    conntrack, dataplane::pinned_map, egress::Modes, monotonic_ns, pins::PinDir, stats::Stats,
+    batch, conntrack, dataplane::pinned_map, egress::Modes, monotonic_ns, pins::PinDir, pool,
+    stats::Stats,
 };
 use tracing::{info, warn};
 
@@ -29,16 +33,28 @@ const TARGET: &str = "nat_loader";
 pub struct Reporter {
     stats: PerCpuArray<MapData, u64>,
     sessions: HashMap<MapData, CtKey, CtValue>,
+    bindings: HashMap<MapData, BindKey, BindValue>,
+    pool: Array<MapData, PoolAddr>,
+    /// External ports each address has per protocol (both ranges).
+    ports_per_proto: usize,
     show_flows: usize,
     /// How each XDP program forwards (the health check keeps it current).
     modes: Arc<Modes>,
 }
 
 impl Reporter {
-    pub fn open(pins: &PinDir, show_flows: usize, modes: Arc<Modes>) -> Result<Reporter> {
+    pub fn open(
+        pins: &PinDir,
+        show_flows: usize,
+        ports_per_proto: usize,
+        modes: Arc<Modes>,
+    ) -> Result<Reporter> {
         Ok(Reporter {
             stats: pinned_map(pins, MAP_STATS).context("opening the counters for the log")?,
             sessions: pinned_map(pins, MAP_CT_FWD).context("opening the flows for the log")?,
+            bindings: pinned_map(pins, MAP_BIND_REV).context("opening the bindings for the log")?,
+            pool: pinned_map(pins, MAP_POOL_ADDRS).context("opening the pool for the log")?,
+            ports_per_proto,
             show_flows,
             modes,
         })
@@ -57,14 +73,49 @@ impl Reporter {
             Err(e) => warn!(target: TARGET, error = %format!("{e:#}"), "reading stats"),
         }
         info!(target: TARGET, "stats xdp_egress: {}", self.modes.line());
+        let slots: Vec<PoolAddr> = (0..POOL_MAX)
+            .filter_map(|i| self.pool.get(&i, 0).ok())
+            .collect();
+        match batch::entries(&self.bindings) {
+            Ok(b) => {
+                for line in pool_lines(&conntrack::per_address(&slots, &b), self.ports_per_proto) {
+                    info!(target: TARGET, "stats {line}");
+                }
+            }
+            Err(e) => warn!(target: TARGET, error = %e, "reading the bindings"),
+        }
         if self.show_flows > 0 {
-            let flows = conntrack::flows(&self.sessions, monotonic_ns());
-            info!(target: TARGET, count = flows.len(), "flows");
-            for f in flows.iter().take(self.show_flows) {
-                info!(target: TARGET, "flow {f}");
+            match conntrack::flows(&self.sessions, &slots, monotonic_ns()) {
+                Ok(flows) => {
+                    info!(target: TARGET, count = flows.len(), "flows");
+                    for f in flows.iter().take(self.show_flows) {
+                        info!(target: TARGET, "flow {f}");
+                    }
+                }
+                Err(e) => warn!(target: TARGET, error = %format!("{e:#}"), "reading the flows"),
             }
         }
     }
+}
+
+/// One line per pool address: `pool <addr>: state=<active|draining>
+/// tcp=<in use>/<free> udp=... icmp=...` (ports bound, held ones
+/// included, and ports left).
+fn pool_lines(usage: &[conntrack::AddressUse], ports: usize) -> Vec<String> {
+    usage
+        .iter()
+        .map(|u| {
+            let [t, ud, i] = u.bindings;
+            format!(
+                "pool {}: state={} tcp={t}/{} udp={ud}/{} icmp={i}/{}",
+                u.addr,
+                pool::state_label(u.state),
+                ports.saturating_sub(t),
+                ports.saturating_sub(ud),
+                ports.saturating_sub(i)
+            )
+        })
+        .collect()
 }
 
 /// The reporting thread.

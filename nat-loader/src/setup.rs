@@ -28,7 +28,7 @@ use nat_loader::{
     pins::{self, DirLock, PinDir},
     routing::{self, NicPolicy, Plan, PolicyRoutes},
     sysctl::{self, SysctlGuard},
-    translog,
+    tables, translog,
     xdp_features::Netdev,
 };
 use rtnetlink::Handle;
@@ -41,13 +41,15 @@ use tracing::{info, warn};
 use crate::{
     config::Config,
     report::{Reporter, ReporterThread},
+    values::SnatPool,
 };
 
 /// What the host says about the configured interfaces.
 pub struct Host {
     pub ext: NetIf,
     pub int: NetIf,
-    pub snat: Ipv4Addr,
+    /// The SNAT pool's addresses (`--snat-ip`, resolved).
+    pub pool: Vec<Ipv4Addr>,
     /// Source of the out-of-ports ICMP errors (RFC 5508 REQ-8: the address
     /// the inside hosts know the gateway by).
     pub int_addr: Option<Ipv4Addr>,
@@ -76,19 +78,31 @@ impl Host {
                 );
             }
         }
-        let snat = match config.snat_ip {
-            Some(a) => {
-                if !ext.ipv4.contains(&a) {
+        let pool = match &config.snat_ip {
+            Some(SnatPool::Addrs(addrs)) => {
+                for a in addrs.iter().filter(|a| !ext.ipv4.contains(a)) {
                     warn!(snat_ip = %a, interface = %ext.name, "SNAT address is not configured on --ext; replies must be routed to it");
                 }
-                a
+                addrs.clone()
             }
-            None => *ext.ipv4.first().with_context(|| {
+            Some(SnatPool::Auto) => {
+                if ext.ipv4.is_empty() {
+                    bail!(
+                        "--snat-ip auto: --ext {} has no IPv4 address (configure one or give \
+                         --snat-ip addresses)",
+                        ext.name
+                    );
+                }
+                let mut all = ext.ipv4.clone();
+                all.truncate(nat_common::POOL_MAX as usize);
+                all
+            }
+            None => vec![*ext.ipv4.first().with_context(|| {
                 format!(
                     "--ext {} has no IPv4 address to use as the SNAT address (configure one or give --snat-ip)",
                     ext.name
                 )
-            })?,
+            })?],
         };
         let plan = match &config.routing {
             Some(r) => Some(plan(handle, r, &int, &ext).await?),
@@ -108,7 +122,7 @@ impl Host {
         Ok(Host {
             ext,
             int,
-            snat,
+            pool,
             int_addr,
             int_nets,
             plan,
@@ -120,8 +134,9 @@ impl Host {
     /// The SNAT addresses that must stay configured on `--ext` while the
     /// gateway runs: those that were at start.
     pub fn snat_on_ext(&self) -> Vec<Ipv4Addr> {
-        [self.snat]
-            .into_iter()
+        self.pool
+            .iter()
+            .copied()
             .filter(|a| self.ext.ipv4.contains(a))
             .collect()
     }
@@ -139,7 +154,10 @@ impl Host {
         if config.translation_log.is_some() {
             flags |= nat_common::CFG_F_TRANSLOG;
         }
-        let nat = NatConfig::new(self.int.index, self.ext.index, self.snat)
+        // The pool is in maps; the config's address is the first, for the
+        // logs.
+        let first = self.pool.first().copied().unwrap_or(Ipv4Addr::UNSPECIFIED);
+        let nat = NatConfig::new(self.int.index, self.ext.index, first)
             .with_ports(config.ports.min, config.ports.max)
             .with_low_ports(config.low_ports.min, config.low_ports.max)
             .with_filtering(config.filtering.code())
@@ -160,6 +178,7 @@ impl Host {
             ext: self.ext.name.clone(),
             int: self.int.name.clone(),
             nat,
+            pool: self.pool.clone(),
             max_flows: config.max_flows,
             max_fragments: config.max_fragments,
             xdp: config.xdp,
@@ -247,9 +266,26 @@ impl Attached {
             }
         };
         let adopting = pins.has_maps();
+        let estimate = tables::estimate(
+            config.max_flows,
+            config.max_fragments,
+            config.filtering.code(),
+            tables::possible_cpus(),
+        );
+        info!(
+            "map memory: {}",
+            tables::describe(&estimate, config.max_flows)
+        );
         if adopting {
             // Refuse an incompatible dataplane before touching anything.
-            pins.check_maps(config.max_flows)?;
+            pins.check_maps(config.max_flows, config.filtering.code())?;
+        } else if let Err(e) = tables::mem_available()
+            .and_then(|avail| tables::check(&estimate, config.max_flows, avail))
+        {
+            if created {
+                let _ = std::fs::remove_dir(pins.path());
+            }
+            return Err(e);
         } else if let Err(e) = prepare_fresh(&pins) {
             // The pin directory may be ours alone: remove it again.
             let _ = pins.remove_all();
@@ -293,12 +329,23 @@ impl Attached {
         if !self.dp.adopted {
             return;
         }
-        let flows = conntrack::flows(&self.dp.maps.sessions, monotonic_ns());
+        let flows = match self
+            .dp
+            .maps
+            .pool_slots()
+            .and_then(|pool| conntrack::flows(&self.dp.maps.sessions, &pool, monotonic_ns()))
+        {
+            Ok(f) => f,
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "reading the adopted flows");
+                return;
+            }
+        };
         let foreign = flows
             .iter()
             .filter(|f| {
                 let p = f.external.port();
-                *f.external.ip() != host.snat
+                !host.pool.contains(f.external.ip())
                     || !(config.ports.contains(p) || config.low_ports.contains(p))
             })
             .count();
@@ -309,9 +356,9 @@ impl Attached {
         if foreign > 0 {
             warn!(
                 flows = foreign,
-                snat = %host.snat, ports = %config.ports,
-                "adopted flows use another SNAT address or port range than these flags; \
-                 they keep their mapping until they expire"
+                pool = ?host.pool, ports = %config.ports,
+                "adopted flows use another SNAT address (draining) or port range than these \
+                 flags; they keep their mapping until they expire"
             );
         }
     }
@@ -420,7 +467,11 @@ impl Services {
             host.snat_on_ext(),
             Arc::clone(&modes),
         )
-        .context("starting the health check")?;
+        .context("starting the health check")?
+        .following(match config.snat_ip {
+            Some(SnatPool::Auto) => Some(health::Follow::All),
+            Some(SnatPool::Addrs(_)) | None => None,
+        });
         let probe = match config.probe_port {
             0 => None,
             port => Some(Probe::new(port)?),
@@ -459,7 +510,11 @@ impl Services {
                     modes: Arc::clone(&modes),
                     adopted: dp.adopted,
                     max_flows: config.max_flows,
-                    snat: vec![(host.snat, ports(&config.ports), ports(&config.low_ports))],
+                    snat: host
+                        .pool
+                        .iter()
+                        .map(|a| (*a, ports(&config.ports), ports(&config.low_ports)))
+                        .collect(),
                     nics: (host.int.name.clone(), host.ext.name.clone()),
                     version: env!("CARGO_PKG_VERSION"),
                     build: build_id::current(),
@@ -484,7 +539,12 @@ impl Services {
             failed_tx,
         )?;
         let reporter = ReporterThread::spawn(
-            Reporter::open(pins, config.show_flows, modes)?,
+            Reporter::open(
+                pins,
+                config.show_flows,
+                config.ports.size() + config.low_ports.size(),
+                modes,
+            )?,
             config.stats_interval,
         )?;
         Ok(Services {

@@ -48,11 +48,13 @@ fn filter(f: &FilterArgs) -> Filter {
 }
 
 fn flows(read: &ReadArgs, filter: &Filter) -> Result<Vec<Flow>> {
-    let sessions = inspect::sessions(&PinDir::new(&read.bpffs_dir))?;
+    let pins = PinDir::new(&read.bpffs_dir);
+    let sessions = inspect::sessions(&pins)?;
+    let pool = inspect::pool(&pins)?;
     let now = monotonic_ns();
     Ok(sessions
         .iter()
-        .map(|(k, v)| Flow::from_entry(k, v, now))
+        .map(|(k, v)| Flow::from_entry(k, v, &pool, now))
         .filter(|f| filter.matches(f))
         .collect())
 }

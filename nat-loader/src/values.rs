@@ -34,6 +34,11 @@ impl PortRange {
     pub fn contains(self, port: u16) -> bool {
         (self.min..=self.max).contains(&port)
     }
+
+    /// How many ports it holds.
+    pub fn size(self) -> usize {
+        (self.max - self.min) as usize + 1
+    }
 }
 
 impl FromStr for PortRange {
@@ -450,5 +455,173 @@ pub mod policy {
                 Verdict::Deny(_) => "drop",
             })
         }
+    }
+}
+/// `--snat-ip`: the SNAT address pool, a comma-separated list of
+/// addresses, ranges `A-B` and prefixes `A/N` (every address of it), or
+/// `auto`: every IPv4 address on `--ext`, followed while the gateway runs.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "SnatPoolKey")]
+pub enum SnatPool {
+    Auto,
+    Addrs(Vec<std::net::Ipv4Addr>),
+}
+
+/// The config key: one string like the flag, or a list of them.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum SnatPoolKey {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl TryFrom<SnatPoolKey> for SnatPool {
+    type Error = String;
+    fn try_from(k: SnatPoolKey) -> Result<SnatPool, String> {
+        match k {
+            SnatPoolKey::One(s) => s.parse(),
+            SnatPoolKey::Many(v) => v.join(",").parse(),
+        }
+    }
+}
+
+impl FromStr for SnatPool {
+    type Err = String;
+    fn from_str(s: &str) -> Result<SnatPool, String> {
+        use std::net::Ipv4Addr;
+        let max = nat_common::POOL_MAX as usize;
+        let parse = |a: &str| -> Result<Ipv4Addr, String> {
+            a.trim()
+                .parse()
+                .map_err(|_| format!("{a:?} is not an IPv4 address"))
+        };
+        let items: Vec<&str> = s
+            .split(',')
+            .map(str::trim)
+            .filter(|i| !i.is_empty())
+            .collect();
+        if items.is_empty() {
+            return Err("an empty SNAT pool: give addresses, A-B, A/N or auto".into());
+        }
+        if items.contains(&"auto") {
+            if items.len() > 1 {
+                return Err(format!("{s:?}: auto stands alone (every address on --ext)"));
+            }
+            return Ok(SnatPool::Auto);
+        }
+        let mut out: Vec<Ipv4Addr> = Vec::new();
+        for item in items {
+            let (lo, hi) = if let Some((a, b)) = item.split_once('-') {
+                (u32::from(parse(a)?), u32::from(parse(b)?))
+            } else if let Some((a, n)) = item.split_once('/') {
+                let n: u32 = n
+                    .trim()
+                    .parse()
+                    .ok()
+                    .filter(|n| *n <= 32)
+                    .ok_or_else(|| format!("{item:?}: the prefix length is not 0-32"))?;
+                let mask = if n == 0 { 0 } else { u32::MAX << (32 - n) };
+                let base = u32::from(parse(a)?) & mask;
+                (base, base | !mask)
+            } else {
+                let a = u32::from(parse(item)?);
+                (a, a)
+            };
+            if lo > hi {
+                return Err(format!("{item:?}: the range ends before it starts"));
+            }
+            if (hi - lo) as usize >= max {
+                return Err(format!(
+                    "{item:?}: more than {max} addresses (the pool's limit)"
+                ));
+            }
+            for a in lo..=hi {
+                let a = Ipv4Addr::from(a);
+                if a.is_unspecified() || a.is_broadcast() || a.is_multicast() {
+                    return Err(format!("{a} cannot be a SNAT address"));
+                }
+                if !out.contains(&a) {
+                    out.push(a);
+                }
+            }
+        }
+        if out.len() > max {
+            return Err(format!(
+                "{} addresses: the pool holds at most {max}",
+                out.len()
+            ));
+        }
+        Ok(SnatPool::Addrs(out))
+    }
+}
+
+impl fmt::Display for SnatPool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SnatPool::Auto => f.write_str("auto"),
+            SnatPool::Addrs(a) => {
+                let s: Vec<String> = a.iter().map(|a| a.to_string()).collect();
+                f.write_str(&s.join(","))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod snat_pool_tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    fn addrs(s: &str) -> Vec<Ipv4Addr> {
+        match s.parse::<SnatPool>().expect(s) {
+            SnatPool::Addrs(a) => a,
+            SnatPool::Auto => panic!("auto"),
+        }
+    }
+
+    #[test]
+    fn a_pool_is_addresses_ranges_and_prefixes_in_order_without_repeats() {
+        assert_eq!(addrs("192.0.2.9"), vec![Ipv4Addr::new(192, 0, 2, 9)]);
+        assert_eq!(
+            addrs("192.0.2.9, 198.51.100.1-198.51.100.2,192.0.2.9"),
+            vec![
+                Ipv4Addr::new(192, 0, 2, 9),
+                Ipv4Addr::new(198, 51, 100, 1),
+                Ipv4Addr::new(198, 51, 100, 2)
+            ]
+        );
+        let p = addrs("203.0.113.5/30");
+        assert_eq!(p.len(), 4);
+        assert_eq!(p[0], Ipv4Addr::new(203, 0, 113, 4));
+        assert_eq!(p[3], Ipv4Addr::new(203, 0, 113, 7));
+        assert_eq!("auto".parse::<SnatPool>(), Ok(SnatPool::Auto));
+    }
+
+    #[test]
+    fn bad_pools_are_refused_with_the_reason() {
+        for (s, why) in [
+            ("", "empty"),
+            ("auto,192.0.2.1", "alone"),
+            ("192.0.2.300", "not an IPv4"),
+            ("192.0.2.9-192.0.2.1", "ends before"),
+            ("10.0.0.0/16", "more than 64"),
+            ("10.0.0.0/33", "0-32"),
+            ("0.0.0.0", "cannot be"),
+        ] {
+            let e = s.parse::<SnatPool>().expect_err(s);
+            assert!(e.contains(why), "{s}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_config_key_takes_a_string_or_a_list() {
+        #[derive(Deserialize)]
+        struct K {
+            p: SnatPool,
+        }
+        let one: K = toml::from_str("p = \"192.0.2.1-192.0.2.2\"").expect("one");
+        let many: K = toml::from_str("p = [\"192.0.2.1\", \"192.0.2.2\"]").expect("many");
+        assert_eq!(one.p, many.p);
+        assert_eq!(one.p.to_string(), "192.0.2.1,192.0.2.2");
     }
 }

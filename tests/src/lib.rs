@@ -52,6 +52,7 @@ pub mod probers;
 pub mod prometheus;
 pub mod soak;
 mod streams;
+pub mod sweep_scale;
 pub mod tables;
 pub mod test_run;
 mod traffic;

@@ -16,7 +16,10 @@ use aya::{
     Ebpf, Pod,
     maps::{HashMap, Map, MapData},
 };
-use nat_common::{BindKey, BindValue, CtKey, CtValue, MAP_BIND, MAP_BIND_REV, MAP_CT_FWD};
+use nat_common::{
+    BindExt, BindKey, BindValue, CtKey, CtValue, MAP_BIND, MAP_BIND_REV, MAP_CT_FWD,
+    MAP_POOL_ADDRS, POOL_ACTIVE, PoolAddr,
+};
 
 use crate::test_run::entries;
 
@@ -25,9 +28,11 @@ use crate::test_run::entries;
 pub struct Tables {
     pub sessions: Vec<(CtKey, CtValue)>,
     /// Inside endpoint → its external endpoint.
-    pub bind: Vec<(BindKey, BindValue)>,
+    pub bind: Vec<(BindKey, BindExt)>,
     /// External endpoint → its inside endpoint.
     pub bind_rev: Vec<(BindKey, BindValue)>,
+    /// The pool's slots, by index.
+    pub pool: Vec<PoolAddr>,
 }
 
 /// Something that should not be in the tables.
@@ -92,7 +97,17 @@ impl Tables {
             sessions: entries(ebpf, MAP_CT_FWD)?,
             bind: entries(ebpf, MAP_BIND)?,
             bind_rev: entries(ebpf, MAP_BIND_REV)?,
+            pool: pool_of(ebpf)?,
         })
+    }
+
+    /// The address (network order) of pool slot `slot`, and whether it is
+    /// active (0, false: no such slot).
+    pub fn slot(&self, slot: u32) -> (u32, bool) {
+        self.pool
+            .get(slot as usize)
+            .map(|a| (a.addr, a.state == POOL_ACTIVE))
+            .unwrap_or((0, false))
     }
 
     /// The tables a gateway pinned in `dir` (its `--bpffs-dir`).
@@ -101,6 +116,7 @@ impl Tables {
             sessions: pinned_entries(dir, MAP_CT_FWD)?,
             bind: pinned_entries(dir, MAP_BIND)?,
             bind_rev: pinned_entries(dir, MAP_BIND_REV)?,
+            pool: pinned_pool(dir)?,
         })
     }
 
@@ -114,19 +130,30 @@ impl Tables {
     /// endpoint → back), and the two halves of every binding point at each
     /// other. A binding without sessions is fine (held after its last
     /// session, or its session did not fit in the table); the sweeper
-    /// frees it.
+    /// frees it. A session or external half on a draining address may
+    /// have an inside half that moved to an active address.
     pub fn inconsistencies(&self) -> Vec<Inconsistency> {
-        let bind: StdHashMap<BindKey, BindValue> = self.bind.iter().copied().collect();
+        let bind: StdHashMap<BindKey, BindExt> = self.bind.iter().copied().collect();
         let rev: StdHashMap<BindKey, BindValue> = self.bind_rev.iter().copied().collect();
         let points = |v: &BindValue, addr: u32, port: u16| v.addr == addr && v.port == port;
+        let points_out = |v: &BindExt, addr: u32, port: u16| {
+            self.slot(v.pool as u32).0 == addr && v.port == port
+        };
+        let active = |addr: u32| {
+            self.pool
+                .iter()
+                .any(|a| a.addr == addr && a.state == POOL_ACTIVE)
+        };
         let mut out = Vec::new();
         for (k, v) in &self.sessions {
             let inside = BindKey::new(k.proto, k.src_addr, k.src_port);
-            let (ext_addr, ext_port) = v.snat_addr_port();
+            let (ext_addr, active_slot) = self.slot(v.pool());
+            let ext_port = v.ext_port;
             let external = BindKey::new(k.proto, ext_addr, ext_port);
-            if !bind
-                .get(&inside)
-                .is_some_and(|b| points(b, ext_addr, ext_port))
+            if active_slot
+                && !bind
+                    .get(&inside)
+                    .is_some_and(|b| points_out(b, ext_addr, ext_port))
             {
                 out.push(Inconsistency::SessionWithoutBinding(*k));
             }
@@ -138,19 +165,40 @@ impl Tables {
             }
         }
         for (ik, v) in &self.bind {
-            let ek = BindKey::new(ik.proto, v.addr, v.port);
+            let ek = BindKey::new(ik.proto, self.slot(v.pool as u32).0, v.port);
             if !rev.get(&ek).is_some_and(|r| points(r, ik.addr, ik.port)) {
                 out.push(Inconsistency::HalfBinding(*ik));
             }
         }
         for (ek, v) in &self.bind_rev {
             let ik = BindKey::new(ek.proto, v.addr, v.port);
-            if !bind.get(&ik).is_some_and(|b| points(b, ek.addr, ek.port)) {
+            if active(ek.addr)
+                && !bind
+                    .get(&ik)
+                    .is_some_and(|b| points_out(b, ek.addr, ek.port))
+            {
                 out.push(Inconsistency::HalfReverse(*ek));
             }
         }
         out
     }
+}
+
+fn pool_of(ebpf: &Ebpf) -> Result<Vec<PoolAddr>> {
+    let map = ebpf
+        .map(MAP_POOL_ADDRS)
+        .with_context(|| format!("map {MAP_POOL_ADDRS}"))?;
+    let a = aya::maps::Array::<&MapData, PoolAddr>::try_from(map)?;
+    Ok(a.iter().filter_map(|r| r.ok()).collect())
+}
+
+fn pinned_pool(dir: &Path) -> Result<Vec<PoolAddr>> {
+    let path = dir.join(MAP_POOL_ADDRS);
+    let data =
+        MapData::from_pin(&path).with_context(|| format!("opening pinned {}", path.display()))?;
+    let a = aya::maps::Array::<MapData, PoolAddr>::try_from(Map::Array(data))
+        .with_context(|| format!("{}'s type", path.display()))?;
+    Ok(a.iter().filter_map(|r| r.ok()).collect())
 }
 
 fn pinned_entries<K: Pod, V: Pod>(dir: &Path, name: &str) -> Result<Vec<(K, V)>> {
@@ -168,32 +216,42 @@ fn pinned_entries<K: Pod, V: Pod>(dir: &Path, name: &str) -> Result<Vec<(K, V)>>
 mod tests {
     use super::*;
 
+    fn pool() -> Vec<PoolAddr> {
+        vec![PoolAddr {
+            addr: 100,
+            state: POOL_ACTIVE,
+        }]
+    }
+
     fn session(src: u32, sport: u16, ext_port: u16) -> (CtKey, CtValue) {
         let k = CtKey::new(17, src, sport, 9, 53);
-        let v = CtValue {
-            peer: CtKey::new(17, 9, 53, 100, ext_port),
-            ..Default::default()
-        };
-        (k, v)
+        (k, CtValue::new(0, ext_port, 0, 0, 0))
     }
 
-    fn binding(src: u32, sport: u16, ext_port: u16) -> [(BindKey, BindValue); 2] {
-        let bv = |addr, port| BindValue {
-            addr,
-            port,
+    type Binding = ((BindKey, BindExt), (BindKey, BindValue));
+
+    fn binding(src: u32, sport: u16, ext_port: u16) -> Binding {
+        let ext = BindExt {
+            port: ext_port,
             ..Default::default()
         };
-        [
-            (BindKey::new(17, src, sport), bv(100, ext_port)),
-            (BindKey::new(17, 100, ext_port), bv(src, sport)),
-        ]
+        let owner = BindValue {
+            addr: src,
+            port: sport,
+            ..Default::default()
+        };
+        (
+            (BindKey::new(17, src, sport), ext),
+            (BindKey::new(17, 100, ext_port), owner),
+        )
     }
 
-    fn tables(sessions: &[(CtKey, CtValue)], bindings: &[[(BindKey, BindValue); 2]]) -> Tables {
+    fn tables(sessions: &[(CtKey, CtValue)], bindings: &[Binding]) -> Tables {
         Tables {
             sessions: sessions.to_vec(),
-            bind: bindings.iter().map(|b| b[0]).collect(),
-            bind_rev: bindings.iter().map(|b| b[1]).collect(),
+            bind: bindings.iter().map(|b| b.0).collect(),
+            bind_rev: bindings.iter().map(|b| b.1).collect(),
+            pool: pool(),
         }
     }
 
@@ -229,9 +287,10 @@ mod tests {
 
     #[test]
     fn half_bindings_are_reported_from_either_side() {
-        let [inside, external] = binding(1, 1000, 1000);
+        let (inside, external) = binding(1, 1000, 1000);
         let t = Tables {
             bind: vec![inside],
+            pool: pool(),
             ..Default::default()
         };
         assert_eq!(
@@ -240,6 +299,7 @@ mod tests {
         );
         let t = Tables {
             bind_rev: vec![external],
+            pool: pool(),
             ..Default::default()
         };
         assert_eq!(

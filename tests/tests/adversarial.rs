@@ -63,7 +63,7 @@ use aya::{
     programs::{SchedClassifier, Xdp},
 };
 use nat_common::{
-    BindKey, BindValue, CtKey, CtValue, FILTER_ADDRESS, FILTER_ENDPOINT_INDEPENDENT, FragKey,
+    BindExt, BindKey, CtKey, CtValue, FILTER_ADDRESS, FILTER_ENDPOINT_INDEPENDENT, FragKey,
     FragValue, MAP_ADF, MAP_BIND, MAP_BIND_REV, MAP_CT_FWD, MAP_FRAG_HELD, MAP_FRAG_TRACK,
     NatConfig, PROG_TC_EXT, PROG_TC_INT, PROG_XDP_EXT, PROG_XDP_INT,
     stats::{self, HOOK_TC_EXT, HOOK_TC_INT, HOOK_XDP_EXT, HOOK_XDP_INT, Kind},
@@ -831,8 +831,8 @@ impl Rig<'_> {
     /// shrinks and replays.
     fn clear(&mut self) -> Result<(), String> {
         clear::<CtKey, CtValue>(&mut self.ebpf, MAP_CT_FWD)?;
-        clear::<BindKey, BindValue>(&mut self.ebpf, MAP_BIND)?;
-        clear::<BindKey, BindValue>(&mut self.ebpf, MAP_BIND_REV)?;
+        clear::<BindKey, BindExt>(&mut self.ebpf, MAP_BIND)?;
+        clear::<BindKey, nat_common::BindValue>(&mut self.ebpf, MAP_BIND_REV)?;
         clear::<CtKey, u8>(&mut self.ebpf, MAP_ADF)?;
         clear::<FragKey, FragValue>(&mut self.ebpf, MAP_FRAG_TRACK)?;
         clear::<nat_common::FragSlot, nat_common::FragHeld>(&mut self.ebpf, MAP_FRAG_HELD)
@@ -841,7 +841,7 @@ impl Rig<'_> {
     /// The external port (or identifier) of a flow's inside endpoint: its
     /// binding's, or the inside one's if it has none (yet).
     fn ext_port(&self, proto: u8, inside: Ipv4Addr, iport: u16) -> u16 {
-        let bind: Vec<(BindKey, BindValue)> = entries(&self.ebpf, MAP_BIND).unwrap_or_default();
+        let bind: Vec<(BindKey, BindExt)> = entries(&self.ebpf, MAP_BIND).unwrap_or_default();
         let key = BindKey::new(proto, raw(inside), iport.to_be());
         bind.iter()
             .find(|(k, _)| *k == key)
@@ -1345,7 +1345,8 @@ mod check {
             _ => (i.dport(), o.dport(), i.sport()),
         };
         let (ext, v) = bound_session(w, i.proto, (ext, iport, rport), o.dst, i.src, "a frame")?;
-        if v.snat_addr_port() == (snat, ext.to_be()) {
+        // The fixture's pool is one address, slot 0.
+        if (v.pool(), v.ext_port) == (0, ext.to_be()) && i.dst == snat {
             Ok(())
         } else {
             Err(format!("let in a frame of session {v:?}"))

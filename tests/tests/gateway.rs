@@ -408,6 +408,16 @@ fn bad_invocations_fail_with_one_clear_line_and_leave_the_host_as_it_was() {
         ("", "--ext ext --int int --max-flows 0", "at least one flow"),
         (
             "",
+            "--ext ext --int int --max-flows 16777217",
+            "above the largest table, 16777216 flows",
+        ),
+        (
+            "",
+            "--ext ext --int int --snat-ip 10.0.0.0/16",
+            "more than 64 addresses",
+        ),
+        (
+            "",
             "--ext ext --int int --max-fragments 0",
             "at least one datagram",
         ),

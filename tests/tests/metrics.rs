@@ -444,19 +444,15 @@ fn at_a_million_sessions_a_scrape_answers_within_50_ms_and_conntrack_reads_them_
             raw(SERVER_IP),
             53u16.to_be(),
         );
-        let value = CtValue {
-            peer: CtKey::new(
-                IPPROTO_UDP,
-                raw(SERVER_IP),
-                53u16.to_be(),
-                raw(NAT_EXT_IP),
-                (i as u16).to_be(),
-            ),
-            last_seen_ns: now,
-            // Answered: table pressure never evicts these.
-            flags: nat_common::CT_F_REPLIED,
-            ..Default::default()
-        };
+        // Pool slot 0 (the gateway's one address), answered: table
+        // pressure never evicts these.
+        let value = CtValue::new(
+            0,
+            (i as u16).to_be(),
+            nat_common::ticks(now),
+            0,
+            nat_common::CT_F_REPLIED,
+        );
         sessions.insert(key, value, 0).expect("inserting a session");
     }
     eprintln!("filled {SESSIONS} sessions in {:?}", filled.elapsed());

@@ -60,7 +60,7 @@ fn stream_sessions(all: &[(CtKey, CtValue)]) -> BTreeMap<(u16, u16), (u16, u8, u
         .map(|(k, v)| {
             (
                 (u16::from_be(k.src_port), u16::from_be(k.dst_port)),
-                (u16::from_be(v.peer.dst_port), v.tcp_state, v.flags),
+                (u16::from_be(v.ext_port), v.tcp_state, v.flags),
             )
         })
         .collect()

@@ -426,6 +426,76 @@ fn adopting_incompatible_pins_fails_clearly_and_changes_nothing() {
     assert_nothing_attached(&lab);
 }
 
+/// `nat-loader check-adoption` with the lab's NICs and pin dir `pins`:
+/// whether it exited 0, and its stdout.
+fn check_adoption(lab: &Lab, pins: &Path) -> (bool, String) {
+    let bin = loader_path().expect("loader binary");
+    let dir = pins.display().to_string();
+    let argv = [
+        &*bin.to_string_lossy(),
+        "check-adoption",
+        "--int",
+        INT_IF,
+        "--ext",
+        EXT_IF,
+        "--bpffs-dir",
+        &dir,
+    ];
+    let out = lab
+        .exec_timeout(Host::Nat, &argv, Duration::from_secs(20))
+        .expect("running check-adoption");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn pins_of_another_layout_version_are_refused_and_check_adoption_says_so_first() {
+    let (_bpffs, pins, lab, mut gw) = pinned(&[]);
+    let streams =
+        EchoStreams::start(&lab, Host::Client1, Host::Server, server(7002), 2).expect("streams");
+    let (ok, out) = check_adoption(&lab, &pins);
+    assert!(ok && out.starts_with("adoptable"), "{out}");
+    gw.signal_and_wait(libc::SIGKILL).expect("SIGKILL");
+    let before = program_ids(&lab);
+
+    // As a build of another layout would have recorded it.
+    let record = pins.join("layout_version");
+    let theirs = nat_common::LAYOUT_VERSION + 1;
+    std::fs::remove_file(&record).expect("the layout record exists");
+    std::os::unix::fs::symlink(theirs.to_string(), &record).expect("rewriting the record");
+
+    let (ok, out) = check_adoption(&lab, &pins);
+    assert!(!ok, "check-adoption accepted another layout: {out}");
+    assert!(
+        out.starts_with("not adoptable")
+            && out.contains(&format!("layout version {theirs}"))
+            && out.contains("nat-loader teardown"),
+        "unclear answer: {out}"
+    );
+    let (ok, stderr) = second_loader(&lab, &pins, &[]);
+    assert!(!ok, "adopted pins of another layout: {stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("nat-loader: error: cannot adopt the pinned dataplane")
+            && last.contains(&format!("layout version {theirs}")),
+        "unclear error: {stderr}"
+    );
+    assert_eq!(program_ids(&lab), before, "programs changed");
+    streams
+        .wait_for_round_trips(20, Duration::from_secs(10))
+        .expect("the old dataplane keeps forwarding");
+    let reports = streams.finish();
+    assert!(reports.iter().all(|r| r.error.is_none()), "{reports:#?}");
+
+    let (ok, log) = teardown(&lab, &pins);
+    assert!(ok, "{log}");
+    assert_nothing_attached(&lab);
+    let (ok, out) = check_adoption(&lab, &pins);
+    assert!(ok && out.starts_with("nothing pinned"), "{out}");
+}
+
 #[test]
 fn a_second_loader_or_teardown_is_refused_while_a_loader_runs() {
     let (_bpffs, pins, lab, mut gw) = pinned(&[]);

@@ -17,7 +17,7 @@
 mod measure;
 mod policy_cost;
 mod report;
-mod scale;
+pub mod scale;
 mod topo;
 
 use std::{

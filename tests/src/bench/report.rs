@@ -363,7 +363,7 @@ impl Report {
             let spread = [Stat::of(&s.spread_ns[0]), Stat::of(&s.spread_ns[1])];
             let _ = writeln!(
                 md,
-                "Conntrack scale (the real programs, `max_flows` = {}): sessions (CT_FWD) {} + bindings and filter (NAT_BIND, NAT_BIND_REV, CT_ADF) {} bytes of map memory (kernel memlock) = **{:.0} bytes per flow**.\n",
+                "Conntrack scale (the real programs, `max_flows` = {}): sessions (CT_FWD) {} + every other map of the object (bindings, filter, pool, fragments, counters) {} bytes of map memory (kernel memlock) = **{:.0} bytes per flow**.\n",
                 s.max_flows,
                 s.fwd_memlock,
                 s.rev_memlock,
@@ -422,7 +422,7 @@ impl Report {
             md,
             "- Offered load: trafgen (netsniff-ng) on CPU {other}, 60-byte frames (64 on the wire) over 28 560 flows with complete checksums, as fast as it can; the gateway's NAPI threads (threaded NAPI on its veths) pinned to CPU {gw}; CPU time is theirs (/proc/<pid>/schedstat) per packet delivered to the sink.\n\
              - TCP (iperf3, 1 stream) and short connections (4 workers, 1-byte request and response, RST close) run with TX checksum offload off on the generator and the sink, so the XDP variants take their fast path for TCP too; latency: UDP ping-pong, one at a time, {rtts} round trips per repeat.\n\
-             - iptables is `{ipt}`; nftables `{nft}`. The conntrack memory is the kernel's memlock accounting of every conntrack map (sessions, bindings, address filter).",
+             - iptables is `{ipt}`; nftables `{nft}`. The map memory is the kernel's memlock accounting of every map of the gateway's object (sessions, bindings, address filter, pool, fragments, counters).",
             other = self.cpus.other,
             gw = self.cpus.gw,
             rtts = self.plan.rtts,

@@ -13,10 +13,7 @@ use aya::{
     maps::{HashMap, MapData},
     programs::Xdp,
 };
-use nat_common::{
-    CtKey, CtValue, IPPROTO_UDP, MAP_ADF, MAP_BIND, MAP_BIND_REV, MAP_CT_FWD, NatConfig,
-    PROG_XDP_INT,
-};
+use nat_common::{CtKey, CtValue, IPPROTO_UDP, MAP_CT_FWD, NatConfig, PROG_XDP_INT};
 use nat_loader::dataplane;
 
 use super::{
@@ -107,7 +104,43 @@ fn frame(t: &Topo, src: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
     .build()
 }
 
-fn memlock(map: &MapData) -> Result<u64> {
+pub fn map_data(map: &aya::maps::Map) -> &MapData {
+    use aya::maps::Map;
+    match map {
+        Map::Array(d)
+        | Map::ArrayOfMaps(d)
+        | Map::BloomFilter(d)
+        | Map::CgroupArray(d)
+        | Map::CgroupStorage(d)
+        | Map::CgrpStorage(d)
+        | Map::CpuMap(d)
+        | Map::DevMap(d)
+        | Map::DevMapHash(d)
+        | Map::HashMap(d)
+        | Map::HashOfMaps(d)
+        | Map::InodeStorage(d)
+        | Map::LpmTrie(d)
+        | Map::LruHashMap(d)
+        | Map::PerCpuArray(d)
+        | Map::PerCpuCgroupStorage(d)
+        | Map::PerCpuHashMap(d)
+        | Map::PerCpuLruHashMap(d)
+        | Map::PerfEventArray(d)
+        | Map::ProgramArray(d)
+        | Map::Queue(d)
+        | Map::ReusePortSockArray(d)
+        | Map::RingBuf(d)
+        | Map::SockHash(d)
+        | Map::SockMap(d)
+        | Map::SkStorage(d)
+        | Map::Stack(d)
+        | Map::StackTraceMap(d)
+        | Map::Unsupported(d)
+        | Map::XskMap(d) => d,
+    }
+}
+
+pub fn memlock(map: &MapData) -> Result<u64> {
     let fd = map.fd().as_fd().as_raw_fd();
     let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))?;
     info.lines()
@@ -148,16 +181,16 @@ fn measure(t: &Topo, cfg: NatConfig, plan: &Plan) -> Result<ScaleResult> {
         ..Default::default()
     };
     {
-        let of = |name: &str| -> Result<u64> {
-            let map = ebpf.map(name).with_context(|| format!("{name} missing"))?;
-            let data: &MapData = match map {
-                aya::maps::Map::HashMap(d) => d,
-                _ => bail!("{name} is not a hash map"),
-            };
-            memlock(data)
-        };
-        res.fwd_memlock = of(MAP_CT_FWD)?;
-        res.rev_memlock = of(MAP_BIND)? + of(MAP_BIND_REV)? + of(MAP_ADF)?;
+        // Every map of the gateway's object: the sessions, and all the
+        // others (bindings, filter, pool, fragments, counters...).
+        for (name, map) in ebpf.maps() {
+            let bytes = memlock(map_data(map))?;
+            if name == MAP_CT_FWD {
+                res.fwd_memlock = bytes;
+            } else {
+                res.rev_memlock += bytes;
+            }
+        }
     }
     // Real flows, created by the program itself.
     let hot: Vec<Vec<u8>> = (0..HOT_FLOWS)
@@ -178,11 +211,7 @@ fn measure(t: &Topo, cfg: NatConfig, plan: &Plan) -> Result<ScaleResult> {
         )?;
         while filled < target {
             let (k, r) = synthetic(filled);
-            let v = CtValue {
-                peer: r,
-                last_seen_ns: now,
-                ..Default::default()
-            };
+            let v = CtValue::new(0, r.dst_port, nat_common::ticks(now), 0, 0);
             fwd.insert(k, v, 0)
                 .with_context(|| format!("inserting session {filled}"))?;
             filled += 1;
