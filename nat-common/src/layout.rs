@@ -347,6 +347,18 @@ pub struct Traffic {
     pub bytes: u64,
 }
 
+impl Traffic {
+    /// The sum of per-CPU entries (counters wrap, as the kernel's do).
+    pub fn sum<'a>(per_cpu: impl IntoIterator<Item = &'a Traffic>) -> Traffic {
+        per_cpu
+            .into_iter()
+            .fold(Traffic::default(), |a, t| Traffic {
+                packets: a.packets.wrapping_add(t.packets),
+                bytes: a.bytes.wrapping_add(t.bytes),
+            })
+    }
+}
+
 /// A fragmented datagram as its fragments carry it on `--ext`: the IP
 /// identification is the same in every fragment (RFC 791). Network order.
 #[repr(C)]

@@ -12,8 +12,7 @@ use std::{
 use aya::maps::{IterableMap, MapData};
 use bytemuck::Pod;
 
-const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
-const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+use crate::sys;
 
 /// Entries asked for per lookup call. A hash map answers a whole bucket at
 /// a time, so the chunk must hold the largest bucket (ENOSPC otherwise:
@@ -35,21 +34,7 @@ struct BatchAttr {
 }
 
 fn bpf(cmd: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {
-    // SAFETY: attr is a live, correctly laid out bpf_attr prefix; the
-    // pointers in it point at buffers of the sizes its count says.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *mut BatchAttr,
-            size_of::<BatchAttr>(),
-        )
-    };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    sys::bpf(cmd, attr).map(|_| ())
 }
 
 fn fd_of<K: aya::Pod, V>(map: &impl IterableMap<K, V>) -> u32 {
@@ -95,7 +80,7 @@ pub fn entries_of<K: Pod, V: Pod>(fd: BorrowedFd<'_>) -> io::Result<Vec<(K, V)>>
             map_fd: fd,
             ..Default::default()
         };
-        let r = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        let r = bpf(sys::BPF_MAP_LOOKUP_BATCH, &mut attr);
         let n = attr.count as usize;
         out.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
         match r {
@@ -134,7 +119,7 @@ where
             map_fd: fd,
             ..Default::default()
         };
-        let r = bpf(BPF_MAP_DELETE_BATCH, &mut attr);
+        let r = bpf(sys::BPF_MAP_DELETE_BATCH, &mut attr);
         let n = attr.count as usize;
         done += n;
         deleted += n;
@@ -148,8 +133,6 @@ where
     }
     Ok(deleted)
 }
-
-const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 
 /// Inserts or replaces `entries` in hash map `map` in batches.
 pub fn update<K, V, M>(map: &M, entries: &[(K, V)]) -> io::Result<()>
@@ -169,7 +152,7 @@ where
             map_fd: fd,
             ..Default::default()
         };
-        bpf(BPF_MAP_UPDATE_BATCH, &mut attr)?;
+        bpf(sys::BPF_MAP_UPDATE_BATCH, &mut attr)?;
         if attr.count as usize != keys.len() {
             return Err(io::Error::other(format!(
                 "batch update stopped after {} of {} entries",

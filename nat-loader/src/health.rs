@@ -573,25 +573,8 @@ pub async fn serve_http(listener: TcpListener, status: watch::Receiver<Status>) 
 /// HTTP/1.0, one request per connection: read the request head, answer,
 /// close. Enough for load balancer probes and curl.
 async fn answer(stream: TcpStream, status: watch::Receiver<Status>) -> std::io::Result<()> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && !buf.windows(2).any(|w| w == b"\n\n") {
-        if buf.len() > 8192 {
-            break;
-        }
-        stream.readable().await?;
-        match stream.try_read(&mut chunk) {
-            Ok(0) => break,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    let request = String::from_utf8_lossy(&buf);
-    let mut parts = request.lines().next().unwrap_or("").split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = path.split('?').next().unwrap_or("");
-    let (code, body) = match (method, path) {
+    let (method, path) = crate::http::request_line(&stream).await?;
+    let (code, body) = match (method.as_str(), path.as_str()) {
         ("GET" | "HEAD", "/healthz") => {
             let s = status.borrow().clone();
             let code = if s.is_healthy() {

@@ -4,14 +4,9 @@
 //! the dataplane.
 
 use std::{
-    ffi::CString,
     io,
-    mem::size_of,
     net::Ipv4Addr,
-    os::{
-        fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
-        unix::ffi::OsStrExt,
-    },
+    os::fd::{AsFd, AsRawFd, OwnedFd},
     path::Path,
 };
 
@@ -23,19 +18,7 @@ use nat_common::{
 };
 use serde_json::{Value, json};
 
-use crate::{batch, conntrack::Flow, pins::PinDir, stats::Stats};
-
-const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
-const BPF_OBJ_GET: libc::c_long = 7;
-const BPF_F_RDONLY: u32 = 1 << 3;
-
-#[repr(C)]
-#[derive(Default)]
-struct ObjGetAttr {
-    pathname: u64,
-    bpf_fd: u32,
-    file_flags: u32,
-}
+use crate::{batch, conntrack::Flow, pins::PinDir, stats::Stats, sys};
 
 #[repr(C)]
 #[derive(Default)]
@@ -45,24 +28,6 @@ struct ElemAttr {
     key: u64,
     value: u64,
     flags: u64,
-}
-
-fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
-    // SAFETY: attr is a live bpf_attr prefix of size_of::<T>() bytes whose
-    // pointers point at buffers that outlive the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *mut T as *mut u8,
-            size_of::<T>(),
-        )
-    };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(rc)
-    }
 }
 
 /// Opens the pinned map `name` of `pins` read-only.
@@ -78,16 +43,7 @@ pub fn open_map(pins: &PinDir, name: &str) -> Result<OwnedFd> {
 }
 
 fn open_rdonly(path: &Path) -> io::Result<OwnedFd> {
-    let c = CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    let mut attr = ObjGetAttr {
-        pathname: c.as_ptr() as u64,
-        file_flags: BPF_F_RDONLY,
-        ..Default::default()
-    };
-    let fd = bpf(BPF_OBJ_GET, &mut attr)?;
-    // SAFETY: BPF_OBJ_GET returned a new fd that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    sys::obj_get(path, sys::BPF_F_RDONLY)
 }
 
 /// The counters of the per-CPU stats array behind `fd`, summed over CPUs.
@@ -106,7 +62,7 @@ pub fn read_stats(fd: &OwnedFd) -> Result<Stats> {
                 value: per_cpu.as_mut_ptr() as u64,
                 ..Default::default()
             };
-            bpf(BPF_MAP_LOOKUP_ELEM, &mut attr)
+            sys::bpf(sys::BPF_MAP_LOOKUP_ELEM, &mut attr)
                 .with_context(|| format!("reading stats slot {idx}"))?;
             *total = per_cpu.iter().sum();
         }
@@ -131,12 +87,9 @@ pub fn read_traffic(fd: &OwnedFd) -> Result<Vec<(&'static str, &'static str, Tra
                 value: per_cpu.as_mut_ptr() as u64,
                 ..Default::default()
             };
-            bpf(BPF_MAP_LOOKUP_ELEM, &mut attr)
+            sys::bpf(sys::BPF_MAP_LOOKUP_ELEM, &mut attr)
                 .with_context(|| format!("reading traffic slot {idx}"))?;
-            let sum = per_cpu.iter().fold(Traffic::default(), |a, t| Traffic {
-                packets: a.packets.wrapping_add(t.packets),
-                bytes: a.bytes.wrapping_add(t.bytes),
-            });
+            let sum = Traffic::sum(per_cpu.iter());
             out.push((dir_label, proto_label, sum));
         }
     }

@@ -419,25 +419,8 @@ pub async fn serve(listener: TcpListener, sources: Arc<Sources>) {
 }
 
 async fn answer(mut stream: TcpStream, sources: Arc<Sources>) -> std::io::Result<()> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && !buf.windows(2).any(|w| w == b"\n\n") {
-        if buf.len() > 8192 {
-            break;
-        }
-        stream.readable().await?;
-        match stream.try_read(&mut chunk) {
-            Ok(0) => break,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    let request = String::from_utf8_lossy(&buf);
-    let mut parts = request.lines().next().unwrap_or("").split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = path.split('?').next().unwrap_or("");
-    let (code, ctype, body) = match (method, path) {
+    let (method, path) = crate::http::request_line(&stream).await?;
+    let (code, ctype, body) = match (method.as_str(), path.as_str()) {
         ("GET", "/metrics") => {
             // The map reads are syscalls: off the runtime's one thread.
             let s = Arc::clone(&sources);

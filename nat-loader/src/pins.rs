@@ -16,7 +16,6 @@
 //! the "1" an earlier loader left behind.
 
 use std::{
-    ffi::CString,
     fs, io,
     os::unix::ffi::OsStrExt,
     path::{Path, PathBuf},
@@ -34,7 +33,7 @@ use nat_common::{
 };
 use tracing::{info, warn};
 
-use crate::mounts;
+use crate::{mounts, sys};
 
 /// Default `--bpffs-dir`.
 pub const DEFAULT_DIR: &str = "/sys/fs/bpf/nat-gateway";
@@ -529,18 +528,8 @@ fn mount_bpffs(at: &Path) -> Result<()> {
 
 // The link's interface is in `bpf_link_info`'s union, which aya 0.14 does
 // not expose; two plain bpf(2) calls read it.
-const BPF_OBJ_GET: libc::c_long = 7;
-const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_TYPE_XDP: u32 = 6;
 const BPF_LINK_TYPE_TCX: u32 = 11;
-
-#[repr(C)]
-#[derive(Default)]
-struct ObjGetAttr {
-    pathname: u64,
-    bpf_fd: u32,
-    file_flags: u32,
-}
 
 #[repr(C)]
 #[derive(Default)]
@@ -561,17 +550,6 @@ struct LinkInfoRaw {
     union_: [u8; 64],
 }
 
-fn bpf(cmd: libc::c_long, attr: *mut u8, size: usize) -> io::Result<libc::c_long> {
-    // SAFETY: attr points at a live, correctly laid out bpf_attr prefix of
-    // `size` bytes.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr, size) };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(rc)
-    }
-}
-
 /// The interface a pinned XDP or TCX link is attached to (0: none any
 /// more, its interface is gone).
 pub fn link_ifindex(pin: &Path) -> Result<u32> {
@@ -580,20 +558,7 @@ pub fn link_ifindex(pin: &Path) -> Result<u32> {
 
 /// (program id, ifindex) of a pinned XDP or TCX link.
 pub fn link_info(pin: &Path) -> Result<(u32, u32)> {
-    use std::os::fd::{FromRawFd, OwnedFd};
-    let c = CString::new(pin.as_os_str().as_bytes()).context("path with a NUL byte")?;
-    let mut get = ObjGetAttr {
-        pathname: c.as_ptr() as u64,
-        ..Default::default()
-    };
-    let fd = bpf(
-        BPF_OBJ_GET,
-        (&mut get as *mut ObjGetAttr).cast(),
-        size_of::<ObjGetAttr>(),
-    )
-    .with_context(|| format!("BPF_OBJ_GET {}", pin.display()))?;
-    // SAFETY: a fresh fd the kernel just returned; we own it.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let fd = sys::obj_get(pin, 0).with_context(|| format!("BPF_OBJ_GET {}", pin.display()))?;
     let mut info = LinkInfoRaw {
         link_type: 0,
         id: 0,
@@ -606,12 +571,8 @@ pub fn link_info(pin: &Path) -> Result<(u32, u32)> {
         info_len: size_of::<LinkInfoRaw>() as u32,
         info: (&mut info as *mut LinkInfoRaw) as u64,
     };
-    bpf(
-        BPF_OBJ_GET_INFO_BY_FD,
-        (&mut attr as *mut InfoByFdAttr).cast(),
-        size_of::<InfoByFdAttr>(),
-    )
-    .with_context(|| format!("BPF_OBJ_GET_INFO_BY_FD {}", pin.display()))?;
+    sys::bpf(sys::BPF_OBJ_GET_INFO_BY_FD, &mut attr)
+        .with_context(|| format!("BPF_OBJ_GET_INFO_BY_FD {}", pin.display()))?;
     if info.link_type != BPF_LINK_TYPE_XDP && info.link_type != BPF_LINK_TYPE_TCX {
         bail!(
             "{} is a BPF link of type {}, not XDP or TCX",

@@ -100,10 +100,7 @@ pub fn read_traffic<T: std::borrow::Borrow<MapData>>(
             let per_cpu = map
                 .get(&idx, 0)
                 .with_context(|| format!("reading traffic slot {idx}"))?;
-            let sum = per_cpu.iter().fold(Traffic::default(), |a, t| Traffic {
-                packets: a.packets.wrapping_add(t.packets),
-                bytes: a.bytes.wrapping_add(t.bytes),
-            });
+            let sum = Traffic::sum(per_cpu.iter());
             out.push((dir_label, proto_label, sum));
         }
     }
