@@ -177,13 +177,15 @@ pub fn tc(
             }
             Err(_) => (TC_ACT_SHOT, stats::DROP_INTERNAL),
         },
-        e => match send(ctx, e, fwd_reason, || rewrite::skb(ctx, rw), clamp) {
-            Ok(r) => {
-                if r.1 == fwd_reason {
-                    crate::stats::traffic(hook, rw.proto, ctx.len() as u64);
-                }
-                r
-            }
+        e => match send(
+            ctx,
+            e,
+            fwd_reason,
+            (hook, rw.proto),
+            || rewrite::skb(ctx, rw),
+            clamp,
+        ) {
+            Ok(r) => r,
             Err(reason) => (TC_ACT_SHOT, reason),
         },
     }
@@ -192,13 +194,16 @@ pub fn tc(
 /// TC: the one way a rewritten packet leaves. Applies `rewrite` just
 /// before, sets the MACs (or leaves them to `bpf_redirect_neigh`), calls
 /// `last` with the egress NIC and the next hop to resolve (0: MACs set),
-/// the last chance to hand the packet to another program, and redirects.
-/// Returns the verdict and the reason to count, or the drop reason.
+/// the last chance to hand the packet to another program, and redirects,
+/// counting the packet in the traffic counters as `traffic` (hook,
+/// protocol) says. Returns the verdict and the reason to count, or the
+/// drop reason.
 #[inline(always)]
 pub fn send(
     ctx: &TcContext,
     egress: Egress,
     fwd_reason: u32,
+    traffic: (u32, u8),
     rewrite: impl FnOnce() -> Result<(), i64>,
     last: impl FnOnce(u32, u32),
 ) -> Result<(i32, u32), u32> {
@@ -211,12 +216,16 @@ pub fn send(
             rewrite().map_err(|_| stats::DROP_INTERNAL)?;
             macs(ctx, smac, dmac).map_err(|_| stats::DROP_INTERNAL)?;
             last(ifindex, 0);
-            Ok((unsafe { bpf_redirect(ifindex, 0) } as i32, fwd_reason))
+            let action = unsafe { bpf_redirect(ifindex, 0) } as i32;
+            crate::stats::traffic(traffic.0, traffic.1, ctx.len() as u64);
+            Ok((action, fwd_reason))
         }
         Egress::Neigh { ifindex, nexthop } => {
             rewrite().map_err(|_| stats::DROP_INTERNAL)?;
             last(ifindex, nexthop);
-            Ok((redirect_neigh(ifindex, nexthop), fwd_reason))
+            let action = redirect_neigh(ifindex, nexthop);
+            crate::stats::traffic(traffic.0, traffic.1, ctx.len() as u64);
+            Ok((action, fwd_reason))
         }
         // Only translated packets are fragmented by the kernel (tc above);
         // these (hairpinned packets, ICMP errors, following fragments) go

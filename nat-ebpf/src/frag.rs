@@ -250,7 +250,7 @@ fn following_out(ctx: &TcContext, ip: &Ipv4, cfg: &NatConfig) -> (i32, u32) {
         new: snat,
         ttl: ip.ttl,
     };
-    forward_following(ctx, &rw, route, cfg.ext_ifindex)
+    forward_following(ctx, &rw, route, cfg.ext_ifindex, (HOOK_TC_INT, ip.proto))
 }
 
 /// A following inbound fragment: to the inside address its first fragment
@@ -292,7 +292,7 @@ fn following_in(
         new: inside,
         ttl: ip.ttl,
     };
-    forward_following(ctx, &rw, route, cfg.int_ifindex)
+    forward_following(ctx, &rw, route, cfg.int_ifindex, (HOOK_TC_EXT, ip.proto))
 }
 
 /// Keeps a copy of a fragment that came before its first fragment (the
@@ -431,12 +431,14 @@ fn forward_following(
     rw: &AddrRewrite,
     route: Route,
     egress_if: u32,
+    traffic: (u32, u8),
 ) -> (i32, u32) {
     let egress = forward::egress(route, egress_if);
     match forward::send(
         ctx,
         egress,
         stats::TC_FRAG_FWD,
+        traffic,
         || rewrite(ctx, rw),
         |_, _| {},
     ) {

@@ -108,6 +108,7 @@ fn try_nat_tc_hairpin(ctx: &TcContext) -> Result<(i32, u32), u32> {
         ctx,
         forward::egress(route, cfg.int_ifindex),
         stats::TC_HAIRPIN_FWD,
+        (HOOK_TC_INT, ip.proto),
         || rewrite::addr_port(ctx, &rw),
         |_, _| {},
     )

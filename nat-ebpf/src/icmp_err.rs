@@ -22,7 +22,7 @@ use aya_ebpf::{
 };
 use nat_common::{
     BindKey, CtKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, NatConfig, csum,
-    stats::{self, HOOK_TC_INT},
+    stats::{self, HOOK_TC_EXT, HOOK_TC_INT},
 };
 
 use crate::{
@@ -184,6 +184,7 @@ fn try_inbound(ctx: &TcContext, ip: &Ipv4, cfg: &NatConfig) -> Result<(i32, u32)
         ctx,
         forward::egress(route, cfg.int_ifindex),
         stats::TC_IN_ICMP_ERROR_FWD,
+        (HOOK_TC_EXT, IPPROTO_ICMP),
         || rewrite_in(ctx, ip, &q, inside, iport),
         |_, _| {},
     )
@@ -291,6 +292,7 @@ fn outbound(ctx: &TcContext, ip: &Ipv4, cfg: &NatConfig) -> Result<(i32, u32), u
         ctx,
         forward::egress(route, egress_if),
         stats::TC_OUT_ICMP_ERROR_FWD,
+        (HOOK_TC_INT, IPPROTO_ICMP),
         || rewrite_out(ctx, ip, &q, &rw),
         |_, _| {},
     )

@@ -14,7 +14,7 @@ use aya_ebpf::{
     bindings::TC_ACT_SHOT, helpers::bpf_redirect, macros::classifier, programs::TcContext,
 };
 use nat_common::{
-    mss,
+    IPPROTO_TCP, mss,
     stats::{self, HOOK_TC_EXT, HOOK_TC_INT},
 };
 
@@ -61,6 +61,7 @@ fn try_nat_tc_mss(ctx: &TcContext, h: &MssHandOver) -> (i32, u32, bool) {
     } else {
         forward::redirect_neigh(h.ifindex, h.nexthop)
     };
+    crate::stats::traffic(h.hook, IPPROTO_TCP, ctx.len() as u64);
     (action, h.reason, clamped)
 }
 

@@ -174,6 +174,17 @@ fn binds_out(ebpf: &Ebpf) -> Vec<(BindKey, BindExt)> {
     entries(ebpf, MAP_BIND).expect("the inside halves of the bindings")
 }
 
+/// The traffic counters (summed over CPUs) of `dir` and `proto`.
+fn traffic_of(ebpf: &Ebpf, dir: u32, proto: u8) -> nat_common::Traffic {
+    let map: PerCpuArray<&MapData, nat_common::Traffic> =
+        PerCpuArray::try_from(ebpf.map(nat_common::MAP_TRAFFIC).expect("the traffic map"))
+            .expect("a per-CPU array");
+    let per_cpu = map
+        .get(&stats::traffic_slot(dir, proto), 0)
+        .expect("a traffic slot");
+    nat_common::Traffic::sum(per_cpu.iter())
+}
+
 fn ct(ebpf: &Ebpf, name: &str) -> Vec<(CtKey, CtValue)> {
     entries(ebpf, name).expect("the session map")
 }
@@ -702,8 +713,10 @@ fn syn_mss_option_is_clamped_by_tc_with_a_valid_checksum() {
         let (xv, _) = run_xdp(ebpf, PROG_XDP_INT, &first);
         let (tv1, out1) = run_tc(ebpf, PROG_TC_INT, &first);
         let (tv2, out2) = run_tc(ebpf, PROG_TC_INT, &odd);
-        (xv, tv1, out1, tv2, out2, stats_of(ebpf))
+        let t = traffic_of(ebpf, stats::DIR_OUTBOUND, nat_common::IPPROTO_TCP);
+        (xv, tv1, out1, tv2, out2, (stats_of(ebpf), t))
     });
+    let (st, traffic) = st;
     assert_eq!(xv, XDP_PASS, "XDP hands SYNs to TC when clamping");
     assert_eq!(st.get(HOOK_XDP_INT, stats::XDP_TO_TC_MSS), 1);
     assert_eq!((tv1, tv2), (TC_ACT_REDIRECT, TC_ACT_REDIRECT));
@@ -717,6 +730,34 @@ fn syn_mss_option_is_clamped_by_tc_with_a_valid_checksum() {
     assert!(checksums_valid(&out1));
     assert!(checksums_valid(&out2));
     assert_eq!(st.get(HOOK_TC_INT, stats::EV_MSS_CLAMPED), 2);
+    // They left from the clamping program: counted there, as they left.
+    assert_eq!(
+        (traffic.packets, traffic.bytes),
+        (2, (out1.len() + out2.len()) as u64),
+        "traffic counters of the clamped SYNs"
+    );
+}
+
+/// A fragmented datagram leaves in pieces sent by the fragment programs
+/// (the first fragment as translated, the following ones as tracked): the
+/// traffic counters count each frame that left, in its bytes.
+#[test]
+fn traffic_counters_count_fragments_as_they_leave() {
+    let fx = Fixture::new();
+    let datagram = fx.outbound(udp_ports(40500, 53), &[0x5a; 100]).build();
+    let frags = fragments(&datagram, 5, 0x4321);
+    assert_eq!(frags.len(), 3);
+    let (outs, traffic) = fx.run_default(|ebpf| {
+        let outs: Vec<(u32, Vec<u8>)> =
+            frags.iter().map(|f| run_tc(ebpf, PROG_TC_INT, f)).collect();
+        let t = traffic_of(ebpf, stats::DIR_OUTBOUND, nat_common::IPPROTO_UDP);
+        (outs, t)
+    });
+    for (i, (verdict, _)) in outs.iter().enumerate() {
+        assert_eq!(*verdict, TC_ACT_REDIRECT, "fragment {i} forwarded");
+    }
+    let bytes: usize = outs.iter().map(|(_, f)| f.len()).sum();
+    assert_eq!((traffic.packets, traffic.bytes), (3, bytes as u64));
 }
 
 /// The ICMP error the gateway must send back for `p` (an Ethernet frame
