@@ -241,6 +241,11 @@ reasons! {
     /// draining, or none given yet: `--snat-ip auto` on an `--ext` without
     /// addresses).
     DROP_NO_SNAT_ADDRESS = 65, "drop_no_snat_address", Verdict;
+    /// Event: the ICMP error or TCP RST answering a packet already dropped
+    /// (out of ports, or denied by the egress policy) could not be built
+    /// (a quote too short, a helper failing): the packet's verdict stays
+    /// the drop `nat_tc_int` counted, the answer is not sent.
+    EV_ANSWER_NOT_BUILT = 66, "event_answer_not_built", Event;
 }
 
 /// The reasons of a packet sent on its way out of a NIC (by a redirect, or

@@ -31,7 +31,8 @@ use crate::{
 pub fn nat_tc_policy_rst(ctx: TcContext) -> i32 {
     let (action, event) = match try_reset(&ctx, config()) {
         Ok(r) => r,
-        Err(reason) => (TC_ACT_SHOT, Some(reason)),
+        // The drop is counted already (nat_tc_int): not a second verdict.
+        Err(_) => (TC_ACT_SHOT, Some(stats::EV_ANSWER_NOT_BUILT)),
     };
     if let Some(e) = event {
         count(HOOK_TC_INT, e);

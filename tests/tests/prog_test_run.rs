@@ -738,6 +738,33 @@ fn syn_mss_option_is_clamped_by_tc_with_a_valid_checksum() {
     );
 }
 
+/// The answering tail programs run after `nat_tc_int` counted the packet's
+/// drop: an answer they cannot build (here, a frame whose IP header says
+/// it is 10 bytes long) is an event, never a second verdict for the same
+/// packet.
+#[test]
+fn an_answer_that_cannot_be_built_is_an_event_not_a_second_verdict() {
+    let fx = Fixture::new();
+    let syn = fx.outbound_tcp(41100, TCP_SYN, Csum::Full).build();
+    let mut cut = syn.clone();
+    cut[16..18].copy_from_slice(&10u16.to_be_bytes());
+    let (verdicts, st) = fx.run_default(|ebpf| {
+        let v: Vec<u32> = [nat_common::PROG_TC_NO_PORT, nat_common::PROG_TC_POLICY_RST]
+            .iter()
+            .map(|p| run_tc(ebpf, p, &cut).0)
+            .collect();
+        (v, stats_of(ebpf))
+    });
+    assert_eq!(verdicts, vec![TC_ACT_SHOT, TC_ACT_SHOT]);
+    let counted_verdicts: u64 = stats::LABELS
+        .iter()
+        .filter(|(r, _)| stats::kind(*r) == Some(stats::Kind::Verdict))
+        .map(|(r, _)| st.get(HOOK_TC_INT, *r))
+        .sum();
+    assert_eq!(counted_verdicts, 0, "no verdict of their own");
+    assert_eq!(st.get(HOOK_TC_INT, stats::EV_ANSWER_NOT_BUILT), 2);
+}
+
 /// A fragmented datagram leaves in pieces sent by the fragment programs
 /// (the first fragment as translated, the following ones as tracked): the
 /// traffic counters count each frame that left, in its bytes.
