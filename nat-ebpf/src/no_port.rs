@@ -67,15 +67,7 @@ pub fn nat_tc_no_port(ctx: TcContext) -> i32 {
             stats::EV_ICMP_NO_PORT_RATE_LIMITED,
         )
     };
-    let (action, event) = match try_nat_tc_no_port(&ctx, config(), events) {
-        Ok(r) => r,
-        // The drop is counted already (nat_tc_int): not a second verdict.
-        Err(_) => (TC_ACT_SHOT, Some(stats::EV_ANSWER_NOT_BUILT)),
-    };
-    if let Some(e) = event {
-        count(HOOK_TC_INT, e);
-    }
-    action
+    tail::answered(try_nat_tc_no_port(&ctx, config(), events))
 }
 
 /// XDP's part: with the rate limit not spent, hand the packet to TC, which

@@ -29,15 +29,7 @@ use crate::{
 /// `nat_tc_int`'s hook: the drop was counted there.
 #[classifier]
 pub fn nat_tc_policy_rst(ctx: TcContext) -> i32 {
-    let (action, event) = match try_reset(&ctx, config()) {
-        Ok(r) => r,
-        // The drop is counted already (nat_tc_int): not a second verdict.
-        Err(_) => (TC_ACT_SHOT, Some(stats::EV_ANSWER_NOT_BUILT)),
-    };
-    if let Some(e) = event {
-        count(HOOK_TC_INT, e);
-    }
-    action
+    tail::answered(try_reset(&ctx, config()))
 }
 
 /// `nat_tc_int`'s part: counts the drop and hands the packet over.

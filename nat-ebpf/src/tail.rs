@@ -11,10 +11,10 @@
 //! ([`MssHandOver`]; and for `nat_tc_no_port`, why it answers:
 //! [`call_with_why`]).
 
-use aya_ebpf::programs::TcContext;
-use nat_common::stats;
+use aya_ebpf::{bindings::TC_ACT_SHOT, programs::TcContext};
+use nat_common::stats::{self, HOOK_TC_INT};
 
-use crate::maps::TAILS;
+use crate::{maps::TAILS, stats::count};
 
 /// Hands the packet to the program in `slot`. Returns only if the slot is
 /// empty (a loader bug), with the reason to count for dropping it.
@@ -24,6 +24,22 @@ pub fn call(ctx: &TcContext, slot: u32) -> u32 {
     // either does not return or leaves the context as it was.
     unsafe { TAILS.tail_call(ctx, slot) };
     stats::DROP_INTERNAL
+}
+
+/// The end of a program that answers a packet `nat_tc_int` already counted
+/// as dropped (`nat_tc_no_port`, `nat_tc_policy_rst`): it counts events
+/// only, at `nat_tc_int`'s hook; an answer it could not build is the event
+/// `event_answer_not_built`, never a second verdict. Returns the verdict.
+#[inline(always)]
+pub fn answered(r: Result<(i32, Option<u32>), u32>) -> i32 {
+    let (action, event) = match r {
+        Ok(r) => r,
+        Err(_) => (TC_ACT_SHOT, Some(stats::EV_ANSWER_NOT_BUILT)),
+    };
+    if let Some(e) = event {
+        count(HOOK_TC_INT, e);
+    }
+    action
 }
 
 /// Hands the packet to the program in `slot` with `why` in the control
