@@ -415,19 +415,25 @@ fn adopting_incompatible_pins_fails_clearly_and_changes_nothing() {
     );
     assert_eq!(program_ids(&lab), before, "programs changed");
     assert_pinned_dataplane(&pins);
+    the_old_dataplane_forwards_until_torn_down(&lab, &pins, streams);
+}
+
+/// `nat-loader check-adoption` with the lab's NICs and pin dir `pins`:
+/// whether it exited 0, and its stdout.
+/// After a refused adoption: the dataplane left pinned in `pins` still
+/// carries `streams`, none of which broke, and `nat-loader teardown` then
+/// removes every program.
+fn the_old_dataplane_forwards_until_torn_down(lab: &Lab, pins: &Path, streams: EchoStreams) {
     streams
         .wait_for_round_trips(20, Duration::from_secs(10))
         .expect("the old dataplane keeps forwarding");
     let reports = streams.finish();
     assert!(reports.iter().all(|r| r.error.is_none()), "{reports:#?}");
-
-    let (ok, log) = teardown(&lab, &pins);
+    let (ok, log) = teardown(lab, pins);
     assert!(ok, "{log}");
-    assert_nothing_attached(&lab);
+    assert_nothing_attached(lab);
 }
 
-/// `nat-loader check-adoption` with the lab's NICs and pin dir `pins`:
-/// whether it exited 0, and its stdout.
 fn check_adoption(lab: &Lab, pins: &Path) -> (bool, String) {
     let bin = loader_path().expect("loader binary");
     let dir = pins.display().to_string();
@@ -483,15 +489,7 @@ fn pins_of_another_layout_version_are_refused_and_check_adoption_says_so_first()
         "unclear error: {stderr}"
     );
     assert_eq!(program_ids(&lab), before, "programs changed");
-    streams
-        .wait_for_round_trips(20, Duration::from_secs(10))
-        .expect("the old dataplane keeps forwarding");
-    let reports = streams.finish();
-    assert!(reports.iter().all(|r| r.error.is_none()), "{reports:#?}");
-
-    let (ok, log) = teardown(&lab, &pins);
-    assert!(ok, "{log}");
-    assert_nothing_attached(&lab);
+    the_old_dataplane_forwards_until_torn_down(&lab, &pins, streams);
     let (ok, out) = check_adoption(&lab, &pins);
     assert!(ok && out.starts_with("nothing pinned"), "{out}");
 }
@@ -580,6 +578,7 @@ fn a_pinned_link_whose_interface_was_recreated_is_replaced_by_a_fresh_one() {
 /// Pins, at `path`, a new per-CPU array of `entries` u64 counters: what
 /// an older or newer build with another number of reasons would have left.
 fn pin_percpu_array(path: &Path, entries: u32) {
+    use nat_loader::sys;
     use std::os::unix::ffi::OsStrExt;
     #[repr(C)]
     #[derive(Default)]
@@ -607,27 +606,18 @@ fn pin_percpu_array(path: &Path, entries: u32) {
         max_entries: entries,
         map_flags: 0,
     };
-    let fd = bpf(BPF_MAP_CREATE, &mut create);
-    let err = std::io::Error::last_os_error();
-    assert!(fd >= 0, "BPF_MAP_CREATE: {err}");
+    let fd = sys::bpf(BPF_MAP_CREATE, &mut create).expect("BPF_MAP_CREATE");
     let c = std::ffi::CString::new(path.as_os_str().as_bytes()).expect("path");
     let mut pin = ObjPin {
         pathname: c.as_ptr() as u64,
         bpf_fd: fd as u32,
         file_flags: 0,
     };
-    let rc = bpf(BPF_OBJ_PIN, &mut pin);
-    let err = std::io::Error::last_os_error();
+    let rc = sys::bpf(BPF_OBJ_PIN, &mut pin);
     // SAFETY: our fd; the pin keeps the map.
     unsafe { libc::close(fd as i32) };
-    assert_eq!(rc, 0, "BPF_OBJ_PIN {}: {err}", path.display());
-}
-
-/// bpf(2) `cmd` with `attr`, the prefix of `union bpf_attr` it reads.
-fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> libc::c_long {
-    // SAFETY: `attr` is live for the call and its size is passed along;
-    // the kernel reads no further.
-    unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, size_of::<T>()) }
+    let rc = rc.unwrap_or_else(|e| panic!("BPF_OBJ_PIN {}: {e}", path.display()));
+    assert_eq!(rc, 0, "BPF_OBJ_PIN {}", path.display());
 }
 
 #[test]
