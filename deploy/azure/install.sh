@@ -270,6 +270,20 @@ else
     log "installed $PACKAGE $(dpkg-query -W -f='${Version}' "$PACKAGE")"
 fi
 
+# Installs netplan file $2 from temporary file $1 and applies it, unless it
+# holds that already; $3 says what it sets, for the log.
+install_plan() {
+    if cmp -s "$1" "$2"; then
+        log "$2 already up to date"
+        rm -f "$1"
+    else
+        install -D -m 0600 "$1" "$2"
+        rm -f "$1"
+        log "wrote $2 ($3); applying"
+        netplan apply
+    fi
+}
+
 # --- 5. replies from the internal NIC leave through it -------------------------
 if [ "$policy_routing" -eq 1 ]; then
     int_ip=$(imds_nic_field 1 ip)
@@ -292,15 +306,7 @@ network:
         - from: $int_ip/32
           table: 200
 EOF
-    if cmp -s "$new_plan" "$NETPLAN_FILE"; then
-        log "$NETPLAN_FILE already up to date"
-        rm -f "$new_plan"
-    else
-        install -D -m 0600 "$new_plan" "$NETPLAN_FILE"
-        rm -f "$new_plan"
-        log "wrote $NETPLAN_FILE (from $int_ip via $int_gw, table 200); applying"
-        netplan apply
-    fi
+    install_plan "$new_plan" "$NETPLAN_FILE" "from $int_ip via $int_gw, table 200"
 fi
 
 # --- 5b. the external NIC's further IP configurations: the SNAT pool -----------
@@ -323,15 +329,7 @@ for a in v4["ipAddress"][1:]:
                 "    $ext_if:" "      addresses:"
             printf '%s\n' "$ext_extra" | sed 's/^/        - /'
         } >"$new_plan"
-        if cmp -s "$new_plan" "$NETPLAN_EXT_FILE"; then
-            log "$NETPLAN_EXT_FILE already up to date"
-            rm -f "$new_plan"
-        else
-            install -D -m 0600 "$new_plan" "$NETPLAN_EXT_FILE"
-            rm -f "$new_plan"
-            log "wrote $NETPLAN_EXT_FILE ($(printf '%s' "$ext_extra" | tr '\n' ' ')); applying"
-            netplan apply
-        fi
+        install_plan "$new_plan" "$NETPLAN_EXT_FILE" "$(printf '%s' "$ext_extra" | tr '\n' ' ')"
     fi
 fi
 
