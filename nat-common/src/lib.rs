@@ -12,6 +12,7 @@
 #![cfg_attr(not(test), no_std)]
 
 pub mod addr;
+pub mod bench;
 pub mod binding;
 pub mod csum;
 pub mod icmp_rate;
@@ -245,13 +246,11 @@ pub const IPPROTO_UDP: u8 = 17;
 
 /// Benchmark-only programs and maps (`cargo xtask bench`): the forward-only
 /// XDP program (the ceiling of the topology), the sink's counter and the
-/// generator's redirect. The loader never loads or attaches them.
+/// generator (run through BPF_PROG_RUN's live frames; its traffic: [`bench`]).
+/// The loader never loads or attaches them.
 pub const PROG_XDP_FWD_ONLY: &str = "xdp_fwd_only";
 pub const PROG_BENCH_SINK: &str = "bench_sink";
 pub const MAP_BENCH_SINK: &str = "BENCH_SINK";
-pub const PROG_BENCH_REDIRECT: &str = "bench_redirect";
+pub const PROG_BENCH_GEN: &str = "bench_gen";
 pub const PROG_BENCH_PASS: &str = "bench_pass";
-pub const MAP_BENCH_REDIRECT: &str = "BENCH_REDIRECT";
-/// UDP destination port of the benchmark's blast, counted and dropped by
-/// [`PROG_BENCH_SINK`].
-pub const BENCH_SINK_PORT: u16 = 9;
+pub const MAP_BENCH_GEN: &str = "BENCH_GEN";

@@ -1,5 +1,5 @@
 //! The benchmark's programs (`cargo xtask bench`): the forward-only XDP
-//! program that is the ceiling of a topology, the generator's redirect and
+//! program that is the ceiling of a topology, the generator and
 //! the sink's counter (see fwd.rs). An object of their own: the gateway's
 //! object (main.rs) carries only what the loader attaches.
 #![no_std]

@@ -5,7 +5,6 @@
 use std::{
     io::{Read, Write},
     net::{SocketAddrV4, TcpListener, TcpStream, UdpSocket},
-    path::Path,
     process::{Child, Stdio},
     sync::atomic::{AtomicBool, AtomicU64, Ordering},
     time::{Duration, Instant},
@@ -14,8 +13,10 @@ use std::{
 use anyhow::{Context, Result, bail};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
-use super::topo::{GEN_EXTRA_COUNT, GEN_EXTRA_FIRST, Role, SINK_IP, Topo, pin, task_cpu_ns};
-use nat_common::BENCH_SINK_PORT;
+use super::{
+    generator::{self, Blast},
+    topo::{Role, SINK_IP, Topo, pin, task_cpu_ns},
+};
 
 /// Where the work runs: the gateway's NAPI threads on one CPU, everything
 /// else (generator, sink, their NAPI threads) on the other.
@@ -55,43 +56,13 @@ pub struct PpsSample {
     pub gw_busy: f64,
 }
 
-/// The trafgen configuration: 60-byte frames (64 on the wire with the FCS),
-/// addressed to the gateway as if sent by `gen_if` (bench_redirect puts them
-/// there untouched),
-/// UDP to the sink's counted port, from 16 source addresses and 1785 source
-/// ports. The three counters have coprime periods (16, 7, 255), so the blast
-/// cycles through 28 560 distinct flows. trafgen recomputes both checksums
-/// per packet: complete checksums, like a real NIC delivers them.
-pub fn trafgen_config(t: &Topo) -> String {
-    let mac = |m: [u8; 6]| {
-        m.iter()
-            .map(|b| format!("0x{b:02x}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    let s = SINK_IP.octets();
-    format!(
-        "{{\n  {dst}, {src}, c16(0x0800),\n  \
-         0x45, 0x00, c16(46), c16(0), c16(0x4000), 64, 17, csumip(14, 33),\n  \
-         10, 1, 0, dinc({first}, {last}),\n  \
-         {s0}, {s1}, {s2}, {s3},\n  \
-         dinc(0x10, 0x16), dinc(0x00, 0xfe), c16({port}), c16(26), csumudp(14, 34),\n  \
-         fill(0x00, 18),\n}}\n",
-        dst = mac(t.gw_int.mac),
-        src = mac(t.gen_if.mac),
-        first = GEN_EXTRA_FIRST,
-        last = GEN_EXTRA_FIRST + GEN_EXTRA_COUNT - 1,
-        s0 = s[0],
-        s1 = s[1],
-        s2 = s[2],
-        s3 = s[3],
-        port = BENCH_SINK_PORT,
-    )
-}
+/// Flows of the 64-byte blast: enough that the session lookups miss the
+/// cache the way a busy gateway's do (the blast of the earlier,
+/// trafgen-driven runs used as many).
+pub const BLAST_FLOWS: u64 = 28_560;
 
 /// A process started in its own process group ([`spawn_group`]); the whole
-/// group is SIGINTed, then killed, when dropped. trafgen forks its workers,
-/// which a signal to the parent alone would leave running.
+/// group is SIGINTed, then killed, when dropped.
 struct Running(Child);
 
 fn spawn_group(cmd: &mut std::process::Command) -> std::io::Result<Running> {
@@ -114,58 +85,17 @@ impl Drop for Running {
                 std::thread::sleep(Duration::from_millis(10));
             }
         }
-        // Workers that outlived their parent, and a parent that ignored
+        // Children that outlived their parent, and a parent that ignored
         // SIGINT.
         unsafe { libc::kill(group, libc::SIGKILL) };
         let _ = self.0.wait();
     }
 }
 
-/// Blasts 64-byte UDP from the generator (trafgen on `cpus.other`) and
-/// measures a `secs` window after `warmup`.
-pub fn pps(t: &Topo, cfg: &Path, cpus: Cpus, warmup: f64, secs: f64) -> Result<PpsSample> {
+/// Blasts 64-byte UDP over `flows` flows from the generator (on
+/// `cpus.other`, flat out) and measures a `secs` window after `warmup`.
+pub fn pps(t: &Topo, cpus: Cpus, flows: u64, warmup: f64, secs: f64) -> Result<PpsSample> {
     let gw_threads = t.pin_napi(cpus.gw, cpus.other)?;
-    let cpu = cpus.other.to_string();
-    let mut cmd = t.command(
-        Role::Gen,
-        &[
-            "taskset",
-            "-c",
-            &cpu,
-            "trafgen",
-            "--dev",
-            &t.gen_raw,
-            "--conf",
-            &cfg.to_string_lossy(),
-            "--cpus",
-            "1",
-            // Leave the host's socket memory sysctls and IRQ affinities alone.
-            "--no-sock-mem",
-            "--notouch-irq",
-            "--no-cpu-stats",
-            // A rate (far above what one CPU can send) selects trafgen's
-            // blocking send path. Its ring path sends with MSG_DONTWAIT and
-            // dies on EAGAIN, which a veth produces: frames waiting in the
-            // gateway's ring stay charged to trafgen's socket buffer, and
-            // that default buffer (net.core.wmem_default, a host-wide
-            // sysctl this benchmark leaves alone) holds fewer than a
-            // ring's worth.
-            "--rate",
-            "100000000pps",
-        ],
-    );
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let mut generator = spawn_group(&mut cmd).context("starting trafgen")?;
-    super::nap(warmup)?;
-    if let Some(status) = generator.0.try_wait()? {
-        let mut err = String::new();
-        if let Some(mut e) = generator.0.stderr.take() {
-            let _ = e.read_to_string(&mut err);
-        }
-        bail!("trafgen exited ({status}): {err}");
-    }
     let snap = || -> Result<(Instant, u64, u64, u64, u64)> {
         Ok((
             Instant::now(),
@@ -175,10 +105,27 @@ pub fn pps(t: &Topo, cfg: &Path, cpus: Cpus, warmup: f64, secs: f64) -> Result<P
             super::topo::cpu_kernel_ns(cpus.gw),
         ))
     };
-    let a = snap()?;
-    super::nap(secs)?;
-    let b = snap()?;
-    drop(generator);
+    let (a, b) = std::thread::scope(|s| -> Result<_> {
+        // Runs past the window; stopped by `done` once it is measured.
+        let blast = Blast::flat_out(flows, warmup + secs + 5.0);
+        let generator = s.spawn(move || generator::blast_until(t, cpus.other, blast, &STOP));
+        let measured = (|| -> Result<_> {
+            super::nap(warmup)?;
+            if generator.is_finished() {
+                bail!("the generator stopped during the warm-up");
+            }
+            let a = snap()?;
+            super::nap(secs)?;
+            Ok((a, snap()?))
+        })();
+        STOP.store(true, Ordering::Relaxed);
+        let sent = generator
+            .join()
+            .map_err(|_| anyhow::anyhow!("the generator panicked"))?;
+        STOP.store(false, Ordering::Relaxed);
+        sent?;
+        measured
+    })?;
     let dt = (b.0 - a.0).as_secs_f64();
     let pkts = b.1.saturating_sub(a.1);
     if pkts == 0 {
@@ -192,6 +139,9 @@ pub fn pps(t: &Topo, cfg: &Path, cpus: Cpus, warmup: f64, secs: f64) -> Result<P
         gw_busy: b.3.saturating_sub(a.3) as f64 / (dt * 1e9),
     })
 }
+
+/// Ends a running [`generator::blast_until`].
+static STOP: AtomicBool = AtomicBool::new(false);
 
 /// iperf3 server in the sink, started once per topology.
 pub struct IperfServer(#[allow(dead_code)] Running);
@@ -489,4 +439,45 @@ pub fn prog_run_stats(id: u32) -> Result<(u64, u64)> {
         v["run_cnt"].as_u64().unwrap_or(0),
         v["run_time_ns"].as_u64().unwrap_or(0),
     ))
+}
+
+/// One program's run-time statistics (bpf_stats).
+#[derive(Clone, Debug)]
+pub struct ProgStats {
+    pub name: String,
+    pub runs: u64,
+    pub ns: u64,
+}
+
+/// Every loaded program's run-time statistics, by id (needs
+/// bpf_stats_enabled for the counts to move).
+pub fn prog_stats_all() -> Result<std::collections::HashMap<u32, ProgStats>> {
+    let out = std::process::Command::new("bpftool")
+        .args(["prog", "show", "-j"])
+        .output()
+        .context("running bpftool")?;
+    if !out.status.success() {
+        bail!(
+            "bpftool prog show: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    Ok(v.as_array()
+        .map(|progs| {
+            progs
+                .iter()
+                .filter_map(|p| {
+                    Some((
+                        p["id"].as_u64()? as u32,
+                        ProgStats {
+                            name: p["name"].as_str().unwrap_or("?").to_string(),
+                            runs: p["run_cnt"].as_u64().unwrap_or(0),
+                            ns: p["run_time_ns"].as_u64().unwrap_or(0),
+                        },
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default())
 }

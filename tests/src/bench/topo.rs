@@ -11,8 +11,9 @@ use aya::{
     programs::{LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode, tc::TcAttachOptions},
 };
 use nat_common::{
-    MAP_BENCH_REDIRECT, MAP_BENCH_SINK, PROG_BENCH_PASS, PROG_BENCH_REDIRECT, PROG_BENCH_SINK,
+    MAP_BENCH_GEN, MAP_BENCH_SINK, PROG_BENCH_GEN, PROG_BENCH_PASS, PROG_BENCH_SINK,
     PROG_XDP_FWD_ONLY,
+    bench::{GEN_SRC_COUNT, GEN_SRC_FIRST, GenConfig},
 };
 
 use crate::{Gateway, loader_path, netns::Namespaces};
@@ -20,9 +21,6 @@ use crate::{Gateway, loader_path, netns::Namespaces};
 use super::Variant;
 
 pub const GEN_IP: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 11);
-/// The blast's source addresses are `10.1.0.16` ..= `10.1.0.31`.
-pub const GEN_EXTRA_FIRST: u8 = 16;
-pub const GEN_EXTRA_COUNT: u8 = 16;
 pub const GW_INT_IP: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 1);
 pub const GW_EXT_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
 pub const SINK_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
@@ -74,20 +72,25 @@ pub struct Topo {
     pub gw_int: Nic,
     pub gw_ext: Nic,
     pub sink_if: Nic,
-    /// The generator's own veth pair: trafgen sends into `gen_raw`, whose
-    /// peer `gen_xdp` redirects every frame out of `gen_if` (bench_redirect).
-    pub gen_raw: String,
-    pub gen_xdp: String,
     // Fields drop in order: the programs (their links die with their
     // fds), the loader (which detaches its own on SIGTERM), then the
     // namespaces.
-    /// `bench_sink` on the generator's and the sink's interface.
+    /// `bench_sink` on the sink, `bench_pass` on both endpoints, and the
+    /// generator `bench_gen`, loaded (run through BPF_PROG_RUN, see
+    /// `generator.rs`).
     endpoints: Option<Ebpf>,
+    /// `bench_gen`'s state, taken out of `endpoints` so a shared topology
+    /// can set it.
+    gen_cfg: Option<std::sync::Mutex<Array<MapData, GenConfig>>>,
     /// The forward-only program on both gateway interfaces (variant
     /// `XdpFwd`).
     fwd: Option<Ebpf>,
     /// The real loader (variant `Gateway`).
     gateway: Option<Gateway>,
+    /// The connection-tracking table's size, when not the default: the
+    /// loader's `--max-flows`; for the kernel variants, the caller raises
+    /// `nf_conntrack_max` (a host-wide setting, see stateful.rs).
+    table: Option<u32>,
     ns: Namespaces,
 }
 
@@ -95,6 +98,17 @@ impl Topo {
     /// Builds the topology for `variant`. On error everything created so
     /// far is removed again.
     pub fn new(variant: Variant, work: &std::path::Path) -> Result<Topo> {
+        Topo::build_with(variant, work, None)
+    }
+
+    /// [`Topo::new`] with a connection-tracking table of `table` sessions,
+    /// and the kernel's unreplied-UDP timeout raised to the gateway's UDP
+    /// timeout (300 s), so both keep what they track equally long.
+    pub fn with_table(variant: Variant, work: &std::path::Path, table: u32) -> Result<Topo> {
+        Topo::build_with(variant, work, Some(table))
+    }
+
+    fn build_with(variant: Variant, work: &std::path::Path, table: Option<u32>) -> Result<Topo> {
         let pid = std::process::id();
         let c = variant.letter();
         let ifname = |r: char| format!("{c}{pid}{r}");
@@ -104,11 +118,11 @@ impl Topo {
             gw_int: Nic::named(ifname('i')),
             gw_ext: Nic::named(ifname('e')),
             sink_if: Nic::named(ifname('s')),
-            gen_raw: ifname('r'),
-            gen_xdp: ifname('w'),
             endpoints: None,
+            gen_cfg: None,
             fwd: None,
             gateway: None,
+            table,
             ns: Namespaces::new("bench"),
         };
         t.build(work)
@@ -159,15 +173,14 @@ impl Topo {
         // what threaded NAPI (the gateway's pinned CPU) runs.
         ns.veth(generator, &self.gen_if.name, gw, &self.gw_int.name)?;
         ns.veth(gw, &self.gw_ext.name, sink, &self.sink_if.name)?;
-        ns.veth(generator, &self.gen_raw, generator, &self.gen_xdp)?;
         // Endpoints send complete checksums (no TX offload, hence no TSO):
         // so every variant forwards the same MTU-sized, fully checksummed
         // packets, and the XDP variants take their fast path for TCP too.
         ns.ethtool(generator, &self.gen_if.name, &["tx", "off"])?;
         ns.ethtool(sink, &self.sink_if.name, &["tx", "off"])?;
         ns.addr(generator, &self.gen_if.name, &format!("{GEN_IP}/24"))?;
-        for i in 0..GEN_EXTRA_COUNT {
-            let ip = Ipv4Addr::new(10, 1, 0, GEN_EXTRA_FIRST + i);
+        for i in 0..GEN_SRC_COUNT {
+            let ip = Ipv4Addr::new(10, 1, 0, GEN_SRC_FIRST + i);
             ns.addr(generator, &self.gen_if.name, &format!("{ip}/24"))?;
         }
         ns.addr(gw, &self.gw_int.name, &format!("{GW_INT_IP}/24"))?;
@@ -202,10 +215,9 @@ impl Topo {
     }
 
     /// Interfaces with a NAPI thread.
-    fn all_ifs(&self) -> [(Role, String); 5] {
+    fn all_ifs(&self) -> [(Role, String); 4] {
         [
             (Role::Gen, self.gen_if.name.clone()),
-            (Role::Gen, self.gen_xdp.clone()),
             (Role::Gw, self.gw_int.name.clone()),
             (Role::Gw, self.gw_ext.name.clone()),
             (Role::Sink, self.sink_if.name.clone()),
@@ -213,8 +225,7 @@ impl Topo {
     }
 
     /// `bench_sink` (TC ingress) on the sink, `bench_pass` (XDP) on both
-    /// endpoints, `bench_redirect` in the generator; the same in every
-    /// variant.
+    /// endpoints, `bench_gen` loaded; the same in every variant.
     fn attach_endpoints(&mut self) -> Result<()> {
         let mut ebpf = load_object()?;
         let prog: &mut SchedClassifier = ebpf
@@ -244,24 +255,37 @@ impl Topo {
             self.in_ns(r, || prog.attach(dev, XdpMode::Driver).map(|_| ()))?
                 .with_context(|| format!("attaching {PROG_BENCH_PASS} to {dev}"))?;
         }
-        let gen_index = self.gen_if.index;
-        let mut target = Array::<&mut MapData, u32>::try_from(
-            ebpf.map_mut(MAP_BENCH_REDIRECT)
-                .context("BENCH_REDIRECT missing from the object")?,
+        let mut cfg = Array::<MapData, GenConfig>::try_from(
+            ebpf.take_map(MAP_BENCH_GEN)
+                .context("BENCH_GEN missing from the object")?,
         )?;
-        target.set(0, gen_index, 0)?;
-        let prog: &mut Xdp = program(&mut ebpf, PROG_BENCH_REDIRECT)?;
+        let gen_cfg = GenConfig {
+            ifindex: self.gen_if.index,
+            ..GenConfig::default()
+        };
+        cfg.set(0, gen_cfg, 0)?;
+        let prog: &mut Xdp = program(&mut ebpf, PROG_BENCH_GEN)?;
         prog.load()
-            .with_context(|| format!("verifying {PROG_BENCH_REDIRECT}"))?;
-        let dev = &self.gen_xdp;
-        self.in_ns(Role::Gen, || prog.attach(dev, XdpMode::Driver).map(|_| ()))?
-            .with_context(|| format!("attaching {PROG_BENCH_REDIRECT} to {dev}"))?;
+            .with_context(|| format!("verifying {PROG_BENCH_GEN}"))?;
+        self.gen_cfg = Some(std::sync::Mutex::new(cfg));
         self.endpoints = Some(ebpf);
         Ok(())
     }
 
     fn configure_variant(&mut self, work: &std::path::Path) -> Result<()> {
         let ext = self.gw_ext.name.clone();
+        if self.table.is_some() && matches!(self.variant, Variant::Iptables | Variant::Nftables) {
+            // The sink never answers: every entry stays unreplied, whose
+            // timeout (30 s by default) would expire flows the gateway's
+            // UDP timeout keeps. Per namespace.
+            for key in [
+                "nf_conntrack_udp_timeout",
+                "nf_conntrack_udp_timeout_stream",
+            ] {
+                self.ns
+                    .sysctl(Role::Gw.name(), &format!("net/netfilter/{key}"), "300")?;
+            }
+        }
         match self.variant {
             Variant::Kernel => {}
             Variant::Iptables => {
@@ -309,7 +333,11 @@ impl Topo {
 
     fn start_loader(&mut self) -> Result<()> {
         let nics = (self.gw_int.name.as_str(), self.gw_ext.name.as_str());
-        let extra = ["--probe-port", "0", "--xdp-mode", "native"];
+        let table = self.table.map(|t| t.to_string());
+        let mut extra = vec!["--probe-port", "0", "--xdp-mode", "native"];
+        if let Some(t) = &table {
+            extra.extend(["--max-flows", t]);
+        }
         let gw = Gateway::start_in(&self.ns, Role::Gw.name(), &loader_path()?, nics, &extra)?;
         self.gateway = Some(gw);
         Ok(())
@@ -336,12 +364,58 @@ impl Topo {
         Ok(())
     }
 
+    /// The generator program (loaded, not attached).
+    pub fn gen_prog(&self) -> Result<&Xdp> {
+        let ebpf = self.endpoints.as_ref().context("endpoints not attached")?;
+        ebpf.program(PROG_BENCH_GEN)
+            .with_context(|| format!("{PROG_BENCH_GEN} missing from the object"))?
+            .try_into()
+            .with_context(|| format!("{PROG_BENCH_GEN} is not an XDP program"))
+    }
+
+    /// Sets the generator up for run `b`: its flows, pace and limit, its
+    /// count at zero; the flow index starts at `b.first` or goes on.
+    pub fn gen_start(&self, b: &super::generator::Blast, frame: &[u8]) -> Result<()> {
+        self.gen_update(|c| {
+            c.frame[..frame.len()].copy_from_slice(frame);
+            c.flows = b.flows;
+            if let Some(first) = b.first {
+                c.next = first;
+            }
+            c.sent = 0;
+            c.limit = b.packets.unwrap_or(0);
+            c.rate = b.rate.map_or(0, |r| r.max(1.0) as u64);
+            c.start_ns = 0;
+        })
+    }
+
+    /// Packets the generator sent in its current (or last) run.
+    pub fn gen_sent(&self) -> Result<u64> {
+        let mut sent = 0;
+        self.gen_update(|c| sent = c.sent)?;
+        Ok(sent)
+    }
+
+    fn gen_update(&self, f: impl FnOnce(&mut GenConfig)) -> Result<()> {
+        let cfg = self.gen_cfg.as_ref().context("generator not loaded")?;
+        let mut cfg = cfg
+            .lock()
+            .map_err(|_| anyhow::anyhow!("generator state poisoned"))?;
+        let before = cfg.get(&0, 0)?;
+        let mut c = before;
+        f(&mut c);
+        if c != before {
+            cfg.set(0, c, 0)?;
+        }
+        Ok(())
+    }
+
     /// Packets `bench_sink` counted on the sink so far.
     pub fn sink_count(&self) -> Result<u64> {
         self.counter(0)
     }
 
-    /// Packets `bench_redirect` handed to the gateway so far.
+    /// Packets `bench_gen` handed to the gateway so far.
     pub fn offered_count(&self) -> Result<u64> {
         self.counter(1)
     }
@@ -356,11 +430,13 @@ impl Topo {
     }
 
     /// Pins the NAPI kthreads: the gateway's two interfaces on `gw_cpu`,
-    /// SCHED_FIFO, the endpoints' on `other_cpu`. NAPI in softirq context
-    /// preempts every process; as threads at normal priority the gateway's
-    /// would share its CPU with whatever else runs on the machine. The
-    /// endpoints' stay at normal priority: SCHED_FIFO there would preempt
-    /// the generator for every packet. Returns the gateway's kthreads.
+    /// the endpoints' on `other_cpu`. NAPI in softirq context preempts
+    /// every process; as threads at normal priority the gateway's would
+    /// share its CPU with whatever else runs on the machine, and the sink's
+    /// with the generator, which never sleeps: both SCHED_FIFO, so the
+    /// sink takes what the gateway forwards however hard the generator
+    /// (or a build elsewhere on the machine) pushes. Returns the gateway's
+    /// kthreads.
     pub fn pin_napi(&self, gw_cpu: usize, other_cpu: usize) -> Result<Vec<i32>> {
         let mut gw = Vec::new();
         for (r, dev) in self.all_ifs() {
@@ -371,13 +447,23 @@ impl Topo {
             let cpu = if r == Role::Gw { gw_cpu } else { other_cpu };
             for &pid in &pids {
                 pin(pid, cpu).with_context(|| format!("pinning napi kthread {pid} of {dev}"))?;
-                if r == Role::Gw {
+                if r != Role::Gen {
                     realtime(pid)
                         .with_context(|| format!("making napi kthread {pid} SCHED_FIFO"))?;
                 }
             }
             if r == Role::Gw {
                 gw.extend(pids);
+            }
+        }
+        // The loader's own threads (the sweeper walks millions of sessions
+        // at a time) belong to the gateway too: on the other CPU they would
+        // take the sink's time and make it drop what was forwarded.
+        if let Some(pid) = self.gateway.as_ref().and_then(|g| g.pid()) {
+            for task in std::fs::read_dir(format!("/proc/{pid}/task"))?.flatten() {
+                if let Some(tid) = task.file_name().to_str().and_then(|s| s.parse().ok()) {
+                    pin(tid, gw_cpu).with_context(|| format!("pinning loader thread {tid}"))?;
+                }
             }
         }
         Ok(gw)
