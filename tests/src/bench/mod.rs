@@ -14,10 +14,12 @@
 //! programs, the bpf_stats sysctl, temporary files) is removed again, also
 //! on failure.
 
+mod generator;
 mod measure;
 mod policy_cost;
 mod report;
 pub mod scale;
+mod stateful;
 mod topo;
 
 use std::{
@@ -30,7 +32,7 @@ use anyhow::{Context, Result};
 pub use measure::percentile;
 pub use report::{Report, Stat};
 
-use measure::Cpus;
+use measure::{BLAST_FLOWS, Cpus};
 use topo::Topo;
 
 /// What the gateway in the middle runs.
@@ -100,6 +102,16 @@ pub struct Plan {
     pub ct_rounds: usize,
     pub ct_hot_runs: u32,
     pub ct_spread_samples: u32,
+    /// RFC 9693 (stateful.rs): table size of the establishment and
+    /// forwarding phases, of the capacity phase; active flows of the
+    /// forwarding phase; length of an establishment trial and steps of its
+    /// search; sessions of the sweep.
+    pub stateful_table: u32,
+    pub capacity_table: u32,
+    pub scale_flows: Vec<u64>,
+    pub establish_secs: f64,
+    pub establish_steps: usize,
+    pub sweep_sessions: u32,
 }
 
 impl Plan {
@@ -119,6 +131,12 @@ impl Plan {
             ct_rounds: 5,
             ct_hot_runs: 200,
             ct_spread_samples: 2_000,
+            stateful_table: 1 << 23,
+            capacity_table: 1 << 20,
+            scale_flows: vec![1_000, 100_000, 1_000_000, 4_000_000],
+            establish_secs: 0.5,
+            establish_steps: 7,
+            sweep_sessions: 1_000_000,
         }
     }
 
@@ -138,6 +156,12 @@ impl Plan {
             ct_rounds: 2,
             ct_hot_runs: 30,
             ct_spread_samples: 300,
+            stateful_table: 1 << 20,
+            capacity_table: 1 << 14,
+            scale_flows: vec![1_000, 20_000],
+            establish_secs: 0.1,
+            establish_steps: 3,
+            sweep_sessions: 50_000,
         }
     }
 }
@@ -209,7 +233,7 @@ fn progress(msg: &str) {
 
 /// Fails with one clear line if a tool the benchmark runs is missing.
 fn check_tools() -> Result<()> {
-    let missing: Vec<&str> = ["trafgen", "iptables", "nft", "iperf3", "bpftool", "taskset"]
+    let missing: Vec<&str> = ["iptables", "nft", "iperf3", "bpftool", "taskset"]
         .into_iter()
         .filter(|tool| {
             !std::process::Command::new("sh")
@@ -244,7 +268,7 @@ pub fn run(plan: &Plan, out: &Path) -> Result<Report> {
         .map(|&v| Topo::new(v, &work.0))
         .collect::<Result<_>>()?;
     let mut rep = Report::new(plan, cpus, &topos);
-    if let Err(e) = measure_all(plan, cpus, &topos, &work.0, &mut rep) {
+    if let Err(e) = measure_all(plan, cpus, &topos, &mut rep) {
         if let Some(secs) = std::env::var("NAT_BENCH_HOLD_ON_ERROR")
             .ok()
             .and_then(|s| s.parse().ok())
@@ -262,26 +286,12 @@ pub fn run(plan: &Plan, out: &Path) -> Result<Report> {
     Ok(rep)
 }
 
-fn measure_all(
-    plan: &Plan,
-    cpus: Cpus,
-    topos: &[Topo],
-    work: &Path,
-    rep: &mut Report,
-) -> Result<()> {
-    let cfgs: Vec<PathBuf> = topos
-        .iter()
-        .map(|t| {
-            let p = work.join(format!("trafgen-{}.cfg", t.variant.key()));
-            std::fs::write(&p, measure::trafgen_config(t)).map(|()| p)
-        })
-        .collect::<std::io::Result<_>>()?;
-
+fn measure_all(plan: &Plan, cpus: Cpus, topos: &[Topo], rep: &mut Report) -> Result<()> {
     for r in 0..plan.repeats {
         progress(&format!("64-byte UDP, round {}/{}", r + 1, plan.repeats));
         for (i, t) in topos.iter().enumerate() {
             check_interrupted()?;
-            let s = measure::pps(t, &cfgs[i], cpus, plan.pps_warmup_secs, plan.pps_secs)?;
+            let s = measure::pps(t, cpus, BLAST_FLOWS, plan.pps_warmup_secs, plan.pps_secs)?;
             rep.variants[i].pps.push(s);
         }
     }
@@ -297,7 +307,7 @@ fn measure_all(
             }
             let id = t.gw_xdp_prog_id(&t.gw_int.name)?;
             let a = measure::prog_run_stats(id)?;
-            let s = measure::pps(t, &cfgs[i], cpus, plan.pps_warmup_secs, plan.pps_secs)?;
+            let s = measure::pps(t, cpus, BLAST_FLOWS, plan.pps_warmup_secs, plan.pps_secs)?;
             let b = measure::prog_run_stats(id)?;
             let runs = b.0.saturating_sub(a.0);
             if runs > 0 {
@@ -356,6 +366,15 @@ fn measure_all(
     progress("egress policy cost: 0, 100 and 10000 rules");
     rep.policy = Some(policy_cost::run(&topos[0], plan)?);
     Ok(())
+}
+
+/// RFC 9693's measurements alone (`nat-bench --stateful`): their tables.
+pub fn stateful_only(plan: &Plan) -> Result<String> {
+    check_tools()?;
+    let work = TempDir(std::env::temp_dir().join(format!("nat-bench-{}", std::process::id())));
+    std::fs::create_dir_all(&work.0)?;
+    let r = stateful::run(plan, Cpus::detect(), &work.0)?;
+    Ok(report::stateful_tables(&r))
 }
 
 /// The egress policy's cost alone (`nat-bench --policy-cost`): one

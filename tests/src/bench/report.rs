@@ -11,6 +11,7 @@ use super::{
     measure::{Cpus, PpsSample},
     policy_cost::{self, PolicyCost},
     scale::ScaleResult,
+    stateful::{StatefulResult, SweepCost},
     topo::Topo,
 };
 
@@ -580,6 +581,167 @@ pub fn policy_table(p: &PolicyCost) -> String {
     ] {
         let cells: Vec<String> = rows.iter().map(|v| Stat::of(v).cell(1.0, 0)).collect();
         let _ = writeln!(md, "| {name} | {} |", cells.join(" | "));
+    }
+    md
+}
+
+fn thousands(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// RFC 9693's measurements as markdown tables: establishment, capacity,
+/// forwarding at scale (with each program's run time), tear-down.
+pub fn stateful_tables(r: &StatefulResult) -> String {
+    let mut md = String::new();
+    let base = r.variants.iter().find(|v| v.variant == Variant::Iptables);
+    let _ = writeln!(
+        md,
+        "RFC 9693 connection establishment (every packet a new 5-tuple; table of {} sessions):\n",
+        thousands(r.table as u64)
+    );
+    let _ = writeln!(
+        md,
+        "| variant | highest loss-free rate, new sessions/s | saturated, new sessions/s | gateway CPU ns per new session | CPU × iptables |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|");
+    for v in &r.variants {
+        let e = &v.establish;
+        let ratio = base
+            .map(|b| b.establish.cpu_ns_per_session / e.cpu_ns_per_session)
+            .unwrap_or(f64::NAN);
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {:.0} | {:.2}× less |",
+            v.variant.label(),
+            thousands(e.loss_free_pps as u64),
+            thousands(e.saturated_pps as u64),
+            e.cpu_ns_per_session,
+            ratio
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nRFC 9693 table capacity (new flows at a steady rate into a table of {} sessions, 1.5 tables' worth):\n",
+        thousands(r.capacity_table as u64)
+    );
+    let _ = writeln!(
+        md,
+        "| variant | fill rate, new flows/s | new flows first failed after | received of sent | memory per session |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|");
+    for v in &r.variants {
+        let c = &v.capacity;
+        let failed = c.failed_at.map_or(
+            "never (full table: oldest unreplied entries dropped early)".to_string(),
+            |n| format!("{} sessions", thousands(n)),
+        );
+        let _ = writeln!(
+            md,
+            "| {} | {} | {failed} | {} of {} | {:.0} B |",
+            v.variant.label(),
+            thousands(c.rate as u64),
+            thousands(c.received),
+            thousands(c.sent),
+            c.bytes_per_session
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nRFC 9693 forwarding at scale (64-byte UDP cycling over N active flows, each created first), median (min–max):\n"
+    );
+    let mut head = String::from("| active flows |");
+    let mut rule = String::from("|---|");
+    for v in &r.variants {
+        let _ = write!(
+            head,
+            " {} Mpps | {} CPU ns/pkt |",
+            v.variant.key(),
+            v.variant.key()
+        );
+        rule.push_str("---|---|");
+    }
+    head.push_str(" CPU × iptables |");
+    rule.push_str("---|");
+    let _ = writeln!(md, "{head}\n{rule}");
+    let points = r.variants.first().map_or(0, |v| v.scale.len());
+    for i in 0..points {
+        let mut row = format!("| {} |", thousands(r.variants[0].scale[i].flows));
+        let mut cpu = Vec::new();
+        for v in &r.variants {
+            let p = &v.scale[i];
+            let c = Stat::of(&p.cpu_ns);
+            let _ = write!(
+                row,
+                " {} | {} |",
+                Stat::of(&p.pps).cell(1e-6, 3),
+                c.cell(1.0, 0)
+            );
+            cpu.push((v.variant, c.median));
+        }
+        let base = cpu.iter().find(|c| c.0 == Variant::Iptables).map(|c| c.1);
+        let ours = cpu.iter().find(|c| c.0 == Variant::Gateway).map(|c| c.1);
+        match (base, ours) {
+            (Some(b), Some(o)) if o > 0.0 => {
+                let _ = write!(row, " {:.2}× less |", b / o);
+            }
+            _ => row.push_str(" |"),
+        }
+        let _ = writeln!(md, "{row}");
+    }
+    if let Some(g) = r.variants.iter().find(|v| v.variant == Variant::Gateway) {
+        let _ = writeln!(
+            md,
+            "\nnat-gateway's programs at scale (bpf_stats, one more window): ns per run (runs per forwarded packet)\n"
+        );
+        let mut names: Vec<String> = g
+            .scale
+            .iter()
+            .flat_map(|p| p.progs.iter().map(|x| x.0.clone()))
+            .collect();
+        names.sort();
+        names.dedup();
+        let _ = writeln!(md, "| active flows | {} |", names.join(" | "));
+        let _ = writeln!(md, "|---|{}", "---|".repeat(names.len()));
+        for p in &g.scale {
+            let cells: Vec<String> = names
+                .iter()
+                .map(|n| {
+                    p.progs
+                        .iter()
+                        .find(|x| &x.0 == n)
+                        .map_or("–".to_string(), |x| format!("{:.0} ({:.2})", x.1, x.2))
+                })
+                .collect();
+            let _ = writeln!(md, "| {} | {} |", thousands(p.flows), cells.join(" | "));
+        }
+    }
+    if let Some(s) = &r.sweep {
+        let _ = writeln!(
+            md,
+            "\nRFC 9693 tear-down: one sweeper pass over {} sessions of the real maps, CPU time\n",
+            thousands(s.sessions as u64)
+        );
+        let _ = writeln!(md, "| pass | CPU ms | CPU ms per million sessions |");
+        let _ = writeln!(md, "|---|---|---|");
+        for (what, d) in [
+            ("nothing expired", s.keep_all),
+            ("all expired (removed)", s.remove_all),
+        ] {
+            let _ = writeln!(
+                md,
+                "| {what} | {:.0} | {:.0} |",
+                d.as_secs_f64() * 1e3,
+                SweepCost::ms_per_million(d, s.sessions)
+            );
+        }
     }
     md
 }
