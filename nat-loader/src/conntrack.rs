@@ -26,7 +26,7 @@ use crate::{
     dataplane::CtMaps,
     pressure::{self, Limits, Standing},
     stats::Stats,
-    summary::{Summary, proto_name, state},
+    summary::{SessionTally, Summary, proto_name, state},
 };
 
 type CtMap = HashMap<MapData, CtKey, CtValue>;
@@ -257,12 +257,13 @@ pub fn sweep(
     // Gone already (another sweeper of an adopted table) is fine.
     batch::delete(&m.sessions, &gone).context("deleting sessions")?;
     out.evicted = victims.len();
+    let mut tally = SessionTally::default();
     for ((k, v), gone) in alive.iter().zip(evicted) {
         if gone {
             continue;
         }
         out.remaining += 1;
-        out.summary.session(k.proto, v);
+        tally.add(k.proto, v);
         if pressure::standing(k.proto, v) != Standing::Kept {
             out.unanswered += 1;
         }
@@ -272,6 +273,7 @@ pub fn sweep(
             live_remotes.insert(CtKey::new(k.proto, k.dst_addr, 0, ext.addr, ext.port));
         }
     }
+    out.summary.sessions(&tally);
     let bindings: Vec<(BindKey, BindValue)> =
         batch::entries(&m.bind_rev).context("reading the bindings")?;
     let mut freed: Vec<BindKey> = Vec::new();
