@@ -143,6 +143,37 @@ pub struct Sweep {
     pub per_address: Vec<AddressUse>,
     /// Draining addresses that had no binding left: their slots are free.
     pub drained: Vec<Ipv4Addr>,
+    /// The pass's CPU time (user and system), phase by phase: most of it
+    /// is the kernel's batched map reads and deletes, and this tells which
+    /// (`nat-sweep-bench` prints it).
+    pub phases: Vec<(&'static str, Duration)>,
+}
+
+/// This thread's CPU time (user and system) since the last lap, kept in
+/// [`Sweep::phases`].
+struct CpuLaps(Duration);
+
+impl CpuLaps {
+    fn thread_cpu() -> Duration {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: a valid timespec to fill. On failure it stays zero and
+        // the laps read zero: only the breakdown is lost.
+        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+        Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    }
+
+    fn start() -> CpuLaps {
+        CpuLaps(Self::thread_cpu())
+    }
+
+    fn lap(&mut self, phases: &mut Vec<(&'static str, Duration)>, what: &'static str) {
+        let now = Self::thread_cpu();
+        phases.push((what, now.saturating_sub(self.0)));
+        self.0 = now;
+    }
 }
 
 /// A hasher for the sweeper's sets of map keys (a million entries at
@@ -301,6 +332,7 @@ pub fn sweep(
     refused: bool,
     now_ns: u64,
 ) -> Result<Sweep> {
+    let mut laps = CpuLaps::start();
     let mut out = Sweep::default();
     let hash = KeyHash::new();
     let mut live_ports = PortSet::new(pool, hash);
@@ -320,6 +352,7 @@ pub fn sweep(
         .collect();
     let mut alive: Vec<(CtKey, CtValue)> =
         batch::entries(&m.sessions).context("reading the sessions")?;
+    laps.lap(&mut out.phases, "read sessions");
     let mut gone: Vec<CtKey> = Vec::new();
     // In place: a second vector of the live ones would be another copy of
     // the table.
@@ -341,8 +374,10 @@ pub fn sweep(
         gone.push(alive[i].0);
         evicted[i] = true;
     }
+    laps.lap(&mut out.phases, "expiry and pressure");
     // Gone already (another sweeper of an adopted table) is fine.
     batch::delete(&m.sessions, &gone).context("deleting sessions")?;
+    laps.lap(&mut out.phases, "delete sessions");
     out.evicted = victims.len();
     let mut tally = SessionTally::default();
     for (i, (k, v)) in alive.iter().enumerate() {
@@ -361,8 +396,10 @@ pub fn sweep(
     }
     out.remaining = alive.len() - victims.len();
     out.summary.sessions(&tally);
+    laps.lap(&mut out.phases, "live sessions' ports, summary");
     let bindings: Vec<(BindKey, BindValue)> =
         batch::entries(&m.bind_rev).context("reading the bindings")?;
+    laps.lap(&mut out.phases, "read bindings");
     let mut freed: Vec<BindKey> = Vec::new();
     // Bindings to write back (restored or released), in one batch.
     let mut changed: Vec<(BindKey, BindValue)> = Vec::new();
@@ -410,8 +447,10 @@ pub fn sweep(
             }
         }
     }
+    laps.lap(&mut out.phases, "bindings' fates");
     batch::update(&m.bind_rev, &changed).context("releasing bindings")?;
     batch::delete(&m.bind_rev, &freed).context("freeing bindings")?;
+    laps.lap(&mut out.phases, "release and free bindings");
     // Inside halves whose external half is gone (an insert race lost, or
     // freed above). Judged on the external halves read above: one the
     // dataplane added since is read again before its inside half goes
@@ -424,6 +463,7 @@ pub fn sweep(
     let freed = freed_set;
     let inside: Vec<(BindKey, BindExt)> =
         batch::entries(&m.bind).context("reading the bindings' inside halves")?;
+    laps.lap(&mut out.phases, "read inside halves");
     let mut orphans: Vec<BindKey> = Vec::new();
     for (ik, v) in &inside {
         let ek = BindKey::new(ik.proto, slot_addr(pool, v.pool as u32), v.port);
@@ -466,6 +506,7 @@ pub fn sweep(
         info!(slot, address = %u, "the SNAT address has drained: no flow uses it any more");
         out.drained.push(u);
     }
+    laps.lap(&mut out.phases, "orphans, filter, per address");
     Ok(out)
 }
 
