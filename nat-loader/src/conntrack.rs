@@ -26,7 +26,7 @@ use crate::{
     dataplane::CtMaps,
     pressure::{self, Limits, Standing},
     stats::Stats,
-    summary::{Summary, proto_name, state},
+    summary::{SessionTally, Summary, proto_name, state},
 };
 
 type CtMap = HashMap<MapData, CtKey, CtValue>;
@@ -143,6 +143,37 @@ pub struct Sweep {
     pub per_address: Vec<AddressUse>,
     /// Draining addresses that had no binding left: their slots are free.
     pub drained: Vec<Ipv4Addr>,
+    /// The pass's CPU time (user and system), phase by phase: most of it
+    /// is the kernel's batched map reads and deletes, and this tells which
+    /// (`nat-sweep-bench` prints it).
+    pub phases: Vec<(&'static str, Duration)>,
+}
+
+/// This thread's CPU time (user and system) since the last lap, kept in
+/// [`Sweep::phases`].
+struct CpuLaps(Duration);
+
+impl CpuLaps {
+    fn thread_cpu() -> Duration {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: a valid timespec to fill. On failure it stays zero and
+        // the laps read zero: only the breakdown is lost.
+        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+        Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    }
+
+    fn start() -> CpuLaps {
+        CpuLaps(Self::thread_cpu())
+    }
+
+    fn lap(&mut self, phases: &mut Vec<(&'static str, Duration)>, what: &'static str) {
+        let now = Self::thread_cpu();
+        phases.push((what, now.saturating_sub(self.0)));
+        self.0 = now;
+    }
 }
 
 /// A hasher for the sweeper's sets of map keys (a million entries at
@@ -196,6 +227,92 @@ impl BuildHasher for KeyHash {
 
 type KeySet<K> = HashSet<K, KeyHash>;
 
+/// Ports per protocol and address.
+const PORTS: usize = 1 << 16;
+
+/// The row of protocol `proto` in a [`PortSet`] (other protocols have none).
+fn proto_row(proto: u8) -> Option<usize> {
+    match proto {
+        IPPROTO_TCP => Some(0),
+        IPPROTO_UDP => Some(1),
+        IPPROTO_ICMP => Some(2),
+        _ => None,
+    }
+}
+
+/// A set of external endpoints (the [`BindKey`]s of `NAT_BIND_REV`) with
+/// one bit per TCP, UDP and ICMP port of each distinct pool address: the
+/// sweeper adds one per session, a million times a pass at 1 M sessions,
+/// and setting a bit costs a small fraction of a hash-set insert. Other
+/// protocols go to a hash set.
+struct PortSet {
+    /// The address of each row of bits; row 0 is address 0, what a
+    /// session's slot outside the pool stands for ([`slot_addr`]).
+    addrs: Vec<u32>,
+    /// The row of each pool slot a session can name.
+    slot_rows: Vec<usize>,
+    bits: Vec<u64>,
+    other: KeySet<BindKey>,
+}
+
+impl PortSet {
+    fn new(pool: &[PoolAddr], hash: KeyHash) -> PortSet {
+        let mut addrs = vec![0];
+        let slots = pool.len().max(1 << (8 - nat_common::CT_POOL_SHIFT));
+        let slot_rows = (0..slots)
+            .map(|slot| {
+                let a = pool.get(slot).map_or(0, |a| a.addr);
+                addrs.iter().position(|&x| x == a).unwrap_or_else(|| {
+                    addrs.push(a);
+                    addrs.len() - 1
+                })
+            })
+            .collect();
+        PortSet {
+            // Zeroed on allocation: pages no port falls in cost nothing.
+            bits: vec![0; addrs.len() * 3 * PORTS / 64],
+            addrs,
+            slot_rows,
+            other: KeySet::with_hasher(hash),
+        }
+    }
+
+    /// Bit `port` (network order) of row `row`, protocol row `proto`.
+    fn bit(row: usize, proto: usize, port: u16) -> (usize, u64) {
+        let i = (row * 3 + proto) * PORTS + port as usize;
+        (i / 64, 1 << (i % 64))
+    }
+
+    /// Adds the external endpoint of session `v` of protocol `proto`: the
+    /// address of its pool slot, its external port.
+    fn insert_session(&mut self, proto: u8, v: &CtValue) {
+        let row = self.slot_rows.get(v.pool() as usize).copied().unwrap_or(0);
+        match proto_row(proto) {
+            Some(p) => {
+                let (w, b) = Self::bit(row, p, v.ext_port);
+                self.bits[w] |= b;
+            }
+            None => {
+                self.other
+                    .insert(BindKey::new(proto, self.addrs[row], v.ext_port));
+            }
+        }
+    }
+
+    fn contains(&self, ek: &BindKey) -> bool {
+        let Some(p) = proto_row(ek.proto) else {
+            return self.other.contains(ek);
+        };
+        // Keys are made with `BindKey::new`: one with padding set is none
+        // of them.
+        let Some(row) = self.addrs.iter().position(|&a| a == ek.addr) else {
+            return false;
+        };
+        let (w, b) = Self::bit(row, p, ek.port);
+        ek._pad == 0 && self.bits[w] & b != 0
+    }
+}
+
 /// Removes idle sessions and, under pressure (`refused`: new flows were
 /// dropped for a full table since the last pass, or the table is above
 /// `limits.high`), evicts unanswered and reset ones down to `limits.low`
@@ -215,13 +332,14 @@ pub fn sweep(
     refused: bool,
     now_ns: u64,
 ) -> Result<Sweep> {
+    let mut laps = CpuLaps::start();
     let mut out = Sweep::default();
     let hash = KeyHash::new();
-    let mut live_ports: KeySet<BindKey> = KeySet::with_hasher(hash);
+    let mut live_ports = PortSet::new(pool, hash);
     let mut live_remotes: KeySet<CtKey> = KeySet::with_hasher(hash);
     // Bindings that lost a session somebody outside answered: those keep
     // the hold.
-    let mut answered_ports: KeySet<BindKey> = KeySet::with_hasher(hash);
+    let mut answered_ports = PortSet::new(pool, hash);
     let port_of =
         |k: &CtKey, v: &CtValue| BindKey::new(k.proto, slot_addr(pool, v.pool()), v.ext_port);
     // Walked before the sessions: the dataplane adds a remote's filter
@@ -232,48 +350,56 @@ pub fn sweep(
         .into_iter()
         .map(|(k, _)| k)
         .collect();
-    let sessions: Vec<(CtKey, CtValue)> =
+    let mut alive: Vec<(CtKey, CtValue)> =
         batch::entries(&m.sessions).context("reading the sessions")?;
-    let mut alive = Vec::with_capacity(sessions.len());
+    laps.lap(&mut out.phases, "read sessions");
     let mut gone: Vec<CtKey> = Vec::new();
-    for (k, v) in sessions {
-        if t.expired_tick(k.proto, v.tcp_state, v.last_seen, now_ns) {
-            gone.push(k);
-            out.expired += 1;
-            if pressure::standing(k.proto, &v) != Standing::Unanswered {
-                answered_ports.insert(port_of(&k, &v));
-            }
-        } else {
-            alive.push((k, v));
+    // In place: a second vector of the live ones would be another copy of
+    // the table.
+    alive.retain(|(k, v)| {
+        if !t.expired_tick(k.proto, v.tcp_state, v.last_seen, now_ns) {
+            return true;
         }
-    }
+        gone.push(*k);
+        if pressure::standing(k.proto, v) != Standing::Unanswered {
+            answered_ports.insert_session(k.proto, v);
+        }
+        false
+    });
+    out.expired = gone.len();
     out.pressed = limits.pressed(alive.len(), refused);
     let victims = pressure::victims(&alive, limits, now_ns, out.pressed);
-    let mut evicted = vec![false; alive.len()];
+    let mut evicted = vec![false; if victims.is_empty() { 0 } else { alive.len() }];
     for &i in &victims {
         gone.push(alive[i].0);
         evicted[i] = true;
     }
+    laps.lap(&mut out.phases, "expiry and pressure");
     // Gone already (another sweeper of an adopted table) is fine.
     batch::delete(&m.sessions, &gone).context("deleting sessions")?;
+    laps.lap(&mut out.phases, "delete sessions");
     out.evicted = victims.len();
-    for ((k, v), gone) in alive.iter().zip(evicted) {
-        if gone {
+    let mut tally = SessionTally::default();
+    for (i, (k, v)) in alive.iter().enumerate() {
+        if evicted.get(i) == Some(&true) {
             continue;
         }
-        out.remaining += 1;
-        out.summary.session(k.proto, v);
+        tally.add(k.proto, v);
         if pressure::standing(k.proto, v) != Standing::Kept {
             out.unanswered += 1;
         }
-        let ext = port_of(k, v);
-        live_ports.insert(ext);
+        live_ports.insert_session(k.proto, v);
         if !remotes.is_empty() {
+            let ext = port_of(k, v);
             live_remotes.insert(CtKey::new(k.proto, k.dst_addr, 0, ext.addr, ext.port));
         }
     }
+    out.remaining = alive.len() - victims.len();
+    out.summary.sessions(&tally);
+    laps.lap(&mut out.phases, "live sessions' ports, summary");
     let bindings: Vec<(BindKey, BindValue)> =
         batch::entries(&m.bind_rev).context("reading the bindings")?;
+    laps.lap(&mut out.phases, "read bindings");
     let mut freed: Vec<BindKey> = Vec::new();
     // Bindings to write back (restored or released), in one batch.
     let mut changed: Vec<(BindKey, BindValue)> = Vec::new();
@@ -321,8 +447,10 @@ pub fn sweep(
             }
         }
     }
+    laps.lap(&mut out.phases, "bindings' fates");
     batch::update(&m.bind_rev, &changed).context("releasing bindings")?;
     batch::delete(&m.bind_rev, &freed).context("freeing bindings")?;
+    laps.lap(&mut out.phases, "release and free bindings");
     // Inside halves whose external half is gone (an insert race lost, or
     // freed above). Judged on the external halves read above: one the
     // dataplane added since is read again before its inside half goes
@@ -335,6 +463,7 @@ pub fn sweep(
     let freed = freed_set;
     let inside: Vec<(BindKey, BindExt)> =
         batch::entries(&m.bind).context("reading the bindings' inside halves")?;
+    laps.lap(&mut out.phases, "read inside halves");
     let mut orphans: Vec<BindKey> = Vec::new();
     for (ik, v) in &inside {
         let ek = BindKey::new(ik.proto, slot_addr(pool, v.pool as u32), v.port);
@@ -377,6 +506,7 @@ pub fn sweep(
         info!(slot, address = %u, "the SNAT address has drained: no flow uses it any more");
         out.drained.push(u);
     }
+    laps.lap(&mut out.phases, "orphans, filter, per address");
     Ok(out)
 }
 
@@ -643,5 +773,48 @@ impl SweeperThread {
 impl Drop for SweeperThread {
     fn drop(&mut self) {
         self.stop(Duration::ZERO);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nat_common::{POOL_ACTIVE, POOL_FREE};
+
+    #[test]
+    fn a_port_set_holds_the_same_endpoints_as_a_set_of_binding_keys() {
+        let a = PoolAddr::new(Ipv4Addr::new(192, 0, 2, 1), POOL_ACTIVE);
+        let b = PoolAddr::new(Ipv4Addr::new(192, 0, 2, 2), POOL_ACTIVE);
+        // Slot 2 names `a` again; slot 3 is free (address 0); slots past
+        // the pool stand for address 0 too.
+        let pool = [a, b, a, PoolAddr::new(Ipv4Addr::UNSPECIFIED, POOL_FREE)];
+        let mut set = PortSet::new(&pool, KeyHash::new());
+        let mut want = std::collections::HashSet::new();
+        for (proto, slot, port) in [
+            (IPPROTO_TCP, 0, 1024u16),
+            (IPPROTO_UDP, 1, 1024),
+            (IPPROTO_ICMP, 2, 7),
+            (IPPROTO_UDP, 3, 65535),
+            (IPPROTO_TCP, 40, 0),
+            (47, 1, 9),
+        ] {
+            let v = CtValue::new(slot, port.to_be(), 0, 0, 0);
+            set.insert_session(proto, &v);
+            want.insert(BindKey::new(proto, slot_addr(&pool, slot), port.to_be()));
+        }
+        let addrs = [a.addr, b.addr, 0, 0x0a00_0001];
+        for proto in [IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMP, 47, 132] {
+            for addr in addrs {
+                for port in [0u16, 7, 9, 1023, 1024, 1025, 65535] {
+                    let ek = BindKey::new(proto, addr, port.to_be());
+                    assert_eq!(set.contains(&ek), want.contains(&ek), "{ek:?}");
+                }
+            }
+        }
+        let padded = BindKey {
+            _pad: 1,
+            ..BindKey::new(IPPROTO_TCP, a.addr, 1024u16.to_be())
+        };
+        assert!(!set.contains(&padded));
     }
 }

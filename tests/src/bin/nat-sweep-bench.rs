@@ -5,7 +5,8 @@
 //!
 //! Four passes, each on a freshly filled table of the real programs: a
 //! sweep with nothing to remove and one that removes everything, for each
-//! method. Also prints the maps' memory per flow (kernel memlock).
+//! method, and the batched sweep's CPU time phase by phase. Also prints
+//! the maps' memory per flow (kernel memlock).
 
 use std::{process::ExitCode, time::Duration};
 
@@ -55,8 +56,10 @@ fn run() -> Result<()> {
             let now = nat_loader::monotonic_ns();
             let bindings = fill(&mut ebpf, sessions, now, idle, |_| expire_all)?;
             let mut maps = CtMaps::take(&mut ebpf)?;
+            let mut phases = Vec::new();
             let (removed, cpu) = if batched {
                 let (s, cpu) = sweep(&mut maps, max_flows, now)?;
+                phases = s.phases;
                 (s.expired, cpu)
             } else {
                 walk_entry_by_entry(&mut maps, now)?
@@ -70,6 +73,9 @@ fn run() -> Result<()> {
                 "{what:<18} {method:<15} {bindings} bindings: removed {removed}, CPU {:.3} s",
                 cpu.as_secs_f64()
             );
+            for (phase, cpu) in phases {
+                println!("    {phase:<32} {:>7.1} ms", cpu.as_secs_f64() * 1e3);
+            }
             let _ = sweep_scale::sessions_left(&maps)?;
         }
     }
