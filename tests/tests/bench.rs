@@ -30,6 +30,14 @@ fn bench_quick_mode_produces_table_json_and_chart() {
     let _ = std::fs::remove_dir_all(&out);
     let bpf_stats = || std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").ok();
     let bpf_stats_before = bpf_stats();
+    let ct_limits = || {
+        [
+            "/proc/sys/net/netfilter/nf_conntrack_max",
+            "/sys/module/nf_conntrack/parameters/hashsize",
+        ]
+        .map(|p| std::fs::read_to_string(p).ok())
+    };
+    let ct_limits_before = ct_limits();
     let report = bench::run(&Plan::quick(), &out).expect("quick benchmark run");
 
     // Every variant forwarded traffic of every kind.
@@ -63,6 +71,65 @@ fn bench_quick_mode_produces_table_json_and_chart() {
         "lookup costs: {:?}",
         scale.spread_ns
     );
+
+    // Each program's time: the gateway's XDP program ran once per packet.
+    let gw = report.variant(Variant::Gateway).expect("gateway measured");
+    let xdp = gw
+        .progs
+        .iter()
+        .find(|p| p.name == nat_common::PROG_XDP_INT)
+        .unwrap_or_else(|| panic!("no bpf_stats for nat_xdp_int: {:?}", gw.progs));
+    assert!(
+        xdp.ns_per_run > 0.0 && (0.9..1.5).contains(&xdp.runs_per_pkt),
+        "{xdp:?}"
+    );
+    assert_eq!(report.placement.len(), 4, "{:?}", report.placement);
+    assert!(
+        report
+            .placement
+            .iter()
+            .all(|p| p.prog_ns > 0.0 && p.pps > 0.0)
+    );
+
+    // RFC 9693's four answers, for iptables and ours.
+    let st = report.stateful.as_ref().expect("RFC 9693 measured");
+    assert_eq!(st.variants.len(), 2);
+    for v in &st.variants {
+        let name = v.variant.key();
+        let e = &v.establish;
+        assert!(
+            e.loss_free_pps > 0.0 && e.saturated_pps > 0.0 && e.cpu_ns_per_session > 0.0,
+            "{name}: {e:?}"
+        );
+        assert!(
+            v.capacity.bytes_per_session > 0.0,
+            "{name}: {:?}",
+            v.capacity
+        );
+        assert_eq!(v.scale.len(), Plan::quick().scale_flows.len());
+        assert!(
+            v.scale
+                .iter()
+                .all(|p| p.pps.iter().chain(&p.cpu_ns).all(|&x| x > 0.0)),
+            "{name}: {:?}",
+            v.scale
+        );
+    }
+    let ours = st
+        .variants
+        .iter()
+        .find(|v| v.variant == Variant::Gateway)
+        .expect("ours");
+    // A full table refuses new flows: they fail before more sessions than
+    // it holds exist.
+    let failed = ours.capacity.failed_at.expect("new flows never failed");
+    assert!(
+        failed <= st.capacity_table as u64,
+        "{failed} sessions in a table of {}",
+        st.capacity_table
+    );
+    let sweep = st.sweep.as_ref().expect("sweep measured");
+    assert!(!sweep.keep_all.is_zero() && !sweep.remove_all.is_zero());
 
     // The three outputs.
     let md = std::fs::read_to_string(out.join("results.md")).expect("results.md");
@@ -98,6 +165,16 @@ fn bench_quick_mode_produces_table_json_and_chart() {
         png.len()
     );
 
+    assert!(
+        json["rfc9693"]["variants"][1]["scale"][0]["cpu_ns_per_pkt"]["median"].as_f64() > Some(0.0)
+    );
+    let png = std::fs::read(out.join("chart-scale.png")).expect("chart-scale.png");
+    assert!(
+        png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 10_000,
+        "chart-scale.png is not a real PNG ({} bytes)",
+        png.len()
+    );
+
     // Nothing left behind.
     assert!(
         bench_namespaces().is_empty(),
@@ -108,5 +185,10 @@ fn bench_quick_mode_produces_table_json_and_chart() {
         bpf_stats(),
         bpf_stats_before,
         "kernel.bpf_stats_enabled not restored"
+    );
+    assert_eq!(
+        ct_limits(),
+        ct_limits_before,
+        "nf_conntrack_max or the conntrack hash size not restored"
     );
 }

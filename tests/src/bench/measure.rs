@@ -422,25 +422,6 @@ impl Drop for BpfStats {
     }
 }
 
-/// (run count, run time ns) of program `id` (needs bpf_stats_enabled).
-pub fn prog_run_stats(id: u32) -> Result<(u64, u64)> {
-    let out = std::process::Command::new("bpftool")
-        .args(["prog", "show", "id", &id.to_string(), "-j"])
-        .output()
-        .context("running bpftool")?;
-    if !out.status.success() {
-        bail!(
-            "bpftool prog show id {id}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    Ok((
-        v["run_cnt"].as_u64().unwrap_or(0),
-        v["run_time_ns"].as_u64().unwrap_or(0),
-    ))
-}
-
 /// One program's run-time statistics (bpf_stats).
 #[derive(Clone, Debug)]
 pub struct ProgStats {
@@ -480,4 +461,54 @@ pub fn prog_stats_all() -> Result<std::collections::HashMap<u32, ProgStats>> {
                 .collect()
         })
         .unwrap_or_default())
+}
+
+/// A program's time in one window: ns per run (bpf_stats) and runs per
+/// packet delivered to the sink.
+#[derive(Clone, Debug)]
+pub struct ProgTime {
+    pub name: String,
+    pub ns_per_run: f64,
+    pub runs_per_pkt: f64,
+}
+
+/// One more window with bpf_stats on: each program that ran, its ns per
+/// run and runs per packet delivered (the counts bracket the warm-up too,
+/// so both sides of the ratio do).
+pub fn program_times(
+    t: &Topo,
+    cpus: Cpus,
+    flows: u64,
+    warmup: f64,
+    secs: f64,
+) -> Result<(PpsSample, Vec<ProgTime>)> {
+    let _stats = BpfStats::enable()?;
+    let (a, sink_a) = (prog_stats_all()?, t.sink_count()?);
+    let s = pps(t, cpus, flows, warmup, secs)?;
+    let (b, sink_b) = (prog_stats_all()?, t.sink_count()?);
+    Ok((s, per_packet(&a, &b, sink_b.saturating_sub(sink_a) as f64)))
+}
+
+/// Programs that ran between snapshots `a` and `b`: name, ns per run, runs
+/// per forwarded packet.
+pub fn per_packet(
+    a: &std::collections::HashMap<u32, ProgStats>,
+    b: &std::collections::HashMap<u32, ProgStats>,
+    pkts: f64,
+) -> Vec<ProgTime> {
+    let mut out: Vec<ProgTime> = b
+        .iter()
+        .filter_map(|(id, after)| {
+            let before = a.get(id).map_or((0, 0), |s| (s.runs, s.ns));
+            let runs = after.runs.saturating_sub(before.0);
+            let ns = after.ns.saturating_sub(before.1);
+            (runs > 0).then(|| ProgTime {
+                name: after.name.clone(),
+                ns_per_run: ns as f64 / runs as f64,
+                runs_per_pkt: runs as f64 / pkts.max(1.0),
+            })
+        })
+        .collect();
+    out.sort_by(|x, y| x.name.cmp(&y.name));
+    out
 }

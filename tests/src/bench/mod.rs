@@ -19,7 +19,7 @@ mod measure;
 mod policy_cost;
 mod report;
 pub mod scale;
-mod stateful;
+pub mod stateful;
 mod topo;
 
 use std::{
@@ -280,6 +280,7 @@ pub fn run(plan: &Plan, out: &Path) -> Result<Report> {
         return Err(e);
     }
     drop(topos);
+    rep.stateful = Some(stateful::run(plan, cpus, &work.0)?);
 
     rep.duration_secs = started.elapsed().as_secs_f64();
     rep.write(out)?;
@@ -297,22 +298,50 @@ fn measure_all(plan: &Plan, cpus: Cpus, topos: &[Topo], rep: &mut Report) -> Res
     }
 
     // Where the time of the XDP variants goes: the programs' own run time
-    // (kernel.bpf_stats_enabled, on only for this extra window).
-    {
-        progress("XDP program run time (bpf_stats)");
-        let _stats = measure::BpfStats::enable()?;
-        for (i, t) in topos.iter().enumerate() {
-            if !matches!(t.variant, Variant::Gateway | Variant::XdpFwd) {
-                continue;
-            }
-            let id = t.gw_xdp_prog_id(&t.gw_int.name)?;
-            let a = measure::prog_run_stats(id)?;
-            let s = measure::pps(t, cpus, BLAST_FLOWS, plan.pps_warmup_secs, plan.pps_secs)?;
-            let b = measure::prog_run_stats(id)?;
-            let runs = b.0.saturating_sub(a.0);
-            if runs > 0 {
-                rep.variants[i].xdp_prog_ns = Some(b.1.saturating_sub(a.1) as f64 / runs as f64);
-                rep.variants[i].xdp_prog_window_cpu_ns = Some(s.cpu_ns_per_pkt);
+    // (kernel.bpf_stats_enabled, on only for these extra windows).
+    progress("program run times (bpf_stats)");
+    for (i, t) in topos.iter().enumerate() {
+        let xdp = match t.variant {
+            Variant::Gateway => nat_common::PROG_XDP_INT,
+            Variant::XdpFwd => nat_common::PROG_XDP_FWD_ONLY,
+            _ => continue,
+        };
+        check_interrupted()?;
+        let (s, progs) =
+            measure::program_times(t, cpus, BLAST_FLOWS, plan.pps_warmup_secs, plan.pps_secs)?;
+        let d = &mut rep.variants[i];
+        d.xdp_prog_ns = progs.iter().find(|p| p.name == xdp).map(|p| p.ns_per_run);
+        d.xdp_prog_window_cpu_ns = Some(s.cpu_ns_per_pkt);
+        d.progs = progs;
+    }
+    // What moves that figure: flows (cache misses) and whether the
+    // gateway's NAPI shares a CPU with the generator and the sink.
+    if let Some(t) = topos.iter().find(|t| t.variant == Variant::Gateway) {
+        progress("nat_xdp_int run time by placement and flows (bpf_stats)");
+        for flows in [256, BLAST_FLOWS] {
+            for shared_cpu in [false, true] {
+                check_interrupted()?;
+                let c = if shared_cpu {
+                    Cpus {
+                        gw: cpus.other,
+                        other: cpus.other,
+                    }
+                } else {
+                    cpus
+                };
+                let (s, progs) =
+                    measure::program_times(t, c, flows, plan.pps_warmup_secs, plan.pps_secs)?;
+                let prog_ns = progs
+                    .iter()
+                    .find(|p| p.name == nat_common::PROG_XDP_INT)
+                    .map_or(0.0, |p| p.ns_per_run);
+                rep.placement.push(report::Placement {
+                    flows,
+                    shared_cpu,
+                    prog_ns,
+                    cpu_ns_per_pkt: s.cpu_ns_per_pkt,
+                    pps: s.pps,
+                });
             }
         }
     }

@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 
 use super::{
     Plan, Variant,
-    measure::{Cpus, PpsSample},
+    measure::{Cpus, PpsSample, ProgTime},
     policy_cost::{self, PolicyCost},
     scale::ScaleResult,
     stateful::{StatefulResult, SweepCost},
@@ -96,6 +96,20 @@ pub struct VariantData {
     pub xdp_prog_ns: Option<f64>,
     /// Gateway CPU ns per packet in that same window.
     pub xdp_prog_window_cpu_ns: Option<f64>,
+    /// Every program that ran in that window (bpf_stats).
+    pub progs: Vec<ProgTime>,
+}
+
+/// nat_xdp_int's run time with the gateway's NAPI threads on a CPU of
+/// their own or on the generator's, over few or many flows: what moves the
+/// figure bpf_stats reports.
+#[derive(Clone, Debug)]
+pub struct Placement {
+    pub flows: u64,
+    pub shared_cpu: bool,
+    pub prog_ns: f64,
+    pub cpu_ns_per_pkt: f64,
+    pub pps: f64,
 }
 
 impl VariantData {
@@ -148,6 +162,8 @@ pub struct Report {
     pub interfaces: Vec<(Variant, String, String)>,
     pub variants: Vec<VariantData>,
     pub scale: Option<ScaleResult>,
+    pub placement: Vec<Placement>,
+    pub stateful: Option<StatefulResult>,
     /// The egress policy's cost (`policy_cost`).
     pub policy: Option<PolicyCost>,
     pub duration_secs: f64,
@@ -212,8 +228,11 @@ impl Report {
                     p99_us: Vec::new(),
                     xdp_prog_ns: None,
                     xdp_prog_window_cpu_ns: None,
+                    progs: Vec::new(),
                 })
                 .collect(),
+            placement: Vec::new(),
+            stateful: None,
             scale: None,
             policy: None,
             duration_secs: 0.0,
@@ -254,7 +273,7 @@ impl Report {
         if let Some(s) = &self.scale {
             let b = s.bytes_per_flow();
             let value = format!("{b:.0} B (at {} flows)", s.large);
-            goal("map memory per tracked flow", "≤ 256 B", value, b <= 256.0);
+            goal("map memory per tracked flow", "≤ 128 B", value, b <= 128.0);
             let small = Stat::of(&s.spread_ns[0]).median;
             let large = Stat::of(&s.spread_ns[1]).median;
             let d = ratio(large, small) - 1.0;
@@ -265,6 +284,45 @@ impl Report {
                 s.large
             );
             goal(name, "within 10 %", value, d.abs() <= 0.10);
+        }
+        if let Some(st) = &self.stateful {
+            let v = |k| st.variants.iter().find(|v| v.variant == k);
+            if let (Some(o), Some(i)) = (v(Variant::Gateway), v(Variant::Iptables)) {
+                let r = ratio(
+                    i.establish.cpu_ns_per_session,
+                    o.establish.cpu_ns_per_session,
+                );
+                let value = format!(
+                    "{r:.2}× ({:.0} vs {:.0} ns)",
+                    o.establish.cpu_ns_per_session, i.establish.cpu_ns_per_session
+                );
+                let name = "CPU per new session vs iptables MASQUERADE (RFC 9693)";
+                goal(name, "≥ 3× less", value, r >= 3.0);
+                // The point nearest 1 M active flows (quick mode stops
+                // short of it).
+                let near = |s: &[super::stateful::ScalePoint]| {
+                    s.iter()
+                        .min_by_key(|p| p.flows.abs_diff(1_000_000))
+                        .map(|p| (p.flows, Stat::of(&p.cpu_ns).median))
+                };
+                if let (Some((flows, oc)), Some((_, ic))) = (near(&o.scale), near(&i.scale)) {
+                    let r = ratio(ic, oc);
+                    let value = format!("{r:.2}× ({oc:.0} vs {ic:.0} ns at {flows} flows)");
+                    let name = "CPU per packet at 1 M active flows vs iptables";
+                    goal(name, "≥ 3× less", value, r >= 3.0);
+                }
+            }
+            if let Some(sw) = &st.sweep {
+                let worst = sw.keep_all.max(sw.remove_all);
+                let ms = SweepCost::ms_per_million(worst, sw.sessions);
+                let value = format!(
+                    "{:.0} ms all removed, {:.0} ms none (per million, {} swept)",
+                    SweepCost::ms_per_million(sw.remove_all, sw.sessions),
+                    SweepCost::ms_per_million(sw.keep_all, sw.sessions),
+                    sw.sessions
+                );
+                goal("sweep of 1 M sessions, CPU", "≤ 200 ms", value, ms <= 200.0);
+            }
         }
         if let Some(p) = &self.policy {
             let last = policy_cost::RULES.len() - 1;
@@ -421,7 +479,7 @@ impl Report {
         }
         let _ = writeln!(
             md,
-            "- Offered load: trafgen (netsniff-ng) on CPU {other}, 60-byte frames (64 on the wire) over 28 560 flows with complete checksums, as fast as it can; the gateway's NAPI threads (threaded NAPI on its veths) pinned to CPU {gw}; CPU time is theirs (/proc/<pid>/schedstat) per packet delivered to the sink.\n\
+            "- Offered load: bench_gen (BPF_PROG_RUN live frames) on CPU {other}, 60-byte frames (64 on the wire) over {flows} flows with complete checksums, as fast as it can; the gateway's NAPI threads (threaded NAPI on its veths) pinned to CPU {gw}; CPU time is theirs (/proc/<pid>/schedstat) per packet delivered to the sink.\n\
              - TCP (iperf3, 1 stream) and short connections (4 workers, 1-byte request and response, RST close) run with TX checksum offload off on the generator and the sink, so the XDP variants take their fast path for TCP too; latency: UDP ping-pong, one at a time, {rtts} round trips per repeat.\n\
              - iptables is `{ipt}`; nftables `{nft}`. The map memory is the kernel's memlock accounting of every map of the gateway's object (sessions, bindings, address filter, pool, fragments, counters).",
             other = self.cpus.other,
@@ -429,7 +487,55 @@ impl Report {
             rtts = self.plan.rtts,
             ipt = m.iptables,
             nft = m.nft,
+            flows = super::measure::BLAST_FLOWS,
         );
+        md.push('\n');
+        md.push_str(&self.programs_markdown());
+        if let Some(st) = &self.stateful {
+            md.push('\n');
+            md.push_str(&stateful_tables(st));
+        }
+        md
+    }
+
+    /// Each program's bpf_stats in the 64-byte window, and nat_xdp_int's
+    /// by placement and flows.
+    fn programs_markdown(&self) -> String {
+        let mut md = String::new();
+        for d in self.variants.iter().filter(|d| !d.progs.is_empty()) {
+            let _ = writeln!(
+                md,
+                "{}: every program that ran in the bpf_stats window (64-byte blast over {} flows), ns per run (runs per forwarded packet): {}\n",
+                d.variant.label(),
+                super::measure::BLAST_FLOWS,
+                d.progs
+                    .iter()
+                    .map(|p| format!("`{}` {:.0} ({:.2})", p.name, p.ns_per_run, p.runs_per_pkt))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        if !self.placement.is_empty() {
+            let _ = writeln!(
+                md,
+                "| nat_xdp_int, bpf_stats ns per run | flows | gateway NAPI CPU | ns per run | gateway CPU ns/pkt | Mpps |\n|---|---|---|---|---|---|"
+            );
+            for p in &self.placement {
+                let _ = writeln!(
+                    md,
+                    "| | {} | {} | {:.0} | {:.0} | {:.3} |",
+                    p.flows,
+                    if p.shared_cpu {
+                        "shared with the generator and sink"
+                    } else {
+                        "its own"
+                    },
+                    p.prog_ns,
+                    p.cpu_ns_per_pkt,
+                    p.pps * 1e-6
+                );
+            }
+        }
         md
     }
 
@@ -463,7 +569,16 @@ impl Report {
                 "rtt_p99_us": d.p99().json(),
                 "xdp_prog_ns_per_pkt": d.xdp_prog_ns,
                 "xdp_prog_window_cpu_ns_per_pkt": d.xdp_prog_window_cpu_ns,
+                "programs": d.progs.iter().map(prog_json).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
+            "placement": self.placement.iter().map(|p| json!({
+                "flows": p.flows,
+                "shared_cpu": p.shared_cpu,
+                "nat_xdp_int_ns_per_run": p.prog_ns,
+                "cpu_ns_per_pkt": p.cpu_ns_per_pkt,
+                "pps": p.pps,
+            })).collect::<Vec<_>>(),
+            "rfc9693": self.stateful.as_ref().map(stateful_json),
             "conntrack_scale": self.scale.as_ref().map(|s| json!({
                 "max_flows": s.max_flows,
                 "small_flows": s.small,
@@ -488,12 +603,17 @@ impl Report {
         })
     }
 
-    /// Writes results.md, results.json and chart.png into `out`.
+    /// Writes results.md, results.json, chart.png and (with RFC 9693's
+    /// measurements) chart-scale.png into `out`.
     pub fn write(&self, out: &Path) -> Result<()> {
         std::fs::write(out.join("results.md"), self.markdown())?;
         let json_path = out.join("results.json");
         std::fs::write(&json_path, serde_json::to_string_pretty(&self.json())?)?;
-        chart(&json_path, &out.join("chart.png"))
+        chart(CHART_PY, &json_path, &out.join("chart.png"))?;
+        if self.stateful.is_some() {
+            chart(SCALE_PY, &json_path, &out.join("chart-scale.png"))?;
+        }
+        Ok(())
     }
 }
 
@@ -532,7 +652,39 @@ fig.tight_layout()
 fig.savefig(sys.argv[2], dpi=100)
 "##;
 
-fn chart(json: &Path, png: &Path) -> Result<()> {
+/// Draws chart-scale.png: RFC 9693's forwarding at scale, CPU per packet
+/// and forwarded rate against active flows.
+const SCALE_PY: &str = r##"
+import json, sys
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+r = json.load(open(sys.argv[1]))
+vs = r["rfc9693"]["variants"]
+fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+colors = {"iptables": "#d62728", "gateway": "#2ca02c"}
+for ax, (key, scale, title) in zip(axes, [("cpu_ns_per_pkt", 1, "gateway CPU per packet (ns)"), ("pps", 1e-6, "64-byte UDP forwarded (Mpps)")]):
+    for v in vs:
+        pts = v["scale"]
+        x = [p["flows"] for p in pts]
+        med = [p[key]["median"] * scale for p in pts]
+        lo = [(p[key]["median"] - p[key]["min"]) * scale for p in pts]
+        hi = [(p[key]["max"] - p[key]["median"]) * scale for p in pts]
+        ax.errorbar(x, med, yerr=[lo, hi], marker="o", capsize=4, label=v["label"], color=colors.get(v["key"]))
+        for xi, m in zip(x, med):
+            ax.annotate(f"{m:.3g}", (xi, m), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("active flows")
+    ax.set_title(title, fontsize=10)
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8)
+m = r["machine"]
+fig.suptitle(f"RFC 9693 forwarding at scale{' (quick)' if r['quick'] else ''}: {m['nproc']} CPUs, Linux {m['kernel']}; median, bars min-max", fontsize=10)
+fig.tight_layout()
+fig.savefig(sys.argv[2], dpi=100)
+"##;
+
+fn chart(script: &str, json: &Path, png: &Path) -> Result<()> {
     // Debian's interpreter: a python3 earlier on PATH (pyenv, venv) may lack
     // the Debian matplotlib.
     let python = if Path::new("/usr/bin/python3").exists() {
@@ -542,7 +694,7 @@ fn chart(json: &Path, png: &Path) -> Result<()> {
     };
     let out = Command::new(python)
         .arg("-c")
-        .arg(CHART_PY)
+        .arg(script)
         .arg(json)
         .arg(png)
         .output()
@@ -627,6 +779,19 @@ pub fn stateful_tables(r: &StatefulResult) -> String {
             ratio
         );
     }
+    for v in r.variants.iter().filter(|v| !v.establish.progs.is_empty()) {
+        let _ = writeln!(
+            md,
+            "\n{} on new sessions (one more saturated trial, bpf_stats), ns per run (runs per forwarded packet): {}",
+            v.variant.label(),
+            v.establish
+                .progs
+                .iter()
+                .map(|p| format!("`{}` {:.0} ({:.2})", p.name, p.ns_per_run, p.runs_per_pkt))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     let _ = writeln!(
         md,
         "\nRFC 9693 table capacity (new flows at a steady rate into a table of {} sessions, 1.5 tables' worth):\n",
@@ -673,7 +838,24 @@ pub fn stateful_tables(r: &StatefulResult) -> String {
     let _ = writeln!(md, "{head}\n{rule}");
     let points = r.variants.first().map_or(0, |v| v.scale.len());
     for i in 0..points {
-        let mut row = format!("| {} |", thousands(r.variants[0].scale[i].flows));
+        let p0 = &r.variants[0].scale[i];
+        let short: Vec<String> = r
+            .variants
+            .iter()
+            .filter(|v| v.scale[i].created < v.scale[i].flows)
+            .map(|v| {
+                format!(
+                    "{} created {}",
+                    v.variant.key(),
+                    thousands(v.scale[i].created)
+                )
+            })
+            .collect();
+        let mut row = if short.is_empty() {
+            format!("| {} |", thousands(p0.flows))
+        } else {
+            format!("| {} ({}) |", thousands(p0.flows), short.join(", "))
+        };
         let mut cpu = Vec::new();
         for v in &r.variants {
             let p = &v.scale[i];
@@ -704,7 +886,7 @@ pub fn stateful_tables(r: &StatefulResult) -> String {
         let mut names: Vec<String> = g
             .scale
             .iter()
-            .flat_map(|p| p.progs.iter().map(|x| x.0.clone()))
+            .flat_map(|p| p.progs.iter().map(|x| x.name.clone()))
             .collect();
         names.sort();
         names.dedup();
@@ -716,8 +898,10 @@ pub fn stateful_tables(r: &StatefulResult) -> String {
                 .map(|n| {
                     p.progs
                         .iter()
-                        .find(|x| &x.0 == n)
-                        .map_or("–".to_string(), |x| format!("{:.0} ({:.2})", x.1, x.2))
+                        .find(|x| &x.name == n)
+                        .map_or("–".to_string(), |x| {
+                            format!("{:.0} ({:.2})", x.ns_per_run, x.runs_per_pkt)
+                        })
                 })
                 .collect();
             let _ = writeln!(md, "| {} | {} |", thousands(p.flows), cells.join(" | "));
@@ -744,4 +928,49 @@ pub fn stateful_tables(r: &StatefulResult) -> String {
         }
     }
     md
+}
+
+fn prog_json(p: &ProgTime) -> Value {
+    json!({"name": p.name, "ns_per_run": p.ns_per_run, "runs_per_pkt": p.runs_per_pkt})
+}
+
+fn stateful_json(r: &StatefulResult) -> Value {
+    json!({
+        "table": r.table,
+        "capacity_table": r.capacity_table,
+        "variants": r.variants.iter().map(|v| json!({
+            "key": v.variant.key(),
+            "label": v.variant.label(),
+            "establishment": {
+                "loss_free_sessions_per_s": v.establish.loss_free_pps,
+                "saturated_sessions_per_s": v.establish.saturated_pps,
+                "cpu_ns_per_session": v.establish.cpu_ns_per_session,
+                "programs": v.establish.progs.iter().map(prog_json).collect::<Vec<_>>(),
+                "trials": v.establish.trials.iter().map(|(rate, sent, got)| json!({
+                    "rate": if rate.is_finite() { json!(rate) } else { json!("flat out") },
+                    "sent": sent,
+                    "received": got,
+                })).collect::<Vec<_>>(),
+            },
+            "capacity": {
+                "fill_rate": v.capacity.rate,
+                "failed_at_sessions": v.capacity.failed_at,
+                "sent": v.capacity.sent,
+                "received": v.capacity.received,
+                "bytes_per_session": v.capacity.bytes_per_session,
+            },
+            "scale": v.scale.iter().map(|p| json!({
+                "flows": p.flows,
+                "created": p.created,
+                "pps": Stat::of(&p.pps).json(),
+                "cpu_ns_per_pkt": Stat::of(&p.cpu_ns).json(),
+                "programs": p.progs.iter().map(prog_json).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+        "sweep": r.sweep.as_ref().map(|s| json!({
+            "sessions": s.sessions,
+            "keep_all_cpu_ms": s.keep_all.as_secs_f64() * 1e3,
+            "remove_all_cpu_ms": s.remove_all.as_secs_f64() * 1e3,
+        })),
+    })
 }

@@ -468,16 +468,6 @@ impl Topo {
         }
         Ok(gw)
     }
-
-    /// The id of the XDP program attached to a gateway interface.
-    pub fn gw_xdp_prog_id(&self, dev: &str) -> Result<u32> {
-        let out = self.exec(Role::Gw, &["ip", "-d", "-j", "link", "show", "dev", dev])?;
-        let v: serde_json::Value = serde_json::from_str(&out)?;
-        v[0]["xdp"]["prog"]["id"]
-            .as_u64()
-            .map(|id| id as u32)
-            .with_context(|| format!("no XDP program on {dev}: {out}"))
-    }
 }
 
 /// The benchmark's own eBPF object (`nat-bench-ebpf`, built beside the
