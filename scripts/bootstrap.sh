@@ -20,9 +20,9 @@ APT_PACKAGES=(
     traceroute
     # HA tests: the failover lab's load balancer, detaching programs.
     nftables bpftool
-    # The benchmark (`cargo xtask bench`): trafgen, the iptables baseline,
-    # the chart.
-    netsniff-ng iptables python3-matplotlib
+    # The benchmark (`cargo xtask bench`): the iptables baseline, the
+    # charts. (Its traffic comes from its own eBPF generator.)
+    iptables python3-matplotlib
     # The metrics test: a real Prometheus scrapes the lab gateway; promtool
     # checks the exposition.
     prometheus
