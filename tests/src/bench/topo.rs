@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, MapData, PerCpuArray},
-    programs::{LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode, tc::TcAttachOptions},
+    programs::{Xdp, XdpMode},
 };
 use nat_common::{
     MAP_BENCH_GEN, MAP_BENCH_SINK, PROG_BENCH_GEN, PROG_BENCH_PASS, PROG_BENCH_SINK,
@@ -75,7 +75,7 @@ pub struct Topo {
     // Fields drop in order: the programs (their links die with their
     // fds), the loader (which detaches its own on SIGTERM), then the
     // namespaces.
-    /// `bench_sink` on the sink, `bench_pass` on both endpoints, and the
+    /// `bench_sink` on the sink, `bench_pass` on the generator's NIC, and the
     /// generator `bench_gen`, loaded (run through BPF_PROG_RUN, see
     /// `generator.rs`).
     endpoints: Option<Ebpf>,
@@ -224,36 +224,19 @@ impl Topo {
         ]
     }
 
-    /// `bench_sink` (TC ingress) on the sink, `bench_pass` (XDP) on both
-    /// endpoints, `bench_gen` loaded; the same in every variant.
+    /// `bench_sink` (XDP) on the sink, `bench_pass` (XDP) on the
+    /// generator's interface, `bench_gen` loaded; the same in every
+    /// variant.
     fn attach_endpoints(&mut self) -> Result<()> {
         let mut ebpf = load_object()?;
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(PROG_BENCH_SINK)
-            .context("bench_sink missing from the eBPF object")?
-            .try_into()?;
-        prog.load()
-            .with_context(|| format!("verifying {PROG_BENCH_SINK}"))?;
-        let dev = &self.sink_if.name;
-        self.in_ns(Role::Sink, || {
-            prog.attach_with_options(
-                dev,
-                TcAttachType::Ingress,
-                TcAttachOptions::TcxOrder(LinkOrder::default()),
-            )
-            .map(|_| ())
-        })?
-        .with_context(|| format!("attaching {PROG_BENCH_SINK} to {dev}"))?;
-        let prog: &mut Xdp = program(&mut ebpf, PROG_BENCH_PASS)?;
-        prog.load()
-            .with_context(|| format!("verifying {PROG_BENCH_PASS}"))?;
-        for (r, dev) in [
-            (Role::Gen, &self.gen_if.name),
-            (Role::Sink, &self.sink_if.name),
+        for (r, dev, name) in [
+            (Role::Gen, &self.gen_if.name, PROG_BENCH_PASS),
+            (Role::Sink, &self.sink_if.name, PROG_BENCH_SINK),
         ] {
-            let prog: &mut Xdp = program(&mut ebpf, PROG_BENCH_PASS)?;
+            let prog: &mut Xdp = program(&mut ebpf, name)?;
+            prog.load().with_context(|| format!("verifying {name}"))?;
             self.in_ns(r, || prog.attach(dev, XdpMode::Driver).map(|_| ()))?
-                .with_context(|| format!("attaching {PROG_BENCH_PASS} to {dev}"))?;
+                .with_context(|| format!("attaching {name} to {dev}"))?;
         }
         let mut cfg = Array::<MapData, GenConfig>::try_from(
             ebpf.take_map(MAP_BENCH_GEN)
