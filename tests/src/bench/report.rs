@@ -804,8 +804,14 @@ pub fn stateful_tables(r: &StatefulResult) -> String {
     let _ = writeln!(md, "|---|---|---|---|---|");
     for v in &r.variants {
         let c = &v.capacity;
-        let failed = c.failed_at.map_or(
-            "never (full table: oldest unreplied entries dropped early)".to_string(),
+        let failed = c.failed_at.map_or_else(
+            || match v.variant {
+                Variant::Gateway => {
+                    "never (full: the sweeper evicted unanswered sessions, see Table pressure)"
+                        .to_string()
+                }
+                _ => "never (full table: oldest unreplied entries dropped early)".to_string(),
+            },
             |n| format!("{} sessions", thousands(n)),
         );
         let _ = writeln!(
