@@ -19,8 +19,9 @@ use crate::sys;
 /// the chunk grows and the call is repeated). Small: the kernel does not
 /// reschedule inside a call (about 0.3 µs per entry), and the NAPI thread
 /// of a NIC that shares the sweeper's CPU waits for it while the NIC's
-/// ring (256 frames on a veth) fills; the CPU cost is the same from 1,024
-/// to 131,072 entries per call.
+/// ring (256 frames on a veth) fills. The CPU per pass barely moves with
+/// the chunk (1 M sessions, nothing to remove: 406 ms at 8,192, 417–419 ms
+/// at 1,024; 131,072 no cheaper than 8,192).
 const CHUNK: usize = 1024;
 
 /// The `batch` member of `union bpf_attr`.

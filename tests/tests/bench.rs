@@ -91,9 +91,9 @@ fn bench_quick_mode_produces_table_json_and_chart() {
             .all(|p| p.prog_ns > 0.0 && p.pps > 0.0)
     );
 
-    // RFC 9693's four answers, for iptables and ours.
+    // RFC 9693's four answers, for iptables, nftables and ours.
     let st = report.stateful.as_ref().expect("RFC 9693 measured");
-    assert_eq!(st.variants.len(), 2);
+    assert_eq!(st.variants.len(), bench::stateful::VARIANTS.len());
     for v in &st.variants {
         let name = v.variant.key();
         let e = &v.establish;

@@ -662,7 +662,7 @@ import matplotlib.pyplot as plt
 r = json.load(open(sys.argv[1]))
 vs = r["rfc9693"]["variants"]
 fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-colors = {"iptables": "#d62728", "gateway": "#2ca02c"}
+colors = {"iptables": "#d62728", "nftables": "#ff7f0e", "gateway": "#2ca02c"}
 for ax, (key, scale, title) in zip(axes, [("cpu_ns_per_pkt", 1, "gateway CPU per packet (ns)"), ("pps", 1e-6, "64-byte UDP forwarded (Mpps)")]):
     for v in vs:
         pts = v["scale"]

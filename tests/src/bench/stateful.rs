@@ -1,6 +1,7 @@
 //! What RFC 9693 ("Benchmarking methodology for stateful NATxy gateways")
-//! asks of a stateful NAT, asked of iptables MASQUERADE and of nat-gateway
-//! side by side, each in a topology of its own with a large table:
+//! asks of a stateful NAT, asked of iptables MASQUERADE, nftables
+//! masquerade and nat-gateway side by side, each in a topology of its own
+//! with a large table:
 //!
 //! - *connection establishment rate*: every packet a new 5-tuple (a new
 //!   session); the highest rate forwarded without loss (a binary search of
@@ -35,7 +36,7 @@ use super::{
 use crate::sweep_scale;
 
 /// The variants compared.
-pub const VARIANTS: [Variant; 2] = [Variant::Iptables, Variant::Gateway];
+pub const VARIANTS: [Variant; 3] = [Variant::Iptables, Variant::Nftables, Variant::Gateway];
 
 /// A trial counts as loss-free when at most this fraction is lost (one
 /// packet in 10,000: a VM's rare stray drop at the sink must not halve the
@@ -137,6 +138,13 @@ const CT_HASH: &str = "/sys/module/nf_conntrack/parameters/hashsize";
 
 impl ConntrackLimits {
     fn save() -> Result<ConntrackLimits> {
+        if !Path::new(CT_HASH).exists() {
+            // A fresh host may not have conntrack loaded yet (the first
+            // iptables rule loads it).
+            let _ = std::process::Command::new("modprobe")
+                .arg("nf_conntrack")
+                .status();
+        }
         let read = |p: &str| {
             std::fs::read_to_string(p)
                 .map(|s| s.trim().to_string())
