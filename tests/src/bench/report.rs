@@ -794,14 +794,14 @@ pub fn stateful_tables(r: &StatefulResult) -> String {
     }
     let _ = writeln!(
         md,
-        "\nRFC 9693 table capacity (new flows at a steady rate into a table of {} sessions, 1.5 tables' worth):\n",
+        "\nRFC 9693 table capacity (new flows at a steady rate into a table of {} sessions, 1.5 tables' worth, in slices of 0.1 s):\n",
         thousands(r.capacity_table as u64)
     );
     let _ = writeln!(
         md,
-        "| variant | fill rate, new flows/s | new flows first failed after | received of sent | memory per session |"
+        "| variant | fill rate, new flows/s | new flows refused (a slice lost over half) after | slices before that with some loss | received of sent | memory per session |"
     );
-    let _ = writeln!(md, "|---|---|---|---|---|");
+    let _ = writeln!(md, "|---|---|---|---|---|---|");
     for v in &r.variants {
         let c = &v.capacity;
         let failed = c.failed_at.map_or_else(
@@ -816,9 +816,10 @@ pub fn stateful_tables(r: &StatefulResult) -> String {
         );
         let _ = writeln!(
             md,
-            "| {} | {} | {failed} | {} of {} | {:.0} B |",
+            "| {} | {} | {failed} | {} | {} of {} | {:.0} B |",
             v.variant.label(),
             thousands(c.rate as u64),
+            c.lossy_slices,
             thousands(c.received),
             thousands(c.sent),
             c.bytes_per_session
@@ -962,6 +963,7 @@ fn stateful_json(r: &StatefulResult) -> Value {
             "capacity": {
                 "fill_rate": v.capacity.rate,
                 "failed_at_sessions": v.capacity.failed_at,
+                "lossy_slices": v.capacity.lossy_slices,
                 "sent": v.capacity.sent,
                 "received": v.capacity.received,
                 "bytes_per_session": v.capacity.bytes_per_session,
