@@ -322,8 +322,12 @@ fn capacity(t: &Topo, plan: &Plan, cpus: Cpus, rate: f64) -> Result<Capacity> {
         rate,
         ..Default::default()
     };
-    // Slices of a tenth of a second, until 1.5 tables' worth was sent.
-    let slice = (rate / 10.0).max(1.0) as u64;
+    // Slices until 1.5 tables' worth was sent, each a tenth of a second
+    // and at most an eighth of the table: a small (quick) table fills over
+    // several slices, so the ones after it is full lose nearly everything.
+    let slice = ((rate / 10.0) as u64)
+        .min(plan.capacity_table as u64 / 8)
+        .max(1);
     let total = plan.capacity_table as u64 * 3 / 2;
     while c.sent < total {
         super::check_interrupted()?;
