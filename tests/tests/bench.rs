@@ -59,7 +59,7 @@ fn bench_quick_mode_produces_table_json_and_chart() {
     for v in [Variant::Gateway, Variant::XdpFwd] {
         let d = report.variant(v).expect("variant measured");
         assert!(
-            d.xdp_prog_ns.is_some_and(|ns| ns > 0.0),
+            d.xdp_prog_ns().is_some_and(|ns| ns > 0.0),
             "{}: no XDP program run time",
             v.key()
         );

@@ -105,10 +105,12 @@ pub fn pps(t: &Topo, cpus: Cpus, flows: u64, warmup: f64, secs: f64) -> Result<P
             super::topo::cpu_kernel_ns(cpus.gw),
         ))
     };
+    let stop = AtomicBool::new(false);
     let (a, b) = std::thread::scope(|s| -> Result<_> {
-        // Runs past the window; stopped by `done` once it is measured.
+        // Runs past the window; stopped by `stop` once it is measured.
         let blast = Blast::flat_out(flows, warmup + secs + 5.0);
-        let generator = s.spawn(move || generator::blast_until(t, cpus.other, blast, &STOP));
+        let stop = &stop;
+        let generator = s.spawn(move || generator::blast_until(t, cpus.other, blast, stop));
         let measured = (|| -> Result<_> {
             super::nap(warmup)?;
             if generator.is_finished() {
@@ -118,11 +120,10 @@ pub fn pps(t: &Topo, cpus: Cpus, flows: u64, warmup: f64, secs: f64) -> Result<P
             super::nap(secs)?;
             Ok((a, snap()?))
         })();
-        STOP.store(true, Ordering::Relaxed);
+        stop.store(true, Ordering::Relaxed);
         let sent = generator
             .join()
             .map_err(|_| anyhow::anyhow!("the generator panicked"))?;
-        STOP.store(false, Ordering::Relaxed);
         sent?;
         measured
     })?;
@@ -139,9 +140,6 @@ pub fn pps(t: &Topo, cpus: Cpus, flows: u64, warmup: f64, secs: f64) -> Result<P
         gw_busy: b.3.saturating_sub(a.3) as f64 / (dt * 1e9),
     })
 }
-
-/// Ends a running [`generator::blast_until`].
-static STOP: AtomicBool = AtomicBool::new(false);
 
 /// iperf3 server in the sink, started once per topology.
 pub struct IperfServer(#[allow(dead_code)] Running);
@@ -472,6 +470,13 @@ pub struct ProgTime {
     pub runs_per_pkt: f64,
 }
 
+impl ProgTime {
+    /// `ns (runs per packet)`, as the reports show it.
+    pub fn cell(&self) -> String {
+        format!("{:.0} ({:.2})", self.ns_per_run, self.runs_per_pkt)
+    }
+}
+
 /// One more window with bpf_stats on: each program that ran, its ns per
 /// run and runs per packet delivered (the counts bracket the warm-up too,
 /// so both sides of the ratio do).
@@ -482,16 +487,26 @@ pub fn program_times(
     warmup: f64,
     secs: f64,
 ) -> Result<(PpsSample, Vec<ProgTime>)> {
+    program_times_of(t, || pps(t, cpus, flows, warmup, secs))
+}
+
+/// Runs `window` with bpf_stats on and returns what it returned with each
+/// program that ran meanwhile: ns per run and runs per packet the sink
+/// counted over the same span.
+pub fn program_times_of<R>(
+    t: &Topo,
+    window: impl FnOnce() -> Result<R>,
+) -> Result<(R, Vec<ProgTime>)> {
     let _stats = BpfStats::enable()?;
     let (a, sink_a) = (prog_stats_all()?, t.sink_count()?);
-    let s = pps(t, cpus, flows, warmup, secs)?;
+    let r = window()?;
     let (b, sink_b) = (prog_stats_all()?, t.sink_count()?);
-    Ok((s, per_packet(&a, &b, sink_b.saturating_sub(sink_a) as f64)))
+    Ok((r, per_packet(&a, &b, sink_b.saturating_sub(sink_a) as f64)))
 }
 
 /// Programs that ran between snapshots `a` and `b`: name, ns per run, runs
 /// per forwarded packet.
-pub fn per_packet(
+fn per_packet(
     a: &std::collections::HashMap<u32, ProgStats>,
     b: &std::collections::HashMap<u32, ProgStats>,
     pkts: f64,

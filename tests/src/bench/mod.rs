@@ -74,6 +74,15 @@ impl Variant {
         }
     }
 
+    /// The XDP program it runs on the gateway's inside interface, if any.
+    pub fn xdp_program(self) -> Option<&'static str> {
+        match self {
+            Variant::Gateway => Some(nat_common::PROG_XDP_INT),
+            Variant::XdpFwd => Some(nat_common::PROG_XDP_FWD_ONLY),
+            _ => None,
+        }
+    }
+
     /// First letter of its interface names.
     fn letter(self) -> char {
         match self {
@@ -301,16 +310,13 @@ fn measure_all(plan: &Plan, cpus: Cpus, topos: &[Topo], rep: &mut Report) -> Res
     // (kernel.bpf_stats_enabled, on only for these extra windows).
     progress("program run times (bpf_stats)");
     for (i, t) in topos.iter().enumerate() {
-        let xdp = match t.variant {
-            Variant::Gateway => nat_common::PROG_XDP_INT,
-            Variant::XdpFwd => nat_common::PROG_XDP_FWD_ONLY,
-            _ => continue,
-        };
+        if t.variant.xdp_program().is_none() {
+            continue;
+        }
         check_interrupted()?;
         let (s, progs) =
             measure::program_times(t, cpus, BLAST_FLOWS, plan.pps_warmup_secs, plan.pps_secs)?;
         let d = &mut rep.variants[i];
-        d.xdp_prog_ns = progs.iter().find(|p| p.name == xdp).map(|p| p.ns_per_run);
         d.xdp_prog_window_cpu_ns = Some(s.cpu_ns_per_pkt);
         d.progs = progs;
     }

@@ -91,10 +91,7 @@ pub struct VariantData {
     pub conn_s: Vec<f64>,
     pub p50_us: Vec<f64>,
     pub p99_us: Vec<f64>,
-    /// Mean run time of the XDP program on the gateway's inside interface
-    /// (bpf_stats window), ns per packet.
-    pub xdp_prog_ns: Option<f64>,
-    /// Gateway CPU ns per packet in that same window.
+    /// Gateway CPU ns per packet in the bpf_stats window.
     pub xdp_prog_window_cpu_ns: Option<f64>,
     /// Every program that ran in that window (bpf_stats).
     pub progs: Vec<ProgTime>,
@@ -113,6 +110,16 @@ pub struct Placement {
 }
 
 impl VariantData {
+    /// Mean run time of the XDP program on the gateway's inside interface
+    /// in the bpf_stats window, ns per packet.
+    pub fn xdp_prog_ns(&self) -> Option<f64> {
+        let name = self.variant.xdp_program()?;
+        self.progs
+            .iter()
+            .find(|p| p.name == name)
+            .map(|p| p.ns_per_run)
+    }
+
     pub fn pps(&self) -> Stat {
         self.of_pps(|s| s.pps)
     }
@@ -226,7 +233,6 @@ impl Report {
                     conn_s: Vec::new(),
                     p50_us: Vec::new(),
                     p99_us: Vec::new(),
-                    xdp_prog_ns: None,
                     xdp_prog_window_cpu_ns: None,
                     progs: Vec::new(),
                 })
@@ -469,7 +475,7 @@ impl Report {
         }
         md.push('\n');
         for d in &self.variants {
-            if let (Some(p), Some(c)) = (d.xdp_prog_ns, d.xdp_prog_window_cpu_ns) {
+            if let (Some(p), Some(c)) = (d.xdp_prog_ns(), d.xdp_prog_window_cpu_ns) {
                 let _ = writeln!(
                     md,
                     "- {}: the XDP program itself runs {p:.0} ns per packet of the {c:.0} ns of gateway CPU per forwarded packet (bpf_stats window); the rest is the veth driver, redirect and NAPI.",
@@ -508,11 +514,7 @@ impl Report {
                 "{}: every program that ran in the bpf_stats window (64-byte blast over {} flows), ns per run (runs per forwarded packet): {}\n",
                 d.variant.label(),
                 super::measure::BLAST_FLOWS,
-                d.progs
-                    .iter()
-                    .map(|p| format!("`{}` {:.0} ({:.2})", p.name, p.ns_per_run, p.runs_per_pkt))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                progs_inline(&d.progs)
             );
         }
         if !self.placement.is_empty() {
@@ -567,7 +569,7 @@ impl Report {
                 "conn_per_s": d.conn().json(),
                 "rtt_p50_us": d.p50().json(),
                 "rtt_p99_us": d.p99().json(),
-                "xdp_prog_ns_per_pkt": d.xdp_prog_ns,
+                "xdp_prog_ns_per_pkt": d.xdp_prog_ns(),
                 "xdp_prog_window_cpu_ns_per_pkt": d.xdp_prog_window_cpu_ns,
                 "programs": d.progs.iter().map(prog_json).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
@@ -737,6 +739,15 @@ pub fn policy_table(p: &PolicyCost) -> String {
     md
 }
 
+/// Programs as one line: `` `name` ns (runs per packet) ``, comma-separated.
+fn progs_inline(progs: &[ProgTime]) -> String {
+    progs
+        .iter()
+        .map(|p| format!("`{}` {}", p.name, p.cell()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn thousands(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::new();
@@ -784,12 +795,7 @@ pub fn stateful_tables(r: &StatefulResult) -> String {
             md,
             "\n{} on new sessions (one more saturated trial, bpf_stats), ns per run (runs per forwarded packet): {}",
             v.variant.label(),
-            v.establish
-                .progs
-                .iter()
-                .map(|p| format!("`{}` {:.0} ({:.2})", p.name, p.ns_per_run, p.runs_per_pkt))
-                .collect::<Vec<_>>()
-                .join(", ")
+            progs_inline(&v.establish.progs)
         );
     }
     let _ = writeln!(
@@ -906,9 +912,7 @@ pub fn stateful_tables(r: &StatefulResult) -> String {
                     p.progs
                         .iter()
                         .find(|x| &x.name == n)
-                        .map_or("–".to_string(), |x| {
-                            format!("{:.0} ({:.2})", x.ns_per_run, x.runs_per_pkt)
-                        })
+                        .map_or("–".to_string(), ProgTime::cell)
                 })
                 .collect();
             let _ = writeln!(md, "| {} | {} |", thousands(p.flows), cells.join(" | "));

@@ -306,11 +306,8 @@ fn establishment(t: &Topo, plan: &Plan, cpus: Cpus) -> Result<Establish> {
     }
     e.loss_free_pps = lo;
     if t.variant == Variant::Gateway {
-        let _stats = measure::BpfStats::enable()?;
-        let a = measure::prog_stats_all()?;
-        let (_, received) = trial(t, cpus, Blast::flat_out(0, plan.establish_secs))?;
-        let b = measure::prog_stats_all()?;
-        e.progs = measure::per_packet(&a, &b, received as f64);
+        let saturated = || trial(t, cpus, Blast::flat_out(0, plan.establish_secs));
+        e.progs = measure::program_times_of(t, saturated)?.1;
     }
     Ok(e)
 }
